@@ -1,0 +1,193 @@
+"""The standard event types (from the design seed) and the schema of each one's data."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EventType(enum.StrEnum):
+    """Standard event types; members are plain strings (``EventType.BOT_STARTED``)."""
+
+    # Bot lifecycle (published by the manager on a bot's behalf)
+    BOT_STARTED = "bot.lifecycle.started"
+    BOT_STOPPED = "bot.lifecycle.stopped"
+    BOT_ERROR = "bot.lifecycle.error"
+    BOT_HEALTH_CHANGED = "bot.lifecycle.health_changed"
+    BOT_OVERLOAD = "bot.overload"
+    # User interactions
+    MESSAGE_RECEIVED = "user.message.received"
+    MESSAGE_SENT = "user.message.sent"
+    CONVERSATION_STARTED = "user.conversation.started"
+    CONVERSATION_ENDED = "user.conversation.ended"
+    # Profiles
+    PROFILE_CREATED = "profile.girl.created"
+    PROFILE_UPDATED = "profile.girl.updated"
+    PROFILE_DELETED = "profile.girl.deleted"
+    # Multi-bot coordination
+    SHARED_USER_DETECTED = "multibot.user.shared_detected"
+    RESOURCE_CONFLICT = "multibot.resource.conflict"
+    LOAD_BALANCE_REQUIRED = "multibot.load.balance_required"
+    FAILOVER_TRIGGERED = "multibot.failover.triggered"
+    # System
+    MAINTENANCE_STARTED = "system.maintenance.started"
+    MAINTENANCE_ENDED = "system.maintenance.ended"
+    BACKUP_COMPLETED = "system.backup.completed"
+    CONFIGURATION_UPDATED = "system.config.updated"
+    SYSTEM_SHUTDOWN = "system.shutdown"
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BotLifecycle(_Schema):
+    """``bot.lifecycle.started`` / ``stopped``: a bot process changed state."""
+
+    bot_id: str
+    instance: str | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    reason: str | None = None
+    published_by: str | None = Field(None, description="'manager' when not the bot itself")
+
+
+class BotError(_Schema):
+    """``bot.lifecycle.error``: a bot failed (crash loop, start failure, handler storm)."""
+
+    bot_id: str
+    error: str
+    error_type: str | None = None
+    instance: str | None = None
+    published_by: str | None = None
+
+
+class BotHealthChanged(_Schema):
+    """``bot.lifecycle.health_changed``: heartbeats stopped or resumed."""
+
+    bot_id: str
+    healthy: bool
+    reason: str | None = None
+    instance: str | None = None
+    published_by: str | None = None
+
+
+class BotOverload(_Schema):
+    """``bot.overload``: a bot went past its memory limit."""
+
+    bot_id: str
+    rss_bytes: int
+    limit_bytes: int
+    instance: str | None = None
+
+
+class UserMessage(_Schema):
+    """``user.message.received`` / ``sent``."""
+
+    user_id: str | int
+    bot_id: str
+    text: str = ""
+    message_id: str | None = None
+
+
+class Conversation(_Schema):
+    """``user.conversation.started`` / ``ended``."""
+
+    user_id: str | int
+    bot_id: str
+    reason: str | None = None
+
+
+class Profile(_Schema):
+    """``profile.girl.created`` / ``updated`` / ``deleted``."""
+
+    profile_id: str | int
+    fields: dict[str, object] = Field(default_factory=dict)
+
+
+class SharedUserDetected(_Schema):
+    """``multibot.user.shared_detected``: one user talks to several bots."""
+
+    user_id: str | int
+    bot_ids: list[str] = Field(min_length=2)
+
+
+class ResourceConflict(_Schema):
+    """``multibot.resource.conflict``: two bots want one resource."""
+
+    resource: str
+    holders: list[str]
+
+
+class LoadBalanceRequired(_Schema):
+    """``multibot.load.balance_required``: a group lags or a bot is overloaded."""
+
+    reason: str
+    group: str | None = None
+    stream: str | None = None
+    lag: int | None = None
+    bot_id: str | None = None
+
+
+class FailoverTriggered(_Schema):
+    """``multibot.failover.triggered``: a standby took over from the active instance."""
+
+    bot_id: str
+    old_instance: str | None
+    new_instance: str
+    fencing_token: int | None = None
+
+
+class Maintenance(_Schema):
+    """``system.maintenance.started`` / ``ended``."""
+
+    reason: str | None = None
+    by: str | None = None
+
+
+class BackupCompleted(_Schema):
+    """``system.backup.completed``."""
+
+    location: str | None = None
+    size_bytes: int | None = None
+
+
+class ConfigUpdated(_Schema):
+    """``system.config.updated``: the manager applied a new configuration."""
+
+    added: list[str] = Field(default_factory=list)
+    removed: list[str] = Field(default_factory=list)
+    changed: list[str] = Field(default_factory=list)
+
+
+class Shutdown(_Schema):
+    """``system.shutdown``: the manager is stopping."""
+
+    reason: str | None = None
+
+
+STANDARD_SCHEMAS: dict[str, type[BaseModel]] = {
+    EventType.BOT_STARTED: BotLifecycle,
+    EventType.BOT_STOPPED: BotLifecycle,
+    EventType.BOT_ERROR: BotError,
+    EventType.BOT_HEALTH_CHANGED: BotHealthChanged,
+    EventType.BOT_OVERLOAD: BotOverload,
+    EventType.MESSAGE_RECEIVED: UserMessage,
+    EventType.MESSAGE_SENT: UserMessage,
+    EventType.CONVERSATION_STARTED: Conversation,
+    EventType.CONVERSATION_ENDED: Conversation,
+    EventType.PROFILE_CREATED: Profile,
+    EventType.PROFILE_UPDATED: Profile,
+    EventType.PROFILE_DELETED: Profile,
+    EventType.SHARED_USER_DETECTED: SharedUserDetected,
+    EventType.RESOURCE_CONFLICT: ResourceConflict,
+    EventType.LOAD_BALANCE_REQUIRED: LoadBalanceRequired,
+    EventType.FAILOVER_TRIGGERED: FailoverTriggered,
+    EventType.MAINTENANCE_STARTED: Maintenance,
+    EventType.MAINTENANCE_ENDED: Maintenance,
+    EventType.BACKUP_COMPLETED: BackupCompleted,
+    EventType.CONFIGURATION_UPDATED: ConfigUpdated,
+    EventType.SYSTEM_SHUTDOWN: Shutdown,
+}

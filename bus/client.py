@@ -1,0 +1,284 @@
+"""BusClient: the one object a bot holds to publish, subscribe and replay."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+import structlog
+from pydantic import BaseModel
+from redis.asyncio import Redis
+
+from bus.conditions import Predicate
+from bus.connection import connect
+from bus.consumer import Consumer
+from bus.dlq import DeadLetters
+from bus.errors import BusError, SubscriptionError
+from bus.event import Event
+from bus.keys import Keys, consumer_name, group_name
+from bus.publisher import Draft, Publisher
+from bus.replay import replay
+from bus.routing import Router
+from bus.schemas import SchemaRegistry
+from bus.settings import BreakerSettings, BusSettings, RetrySettings
+from bus.subscription import AnyHandler, Subscription, build_subscription
+
+log = structlog.get_logger("bus.client")
+H = TypeVar("H", bound=AnyHandler)
+
+
+class BusClient:
+    """Publish, subscribe and replay on the bus for one bot process.
+
+    ``bot_id`` names the bot (its consumer group is ``bot-group-<bot_id>``); ``instance``
+    names this process among the bot's replicas and must be stable across restarts so a
+    restarted process finds the entries it had taken.
+
+    Use as an async context manager, or call :meth:`connect` and :meth:`close`::
+
+        async with BusClient("greeter", settings=BusSettings(redis_url=url)) as bus:
+            @bus.subscribe("user.message.*", where={"lang": "en"})
+            async def greet(event: Event) -> None:
+                await bus.publish("user.message.sent", {"user_id": event.data["user_id"], ...})
+            await bus.run()
+    """
+
+    def __init__(
+        self,
+        bot_id: str,
+        *,
+        settings: BusSettings | None = None,
+        instance: int | str = 0,
+        source: str | None = None,
+        schemas: SchemaRegistry | None = None,
+        redis: Redis | None = None,
+    ) -> None:
+        self.bot_id = bot_id
+        self.instance = instance
+        self.settings = settings or BusSettings()
+        self.schemas = schemas or SchemaRegistry(strict=self.settings.strict_schemas)
+        self.keys = Keys(self.settings.namespace)
+        self.router = Router(self.settings.routes, self.settings.default_stream)
+        self._source = source or bot_id
+        self._given_redis = redis
+        self._redis: Redis | None = None
+        self._publisher: Publisher | None = None
+        self._subscriptions: list[Subscription] = []
+        self._consumer: Consumer | None = None
+        self._stopped = asyncio.Event()
+        self._ready = asyncio.Event()
+
+    @classmethod
+    def from_url(cls, url: str, bot_id: str, **kwargs: Any) -> BusClient:
+        """A client for ``url`` with default settings otherwise."""
+        return cls(bot_id, settings=BusSettings(redis_url=url), **kwargs)
+
+    # -- connection ----------------------------------------------------------------------
+
+    async def connect(self) -> BusClient:
+        """Open the Redis connection pool (lazy: no round trip until the first command)."""
+        if self._redis is None:
+            name = consumer_name(self.bot_id, self.instance)
+            self._redis = self._given_redis or connect(self.settings, client_name=name)
+            self._publisher = Publisher(self._redis, self.settings, self.schemas, self._source)
+        return self
+
+    async def close(self) -> None:
+        """Stop consuming (if running) and close the connections."""
+        if self._consumer is not None:
+            await self.stop()
+        if self._redis is not None and self._given_redis is None:
+            await self._redis.aclose()
+        self._redis = self._publisher = None
+
+    async def __aenter__(self) -> BusClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def redis(self) -> Redis:
+        """The underlying redis-py client (for the coordinator and tools)."""
+        if self._redis is None:
+            raise BusError("the bus client is not connected: use `async with BusClient(...)`")
+        return self._redis
+
+    @property
+    def group(self) -> str:
+        """This bot's consumer group."""
+        return group_name(self.bot_id)
+
+    @property
+    def dlq(self) -> DeadLetters:
+        """The namespace's dead-letter stream."""
+        return DeadLetters(self.redis, self.keys)
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _pub(self) -> Publisher:
+        if self._publisher is None:
+            raise BusError("the bus client is not connected: use `async with BusClient(...)`")
+        return self._publisher
+
+    def event(self, type: str, data: Mapping[str, Any] | None = None, **kw: Any) -> Event:
+        """Build (but do not publish) an event from this client, for :meth:`publish_many`."""
+        return self._pub().event(type, data, **kw)
+
+    async def publish(
+        self,
+        type: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        version: int = 1,
+    ) -> str:
+        """Publish one event; return its id once Redis confirmed it.
+
+        ``key`` is the ordering key: events with the same key reach each handler in publish
+        order. Inside a handler, correlation and causation are set from the handled event.
+        Raises :class:`~bus.errors.EventValidationError` for bad input (nothing is sent) and
+        :class:`~bus.errors.BusConnectionError` when Redis does not answer after retries.
+        """
+        pub = self._pub()
+        event = pub.event(
+            type,
+            data,
+            key=key,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            version=version,
+        )
+        await pub.publish(event)
+        return event.id
+
+    async def publish_many(self, drafts: Iterable[Draft]) -> list[str]:
+        """Publish many events in one pipeline; return their ids in order."""
+        return [e.id for e in await self._pub().publish_many(drafts)]
+
+    # -- subscribing ---------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        pattern: str,
+        handler: H | None = None,
+        *,
+        where: Mapping[str, Any] | Predicate | None = None,
+        name: str | None = None,
+        model: type[BaseModel] | None = None,
+        retry: RetrySettings | None = None,
+        breaker: BreakerSettings | None = None,
+        batch: int | None = None,
+        batch_wait: float = 0.05,
+        idempotent_ttl: float | None = None,
+    ) -> Any:
+        """Subscribe ``handler`` to events whose type matches ``pattern``; or use as decorator.
+
+        ``where`` filters on data (see :mod:`bus.conditions`). ``model`` parses data and
+        passes it as the handler's second argument. ``batch=N`` hands the handler lists of up
+        to N events. ``idempotent_ttl`` runs the handler once per event id for that many
+        seconds. ``retry`` and ``breaker`` override the consumer defaults.
+        """
+
+        def register(fn: H) -> H:
+            if self._consumer is not None:
+                raise SubscriptionError("subscribe before run(): the consumer is already running")
+            sub = build_subscription(
+                pattern,
+                fn,
+                where=where,
+                name=name,
+                model=model,
+                retry=retry or self.settings.consumer.retry,
+                breaker=breaker or self.settings.consumer.breaker,
+                batch=batch,
+                batch_wait=batch_wait,
+                idempotent_ttl=idempotent_ttl,
+            )
+            if any(s.name == sub.name for s in self._subscriptions):
+                raise SubscriptionError(
+                    f"a subscription named {sub.name!r} exists already: pass name= to tell "
+                    "them apart (the name is how dead letters are retried to one handler)"
+                )
+            sub.streams = frozenset(
+                self.keys.stream(s) for s in self.router.streams_for(sub.pattern)
+            )
+            self._subscriptions.append(sub)
+            return fn
+
+        if handler is not None:
+            register(handler)
+            return handler
+        return register
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        """The subscriptions declared so far."""
+        return list(self._subscriptions)
+
+    async def run(self) -> None:
+        """Consume until :meth:`stop`. A client with no subscriptions just waits for stop."""
+        await self.connect()
+        if self._consumer is not None:
+            raise BusError("run() is already running")
+        self._stopped.clear()
+        if not self._subscriptions:
+            self._ready.set()
+            await self._stopped.wait()
+            return
+        self._consumer = Consumer(
+            redis=self.redis,
+            keys=self.keys,
+            settings=self.settings.consumer,
+            bot_id=self.bot_id,
+            instance=self.instance,
+            subscriptions=self._subscriptions,
+            schemas=self.schemas,
+            dlq=self.dlq,
+            ready=self._ready,
+        )
+        try:
+            await self._consumer.run()
+        finally:
+            self._consumer = None
+            self._ready.clear()
+            self._stopped.set()
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a deadline
+        """Wait until :meth:`run` created the groups and reads (events published after this
+        are delivered even when the groups start at new events only)."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - grace period
+        """Stop taking events, let in-flight handlers finish within ``timeout``, then return."""
+        consumer = self._consumer
+        if consumer is None:
+            self._stopped.set()
+            return
+        consumer.stop(timeout)
+        await self._stopped.wait()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the running consumer and the state of each subscription."""
+        counters = dict(self._consumer.stats) if self._consumer else {}
+        return {"counters": counters, "subscriptions": [s.describe() for s in self._subscriptions]}
+
+    # -- replay --------------------------------------------------------------------------
+
+    def replay(
+        self,
+        patterns: str | Iterable[str],
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+    ) -> AsyncIterator[Event]:
+        """Events matching ``patterns`` still in Redis, since a stream id or time, in order."""
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        return replay(self.redis, self.keys, self.router, pats, since, until)
+
+    def __repr__(self) -> str:
+        state = "running" if self._consumer else ("connected" if self._redis else "idle")
+        return f"<BusClient bot={self.bot_id} instance={self.instance} {state}>"

@@ -1,0 +1,187 @@
+"""The dead-letter stream: entries no handler could take, with why, and how to retry them."""
+
+from __future__ import annotations
+
+import builtins
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from bus.errors import DeadLetterNotFoundError, WireFormatError
+from bus.event import Event
+from bus.keys import Keys
+from bus.wire import DLQ_LINK_FIELD, TARGET_FIELD, decode, format_timestamp
+
+
+class DeadLetterReason(enum.StrEnum):
+    """Why an entry was dead-lettered."""
+
+    #: The handler raised on every attempt.
+    HANDLER_ERROR = "handler_error"
+    #: The entry does not decode as an event (foreign or broken producer).
+    MALFORMED = "malformed"
+    #: The entry was delivered more than ``max_deliveries`` times (consumers keep dying on it).
+    POISON = "poison"
+    #: The data does not fit the model the handler asked for.
+    SCHEMA = "schema"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-letter entry."""
+
+    id: str
+    reason: str
+    error: str
+    traceback: str
+    attempts: int
+    group: str
+    consumer: str
+    handler: str
+    stream: str
+    entry_id: str
+    failed_at: str
+    fields: Mapping[str, str]
+
+    @property
+    def event(self) -> Event | None:
+        """The original event, or None when the entry was malformed."""
+        try:
+            return decode(self.fields, self.stream, self.entry_id)
+        except WireFormatError:
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (CLI and API)."""
+        return {
+            "id": self.id,
+            "reason": self.reason,
+            "error": self.error,
+            "traceback": self.traceback,
+            "attempts": self.attempts,
+            "group": self.group,
+            "consumer": self.consumer,
+            "handler": self.handler,
+            "stream": self.stream,
+            "entry_id": self.entry_id,
+            "failed_at": self.failed_at,
+            "fields": dict(self.fields),
+        }
+
+
+def _parse(entry_id: str, f: Mapping[str, str]) -> DeadLetter:
+    try:
+        original = orjson.loads(f.get("entry", "{}"))
+    except orjson.JSONDecodeError:
+        original = {}
+    return DeadLetter(
+        id=entry_id,
+        reason=f.get("reason", ""),
+        error=f.get("error", ""),
+        traceback=f.get("traceback", ""),
+        attempts=int(f.get("attempts") or 0),
+        group=f.get("group", ""),
+        consumer=f.get("consumer", ""),
+        handler=f.get("handler", ""),
+        stream=f.get("stream", ""),
+        entry_id=f.get("entry_id", ""),
+        failed_at=f.get("failed_at", ""),
+        fields={str(k): str(v) for k, v in original.items()} if isinstance(original, dict) else {},
+    )
+
+
+class DeadLetters:
+    """List, inspect, retry and purge the namespace's dead-letter stream."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self._redis = redis
+        self.key = keys.dead_letters()
+
+    async def add(
+        self,
+        *,
+        fields: Mapping[str, str],
+        reason: DeadLetterReason,
+        error: str,
+        stream: str,
+        entry_id: str,
+        group: str,
+        consumer: str,
+        handler: str = "",
+        attempts: int = 0,
+        traceback: str = "",
+    ) -> str:
+        """Write one dead letter; return its id. The caller acks the source entry after this."""
+        entry: dict[str, str] = {
+            "reason": str(reason),
+            "event_id": fields.get("id", ""),
+            "type": fields.get("type", ""),
+            "error": error[:2000],
+            "traceback": traceback[-4000:],
+            "attempts": str(attempts),
+            "group": group,
+            "consumer": consumer,
+            "handler": handler,
+            "stream": stream,
+            "entry_id": entry_id,
+            "failed_at": format_timestamp(datetime.now(UTC)),
+            "entry": orjson.dumps(dict(fields)).decode(),
+        }
+        dlq_id: Any = await self._redis.xadd(self.key, entry)  # type: ignore[arg-type]
+        return str(dlq_id)
+
+    async def list(self, count: int = 100, after: str = "-") -> builtins.list[DeadLetter]:
+        """Dead letters oldest first, at most ``count``, starting after entry id ``after``."""
+        start = after if after == "-" else f"({after}"
+        rows: Any = await self._redis.xrange(self.key, start, "+", count=count)
+        return [_parse(entry_id, fields) for entry_id, fields in rows]
+
+    async def count(self) -> int:
+        """How many dead letters there are."""
+        return int(await self._redis.xlen(self.key))
+
+    async def get(self, dlq_id: str) -> DeadLetter:
+        """One dead letter; :class:`DeadLetterNotFoundError` if it is gone."""
+        rows: Any = await self._redis.xrange(self.key, dlq_id, dlq_id, count=1)
+        if not rows:
+            raise DeadLetterNotFoundError(
+                f"dead letter {dlq_id} not found: it was retried or purged; list them with "
+                "`multibot dlq list`"
+            )
+        return _parse(*rows[0])
+
+    async def retry(self, dlq_id: str) -> str:
+        """Re-deliver a dead letter to the group that failed it; return the new entry id.
+
+        The original fields are re-added to the origin stream with ``target`` (the group,
+        and handler) so other groups skip it, and ``dlq_id`` linking back; then the dead
+        letter is removed. Both happen in one MULTI so a retry is never lost or doubled.
+        """
+        letter = await self.get(dlq_id)
+        fields = dict(letter.fields)
+        target = letter.group + (f"/{letter.handler}" if letter.handler else "")
+        fields[TARGET_FIELD] = target
+        fields[DLQ_LINK_FIELD] = dlq_id
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(letter.stream, fields)  # type: ignore[arg-type]
+            pipe.xdel(self.key, dlq_id)
+            new_id, _ = await pipe.execute()
+        return str(new_id)
+
+    async def purge(self, ids: builtins.list[str] | None = None) -> int:
+        """Delete the given dead letters, or all of them when ``ids`` is None; return count."""
+        if ids is None:
+            count = await self.count()
+            await self._redis.delete(self.key)
+            return count
+        if not ids:
+            return 0
+        return int(await self._redis.xdel(self.key, *ids))
+
+    def __repr__(self) -> str:
+        return f"<DeadLetters key={self.key}>"

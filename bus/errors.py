@@ -1,0 +1,46 @@
+"""Errors raised by the bus. Every message says what to do about it."""
+
+from __future__ import annotations
+
+
+class BusError(Exception):
+    """Root of every error the bus raises."""
+
+
+class EventValidationError(BusError, ValueError):
+    """An event (or its data) breaks a rule; the message names the field and the rule."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class SchemaError(EventValidationError):
+    """The data of an event does not match the schema registered for its type."""
+
+
+class WireFormatError(BusError):
+    """A stream entry does not decode into an event (written by a foreign or broken producer)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"malformed stream entry: {reason}")
+        self.reason = reason
+
+
+class BusConnectionError(BusError, ConnectionError):
+    """Redis could not be reached within the bounded retry; the operation did not happen."""
+
+
+class PublishError(BusError):
+    """An event could not be published; nothing was written for it unless the message says so."""
+
+
+class SubscriptionError(BusError, ValueError):
+    """A subscription is declared wrongly (bad pattern, condition or options)."""
+
+
+class DeadLetterNotFoundError(BusError, KeyError):
+    """A dead-letter entry id does not exist (already retried or purged)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "dead-letter entry not found"

