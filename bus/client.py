@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import structlog
 from pydantic import BaseModel
@@ -161,6 +161,38 @@ class BusClient:
         return [e.id for e in await self._pub().publish_many(drafts)]
 
     # -- subscribing ---------------------------------------------------------------------
+
+    @overload
+    def subscribe(
+        self,
+        pattern: str,
+        handler: H,
+        *,
+        where: Mapping[str, Any] | Predicate | None = None,
+        name: str | None = None,
+        model: type[BaseModel] | None = None,
+        retry: RetrySettings | None = None,
+        breaker: BreakerSettings | None = None,
+        batch: int | None = None,
+        batch_wait: float = 0.05,
+        idempotent_ttl: float | None = None,
+    ) -> H: ...
+
+    @overload
+    def subscribe(
+        self,
+        pattern: str,
+        handler: None = None,
+        *,
+        where: Mapping[str, Any] | Predicate | None = None,
+        name: str | None = None,
+        model: type[BaseModel] | None = None,
+        retry: RetrySettings | None = None,
+        breaker: BreakerSettings | None = None,
+        batch: int | None = None,
+        batch_wait: float = 0.05,
+        idempotent_ttl: float | None = None,
+    ) -> Callable[[H], H]: ...
 
     def subscribe(
         self,

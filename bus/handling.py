@@ -11,6 +11,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from bus.breaker import BreakerState
 from bus.context import current_event
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import SchemaError
@@ -84,20 +85,20 @@ class Runner:
                 )
                 await self._forget_once(sub, delivery)
                 return
-            error = await self._attempts(sub, args, event, [event])
-            if error is None:
-                await self._mark_once(sub, delivery)
-                return
-            await self._forget_once(sub, delivery)
-            await self.dead_letter(
-                delivery,
-                DeadLetterReason.HANDLER_ERROR,
-                f"{type(error).__name__}: {error}",
-                handler=sub.name,
-                attempts=sub.retry.max_attempts,
-                tb=_summary(error),
-            )
-            self._failed(sub)
+            while (error := await self._attempts(sub, args, event, [event])) is not None:
+                if not self._failed(sub):
+                    await self._forget_once(sub, delivery)
+                    await self.dead_letter(
+                        delivery,
+                        DeadLetterReason.HANDLER_ERROR,
+                        f"{type(error).__name__}: {error}",
+                        handler=sub.name,
+                        attempts=sub.retry.max_attempts,
+                        tb=_summary(error),
+                    )
+                    return
+                await self._wait_breaker(sub)  # held, not dead-lettered: try after cool-down
+            await self._mark_once(sub, delivery)
         finally:
             self._on_done(delivery)
 
@@ -106,8 +107,10 @@ class Runner:
         events = [d.event for d in deliveries if d.event is not None]
         try:
             await self._wait_breaker(sub)
-            error = await self._attempts(sub, (events,), events[0], events)
-            if error is not None:
+            while (error := await self._attempts(sub, (events,), events[0], events)) is not None:
+                if self._failed(sub):
+                    await self._wait_breaker(sub)
+                    continue
                 for d in deliveries:
                     await self.dead_letter(
                         d,
@@ -117,7 +120,7 @@ class Runner:
                         attempts=sub.retry.max_attempts,
                         tb=_summary(error),
                     )
-                self._failed(sub)
+                break
         finally:
             for d in deliveries:
                 self._on_done(d)
@@ -155,14 +158,17 @@ class Runner:
             return None
         return error
 
-    def _failed(self, sub: Subscription) -> None:
+    def _failed(self, sub: Subscription) -> bool:
+        """Count a final failure; True when the breaker is open, so the event is held."""
         if sub.breaker.record_failure(time.monotonic()):
             self._log.error(
-                "circuit open: handler paused after consecutive failures",
+                "circuit open: handler paused after consecutive failures; events wait for "
+                "the cool-down instead of going to the dead-letter stream",
                 handler=sub.name,
                 failures=sub.breaker.failures,
                 cooldown_s=sub.breaker.cooldown,
             )
+        return sub.breaker.state is BreakerState.OPEN
 
     async def _wait_breaker(self, sub: Subscription) -> None:
         # The breaker's cool-down is a deadline, not a condition to wait on.

@@ -65,26 +65,26 @@ async def replay(  # noqa: PLR0917 - internal; BusClient.replay is the public fa
     streams = sorted({keys.stream(s) for p in compiled for s in router.streams_for(p)})
     start, end = stream_id_at(since, "-"), stream_id_at(until, "+")
     iterators = {s: _read(redis, s, start, end, chunk).__aiter__() for s in streams}
-    heap: list[tuple[tuple[int, int], str, str, dict[str, str]]] = []
+    # Heads of the streams, ordered by the entry's millisecond, then by event id (UUIDv7,
+    # monotonic per publisher) so events of one publisher keep their order across streams.
+    heap: list[tuple[int, str, str, Event]] = []
 
     async def advance(stream: str) -> None:
-        try:
-            entry_id, fields = await anext(iterators[stream])
-        except StopAsyncIteration:
-            return
-        heapq.heappush(heap, (_order(entry_id), stream, entry_id, fields))
+        async for entry_id, fields in iterators[stream]:
+            try:
+                event = decode(fields, stream, entry_id)
+            except WireFormatError as exc:
+                log.warning(
+                    "skipping malformed entry", stream=stream, entry_id=entry_id, reason=exc.reason
+                )
+                continue
+            if any(p.matches(event.type) for p in compiled):
+                heapq.heappush(heap, (_order(entry_id)[0], event.id, stream, event))
+                return
 
     for stream in streams:
         await advance(stream)
     while heap:
-        _, stream, entry_id, fields = heapq.heappop(heap)
+        _, _, stream, event = heapq.heappop(heap)
         await advance(stream)
-        try:
-            event = decode(fields, stream, entry_id)
-        except WireFormatError as exc:
-            log.warning(
-                "skipping malformed entry", stream=stream, entry_id=entry_id, reason=exc.reason
-            )
-            continue
-        if any(p.matches(event.type) for p in compiled):
-            yield event
+        yield event

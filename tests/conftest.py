@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import psutil
 import pytest
 
+from bus import BusClient, BusSettings
 from manager.redis_server import (
     MIN_VERSION,
     RedisBinary,
@@ -149,3 +150,31 @@ async def redis_factory(tmp_path: Path) -> AsyncIterator[RedisFactory]:
             return server
 
         yield start
+
+
+class BusFactory(Protocol):
+    """Makes a connected BusClient on this test's Redis; closed at teardown."""
+
+    def __call__(
+        self, bot_id: str, *, instance: int | str = 0, **settings: object
+    ) -> Awaitable[BusClient]: ...
+
+
+@pytest.fixture
+async def bus_factory(redis_url: str) -> AsyncIterator[BusFactory]:
+    """Connected bus clients on the test's private Redis, with fast test-friendly timings."""
+    clients: list[BusClient] = []
+
+    async def make(bot_id: str, *, instance: int | str = 0, **settings: object) -> BusClient:
+        consumer: dict[str, Any] = {"block_ms": 500, "visibility_timeout": 5.0, "start_id": "0"}
+        consumer.update(cast(dict[str, Any], settings.pop("consumer", {})))
+        config = BusSettings.model_validate(
+            {"redis_url": redis_url, "consumer": consumer, **settings}
+        )
+        client = BusClient(bot_id, settings=config, instance=instance)
+        clients.append(client)
+        return await client.connect()
+
+    yield make
+    for client in clients:
+        await client.close()

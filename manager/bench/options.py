@@ -1,0 +1,108 @@
+"""The parameters of one benchmark run, validated once, and how they lay out on processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from manager.errors import ManagerError
+
+#: The one event type the bus producers publish (routed to one stream).
+EVENT_TYPE = "bench.event.sent"
+#: Routing table of the bench namespace: bench events to one stream, the idle probe to another.
+ROUTES = {"bench": "bench", "bench.idle": "bench-idle"}
+PRODUCER_BOT = "bench-producer"
+CONSUMER_BOT = "bench-consumer"
+FLAT_OUT_BATCH = 50
+
+
+class BenchError(ManagerError):
+    """The benchmark could not run (bad options, a worker process failed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """What one worker process runs: producer and consumer indices."""
+
+    producers: tuple[int, ...] = ()
+    consumers: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``3 producers``, ``10 consumers``, ``2 producers + 2 consumers``."""
+        parts = [
+            f"{len(idx)} {name}{'s' if len(idx) != 1 else ''}"
+            for name, idx in (("producer", self.producers), ("consumer", self.consumers))
+            if idx
+        ]
+        return " + ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class BenchOptions:
+    """One benchmark run: ``producers`` publishers and ``consumers`` replicas of one bot.
+
+    ``rate`` is the total offered events/s (0: flat out); ``batch`` is events per publish
+    pipeline and the consumers' read count (None: 1 for rated runs, 50 flat out).
+    """
+
+    redis_url: str | None = None
+    producers: int = 10
+    consumers: int = 10
+    rate: float = 1000.0
+    duration: float = 10.0
+    batch: int | None = None
+    processes: int = 2
+    baseline: bool = True
+    warmup: float = 1.0
+    #: Longest wait for the consumers to catch up after the producers stop, in seconds.
+    drain: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.producers >= 1, "--producers must be at least 1"),
+            (self.consumers >= 1, "--consumers must be at least 1"),
+            (self.rate >= 0, "--rate must be >= 0 (0 means flat out)"),
+            (self.duration > 0, "--duration must be positive"),
+            (self.batch is None or self.batch >= 1, "--batch must be at least 1"),
+            (self.processes >= 1, "--processes must be at least 1"),
+            (self.warmup >= 0, "--warmup must be >= 0"),
+            (self.drain > 0, "drain must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BenchError(message)
+
+    @property
+    def flat_out(self) -> bool:
+        """Whether producers publish as fast as they can instead of at ``rate``."""
+        return self.rate == 0
+
+    @property
+    def batch_size(self) -> int:
+        """Events per publish pipeline and per read."""
+        if self.batch is not None:
+            return self.batch
+        return FLAT_OUT_BATCH if self.flat_out else 1
+
+    @property
+    def send_interval(self) -> float:
+        """Seconds between two sends (of ``batch_size`` events) of one producer; 0 flat out."""
+        if self.flat_out:
+            return 0.0
+        return self.batch_size * self.producers / self.rate
+
+    def layout(self) -> tuple[Roles, ...]:
+        """Roles of each worker process.
+
+        One process runs everything with ``processes=1``. Otherwise producers get
+        ``processes // 2`` processes and consumers the rest (each side capped at its
+        count), roles dealt round-robin: the default 2 is one producer process and one
+        consumer process.
+        """
+        if self.processes == 1:
+            return (Roles(tuple(range(self.producers)), tuple(range(self.consumers))),)
+        n_prod = min(self.producers, self.processes // 2)
+        n_cons = min(self.consumers, self.processes - self.processes // 2)
+        prods = [tuple(range(i, self.producers, n_prod)) for i in range(n_prod)]
+        conss = [tuple(range(i, self.consumers, n_cons)) for i in range(n_cons)]
+        return tuple(Roles(producers=p) for p in prods) + tuple(Roles(consumers=c) for c in conss)

@@ -1,0 +1,145 @@
+"""What every ``multibot`` command shares: the Redis options, running a coroutine, output."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import click
+import orjson
+import structlog
+import uvloop
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bus.connection import connect, redact
+from bus.errors import BusConnectionError
+from bus.settings import BusSettings
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_REDIS_URL: str = BusSettings.model_fields["redis_url"].default
+DEFAULT_NAMESPACE: str = BusSettings.model_fields["namespace"].default
+CLIENT_NAME = "multibot-cli"
+#: A stream entry id, ``<milliseconds>-<sequence>``.
+ENTRY_ID_RE = re.compile(r"^\d+-\d+$")
+
+
+def configure_logging() -> None:
+    """Send warnings and errors of the libraries to stderr (stdout is for command output)."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        # Looked up per logger, not bound once: the stream may be swapped (tests, pagers).
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def bus_options(fn: F) -> F:
+    """Add ``--redis-url`` and ``--namespace`` (and their environment variables) to a command."""
+    fn = click.option(
+        "--namespace",
+        envvar="MULTIBOT_NAMESPACE",
+        default=DEFAULT_NAMESPACE,
+        show_default=True,
+        show_envvar=True,
+        help="Key prefix of the deployment (several deployments can share one Redis).",
+    )(fn)
+    fn = click.option(
+        "--redis-url",
+        envvar="MULTIBOT_REDIS_URL",
+        default=DEFAULT_REDIS_URL,
+        show_default=True,
+        show_envvar=True,
+        metavar="URL",
+        help="Redis of the bus: redis://[:password@]host:port/db, rediss:// (TLS) or unix://.",
+    )(fn)
+    return fn
+
+
+def bus_settings(redis_url: str, namespace: str) -> BusSettings:
+    """Settings from the common options; a bad value is a usage error naming the option."""
+    try:
+        return BusSettings(redis_url=redis_url, namespace=namespace)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "redis_url"
+        # The message only: pydantic's full text would echo the URL and its password.
+        message = err["msg"].removeprefix("Value error, ")
+        raise click.BadParameter(message, param_hint=f"--{field.replace('_', '-')}") from None
+
+
+@asynccontextmanager
+async def open_redis(settings: BusSettings) -> AsyncIterator[Redis]:
+    """A Redis client of the bus (bounded retries), closed on exit."""
+    redis = connect(settings, client_name=CLIENT_NAME)
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+def run(settings: BusSettings, coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on uvloop; Redis failures become one-line errors (exit 1), no traceback."""
+    url = redact(settings.redis_url)
+    try:
+        return uvloop.run(coro)
+    except AuthenticationError as exc:
+        raise click.ClickException(
+            f"Redis at {url} refused the credentials ({exc}): put the right password in "
+            "--redis-url or MULTIBOT_REDIS_URL (redis://:PASSWORD@host:port/db)."
+        ) from None
+    except (BusConnectionError, RedisConnectionError, RedisTimeoutError) as exc:
+        cause = exc.__cause__ if isinstance(exc, BusConnectionError) and exc.__cause__ else exc
+        raise click.ClickException(
+            f"cannot reach Redis at {url} ({cause}). Start Redis (or `multibot start`, which "
+            "runs its own), or point --redis-url / MULTIBOT_REDIS_URL at a running server."
+        ) from None
+    except RedisError as exc:
+        raise click.ClickException(f"Redis at {url} answered with an error: {exc}") from None
+
+
+def check_entry_id(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Click callback: every value is a full stream entry id (``1700000000000-0``)."""
+    values = value if isinstance(value, tuple) else (value,)
+    for item in values:
+        if item is not None and not ENTRY_ID_RE.match(item):
+            raise click.BadParameter(
+                f"{item!r} is not an entry id: use the full <milliseconds>-<sequence> form "
+                "shown by `multibot dlq list`, like 1700000000000-0"
+            )
+    return value
+
+
+def echo_json(obj: Any, *, compact: bool = False) -> None:
+    """Print ``obj`` as JSON: indented, or on one line (for JSON-lines streams)."""
+    option = orjson.OPT_NON_STR_KEYS | (0 if compact else orjson.OPT_INDENT_2)
+    click.echo(orjson.dumps(obj, option=option, default=str).decode())
+
+
+def echo_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Print rows as left-aligned columns under upper-case headers."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    for row in [[h.upper() for h in headers], *rows]:
+        cells = (cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
+
+
+def shorten(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"

@@ -1,0 +1,81 @@
+"""A bot consumer in its own process, for tests that kill consumers with SIGKILL.
+
+Run as ``python -m tests.bus.consumer_proc --redis-url URL --bot B --instance I --out FILE``.
+It subscribes to ``--pattern`` and appends one line per step to ``--out``, flushed at once so
+the test sees progress: ``ready`` once its groups exist, ``taken <event id>`` when a handler
+starts, ``handled <event id>`` when it returns. ``--hang-on TYPE`` makes the handler block
+forever on that event type; ``--die-on TYPE`` makes it SIGKILL its own process on it (a
+crash no ``finally`` survives, like the OOM killer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from typing import TextIO
+
+from bus import BusClient, BusSettings, ConsumerSettings, Event
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--bot", required=True)
+    parser.add_argument("--instance", required=True)
+    parser.add_argument("--out", required=True, help="file to append progress lines to")
+    parser.add_argument("--pattern", default="test.#")
+    parser.add_argument("--hang-on", default=None, metavar="TYPE")
+    parser.add_argument("--die-on", default=None, metavar="TYPE")
+    parser.add_argument("--visibility-timeout", type=float, default=60.0)
+    parser.add_argument("--max-deliveries", type=int, default=10)
+    parser.add_argument("--block-ms", type=int, default=500)
+    return parser.parse_args(argv)
+
+
+def _note(out: TextIO, line: str) -> None:
+    out.write(line + "\n")
+    out.flush()
+
+
+async def _consume(args: argparse.Namespace, out: TextIO) -> None:
+    settings = BusSettings(
+        redis_url=args.redis_url,
+        consumer=ConsumerSettings(
+            visibility_timeout=args.visibility_timeout,
+            max_deliveries=args.max_deliveries,
+            block_ms=args.block_ms,
+        ),
+    )
+    async with BusClient(args.bot, settings=settings, instance=args.instance) as bus:
+
+        @bus.subscribe(args.pattern)
+        async def handle(event: Event) -> None:
+            _note(out, f"taken {event.id}")
+            if event.type == args.die_on:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if event.type == args.hang_on:
+                await asyncio.Event().wait()
+            _note(out, f"handled {event.id}")
+
+        run = asyncio.create_task(bus.run())
+        ready = asyncio.create_task(bus.wait_ready(timeout=30))
+        await asyncio.wait({run, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if run.done():  # run() failed before the groups existed: raise why
+            ready.cancel()
+            await run
+        await ready
+        _note(out, "ready")
+        await run
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Consume until killed."""
+    args = _parse_args(argv)
+    with open(args.out, "a", encoding="utf-8") as out:
+        asyncio.run(_consume(args, out))
+
+
+if __name__ == "__main__":
+    main()

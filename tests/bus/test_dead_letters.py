@@ -1,0 +1,173 @@
+"""Failures: retries with backoff, dead letters, their retry, malformed entries, the breaker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from structlog.testing import capture_logs
+
+from bus import BusClient, DeadLetterNotFoundError, Event, RetrySettings
+from bus.breaker import BreakerState
+from bus.settings import BreakerSettings
+from tests.conftest import BusFactory
+from tests.support import running, wait_until
+
+pytestmark = pytest.mark.redis
+
+FAST_RETRY = RetrySettings(max_attempts=3, backoff_base=0.05, backoff_cap=0.2, jitter=0.0)
+
+
+async def failing_bot(
+    bus_factory: BusFactory, bot: str, fail_on: set[int]
+) -> tuple[BusClient, list[tuple[int, float]]]:
+    """A bot whose handler raises for the listed ``n``; records (n, time) of each attempt."""
+    client = await bus_factory(bot)
+    attempts: list[tuple[int, float]] = []
+
+    @client.subscribe("user.#", retry=FAST_RETRY, name="handle")
+    async def handle(event: Event) -> None:
+        attempts.append((event.data["n"], time.monotonic()))
+        if event.data["n"] in fail_on:
+            raise ValueError(f"cannot handle {event.data['n']}")
+
+    return client, attempts
+
+
+class TestRetries:
+    async def test_failure_is_retried_with_backoff_then_dead_lettered(
+        self, bus_factory: BusFactory
+    ) -> None:
+        """A handler that keeps failing is tried max_attempts times, waiting longer each time,
+        then the event goes to the DLQ with the error, and the source entry is acked."""
+        client, attempts = await failing_bot(bus_factory, "a", fail_on={1})
+        producer = await bus_factory("p")
+        async with running(client):
+            event_id = await producer.publish("user.x.y", {"n": 1})
+            await producer.publish("user.x.y", {"n": 2})
+            await wait_until(lambda: client.stats()["counters"].get("dead_lettered") == 1)
+            await wait_until(lambda: client.stats()["counters"].get("acked") == 2)
+        times = [t for n, t in attempts if n == 1]
+        assert len(times) == 3
+        assert times[2] - times[1] > times[1] - times[0] >= 0.04
+        (letter,) = await client.dlq.list()
+        assert letter.reason == "handler_error" and letter.error == "ValueError: cannot handle 1"
+        assert "ValueError" in letter.traceback and letter.attempts == 3
+        assert (letter.group, letter.consumer, letter.handler) == ("bot-group-a", "a-0", "handle")
+        assert letter.stream == producer.keys.stream("user") and letter.entry_id
+        assert letter.event is not None and letter.event.id == event_id
+        pending = await client.redis.xpending(letter.stream, "bot-group-a")
+        assert pending["pending"] == 0
+
+    async def test_a_retry_that_succeeds_is_not_dead_lettered(
+        self, bus_factory: BusFactory
+    ) -> None:
+        """A transient failure is absorbed by the retry."""
+        client = await bus_factory("a")
+        calls = 0
+
+        @client.subscribe("user.#", retry=FAST_RETRY)
+        async def flaky(event: Event) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ConnectionError("downstream hiccup")
+
+        async with running(client):
+            await (await bus_factory("p")).publish("user.x.y", {})
+            await wait_until(lambda: client.stats()["counters"].get("handled") == 1)
+        assert calls == 2 and await client.dlq.count() == 0
+
+
+class TestDeadLetterRetry:
+    async def test_retry_redelivers_only_to_the_failed_group(self, bus_factory: BusFactory) -> None:
+        """A retried dead letter reaches the group that failed it, not the other bots."""
+        failing, attempts = await failing_bot(bus_factory, "a", fail_on={7})
+        other = await bus_factory("b")
+        other_seen: list[int] = []
+
+        @other.subscribe("user.#")
+        async def watch(event: Event) -> None:
+            other_seen.append(event.data["n"])
+
+        producer = await bus_factory("p")
+        async with running(failing, other):
+            await producer.publish("user.x.y", {"n": 7})
+            await wait_until(lambda: failing.stats()["counters"].get("dead_lettered") == 1)
+            (letter,) = await failing.dlq.list()
+            attempts.clear()
+            new_entry = await failing.dlq.retry(letter.id)
+            await wait_until(lambda: len(attempts) == 3)  # retried, failed again
+            await wait_until(lambda: failing.stats()["counters"].get("dead_lettered") == 2)
+            await wait_until(lambda: other.stats()["counters"].get("acked") == 2)
+        assert other_seen == [7]
+        (again,) = await failing.dlq.list()
+        assert again.id != letter.id and again.entry_id == new_entry
+        assert (
+            again.fields["dlq_id"] == letter.id and again.fields["target"] == "bot-group-a/handle"
+        )
+        with pytest.raises(DeadLetterNotFoundError, match="retried or purged"):
+            await failing.dlq.get(letter.id)
+
+    async def test_purge_removes_dead_letters(self, bus_factory: BusFactory) -> None:
+        """Purge deletes the given dead letters, or all of them."""
+        client, _ = await failing_bot(bus_factory, "a", fail_on={1, 2, 3})
+        producer = await bus_factory("p")
+        async with running(client):
+            await producer.publish_many([("user.x.y", {"n": n}) for n in (1, 2, 3)])
+            await wait_until(lambda: client.stats()["counters"].get("dead_lettered") == 3)
+        letters = await client.dlq.list()
+        assert await client.dlq.purge([letters[0].id]) == 1
+        assert await client.dlq.purge() == 2
+        assert await client.dlq.count() == 0
+
+
+class TestMalformed:
+    async def test_garbage_goes_to_dlq_and_consumer_goes_on(self, bus_factory: BusFactory) -> None:
+        """Entries written by a raw XADD that do not decode are dead-lettered with the reason;
+        the events after them are still handled."""
+        client, attempts = await failing_bot(bus_factory, "a", fail_on=set())
+        stream = client.keys.stream("user")
+        async with running(client):
+            await client.redis.xadd(stream, {"type": "user.x.y", "source": "x", "data": "{oops"})
+            await client.redis.xadd(stream, {"hello": "world"})
+            await client.redis.xadd(
+                stream, {"type": "user.x.y", "source": "cli", "data": '{"n":5}'}
+            )
+            await wait_until(lambda: [n for n, _ in attempts] == [5])
+            await wait_until(lambda: client.stats()["counters"].get("acked") == 3)
+        letters = await client.dlq.list()
+        assert [letter.reason for letter in letters] == ["malformed", "malformed"]
+        assert "not valid JSON" in letters[0].error
+        assert "'type' is missing" in letters[1].error
+        assert letters[1].fields == {"hello": "world"}
+
+
+class TestCircuitBreaker:
+    async def test_breaker_pauses_instead_of_draining_into_the_dlq(
+        self, bus_factory: BusFactory
+    ) -> None:
+        """After K consecutive failures the subscription pauses: the failing event and the
+        backlog wait in the stream instead of going to the DLQ; the state is logged and
+        visible."""
+        client = await bus_factory("a")
+
+        @client.subscribe(
+            "user.#",
+            retry=RetrySettings(max_attempts=1),
+            breaker=BreakerSettings(failure_threshold=3, cooldown=60),
+        )
+        async def broken(event: Event) -> None:
+            raise RuntimeError("database is down")
+
+        producer = await bus_factory("p")
+        with capture_logs() as logs:
+            async with running(client):
+                await producer.publish_many([("user.x.y", {"n": n}) for n in range(20)])
+                await wait_until(lambda: any(e["event"].startswith("circuit open") for e in logs))
+                assert client.subscriptions[0].breaker.state is BreakerState.OPEN
+                assert client.stats()["subscriptions"][0]["breaker"] == "open"
+                await client.stop(timeout=0.2)
+        assert await client.dlq.count() == 2, "only the failures before the breaker opened"
+        pending = await client.redis.xpending(client.keys.stream("user"), "bot-group-a")
+        assert pending["pending"] == 18, "the rest stays pending for after the cool-down"

@@ -1,0 +1,58 @@
+"""Helpers for tests: wait on a condition, run a bus client in the background."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bus import BusClient
+
+
+async def entries(
+    redis: Redis, key: str, start: str = "-", end: str = "+"
+) -> list[tuple[str, dict[str, str]]]:
+    """The entries of a stream (XRANGE), typed for tests."""
+    rows: Any = await redis.xrange(key, start, end)
+    return [(entry_id, dict(fields)) for entry_id, fields in rows]
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,  # noqa: ASYNC109 - a test deadline that fails with a message
+    what: str = "",
+) -> None:
+    """Poll ``condition`` every 20 ms until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(*clients: BusClient) -> AsyncIterator[None]:
+    """Run the clients' consumers while the block runs; stop them (gracefully) after."""
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    try:
+        for client, task in zip(clients, tasks, strict=True):
+            ready = asyncio.create_task(client.wait_ready())
+            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                ready.cancel()
+                task.result()  # raise what killed it
+            await ready
+        yield
+    finally:
+        for client in clients:
+            await client.stop(timeout=5)
+        await asyncio.gather(*tasks)
