@@ -10,7 +10,7 @@ from typing import ClassVar
 import pytest
 
 from bus.backoff import Backoff
-from bus.breaker import BreakerState, CircuitBreaker
+from bus.breaker import CircuitBreaker
 from bus.conditions import Where, compile_where
 from bus.errors import EventValidationError, SubscriptionError, WireFormatError
 from bus.event import Event, event_time_ms, new_event_id, validate_type
@@ -205,6 +205,11 @@ class TestRouting:
         assert router.streams_for(Pattern("bot.lifecycle.error")) == {"errors"}
 
 
+def state_of(breaker: CircuitBreaker) -> str:
+    """The breaker's state now (a call, so the type checker does not pin it)."""
+    return breaker.state.value
+
+
 class TestPolicies:
     def test_backoff_grows_and_caps(self) -> None:
         """Delays double per attempt up to the cap; jitter keeps them within the range."""
@@ -218,13 +223,13 @@ class TestPolicies:
         """K consecutive failures open it; after the cool-down one trial decides."""
         breaker = CircuitBreaker(threshold=3, cooldown=10.0)
         assert not breaker.record_failure(0) and not breaker.record_failure(1)
-        assert breaker.record_failure(2) and breaker.state.value == "open"
+        assert breaker.record_failure(2) and state_of(breaker) == "open"
         assert breaker.wait_time(5.0) == 7.0
         assert breaker.wait_time(12.0) == 0
-        assert breaker.state.value == "half_open"
-        assert breaker.record_failure(12.0) and breaker.state.value == "open"
+        assert state_of(breaker) == "half_open"
+        assert breaker.record_failure(12.0) and state_of(breaker) == "open"
         assert breaker.wait_time(22.5) == 0
-        assert breaker.record_success() and breaker.state.value == "closed"
+        assert breaker.record_success() and state_of(breaker) == "closed"
 
     def test_breaker_success_resets_the_count(self) -> None:
         """Only consecutive failures count."""
