@@ -7,6 +7,7 @@ operator mapping::
     {"lang": {"in": ["en", "ru"]}}          # membership (also "nin")
     {"age": {"gte": 18, "lt": 65}}          # comparisons: gt, gte, lt, lte, ne, eq
     {"vip": {"exists": True}}               # presence of the path
+    {"bot_ids": {"contains": "greeter"}}    # a list holds the value
     {"profile.city": "Paris"}               # dotted path into nested objects
 
 All entries must hold. A comparison between values of incompatible types is false, never an
@@ -30,7 +31,7 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "lt": operator.lt,
     "lte": operator.le,
 }
-OPERATORS = frozenset({*_COMPARE, "in", "nin", "exists"})
+OPERATORS = frozenset({*_COMPARE, "in", "nin", "exists", "contains"})
 
 
 def _lookup(data: Mapping[str, Any], path: tuple[str, ...]) -> Any:
@@ -53,6 +54,8 @@ def _check(op: str, actual: Any, expected: Any) -> bool:
         return actual in expected
     if op == "nin":
         return actual not in expected
+    if op == "contains":
+        return isinstance(actual, list) and expected in actual
     if isinstance(actual, bool) != isinstance(expected, bool) and op not in ("eq", "ne"):
         return False
     try:

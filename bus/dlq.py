@@ -36,6 +36,8 @@ class DeadLetter:
     """One dead-letter entry."""
 
     id: str
+    event_id: str
+    type: str
     reason: str
     error: str
     traceback: str
@@ -60,6 +62,8 @@ class DeadLetter:
         """A JSON-ready dict (CLI and API)."""
         return {
             "id": self.id,
+            "event_id": self.event_id,
+            "type": self.type,
             "reason": self.reason,
             "error": self.error,
             "traceback": self.traceback,
@@ -81,6 +85,8 @@ def _parse(entry_id: str, f: Mapping[str, str]) -> DeadLetter:
         original = {}
     return DeadLetter(
         id=entry_id,
+        event_id=f.get("event_id", ""),
+        type=f.get("type", ""),
         reason=f.get("reason", ""),
         error=f.get("error", ""),
         traceback=f.get("traceback", ""),
@@ -148,7 +154,7 @@ class DeadLetters:
     async def get(self, dlq_id: str) -> DeadLetter:
         """One dead letter; :class:`DeadLetterNotFoundError` if it is gone."""
         rows: Any = await self._redis.xrange(self.key, dlq_id, dlq_id, count=1)
-        if not rows:
+        if not rows or rows[0][0] != dlq_id:  # XRANGE treats "ms" as "ms-0..ms-max"
             raise DeadLetterNotFoundError(
                 f"dead letter {dlq_id} not found: it was retried or purged; list them with "
                 "`multibot dlq list`"
@@ -169,7 +175,7 @@ class DeadLetters:
         fields[DLQ_LINK_FIELD] = dlq_id
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xadd(letter.stream, fields)  # type: ignore[arg-type]
-            pipe.xdel(self.key, dlq_id)
+            pipe.xdel(self.key, letter.id)
             new_id, _ = await pipe.execute()
         return str(new_id)
 

@@ -57,7 +57,7 @@ def bus_options(fn: F) -> F:
         show_envvar=True,
         help="Key prefix of the deployment (several deployments can share one Redis).",
     )(fn)
-    fn = click.option(
+    return click.option(
         "--redis-url",
         envvar="MULTIBOT_REDIS_URL",
         default=DEFAULT_REDIS_URL,
@@ -66,7 +66,6 @@ def bus_options(fn: F) -> F:
         metavar="URL",
         help="Redis of the bus: redis://[:password@]host:port/db, rediss:// (TLS) or unix://.",
     )(fn)
-    return fn
 
 
 def bus_settings(redis_url: str, namespace: str) -> BusSettings:
@@ -78,7 +77,7 @@ def bus_settings(redis_url: str, namespace: str) -> BusSettings:
         field = str(err["loc"][0]) if err["loc"] else "redis_url"
         # The message only: pydantic's full text would echo the URL and its password.
         message = err["msg"].removeprefix("Value error, ")
-        raise click.BadParameter(message, param_hint=f"--{field.replace('_', '-')}") from None
+        raise click.BadParameter(message, param_hint=f"'--{field.replace('_', '-')}'") from None
 
 
 @asynccontextmanager
@@ -104,8 +103,8 @@ def run(settings: BusSettings, coro: Coroutine[Any, Any, T]) -> T:
     except (BusConnectionError, RedisConnectionError, RedisTimeoutError) as exc:
         cause = exc.__cause__ if isinstance(exc, BusConnectionError) and exc.__cause__ else exc
         raise click.ClickException(
-            f"cannot reach Redis at {url} ({cause}). Start Redis (or `multibot start`, which "
-            "runs its own), or point --redis-url / MULTIBOT_REDIS_URL at a running server."
+            f"cannot reach Redis at {url} ({cause}). Start Redis there, or point "
+            "--redis-url (or MULTIBOT_REDIS_URL) at a running server."
         ) from None
     except RedisError as exc:
         raise click.ClickException(f"Redis at {url} answered with an error: {exc}") from None
@@ -121,6 +120,12 @@ def check_entry_id(ctx: click.Context, param: click.Parameter, value: Any) -> An
                 "shown by `multibot dlq list`, like 1700000000000-0"
             )
     return value
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """Sort key of a stream entry id (``1700000000000-5`` → ``(1700000000000, 5)``)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def echo_json(obj: Any, *, compact: bool = False) -> None:

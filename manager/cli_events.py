@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +25,14 @@ from bus.routing import Router
 from bus.schemas import SchemaRegistry
 from bus.settings import BusSettings
 from bus.wire import decode, format_timestamp
-from manager.cli_common import bus_options, bus_settings, echo_json, open_redis, run
+from manager.cli_common import (
+    bus_options,
+    bus_settings,
+    echo_json,
+    entry_order,
+    open_redis,
+    run,
+)
 
 log = structlog.get_logger("manager.cli")
 
@@ -30,7 +40,7 @@ _STREAM_ID_RE = re.compile(r"^\d+(-\d+)?$")
 _DURATION_RE = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 #: Which option or argument each field of an EventValidationError comes from.
-_PARAM_OF_FIELD = {"type": "TYPE", "data": "--data", "key": "--key", "source": "--source"}
+_PARAM_OF_FIELD = {"type": "'TYPE'", "data": "'--data'", "key": "'--key'", "source": "'--source'"}
 
 
 @click.group()
@@ -63,6 +73,7 @@ def _json_object(text: str, param_hint: str) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print id, stream and entry id as JSON.")
 @bus_options
 def publish(
+    *,
     type_: str,
     data_text: str,
     key: str | None,
@@ -79,8 +90,8 @@ def publish(
     """
     settings = bus_settings(redis_url, namespace)
     if data_text == "-":
-        data_text = click.get_text_stream("stdin").read()
-    data = _json_object(data_text, "--data")
+        data_text = sys.stdin.read()
+    data = _json_object(data_text, "'--data'")
     try:
         stream, entry_id, event = run(
             settings, _publish(settings, type_, data, key, source, correlation_id)
@@ -113,7 +124,7 @@ async def _publish(  # noqa: PLR0917 - the command's options, passed straight th
 # -- tail ----------------------------------------------------------------------------------
 
 
-def _since(ctx: click.Context, param: click.Parameter, value: str) -> str | None:
+def _since_id(value: str) -> str | None:
     """``--since``: None for "now", else the inclusive stream id to start from."""
     text = value.strip()
     if text == "now":
@@ -128,7 +139,8 @@ def _since(ctx: click.Context, param: click.Parameter, value: str) -> str | None
     except ValueError:
         raise click.BadParameter(
             f"{value!r}: use 'now', a stream entry id (1700000000000-0, or 0 for everything), "
-            "a time (2026-11-26T22:40:00Z; UTC when no offset) or a duration (30s, 10m, 2h, 1d)"
+            "a time (2026-11-26T22:40:00Z; UTC when no offset) or a duration (30s, 10m, 2h, 1d)",
+            param_hint="'--since'",
         ) from None
     return stream_id_at(moment if moment.tzinfo else moment.replace(tzinfo=UTC), "-")
 
@@ -143,13 +155,13 @@ def _pattern(ctx: click.Context, param: click.Parameter, value: str) -> Pattern:
 def _where(ctx: click.Context, param: click.Parameter, value: str | None) -> Where | None:
     if value is None:
         return None
-    spec = _json_object(value, "--where")
+    spec = _json_object(value, "'--where'")
     if not isinstance(spec, dict):
-        raise click.BadParameter("must be a JSON object of conditions", param_hint="--where")
+        raise click.BadParameter("must be a JSON object of conditions", param_hint="'--where'")
     try:
         return Where(spec)
     except SubscriptionError as exc:
-        raise click.BadParameter(str(exc), param_hint="--where") from None
+        raise click.BadParameter(str(exc), param_hint="'--where'") from None
 
 
 @events.command()
@@ -164,7 +176,6 @@ def _where(ctx: click.Context, param: click.Parameter, value: str | None) -> Whe
     "--since",
     default="now",
     show_default=True,
-    callback=_since,
     metavar="ID|TIME|DURATION|now",
     help="First print the events still in Redis since this entry id (0: all), UTC time or "
     "duration ago (10m), then follow new ones.",
@@ -175,9 +186,10 @@ def _where(ctx: click.Context, param: click.Parameter, value: str | None) -> Whe
 @click.option("--json", "as_json", is_flag=True, help="Print each event as one JSON line.")
 @bus_options
 def tail(
+    *,
     pattern: Pattern,
     where: Where | None,
-    since: str | None,
+    since: str,
     count: int | None,
     as_json: bool,
     redis_url: str,
@@ -190,15 +202,9 @@ def tail(
     so the bots see every event as before.
     """
     settings = bus_settings(redis_url, namespace)
-    try:
-        run(settings, _Tail(settings, pattern, where, since, count, as_json).run())
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a tail ends
-
-
-def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+    watch = _Tail(settings, pattern, where, since, count, as_json)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a tail ends
+        run(settings, watch.run())
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -218,6 +224,18 @@ def event_json(event: Event) -> dict[str, Any]:
     }
 
 
+def _honour_lost_cancel() -> None:
+    """Raise CancelledError if this task was cancelled but the cancel got lost.
+
+    On Python 3.11, redis-py sends commands under ``asyncio.wait_for``, which drops a
+    cancel that lands while the send completes (fixed in 3.12); Ctrl-C would then be
+    ignored. The task still counts the request, so the next loop turn honours it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _Tail:
     """Reads the streams a pattern routes to with plain XREAD: an observer, not a consumer."""
 
@@ -226,7 +244,7 @@ class _Tail:
         settings: BusSettings,
         pattern: Pattern,
         where: Where | None,
-        since: str | None,
+        since: str,
         count: int | None,
         as_json: bool,
     ) -> None:
@@ -235,7 +253,8 @@ class _Tail:
         self.router = Router(settings.routes, settings.default_stream)
         self.pattern = pattern
         self.where = where
-        self.since = since
+        self.since_text = since
+        self.since = _since_id(since)
         self.left = count
         self.as_json = as_json
         self.streams = sorted(self.keys.stream(s) for s in self.router.streams_for(pattern))
@@ -243,29 +262,34 @@ class _Tail:
     async def run(self) -> None:
         """Print history (with ``since``), then new events, until ``count`` were printed."""
         async with open_redis(self.settings) as redis:
-            # Each stream's last entry now: live reading starts after it, so nothing added
-            # from here on is missed, and history never needs to read past it twice.
+            # Each stream's last entry now: following starts after it (or after the last
+            # event history printed), so nothing added from here on is missed or doubled.
             async with redis.pipeline(transaction=False) as pipe:
                 for stream in self.streams:
                     pipe.xrevrange(stream, "+", "-", count=1)
                 heads: list[Any] = await pipe.execute()
-            positions = {s: rows[0][0] if rows else "0-0" for s, rows in zip(self.streams, heads)}
-            since = "now" if self.since is None else self.since
+            positions = {
+                s: rows[0][0] if rows else "0-0"
+                for s, rows in zip(self.streams, heads, strict=True)
+            }
+            # Scripts (and the tests) may wait for this line: events added after it are shown.
             click.echo(
-                f"Tailing {self.pattern.text} on {', '.join(self.streams)} since {since} "
-                "(Ctrl-C to stop)",
+                f"Tailing {self.pattern.text} since {self.since_text} on "
+                f"{', '.join(self.streams)} (Ctrl-C to stop)",
                 err=True,
             )
             if self.since is not None:
                 await self._history(redis, self.since, positions)
             while self.left != 0:
                 await self._follow(redis, positions)
+                _honour_lost_cancel()
 
     async def _history(self, redis: Redis, since: str, positions: dict[str, str]) -> None:
         history = replay(redis, self.keys, self.router, [self.pattern.text], since=since)
         async for event in history:
+            _honour_lost_cancel()
             stream, entry_id = str(event.stream), str(event.entry_id)
-            if _order(entry_id) > _order(positions[stream]):
+            if entry_order(entry_id) > entry_order(positions[stream]):
                 positions[stream] = entry_id  # arrived during the replay: printed already
             self._show(event)
             if self.left == 0:
@@ -277,20 +301,24 @@ class _Tail:
         reply: Any = await redis.xread(positions, count=read_count, block=block_ms)  # type: ignore[arg-type]
         batches = reply.items() if isinstance(reply, dict) else reply or []
         got: list[Event] = []
-        floor = _order(self.since) if self.since is not None else (0, 0)
+        floor = entry_order(self.since) if self.since is not None else (0, 0)
         for stream, entries in batches:
             for entry_id, fields in entries:
                 positions[stream] = entry_id
-                if _order(entry_id) < floor:
+                if entry_order(entry_id) < floor:
                     continue
                 try:
                     got.append(decode(fields, stream, entry_id))
                 except WireFormatError as exc:
                     log.warning(
-                        "skipping malformed entry", stream=stream, entry_id=entry_id, reason=exc.reason
+                        "skipping malformed entry",
+                        stream=stream,
+                        entry_id=entry_id,
+                        reason=exc.reason,
                     )
-        # One XREAD returns stream after stream; print them in the order Redis added them.
-        for event in sorted(got, key=lambda e: _order(str(e.entry_id))):
+        # One XREAD returns stream after stream; merge them as replay does: by the entry's
+        # millisecond, then by event id (UUIDv7, monotonic per publisher).
+        for event in sorted(got, key=lambda e: (entry_order(str(e.entry_id))[0], e.id)):
             if self.pattern.matches(event.type):
                 self._show(event)
                 if self.left == 0:

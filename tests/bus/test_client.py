@@ -10,9 +10,19 @@ from datetime import UTC, datetime
 
 import pytest
 from pydantic import BaseModel
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
-from bus import BusClient, Event, EventType, EventValidationError, SchemaError, SubscriptionError
-from tests.conftest import BusFactory
+from bus import (
+    BusClient,
+    BusSettings,
+    Event,
+    EventType,
+    EventValidationError,
+    SchemaError,
+    SubscriptionError,
+)
+from tests.conftest import BusFactory, RedisFactory
 from tests.support import entries, running, wait_until
 
 pytestmark = pytest.mark.redis
@@ -313,3 +323,48 @@ async def test_publish_only_client_runs_until_stopped(bus_factory: BusFactory) -
     await client.wait_ready()
     await client.stop()
     await asyncio.wait_for(task, 5)
+
+
+class TestConnections:
+    async def test_unix_socket_with_password(self, redis_factory: RedisFactory) -> None:
+        """A unix:// URL with a password works for publishing and consuming."""
+        server = await redis_factory(unix_socket=True, password="s3cret")
+        assert server.url.startswith("unix://")
+        await self._round_trip(BusSettings(redis_url=server.url))
+
+    async def test_acl_user_limited_to_the_namespace(self, redis_factory: RedisFactory) -> None:
+        """An ACL user allowed only the namespace's keys can run a bot (user:pass in the URL)."""
+        server = await redis_factory(password="admin")
+        admin = Redis.from_url(server.url)
+        try:
+            await admin.acl_setuser(
+                "bot-a",
+                enabled=True,
+                passwords=["+botpass"],
+                keys=["multibot:*"],
+                commands=["+@stream", "+@connection", "+client|id", "+client|unblock",
+                          "+client|setname", "+set", "+get", "+del"],
+            )  # fmt: skip
+        finally:
+            await admin.aclose()
+        url = f"redis://bot-a:botpass@127.0.0.1:{server.port}/0"
+        await self._round_trip(BusSettings(redis_url=url))
+        async with BusClient("x", settings=BusSettings(redis_url=url)) as client:
+            with pytest.raises(NoPermissionError):
+                await client.redis.set("other:key", "1")
+
+    @staticmethod
+    async def _round_trip(settings: BusSettings) -> None:
+        got: list[str] = []
+        async with (
+            BusClient("a", settings=settings) as consumer,
+            BusClient("p", settings=settings) as producer,
+        ):
+
+            @consumer.subscribe("user.#")
+            async def handle(event: Event) -> None:
+                got.append(event.id)
+
+            async with running(consumer):
+                event_id = await producer.publish("user.x.y", {})
+                await wait_until(lambda: got == [event_id])

@@ -145,6 +145,7 @@ class TestConditions:
         "age": 30,
         "vip": False,
         "profile": {"city": "Paris"},
+        "tags": ["a", "b"],
     }
 
     @pytest.mark.parametrize(
@@ -165,6 +166,9 @@ class TestConditions:
             ({"vip": {"lt": 1}}, False),  # booleans are not numbers
             ({"user_id": 42, "lang": "ru"}, False),
             ({"missing": {"ne": 1}}, True),
+            ({"tags": {"contains": "b"}}, True),
+            ({"tags": {"contains": "z"}}, False),
+            ({"lang": {"contains": "e"}}, False),  # only lists contain
         ],
     )
     def test_conditions(self, spec: dict[str, object], expected: bool) -> None:

@@ -1,0 +1,35 @@
+"""The ``multibot`` command line: one group that assembles the command groups."""
+
+from __future__ import annotations
+
+import click
+
+from manager.cli_common import configure_logging
+from manager.cli_dlq import dlq
+from manager.cli_events import events
+from manager.demo import demo
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="multibot", prog_name="multibot")
+def main() -> None:
+    """multibot: a supervisor for Python bots and their event bus on Redis Streams.
+
+    Every command that talks to the bus takes --redis-url (or MULTIBOT_REDIS_URL) and
+    --namespace (or MULTIBOT_NAMESPACE). For example:
+
+    \b
+      multibot events publish user.note.added --data '{"user_id": 42}'
+      multibot events tail 'user.#' --since 10m
+      multibot dlq list
+      multibot dlq retry --all --group bot-group-greeter
+    """
+    configure_logging()
+
+
+main.add_command(events)
+main.add_command(dlq)
+main.add_command(demo)
+
+if __name__ == "__main__":
+    main(prog_name="multibot")
