@@ -36,6 +36,14 @@ Entry = tuple[str, Mapping[str, str] | None]
 WorkItem = tuple[Subscription | None, Delivery, str]
 
 
+def _raise_if_cancelled() -> None:
+    """Re-raise a cancel that redis-py swallowed (Python 3.11: a cancel landing while a
+    command is being sent inside its timeout is lost, and the command completes)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
     """Cancel tasks until they end (a cancel landing in redis-py's connect can be swallowed)."""
     while pending := [t for t in tasks if not t.done()]:
@@ -389,6 +397,7 @@ class Consumer:
         while True:
             try:
                 result = await func(*args, **kwargs)
+                _raise_if_cancelled()
             except UNAVAILABLE as exc:
                 if not failing:
                     self._log.warning("redis unavailable; backing off", error=str(exc))

@@ -171,3 +171,29 @@ class TestCircuitBreaker:
         assert await client.dlq.count() == 2, "only the failures before the breaker opened"
         pending = await client.redis.xpending(client.keys.stream("user"), "bot-group-a")
         assert pending["pending"] == 18, "the rest stays pending for after the cool-down"
+
+    async def test_held_events_are_handled_after_recovery(self, bus_factory: BusFactory) -> None:
+        """When the handler works again after the cool-down, the held events are handled."""
+        client = await bus_factory("a")
+        healthy = False
+        handled: list[int] = []
+
+        @client.subscribe(
+            "user.#",
+            retry=RetrySettings(max_attempts=1),
+            breaker=BreakerSettings(failure_threshold=2, cooldown=0.3),
+        )
+        async def recovering(event: Event) -> None:
+            if not healthy:
+                raise RuntimeError("database is down")
+            handled.append(event.data["n"])
+
+        producer = await bus_factory("p")
+        async with running(client):
+            await producer.publish_many([("user.x.y", {"n": n}) for n in range(10)])
+            await wait_until(lambda: client.subscriptions[0].breaker.state is BreakerState.OPEN)
+            healthy = True
+            await wait_until(lambda: client.stats()["counters"].get("acked") == 10)
+        assert client.subscriptions[0].breaker.state is BreakerState.CLOSED
+        assert len(handled) == 10 - await client.dlq.count()
+        assert await client.dlq.count() == 1
