@@ -36,6 +36,10 @@ Entry = tuple[str, Mapping[str, str] | None]
 WorkItem = tuple[Subscription | None, Delivery, str]
 
 
+class _Stopping(Exception):
+    """The reader gives up a retry because the consumer is stopping."""
+
+
 def _raise_if_cancelled() -> None:
     """Re-raise a cancel that redis-py swallowed (Python 3.11: a cancel landing while a
     command is being sent inside its timeout is lost, and the command completes)."""
@@ -109,6 +113,7 @@ class Consumer:
         self._last_regroup = 0.0
         self._ready = ready or asyncio.Event()
         self._reader_id: int | None = None
+        self._reader_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -130,12 +135,17 @@ class Consumer:
         self._log.info("consumer started", streams=self.streams, subscriptions=len(self._subs))
         reader_conn = self._redis.client()  # one connection, so CLIENT UNBLOCK can wake it
         try:
+            await self._with_redis(reader_conn.initialize)
+            # After a reconnect (Redis restarted) the reader is a new client with a new id;
+            # redis-py calls this back on every (re)connect of the connection (untyped API).
+            connection: Any = reader_conn.connection
+            connection.register_connect_callback(self._remember_reader_id)
             async with asyncio.TaskGroup() as tg:
                 background = [tg.create_task(self._work(q)) for q in self._queues]
                 background += [tg.create_task(b.run()) for b in self._batchers.values()]
                 background.append(tg.create_task(self._ack_loop()))
                 background.append(tg.create_task(self._reclaim_loop()))
-                reader = tg.create_task(self._read_loop(reader_conn))
+                reader = self._reader_task = tg.create_task(self._read_loop(reader_conn))
                 await self._stopping.wait()
                 await self._stop_reader(reader)
                 for batcher in self._batchers.values():
@@ -164,18 +174,33 @@ class Consumer:
         self._stopping.set()
         self._space.set()  # wake a reader waiting for room, so it sees the stop
 
+    async def _remember_reader_id(self, connection: Any) -> None:
+        """Connect callback of the reader's connection: note its client id for CLIENT UNBLOCK."""
+        await connection.send_command("CLIENT", "ID")
+        self._reader_id = int(await connection.read_response())
+
     async def _stop_reader(self, reader: asyncio.Task[None]) -> None:
-        """End the read loop: wake its blocking XREADGROUP rather than cancel it mid-command."""
-        if self._reader_id is not None:
-            with suppress(*UNAVAILABLE):
-                await self._redis.client_unblock(self._reader_id)
-        done, _ = await asyncio.wait({reader}, timeout=self._settings.block_ms / 1000 + 1)
-        if not done:
+        """End the read loop: wake its blocking XREADGROUP rather than cancel it mid-command.
+
+        The unblock is repeated because one sent before Redis blocked the read does nothing.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.block_ms / 1000 + 1
+        while not reader.done() and loop.time() < deadline:
+            if self._reader_id is not None:
+                with suppress(*UNAVAILABLE):
+                    await self._redis.client_unblock(self._reader_id)
+            await asyncio.wait({reader}, timeout=0.1)
+        if not reader.done():
             reader.cancel()
 
     # -- reading -------------------------------------------------------------------------
 
     async def _read_loop(self, conn: Redis) -> None:
+        with suppress(_Stopping):
+            await self._read_entries(conn)
+
+    async def _read_entries(self, conn: Redis) -> None:
         await self._with_redis(self._drain_own_pending, conn)
         streams = dict.fromkeys(self.streams, ">")
         while not self._stopping.is_set():
@@ -412,6 +437,8 @@ class Consumer:
                 if failing:
                     self._log.info("redis reachable again; resuming")
                 return result
+            if self._stopping.is_set() and asyncio.current_task() is self._reader_task:
+                raise _Stopping  # the reader does not wait for Redis to come back to stop
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

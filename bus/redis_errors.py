@@ -11,8 +11,11 @@ UNAVAILABLE: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutEr
 
 
 def is_nogroup(exc: BaseException) -> bool:
-    """The consumer group (or its stream) does not exist."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+    """The consumer group (or its stream) does not exist, or the stream was deleted while a
+    read blocked on it (Redis 7 answers that read with UNBLOCKED instead of NOGROUP)."""
+    return isinstance(exc, ResponseError) and str(exc).startswith(
+        ("NOGROUP", "UNBLOCKED the stream key no longer exists")
+    )
 
 
 def is_busygroup(exc: BaseException) -> bool:
