@@ -93,7 +93,9 @@ class Consumer:
             stats=self.stats,
             log=self._log,
         )
-        self._queues: list[asyncio.Queue[WorkItem]] = [
+        # Each worker gets lists of items: one wake-up per worker per read, not per entry.
+        self._staged: dict[int, list[WorkItem]] = {}
+        self._queues: list[asyncio.Queue[list[WorkItem]]] = [
             asyncio.Queue() for _ in range(settings.concurrency)
         ]
         self._round_robin = itertools.cycle(range(settings.concurrency))
@@ -225,6 +227,7 @@ class Consumer:
             for stream, entries in response or []:
                 for entry_id, fields in entries:
                     self._dispatch(stream, entry_id, fields)
+            self._hand_out()
 
     async def _drain_own_pending(self, conn: Redis) -> None:
         """Re-take entries this consumer name had taken before a restart."""
@@ -262,6 +265,7 @@ class Consumer:
                 self._put(None, delivery, str(DeadLetterReason.POISON) + ":" + error)
             else:
                 self._dispatch(stream, entry_id, fields)
+        self._hand_out()
 
     def _dispatch(self, stream: str, entry_id: str, fields: Mapping[str, str] | None) -> None:
         """Route one entry to the workers of the subscriptions that want it, or ack it."""
@@ -318,28 +322,38 @@ class Consumer:
     def _put(self, sub: Subscription | None, delivery: Delivery, error: str) -> None:
         key = delivery.event.key if delivery.event is not None else None
         index = hash(key) % len(self._queues) if key else next(self._round_robin)
-        self._queues[index].put_nowait((sub, delivery, error))
+        staged = self._staged.get(index)
+        if staged is None:
+            self._staged[index] = [(sub, delivery, error)]
+        else:
+            staged.append((sub, delivery, error))
+
+    def _hand_out(self) -> None:
+        """Give each worker what the last read staged for it."""
+        for index, items in self._staged.items():
+            self._queues[index].put_nowait(items)
+        self._staged = {}
 
     # -- handling ------------------------------------------------------------------------
 
-    async def _work(self, queue: asyncio.Queue[WorkItem]) -> None:
+    async def _work(self, queue: asyncio.Queue[list[WorkItem]]) -> None:
         while True:
-            sub, delivery, error = await queue.get()
-            try:
-                if sub is not None:
-                    await self._runner.run_one(sub, delivery)
-                else:
-                    reason, _, text = error.partition(":")
-                    try:
-                        await self._runner.dead_letter(delivery, DeadLetterReason(reason), text)
-                    finally:
-                        self._done(delivery)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self._log.exception(
-                    "bug while handling an entry; it stays pending", entry_id=delivery.entry_id
-                )
+            for sub, delivery, error in await queue.get():
+                try:
+                    if sub is not None:
+                        await self._runner.run_one(sub, delivery)
+                    else:
+                        reason, _, text = error.partition(":")
+                        try:
+                            await self._runner.dead_letter(delivery, DeadLetterReason(reason), text)
+                        finally:
+                            self._done(delivery)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._log.exception(
+                        "bug while handling an entry; it stays pending", entry_id=delivery.entry_id
+                    )
 
     def _done(self, delivery: Delivery) -> None:
         delivery.remaining -= 1
