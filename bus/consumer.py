@@ -379,10 +379,14 @@ class Consumer:
         batch, self._acks = self._acks, defaultdict(list)
         if batch:
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for stream, ids in batch.items():
-                        pipe.xack(stream, self.group, *ids)
-                    await pipe.execute()
+                if len(batch) == 1:  # the common case: one XACK, no pipeline overhead
+                    ((stream, ids),) = batch.items()
+                    await self._redis.xack(stream, self.group, *ids)
+                else:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for stream, ids in batch.items():
+                            pipe.xack(stream, self.group, *ids)
+                        await pipe.execute()
             except BaseException:
                 for stream, ids in batch.items():
                     self._acks[stream][:0] = ids

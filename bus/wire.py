@@ -31,7 +31,9 @@ _ENTRY_NAMESPACE = uuid.UUID("8a3b6b1e-4d0e-4c55-9a53-0f6c1c2f7a01")
 
 def format_timestamp(ts: datetime) -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2026-11-26T22:40:01.123456Z``."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if ts.tzinfo is not UTC:
+        ts = ts.astimezone(UTC)
+    return ts.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def encode_data(data: Mapping[str, Any]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from manager.bench.command import bench
 from manager.cli_common import configure_logging
 from manager.cli_dlq import dlq
 from manager.cli_events import events
@@ -30,6 +31,7 @@ def main() -> None:
 main.add_command(events)
 main.add_command(dlq)
 main.add_command(demo)
+main.add_command(bench)
 
 if __name__ == "__main__":
     main(prog_name="multibot")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from manager.errors import ManagerError
+
+#: Which phase a worker runs: bus clients, or the bare redis-py baseline.
+Mode = Literal["bus", "raw"]
 
 #: The one event type the bus producers publish (routed to one stream).
 EVENT_TYPE = "bench.event.sent"
@@ -13,6 +17,14 @@ ROUTES = {"bench": "bench", "bench.idle": "bench-idle"}
 PRODUCER_BOT = "bench-producer"
 CONSUMER_BOT = "bench-consumer"
 FLAT_OUT_BATCH = 50
+DRAIN_CAP_FACTOR = 6
+#: Consumer group of the baseline (the bus names its own, ``bot-group-bench-consumer``).
+RAW_GROUP = "bench-raw"
+
+
+def raw_stream(namespace: str) -> str:
+    """The baseline's stream key, inside the bench namespace (shaped like a bus stream key)."""
+    return f"{namespace}:stream:{{bench-raw}}"
 
 
 class BenchError(ManagerError):
@@ -37,12 +49,17 @@ class Roles:
         return " + ".join(parts)
 
 
+#: The bus's default ``consumer.read_count`` (not imported: the baseline never imports bus).
+DEFAULT_READ_COUNT = 200
+
+
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     """One benchmark run: ``producers`` publishers and ``consumers`` replicas of one bot.
 
     ``rate`` is the total offered events/s (0: flat out); ``batch`` is events per publish
-    pipeline and the consumers' read count (None: 1 for rated runs, 50 flat out).
+    pipeline (None: 1 for rated runs, 50 flat out); ``read_count`` the consumers' XREADGROUP
+    COUNT (None: 200, the bus default, for the bus and the baseline alike).
     """
 
     redis_url: str | None = None
@@ -51,10 +68,12 @@ class BenchOptions:
     rate: float = 1000.0
     duration: float = 10.0
     batch: int | None = None
+    read_count: int | None = None
     processes: int = 2
     baseline: bool = True
     warmup: float = 1.0
-    #: Longest wait for the consumers to catch up after the producers stop, in seconds.
+    #: After the producers stop, wait for the consumers to catch up until they make no
+    #: progress for this many seconds (and never longer than ``DRAIN_CAP_FACTOR`` times it).
     drain: float = 10.0
 
     def __post_init__(self) -> None:
@@ -64,6 +83,7 @@ class BenchOptions:
             (self.rate >= 0, "--rate must be >= 0 (0 means flat out)"),
             (self.duration > 0, "--duration must be positive"),
             (self.batch is None or self.batch >= 1, "--batch must be at least 1"),
+            (self.read_count is None or self.read_count >= 1, "--read-count must be >= 1"),
             (self.processes >= 1, "--processes must be at least 1"),
             (self.warmup >= 0, "--warmup must be >= 0"),
             (self.drain > 0, "drain must be positive"),
@@ -83,6 +103,11 @@ class BenchOptions:
         if self.batch is not None:
             return self.batch
         return FLAT_OUT_BATCH if self.flat_out else 1
+
+    @property
+    def read_size(self) -> int:
+        """Entries a consumer fetches per read at most (COUNT)."""
+        return DEFAULT_READ_COUNT if self.read_count is None else self.read_count
 
     @property
     def send_interval(self) -> float:
@@ -106,3 +131,34 @@ class BenchOptions:
         prods = [tuple(range(i, self.producers, n_prod)) for i in range(n_prod)]
         conss = [tuple(range(i, self.consumers, n_cons)) for i in range(n_cons)]
         return tuple(Roles(producers=p) for p in prods) + tuple(Roles(consumers=c) for c in conss)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What the parent asks of one worker process."""
+
+    mode: Mode
+    index: int
+    roles: Roles
+    options: BenchOptions
+    url: str
+    namespace: str
+
+    @property
+    def label(self) -> str:
+        """``bus #1 (10 consumers)``."""
+        side = "baseline" if self.mode == "raw" else "bus"
+        return f"{side} #{self.index} ({self.roles.label})"
+
+
+@dataclass(frozen=True, slots=True)
+class IdleSpec:
+    """The idle-client probe: one subscribed bus client with nothing to do."""
+
+    url: str
+    namespace: str
+
+    @property
+    def label(self) -> str:
+        """How the parent names this child."""
+        return "idle client"

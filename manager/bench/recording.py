@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import resource
 import sys
 from array import array
-from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from manager.bench.options import BenchError
 
 _VM_RE = re.compile(rb"^(VmHWM|VmRSS):\s+(\d+) kB", re.MULTILINE)
 
@@ -47,14 +49,30 @@ async def receive(conn: Connection) -> tuple[str, Any]:
     loop = asyncio.get_running_loop()
     fd = conn.fileno()
     while not conn.poll():
-        readable = loop.create_future()
-        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _wake, readable)
         try:
             await readable
         finally:
             loop.remove_reader(fd)
+            # uvloop (libuv) made the fd non-blocking; send and recv of a large result
+            # need it blocking, or they fail half-way with EAGAIN.
+            os.set_blocking(fd, True)
     message: tuple[str, Any] = conn.recv()
     return message
+
+
+async def expect(conn: Connection, kind: str) -> Any:
+    """The payload of the next message on ``conn``, which must be ``kind``."""
+    got, payload = await receive(conn)
+    if got != kind:
+        raise BenchError(f"expected {kind!r} from the bench parent, got {got!r}")
+    return payload
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the reader may fire again before the waiter runs
+        future.set_result(None)
 
 
 @dataclass(slots=True)
@@ -77,10 +95,11 @@ class Recorder:
     Per producer, a byte per seq counts deliveries (dedupe without a set: compact, so it
     barely moves the RSS being measured); latencies of first deliveries published inside
     the measured window go to an ``array('d')`` for exact percentiles in the parent.
-    ``progress[slot]`` is kept at the count of distinct events seen, for the parent's drain.
+    ``progress[slot]`` (an int64 view shared with the parent) is kept at the count of
+    distinct events seen, for the parent's drain.
     """
 
-    def __init__(self, progress: MutableSequence[int], slot: int) -> None:
+    def __init__(self, progress: memoryview, slot: int) -> None:
         self._progress = progress
         self._slot = slot
         self.seen: dict[int, bytearray] = {}

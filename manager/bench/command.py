@@ -1,0 +1,166 @@
+"""``multibot bench``: measure the bus against a Redis, next to a bare redis-py baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+
+import click
+import structlog
+import uvloop
+
+from manager.bench.options import BenchError, BenchOptions
+from manager.bench.report import BenchReport
+from manager.bench.runner import run_bench
+from manager.errors import ManagerError
+
+
+@click.command("bench")
+@click.option(
+    "--redis-url",
+    envvar="MULTIBOT_REDIS_URL",
+    default=None,
+    help="Redis to measure against [env MULTIBOT_REDIS_URL; default: a private redis-server "
+    "started for the run]. Keys go to a fresh bench-<random> namespace, deleted at the end.",
+)
+@click.option(
+    "--producers",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Publishing bus clients (bench-producer-<i>), one connection each.",
+)
+@click.option(
+    "--consumers",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Replicas of one consuming bot, one connection each.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=1000.0,
+    show_default=True,
+    help="Events/s offered in total; 0 means flat out.",
+)
+@click.option("--flat-out", is_flag=True, help="Publish as fast as possible (same as --rate 0).")
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds measured, after the warmup.",
+)
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Events per publish pipeline and per read [default: 1; flat out: 50].",
+)
+@click.option(
+    "--read-count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Entries a consumer reads at most per XREADGROUP, bus and baseline alike [default: "
+    "200, the bus default]. COUNT adds no latency: a read returns what is there.",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker processes: 2 puts the producers in one, the consumers in the other; "
+    "more spreads each side over half of them; 1 runs all in one.",
+)
+@click.option(
+    "--warmup",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Seconds of publishing before the measurement starts.",
+)
+@click.option("--no-baseline", is_flag=True, help="Skip the bare redis-py baseline phase.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
+def bench(
+    *,
+    redis_url: str | None,
+    producers: int,
+    consumers: int,
+    rate: float,
+    flat_out: bool,
+    duration: float,
+    batch: int | None,
+    read_count: int | None,
+    processes: int,
+    warmup: float,
+    no_baseline: bool,
+    as_json: bool,
+) -> None:
+    """Benchmark the event bus: throughput, end-to-end latency, losses, duplicates, RSS.
+
+    Runs the producers and consumers as bus clients in worker processes for a fixed time,
+    then the same workload with bare XADD / XREADGROUP / XACK, and reports both. Exits 1
+    if events were lost.
+    """
+    try:
+        options = BenchOptions(
+            redis_url=redis_url or None,
+            producers=producers,
+            consumers=consumers,
+            rate=0.0 if flat_out else rate,
+            duration=duration,
+            batch=batch,
+            read_count=read_count,
+            processes=processes,
+            baseline=not no_baseline,
+            warmup=warmup,
+        )
+    except BenchError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if not structlog.is_configured():
+        # Keep stdout for the report (and the --json line): warnings go to stderr.
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        )
+    try:
+        report = uvloop.run(_run(options))
+    except ManagerError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except asyncio.CancelledError:  # SIGTERM: cleaned up like a Ctrl-C
+        raise click.Abort from None
+    click.echo(json.dumps(report.to_json()) if as_json else report.table())
+    if report.lost:
+        phases = f"bus {report.bus.lost}" + (
+            f", baseline {report.baseline.lost}" if report.baseline else ""
+        )
+        click.echo(f"error: events were lost ({phases}): published, never handled", err=True)
+        sys.exit(1)
+    if report.bus.duplicated:
+        click.echo(f"warning: {report.bus.duplicated} events were handled twice", err=True)
+
+
+async def _run(options: BenchOptions) -> BenchReport:
+    """Run the benchmark; SIGTERM cancels it, so the workers, the private redis-server and
+    the bench keys are cleaned up as on Ctrl-C."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def cancel_once() -> None:  # a second SIGTERM must not cut the clean-up short
+        if not task.cancelling():
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, cancel_once)
+    try:
+        return await run_bench(options)
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+if __name__ == "__main__":
+    bench()

@@ -1,0 +1,98 @@
+"""The baseline: the bench workload with bare redis-py (hiredis parser), no bus.
+
+Same layout as the bus phase (one stream, one group, M consumers, same batch and pacing),
+one connection per producer and per consumer. Entries are flat ``seq``/``producer``/``t``
+fields; a consumer reads up to ``read_size`` entries (XREADGROUP COUNT BLOCK), "handles" them
+(records the latency) and XACKs them in one command. This module must not import ``bus``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from manager.bench.options import CONSUMER_BOT, RAW_GROUP, WorkerSpec, raw_stream
+from manager.bench.recording import Recorder
+from manager.bench.workers import Send
+
+#: What a failed XADD raises.
+SEND_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
+_BLOCK_MS = 100  # BLOCK returns as soon as an entry arrives; this only bounds the stop time
+
+
+def _client(url: str) -> Redis:
+    return Redis.from_url(url, single_connection_client=True)
+
+
+@contextlib.asynccontextmanager
+async def consumers(spec: WorkerSpec, recorder: Recorder) -> AsyncIterator[None]:
+    """Run bare XREADGROUP / XACK loops, one connection each, until the block exits."""
+    if not spec.roles.consumers:
+        yield
+        return
+    stopping = asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(_client(spec.url)) for _ in spec.roles.consumers]
+        for client in clients:
+            await client.ping()
+        async with asyncio.TaskGroup() as tg:
+            for i, client in zip(spec.roles.consumers, clients, strict=True):
+                loop = _consume(client, spec, f"{CONSUMER_BOT}-{i}", recorder, stopping)
+                tg.create_task(loop)
+            try:
+                yield
+            finally:
+                stopping.set()
+
+
+async def _consume(
+    redis: Redis, spec: WorkerSpec, name: str, recorder: Recorder, stopping: asyncio.Event
+) -> None:
+    stream, count, record = raw_stream(spec.namespace), spec.options.read_size, recorder.record
+    while not stopping.is_set():
+        response: Any = await redis.xreadgroup(
+            RAW_GROUP, name, {stream: ">"}, count=count, block=_BLOCK_MS
+        )
+        for _, entries in response or ():
+            ids = []
+            for entry_id, fields in entries:
+                now = time.time()
+                record(int(fields[b"producer"]), int(fields[b"seq"]), float(fields[b"t"]), now)
+                ids.append(entry_id)
+            await redis.xack(stream, RAW_GROUP, *ids)
+
+
+@contextlib.asynccontextmanager
+async def producers(spec: WorkerSpec) -> AsyncIterator[list[tuple[int, Send]]]:
+    """Bare redis-py clients of this worker's producers, as send functions."""
+    stream, batch = raw_stream(spec.namespace), spec.options.batch_size
+    async with contextlib.AsyncExitStack() as stack:
+        sends: list[tuple[int, Send]] = []
+        for index in spec.roles.producers:
+            client = await stack.enter_async_context(_client(spec.url))
+            await client.ping()
+            sends.append((index, _send(client, stream, index, batch)))
+        yield sends
+
+
+def _send(redis: Redis, stream: str, producer: int, batch: int) -> Send:
+    if batch == 1:
+
+        def one(seq: int, t: float) -> Awaitable[Any]:
+            return redis.xadd(stream, {"seq": seq, "producer": producer, "t": t})
+
+        return one
+
+    async def many(seq: int, t: float) -> Any:
+        async with redis.pipeline(transaction=False) as pipe:
+            for s in range(seq, seq + batch):
+                pipe.xadd(stream, {"seq": s, "producer": producer, "t": t})
+            return await pipe.execute()
+
+    return many
