@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -83,6 +84,18 @@ def connect(settings: BusSettings, client_name: str | None = None) -> Redis:
     if HiredisRespSerializer is not None:
         pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return Redis.from_pool(pool)
+
+
+def raise_swallowed_cancel() -> None:
+    """Re-raise a cancel that redis-py swallowed.
+
+    On Python 3.11 a cancel that lands while redis-py sends a command inside its timeout
+    is lost and the command completes; a loop that relies on cancellation to stop would
+    then run on. Call this after a Redis call in code that must stay cancellable.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def redact(url: str) -> str:

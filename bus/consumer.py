@@ -21,6 +21,7 @@ import structlog
 from redis.asyncio import Redis
 
 from bus.batching import Batcher
+from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
 from bus.handling import Delivery, Runner
@@ -38,14 +39,6 @@ WorkItem = tuple[Subscription | None, Delivery, str]
 
 class _Stopping(Exception):
     """The reader gives up a retry because the consumer is stopping."""
-
-
-def _raise_if_cancelled() -> None:
-    """Re-raise a cancel that redis-py swallowed (Python 3.11: a cancel landing while a
-    command is being sent inside its timeout is lost, and the command completes)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
@@ -440,7 +433,7 @@ class Consumer:
         while True:
             try:
                 result = await func(*args, **kwargs)
-                _raise_if_cancelled()
+                raise_swallowed_cancel()
             except UNAVAILABLE as exc:
                 if not failing:
                     self._log.warning("redis unavailable; backing off", error=str(exc))

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
-from bus.connection import redact
+from bus.connection import raise_swallowed_cancel, redact
 from bus.context import correlation_for
 from bus.errors import BusConnectionError, EventValidationError
 from bus.event import Event, validate_data, validate_key, validate_source, validate_type
@@ -96,6 +96,7 @@ class Publisher:
             entry_id: Any = await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, 1) from exc
+        raise_swallowed_cancel()
         return str(entry_id)
 
     async def publish_many(self, drafts: Iterable[Draft]) -> list[Event]:
@@ -115,6 +116,7 @@ class Publisher:
                 await pipe.execute()
             except UNAVAILABLE as exc:
                 raise self._unavailable(exc, len(prepared)) from exc
+        raise_swallowed_cancel()
         return [event for _, _, event in prepared]
 
     def _unavailable(self, exc: BaseException, count: int) -> BusConnectionError:

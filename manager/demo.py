@@ -153,7 +153,7 @@ async def run_demo(
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), duration or None)
-                simulation.cancel()
+                simulation.cancel()  # publish re-raises a cancel redis-py swallowed
                 await asyncio.gather(*(client.stop(timeout=5) for client in consumers))
         except ExceptionGroup as failed:
             # The first failure (Redis gone, a bot crashed) ended the rest: report that one.

@@ -104,11 +104,12 @@ class TestOptions:
         assert BenchOptions(rate=0).batch_size == 50
         assert BenchOptions(rate=0, batch=1).batch_size == 1
 
-    def test_read_count_follows_batch_unless_given(self) -> None:
-        """Consumers read --batch entries at most, or --read-count when given."""
-        assert BenchOptions(rate=0).read_size == 50
-        assert BenchOptions(read_count=200).read_size == 200
-        assert BenchOptions(read_count=200).batch_size == 1
+    def test_read_count_is_the_bus_default_unless_given(self) -> None:
+        """Consumers read 200 entries at most (the bus default), or --read-count when given."""
+        assert BenchOptions(rate=0).read_size == 200
+        assert BenchOptions(rate=0).batch_size == 50
+        assert BenchOptions(read_count=7).read_size == 7
+        assert BenchOptions(read_count=7).batch_size == 1
 
     def test_send_interval_spreads_the_rate(self) -> None:
         """Each of 10 producers sends every 10 ms for 1000 events/s in total."""
