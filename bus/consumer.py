@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
+from bus.acks import AckBatcher
 from bus.batching import Batcher
 from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetterReason, DeadLetters
@@ -101,8 +102,7 @@ class Consumer:
         self._space.set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._acks: dict[str, list[str]] = defaultdict(list)
-        self._ack_wakeup = asyncio.Event()
+        self._acks = AckBatcher(redis, self.group)
         self._stopping = asyncio.Event()
         self._stop_timeout = 10.0
         self._last_regroup = 0.0
@@ -359,33 +359,17 @@ class Consumer:
     # -- acks ----------------------------------------------------------------------------
 
     def _ack(self, stream: str, entry_id: str) -> None:
-        self._acks[stream].append(entry_id)
-        self._ack_wakeup.set()
+        self._acks.add(stream, entry_id)
 
     async def _ack_loop(self) -> None:
         while True:
-            await self._ack_wakeup.wait()
+            await self._acks.wakeup.wait()
             await self._with_redis(self._flush_acks)
 
     async def _flush_acks(self) -> None:
-        self._ack_wakeup.clear()
-        batch, self._acks = self._acks, defaultdict(list)
-        if batch:
-            try:
-                if len(batch) == 1:  # the common case: one XACK, no pipeline overhead
-                    ((stream, ids),) = batch.items()
-                    await self._redis.xack(stream, self.group, *ids)
-                else:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for stream, ids in batch.items():
-                            pipe.xack(stream, self.group, *ids)
-                        await pipe.execute()
-            except BaseException:
-                for stream, ids in batch.items():
-                    self._acks[stream][:0] = ids
-                raise
-            self.stats["acked"] += sum(len(ids) for ids in batch.values())
-        if not self._inflight and not self._acks:
+        await self._acks.flush()
+        self.stats["acked"] = self._acks.acked
+        if not self._inflight and not self._acks.pending:
             self._idle.set()
 
     # -- reclaiming ----------------------------------------------------------------------
