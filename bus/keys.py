@@ -47,3 +47,23 @@ class Keys:
     def idempotency(self, group: str, handler: str, event_id: str) -> str:
         """Run-once marker of an event for one handler of a group."""
         return f"{self.namespace}:idem:{group}:{handler}:{event_id}"
+
+    def idempotency_prefix(self, group: str) -> str:
+        """Prefix of every run-once marker of a group (what a bot's ACL user may touch)."""
+        return f"{self.namespace}:idem:{group}:"
+
+    def bot_state(self, bot_id: str, *parts: str | int) -> str:
+        """A key of a bot's own state, e.g. ``multibot:bot:greeter:role:42``.
+
+        A bot run by the manager may read and write only its own ``bot_state`` keys (plus
+        the streams, the dead-letter stream and its run-once markers).
+        """
+        return ":".join([f"{self.namespace}:bot:{bot_id}", *map(str, parts)])
+
+    def lease(self, bot_id: str) -> str:
+        """Leader lease of an active/standby bot: ``<instance> <fencing token>``, with a TTL."""
+        return f"{self.namespace}:lease:{bot_id}"
+
+    def fence(self, bot_id: str) -> str:
+        """Counter of the bot's lease holders: each new holder gets the next fencing token."""
+        return f"{self.namespace}:lease:{bot_id}:fence"
