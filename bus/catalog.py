@@ -36,6 +36,7 @@ class EventType(enum.StrEnum):
     BACKUP_COMPLETED = "system.backup.completed"
     CONFIGURATION_UPDATED = "system.config.updated"
     SYSTEM_SHUTDOWN = "system.shutdown"
+    MEMORY_PRESSURE = "system.memory.pressure"
 
 
 class _Schema(BaseModel):
@@ -81,6 +82,8 @@ class BotOverload(_Schema):
     rss_bytes: int
     limit_bytes: int
     instance: str | None = None
+    action: str | None = Field(None, description="'restart' when the manager restarts it")
+    published_by: str | None = None
 
 
 class UserMessage(_Schema):
@@ -138,6 +141,8 @@ class FailoverTriggered(_Schema):
     old_instance: str | None
     new_instance: str
     fencing_token: int | None = None
+    reason: str | None = None
+    published_by: str | None = None
 
 
 class Maintenance(_Schema):
@@ -160,6 +165,17 @@ class ConfigUpdated(_Schema):
     added: list[str] = Field(default_factory=list)
     removed: list[str] = Field(default_factory=list)
     changed: list[str] = Field(default_factory=list)
+
+
+class MemoryPressure(_Schema):
+    """``system.memory.pressure``: the whole system's memory crossed its budget threshold."""
+
+    used_bytes: int
+    budget_bytes: int
+    raised: bool = Field(description="true: went above the threshold; false: back below")
+    manager_bytes: int | None = None
+    bots_bytes: int | None = None
+    redis_bytes: int | None = None
 
 
 class Shutdown(_Schema):
@@ -190,4 +206,5 @@ STANDARD_SCHEMAS: dict[str, type[BaseModel]] = {
     EventType.BACKUP_COMPLETED: BackupCompleted,
     EventType.CONFIGURATION_UPDATED: ConfigUpdated,
     EventType.SYSTEM_SHUTDOWN: Shutdown,
+    EventType.MEMORY_PRESSURE: MemoryPressure,
 }

@@ -17,6 +17,7 @@ from bus.consumer import Consumer
 from bus.dlq import DeadLetters
 from bus.errors import BusError, SubscriptionError
 from bus.event import Event
+from bus.handling import HandlerObserver
 from bus.keys import Keys, consumer_name, group_name
 from bus.publisher import Draft, Publisher
 from bus.replay import replay
@@ -34,7 +35,8 @@ class BusClient:
 
     ``bot_id`` names the bot (its consumer group is ``bot-group-<bot_id>``); ``instance``
     names this process among the bot's replicas and must be stable across restarts so a
-    restarted process finds the entries it had taken.
+    restarted process finds the entries it had taken. ``observer`` is told when handlers
+    start and end (the bot runtime uses it to report the entries in flight).
 
     Use as an async context manager, or call :meth:`connect` and :meth:`close`::
 
@@ -54,8 +56,10 @@ class BusClient:
         source: str | None = None,
         schemas: SchemaRegistry | None = None,
         redis: Redis | None = None,
+        observer: HandlerObserver | None = None,
     ) -> None:
         self.bot_id = bot_id
+        self._observer = observer
         self.instance = instance
         self.settings = settings or BusSettings()
         self.schemas = schemas or SchemaRegistry(strict=self.settings.strict_schemas)
@@ -272,6 +276,7 @@ class BusClient:
             schemas=self.schemas,
             dlq=self.dlq,
             ready=self._ready,
+            observer=self._observer,
         )
         try:
             await self._consumer.run()
@@ -293,6 +298,11 @@ class BusClient:
             return
         consumer.stop(timeout)
         await self._stopped.wait()
+
+    def reclaim_now(self) -> None:
+        """Take over entries left idle by dead consumers now, not at the next reclaim tick."""
+        if self._consumer is not None:
+            self._consumer.reclaim_now()
 
     def stats(self) -> dict[str, Any]:
         """Counters of the running consumer and the state of each subscription."""

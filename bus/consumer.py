@@ -25,7 +25,7 @@ from bus.batching import Batcher
 from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
-from bus.handling import Delivery, Runner
+from bus.handling import Delivery, HandlerObserver, Runner
 from bus.keys import Keys, consumer_name, group_name
 from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
 from bus.schemas import SchemaRegistry
@@ -65,6 +65,7 @@ class Consumer:
         schemas: SchemaRegistry,
         dlq: DeadLetters,
         ready: asyncio.Event | None = None,
+        observer: HandlerObserver | None = None,
     ) -> None:
         self.group = group_name(bot_id)
         self.name = consumer_name(bot_id, instance)
@@ -86,6 +87,7 @@ class Consumer:
             on_done=self._done,
             stats=self.stats,
             log=self._log,
+            observer=observer,
         )
         # Each worker gets lists of items: one wake-up per worker per read, not per entry.
         self._staged: dict[int, list[WorkItem]] = {}
@@ -109,6 +111,7 @@ class Consumer:
         self._ready = ready or asyncio.Event()
         self._reader_id: int | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._reclaim_wakeup = asyncio.Event()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -374,10 +377,16 @@ class Consumer:
 
     # -- reclaiming ----------------------------------------------------------------------
 
+    def reclaim_now(self) -> None:
+        """Look for idle entries now instead of at the next tick (a replica just died)."""
+        self._reclaim_wakeup.set()
+
     async def _reclaim_loop(self) -> None:
         interval = max(0.2, self._settings.visibility_timeout / 4)
         while True:
-            await asyncio.sleep(interval)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._reclaim_wakeup.wait(), interval)
+            self._reclaim_wakeup.clear()
             await self._with_redis(self._reclaim)
 
     async def _reclaim(self) -> None:

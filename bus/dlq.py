@@ -29,6 +29,8 @@ class DeadLetterReason(enum.StrEnum):
     POISON = "poison"
     #: The data does not fit the model the handler asked for.
     SCHEMA = "schema"
+    #: The entry was in flight at several consecutive crashes of its bot's process.
+    CRASHED = "crashed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
@@ -20,6 +20,17 @@ from bus.keys import Keys
 from bus.redis_errors import UNAVAILABLE
 from bus.schemas import SchemaRegistry
 from bus.subscription import Subscription
+
+
+class HandlerObserver(Protocol):
+    """Told synchronously when a handler starts and ends on events (the bot runtime reports
+    the entries in flight to the manager, so an entry that crashes the process is known)."""
+
+    def started(self, events: Sequence[Event]) -> None:
+        """A handler is about to run on ``events`` (read from a stream: entry ids are set)."""
+
+    def finished(self, events: Sequence[Event]) -> None:
+        """The handler started on ``events`` returned or raised."""
 
 
 @dataclass(eq=False, slots=True)
@@ -54,7 +65,9 @@ class Runner:
         on_done: Callable[[Delivery], None],
         stats: dict[str, int],
         log: Any,
+        observer: HandlerObserver | None = None,
     ) -> None:
+        self._observer = observer
         self._redis = redis
         self._keys = keys
         self._dlq = dlq
@@ -132,6 +145,8 @@ class Runner:
         error: BaseException | None = None
         for attempt in range(1, sub.retry.max_attempts + 1):
             token = current_event.set(context)
+            if self._observer is not None:
+                self._observer.started(events)
             try:
                 await sub.handler(*args)
             except Exception as exc:
@@ -152,6 +167,8 @@ class Runner:
                 continue
             finally:
                 current_event.reset(token)
+                if self._observer is not None:
+                    self._observer.finished(events)
             self._stats["handled"] += len(events)
             if sub.breaker.record_success():
                 self._log.warning("circuit closed", handler=sub.name)

@@ -8,6 +8,7 @@ from manager.bench.command import bench
 from manager.cli_common import configure_logging
 from manager.cli_dlq import dlq
 from manager.cli_events import events
+from manager.cli_manager import config, maintenance, reload, restart, start, status, stop
 from manager.demo import demo
 
 
@@ -20,6 +21,8 @@ def main() -> None:
     --namespace (or MULTIBOT_NAMESPACE). For example:
 
     \b
+      multibot start                      # the manager, in the foreground
+      multibot status
       multibot events publish user.note.added --data '{"user_id": 42}'
       multibot events tail 'user.#' --since 10m
       multibot dlq list
@@ -28,6 +31,8 @@ def main() -> None:
     configure_logging()
 
 
+for command in (start, status, stop, restart, reload, maintenance, config):
+    main.add_command(command)
 main.add_command(events)
 main.add_command(dlq)
 main.add_command(demo)

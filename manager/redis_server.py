@@ -27,6 +27,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from manager.child_process import child_setup
 from manager.errors import EmbeddedServiceError
 
 log = structlog.get_logger(__name__)
@@ -245,6 +246,7 @@ class RedisServer:
                 stdout=logfile,  # early errors (a bad config) go here, before redis opens it
                 stderr=logfile,
                 start_new_session=True,  # own process group: a Ctrl-C to us does not reach it
+                preexec_fn=child_setup(),  # and it dies with us, not orphaned by a SIGKILL
             )
         try:
             await self._wait_ready(self._process, started_at + timeout, log_offset)

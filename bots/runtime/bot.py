@@ -1,0 +1,170 @@
+"""Running one bot process: the client, heartbeats, the lease, signals, and the bot's main."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import structlog
+
+from bots.runtime.status import StatusChannel
+from bus import BusClient
+from bus.lease import Lease
+from bus.supervision import EXIT_LEASE_LOST, RuntimeSpec, Status, StatusLine
+
+log = structlog.get_logger("bots.runtime")
+BotMain = Callable[[BusClient], Coroutine[Any, Any, None]]
+
+
+async def run_bot(spec: RuntimeSpec, bot_main: BotMain, *, commands: bytes | None = None) -> int:
+    """Run the bot until it returns or a signal stops it; the process exit code.
+
+    With ``commands`` (not None), stdin carries the manager's commands, one per line,
+    ``commands`` being what was already read of them: ``reclaim`` (take over a dead
+    replica's entries now) and ``stop``. The end of stdin means the manager is gone: stop.
+    """
+    status = StatusChannel(spec.status_fd)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    bus = BusClient(spec.bot_id, settings=spec.bus, instance=spec.instance, observer=status)
+    async with bus, asyncio.TaskGroup() as tg:
+        background = [tg.create_task(status.heartbeats(spec.heartbeat_interval))]
+        if commands is not None:
+            background.append(tg.create_task(_read_commands(commands, bus, stop)))
+        try:
+            return await _serve(spec, bus, bot_main, status=status, stop=stop, tg=tg)
+        finally:
+            for task in background:
+                task.cancel()
+
+
+async def _read_commands(already: bytes, bus: BusClient, stop: asyncio.Event) -> None:
+    """Act on the manager's commands from stdin until it closes."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    reader.feed_data(already)
+    # Wrapping an fd does no blocking I/O; the transport closes the wrapper.
+    stdin = open(0, "rb", 0, closefd=False)  # noqa: SIM115, ASYNC230
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
+    while line := await reader.readline():
+        match line.strip():
+            case b"reclaim":
+                bus.reclaim_now()
+            case b"stop":
+                stop.set()
+            case other:
+                log.warning(
+                    "unknown command from the manager", command=other.decode(errors="replace")
+                )
+    log.warning("stdin closed: the manager is gone; stopping")
+    stop.set()
+
+
+async def _serve(
+    spec: RuntimeSpec,
+    bus: BusClient,
+    bot_main: BotMain,
+    *,
+    status: StatusChannel,
+    stop: asyncio.Event,
+    tg: asyncio.TaskGroup,
+) -> int:
+    keeper: asyncio.Task[None] | None = None
+    lease: Lease | None = None
+    if spec.lease_ttl is not None:
+        lease = Lease(bus.redis, bus.keys, spec.bot_id, str(spec.instance), spec.lease_ttl)
+        status.send(StatusLine(Status.STANDBY))
+        if not await _acquire(lease, stop, status):
+            return 0
+        status.send(StatusLine(Status.ACTIVE, token=lease.token))
+        log.info("lease taken: this replica is active", token=lease.token)
+        keeper = tg.create_task(_keep(lease))
+    bot = tg.create_task(bot_main(bus))
+    ready = tg.create_task(_report_ready(bus, status))
+    stopping = tg.create_task(_first(stop.wait(), status.closed.wait()))
+    try:
+        await asyncio.wait({bot, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not bot.done():
+            log.info("stopping: in-flight events get the stop timeout", timeout=spec.stop_timeout)
+            await bus.stop(timeout=spec.stop_timeout)
+            try:
+                await asyncio.wait_for(asyncio.shield(bot), spec.stop_timeout)
+            except TimeoutError:
+                log.warning("the bot's main did not return after the bus stopped; cancelling it")
+                bot.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await bot
+        return 0
+    except Exception:
+        log.exception("the bot's main raised")
+        return 1
+    finally:
+        for task in (ready, stopping, keeper):
+            if task is not None:
+                task.cancel()
+        if lease is not None:
+            with contextlib.suppress(Exception):
+                await lease.release()
+
+
+async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _report_ready(bus: BusClient, status: StatusChannel) -> None:
+    """Say ``ready`` once the bot's consumer reads (the bot called ``bus.run()``)."""
+    while True:
+        try:
+            await bus.wait_ready(timeout=3600)
+        except TimeoutError:
+            continue
+        status.send(StatusLine(Status.READY))
+        return
+
+
+async def _acquire(lease: Lease, stop: asyncio.Event, status: StatusChannel) -> bool:
+    """Wait for the lease as a standby; False if told to stop first."""
+    poll = max(0.05, lease.ttl / 10)
+    while not stop.is_set() and not status.closed.is_set():
+        try:
+            if await lease.try_acquire():
+                return True
+        except Exception as exc:  # Redis away: keep waiting, a standby has nothing to lose
+            log.warning("cannot reach Redis for the lease; retrying", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll)
+    return False
+
+
+async def _keep(lease: Lease) -> None:
+    """Renew the lease every third of its TTL; exit the process the moment it is lost.
+
+    Exiting (not a graceful stop) is what guarantees never two actives: the process stops
+    acting before its own deadline, and the standby takes over only after Redis expired it.
+    """
+    margin = min(0.5, lease.ttl / 10)
+    while True:
+        await asyncio.sleep(lease.ttl / 3)
+        try:
+            if await lease.renew():
+                continue
+            reason = "another replica holds it"
+        except Exception as exc:
+            if time.monotonic() < lease.valid_until - margin - lease.ttl / 3:
+                log.warning("lease renewal failed; retrying", error=str(exc))
+                continue
+            reason = f"cannot renew it in time: {exc}"
+        log.error("lease lost: exiting so a standby can take over", reason=reason)
+        os._exit(EXIT_LEASE_LOST)

@@ -1,0 +1,139 @@
+"""The leader lease of an active/standby bot: one holder at a time, each with a fencing token.
+
+The lease is a key ``<ns>:lease:<bot>`` holding ``"<instance> <token>"`` with a TTL. The
+holder renews it well before it expires; a standby takes it only once it is gone. Each new
+holder gets the next token of ``<ns>:lease:<bot>:fence``, so anything the active writes
+elsewhere can carry the token and a stale holder's late writes can be refused.
+
+A holder must stop acting as active by its own deadline: the start of its last successful
+renewal plus the TTL (:attr:`Lease.valid_until`). Redis counts the TTL from when it received
+that renewal, which is later, so the standby cannot take over before the old holder stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bus.keys import Keys
+
+# KEYS[1] lease, KEYS[2] fence counter; ARGV[1] instance, ARGV[2] ttl in ms.
+# Returns {1, token} when the caller holds the lease now (newly or still), else {0, value}.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local holder, token = string.match(current, '^(%S+) (%d+)$')
+  if holder == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return {1, tonumber(token)}
+  end
+  return {0, current}
+end
+local token = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. token, 'PX', ARGV[2])
+return {1, token}
+"""
+# KEYS[1] lease; ARGV[1] the holder's value, ARGV[2] ttl in ms. Returns 1 if renewed, else 0.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS[1] lease; ARGV[1] the holder's value. Returns 1 if released, 0 if not ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def parse_holder(value: str | None) -> tuple[str, int] | None:
+    """``"<instance> <token>"`` → ``(instance, token)``; None for no or a malformed value."""
+    if not value:
+        return None
+    instance, _, token = value.rpartition(" ")
+    return (instance, int(token)) if instance and token.isdigit() else None
+
+
+class Lease:
+    """One instance's handle on its bot's leader lease."""
+
+    def __init__(self, redis: Redis, keys: Keys, bot_id: str, instance: str, ttl: float) -> None:
+        self._redis = redis
+        self._key = keys.lease(bot_id)
+        self._fence = keys.fence(bot_id)
+        self.instance = instance
+        self.ttl = ttl
+        #: The fencing token while held, else None.
+        self.token: int | None = None
+        #: Monotonic time by which a holder must have stopped acting unless renewed.
+        self.valid_until = 0.0
+
+    @property
+    def held(self) -> bool:
+        """Whether this instance holds the lease and its own deadline has not passed."""
+        return self.token is not None and time.monotonic() < self.valid_until
+
+    @property
+    def _value(self) -> str:
+        return f"{self.instance} {self.token}"
+
+    async def try_acquire(self) -> bool:
+        """Take the lease if nobody holds it (or we still do); whether we hold it now."""
+        sent = time.monotonic()
+        ttl_ms = int(self.ttl * 1000)
+        result: Any = await self._redis.eval(
+            _ACQUIRE, 2, self._key, self._fence, self.instance, ttl_ms
+        )
+        if int(result[0]) != 1:
+            return False
+        self.token = int(result[1])
+        self.valid_until = sent + self.ttl
+        return True
+
+    async def renew(self) -> bool:
+        """Extend the lease; False (and no longer held) if another instance holds it."""
+        if self.token is None:
+            return False
+        sent = time.monotonic()
+        renewed: Any = await self._redis.eval(
+            _RENEW, 1, self._key, self._value, int(self.ttl * 1000)
+        )
+        if int(renewed) != 1:
+            self.token = None
+            return False
+        self.valid_until = sent + self.ttl
+        return True
+
+    async def release(self) -> None:
+        """Give the lease up at once (a graceful stop), so a standby need not wait for its TTL."""
+        if self.token is not None:
+            await self._redis.eval(_RELEASE, 1, self._key, self._value)
+            self.token = None
+
+    def __repr__(self) -> str:
+        state = f"held token={self.token}" if self.held else "not held"
+        return f"<Lease {self._key} instance={self.instance} {state}>"
+
+
+async def release_for(redis: Redis, keys: Keys, bot_id: str, instance: str) -> bool:
+    """Drop ``instance``'s lease (the manager does this when that process died); whether it did.
+
+    Compare-and-delete on the instance part: a lease another instance took meanwhile stays.
+    """
+    value: Any = await redis.get(keys.lease(bot_id))
+    holder = parse_holder(value.decode() if isinstance(value, bytes) else value)
+    if holder is None or holder[0] != instance:
+        return False
+    released: Any = await redis.eval(_RELEASE, 1, keys.lease(bot_id), f"{instance} {holder[1]}")
+    return int(released) == 1
+
+
+async def holder(redis: Redis, keys: Keys, bot_id: str) -> tuple[str, int] | None:
+    """Who holds the bot's lease now: ``(instance, token)``, or None."""
+    value: Any = await redis.get(keys.lease(bot_id))
+    return parse_holder(value.decode() if isinstance(value, bytes) else value)

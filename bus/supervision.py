@@ -1,0 +1,114 @@
+"""What a supervised bot process and the manager tell each other.
+
+The manager starts ``python -m bots.runtime`` and writes a :class:`RuntimeSpec` as one JSON
+document to its stdin (credentials never travel in argv or the environment). The runtime
+reports back on an inherited pipe, one line per message (:class:`StatusLine`):
+
+``hb``                       a heartbeat, sent from the bot's event loop
+``ready``                    the bot's consumer is reading (or it has no subscriptions)
+``standby``                  an active/standby replica waiting for the lease
+``active <token>``           this replica took the lease with fencing token ``token``
+``+ <stream> <id> …``        handlers started on these entries of a stream
+``- <stream> <id> …``        … and ended on them
+
+The in-flight lines let the manager know which entries were being handled when a process
+died, so an entry that keeps crashing its bot is dead-lettered instead of crash-looping it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bus.settings import BusSettings
+
+#: Exit code of a runtime whose lease was lost: it stopped at once to never be a second active.
+EXIT_LEASE_LOST = 75
+#: Exit code of a runtime given an unusable spec or entry point (restarting will not help).
+EXIT_CONFIG = 78
+
+
+class RuntimeSpec(BaseModel):
+    """Everything a bot process gets from the manager; the bot never sees the manager's config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bot_id: str
+    instance: int = Field(ge=0)
+    entry: str = Field(description="'package.module:function' called with the bus client")
+    bus: BusSettings = Field(description="redis_url carries this bot's own ACL user")
+    status_fd: int | None = Field(None, description="write end of the status pipe")
+    heartbeat_interval: float = Field(1.0, gt=0)
+    stop_timeout: float = Field(10.0, gt=0)
+    lease_ttl: float | None = Field(None, gt=0, description="set: an active/standby replica")
+    log_level: str = "info"
+    log_json: bool = True
+    manager_pid: int | None = Field(None, description="exit if this process is gone")
+
+
+class Status(enum.StrEnum):
+    """The kinds of status line."""
+
+    #: The event loop of the bot is alive.
+    HEARTBEAT = "hb"
+    #: The consumer is reading.
+    READY = "ready"
+    #: Waiting for the lease.
+    STANDBY = "standby"
+    #: Holding the lease.
+    ACTIVE = "active"
+    #: Handlers started on entries.
+    STARTED = "+"
+    #: Handlers ended on entries.
+    FINISHED = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class StatusLine:
+    """One parsed status line."""
+
+    kind: Status
+    stream: str = ""
+    entry_ids: tuple[str, ...] = ()
+    token: int | None = None
+
+    def encode(self) -> bytes:
+        """The line as written on the pipe, newline included."""
+        if self.kind in (Status.STARTED, Status.FINISHED):
+            return f"{self.kind} {self.stream} {' '.join(self.entry_ids)}\n".encode()
+        if self.kind is Status.ACTIVE:
+            return f"{self.kind} {self.token}\n".encode()
+        return f"{self.kind}\n".encode()
+
+    @classmethod
+    def parse(cls, line: bytes) -> StatusLine | None:
+        """A line from the pipe; None for a line that is not a status line (ignored)."""
+        parts = line.decode(errors="replace").split()
+        if not parts:
+            return None
+        try:
+            kind = Status(parts[0])
+        except ValueError:
+            return None
+        if kind in (Status.STARTED, Status.FINISHED):
+            if len(parts) < 3:
+                return None
+            return cls(kind, parts[1], tuple(parts[2:]))
+        if kind is Status.ACTIVE:
+            return (
+                cls(kind, token=int(parts[1])) if len(parts) == 2 and parts[1].isdigit() else None
+            )
+        return cls(kind)
+
+
+def spec_json(spec: RuntimeSpec) -> bytes:
+    """The spec as the runtime reads it from stdin."""
+    return spec.model_dump_json().encode()
+
+
+def describe(spec: RuntimeSpec) -> dict[str, Any]:
+    """Log-safe fields of a spec (no credentials)."""
+    return {"bot_id": spec.bot_id, "instance": spec.instance, "entry": spec.entry}

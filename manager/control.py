@@ -1,0 +1,134 @@
+"""The control socket: how ``multibot status/stop/restart/maintenance/reload`` reach a manager.
+
+A unix socket in the data directory (mode 0600: only the manager's user may use it), one JSON
+request per connection and one JSON answer: ``{"command": "status"}`` →
+``{"ok": true, "result": …}`` or ``{"ok": false, "error": "…"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from manager.errors import ManagerError
+
+log = structlog.get_logger("manager.control")
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+MAX_REQUEST = 64 * 1024
+
+
+class ControlError(ManagerError):
+    """The manager is not reachable, or refused the command; the message says why."""
+
+
+class CommandError(Exception):
+    """A handler's refusal, sent back to the caller as the error text."""
+
+
+class ControlServer:
+    """Serves commands on ``path`` with ``handlers`` (command name → coroutine)."""
+
+    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+        self.path = path
+        self._handlers = dict(handlers)
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Listen; a stale socket of a dead manager is replaced, a live one is refused."""
+        if self.path.exists():
+            try:
+                await call(self.path, "ping", timeout=1.0)
+            except ControlError:
+                self.path.unlink()
+            else:
+                raise ManagerError(
+                    f"another manager is running on {self.path.parent}: stop it "
+                    "(`multibot stop`) or give this one another data_dir"
+                )
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old_umask)
+
+    async def close(self) -> None:
+        """Stop listening and remove the socket."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            answer = await self._answer(await reader.readline())
+            writer.write(orjson.dumps(answer, default=str) + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return {"ok": False, "error": "the request is not JSON"}
+        if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+            return {"ok": False, "error": 'send {"command": "<name>", ...}'}
+        command = request["command"]
+        if command == "ping":
+            return {"ok": True, "result": "pong"}
+        handler = self._handlers.get(command)
+        if handler is None:
+            known = ", ".join(sorted(self._handlers))
+            return {"ok": False, "error": f"unknown command {command!r}; known: {known}"}
+        try:
+            return {"ok": True, "result": await handler(request)}
+        except CommandError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("control command failed", command=command)
+            return {"ok": False, "error": f"{command} failed: {exc}"}
+
+
+async def call(path: Path, command: str, *, timeout: float = 30.0, **args: Any) -> Any:  # noqa: ASYNC109
+    """Send one command to the manager listening on ``path``; its result, else ControlError."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
+            try:
+                writer.write(orjson.dumps({"command": command, **args}) + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ControlError(
+            f"no manager is running on {path.parent} (no control socket at {path}): start one "
+            "with `multibot start`, or pass the --config it runs with"
+        ) from None
+    except PermissionError:
+        raise ControlError(
+            f"no permission to use {path}: run this as the manager's user (or root)"
+        ) from None
+    except TimeoutError:
+        raise ControlError(f"the manager at {path} did not answer within {timeout:g}s") from None
+    if not line:
+        raise ControlError(f"the manager at {path} closed the connection without an answer")
+    answer = orjson.loads(line)
+    if not answer.get("ok"):
+        raise ControlError(str(answer.get("error")))
+    return answer.get("result")

@@ -1,0 +1,325 @@
+"""``multibot start``: the manager daemon, from embedded services to a clean exit.
+
+Start: data directory, embedded Redis/PostgreSQL when not configured, a Redis ACL user per
+bot, the consumer groups of every declared subscription, then the bots; READY=1 to systemd
+once they are all up. Running: supervisor, coordinator, the manager's event publisher, the
+control socket and the watchdog pings share one event loop. SIGHUP reloads the config;
+SIGTERM/SIGINT publish ``system.shutdown``, stop the bots (in-flight events finish within
+each bot's stop timeout), then the embedded services, and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+
+from bus import BusClient, BusSettings, EventType
+from bus.connection import connect, redact
+from bus.keys import Keys
+from bus.routing import Router
+from bus.supervision import RuntimeSpec
+from manager.announcer import Announcer
+from manager.config import BotConfig, ConfigError, ManagerSettings, load_config
+from manager.control import CommandError, ControlServer
+from manager.coordinator import Coordinator
+from manager.redis_acl import (
+    bot_redis_url,
+    bot_username,
+    bot_users,
+    delete_bot_user,
+    ensure_bot_user,
+    generate_password,
+)
+from manager.sd_notify import NOTIFY_ENV_KEYS, Notifier
+from manager.services import Services, start_services
+from manager.supervisor import Supervisor
+
+log = structlog.get_logger("manager")
+VERSION = "0.1.0"
+
+
+def control_path(data_dir: Path) -> Path:
+    """The control socket of the manager using ``data_dir``."""
+    return data_dir / "manager.sock"
+
+
+class Manager:
+    """One manager run: :meth:`run` returns when it has shut down."""
+
+    def __init__(
+        self,
+        settings: ManagerSettings,
+        *,
+        config_path: Path | None,
+        environ: Mapping[str, str],
+    ) -> None:
+        self.settings = settings
+        self._config_path = config_path
+        self._environ = dict(environ)
+        self._notifier = Notifier.from_env(environ)
+        self._keys = Keys(settings.namespace)
+        self._router = Router(*_routes(settings))
+        self._shutdown = asyncio.Event()
+        self._passwords: dict[str, str] = {}
+        self._started_at = time.time()
+        self._maintenance = False
+        self._ready = False
+        self.services: Services | None = None
+        self._admin: Redis | None = None
+        self._bus: BusClient | None = None
+        self._supervisor: Supervisor | None = None
+        self._coordinator: Coordinator | None = None
+
+    # -- the run -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Start everything, run until a stop signal or command, shut down; the exit code."""
+        data_dir = self.settings.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        control = ControlServer(control_path(data_dir), self._handlers())
+        await control.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._shutdown.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        log.info("manager starting", pid=os.getpid(), data_dir=str(data_dir), version=VERSION)
+        try:
+            self._notifier.status("starting embedded services")
+            self.services = await start_services(self.settings)
+            try:
+                await self._run_with(self.services)
+            finally:
+                self._notifier.status("stopping embedded services")
+                await self.services.stop()
+        finally:
+            await control.close()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+        log.info("manager stopped")
+        return 0
+
+    async def _run_with(self, services: Services) -> None:
+        bus_settings = BusSettings.model_validate(self.settings.bus_settings(services.redis_url))
+        self._admin = connect(bus_settings, client_name="multibot-manager")
+        self._bus = BusClient("manager", settings=bus_settings)
+        await self._bus.connect()
+        announcer = Announcer(self._bus)
+        supervisor = self._supervisor = Supervisor(
+            self.settings.supervisor,
+            spec_factory=self._spec,
+            announcer=announcer,
+            redis=self._admin,
+            keys=self._keys,
+            visibility_timeout=bus_settings.consumer.visibility_timeout,
+        )
+        coordinator = self._coordinator = Coordinator(
+            self.settings.coordinator,
+            redis=self._admin,
+            keys=self._keys,
+            router=self._router,
+            announcer=announcer,
+            supervisor=supervisor,
+            extra_pids=lambda: services.embedded_pids,
+        )
+        try:
+            await self._prepare_bots(self.settings.bots)
+            coordinator.configure(self.settings.bots)
+            async with asyncio.TaskGroup() as tg:
+                publishing = tg.create_task(announcer.run())
+                supervising = tg.create_task(supervisor.run(self.settings.bots))
+                helpers = [
+                    tg.create_task(coordinator.run()),
+                    tg.create_task(self._notifier.watchdog_loop()),
+                    tg.create_task(self._announce_ready(supervisor)),
+                ]
+                await self._shutdown.wait()
+                await self._stop(announcer, supervisor, supervising)
+                for task in helpers:
+                    task.cancel()
+                await announcer.flush(5.0)
+                publishing.cancel()
+        finally:
+            await self._bus.close()
+            await self._admin.aclose()
+
+    async def _stop(
+        self, announcer: Announcer, supervisor: Supervisor, supervising: asyncio.Task[None]
+    ) -> None:
+        log.info("shutting down: stopping the bots")
+        self._notifier.stopping()
+        announcer.announce(EventType.SYSTEM_SHUTDOWN, {"reason": "the manager is stopping"})
+        await announcer.flush(2.0)
+        longest = max((b.stop_timeout for b in self.settings.bots), default=0)
+        self._notifier.extend_timeout(longest + 30)
+        await supervisor.stop()
+        await supervising
+
+    async def _announce_ready(self, supervisor: Supervisor) -> None:
+        """READY=1 once every bot is consuming, standing by or failed (or at the timeout)."""
+        try:
+            timeout = self.settings.supervisor.startup_timeout
+            await asyncio.wait_for(supervisor.wait_all_up(), timeout)
+        except TimeoutError:
+            log.warning("not every bot started in time; reporting ready anyway")
+        self._ready = True
+        started = time.time() - self._started_at
+        log.info("manager ready", startup_s=round(started, 2), bots=len(supervisor.bots))
+        self._notifier.ready(f"{len(supervisor.bots)} bots running")
+
+    # -- bots ----------------------------------------------------------------------------
+
+    async def _prepare_bots(self, bots: list[BotConfig]) -> None:
+        """A Redis user per bot (users of removed bots dropped), and the declared groups."""
+        assert self._admin is not None
+        assert self._coordinator is not None
+        wanted = {bot_username(self._keys.namespace, b.id) for b in bots}
+        for username in await bot_users(self._admin, self._keys):
+            if username not in wanted:
+                bot_id = username.rpartition(".")[2]
+                await delete_bot_user(self._admin, self._keys, bot_id)
+        for bot in bots:
+            if bot.id not in self._passwords:
+                self._passwords[bot.id] = generate_password()
+            await ensure_bot_user(self._admin, self._keys, bot.id, self._passwords[bot.id])
+        created = await self._coordinator.ensure_groups(bots)
+        log.info("bots prepared", bots=len(bots), groups_created=created)
+
+    def _spec(self, bot: BotConfig, index: int) -> tuple[RuntimeSpec, dict[str, str]]:
+        """What the bot's next process gets: its spec (own Redis user) and environment."""
+        assert self.services is not None
+        username = bot_username(self._keys.namespace, bot.id)
+        url = bot_redis_url(self.services.redis_url, username, self._passwords[bot.id])
+        options = self.settings.bus_settings(url)
+        if bot.consumer is not None:
+            options["consumer"] = bot.consumer
+        spec = RuntimeSpec(
+            bot_id=bot.id,
+            instance=index,
+            entry=bot.entry,
+            bus=BusSettings.model_validate(options),
+            heartbeat_interval=self.settings.supervisor.heartbeat_interval,
+            stop_timeout=bot.stop_timeout,
+            lease_ttl=self.settings.supervisor.lease_ttl if bot.standby else None,
+            log_level=self.settings.log_level,
+        )
+        environment = {
+            k: v
+            for k, v in self._environ.items()
+            if not k.startswith("MULTIBOT_") and k not in NOTIFY_ENV_KEYS
+        }
+        environment.update(bot.environment)
+        return spec, environment
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "status": self._cmd_status,
+            "stop": self._cmd_stop,
+            "restart": self._cmd_restart,
+            "maintenance": self._cmd_maintenance,
+            "reload": self._cmd_reload,
+        }
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload_logged())
+        self._background = task  # keep a reference while it runs
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except (ConfigError, CommandError) as exc:
+            log.error("reload refused: keeping the running config", error=str(exc))
+
+    async def reload(self) -> dict[str, list[str]]:
+        """Re-read the config file and apply bot additions, removals and changes."""
+        if self._config_path is None or self._supervisor is None:
+            raise CommandError("the manager is not running from a config file or not started")
+        settings = load_config(self._config_path)
+        self._notifier.reloading()
+        try:
+            await self._prepare_bots(settings.bots)
+            assert self._coordinator is not None
+            self._coordinator.configure(settings.bots)
+            self.settings = self.settings.model_copy(update={"bots": settings.bots})
+            added, removed, changed = await self._supervisor.apply(settings.bots)
+        finally:
+            self._notifier.ready()
+        result = {"added": added, "removed": removed, "changed": changed}
+        log.info("config reloaded", **result)
+        if self._bus is not None and self._supervisor is not None:
+            await self._bus.publish(EventType.CONFIGURATION_UPDATED, result)
+        return result
+
+    async def _cmd_status(self, _: Mapping[str, Any]) -> dict[str, Any]:
+        import psutil  # noqa: PLC0415 - only the status command needs it here
+
+        assert self.services is not None
+        coordinator = self._coordinator.status() if self._coordinator else {}
+        return {
+            "manager": {
+                "pid": os.getpid(),
+                "version": VERSION,
+                "uptime": time.time() - self._started_at,
+                "rss": psutil.Process().memory_info().rss,
+                "data_dir": str(self.settings.data_dir),
+                "redis": redact(self.services.redis_url),
+                "postgres": redact(self.services.postgres_dsn or "") or None,
+                "maintenance": self._maintenance,
+                "ready": self._ready,
+            },
+            "memory": coordinator.get("memory", {}),
+            "bots": self._supervisor.status() if self._supervisor else [],
+            "groups": coordinator.get("groups", []),
+        }
+
+    async def _cmd_stop(self, _: Mapping[str, Any]) -> str:
+        self._shutdown.set()
+        return "stopping"
+
+    async def _cmd_restart(self, request: Mapping[str, Any]) -> str:
+        bot_id = str(request.get("bot"))
+        if self._supervisor is None or bot_id not in self._supervisor.bots:
+            known = ", ".join(self._supervisor.bots) if self._supervisor else ""
+            raise CommandError(f"no bot {bot_id!r} is configured (bots: {known})")
+        await self._supervisor.restart(bot_id)
+        return f"restarted {bot_id}"
+
+    async def _cmd_maintenance(self, request: Mapping[str, Any]) -> str:
+        on = bool(request.get("on"))
+        if self._bus is None:
+            raise CommandError("the manager is still starting")
+        self._maintenance = on
+        event = EventType.MAINTENANCE_STARTED if on else EventType.MAINTENANCE_ENDED
+        reason = request.get("reason")
+        await self._bus.publish(event, {"reason": reason, "by": "operator"})
+        log.info("maintenance " + ("started" if on else "ended"), reason=reason)
+        return "maintenance on" if on else "maintenance off"
+
+    async def _cmd_reload(self, _: Mapping[str, Any]) -> dict[str, list[str]]:
+        try:
+            return await self.reload()
+        except ConfigError as exc:
+            raise CommandError(str(exc)) from None
+
+
+def _routes(settings: ManagerSettings) -> tuple[dict[str, str], str]:
+    bus = BusSettings.model_validate(settings.bus_settings("redis://localhost"))
+    return dict(bus.routes), bus.default_stream
+
+
+async def run_manager(settings: ManagerSettings, config_path: Path | None) -> int:
+    """Run a manager with ``settings`` until it is stopped; its exit code."""
+    manager = Manager(settings, config_path=config_path, environ=os.environ)
+    with contextlib.suppress(asyncio.CancelledError):
+        return await manager.run()
+    return 1
