@@ -77,7 +77,8 @@ def status(config_file: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:
-        render_status(result, Console())
+        # In a pipe rich would wrap at 80 columns; keep each row on one line instead.
+        render_status(result, Console(width=None if sys.stdout.isatty() else 200))
 
 
 @click.command()

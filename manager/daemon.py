@@ -263,7 +263,7 @@ class Manager:
     async def _cmd_status(self, _: Mapping[str, Any]) -> dict[str, Any]:
         import psutil  # noqa: PLC0415 - only the status command needs it here
 
-        assert self.services is not None
+        services = self.services
         coordinator = self._coordinator.status() if self._coordinator else {}
         return {
             "manager": {
@@ -272,8 +272,8 @@ class Manager:
                 "uptime": time.time() - self._started_at,
                 "rss": psutil.Process().memory_info().rss,
                 "data_dir": str(self.settings.data_dir),
-                "redis": redact(self.services.redis_url),
-                "postgres": redact(self.services.postgres_dsn or "") or None,
+                "redis": redact(services.redis_url) if services else None,
+                "postgres": redact(services.postgres_dsn or "") if services else None,
                 "maintenance": self._maintenance,
                 "ready": self._ready,
             },

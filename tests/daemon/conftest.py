@@ -1,0 +1,69 @@
+"""Fixtures of the daemon tests: a real ``multibot start`` on the test's private Redis."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+from redis.asyncio import Redis
+
+from bus.keys import Keys
+from tests.daemon.manager_process import FAST, ManagerProcess
+
+#: PostgreSQL is not used by the supervision tests; a DSN keeps the manager from starting one.
+UNUSED_DSN = "postgresql://unused@127.0.0.1:1/unused"
+
+
+class ManagerFactory(Protocol):
+    """Starts a manager running ``bots`` (``[[bots]]`` tables) on the test's Redis."""
+
+    async def __call__(
+        self, bots: str, *, extra: str = "", wait_ready: bool = True
+    ) -> ManagerProcess: ...
+
+
+@pytest.fixture
+async def manager_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[ManagerFactory]:
+    """Managers as real subprocesses; each is SIGKILLed at teardown if still running."""
+    started: list[ManagerProcess] = []
+
+    async def start(bots: str, *, extra: str = "", wait_ready: bool = True) -> ManagerProcess:
+        work = tmp_path / f"manager-{len(started)}"
+        work.mkdir()
+        header = f'data_dir = "data"\nredis_url = "{redis_url}"\npostgres_dsn = "{UNUSED_DSN}"\n'
+        manager = ManagerProcess(work, header + extra + FAST + bots)
+        started.append(manager)
+        await manager.start(wait_ready=wait_ready)
+        return manager
+
+    yield start
+    for manager in started:
+        await manager.kill()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """An admin client on the test's Redis (decoded responses)."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keys() -> Keys:
+    """The default namespace's keys."""
+    return Keys("multibot")
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A directory another OS user can reach (as root, embedded PostgreSQL runs as one);
+    pytest's own tmp_path sits under a 0700 directory of root."""
+    directory = Path(tempfile.mkdtemp(prefix="multibot-daemon-"))
+    directory.chmod(0o711)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Bots the daemon tests run under a real manager: each misbehaves in one way on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from bus import BusClient, Event
+
+
+async def steady(bus: BusClient) -> None:
+    """Consumes ``test.*`` and does nothing else."""
+
+    async def handle(event: Event) -> None:
+        return None
+
+    bus.subscribe("test.#", handle)
+    await bus.run()
+
+
+async def crasher(bus: BusClient) -> None:
+    """Exits with code 3 as soon as it starts."""
+    await asyncio.sleep(0.05)
+    os._exit(3)
+
+
+async def hanger(bus: BusClient) -> None:
+    """Blocks its event loop (so its heartbeats stop) on ``test.hang``."""
+
+    async def hang(event: Event) -> None:
+        time.sleep(3600)  # noqa: ASYNC251 - blocking the loop is the point
+
+    bus.subscribe("test.hang", hang)
+    await bus.run()
+
+
+async def hog(bus: BusClient) -> None:
+    """Holds about 160 MB, then consumes."""
+    ballast = bytearray(160 * 1024 * 1024)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page so it counts in RSS
+
+    async def handle(event: Event) -> None:
+        return None
+
+    bus.subscribe("test.#", handle)
+    await bus.run()
+    del ballast
+
+
+async def poisoned(bus: BusClient) -> None:
+    """Dies (exit 9) on ``test.poison``; handles ``test.ok`` into its state list."""
+
+    async def poison(event: Event) -> None:
+        os._exit(9)
+
+    async def ok(event: Event) -> None:
+        await bus.redis.rpush(bus.keys.bot_state(bus.bot_id, "handled"), event.id)
+
+    bus.subscribe("test.poison", poison)
+    bus.subscribe("test.ok", ok)
+    await bus.run()
+
+
+async def leader(bus: BusClient) -> None:
+    """While active, appends ``<instance>`` to its state list every 20 ms."""
+    key = bus.keys.bot_state(bus.bot_id, "ticks")
+    while True:
+        await bus.redis.rpush(key, str(bus.instance))
+        await asyncio.sleep(0.02)
+
+
+async def prober(bus: BusClient) -> None:
+    """Tries what a bot must not do and publishes what Redis answered."""
+    results: dict[str, str] = {}
+    attempts = {
+        "other_namespace_get": ("GET", "other:bot:x:secret"),
+        "other_namespace_stream": ("XRANGE", "other:stream:{user}", "-", "+"),
+        "other_bot_state": ("GET", bus.keys.bot_state("someone-else", "x")),
+        "flushall": ("FLUSHALL",),
+        "config_get": ("CONFIG", "GET", "requirepass"),
+        "acl_list": ("ACL", "LIST"),
+        "keys": ("KEYS", "*"),
+        "shutdown": ("SHUTDOWN", "NOSAVE"),
+        "own_state": ("SET", bus.keys.bot_state(bus.bot_id, "x"), "1"),
+    }
+    for name, command in attempts.items():
+        try:
+            await bus.redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            results[name] = f"denied: {type(exc).__name__}: {exc}"
+        else:
+            results[name] = "allowed"
+    await bus.publish("test.acl.result", results)
+    await bus.run()

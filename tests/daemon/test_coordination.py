@@ -1,0 +1,106 @@
+"""The coordinator and failover under a real manager: overload, standby takeover, ACL users."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from bus import EventType
+from bus.keys import Keys
+from tests.daemon.conftest import ManagerFactory
+from tests.daemon.manager_process import bot_toml, events
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+class TestMemory:
+    async def test_bot_past_its_limit_is_reported(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """A bot holding more than its memory_limit: one bot.overload with RSS and limit."""
+        manager = await manager_factory(
+            bot_toml("small", "tests.daemon.sample_bots:steady", memory_limit="400MiB")
+            + bot_toml("greedy", "tests.daemon.sample_bots:hog", memory_limit="120MiB")
+        )
+
+        async def overloaded() -> bool:
+            return bool(await events(redis, keys, EventType.BOT_OVERLOAD))
+
+        await wait_until(overloaded, 30, "bot.overload for the greedy bot")
+        found = await events(redis, keys, EventType.BOT_OVERLOAD)
+        assert [e.source for e in found] == ["greedy"]
+        data = found[0].data
+        assert data["limit_bytes"] == 120 * 1024 * 1024
+        assert data["rss_bytes"] > data["limit_bytes"]
+        assert data["action"] is None  # memory_action = "warn": reported, not restarted
+        status = await manager.status()
+        assert status["memory"]["bots"] > 160 * 1024 * 1024
+        assert status["memory"]["budget"] == 2 * 1024**3
+        assert await manager.terminate() == 0
+
+
+class TestFailover:
+    async def test_standby_takes_over_when_the_active_dies(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """Kill the active: the standby takes the lease, failover.triggered, never two actives."""
+        manager = await manager_factory(
+            bot_toml(
+                "pilot", "tests.daemon.sample_bots:leader", replicas=2, standby=True, stop_timeout=1
+            )
+        )
+        ticks = keys.bot_state("pilot", "ticks")
+
+        async def one_active() -> bool:
+            rows = await manager.instances("pilot")
+            return sorted(str(r["role"]) for r in rows) == ["active", "standby"]
+
+        await wait_until(one_active, 20, "one active and one standby")
+        rows = await manager.instances("pilot")
+        active = next(r for r in rows if r["role"] == "active")
+        standby = next(r for r in rows if r["role"] == "standby")
+        os.kill(active["pid"], signal.SIGKILL)
+
+        async def took_over() -> bool:
+            found = await events(redis, keys, EventType.FAILOVER_TRIGGERED)
+            return bool(found)
+
+        await wait_until(took_over, 1.5 + 3, "failover within the lease time")
+        failover = (await events(redis, keys, EventType.FAILOVER_TRIGGERED))[0]
+        assert failover.source == "pilot"
+        assert failover.data["old_instance"] == str(active["instance"])
+        assert failover.data["new_instance"] == str(standby["instance"])
+        assert failover.data["fencing_token"] >= 2
+        await wait_until(one_active, 20, "the killed replica back as standby")
+        # Never two actives: the ticks switch from one instance to the other exactly once.
+        sequence: Any = await redis.lrange(ticks, 0, -1)
+        switches = [b for a, b in itertools.pairwise(sequence) if a != b]
+        assert switches == [str(standby["instance"])]
+        assert await manager.terminate() == 0
+
+
+class TestRedisUser:
+    async def test_bot_cannot_touch_other_keys_or_admin_commands(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """A bot's own Redis user: other namespaces, other bots, admin commands are refused."""
+        await redis.set("other:bot:x:secret", "s3cret")
+        manager = await manager_factory(bot_toml("nosy", "tests.daemon.sample_bots:prober"))
+
+        async def reported() -> bool:
+            return bool(await events(redis, keys, "test.acl.result"))
+
+        await wait_until(reported, 20, "the prober's report")
+        results = dict((await events(redis, keys, "test.acl.result"))[0].data)
+        assert results.pop("own_state") == "allowed"
+        for name, answer in results.items():
+            assert answer.startswith("denied: NoPermissionError"), (name, answer)
+        assert await redis.get("other:bot:x:secret") == "s3cret"
+        assert await redis.ping()  # SHUTDOWN was refused
+        assert await manager.terminate() == 0

@@ -1,0 +1,240 @@
+"""``multibot start`` end to end: embedded defaults, status, clean stop, notify, bad config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from bus import EventType
+from bus.keys import Keys
+from manager.config import DEFAULT_CONFIG_PATH
+from tests.daemon.conftest import ManagerFactory
+from tests.daemon.manager_process import REPO, ManagerProcess, bot_toml, events, gone
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.slow]
+
+
+def multibot(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI as a real process."""
+    return subprocess.run(
+        [sys.executable, "-m", "manager.cli", *args],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
+        timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.postgres
+class TestDefaults:
+    async def test_default_config_runs_embedded_services_and_stops_clean(
+        self, tmp_path: Path, reachable_dir: Path
+    ) -> None:
+        """The checkout's config: embedded Redis + PostgreSQL + example bots; SIGTERM → exit 0."""
+        manager = ManagerProcess(
+            tmp_path,
+            DEFAULT_CONFIG_PATH.read_text(),
+            environ={"MULTIBOT_DATA_DIR": str(reachable_dir / "data")},
+        )
+        try:
+            await manager.start()
+            status = await manager.status()
+            bots = {b["id"]: b for b in status["bots"]}
+            assert set(bots) == {"greeter", "matcher", "shared-users"}
+            assert all(b["state"] == "running" for b in bots.values())
+            assert len(bots["matcher"]["instances"]) == 2
+            roles = sorted(str(i["role"]) for i in bots["shared-users"]["instances"])
+            assert roles == ["active", "standby"]
+            assert status["manager"]["redis"].startswith("unix://")
+            assert status["manager"]["postgres"].startswith("postgresql://")
+            pids = [i["pid"] for b in bots.values() for i in b["instances"]]
+            services = _children(manager)
+            shown = multibot("status", "--config", str(manager.config_path),
+                             env={"MULTIBOT_DATA_DIR": str(reachable_dir / "data")})  # fmt: skip
+            assert shown.returncode == 0, shown.stderr
+            for name in ("greeter", "matcher", "shared-users", "bot-group-matcher"):
+                assert name in shown.stdout
+            assert await manager.terminate() == 0
+            await wait_until(lambda: gone(pids + services), 10, "every child process to exit")
+            data = reachable_dir / "data"
+            assert not (data / "manager.sock").exists()
+            # The data is kept: the Redis AOF and the PostgreSQL cluster.
+            assert (data / "redis" / "appendonlydir").is_dir()
+            assert (data / "postgres" / "pgdata" / "PG_VERSION").is_file()
+        finally:
+            await manager.kill()
+
+
+def _children(manager: ManagerProcess) -> list[int]:
+    import psutil
+
+    assert manager.process is not None
+    return [p.pid for p in psutil.Process(manager.process.pid).children(recursive=True)]
+
+
+@pytest.mark.redis
+class TestLifecycle:
+    async def test_shutdown_publishes_and_stops_bots_gracefully(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """SIGTERM: system.shutdown, then each bot's stopped event with exit code 0."""
+        manager = await manager_factory(
+            bot_toml("a", "tests.daemon.sample_bots:steady")
+            + bot_toml("b", "tests.daemon.sample_bots:steady", replicas=2)
+        )
+        pids = [i["pid"] for b in (await manager.status())["bots"] for i in b["instances"]]
+        assert await manager.terminate() == 0
+        assert gone(pids)
+        found = await events(redis, keys)
+        types = [e.type for e in found]
+        assert EventType.SYSTEM_SHUTDOWN in types
+        stopped = [e for e in found if e.type == EventType.BOT_STOPPED]
+        assert sorted((e.source, e.data["instance"]) for e in stopped) == [
+            ("a", "0"), ("b", "0"), ("b", "1"),
+        ]  # fmt: skip
+        assert all(e.data["exit_code"] == 0 for e in stopped)
+        assert types.index(EventType.SYSTEM_SHUTDOWN) < types.index(EventType.BOT_STOPPED)
+
+    async def test_reload_applies_changes_without_touching_others(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """SIGHUP: a bot added, one removed, one changed restarted, the unchanged one untouched."""
+        steady = "tests.daemon.sample_bots:steady"
+        manager = await manager_factory(
+            bot_toml("keep", steady) + bot_toml("drop", steady) + bot_toml("change", steady)
+        )
+        keep_pid = await manager.pid("keep")
+        config = manager.config_path.read_text().split("[[bots]]")[0]
+        manager.config_path.write_text(
+            config + bot_toml("keep", steady) + bot_toml("change", steady, replicas=2)
+            + bot_toml("new", steady)
+        )  # fmt: skip
+        assert manager.process is not None
+        manager.process.send_signal(1)  # SIGHUP
+
+        async def applied() -> bool:
+            found = await events(redis, keys, EventType.CONFIGURATION_UPDATED)
+            return bool(found)
+
+        await wait_until(applied, 20, "system.config.updated")
+        update = (await events(redis, keys, EventType.CONFIGURATION_UPDATED))[0].data
+        assert (update["added"], update["removed"], update["changed"]) == (
+            ["new"], ["drop"], ["change"],
+        )  # fmt: skip
+        await manager.pid("new")
+        await manager.pid("change", 1)
+        assert await manager.pid("keep") == keep_pid
+        ids = [b["id"] for b in (await manager.status())["bots"]]
+        assert sorted(ids) == ["change", "keep", "new"]
+        assert await manager.terminate() == 0
+
+    async def test_maintenance_and_restart_commands(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys, tmp_path: Path
+    ) -> None:
+        """`multibot maintenance on|off` publishes; `multibot restart BOT` restarts it."""
+        manager = await manager_factory(bot_toml("a", "tests.daemon.sample_bots:steady"))
+        pid = await manager.pid("a")
+        config = str(manager.config_path)
+        assert (
+            multibot("maintenance", "on", "--reason", "upgrade", "--config", config).returncode == 0
+        )
+        assert multibot("maintenance", "off", "--config", config).returncode == 0
+        found = await events(redis, keys, "system.maintenance.")
+        assert [(e.type, e.data.get("reason")) for e in found] == [
+            (EventType.MAINTENANCE_STARTED, "upgrade"), (EventType.MAINTENANCE_ENDED, None),
+        ]  # fmt: skip
+        done = multibot("restart", "a", "--config", config)
+        assert done.returncode == 0, done.stderr
+        assert await manager.pid("a") != pid
+        unknown = multibot("restart", "nope", "--config", config)
+        assert unknown.returncode == 1
+        assert "no bot 'nope'" in unknown.stderr
+        assert multibot("stop", "--config", config).returncode == 0
+        assert manager.process is not None
+        assert await asyncio.wait_for(manager.process.wait(), 30) == 0
+
+
+@pytest.mark.redis
+class TestNotify:
+    async def test_ready_watchdog_and_stopping_reach_systemd(
+        self, tmp_path: Path, redis_url: str
+    ) -> None:
+        """Under a NOTIFY_SOCKET: READY=1 once bots run, WATCHDOG=1 pings, STOPPING=1."""
+        path = tmp_path / "notify.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        sock.setblocking(False)
+        messages: list[str] = []
+        config = (
+            f'data_dir = "data"\nredis_url = "{redis_url}"\npostgres_dsn = "postgresql://x@h/d"\n'
+            + bot_toml("a", "tests.daemon.sample_bots:steady")
+        )
+        manager = ManagerProcess(
+            tmp_path, config,
+            environ={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"},
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+
+        async def receive() -> None:
+            while True:
+                messages.append((await loop.sock_recv(sock, 4096)).decode())
+
+        reader = asyncio.create_task(receive())
+        try:
+            await manager.start(wait_ready=False)
+            await wait_until(lambda: any("READY=1" in m for m in messages), 60, "READY=1")
+            status = await manager.status()
+            assert status["bots"][0]["state"] == "running"
+            await wait_until(
+                lambda: sum("WATCHDOG=1" in m for m in messages) >= 3, 10, "watchdog pings"
+            )
+            assert await manager.terminate() == 0
+            await wait_until(lambda: any("STOPPING=1" in m for m in messages), 5, "STOPPING=1")
+        finally:
+            reader.cancel()
+            sock.close()
+            await manager.kill()
+
+
+class TestBadConfig:
+    def test_refused_with_every_error_named(self, tmp_path: Path) -> None:
+        """A bad config: start refuses before anything runs; config check lists the same."""
+        bad = tmp_path / "bad.toml"
+        bad.write_text(
+            'data_dir = "data"\ncolour = "blue"\n'
+            + bot_toml("ok", "bots.chatbot:main")
+            + bot_toml("Bad Id", "bots.chatbot:main", memory_limit="2 gigs")
+            + bot_toml("ok", "not an entry", restart={"policy": "sometimes"})
+        )
+        started = multibot("start", "--config", str(bad))
+        assert started.returncode == 1
+        for expected in (
+            "colour: unknown setting",
+            "bots[1].id: 'Bad Id' is not a bot id",
+            "bots[1].memory_limit:",
+            "bots[2].entry: 'not an entry' is not an entry point",
+            "bots[2].restart.policy:",
+            "bots[2].id: 'ok' is already the id of bots[0]",
+        ):
+            assert expected in started.stderr, (expected, started.stderr)
+        assert not (tmp_path / "data").exists()  # refused before anything started
+        checked = multibot("config", "check", "--config", str(bad))
+        assert checked.returncode == 1
+        assert checked.stderr == started.stderr
+
+    def test_environment_overrides_and_is_named(self, tmp_path: Path) -> None:
+        """MULTIBOT_* variables override the file; a bad one is named in the error."""
+        env = {"MULTIBOT_COORDINATOR__LAG_THRESHOLD": "many"}
+        checked = multibot("config", "check", "--config", str(DEFAULT_CONFIG_PATH), env=env)
+        assert checked.returncode == 1
+        assert "coordinator.lag_threshold" in checked.stderr
+        assert "MULTIBOT_COORDINATOR__LAG_THRESHOLD" in checked.stderr
+        fine = multibot("config", "check", "--config", str(DEFAULT_CONFIG_PATH))
+        assert fine.returncode == 0
+        assert "greeter×1, matcher×2, shared-users×2" in fine.stdout
