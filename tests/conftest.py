@@ -1,4 +1,5 @@
-"""Fixtures giving each test its own private redis-server (about 15 ms to start)."""
+"""Fixtures giving each test its own private redis-server (about 15 ms to start); the
+PostgreSQL ones (a private server per test) are in tests/postgres_fixtures.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from manager.redis_server import (
     system_redis_server,
 )
 
+pytest_plugins = ["tests.postgres_fixtures"]
 _BINARY_CHOICES = ("all", "system", "bundled")
 
 

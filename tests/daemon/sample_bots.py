@@ -93,3 +93,28 @@ async def prober(bus: BusClient) -> None:
             results[name] = "allowed"
     await bus.publish("test.acl.result", results)
     await bus.run()
+
+
+async def chatty(bus: BusClient) -> None:
+    """Writes 2 MB to stdout, one 100 kB line to stderr, then a marker line, then runs."""
+    import sys
+
+    for i in range(20_000):
+        sys.stdout.write(f"line {i} " + "x" * 90 + "\n")
+    sys.stdout.flush()
+    sys.stderr.write("y" * 100_000 + "\n")
+    sys.stderr.write("chatty done\n")
+    sys.stderr.flush()
+    await bus.run()
+
+
+async def slowpoke(bus: BusClient) -> None:
+    """Takes ``data["sleep"]`` seconds per ``test.slow`` event, then records who handled it."""
+
+    async def slow(event: Event) -> None:
+        await asyncio.sleep(float(event.data["sleep"]))
+        handled = bus.keys.bot_state(bus.bot_id, "handled")
+        await bus.redis.rpush(handled, f"{bus.instance}:{event.id}")
+
+    bus.subscribe("test.slow", slow)
+    await bus.run()

@@ -166,3 +166,57 @@ async def wait_for_dead_letter(bus: BusClient, event_id: str) -> DeadLetter:
 async def _contains(redis: Redis, key: str, value: str) -> bool:
     items: Any = await redis.lrange(key, 0, -1)
     return value in items
+
+
+class TestHandover:
+    async def test_dead_replicas_entries_go_to_a_live_one_at_once(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys, redis_url: str
+    ) -> None:
+        """A replica dies holding entries: the live replica handles them long before the
+        visibility timeout (60 s) would have let it."""
+        manager = await manager_factory(
+            bot_toml(
+                "pair",
+                "tests.daemon.sample_bots:slowpoke",
+                replicas=2,
+                subscriptions=[{"pattern": "test.#"}],
+                consumer={"visibility_timeout": 60.0, "block_ms": 200},
+                restart={"policy": "never"},
+            )
+        )
+        await manager.pid("pair", 0)
+        await manager.pid("pair", 1)
+        async with BusClient("tester", settings=BusSettings(redis_url=redis_url)) as bus:
+            ids = [await bus.publish("test.slow", {"sleep": 1.5}) for _ in range(8)]
+        stream = keys.stream("test") if await redis.exists(keys.stream("test")) else None
+        stream = stream or next(iter(await _streams(redis, keys)))
+        holders: dict[str, int] = {}
+
+        async def both_hold() -> bool:
+            rows: Any = await redis.xpending_range(stream, "bot-group-pair", "-", "+", 100)
+            holders.clear()
+            for row in rows:
+                holders[row["consumer"]] = holders.get(row["consumer"], 0) + 1
+            return len(ids) == sum(holders.values()) and bool(holders)
+
+        await wait_until(both_hold, 10, "the entries to be taken")
+        victim = max(holders, key=lambda c: holders[c])
+        index = int(victim.rpartition("-")[2])
+        os.kill(await manager.pid("pair", index), signal.SIGKILL)
+        handled_key = keys.bot_state("pair", "handled")
+
+        async def all_handled() -> bool:
+            done: Any = await redis.lrange(handled_key, 0, -1)
+            return {d.partition(":")[2] for d in done} >= set(ids)
+
+        await wait_until(all_handled, 20, "every event handled though a replica died")
+        done: Any = await redis.lrange(handled_key, 0, -1)
+        survivors = {d.partition(":")[0] for d in done if d.partition(":")[2] in ids}
+        assert str(1 - index) in survivors
+        rows = (await manager.instances("pair"))[index]
+        assert rows["state"] == "stopped"  # restart policy "never": nobody but the live one
+        assert await manager.terminate() == 0
+
+
+async def _streams(redis: Redis, keys: Keys) -> list[str]:
+    return [k async for k in redis.scan_iter(match=keys.stream_prefix() + "*", _type="stream")]
