@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 start: $(STAMP)
-	$(BIN)/multibot demo
+	$(BIN)/multibot start
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -130,7 +130,7 @@ class ChatBot:
 
     def _role_key(self, user_id: str | int) -> str:
         """The Redis key holding the primary bot of a user shared with this bot."""
-        return f"{self.bus.keys.namespace}:bots:role:{self.bus.bot_id}:{user_id}"
+        return self.bus.keys.bot_state(self.bus.bot_id, "role", user_id)
 
     async def _reply(self, user_id: str | int, text: str) -> None:
         data = {"user_id": user_id, "bot_id": self.bus.bot_id, "text": text}

@@ -43,11 +43,11 @@ class SharedUserDetector:
 
     def _seen_key(self, user_id: str | int) -> str:
         """Sorted set of the bots a user wrote to, scored by the time of the last message."""
-        return f"{self.bus.keys.namespace}:bots:seen:{user_id}"
+        return self.bus.keys.bot_state(self.bus.bot_id, "seen", user_id)
 
     def _announced_key(self, user_id: str | int, bot_ids: Sequence[str]) -> str:
         """Marker of the announcement of one user and set of bots (value: the event id)."""
-        return f"{self.bus.keys.namespace}:bots:shared:{user_id}:{','.join(bot_ids)}"
+        return self.bus.keys.bot_state(self.bus.bot_id, "shared", user_id, ",".join(bot_ids))
 
     async def on_message(self, event: Event, msg: UserMessage) -> None:
         """Record which bot the user wrote to; announce a new set of two or more bots."""

@@ -56,7 +56,8 @@ def parse_holder(value: str | None) -> tuple[str, int] | None:
     if not value:
         return None
     instance, _, token = value.rpartition(" ")
-    return (instance, int(token)) if instance and token.isdigit() else None
+    valid = instance and token.isascii() and token.isdigit()
+    return (instance, int(token)) if valid else None
 
 
 class Lease:

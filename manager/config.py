@@ -248,6 +248,11 @@ class ManagerSettings(BaseSettings):
         # The file's values come in as init arguments; the environment overrides them.
         return env_settings, init_settings
 
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()  # MULTIBOT_DATA_DIR: relative to where it runs
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
@@ -329,9 +334,11 @@ def _messages(exc: ValidationError) -> list[str]:
 
 
 def _resolve_paths(document: dict[str, Any], base: Path) -> dict[str, Any]:
-    data_dir = document.get("data_dir")
-    if isinstance(data_dir, str) and not Path(data_dir).is_absolute():
-        document = {**document, "data_dir": str((base / data_dir).resolve())}
+    """``data_dir`` relative to the file (also the default, so every command finds it)."""
+    data_dir = document.get("data_dir", "data")
+    if isinstance(data_dir, str):
+        path = Path(data_dir).expanduser()
+        document = {**document, "data_dir": str(path if path.is_absolute() else base / path)}
     return document
 
 

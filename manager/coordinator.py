@@ -116,6 +116,7 @@ class Coordinator:
         self.memory = await self._sample()
         for alert in self._budget.check(self.memory):
             self._memory_alert(alert)
+        await self._supervisor.clean_consumers()
 
     def _check_lag(self, lag: GroupLag) -> None:
         if lag.lag is None:

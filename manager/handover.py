@@ -36,11 +36,15 @@ class CrashLedger:
     def record_crash(self, inflight: Iterable[Entry], exit_status: str) -> list[Entry]:
         """Count a crash; the entries now in flight at ``threshold`` consecutive crashes.
 
-        An entry that was not in flight at this crash starts from zero again.
+        An entry that was not in flight at this crash starts from zero again; a crash with
+        nothing in flight (another replica's, say) says nothing about any entry.
         """
+        current = set(inflight)
+        if not current:
+            return []
         counts: dict[Entry, int] = {}
         exits: dict[Entry, list[str]] = {}
-        for entry in set(inflight):
+        for entry in current:
             counts[entry] = self.counts.get(entry, 0) + 1
             exits[entry] = [*self.exits.get(entry, []), exit_status]
         self.counts, self.exits = counts, exits
@@ -63,6 +67,8 @@ async def dead_letter_crashed(
 ) -> bool:
     """Move one entry that keeps crashing its bot to the dead-letter stream and ack it."""
     stream, entry_id = entry
+    if entry_id not in await pending_of(redis, stream, group, consumer):
+        return False  # acked or handed over meanwhile: nothing to dead-letter
     rows: Any = await redis.xrange(stream, entry_id, entry_id)
     fields = dict(rows[0][1]) if rows else {}
     if fields:

@@ -22,6 +22,8 @@ from manager.config import BotConfig
 from manager.restart_policy import Decision, ExitStatus, RestartTracker
 
 log = structlog.get_logger("manager.supervisor")
+#: Seconds past a bot's stop timeout before SIGKILL: the runtime's own deadline comes first.
+STOP_GRACE = 3.0
 
 
 class InstanceState(enum.StrEnum):
@@ -165,7 +167,7 @@ class Instance:
         self._wakeup.set()
         if self.process is not None:
             self.state = InstanceState.STOPPING
-        await self._stop_process(self.bot.stop_timeout)
+        await self._stop_process(self.bot.stop_timeout + STOP_GRACE)
 
     async def restart(self) -> None:
         """Stop the process gracefully and start a new one now (also from failed)."""
@@ -174,7 +176,7 @@ class Instance:
         self.tracker.reset()
         if self.process is not None and not self.process.exited:
             self.state = InstanceState.STOPPING
-            await self._stop_process(self.bot.stop_timeout)
+            await self._stop_process(self.bot.stop_timeout + STOP_GRACE)
         else:
             self._restart_now = False
             self._wakeup.set()

@@ -27,7 +27,7 @@ from bus.supervision import RuntimeSpec, Status, StatusLine
 from manager.announcer import PUBLISHED_BY, Announcer
 from manager.bot_process import BotProcess
 from manager.config import BotConfig, SupervisorSettings
-from manager.handover import CrashLedger, dead_letter_crashed, release_pending
+from manager.handover import CrashLedger, dead_letter_crashed, release_pending, retire_consumer
 from manager.instance import Instance, InstanceState
 from manager.lag import stream_keys
 from manager.memory import tree_rss
@@ -84,6 +84,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
+        self._leftover: set[tuple[str, str]] = set()
 
     # -- running -------------------------------------------------------------------------
 
@@ -142,10 +143,27 @@ class Supervisor:
         changed = [i for i, b in wanted.items() if i in self.bots and self.bots[i].config != b]
         added = [i for i in wanted if i not in self.bots]
         for bot_id in removed + changed:
-            await self._retire(self.bots.pop(bot_id))
+            bot = self.bots.pop(bot_id)
+            await self._retire(bot)
+            keep = wanted[bot_id].replicas if bot_id in wanted else 0
+            self._leftover |= {(bot_id, i.name) for i in bot.instances[keep:]}
         for bot_id in changed + added:
             self._add(wanted[bot_id])
+        await self.clean_consumers()
         return added, removed, changed
+
+    async def clean_consumers(self) -> None:
+        """Delete the consumers of retired instances from their groups once nothing is
+        pending on them (a live replica takes what is; until then they are kept)."""
+        for bot_id, consumer in sorted(self._leftover):
+            streams = await stream_keys(self._redis, self._keys)
+            results = [
+                await retire_consumer(self._redis, stream, group_name(bot_id), consumer)
+                for stream in streams
+            ]
+            if all(results):
+                self._leftover.discard((bot_id, consumer))
+                log.info("consumer deleted from its group", bot_id=bot_id, consumer=consumer)
 
     async def restart(self, bot_id: str) -> None:
         """Restart every instance of a bot now (also a failed one); KeyError if unknown."""
@@ -255,17 +273,17 @@ class Supervisor:
                         exits=exits,
                     )
                     bot.ledger.forget(entry)
-            elif not status.failed:
-                bot.ledger.record_crash((), str(status))
             if process.active_token is not None and bot.active == (
                 instance.index,
                 process.active_token,
             ):
                 await release_for(self._redis, self._keys, bot.config.id, str(instance.index))
         released = 0
+        consumer = instance.bot.consumer
+        visibility_ms = int(consumer.visibility_timeout * 1000) if consumer else self._visibility_ms
         for stream in await stream_keys(self._redis, self._keys):
             released += await release_pending(
-                self._redis, stream, group, instance.name, self._visibility_ms + 1000
+                self._redis, stream, group, instance.name, visibility_ms + 1000
             )
         if released and bot is not None:
             live = [

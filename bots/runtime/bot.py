@@ -18,6 +18,8 @@ from bus.lease import Lease
 from bus.supervision import EXIT_LEASE_LOST, RuntimeSpec, Status, StatusLine
 
 log = structlog.get_logger("bots.runtime")
+#: Seconds after which a bot that has not subscribed counts as ready (it only publishes).
+READY_GRACE = 1.0
 BotMain = Callable[[BusClient], Coroutine[Any, Any, None]]
 
 
@@ -54,6 +56,7 @@ async def _read_commands(already: bytes, bus: BusClient, stop: asyncio.Event) ->
     stdin = open(0, "rb", 0, closefd=False)  # noqa: SIM115, ASYNC230
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
     while line := await reader.readline():
+        log.debug("command from the manager", command=line.strip().decode(errors="replace"))
         match line.strip():
             case b"reclaim":
                 bus.reclaim_now()
@@ -93,9 +96,11 @@ async def _serve(
         await asyncio.wait({bot, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not bot.done():
             log.info("stopping: in-flight events get the stop timeout", timeout=spec.stop_timeout)
+            deadline = asyncio.get_running_loop().time() + spec.stop_timeout
             await bus.stop(timeout=spec.stop_timeout)
+            left = max(0.1, deadline - asyncio.get_running_loop().time())
             try:
-                await asyncio.wait_for(asyncio.shield(bot), spec.stop_timeout)
+                await asyncio.wait_for(asyncio.shield(bot), left)
             except TimeoutError:
                 log.warning("the bot's main did not return after the bus stopped; cancelling it")
                 bot.cancel()
@@ -124,14 +129,19 @@ async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
 
 
 async def _report_ready(bus: BusClient, status: StatusChannel) -> None:
-    """Say ``ready`` once the bot's consumer reads (the bot called ``bus.run()``)."""
-    while True:
-        try:
-            await bus.wait_ready(timeout=3600)
-        except TimeoutError:
-            continue
-        status.send(StatusLine(Status.READY))
-        return
+    """Say ``ready`` once the bot's consumer reads (the bot called ``bus.run()``), or once
+    its main has run for :data:`READY_GRACE` without subscribing (a bot that only publishes).
+    """
+    try:
+        await bus.wait_ready(timeout=READY_GRACE)
+    except TimeoutError:
+        while bus.subscriptions:  # it subscribed: ready when its consumer reads
+            try:
+                await bus.wait_ready(timeout=3600)
+                break
+            except TimeoutError:
+                continue
+    status.send(StatusLine(Status.READY))
 
 
 async def _acquire(lease: Lease, stop: asyncio.Event, status: StatusChannel) -> bool:

@@ -18,12 +18,18 @@ def load_main(entry: str) -> BotMain:
     """Import the module and return its coroutine function; EntryPointError if unusable."""
     module_name, _, name = entry.partition(":")
     name = name or "main"
+    if not module_name:
+        raise EntryPointError(f"{entry!r} is not an entry point: write 'package.module:function'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise EntryPointError(
             f"cannot import {module_name!r} for entry point {entry!r}: {exc}; check the bot's "
             "`entry` and that the module is installed where the manager runs"
+        ) from exc
+    except Exception as exc:  # a SyntaxError or a module that raises on import
+        raise EntryPointError(
+            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}; fix the bot's code"
         ) from exc
     function = getattr(module, name, None)
     if function is None or not inspect.iscoroutinefunction(function):

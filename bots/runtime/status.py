@@ -15,6 +15,8 @@ from bus.supervision import Status, StatusLine
 log = structlog.get_logger("bots.runtime")
 #: Unsent status bytes kept while the manager does not read; past this, in-flight lines drop.
 MAX_BUFFER = 1 << 20
+#: Entry ids per in-flight line (a batch handler's events span several short lines).
+IDS_PER_LINE = 200
 
 
 class StatusChannel:
@@ -31,6 +33,7 @@ class StatusChannel:
         self._buffer = bytearray()
         self._flush_scheduled = False
         self._overflowed = False
+        self._head_partial = False
         #: Set when the manager closed its end: it is gone, and the bot should stop.
         self.closed = asyncio.Event()
         if fd is not None:
@@ -61,24 +64,36 @@ class StatusChannel:
             self._buffer.clear()
             self.closed.set()
             return
+        if written:
+            # Whether the pipe holds the start of a line whose rest is still buffered.
+            self._head_partial = self._buffer[written - 1 : written] != b"\n"
         del self._buffer[:written]
         if len(self._buffer) > MAX_BUFFER:
             if not self._overflowed:
                 log.warning("the manager reads no status; dropping in-flight reports")
                 self._overflowed = True
-            self._buffer.clear()
+            # Keep the rest of a line the pipe took only part of, so lines stay whole.
+            end = self._buffer.find(b"\n") + 1 if self._head_partial else 0
+            del self._buffer[end:]
+        elif not self._buffer:
+            self._overflowed = False
 
     # -- HandlerObserver -----------------------------------------------------------------
 
     def started(self, events: Sequence[Event]) -> None:
         """Report the entries a handler starts on, before it runs."""
         for stream, ids in _by_stream(events).items():
-            self.send(StatusLine(Status.STARTED, stream, tuple(ids)))
+            for start in range(0, len(ids), IDS_PER_LINE):
+                self.send(
+                    StatusLine(Status.STARTED, stream, tuple(ids[start : start + IDS_PER_LINE]))
+                )
 
     def finished(self, events: Sequence[Event]) -> None:
         """Report the entries a handler is done with (written with the next flush)."""
         for stream, ids in _by_stream(events).items():
-            self.send(StatusLine(Status.FINISHED, stream, tuple(ids)), now=False)
+            for start in range(0, len(ids), IDS_PER_LINE):
+                chunk = tuple(ids[start : start + IDS_PER_LINE])
+                self.send(StatusLine(Status.FINISHED, stream, chunk), now=False)
 
     async def heartbeats(self, interval: float) -> None:
         """Send a heartbeat every ``interval`` seconds from this event loop, until cancelled."""

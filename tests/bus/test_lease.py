@@ -233,11 +233,6 @@ class TestHolder:
         """Missing, empty or malformed values parse to None."""
         assert parse_holder(value) is None
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="parse_holder checks str.isdigit(), which accepts digits int() refuses "
-        "(superscripts), so it raises ValueError instead of returning None",
-    )
     def test_parse_holder_non_ascii_digit_is_none(self) -> None:
         """A token of digits int() cannot read is malformed too: None, not an exception."""
         assert parse_holder("0 ²") is None

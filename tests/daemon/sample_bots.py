@@ -118,3 +118,8 @@ async def slowpoke(bus: BusClient) -> None:
 
     bus.subscribe("test.slow", slow)
     await bus.run()
+
+
+async def idle(bus: BusClient) -> None:
+    """Never reads: its declared group only fills up."""
+    await asyncio.Event().wait()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from bus import EventType
+from bus import BusClient, BusSettings, EventType
 from bus.keys import Keys
 from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import bot_toml, events
@@ -103,4 +103,46 @@ class TestRedisUser:
             assert answer.startswith("denied: NoPermissionError"), (name, answer)
         assert await redis.get("other:bot:x:secret") == "s3cret"
         assert await redis.ping()  # SHUTDOWN was refused
+        assert await manager.terminate() == 0
+
+
+class TestLag:
+    async def test_lagging_group_asks_for_balance_once_per_crossing(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys, redis_url: str
+    ) -> None:
+        """A group past lag_threshold: one load.balance_required, not one per check."""
+        manager = await manager_factory(
+            bot_toml(
+                "lazy",
+                "tests.daemon.sample_bots:idle",
+                stop_timeout=1,
+                subscriptions=[{"pattern": "test.#"}],
+            ),
+            extra='[coordinator.memory]\nbudget = "64MiB"\n',
+        )
+        async with BusClient("tester", settings=BusSettings(redis_url=redis_url)) as bus:
+            for _ in range(8):
+                await bus.publish("test.work", {})
+
+            async def asked() -> bool:
+                return bool(await events(redis, keys, EventType.LOAD_BALANCE_REQUIRED))
+
+            await wait_until(asked, 10, "load.balance_required for the lazy group")
+            for _ in range(8):
+                await bus.publish("test.work", {})
+
+            async def lag_seen(at_least: int) -> bool:
+                groups = (await manager.status())["groups"]
+                return any(g["group"] == "bot-group-lazy" and g["lag"] >= at_least for g in groups)
+
+            await wait_until(lambda: lag_seen(16), 10, "the lag of 16 in status")
+            found = await events(redis, keys, EventType.LOAD_BALANCE_REQUIRED)
+            assert len(found) == 1
+            assert found[0].data["group"] == "bot-group-lazy"
+            assert found[0].data["bot_id"] == "lazy"
+            assert found[0].data["lag"] >= 5
+        # The 64 MiB budget is below what the manager alone uses: one pressure event.
+        pressure = await events(redis, keys, EventType.MEMORY_PRESSURE)
+        assert [e.data["raised"] for e in pressure] == [True]
+        assert pressure[0].data["budget_bytes"] == 64 * 1024 * 1024
         assert await manager.terminate() == 0

@@ -8,11 +8,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from bus import EventType
+from bus import BusClient, BusSettings, EventType
 from bus.keys import Keys
 from manager.config import DEFAULT_CONFIG_PATH
 from tests.daemon.conftest import ManagerFactory
@@ -67,6 +68,16 @@ class TestDefaults:
             # The data is kept: the Redis AOF and the PostgreSQL cluster.
             assert (data / "redis" / "appendonlydir").is_dir()
             assert (data / "postgres" / "pgdata" / "PG_VERSION").is_file()
+            # A restarted manager finds its data again: the events of the first run are there.
+            await manager.start()
+            status = await manager.status()
+            assert {b["id"] for b in status["bots"]} == {"greeter", "matcher", "shared-users"}
+            password = (data / "redis" / "password").read_text().strip()
+            url = f"unix://:{password}@{data / 'redis' / 'redis.sock'}?db=0"
+            async with Redis.from_url(url, decode_responses=True) as redis:
+                shutdowns = await events(redis, Keys(), EventType.SYSTEM_SHUTDOWN)
+            assert len(shutdowns) == 1  # published by the first run
+            assert await manager.terminate() == 0
         finally:
             await manager.kill()
 
@@ -238,3 +249,40 @@ class TestBadConfig:
         fine = multibot("config", "check", "--config", str(DEFAULT_CONFIG_PATH))
         assert fine.returncode == 0
         assert "greeter×1, matcher×2, shared-users×2" in fine.stdout
+
+
+@pytest.mark.redis
+class TestNothingLost:
+    async def test_unfinished_event_is_handled_after_the_next_start(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys, redis_url: str
+    ) -> None:
+        """A handler cut off by the stop timeout: its event stays pending, handled next run."""
+        manager = await manager_factory(
+            bot_toml(
+                "slow",
+                "tests.daemon.sample_bots:slowpoke",
+                stop_timeout=0.5,
+                subscriptions=[{"pattern": "test.#"}],
+            )
+        )
+        await manager.pid("slow")
+        async with BusClient("tester", settings=BusSettings(redis_url=redis_url)) as bus:
+            event_id = await bus.publish("test.slow", {"sleep": 2.0})
+
+        async def taken() -> bool:
+            info: Any = await redis.xpending(keys.stream("bot"), "bot-group-slow")
+            return bool(info["pending"])
+
+        await wait_until(taken, 10, "the slow event to be taken")
+        assert await manager.terminate() == 0
+        info: Any = await redis.xpending(keys.stream("bot"), "bot-group-slow")
+        assert info["pending"] == 1  # cut off, not acked, not lost
+        await manager.start()
+        handled = keys.bot_state("slow", "handled")
+
+        async def done() -> bool:
+            items: Any = await redis.lrange(handled, 0, -1)
+            return [i.partition(":")[2] for i in items] == [event_id]
+
+        await wait_until(done, 20, "the event handled after the restart")
+        assert await manager.terminate() == 0

@@ -92,11 +92,6 @@ class TestLoading:
         assert settings.namespace == "multibot"
         assert settings.redis_url is None
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="an unset data_dir stays Path('data'), relative to the cwd, though the README "
-        "documents its default as `data` relative to the file",
-    )
     def test_default_data_dir_is_next_to_the_file(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

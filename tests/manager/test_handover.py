@@ -105,13 +105,13 @@ class TestCrashLedger:
         assert ledger.counts == {B: 1}
         assert ledger.exits == {B: ["exit 1"]}
 
-    def test_crash_with_nothing_in_flight_clears(self) -> None:
-        """A crash with no entry in flight resets every count."""
+    def test_crash_with_nothing_in_flight_keeps_counts(self) -> None:
+        """A crash with no entry in flight (another replica's, say) changes no count."""
         ledger = CrashLedger(threshold=3)
         ledger.record_crash([A], "exit 1")
         assert ledger.record_crash([], "exit 1") == []
-        assert ledger.counts == {}
-        assert ledger.exits == {}
+        assert ledger.counts == {A: 1}
+        assert ledger.exits == {A: ["exit 1"]}
 
 
 @pytest.mark.redis
