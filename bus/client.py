@@ -24,7 +24,7 @@ from bus.replay import replay
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
 from bus.settings import BreakerSettings, BusSettings, RetrySettings
-from bus.subscription import AnyHandler, Subscription, build_subscription
+from bus.subscription import Allowed, AnyHandler, Subscription, build_subscription
 
 log = structlog.get_logger("bus.client")
 H = TypeVar("H", bound=AnyHandler)
@@ -36,7 +36,8 @@ class BusClient:
     ``bot_id`` names the bot (its consumer group is ``bot-group-<bot_id>``); ``instance``
     names this process among the bot's replicas and must be stable across restarts so a
     restarted process finds the entries it had taken. ``observer`` is told when handlers
-    start and end (the bot runtime uses it to report the entries in flight).
+    start and end (the bot runtime uses it to report the entries in flight). ``allowed``
+    limits what reaches any handler to what the bot's config declares.
 
     Use as an async context manager, or call :meth:`connect` and :meth:`close`::
 
@@ -57,9 +58,11 @@ class BusClient:
         schemas: SchemaRegistry | None = None,
         redis: Redis | None = None,
         observer: HandlerObserver | None = None,
+        allowed: Allowed | None = None,
     ) -> None:
         self.bot_id = bot_id
         self._observer = observer
+        self._allowed = allowed
         self.instance = instance
         self.settings = settings or BusSettings()
         self.schemas = schemas or SchemaRegistry(strict=self.settings.strict_schemas)
@@ -277,6 +280,7 @@ class BusClient:
             dlq=self.dlq,
             ready=self._ready,
             observer=self._observer,
+            allowed=self._allowed,
         )
         try:
             await self._consumer.run()

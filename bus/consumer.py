@@ -30,7 +30,7 @@ from bus.keys import Keys, consumer_name, group_name
 from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
 from bus.schemas import SchemaRegistry
 from bus.settings import ConsumerSettings
-from bus.subscription import Subscription
+from bus.subscription import Allowed, Subscription
 from bus.wire import TARGET_FIELD, decode
 
 log = structlog.get_logger("bus.consumer")
@@ -66,7 +66,9 @@ class Consumer:
         dlq: DeadLetters,
         ready: asyncio.Event | None = None,
         observer: HandlerObserver | None = None,
+        allowed: Allowed | None = None,
     ) -> None:
+        self._allowed = allowed
         self.group = group_name(bot_id)
         self.name = consumer_name(bot_id, instance)
         self._redis = redis
@@ -284,10 +286,11 @@ class Consumer:
             self._put(None, delivery, f"{DeadLetterReason.MALFORMED}:{exc.reason}")
             return
         try:
+            allowed = self._allowed is None or self._allowed.allows(event)
             matched = [
                 sub
                 for sub in self._by_stream.get(stream, ())
-                if (not only_handler or sub.name == only_handler) and sub.accepts(event)
+                if allowed and (not only_handler or sub.name == only_handler) and sub.accepts(event)
             ]
         except Exception as exc:  # a callable where= raised
             delivery = self._track(stream, entry_id, fields, event, 1)

@@ -105,3 +105,25 @@ def build_subscription(
         batch_wait=batch_wait,
         idempotent_ttl=idempotent_ttl,
     )
+
+
+class Allowed:
+    """What the operator declared a bot receives: (pattern, conditions) pairs from its config.
+
+    An event outside all of them is acked without reaching any handler, whatever the bot's
+    code subscribed to; so an operator narrows a bot (``where = {lang = "en"}``) without
+    touching its code.
+    """
+
+    def __init__(self, declared: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+        self._rules = [(Pattern(pattern), compile_where(where)) for pattern, where in declared]
+
+    def allows(self, event: Event) -> bool:
+        """Whether some declared subscription matches the event's type and data."""
+        return any(
+            pattern.matches(event.type) and (where is None or where(event.data))
+            for pattern, where in self._rules
+        )
+
+    def __repr__(self) -> str:
+        return f"<Allowed {[p.text for p, _ in self._rules]}>"

@@ -47,6 +47,10 @@ class RuntimeSpec(BaseModel):
     log_level: str = "info"
     log_json: bool = True
     manager_pid: int | None = Field(None, description="exit if this process is gone")
+    subscriptions: list[tuple[str, dict[str, Any]]] = Field(
+        default_factory=list,
+        description="declared (pattern, conditions): only such events reach the handlers",
+    )
 
 
 class Status(enum.StrEnum):

@@ -79,7 +79,9 @@ class RestartPolicy(_Model):
 
 
 class SubscriptionConfig(_Model):
-    """A subscription declared for a bot: its group is created on these streams at start."""
+    """A subscription declared for a bot: its group is created on these streams at start,
+    and once a bot declares any, only events matching one (pattern and conditions) reach
+    its handlers."""
 
     pattern: str = Field(description="type pattern, e.g. 'user.message.*'")
     where: dict[str, Any] = Field(default_factory=dict, description="conditions on data")

@@ -210,6 +210,7 @@ class Manager:
             stop_timeout=bot.stop_timeout,
             lease_ttl=self.settings.supervisor.lease_ttl if bot.standby else None,
             log_level=self.settings.log_level,
+            subscriptions=[(sub.pattern, sub.where) for sub in bot.subscriptions],
         )
         environment = {
             k: v

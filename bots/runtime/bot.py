@@ -15,6 +15,7 @@ import structlog
 from bots.runtime.status import StatusChannel
 from bus import BusClient
 from bus.lease import Lease
+from bus.subscription import Allowed
 from bus.supervision import EXIT_LEASE_LOST, RuntimeSpec, Status, StatusLine
 
 log = structlog.get_logger("bots.runtime")
@@ -35,7 +36,10 @@ async def run_bot(spec: RuntimeSpec, bot_main: BotMain, *, commands: bytes | Non
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    bus = BusClient(spec.bot_id, settings=spec.bus, instance=spec.instance, observer=status)
+    allowed = Allowed(spec.subscriptions) if spec.subscriptions else None
+    bus = BusClient(
+        spec.bot_id, settings=spec.bus, instance=spec.instance, observer=status, allowed=allowed
+    )
     async with bus, asyncio.TaskGroup() as tg:
         background = [tg.create_task(status.heartbeats(spec.heartbeat_interval))]
         if commands is not None:

@@ -50,13 +50,19 @@ async def test_shared_user_roles_and_load_offers(
             return any(e.source == "greeter" and e.correlation_id == asked for e in sent)
 
         await wait_until(answered_by_primary, 20, "the primary to answer the handed-over message")
-        await bus.publish(EventType.LOAD_BALANCE_REQUIRED, {"reason": "test", "bot_id": "greeter"})
+        balance = await bus.publish(
+            EventType.LOAD_BALANCE_REQUIRED, {"reason": "test", "bot_id": "greeter"}
+        )
+
+        async def offers() -> set[str]:
+            found = await events(redis, keys, "multibot.load.offer")
+            return {e.source for e in found if e.causation_id == balance}
 
         async def offered() -> bool:
-            return bool(await events(redis, keys, "multibot.load.offer"))
+            return bool(await offers())
 
-        await wait_until(offered, 20, "matcher to offer help")
-        assert {e.source for e in await events(redis, keys, "multibot.load.offer")} == {"matcher"}
+        await wait_until(offered, 20, "an offer of help for greeter")
+        assert await offers() == {"matcher"}  # greeter does not offer help to itself
     # Their state lives under their own keys, which only they may touch.
     assert await redis.get(keys.bot_state("matcher", "role", "u1")) == "greeter"
     assert await manager.terminate() == 0
