@@ -40,6 +40,7 @@ from manager.redis_acl import (
     generate_password,
 )
 from manager.sd_notify import NOTIFY_ENV_KEYS, Notifier
+from manager.service_watch import keep_running
 from manager.services import Services, start_services
 from manager.supervisor import Supervisor
 
@@ -141,6 +142,10 @@ class Manager:
                     tg.create_task(self._notifier.watchdog_loop()),
                     tg.create_task(self._announce_ready(supervisor)),
                 ]
+                if services.redis is not None:
+                    restarted = self._redis_restarted
+                    watch = keep_running("redis", services.redis, on_restart=restarted)
+                    helpers.append(tg.create_task(watch))
                 await self._shutdown.wait()
                 await self._stop(announcer, supervisor, supervising)
                 for task in helpers:
@@ -174,6 +179,10 @@ class Manager:
         started = time.time() - self._started_at
         log.info("manager ready", startup_s=round(started, 2), bots=len(supervisor.bots))
         self._notifier.ready(f"{len(supervisor.bots)} bots running")
+
+    async def _redis_restarted(self) -> None:
+        """The embedded Redis came back: its ACL users (kept in memory only) and groups."""
+        await self._prepare_bots(self.settings.bots)
 
     # -- bots ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from bus import BusClient, BusSettings, EventType
 from bus.keys import Keys
 from manager.config import DEFAULT_CONFIG_PATH
 from tests.daemon.conftest import ManagerFactory
-from tests.daemon.manager_process import REPO, ManagerProcess, bot_toml, events, gone
+from tests.daemon.manager_process import FAST, REPO, ManagerProcess, bot_toml, events, gone
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.slow]
@@ -286,3 +287,68 @@ class TestNothingLost:
 
         await wait_until(done, 20, "the event handled after the restart")
         assert await manager.terminate() == 0
+
+
+class TestEmbeddedRedis:
+    async def test_killed_embedded_redis_comes_back_and_bots_go_on(self, tmp_path: Path) -> None:
+        """SIGKILL the embedded redis-server: restarted on its AOF, bots' users back, bots work."""
+        config = 'data_dir = "data"\npostgres_dsn = "postgresql://unused@127.0.0.1:1/x"\n'
+        config += FAST + bot_toml(
+            "worker", "tests.daemon.sample_bots:poisoned", subscriptions=[{"pattern": "test.#"}]
+        )
+        manager = ManagerProcess(tmp_path, config)
+        try:
+            await manager.start()
+            data = manager.data_dir
+            password = (data / "redis" / "password").read_text().strip()
+            url = f"unix://:{password}@{data / 'redis' / 'redis.sock'}?db=0"
+            handled = Keys().bot_state("worker", "handled")
+            async with BusClient("tester", settings=BusSettings(redis_url=url)) as bus:
+                first = await bus.publish("test.ok", {})
+                await wait_until(lambda: _handled(bus, handled, first), 10, "the first event")
+                redis_pid = next(p for p in _children(manager) if _name(p) == "redis-server")
+                os.kill(redis_pid, signal.SIGKILL)
+
+                async def back() -> bool:
+                    pids = [p for p in _children(manager) if _name(p) == "redis-server"]
+                    return bool(pids) and pids[0] != redis_pid
+
+                await wait_until(back, 20, "the embedded redis-server to be restarted")
+                second = await bus.publish("test.ok", {})
+                await wait_until(lambda: _handled(bus, handled, second), 20, "an event after it")
+                items: Any = await bus.redis.lrange(handled, 0, -1)
+                assert first in items  # the AOF kept what was there
+            assert await manager.terminate() == 0
+        finally:
+            await manager.kill()
+
+
+async def _handled(bus: BusClient, key: str, event_id: str) -> bool:
+    items: Any = await bus.redis.lrange(key, 0, -1)
+    return event_id in items
+
+
+def _name(pid: int) -> str:
+    import psutil
+
+    try:
+        return str(psutil.Process(pid).name())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+class TestManagerKilled:
+    async def test_children_die_with_a_killed_manager(self, tmp_path: Path) -> None:
+        """kill -9 the manager: its bots and embedded redis-server go too, no orphans."""
+        config = 'data_dir = "data"\npostgres_dsn = "postgresql://unused@127.0.0.1:1/x"\n'
+        manager = ManagerProcess(
+            tmp_path, config + FAST + bot_toml("a", "tests.daemon.sample_bots:steady", replicas=2)
+        )
+        try:
+            await manager.start()
+            children = _children(manager)
+            assert len(children) >= 3  # two bots and redis-server
+            await manager.kill()
+            await wait_until(lambda: gone(children), 10, "every child of the killed manager")
+        finally:
+            await manager.kill()
