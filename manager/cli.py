@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from manager.bench.command import bench
+from manager.bench.command import bench, bench_manager
 from manager.cli_common import configure_logging
 from manager.cli_dlq import dlq
 from manager.cli_events import events
@@ -37,6 +37,7 @@ main.add_command(events)
 main.add_command(dlq)
 main.add_command(demo)
 main.add_command(bench)
+main.add_command(bench_manager)
 
 if __name__ == "__main__":
     main(prog_name="multibot")

@@ -164,3 +164,48 @@ async def _run(options: BenchOptions) -> BenchReport:
 
 if __name__ == "__main__":
     bench()
+
+
+@click.command("bench-manager")
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Kills of a bot instance (a different one each round, up to 3, so each restart "
+    "waits the first backoff step) and of an active replica.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of text.")
+def bench_manager(rounds: int, as_json: bool) -> None:
+    """Measure the manager on the default config: start to READY, memory, restart, failover.
+
+    Runs `multibot start` as a real process in a temporary data directory (embedded Redis
+    and PostgreSQL, the example bots) and kills bots with SIGKILL to time their recovery.
+    """
+    from manager.bench.manager_bench import run_manager_bench  # noqa: PLC0415 - only here
+
+    echo = (lambda _: None) if as_json else click.echo
+    try:
+        result = uvloop.run(run_manager_bench(rounds, echo))
+    except ManagerError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    mib = 1024 * 1024
+    click.echo(
+        f"start to READY: {result['ready_first_start_s']}s first (initdb), "
+        f"{result['ready_second_start_s']}s on existing data"
+    )
+    click.echo(
+        f"idle RSS: manager {result['manager_rss_bytes'] / mib:.1f} MiB, one bot "
+        f"{result['bot_rss_bytes_median'] / mib:.1f} MiB (median of {result['bots']}), "
+        f"Redis used_memory {result['redis_used_memory_bytes'] / mib:.1f} MiB"
+    )
+    for key, what in (
+        ("restart_s", "kill -9 of a bot to its new process running"),
+        ("failover_s", "kill -9 of the active replica to the standby active"),
+    ):
+        r = result[key]
+        click.echo(f"{what}: median {r['median']}s (min {r['min']}, max {r['max']})")
+    click.echo(f"SIGTERM to exit: {result['stop_s']}s")

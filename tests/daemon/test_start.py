@@ -24,12 +24,14 @@ from tests.support import wait_until
 pytestmark = [pytest.mark.slow]
 
 
-def multibot(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def multibot(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a real process."""
     return subprocess.run(
         [sys.executable, "-m", "manager.cli", *args],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})},
-        timeout=60, check=False,
+        timeout=timeout, check=False,
     )  # fmt: skip
 
 
