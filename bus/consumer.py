@@ -3,8 +3,9 @@
 It drains its own pending entries first (a restarted bot finishes what it had taken), then
 reads new ones, hands each to the worker its ordering key hashes to (same key, same
 worker, so per-key order holds while different keys run concurrently), acks in batches
-once every matching handler is done, reclaims entries idle on dead consumers, dead-letters
-poison and malformed entries, and recreates its group if Redis lost it.
+once every matching handler is done, dead-letters poison and malformed entries, and
+recreates its group if Redis lost it. Its ``Reclaimer`` (``bus.reclaim``) keeps its
+long-running entries its own and hands it entries idle on dead consumers.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
 from bus.handling import Delivery, HandlerObserver, Runner
 from bus.keys import Keys, consumer_name, group_name
+from bus.reclaim import Entry, Reclaimer
 from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
 from bus.schemas import SchemaRegistry
 from bus.settings import ConsumerSettings
@@ -34,7 +36,6 @@ from bus.subscription import Allowed, Subscription
 from bus.wire import TARGET_FIELD, decode
 
 log = structlog.get_logger("bus.consumer")
-Entry = tuple[str, Mapping[str, str] | None]
 WorkItem = tuple[Subscription | None, Delivery, str]
 
 
@@ -113,7 +114,19 @@ class Consumer:
         self._ready = ready or asyncio.Event()
         self._reader_id: int | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._reclaim_wakeup = asyncio.Event()
+        self._reclaimer = Reclaimer(
+            redis=redis,
+            group=self.group,
+            consumer=self.name,
+            streams=self.streams,
+            settings=settings,
+            inflight=self._inflight,
+            space=self._space,
+            stats=self.stats,
+            log=self._log,
+            take=self._take_pending,
+            with_redis=self._with_redis,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -144,7 +157,7 @@ class Consumer:
                 background = [tg.create_task(self._work(q)) for q in self._queues]
                 background += [tg.create_task(b.run()) for b in self._batchers.values()]
                 background.append(tg.create_task(self._ack_loop()))
-                background.append(tg.create_task(self._reclaim_loop()))
+                background.append(tg.create_task(self._reclaimer.run()))
                 reader = self._reader_task = tg.create_task(self._read_loop(reader_conn))
                 await self._stopping.wait()
                 await self._stop_reader(reader)
@@ -382,43 +395,7 @@ class Consumer:
 
     def reclaim_now(self) -> None:
         """Look for idle entries now instead of at the next tick (a replica just died)."""
-        self._reclaim_wakeup.set()
-
-    async def _reclaim_loop(self) -> None:
-        interval = max(0.2, self._settings.visibility_timeout / 4)
-        while True:
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self._reclaim_wakeup.wait(), interval)
-            self._reclaim_wakeup.clear()
-            await self._with_redis(self._reclaim)
-
-    async def _reclaim(self) -> None:
-        """Keep our long-running entries ours, and take over entries idle on others."""
-        visibility_ms = int(self._settings.visibility_timeout * 1000)
-        now = time.monotonic()
-        for stream in self.streams:
-            ours = [
-                d.entry_id
-                for (s, _), d in self._inflight.items()
-                if s == stream and now - d.taken_at > self._settings.visibility_timeout / 4
-            ]
-            if ours:
-                ids: list[Any] = list(ours)
-                await self._redis.xclaim(stream, self.group, self.name, 0, ids, justid=True)
-            start = "0-0"
-            while True:
-                await self._space.wait()
-                response = await self._redis.xautoclaim(
-                    stream, self.group, self.name, visibility_ms, start,
-                    count=self._settings.read_count,
-                )  # fmt: skip
-                start, entries = response[0], response[1]
-                if entries:
-                    self.stats["reclaimed"] += len(entries)
-                    self._log.warning("reclaimed idle entries", stream=stream, count=len(entries))
-                    await self._take_pending(stream, entries)
-                if start in ("0-0", b"0-0"):
-                    break
+        self._reclaimer.wake()
 
     # -- resilience ----------------------------------------------------------------------
 

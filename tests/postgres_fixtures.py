@@ -24,7 +24,8 @@ from typing import Protocol
 import psutil
 import pytest
 
-from manager.postgres_server import PostgresBinaries, PostgresServer
+from manager.postgres_binaries import PostgresBinaries
+from manager.postgres_server import PostgresServer
 
 _CHUNK = 64 * 1024
 

@@ -23,14 +23,14 @@ from structlog.testing import capture_logs
 
 from manager.child_process import OsUser, child_setup, die_with_parent
 from manager.errors import EmbeddedServiceError, ManagerError
-from manager.postgres_server import (
+from manager.postgres_binaries import (
     PostgresBinaries,
-    PostgresServer,
     bundled_postgres,
     choose_postgres,
     find_postgres,
     system_postgres,
 )
+from manager.postgres_server import PostgresServer
 from tests.postgres_fixtures import PostgresFactory, copy_cluster, gone
 from tests.support import wait_until
 

@@ -174,7 +174,6 @@ class TestContract:
             ("ProtectSystem", "strict"),
             ("Restart", "on-failure"),
             ("StateDirectory", "multibot"),
-            ("Environment", "MULTIBOT_DATA_DIR=%S/multibot"),
             ("ExecStart", f"{PRODUCTION_MULTIBOT} start --config /etc/multibot/multibot.toml"),
             ("ExecReload", "/bin/kill -HUP $MAINPID"),
             ("CapabilityBoundingSet", ""),
