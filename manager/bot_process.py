@@ -64,6 +64,8 @@ class BotProcess:
         self.standby = False
         #: Its fencing token once it took the lease.
         self.active_token: int | None = None
+        #: The last error it logged (event and error text), for the reason of a failure.
+        self.last_error: str | None = None
         #: Entries its handlers are running on: (stream, entry id) → handlers running.
         self.inflight: Counter[tuple[str, str]] = Counter()
 
@@ -210,6 +212,9 @@ class BotProcess:
                 extra = {f"bot_{k}" if k in _RESERVED else k: v for k, v in fields.items()}
                 for key in _DROPPED_FIELDS:
                     extra.pop(key, None)
+                if level in ("error", "critical"):
+                    detail = fields.get("error")
+                    self.last_error = f"{fields['event']}: {detail}" if detail else fields["event"]
                 log_at = getattr(self._log, level if level in _LEVELS else "info")
                 log_at(fields["event"], source="bot", **extra)
                 return

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, RedisError
 
 from bus import BusClient, BusSettings, EventType
 from bus.connection import connect, redact
@@ -31,6 +32,7 @@ from manager.announcer import Announcer
 from manager.config import BotConfig, ConfigError, ManagerSettings, load_config
 from manager.control import CommandError, ControlServer
 from manager.coordinator import Coordinator
+from manager.errors import ManagerError
 from manager.redis_acl import (
     bot_redis_url,
     bot_username,
@@ -111,6 +113,7 @@ class Manager:
     async def _run_with(self, services: Services) -> None:
         bus_settings = BusSettings.model_validate(self.settings.bus_settings(services.redis_url))
         self._admin = connect(bus_settings, client_name="multibot-manager")
+        await self._check_redis(self._admin, services.redis_url)
         self._bus = BusClient("manager", settings=bus_settings)
         await self._bus.connect()
         announcer = Announcer(self._bus)
@@ -179,6 +182,23 @@ class Manager:
         started = time.time() - self._started_at
         log.info("manager ready", startup_s=round(started, 2), bots=len(supervisor.bots))
         self._notifier.ready(f"{len(supervisor.bots)} bots running")
+
+    async def _check_redis(self, redis: Redis, url: str) -> None:
+        """Fail the start with a clear error when Redis cannot be used."""
+        try:
+            await redis.ping()
+        except AuthenticationError as exc:
+            await redis.aclose()
+            raise ManagerError(
+                f"Redis at {redact(url)} refused the credentials ({exc}): put the right user "
+                "and password in redis_url (or MULTIBOT_REDIS_URL)"
+            ) from None
+        except (RedisError, OSError) as exc:
+            await redis.aclose()
+            raise ManagerError(
+                f"cannot reach Redis at {redact(url)} ({exc}): start it, fix redis_url (or "
+                "MULTIBOT_REDIS_URL), or leave it unset to run an embedded redis-server"
+            ) from None
 
     async def _redis_restarted(self) -> None:
         """The embedded Redis came back: its ACL users (kept in memory only) and groups."""

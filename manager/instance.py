@@ -127,7 +127,11 @@ class Instance:
                 self._restart_now = False
                 self.tracker.reset()
                 continue
-            await self._after(self.tracker.on_exit(status, now=time.monotonic(), ran_for=ran_for))
+            decision = self.tracker.on_exit(status, now=time.monotonic(), ran_for=ran_for)
+            if decision.failed and process.last_error:
+                reason = f"{decision.reason} (its last error: {process.last_error})"
+                decision = Decision(False, failed=True, reason=reason)
+            await self._after(decision)
         self.state = InstanceState.STOPPED
 
     async def _after(self, decision: Decision) -> None:

@@ -242,6 +242,19 @@ class TestBadConfig:
         assert checked.returncode == 1
         assert checked.stderr == started.stderr
 
+    def test_unreachable_redis_is_a_clear_error(self, tmp_path: Path) -> None:
+        """A configured Redis that does not answer: exit 1, saying what to do, no traceback."""
+        config = tmp_path / "m.toml"
+        config.write_text(
+            'redis_url = "redis://127.0.0.1:1/0"\npostgres_dsn = "postgresql://x@127.0.0.1:1/x"\n'
+            + bot_toml("a", "bots.chatbot:main")
+        )
+        started = multibot("start", "--config", str(config))
+        assert started.returncode == 1
+        assert "cannot reach Redis at redis://127.0.0.1:1/0" in started.stderr
+        assert "Traceback" not in started.stderr
+        assert not (tmp_path / "data" / "manager.sock").exists()
+
     def test_environment_overrides_and_is_named(self, tmp_path: Path) -> None:
         """MULTIBOT_* variables override the file; a bad one is named in the error."""
         env = {"MULTIBOT_COORDINATOR__LAG_THRESHOLD": "many"}

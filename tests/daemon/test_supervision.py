@@ -220,3 +220,29 @@ class TestHandover:
 
 async def _streams(redis: Redis, keys: Keys) -> list[str]:
     return [k async for k in redis.scan_iter(match=keys.stream_prefix() + "*", _type="stream")]
+
+
+class TestCannotStart:
+    async def test_missing_module_fails_at_once_and_says_why(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """An entry point that does not import: failed without restarts, error published."""
+        manager = await manager_factory(
+            bot_toml("typo", "tests.daemon.no_such_module:main") + bot_toml("fine", STEADY)
+        )
+
+        async def failed() -> bool:
+            return bool((await manager.instances("typo"))[0]["state"] == "failed")
+
+        await wait_until(failed, 20, "the bot that cannot start to be failed")
+        assert (await manager.instances("typo"))[0]["restarts"] == 0
+        assert (await manager.instances("fine"))[0]["state"] == "running"
+
+        async def reported() -> bool:
+            return bool(await events(redis, keys, EventType.BOT_ERROR))
+
+        await wait_until(reported, 10, "bot.lifecycle.error")
+        error = (await events(redis, keys, EventType.BOT_ERROR))[0]
+        assert error.data["error_type"] == "start_failure"
+        assert "cannot import 'tests.daemon.no_such_module'" in error.data["error"]
+        assert await manager.terminate() == 0
