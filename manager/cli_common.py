@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -60,16 +61,42 @@ def bus_options(fn: F) -> F:
     return click.option(
         "--redis-url",
         envvar="MULTIBOT_REDIS_URL",
-        default=DEFAULT_REDIS_URL,
-        show_default=True,
+        default=None,
         show_envvar=True,
         metavar="URL",
-        help="Redis of the bus: redis://[:password@]host:port/db, rediss:// (TLS) or unix://.",
+        help="Redis of the bus: redis://[:password@]host:port/db, rediss:// (TLS) or unix://. "
+        "[default: the Redis of the manager running on this machine's config, asked through "
+        f"its control socket; else {DEFAULT_REDIS_URL}]",
     )(fn)
 
 
-def bus_settings(redis_url: str, namespace: str) -> BusSettings:
-    """Settings from the common options; a bad value is a usage error naming the option."""
+def running_manager_redis() -> str | None:
+    """The Redis URL of the manager running with this machine's config, or None.
+
+    The config is ``MULTIBOT_CONFIG`` or the checkout's default; the manager answers on its
+    control socket, which only its user (or root) may open.
+    """
+    from manager.config import ConfigError, config_path, load_config  # noqa: PLC0415
+    from manager.control import ControlError, call, control_path  # noqa: PLC0415
+
+    try:
+        settings = load_config(config_path(None, os.environ))
+        socket_path = control_path(settings.data_dir)
+        if not socket_path.exists():
+            return None
+        found = uvloop.run(call(socket_path, "connection", timeout=2.0))
+    except (ConfigError, ControlError):
+        return None
+    url = found.get("redis_url") if isinstance(found, dict) else None
+    return url if isinstance(url, str) else None
+
+
+def bus_settings(redis_url: str | None, namespace: str) -> BusSettings:
+    """Settings from the common options; a bad value is a usage error naming the option.
+
+    Without a URL: the running manager's Redis if there is one, else the default.
+    """
+    redis_url = redis_url or running_manager_redis() or DEFAULT_REDIS_URL
     try:
         return BusSettings(redis_url=redis_url, namespace=namespace)
     except ValidationError as exc:

@@ -59,7 +59,9 @@ def _not_found(ids: Sequence[str]) -> click.ClickException:
 @click.option("--after", metavar="ID", callback=check_entry_id, help="Start after this id.")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as a JSON array.")
 @bus_options
-def list_(*, count: int, after: str | None, as_json: bool, redis_url: str, namespace: str) -> None:
+def list_(
+    *, count: int, after: str | None, as_json: bool, redis_url: str | None, namespace: str
+) -> None:
     """List dead letters, oldest first."""
     settings = bus_settings(redis_url, namespace)
     letters = run(settings, _list(settings, count + 1, after or "-"))
@@ -97,7 +99,7 @@ async def _list(settings: BusSettings, count: int, after: str) -> list[DeadLette
 @click.argument("dlq_id", metavar="ID", callback=check_entry_id)
 @click.option("--json", "as_json", is_flag=True, help="Print it as a JSON object.")
 @bus_options
-def show(*, dlq_id: str, as_json: bool, redis_url: str, namespace: str) -> None:
+def show(*, dlq_id: str, as_json: bool, redis_url: str | None, namespace: str) -> None:
     """Show one dead letter: why it failed, the traceback and the original entry."""
     settings = bus_settings(redis_url, namespace)
     letter = run(settings, _get(settings, dlq_id))
@@ -234,7 +236,9 @@ async def _retry_all(
 @click.option("--all", "all_", is_flag=True, help="Delete every dead letter of the namespace.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting them all.")
 @bus_options
-def purge(*, ids: tuple[str, ...], all_: bool, yes: bool, redis_url: str, namespace: str) -> None:
+def purge(
+    *, ids: tuple[str, ...], all_: bool, yes: bool, redis_url: str | None, namespace: str
+) -> None:
     """Delete dead letters for good (the named ones, or --all after confirmation)."""
     _check_selection(ids, all_, "purge")
     settings = bus_settings(redis_url, namespace)

@@ -80,7 +80,7 @@ def publish(
     source: str,
     correlation_id: str | None,
     as_json: bool,
-    redis_url: str,
+    redis_url: str | None,
     namespace: str,
 ) -> None:
     """Publish one event of type TYPE (like user.message.received) and print its id.
@@ -192,7 +192,7 @@ def tail(
     since: str,
     count: int | None,
     as_json: bool,
-    redis_url: str,
+    redis_url: str | None,
     namespace: str,
 ) -> None:
     """Print events whose type matches PATTERN as they arrive, until Ctrl-C.

@@ -14,8 +14,8 @@ import uvloop
 from rich.console import Console
 
 from manager.config import ConfigError, ManagerSettings, config_path, load_config
-from manager.control import ControlError, call
-from manager.daemon import control_path, run_manager
+from manager.control import ControlError, call, control_path
+from manager.daemon import run_manager
 from manager.errors import ManagerError
 from manager.logs import configure_logging
 from manager.status_view import render_status

@@ -24,6 +24,11 @@ Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 MAX_REQUEST = 64 * 1024
 
 
+def control_path(data_dir: Path) -> Path:
+    """The control socket of the manager using ``data_dir``."""
+    return data_dir / "manager.sock"
+
+
 class ControlError(ManagerError):
     """The manager is not reachable, or refused the command; the message says why."""
 

@@ -30,7 +30,7 @@ from bus.routing import Router
 from bus.supervision import RuntimeSpec
 from manager.announcer import Announcer
 from manager.config import BotConfig, ConfigError, ManagerSettings, load_config
-from manager.control import CommandError, ControlServer
+from manager.control import CommandError, ControlServer, control_path
 from manager.coordinator import Coordinator
 from manager.errors import ManagerError
 from manager.redis_acl import (
@@ -48,11 +48,6 @@ from manager.supervisor import Supervisor
 
 log = structlog.get_logger("manager")
 VERSION = "0.1.0"
-
-
-def control_path(data_dir: Path) -> Path:
-    """The control socket of the manager using ``data_dir``."""
-    return data_dir / "manager.sock"
 
 
 class Manager:
@@ -258,6 +253,7 @@ class Manager:
             "restart": self._cmd_restart,
             "maintenance": self._cmd_maintenance,
             "reload": self._cmd_reload,
+            "connection": self._cmd_connection,
         }
 
     def _on_sighup(self) -> None:
@@ -310,6 +306,17 @@ class Manager:
             "memory": coordinator.get("memory", {}),
             "bots": self._supervisor.status() if self._supervisor else [],
             "groups": coordinator.get("groups", []),
+        }
+
+    async def _cmd_connection(self, _: Mapping[str, Any]) -> dict[str, Any]:
+        """Where the manager's Redis and PostgreSQL are, credentials included (the socket is
+        readable by the manager's user only), so CLI commands need no flags."""
+        if self.services is None:
+            raise CommandError("the manager is still starting its services")
+        return {
+            "redis_url": self.services.redis_url,
+            "postgres_dsn": self.services.postgres_dsn,
+            "namespace": self.settings.namespace,
         }
 
     async def _cmd_stop(self, _: Mapping[str, Any]) -> str:

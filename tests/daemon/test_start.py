@@ -367,3 +367,18 @@ class TestManagerKilled:
             await wait_until(lambda: gone(children), 10, "every child of the killed manager")
         finally:
             await manager.kill()
+
+
+@pytest.mark.redis
+class TestToolsFindTheManager:
+    async def test_events_commands_need_no_redis_url(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """With a manager running, `multibot events publish` finds its Redis by itself."""
+        manager = await manager_factory(bot_toml("a", "tests.daemon.sample_bots:steady"))
+        env = {"MULTIBOT_CONFIG": str(manager.config_path)}
+        done = multibot("events", "publish", "note.added", "--data", '{"n": 1}', env=env)
+        assert done.returncode == 0, done.stderr
+        found = await events(redis, keys, "note.added")
+        assert [e.data for e in found] == [{"n": 1}]
+        assert await manager.terminate() == 0
