@@ -196,7 +196,7 @@ class Coordinator:
         )
         if restart:
             log.warning("restarting a bot over its memory limit", bot_id=bot_id, instance=index)
-            task = asyncio.get_running_loop().create_task(instance.restart())
+            task = asyncio.get_running_loop().create_task(instance.recycle())
             self._restarts.add(task)  # keep a reference until it is done
             task.add_done_callback(self._restarts.discard)
 

@@ -81,6 +81,7 @@ class Instance:
         self.unhealthy = False
         self._retired = False
         self._restart_now = False
+        self._forced = False
         self._hold = False
         self._wakeup = asyncio.Event()
         self._log = log.bind(bot_id=bot.id, instance=index)
@@ -127,7 +128,10 @@ class Instance:
                 self._restart_now = False
                 self.tracker.reset()
                 continue
-            decision = self.tracker.on_exit(status, now=time.monotonic(), ran_for=ran_for)
+            forced, self._forced = self._forced, False
+            decision = self.tracker.on_exit(
+                status, now=time.monotonic(), ran_for=ran_for, forced=forced
+            )
             if decision.failed and process.last_error:
                 reason = f"{decision.reason} (its last error: {process.last_error})"
                 decision = Decision(False, failed=True, reason=reason)
@@ -184,6 +188,14 @@ class Instance:
         else:
             self._restart_now = False
             self._wakeup.set()
+
+    async def recycle(self) -> None:
+        """Replace the process (it went over its memory limit): a graceful stop, then a
+        restart whatever the policy, counted towards the crash loop."""
+        if self.process is not None and not self.process.exited:
+            self._forced = True
+            self.state = InstanceState.STOPPING
+            await self._stop_process(self.bot.stop_timeout + STOP_GRACE)
 
     async def kill_hung(self, grace: float) -> None:
         """A hung process: SIGTERM, ``grace`` seconds, SIGKILL; the policy restarts it."""

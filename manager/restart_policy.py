@@ -69,12 +69,19 @@ class RestartTracker:
         #: Restarts so far (for status).
         self.restarts = 0
 
-    def on_exit(self, status: ExitStatus, *, now: float, ran_for: float) -> Decision:
-        """The decision after the process ended with ``status`` having run ``ran_for`` s."""
+    def on_exit(
+        self, status: ExitStatus, *, now: float, ran_for: float, forced: bool = False
+    ) -> Decision:
+        """The decision after the process ended with ``status`` having run ``ran_for`` s.
+
+        ``forced``: the manager stopped it to replace it (over its memory limit): it is
+        restarted whatever the policy, and counts towards the crash loop like a failure.
+        """
         if status.code == EXIT_CONFIG:
             return Decision(False, failed=True, reason="it cannot start: see its log")
-        if self.policy.policy == "never" or (
-            self.policy.policy == "on-failure" and not status.failed
+        if not forced and (
+            self.policy.policy == "never"
+            or (self.policy.policy == "on-failure" and not status.failed)
         ):
             return Decision(False, reason=f"{status}; restart policy is {self.policy.policy}")
         window = self.policy.crash_loop_window

@@ -146,3 +146,36 @@ class TestLag:
         assert [e.data["raised"] for e in pressure] == [True]
         assert pressure[0].data["budget_bytes"] == 64 * 1024 * 1024
         assert await manager.terminate() == 0
+
+
+class TestMemoryRestart:
+    async def test_bot_past_its_limit_is_replaced_when_policy_says_so(
+        self, manager_factory: ManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """memory_action = "restart": overload says so, the process is replaced, and
+        repeated replacements count as a crash loop (never restarted forever)."""
+        loop = {"backoff_base": 0.05, "backoff_cap": 0.1, "crash_loop_restarts": 2}
+        manager = await manager_factory(
+            bot_toml(
+                "greedy",
+                "tests.daemon.sample_bots:hog",
+                memory_limit="120MiB",
+                memory_action="restart",
+                restart={"policy": "on-failure", **loop},
+                stop_timeout=1,
+            )
+        )
+        first = await manager.pid("greedy")
+
+        async def failed() -> bool:
+            return bool((await manager.instances("greedy"))[0]["state"] == "failed")
+
+        await wait_until(failed, 60, "the always-greedy bot to be given up on")
+        overloads = await events(redis, keys, EventType.BOT_OVERLOAD)
+        assert len(overloads) >= 3
+        assert {e.data["action"] for e in overloads} == {"restart"}
+        stopped = await events(redis, keys, EventType.BOT_STOPPED)
+        assert stopped[0].data["pid"] == first
+        error = (await events(redis, keys, EventType.BOT_ERROR))[0]
+        assert "crash loop" in error.data["error"]
+        assert await manager.terminate() == 0
