@@ -201,7 +201,8 @@ class Coordinator:
             task.add_done_callback(self._restarts.discard)
 
     def status(self) -> dict[str, Any]:
-        """Memory and lag as of the last check, for ``multibot status``."""
+        """Memory and lag as of the last check, for ``multibot status`` (``manager`` there is
+        the manager process and the embedded PostgreSQL; ``redis`` is its ``used_memory``)."""
         memory = self.memory
         return {
             "memory": {

@@ -127,7 +127,7 @@ class Manager:
             router=self._router,
             announcer=announcer,
             supervisor=supervisor,
-            extra_pids=lambda: services.embedded_pids,
+            extra_pids=lambda: services.memory_pids,
         )
         try:
             await self._prepare_bots(self.settings.bots)

@@ -44,9 +44,11 @@ class Services:
     postgres: PostgresServer | None = None
 
     @property
-    def embedded_pids(self) -> list[int]:
-        """Pids of the embedded servers that run now (their memory counts in the budget)."""
-        return [p for p in (s.pid for s in (self.redis, self.postgres) if s) if p]
+    def memory_pids(self) -> list[int]:
+        """Pids whose memory counts in the budget besides the manager, the bots and Redis's
+        ``used_memory``: the embedded PostgreSQL's."""
+        pid = self.postgres.pid if self.postgres is not None else None
+        return [pid] if pid else []
 
     async def stop(self) -> None:
         """Stop the embedded servers: PostgreSQL, then Redis."""
