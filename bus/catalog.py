@@ -37,6 +37,7 @@ class EventType(enum.StrEnum):
     CONFIGURATION_UPDATED = "system.config.updated"
     SYSTEM_SHUTDOWN = "system.shutdown"
     MEMORY_PRESSURE = "system.memory.pressure"
+    GROUP_IDLE = "system.group.idle"
 
 
 class _Schema(BaseModel):
@@ -178,6 +179,16 @@ class MemoryPressure(_Schema):
     redis_bytes: int | None = None
 
 
+class GroupIdle(_Schema):
+    """``system.group.idle``: no consumer of a group read for a long time (a removed bot?)."""
+
+    group: str
+    stream: str
+    idle_seconds: float
+    lag: int | None = None
+    released: bool = Field(description="true: it no longer holds back trimming of the stream")
+
+
 class Shutdown(_Schema):
     """``system.shutdown``: the manager is stopping."""
 
@@ -207,4 +218,5 @@ STANDARD_SCHEMAS: dict[str, type[BaseModel]] = {
     EventType.CONFIGURATION_UPDATED: ConfigUpdated,
     EventType.SYSTEM_SHUTDOWN: Shutdown,
     EventType.MEMORY_PRESSURE: MemoryPressure,
+    EventType.GROUP_IDLE: GroupIdle,
 }

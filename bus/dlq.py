@@ -80,7 +80,8 @@ class DeadLetter:
         }
 
 
-def _parse(entry_id: str, f: Mapping[str, str]) -> DeadLetter:
+def parse_dead_letter(entry_id: str, f: Mapping[str, str]) -> DeadLetter:
+    """A dead letter from its entry in the dead-letter stream."""
     try:
         original = orjson.loads(f.get("entry", "{}"))
     except orjson.JSONDecodeError:
@@ -147,7 +148,7 @@ class DeadLetters:
         """Dead letters oldest first, at most ``count``, starting after entry id ``after``."""
         start = after if after == "-" else f"({after}"
         rows: Any = await self._redis.xrange(self.key, start, "+", count=count)
-        return [_parse(entry_id, fields) for entry_id, fields in rows]
+        return [parse_dead_letter(entry_id, fields) for entry_id, fields in rows]
 
     async def count(self) -> int:
         """How many dead letters there are."""
@@ -161,7 +162,7 @@ class DeadLetters:
                 f"dead letter {dlq_id} not found: it was retried or purged; list them with "
                 "`multibot dlq list`"
             )
-        return _parse(*rows[0])
+        return parse_dead_letter(*rows[0])
 
     async def retry(self, dlq_id: str) -> str:
         """Re-deliver a dead letter to the group that failed it; return the new entry id.

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GROUP_PREFIX = "bot-group-"
+#: The archiver's consumer group on every stream (and the dead-letter stream).
+ARCHIVER_GROUP = "archiver"
+#: Its consumer name: stable, so a restarted manager finds the batch it had taken.
+ARCHIVER_CONSUMER = "archiver-0"
 
 
 def group_name(bot_id: str) -> str:

@@ -16,6 +16,7 @@ import structlog
 
 from bus import BusClient
 from bus.backoff import Backoff
+from bus.connection import raise_swallowed_cancel
 from bus.errors import BusError
 
 log = structlog.get_logger("manager.announcer")
@@ -51,6 +52,7 @@ class Announcer:
         """Publish queued events in order until cancelled."""
         failures = 0
         while True:
+            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
             if not self._queue:
                 self._empty.set()
                 self._wakeup.clear()

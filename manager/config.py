@@ -210,6 +210,25 @@ class CoordinatorSettings(_Model):
     memory: MemorySettings = MemorySettings()
 
 
+class ArchiveSettings(_Model):
+    """PostgreSQL keeps every event for the retention; Redis keeps the hot window."""
+
+    batch_size: int = Field(1000, ge=1, le=100_000, description="events per insert")
+    batch_wait: float = Field(0.2, gt=0, description="seconds a partial batch waits")
+    retention_days: int = Field(7, ge=1, description="days of events kept in PostgreSQL")
+    partitions_ahead: int = Field(3, ge=1, description="daily partitions created in advance")
+    hot_window: float = Field(
+        3600.0, ge=0, description="seconds of events kept in Redis after they are archived"
+    )
+    trim_interval: float = Field(10.0, gt=0, description="seconds between stream trims")
+    idle_group_after: float = Field(
+        3600.0, gt=0, description="a group whose consumers are all idle this long is reported"
+    )
+    idle_groups: Literal["pin", "release"] = Field(
+        "pin", description="pin: an idle group still holds the trim; release: it stops holding"
+    )
+
+
 class ApiSettings(_Model):
     """Where the manager listens for HTTP."""
 
@@ -235,6 +254,7 @@ class ManagerSettings(BaseSettings):
     bus: BusOptions = BusOptions()
     supervisor: SupervisorSettings = SupervisorSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
+    archive: ArchiveSettings = ArchiveSettings()
     api: ApiSettings = ApiSettings()
     bots: list[BotConfig] = Field(default_factory=list)
 

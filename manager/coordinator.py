@@ -19,7 +19,8 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import EventType
-from bus.keys import GROUP_PREFIX, Keys, group_name
+from bus.connection import raise_swallowed_cancel
+from bus.keys import ARCHIVER_GROUP, GROUP_PREFIX, Keys, group_name
 from bus.patterns import Pattern
 from bus.redis_errors import UNAVAILABLE, is_busygroup
 from bus.routing import Router
@@ -100,6 +101,7 @@ class Coordinator:
     async def run(self) -> None:
         """Watch lag and memory every interval until cancelled; errors are logged, not fatal."""
         while True:
+            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
             try:
                 await self.check()
             except UNAVAILABLE as exc:
@@ -119,8 +121,8 @@ class Coordinator:
         await self._supervisor.clean_consumers()
 
     def _check_lag(self, lag: GroupLag) -> None:
-        if lag.lag is None:
-            return
+        if lag.lag is None or lag.group == ARCHIVER_GROUP:
+            return  # the archive's lag is the archiver's to report, not the bots' to share
         crossing = self._lag.update((lag.stream, lag.group), lag.lag)
         if crossing is None:
             return

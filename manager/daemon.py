@@ -24,11 +24,14 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError
 
 from bus import BusClient, BusSettings, EventType
+from bus.archive.errors import SchemaTooNewError
 from bus.connection import connect, redact
 from bus.keys import Keys
 from bus.routing import Router
 from bus.supervision import RuntimeSpec
 from manager.announcer import Announcer
+from manager.archive_link import ArchiveLink
+from manager.archiver import Archiver
 from manager.config import BotConfig, ConfigError, ManagerSettings, load_config
 from manager.control import CommandError, ControlServer, control_path
 from manager.coordinator import Coordinator
@@ -41,10 +44,12 @@ from manager.redis_acl import (
     ensure_bot_user,
     generate_password,
 )
+from manager.retention import run_retention
 from manager.sd_notify import NOTIFY_ENV_KEYS, Notifier
 from manager.service_watch import keep_running
 from manager.services import Services, start_services
 from manager.supervisor import Supervisor
+from manager.trimmer import Trimmer
 
 log = structlog.get_logger("manager")
 VERSION = "0.1.0"
@@ -76,6 +81,7 @@ class Manager:
         self._bus: BusClient | None = None
         self._supervisor: Supervisor | None = None
         self._coordinator: Coordinator | None = None
+        self._archiver: Archiver | None = None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -129,7 +135,17 @@ class Manager:
             supervisor=supervisor,
             extra_pids=lambda: services.memory_pids,
         )
+        assert services.postgres_dsn is not None
+        archive = ArchiveLink(services.postgres_dsn, self._keys)
+        self._archiver = archiver = Archiver(
+            self._admin, self._keys, self.settings.archive, archive.get
+        )
+        trimmer = Trimmer(self._admin, self._keys, self.settings.archive, announcer)
         try:
+            try:
+                await archive.try_at_start()
+            except SchemaTooNewError as exc:
+                raise ManagerError(str(exc)) from None
             await self._prepare_bots(self.settings.bots)
             coordinator.configure(self.settings.bots)
             async with asyncio.TaskGroup() as tg:
@@ -139,6 +155,9 @@ class Manager:
                     tg.create_task(coordinator.run()),
                     tg.create_task(self._notifier.watchdog_loop()),
                     tg.create_task(self._announce_ready(supervisor)),
+                    tg.create_task(archiver.run()),
+                    tg.create_task(trimmer.run()),
+                    tg.create_task(run_retention(archive.get, self.settings.archive)),
                 ]
                 if services.redis is not None:
                     restarted = self._redis_restarted
@@ -151,6 +170,7 @@ class Manager:
                 await announcer.flush(5.0)
                 publishing.cancel()
         finally:
+            await archive.close()
             await self._bus.close()
             await self._admin.aclose()
 
@@ -304,6 +324,7 @@ class Manager:
                 "ready": self._ready,
             },
             "memory": coordinator.get("memory", {}),
+            "archive": self._archiver.status() if self._archiver else None,
             "bots": self._supervisor.status() if self._supervisor else [],
             "groups": coordinator.get("groups", []),
         }

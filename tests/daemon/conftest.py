@@ -12,10 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from bus.keys import Keys
+from manager.postgres_server import PostgresServer
 from tests.daemon.manager_process import FAST, ManagerProcess
-
-#: PostgreSQL is not used by the supervision tests; a DSN keeps the manager from starting one.
-UNUSED_DSN = "postgresql://unused@127.0.0.1:1/unused"
 
 
 class ManagerFactory(Protocol):
@@ -27,14 +25,20 @@ class ManagerFactory(Protocol):
 
 
 @pytest.fixture
-async def manager_factory(tmp_path: Path, redis_url: str) -> AsyncIterator[ManagerFactory]:
-    """Managers as real subprocesses; each is SIGKILLed at teardown if still running."""
+async def manager_factory(
+    tmp_path: Path, redis_url: str, postgres_server: PostgresServer
+) -> AsyncIterator[ManagerFactory]:
+    """Managers as real subprocesses on the test's Redis and PostgreSQL (its archive);
+    each is SIGKILLed at teardown if still running."""
     started: list[ManagerProcess] = []
 
     async def start(bots: str, *, extra: str = "", wait_ready: bool = True) -> ManagerProcess:
         work = tmp_path / f"manager-{len(started)}"
         work.mkdir()
-        header = f'data_dir = "data"\nredis_url = "{redis_url}"\npostgres_dsn = "{UNUSED_DSN}"\n'
+        header = (
+            f'data_dir = "data"\nredis_url = "{redis_url}"\n'
+            f'postgres_dsn = "{postgres_server.dsn}"\n'
+        )
         manager = ManagerProcess(work, header + extra + FAST + bots)
         started.append(manager)
         await manager.start(wait_ready=wait_ready)

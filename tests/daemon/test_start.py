@@ -186,7 +186,8 @@ class TestNotify:
         sock.setblocking(False)
         messages: list[str] = []
         config = (
-            f'data_dir = "data"\nredis_url = "{redis_url}"\npostgres_dsn = "postgresql://x@h/d"\n'
+            f'data_dir = "data"\nredis_url = "{redis_url}"\n'
+            'postgres_dsn = "postgresql://x@127.0.0.1:1/d"\n'
             + bot_toml("a", "tests.daemon.sample_bots:steady")
         )
         manager = ManagerProcess(

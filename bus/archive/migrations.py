@@ -1,0 +1,150 @@
+"""Versioned schema migrations of the archive database, applied in order, each once.
+
+A migration is never edited once released: change the schema by appending a new one. The
+database records what it has in ``schema_version``; a database newer than this code is
+refused rather than touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import asyncpg  # type: ignore[import-untyped]  # ships no type hints
+import structlog
+
+from bus.archive.errors import SchemaTooNewError
+
+log = structlog.get_logger("bus.archive")
+
+
+class Migration(NamedTuple):
+    """One schema change."""
+
+    version: int
+    description: str
+    sql: str
+
+
+_V1 = """
+-- Every event, one partition per UTC day of created_at (the publisher's time), named
+-- events_YYYYMMDD and created by the store; no default partition, so an event for a day
+-- without one fails loudly instead of landing somewhere retention never drops.
+-- stream is the stream NAME (user), not its Redis key; entry_ms/entry_seq are its entry id.
+-- type is COLLATE "C" so a left-anchored prefix range on it can use the index.
+CREATE TABLE events (
+    id             text        NOT NULL,
+    type           text        COLLATE "C" NOT NULL,
+    source         text        NOT NULL,
+    data           jsonb       NOT NULL,
+    correlation_id text,
+    causation_id   text,
+    version        integer     NOT NULL,
+    key            text,
+    created_at     timestamptz NOT NULL,
+    stored_at      timestamptz NOT NULL DEFAULT now(),
+    stream         text        NOT NULL,
+    entry_ms       bigint      NOT NULL,
+    entry_seq      bigint      NOT NULL,
+    PRIMARY KEY (id, created_at)
+) PARTITION BY RANGE (created_at);
+CREATE INDEX events_type_created_at ON events (type, created_at);
+CREATE INDEX events_source_created_at ON events (source, created_at);
+CREATE INDEX events_correlation_id ON events (correlation_id);
+CREATE INDEX events_stream_entry ON events (stream, entry_ms, entry_seq);
+-- Keyset paging of queries in (created_at, id) order.
+CREATE INDEX events_created_at_id ON events (created_at, id);
+
+-- A copy of each dead-letter entry; id is its entry id in the DLQ stream. stream and
+-- entry_id are the DLQ entry's fields as written (the origin stream's KEY); entry holds the
+-- original entry's fields.
+CREATE TABLE dead_letters (
+    id         text        PRIMARY KEY,
+    event_id   text        NOT NULL,
+    type       text        NOT NULL,
+    reason     text        NOT NULL,
+    error      text        NOT NULL,
+    traceback  text        NOT NULL,
+    attempts   integer     NOT NULL,
+    group_name text        NOT NULL,
+    consumer   text        NOT NULL,
+    handler    text        NOT NULL,
+    stream     text        NOT NULL,
+    entry_id   text        NOT NULL,
+    failed_at  timestamptz,
+    entry      jsonb       NOT NULL,
+    stored_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- What each bot subscribes to: a type pattern and bus.conditions.Where conditions.
+CREATE TABLE event_subscriptions (
+    subscriber text        NOT NULL,
+    pattern    text        NOT NULL,
+    conditions jsonb       NOT NULL DEFAULT '{}',
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (subscriber, pattern)
+);
+
+-- The highest entry id archived per stream NAME (trimming stays below it).
+CREATE TABLE archive_state (
+    stream        text        PRIMARY KEY,
+    last_entry_id text        NOT NULL,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+#: Every migration, in version order. Append only.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "events by day, dead letters, subscriptions, archive state", _V1),
+)
+#: The newest schema version this code knows.
+LATEST_VERSION = MIGRATIONS[-1].version
+
+#: Advisory lock key held (per transaction) while migrating: 'mbmig' in ASCII.
+MIGRATION_LOCK = 0x6D_62_6D_69_67
+
+# $1: the lock key (bigint). Returns nothing; waits until no other transaction holds it.
+_LOCK = "SELECT pg_advisory_xact_lock($1)"
+# No parameters. Returns nothing.
+_CREATE_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     integer     PRIMARY KEY,
+    description text        NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+# No parameters. Returns the newest applied version, 0 for an empty database.
+_CURRENT = "SELECT coalesce(max(version), 0) FROM schema_version"
+# $1: version (int), $2: description (text). Returns nothing.
+_RECORD = "INSERT INTO schema_version (version, description) VALUES ($1, $2)"
+
+
+async def migrate(db: Any) -> tuple[int, int]:
+    """Bring the schema up to :data:`LATEST_VERSION`; return (version before, version after).
+
+    ``db`` is an asyncpg connection or pool. Each missing migration runs in its own
+    transaction holding an advisory lock, so managers starting at once apply each version
+    exactly once (the others wait, then find it applied). Running it again is a no-op. A
+    database newer than this code raises :class:`SchemaTooNewError` and is left untouched.
+    """
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn:
+            return await _migrate(conn)
+    return await _migrate(db)
+
+
+async def _migrate(conn: Any) -> tuple[int, int]:
+    before: int | None = None
+    while True:
+        async with conn.transaction():
+            await conn.execute(_LOCK, MIGRATION_LOCK)
+            await conn.execute(_CREATE_VERSION_TABLE)
+            current = int(await conn.fetchval(_CURRENT))
+            before = current if before is None else before
+            if current > LATEST_VERSION:
+                raise SchemaTooNewError(current, LATEST_VERSION)
+            step = next((m for m in MIGRATIONS if m.version > current), None)
+            if step is None:
+                return before, current
+            await conn.execute(step.sql)
+            await conn.execute(_RECORD, step.version, step.description)
+        log.info("archive schema migrated", version=step.version, description=step.description)

@@ -1,0 +1,184 @@
+"""Events and dead letters as archive rows and back; entry ids and paging cursors.
+
+PostgreSQL text and jsonb cannot hold the NUL character, which Redis strings and JSON
+(``\\u0000``) can: one such event would fail its whole batch again and again, so NUL is
+stored as U+FFFD (with a warning) rather than blocking the archive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import structlog
+
+from bus.archive.errors import CursorError
+from bus.dlq import DeadLetter
+from bus.event import Event
+from bus.keys import Keys
+from bus.wire import encode_data
+
+log = structlog.get_logger("bus.archive")
+
+#: Columns the archiver writes, in the order of :func:`event_record`.
+EVENT_COLUMNS = (
+    "id", "type", "source", "data", "correlation_id", "causation_id",
+    "version", "key", "created_at", "stream", "entry_ms", "entry_seq",
+)  # fmt: skip
+#: The select list every read uses; :func:`row_event` reads these names.
+SELECT_COLUMNS = ", ".join(EVENT_COLUMNS)
+#: Columns of ``dead_letters`` written by :func:`dead_letter_record`, in its order.
+DEAD_LETTER_COLUMNS = (
+    "id", "event_id", "type", "reason", "error", "traceback", "attempts", "group_name",
+    "consumer", "handler", "stream", "entry_id", "failed_at", "entry",
+)  # fmt: skip
+_BIGINT_MAX = 2**63 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_NUL = "\x00"
+_REPLACEMENT = "\ufffd"
+
+
+def _text(value: str) -> str:
+    return value.replace(_NUL, _REPLACEMENT) if _NUL in value else value
+
+
+def _opt_text(value: str | None) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, Mapping):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def json_text(value: Mapping[str, Any], what: str) -> str:
+    """Compact JSON for a jsonb column (asyncpg takes jsonb as text), NUL replaced."""
+    raw = encode_data(value)
+    if b"\\u0000" in raw:  # rare: only then walk the value (may also be an escaped backslash)
+        cleaned = encode_data(_without_nul(value))
+        if cleaned != raw:
+            log.warning("NUL characters stored as U+FFFD: jsonb cannot hold them", what=what)
+            raw = cleaned
+    return raw.decode()
+
+
+def split_entry_id(entry_id: str) -> tuple[int, int]:
+    """``"<ms>-<seq>"`` as two integers; ValueError for anything else."""
+    ms, sep, seq = entry_id.partition("-")
+    if not sep or not ms.isdigit() or not seq.isdigit():
+        raise ValueError(f"{entry_id!r} is not a stream entry id like '1700000000000-0'")
+    parts = int(ms), int(seq)
+    if max(parts) > _BIGINT_MAX:
+        raise ValueError(f"entry id {entry_id!r} is beyond what the archive stores (2^63-1)")
+    return parts
+
+
+def entry_bound(entry_id: str, *, upper: bool) -> tuple[int, int]:
+    """An entry id used as an exclusive bound; parts beyond 2^63-1 are capped.
+
+    ``ms`` alone excludes that whole millisecond: it reads as ``ms-<max>`` for a lower
+    bound (after it) and ``ms-0`` for an upper bound (before it).
+    """
+    ms, sep, seq = entry_id.partition("-")
+    if not ms.isdigit() or (sep and not seq.isdigit()):
+        raise ValueError(f"{entry_id!r} is not a stream entry id like '1700000000000-0'")
+    seq_value = int(seq) if sep else (0 if upper else _BIGINT_MAX)
+    return min(int(ms), _BIGINT_MAX), min(seq_value, _BIGINT_MAX)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A timestamp with a zone: naive ones are taken as UTC, as the wire format reads them."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def event_record(event: Event, stream_name: str) -> tuple[Any, ...]:
+    """The row of an event read from Redis, in :data:`EVENT_COLUMNS` order."""
+    if event.entry_id is None:
+        raise ValueError(
+            f"{event!r} has no entry id: the archive stores events read from a stream; "
+            "publish it first"
+        )
+    ms, seq = split_entry_id(event.entry_id)
+    return (
+        _text(event.id),
+        event.type,
+        _text(event.source),
+        json_text(event.data, f"event {event.id} data"),
+        _opt_text(event.correlation_id),
+        _opt_text(event.causation_id),
+        event.version,
+        _opt_text(event.key),
+        as_utc(event.timestamp),
+        _text(stream_name),
+        ms,
+        seq,
+    )
+
+
+def row_event(row: Mapping[str, Any], keys: Keys) -> Event:
+    """The event of a row selected with :data:`SELECT_COLUMNS`, as it was read from Redis."""
+    return Event(
+        type=row["type"],
+        data=orjson.loads(row["data"]),
+        source=row["source"],
+        id=row["id"],
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        timestamp=row["created_at"],
+        version=row["version"],
+        key=row["key"],
+        stream=keys.stream(row["stream"]),
+        entry_id=f"{row['entry_ms']}-{row['entry_seq']}",
+    )
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def dead_letter_record(letter: DeadLetter) -> tuple[Any, ...]:
+    """The row of a dead letter, in :data:`DEAD_LETTER_COLUMNS` order."""
+    head = (letter.id, letter.event_id, letter.type, letter.reason, letter.error, letter.traceback)
+    tail = (letter.group, letter.consumer, letter.handler, letter.stream, letter.entry_id)
+    return (
+        *map(_text, head),
+        letter.attempts,
+        *map(_text, tail),
+        _parse_time(letter.failed_at),
+        json_text(dict(letter.fields), f"dead letter {letter.id} entry"),
+    )
+
+
+def encode_cursor(created_at: datetime, event_id: str) -> str:
+    """An opaque cursor for "after this (created_at, id)"."""
+    micros = (created_at - _EPOCH) // _MICROSECOND
+    return base64.urlsafe_b64encode(f"{micros}/{event_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) a cursor stands for; :class:`CursorError` if it is not one."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        micros, sep, event_id = text.partition("/")
+        if not sep or not event_id:
+            raise ValueError(text)
+        return _EPOCH + int(micros) * _MICROSECOND, event_id
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
+        raise CursorError(
+            f"{cursor!r} is not a cursor returned by query(): pass the one the previous page "
+            "returned, or none for the first page"
+        ) from None

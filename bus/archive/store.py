@@ -1,0 +1,385 @@
+"""The event archive in PostgreSQL: idempotent batch writes, day partitions, queries, replay.
+
+Streams are stored by NAME (``user``), not by Redis key: the store turns the keys of the
+events it is given into names with :meth:`bus.keys.Keys.stream_name` and gives the keys back
+(:meth:`bus.keys.Keys.stream`) on the events it returns, so they read as they did from Redis.
+Methods taking a stream accept either form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import date, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]  # ships no type hints
+import structlog
+
+from bus.archive import partitions
+from bus.archive.errors import describe_dsn, unavailable_on_failure
+from bus.archive.migrations import migrate
+from bus.archive.queries import ENTRY_ORDER, TIME_ORDER, EventSelect
+from bus.archive.rows import (
+    DEAD_LETTER_COLUMNS,
+    EVENT_COLUMNS,
+    SELECT_COLUMNS,
+    dead_letter_record,
+    decode_cursor,
+    encode_cursor,
+    event_record,
+    row_event,
+)
+from bus.archive.subscriptions import load_subscriptions, replace_subscriptions
+from bus.conditions import Where
+from bus.dlq import DeadLetter
+from bus.event import Event
+from bus.keys import Keys
+
+log = structlog.get_logger("bus.archive")
+
+_CLOSE_GRACE = 10.0  # seconds close() waits for borrowed connections before terminating
+_COLUMNS = ", ".join(EVENT_COLUMNS)
+_CREATED_AT, _ENTRY_MS, _ENTRY_SEQ = map(
+    EVENT_COLUMNS.index, ("created_at", "entry_ms", "entry_seq")
+)
+
+# No parameters; returns nothing. The batch's staging table, private to the connection and
+# emptied at each commit (kept, not re-created, so batches cause no catalog churn).
+_CREATE_INCOMING = """
+CREATE TEMP TABLE IF NOT EXISTS events_incoming (
+    id text, type text, source text, data jsonb, correlation_id text, causation_id text,
+    version integer, key text, created_at timestamptz, stream text, entry_ms bigint,
+    entry_seq bigint
+) ON COMMIT DELETE ROWS
+"""
+# No parameters. Returns the status "INSERT 0 <rows newly stored>"; an event already
+# stored (same id and created_at) is skipped, so archiving a batch twice stores it once.
+_INSERT_EVENTS = f"""
+INSERT INTO events ({_COLUMNS}) SELECT {_COLUMNS} FROM events_incoming ON CONFLICT DO NOTHING
+"""
+# $1: stream names (text[]), $2: the highest entry id of each in the batch (text[], same
+# order). Returns nothing. A stream's row only moves forward: re-archiving an older batch
+# (a reclaimed one) leaves it alone.
+_ADVANCE_STATE = """
+INSERT INTO archive_state AS s (stream, last_entry_id, updated_at)
+SELECT b.stream, b.last_entry_id, now()
+FROM unnest($1::text[], $2::text[]) AS b(stream, last_entry_id)
+ON CONFLICT (stream) DO UPDATE
+SET last_entry_id = EXCLUDED.last_entry_id, updated_at = EXCLUDED.updated_at
+WHERE (split_part(EXCLUDED.last_entry_id, '-', 1)::numeric,
+       split_part(EXCLUDED.last_entry_id, '-', 2)::numeric)
+    > (split_part(s.last_entry_id, '-', 1)::numeric, split_part(s.last_entry_id, '-', 2)::numeric)
+"""
+# $1: stream name. Returns the last entry id archived from it, or no row.
+_LAST_ARCHIVED = "SELECT last_entry_id FROM archive_state WHERE stream = $1"
+# $1..$14: one array per column of DEAD_LETTER_COLUMNS, in that order, all the same length.
+# Returns the status "INSERT 0 <rows newly stored>"; a dead letter already stored is skipped.
+_INSERT_DEAD_LETTERS = f"""
+INSERT INTO dead_letters ({", ".join(DEAD_LETTER_COLUMNS)})
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::integer[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
+    $13::timestamptz[], $14::text[]::jsonb[])
+ON CONFLICT (id) DO NOTHING
+"""
+# $1: event id. Returns the event's row, or no row.
+_GET = f"SELECT {SELECT_COLUMNS} FROM events WHERE id = $1 ORDER BY created_at LIMIT 1"
+# $1: correlation id, $2: row limit. Returns the root event (id = $1) and every event
+# correlated with it, by created_at.
+_TRACE = f"""
+SELECT {SELECT_COLUMNS} FROM events WHERE correlation_id = $1 OR id = $1
+ORDER BY created_at, id LIMIT $2
+"""
+# No parameters. Returns the number of archived events.
+_COUNT = "SELECT count(*) FROM events"
+# No parameters. Returns the bytes of every partition with its indexes and TOAST.
+_SIZE = """
+SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::bigint
+FROM pg_inherits WHERE inhparent = 'events'::regclass
+"""
+
+
+def _status_count(status: str) -> int:
+    """Rows of a command status like ``INSERT 0 12``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+class ArchiveStore:
+    """Reads and writes the archive over an asyncpg pool.
+
+    Build it with :meth:`connect`; call :meth:`migrate` once at start. Every method raises
+    :class:`~bus.archive.errors.ArchiveUnavailableError` when PostgreSQL cannot be reached.
+    """
+
+    #: Rows a filtered :meth:`query` reads per call before returning a short page.
+    max_scan = 20_000
+
+    def __init__(self, pool: Any, *, keys: Keys | None = None, where: str = "PostgreSQL") -> None:
+        self._pool = pool
+        self._keys = keys or Keys()
+        self._where = where
+        self._days: set[date] = set()  # days known to have a partition
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        keys: Keys | None = None,
+        min_size: int = 1,
+        max_size: int = 4,
+        connect_timeout: float = 10.0,
+    ) -> ArchiveStore:
+        """Open a pool to ``dsn``; ``keys`` maps stream keys to names (default namespace)."""
+        where = describe_dsn(dsn)
+        with unavailable_on_failure(where):
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=connect_timeout,
+                server_settings={"application_name": "multibot-archive"},
+            )
+        return cls(pool, keys=keys, where=where)
+
+    async def close(self) -> None:
+        """Close the pool, waiting a bounded time for connections in use."""
+        try:
+            await asyncio.wait_for(self._pool.close(), _CLOSE_GRACE)
+        except TimeoutError:
+            log.warning("archive pool did not close in time; terminating", where=self._where)
+            self._pool.terminate()
+
+    async def __aenter__(self) -> ArchiveStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        with unavailable_on_failure(self._where):
+            async with self._pool.acquire() as conn:
+                yield conn
+
+    def _name(self, stream: str) -> str:
+        return self._keys.stream_name(stream)
+
+    async def migrate(self) -> tuple[int, int]:
+        """Apply missing schema migrations; return (version before, version after)."""
+        async with self._connection() as conn:
+            return await migrate(conn)
+
+    # -- partitions -----------------------------------------------------------------------
+
+    async def ensure_partitions(self, days: Iterable[date]) -> list[str]:
+        """Create the partitions these days lack; return the names created.
+
+        Days already seen by this store cost nothing (no query)."""
+        missing = set(days) - self._days
+        if not missing:
+            return []
+        async with self._connection() as conn:
+            created = await partitions.create_partitions(conn, missing)
+        self._days |= missing
+        return created
+
+    async def create_partitions_ahead(self, today: date, days: int) -> list[str]:
+        """Ensure partitions for ``today`` and the ``days`` days after it; return those created."""
+        return await self.ensure_partitions(today + timedelta(days=n) for n in range(days + 1))
+
+    async def drop_partitions_before(self, day: date) -> list[str]:
+        """DROP the partitions of every day before ``day``; return their names, oldest first."""
+        async with self._connection() as conn:
+            dropped = await partitions.drop_partitions_before(conn, day)
+        self._days = {d for d in self._days if d >= day}
+        return dropped
+
+    async def partitions(self) -> list[date]:
+        """The days that have a partition, oldest first."""
+        async with self._connection() as conn:
+            return sorted(await partitions.existing_days(conn))
+
+    # -- writing --------------------------------------------------------------------------
+
+    async def insert_events(self, events: Sequence[Event]) -> int:
+        """Archive events read from Redis in one transaction; return how many were new.
+
+        Each event needs ``stream`` (its key) and ``entry_id``. Events already archived are
+        skipped, so a batch may be retried freely. ``archive_state`` moves to the highest
+        entry id of each stream in the same transaction.
+        """
+        if not events:
+            return 0
+        records: list[tuple[Any, ...]] = []
+        heads: dict[str, tuple[int, int]] = {}
+        for event in events:
+            if event.stream is None:
+                raise ValueError(f"{event!r} has no stream: archive events read from Redis")
+            name = self._name(event.stream)
+            record = event_record(event, name)
+            records.append(record)
+            position = (record[_ENTRY_MS], record[_ENTRY_SEQ])
+            if position > heads.get(name, (-1, -1)):
+                heads[name] = position
+        days = {partitions.day_of(record[_CREATED_AT]) for record in records}
+        for attempt in (1, 2):
+            await self.ensure_partitions(days)
+            try:
+                return await self._write_events(records, heads)
+            except asyncpg.CheckViolationError:  # no partition for a row: dropped elsewhere
+                if attempt == 2:
+                    raise
+                log.warning("archive partition vanished; re-creating", days=sorted(map(str, days)))
+                self._days -= days
+        raise AssertionError("unreachable")
+
+    async def _write_events(
+        self, records: list[tuple[Any, ...]], heads: Mapping[str, tuple[int, int]]
+    ) -> int:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(_CREATE_INCOMING)
+            await conn.copy_records_to_table(
+                "events_incoming", records=records, columns=EVENT_COLUMNS
+            )
+            inserted = _status_count(await conn.execute(_INSERT_EVENTS))
+            await conn.execute(
+                _ADVANCE_STATE, list(heads), [f"{ms}-{seq}" for ms, seq in heads.values()]
+            )
+        log.debug("events archived", batch=len(records), new=inserted)
+        return inserted
+
+    async def insert_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Archive dead letters; return how many were new (one already stored is skipped)."""
+        if not letters:
+            return 0
+        columns = [list(column) for column in zip(*map(dead_letter_record, letters), strict=True)]
+        async with self._connection() as conn:
+            return _status_count(await conn.execute(_INSERT_DEAD_LETTERS, *columns))
+
+    async def last_archived(self, stream: str) -> str | None:
+        """The highest entry id archived from ``stream`` (name or key), None if none."""
+        async with self._connection() as conn:
+            value = await conn.fetchval(_LAST_ARCHIVED, self._name(stream))
+        return None if value is None else str(value)
+
+    async def upsert_subscriptions(
+        self, subscriber: str, subscriptions: Iterable[tuple[str, Mapping[str, Any] | None]]
+    ) -> int:
+        """Replace ``subscriber``'s stored (pattern, conditions) rows; return how many now.
+
+        Patterns and conditions are checked first (``SubscriptionError``); a repeated
+        pattern keeps its last conditions.
+        """
+        async with self._connection() as conn:
+            return await replace_subscriptions(conn, subscriber, subscriptions)
+
+    async def subscriptions(self, subscriber: str) -> list[tuple[str, dict[str, Any]]]:
+        """``subscriber``'s stored (pattern, conditions), by pattern."""
+        async with self._connection() as conn:
+            return await load_subscriptions(conn, subscriber)
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def query(
+        self,
+        *,
+        types: Sequence[str] = (),
+        source: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        where: Mapping[str, Any] | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[Event], str | None]:
+        """One page of events in (created_at, id) order, and the cursor of the next page.
+
+        ``types`` are patterns (any may match); ``since`` is inclusive, ``until`` exclusive
+        (publisher time; naive means UTC); ``where`` holds :class:`bus.conditions.Where`
+        conditions on data; ``after`` is the cursor the previous page returned. The cursor
+        is None when nothing more matches. With ``where``, a page may hold fewer than
+        ``limit`` events (at most :attr:`max_scan` rows are read per call): keep paging
+        while the cursor is not None.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        matches = Where(where).matches if where else None
+        select = EventSelect().types(types).equals("source", source).time_range(since, until)
+        position = decode_cursor(after) if after is not None else None
+        chunk = limit + 1 if matches is None else max(limit + 1, 500)
+        found: list[Event] = []
+        scanned = 0
+        async with self._connection() as conn:
+            while True:
+                sql, args = select.sql(TIME_ORDER, chunk, position)
+                rows = await conn.fetch(sql, *args)
+                for row in rows:
+                    event = row_event(row, self._keys)
+                    if matches is None or matches(event.data):
+                        if len(found) == limit:  # one more exists: the next page starts here
+                            return found, encode_cursor(found[-1].timestamp, found[-1].id)
+                        found.append(event)
+                    position = (row["created_at"], row["id"])
+                scanned += len(rows)
+                if len(rows) < chunk:
+                    return found, None
+                if scanned >= self.max_scan and position is not None:
+                    return found, encode_cursor(*position)
+
+    async def get(self, event_id: str) -> Event | None:
+        """The archived event with this id, or None."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(_GET, event_id)
+        return None if row is None else row_event(row, self._keys)
+
+    async def trace(self, correlation_id: str, *, limit: int = 10_000) -> list[Event]:
+        """A whole correlation chain: the root event (id = correlation_id) and every event
+        carrying that correlation id, by publisher time."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_TRACE, correlation_id, limit)
+        return [row_event(row, self._keys) for row in rows]
+
+    async def entries(
+        self,
+        stream: str,
+        *,
+        after: str | None = None,
+        before: str | None = None,
+        types: Sequence[str] = (),
+        limit: int = 1000,
+    ) -> list[Event]:
+        """Archived events of a stream (name or key) in entry id order, for replay.
+
+        ``after`` and ``before`` are exclusive entry-id bounds (``ms`` alone excludes that
+        whole millisecond); events come back with ``stream`` (the key) and ``entry_id`` as
+        they were read from Redis.
+        """
+        select = EventSelect().equals("stream", self._name(stream))
+        select.entry_range(after, before).types(types)
+        sql, args = select.sql(ENTRY_ORDER, limit)
+        async with self._connection() as conn:
+            rows = await conn.fetch(sql, *args)
+        return [row_event(row, self._keys) for row in rows]
+
+    async def count(self) -> int:
+        """How many events are archived (counts every row: slow on a large archive)."""
+        async with self._connection() as conn:
+            return int(await conn.fetchval(_COUNT))
+
+    async def size_bytes(self) -> int:
+        """Bytes the event partitions take on disk, indexes and TOAST included."""
+        async with self._connection() as conn:
+            return int(await conn.fetchval(_SIZE))
+
+    def __repr__(self) -> str:
+        return (
+            f"<ArchiveStore {self._where} pool={self._pool.get_size()}/{self._pool.get_max_size()}"
+            f" partitions_known={len(self._days)}>"
+        )

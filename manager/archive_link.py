@@ -1,0 +1,63 @@
+"""The manager's one pool to the archive: opened and migrated on first use, retried after.
+
+PostgreSQL being down must not stop the manager: the archiver keeps events in Redis and
+retries. A schema newer than this code is different: that is refused at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from bus.archive.errors import ArchiveUnavailableError, SchemaTooNewError
+from bus.archive.store import ArchiveStore
+from bus.keys import Keys
+
+log = structlog.get_logger("manager.archive")
+
+
+class ArchiveLink:
+    """Hands out the one :class:`ArchiveStore`; :meth:`get` connects (and migrates) once."""
+
+    def __init__(self, dsn: str, keys: Keys) -> None:
+        self._dsn = dsn
+        self._keys = keys
+        self._store: ArchiveStore | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the pool is open (its connections may still fail)."""
+        return self._store is not None
+
+    async def get(self) -> ArchiveStore:
+        """The store; connects and applies migrations the first time. Raises
+        ArchiveUnavailableError while PostgreSQL is away, SchemaTooNewError if it is newer."""
+        async with self._lock:
+            if self._store is None:
+                store = await ArchiveStore.connect(self._dsn, keys=self._keys)
+                try:
+                    before, after = await store.migrate()
+                except BaseException:
+                    await store.close()
+                    raise
+                if before != after:
+                    log.info("archive schema migrated", from_version=before, to_version=after)
+                self._store = store
+            return self._store
+
+    async def try_at_start(self) -> None:
+        """Connect now if PostgreSQL is there (a newer schema is fatal); else go on."""
+        try:
+            await self.get()
+        except SchemaTooNewError:
+            raise
+        except ArchiveUnavailableError as exc:
+            log.warning("PostgreSQL unavailable at start: events wait in Redis", error=str(exc))
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._store is not None:
+            await self._store.close()
+            self._store = None

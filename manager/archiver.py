@@ -1,0 +1,183 @@
+"""The archiver: every event of every stream into PostgreSQL, exactly once, acked after commit.
+
+It is one more consumer group (``archiver``) on every stream of the namespace and on the
+dead-letter stream, so Redis itself remembers what is archived: an entry leaves the
+group's pending list only after the transaction that stored it committed. Batches are
+bounded by size and by time. While PostgreSQL is away it holds its batch and retries with
+backoff; nothing more is read, so events wait in Redis (and the stream is not trimmed below
+them). A restarted archiver (the same consumer name) re-reads its pending batch first; the
+insert is idempotent on the event id, so nothing is stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+
+from bus.archive.store import ArchiveStore
+from bus.backoff import Backoff
+from bus.connection import raise_swallowed_cancel
+from bus.dlq import DeadLetter, parse_dead_letter
+from bus.errors import WireFormatError
+from bus.event import Event
+from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
+from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
+from bus.wire import decode
+from manager.config import ArchiveSettings
+from manager.lag import stream_keys
+
+log = structlog.get_logger("manager.archiver")
+StoreFactory = Callable[[], Awaitable[ArchiveStore]]
+Entries = list[tuple[str, list[tuple[str, Mapping[str, str]]]]]
+_DISCOVER_EVERY = 5.0  # seconds between looks for new streams
+
+
+class Archiver:
+    """Copies the namespace's streams into the archive store; :meth:`run` until cancelled."""
+
+    def __init__(
+        self, redis: Redis, keys: Keys, settings: ArchiveSettings, store: StoreFactory
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._settings = settings
+        self._store_factory = store
+        self._streams: list[str] = []
+        self._discovered = 0.0
+        self._backoff = Backoff(0.2, 30.0)
+        #: Whether the last write to PostgreSQL worked (for health checks).
+        self.healthy = True
+        #: What went wrong last, while unhealthy.
+        self.last_error: str | None = None
+        #: Events and dead letters stored, batches committed, malformed entries skipped.
+        self.stats: dict[str, int] = {"archived": 0, "dead_letters": 0, "batches": 0, "skipped": 0}
+
+    async def run(self) -> None:
+        """Archive until cancelled."""
+        await self._drain_pending()
+        while True:
+            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
+            await self._discover()
+            entries = await self._read(">")
+            if entries:
+                await self._archive(entries)
+
+    async def _discover(self, force: bool = False) -> None:
+        """Find the namespace's streams (new routes appear) and join each with our group."""
+        now = time.monotonic()
+        if not force and now - self._discovered < _DISCOVER_EVERY and self._streams:
+            return
+        self._discovered = now
+        streams = [*await stream_keys(self._redis, self._keys), self._keys.dead_letters()]
+        for stream in streams:
+            if stream not in self._streams:
+                await self._join(stream)
+        self._streams = streams
+
+    async def _join(self, stream: str) -> None:
+        try:  # from the start: what is in Redis when the archiver first comes is archived
+            await self._redis.xgroup_create(stream, ARCHIVER_GROUP, id="0", mkstream=True)
+        except Exception as exc:
+            if not is_busygroup(exc):
+                raise
+        else:
+            log.info("archiving a new stream", stream=stream)
+
+    async def _read(self, start: str) -> Entries:
+        """One batch: up to batch_size entries, waiting at most batch_wait for the first."""
+        if not self._streams:
+            await self._discover(force=True)
+        try:
+            response: Any = await self._redis.xreadgroup(
+                ARCHIVER_GROUP,
+                ARCHIVER_CONSUMER,
+                dict.fromkeys(self._streams, start),
+                count=self._settings.batch_size,
+                block=None if start == "0" else int(self._settings.batch_wait * 1000),
+            )
+        except Exception as exc:
+            if is_nogroup(exc):  # Redis lost a stream or our group: join again
+                self._streams = []
+                return []
+            if isinstance(exc, UNAVAILABLE):
+                log.warning("redis unavailable; the archiver waits", error=str(exc))
+                await asyncio.sleep(1.0)
+                return []
+            raise
+        return [(stream, list(rows)) for stream, rows in response or [] if rows]
+
+    async def _drain_pending(self) -> None:
+        """Archive what a previous run had read but not acked (its batch in flight)."""
+        await self._discover(force=True)
+        while entries := await self._read("0"):
+            raise_swallowed_cancel()
+            if not any(fields for _, rows in entries for _, fields in rows):
+                # Entries deleted from the stream while pending: nothing left to store.
+                for stream, rows in entries:
+                    await self._redis.xack(stream, ARCHIVER_GROUP, *[i for i, _ in rows])
+                continue
+            await self._archive(entries)
+
+    async def _archive(self, entries: Entries) -> None:
+        events, letters = self._decode(entries)
+        attempt = 0
+        while True:
+            try:
+                store = await self._store_factory()
+                if events:
+                    self.stats["archived"] += await store.insert_events(events)
+                if letters:
+                    self.stats["dead_letters"] += await store.insert_dead_letters(letters)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                attempt += 1
+                if self.healthy:
+                    log.error(
+                        "cannot write to PostgreSQL: events stay in Redis and are retried",
+                        error=str(exc),
+                        batch=len(events) + len(letters),
+                    )
+                self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(self._backoff.delay(attempt))
+                continue
+            break
+        if not self.healthy:
+            log.info("PostgreSQL reachable again: archiving resumed", after_attempts=attempt)
+        self.healthy, self.last_error = True, None
+        self.stats["batches"] += 1
+        for stream, rows in entries:
+            await self._redis.xack(stream, ARCHIVER_GROUP, *[entry_id for entry_id, _ in rows])
+
+    def _decode(self, entries: Entries) -> tuple[list[Event], list[DeadLetter]]:
+        events: list[Event] = []
+        letters: list[DeadLetter] = []
+        dlq = self._keys.dead_letters()
+        for stream, rows in entries:
+            for entry_id, fields in rows:
+                if not fields:
+                    continue  # deleted while pending
+                if stream == dlq:
+                    letters.append(parse_dead_letter(entry_id, fields))
+                    continue
+                try:
+                    events.append(decode(fields, stream, entry_id))
+                except WireFormatError as exc:
+                    # Not an event: consumers dead-letter it, and the dead letter is archived.
+                    self.stats["skipped"] += 1
+                    log.warning("not archiving a malformed entry", stream=stream, entry_id=entry_id,
+                                error=exc.reason)  # fmt: skip
+        return events, letters
+
+    def status(self) -> dict[str, Any]:
+        """Health and counters, for status and /healthz."""
+        return {"healthy": self.healthy, "last_error": self.last_error, **self.stats}
+
+    def __repr__(self) -> str:
+        state = "healthy" if self.healthy else f"failing ({self.last_error})"
+        return f"<Archiver streams={len(self._streams)} {state} archived={self.stats['archived']}>"

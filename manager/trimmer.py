@@ -1,0 +1,163 @@
+"""Trimming the streams to the hot window, never below what is unarchived or unacked.
+
+Each stream is trimmed with ``XTRIM MINID`` to the lowest of:
+
+- the *safe floor*: for every consumer group on the stream (the archiver's included), the
+  oldest entry it has not finished: its oldest pending entry, or the first entry after its
+  last delivered one. Below the floor every group has acked every entry, so the archiver
+  has stored it (the archiver acks only after its transaction committed);
+- the *time cutoff*: entries younger than ``hot_window`` seconds stay.
+
+A stream without the archiver's group yet is not trimmed at all. A group whose consumers
+have all been idle longer than ``idle_group_after`` (a bot removed from the config, say) is
+reported once as ``system.group.idle``; with ``idle_groups = "release"`` it stops holding
+the floor (its bot would find those entries gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+
+from bus import EventType
+from bus.connection import raise_swallowed_cancel
+from bus.keys import ARCHIVER_GROUP, Keys
+from bus.redis_errors import UNAVAILABLE
+from manager.announcer import Announcer
+from manager.config import ArchiveSettings
+from manager.lag import stream_keys
+
+log = structlog.get_logger("manager.trimmer")
+EntryId = tuple[int, int]
+
+
+def parse_id(entry_id: str) -> EntryId:
+    """``"<ms>-<seq>"`` → ``(ms, seq)``."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def format_id(entry_id: EntryId) -> str:
+    """``(ms, seq)`` → ``"<ms>-<seq>"``."""
+    return f"{entry_id[0]}-{entry_id[1]}"
+
+
+def trim_point(floors: list[EntryId], cutoff: EntryId) -> EntryId | None:
+    """The MINID to trim to: the lowest group floor, no higher than the time cutoff.
+
+    None when there is no group to vouch for the entries (nothing may be trimmed).
+    """
+    return min([*floors, cutoff]) if floors else None
+
+
+class Trimmer:
+    """Trims every stream of the namespace every ``trim_interval`` seconds."""
+
+    def __init__(
+        self, redis: Redis, keys: Keys, settings: ArchiveSettings, announcer: Announcer
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._settings = settings
+        self._announcer = announcer
+        self._idle: set[tuple[str, str]] = set()
+        self._unread_since: dict[tuple[str, str], float] = {}
+        #: Entries trimmed so far, per stream key.
+        self.trimmed: dict[str, int] = {}
+
+    async def run(self) -> None:
+        """Trim until cancelled; errors are logged and the next round tries again."""
+        while True:
+            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
+            try:
+                await self.trim_all()
+            except UNAVAILABLE as exc:
+                log.warning("cannot trim: Redis unavailable", error=str(exc))
+            except Exception:
+                log.exception("trimming failed; trying again next round")
+            await asyncio.sleep(self._settings.trim_interval)
+
+    async def trim_all(self, now_ms: int | None = None) -> int:
+        """One round over every stream; entries trimmed."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        cutoff = (max(0, now_ms - int(self._settings.hot_window * 1000)), 0)
+        total = 0
+        for stream in await stream_keys(self._redis, self._keys):
+            total += await self.trim(stream, cutoff)
+        return total
+
+    async def trim(self, stream: str, cutoff: EntryId) -> int:
+        """Trim one stream below its safe floor and the cutoff; entries trimmed."""
+        groups: Any = await self._redis.xinfo_groups(stream)
+        if not any(g["name"] == ARCHIVER_GROUP for g in groups):
+            return 0  # not archived yet: nothing may go
+        info: Any = await self._redis.xinfo_stream(stream)
+        last = parse_id(str(info["last-generated-id"]))
+        floors = []
+        for group in groups:
+            floor = await self._floor(stream, group)
+            if await self._holds(stream, group, lagging=floor <= last):
+                floors.append(floor)
+        point = trim_point(floors, cutoff)
+        if point is None or point <= (0, 1):
+            return 0
+        trimmed: Any = await self._redis.xtrim(stream, minid=format_id(point), approximate=False)
+        if trimmed:
+            self.trimmed[stream] = self.trimmed.get(stream, 0) + int(trimmed)
+            log.debug("stream trimmed", stream=stream, entries=trimmed, minid=format_id(point))
+        return int(trimmed)
+
+    async def _floor(self, stream: str, group: dict[str, Any]) -> EntryId:
+        """The group's oldest unfinished entry: oldest pending, or the first undelivered."""
+        last = parse_id(str(group["last-delivered-id"]))
+        floor = (last[0], last[1] + 1)
+        if int(group["pending"]) > 0:
+            summary: Any = await self._redis.xpending(stream, group["name"])
+            if summary.get("min"):
+                floor = min(floor, parse_id(str(summary["min"])))
+        return floor
+
+    async def _holds(self, stream: str, group: dict[str, Any], *, lagging: bool) -> bool:
+        """Whether this group's floor counts: not an idle group released by policy."""
+        name = str(group["name"])
+        if name == ARCHIVER_GROUP:
+            return True  # never released: it is what makes trimming safe
+        key = (stream, name)
+        consumers: Any = await self._redis.xinfo_consumers(stream, name)
+        if consumers:
+            self._unread_since.pop(key, None)
+            idle_ms = min(int(c["idle"]) for c in consumers)
+        else:  # nobody ever read (or all were deleted): count from when we first saw it
+            since = self._unread_since.setdefault(key, time.monotonic())
+            idle_ms = int((time.monotonic() - since) * 1000)
+        idle = lagging and idle_ms > self._settings.idle_group_after * 1000
+        key = (stream, name)
+        if not idle:
+            self._idle.discard(key)
+            return True
+        release = self._settings.idle_groups == "release"
+        if key not in self._idle:
+            self._idle.add(key)
+            seconds = idle_ms / 1000
+            log.warning(
+                "consumer group idle: its consumers read nothing for a long time",
+                group=name,
+                stream=stream,
+                idle_s=round(seconds, 1),
+                released=release,
+            )
+            self._announcer.announce(
+                EventType.GROUP_IDLE,
+                {
+                    "group": name,
+                    "stream": self._keys.stream_name(stream),
+                    "idle_seconds": round(seconds, 1),
+                    "lag": group.get("lag"),
+                    "released": release,
+                },
+            )
+        return not release
