@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import structlog
 from pydantic import BaseModel
@@ -25,6 +25,9 @@ from bus.routing import Router
 from bus.schemas import SchemaRegistry
 from bus.settings import BreakerSettings, BusSettings, RetrySettings
 from bus.subscription import Allowed, AnyHandler, Subscription, build_subscription
+
+if TYPE_CHECKING:
+    from bus.archive.store import ArchiveStore
 
 log = structlog.get_logger("bus.client")
 H = TypeVar("H", bound=AnyHandler)
@@ -320,10 +323,13 @@ class BusClient:
         patterns: str | Iterable[str],
         since: datetime | str | None = None,
         until: datetime | str | None = None,
+        *,
+        archive: ArchiveStore | None = None,
     ) -> AsyncIterator[Event]:
-        """Events matching ``patterns`` still in Redis, since a stream id or time, in order."""
+        """Events matching ``patterns`` since a stream id or time, in order: those still in
+        Redis, and with ``archive`` also those already trimmed to PostgreSQL."""
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
-        return replay(self.redis, self.keys, self.router, pats, since, until)
+        return replay(self.redis, self.keys, self.router, pats, since, until, store=archive)
 
     def __repr__(self) -> str:
         state = "running" if self._consumer else ("connected" if self._redis else "idle")
