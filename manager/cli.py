@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from manager.bench.command import bench, bench_manager
+from manager.cli_archive import query, trace
 from manager.cli_common import configure_logging
 from manager.cli_dlq import dlq
 from manager.cli_events import events
@@ -33,6 +34,8 @@ def main() -> None:
 
 for command in (start, status, stop, restart, reload, maintenance, config):
     main.add_command(command)
+events.add_command(query)
+events.add_command(trace)
 main.add_command(events)
 main.add_command(dlq)
 main.add_command(demo)

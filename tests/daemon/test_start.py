@@ -382,4 +382,14 @@ class TestToolsFindTheManager:
         assert done.returncode == 0, done.stderr
         found = await events(redis, keys, "note.added")
         assert [e.data for e in found] == [{"n": 1}]
+        trace_id = found[0].id
+
+        async def archived() -> bool:
+            done = await asyncio.to_thread(multibot, "events", "query", "--json", env=env)
+            return done.returncode == 0 and trace_id in done.stdout
+
+        await wait_until(archived, 20, "the event in the archive, queried with no flags")
+        traced = multibot("events", "trace", trace_id, env=env)
+        assert traced.returncode == 0, traced.stderr
+        assert "note.added" in traced.stdout
         assert await manager.terminate() == 0

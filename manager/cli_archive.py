@@ -1,0 +1,187 @@
+"""``multibot events query`` and ``events trace``: the archive in PostgreSQL, from the shell.
+
+Both find the running manager's PostgreSQL through its control socket when no DSN is given,
+so on a server with the default config they need no flags.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+import orjson
+import uvloop
+
+from bus.archive.errors import ArchiveError
+from bus.archive.store import ArchiveStore
+from bus.conditions import Where
+from bus.errors import SubscriptionError
+from bus.event import Event
+from bus.patterns import Pattern
+from manager.cli_events import event_json
+from manager.config import ConfigError, config_path, load_config
+from manager.control import ControlError, call, control_path
+from manager.demo import describe
+
+_DURATION_RE = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def _moment(value: str | None, hint: str) -> datetime | None:
+    """A time from ``--since``/``--until``: ISO 8601 (UTC without an offset) or 30m/2h/7d ago."""
+    if value is None:
+        return None
+    text = value.strip()
+    if duration := _DURATION_RE.match(text):
+        return datetime.now(UTC) - timedelta(**{_UNITS[duration[2]]: int(duration[1])})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: use a time (2026-11-26T22:40:00Z; UTC when no offset) or a duration "
+            "back from now (30s, 10m, 2h, 7d)",
+            param_hint=hint,
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _dsn(given: str | None) -> str:
+    """``--postgres-dsn``, else the running manager's (asked through its control socket)."""
+    if given:
+        return given
+    try:
+        settings = load_config(config_path(None, os.environ))
+        found = uvloop.run(call(control_path(settings.data_dir), "connection", timeout=5))
+    except (ConfigError, ControlError) as exc:
+        raise click.ClickException(
+            f"no archive to read: pass --postgres-dsn (or MULTIBOT_POSTGRES_DSN), or run this "
+            f"where a manager runs ({exc})"
+        ) from None
+    dsn = found.get("postgres_dsn") if isinstance(found, dict) else None
+    if not isinstance(dsn, str):
+        raise click.ClickException("the running manager has no PostgreSQL: pass --postgres-dsn")
+    return dsn
+
+
+def _dsn_option(fn: Any) -> Any:
+    return click.option(
+        "--postgres-dsn",
+        envvar="MULTIBOT_POSTGRES_DSN",
+        show_envvar=True,
+        metavar="DSN",
+        help="The archive [default: the running manager's, through its control socket].",
+    )(fn)
+
+
+async def _query(dsn: str, limit: int, after: str | None, **filters: Any) -> Any:
+    async with await ArchiveStore.connect(dsn) as store:
+        found: list[Event] = []
+        cursor = after
+        while len(found) < limit:
+            page, cursor = await store.query(after=cursor, limit=limit - len(found), **filters)
+            found += page
+            if cursor is None:
+                break
+        return found, cursor
+
+
+@click.command()
+@click.option("--type", "types", multiple=True, metavar="PATTERN", help="Type pattern (repeat).")
+@click.option("--source", help="Only events from this publisher.")
+@click.option("--since", help="From this time (2026-11-26T22:40:00Z) or duration ago (2h).")
+@click.option("--until", help="Before this time or duration ago.")
+@click.option("--where", help="Conditions on data, JSON: '{\"user_id\": 42}'.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--after", metavar="CURSOR", help="Continue after the page that printed CURSOR.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per event.")
+@_dsn_option
+def query(
+    *,
+    types: Sequence[str],
+    source: str | None,
+    since: str | None,
+    until: str | None,
+    where: str | None,
+    limit: int,
+    after: str | None,
+    as_json: bool,
+    postgres_dsn: str | None,
+) -> None:
+    """Archived events (all 7 days of them), oldest first, by type, source, time and data."""
+    try:
+        for pattern in types:
+            Pattern(pattern)
+        conditions = orjson.loads(where) if where else None
+        if conditions is not None:
+            Where(conditions)
+    except (SubscriptionError, orjson.JSONDecodeError) as exc:
+        raise click.BadParameter(str(exc)) from None
+    filters = {
+        "types": list(types),
+        "source": source,
+        "since": _moment(since, "'--since'"),
+        "until": _moment(until, "'--until'"),
+        "where": conditions,
+    }
+    try:
+        found, cursor = uvloop.run(_query(_dsn(postgres_dsn), limit, after, **filters))
+    except ArchiveError as exc:
+        raise click.ClickException(str(exc)) from None
+    for event in found:
+        click.echo(orjson.dumps(event_json(event)).decode() if as_json else describe(event))
+    if cursor is not None:
+        click.echo(f"more: --after {cursor}", err=True)
+
+
+async def _trace(dsn: str, correlation_id: str) -> list[Event]:
+    async with await ArchiveStore.connect(dsn) as store:
+        return await store.trace(correlation_id)
+
+
+def _tree(chain: list[Event]) -> list[tuple[int, Event]]:
+    """The chain as (depth, event) in depth-first order by causation."""
+    ids = {e.id for e in chain}
+    children: dict[str | None, list[Event]] = defaultdict(list)
+    for event in chain:  # an event whose cause is not in the chain shows as a root
+        children[event.causation_id if event.causation_id in ids else None].append(event)
+    out: list[tuple[int, Event]] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for event in children.get(parent, []):
+            out.append((depth, event))
+            walk(event.id, depth + 1)
+
+    walk(None, 0)
+    return out
+
+
+@click.command()
+@click.argument("correlation_id")
+@click.option("--json", "as_json", is_flag=True, help="The chain as one JSON tree.")
+@_dsn_option
+def trace(correlation_id: str, as_json: bool, postgres_dsn: str | None) -> None:
+    """A correlation chain from the archive, as a tree by causation."""
+    try:
+        chain = uvloop.run(_trace(_dsn(postgres_dsn), correlation_id))
+    except ArchiveError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not chain:
+        raise click.ClickException(f"no archived event has correlation id {correlation_id}")
+    tree = _tree(chain)
+    if as_json:
+        nodes: dict[str, dict[str, Any]] = {}
+        roots: list[dict[str, Any]] = []
+        for depth, event in tree:
+            node = {**event_json(event), "caused": []}
+            nodes[event.id] = node
+            parent = nodes.get(event.causation_id or "") if depth else None
+            (parent["caused"] if parent else roots).append(node)
+        click.echo(orjson.dumps(roots[0] if len(roots) == 1 else roots).decode())
+        return
+    for depth, event in tree:
+        click.echo("  " * depth + ("└─ " if depth else "") + describe(event))
