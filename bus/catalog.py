@@ -38,6 +38,7 @@ class EventType(enum.StrEnum):
     SYSTEM_SHUTDOWN = "system.shutdown"
     MEMORY_PRESSURE = "system.memory.pressure"
     GROUP_IDLE = "system.group.idle"
+    REDIS_RESTORED = "system.redis.restored"
 
 
 class _Schema(BaseModel):
@@ -189,6 +190,14 @@ class GroupIdle(_Schema):
     released: bool = Field(description="true: it no longer holds back trimming of the stream")
 
 
+class RedisRestored(_Schema):
+    """``system.redis.restored``: Redis had lost data; the manager put back the archive's."""
+
+    streams: dict[str, int] = Field(description="stream → events written back into it")
+    positions: dict[str, str] = Field(description="stream → last archived entry id")
+    note: str | None = None
+
+
 class Shutdown(_Schema):
     """``system.shutdown``: the manager is stopping."""
 
@@ -219,4 +228,5 @@ STANDARD_SCHEMAS: dict[str, type[BaseModel]] = {
     EventType.SYSTEM_SHUTDOWN: Shutdown,
     EventType.MEMORY_PRESSURE: MemoryPressure,
     EventType.GROUP_IDLE: GroupIdle,
+    EventType.REDIS_RESTORED: RedisRestored,
 }

@@ -25,8 +25,8 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from bus import BusClient, BusSettings, EventType
 from bus.archive.errors import SchemaTooNewError
-from bus.connection import connect, redact
-from bus.keys import Keys
+from bus.connection import connect, raise_swallowed_cancel, redact
+from bus.keys import Keys, group_name
 from bus.routing import Router
 from bus.supervision import RuntimeSpec
 from manager.announcer import Announcer
@@ -34,7 +34,7 @@ from manager.archive_link import ArchiveLink
 from manager.archiver import Archiver
 from manager.config import BotConfig, ConfigError, ManagerSettings, load_config
 from manager.control import CommandError, ControlServer, control_path
-from manager.coordinator import Coordinator
+from manager.coordinator import Coordinator, declared_streams
 from manager.errors import ManagerError
 from manager.redis_acl import (
     bot_redis_url,
@@ -44,6 +44,7 @@ from manager.redis_acl import (
     ensure_bot_user,
     generate_password,
 )
+from manager.restore import restore
 from manager.retention import run_retention
 from manager.sd_notify import NOTIFY_ENV_KEYS, Notifier
 from manager.service_watch import keep_running
@@ -82,6 +83,7 @@ class Manager:
         self._supervisor: Supervisor | None = None
         self._coordinator: Coordinator | None = None
         self._archiver: Archiver | None = None
+        self._archive: ArchiveLink | None = None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class Manager:
                 await archive.try_at_start()
             except SchemaTooNewError as exc:
                 raise ManagerError(str(exc)) from None
+            self._archive = archive
+            await self._restore()
             await self._prepare_bots(self.settings.bots)
             coordinator.configure(self.settings.bots)
             async with asyncio.TaskGroup() as tg:
@@ -158,6 +162,7 @@ class Manager:
                     tg.create_task(archiver.run()),
                     tg.create_task(trimmer.run()),
                     tg.create_task(run_retention(archive.get, self.settings.archive)),
+                    tg.create_task(self._watch_redis_identity()),
                 ]
                 if services.redis is not None:
                     restarted = self._redis_restarted
@@ -216,8 +221,59 @@ class Manager:
             ) from None
 
     async def _redis_restarted(self) -> None:
-        """The embedded Redis came back: its ACL users (kept in memory only) and groups."""
+        """Redis came back (restarted, maybe empty): data the archive has, ACL users (kept
+        in memory only) and groups."""
+        await self._restore()
         await self._prepare_bots(self.settings.bots)
+
+    async def _restore(self) -> None:
+        """Put back what the archive has of streams Redis lost (see manager.restore)."""
+        if self._archive is None or not self._archive.connected or self._admin is None:
+            return
+        store = await self._archive.get()
+        keys, router = self._keys, self._router
+        groups_of = {
+            stream: [group_name(b.id)]
+            for b in self.settings.bots
+            for stream in declared_streams(b, router, keys)
+        }
+        done = await restore(
+            self._admin,
+            store,
+            keys,
+            groups_for=lambda stream: groups_of.get(stream, []),
+            hot_window_ms=int(self.settings.archive.hot_window * 1000),
+            now_ms=int(time.time() * 1000),
+        )
+        if done and self._bus is not None:
+            await self._bus.publish(
+                EventType.REDIS_RESTORED,
+                {
+                    "streams": {keys.stream_name(s): n for s, n in done.events.items()},
+                    "positions": {keys.stream_name(s): p for s, p in done.positions.items()},
+                    "note": "events that reached Redis after these positions but were not "
+                    "archived before the loss are gone",
+                },
+            )
+
+    async def _watch_redis_identity(self) -> None:
+        """Notice a restarted Redis (its run_id changes) and repair what it may have lost."""
+        assert self._admin is not None
+        run_id: str | None = None
+        while True:
+            raise_swallowed_cancel()
+            try:
+                info: Any = await self._admin.info("server")
+                current = str(info.get("run_id"))
+                if run_id is not None and current != run_id:
+                    log.warning("Redis restarted (new run_id): checking what it lost")
+                    await self._redis_restarted()
+                run_id = current
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot check Redis's identity", error=str(exc))
+            await asyncio.sleep(self.settings.coordinator.interval)
 
     # -- bots ----------------------------------------------------------------------------
 

@@ -75,6 +75,8 @@ WHERE (split_part(EXCLUDED.last_entry_id, '-', 1)::numeric,
 """
 # $1: stream name. Returns the last entry id archived from it, or no row.
 _LAST_ARCHIVED = "SELECT last_entry_id FROM archive_state WHERE stream = $1"
+# Every stream's last archived entry. Returns (stream name, last_entry_id) rows.
+_POSITIONS = "SELECT stream, last_entry_id FROM archive_state"
 # $1..$14: one array per column of DEAD_LETTER_COLUMNS, in that order, all the same length.
 # Returns the status "INSERT 0 <rows newly stored>"; a dead letter already stored is skipped.
 _INSERT_DEAD_LETTERS = f"""
@@ -269,6 +271,12 @@ class ArchiveStore:
         async with self._connection() as conn:
             value = await conn.fetchval(_LAST_ARCHIVED, self._name(stream))
         return None if value is None else str(value)
+
+    async def positions(self) -> dict[str, str]:
+        """The last entry archived of every stream, by stream key."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_POSITIONS)
+        return {self._keys.stream(row["stream"]): str(row["last_entry_id"]) for row in rows}
 
     async def upsert_subscriptions(
         self, subscriber: str, subscriptions: Iterable[tuple[str, Mapping[str, Any] | None]]

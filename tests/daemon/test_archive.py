@@ -1,0 +1,87 @@
+"""The archive under a real manager: everything archived, and Redis restored after a loss."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from bus import BusClient, BusSettings, EventType
+from bus.archive.store import ArchiveStore
+from bus.keys import Keys
+from manager.postgres_server import PostgresServer
+from manager.redis_server import RedisServer
+from tests.daemon.conftest import ManagerFactory
+from tests.daemon.manager_process import bot_toml, events
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
+
+
+class TestRedisLoss:
+    async def test_emptied_redis_gets_the_archive_back_and_nothing_is_handled_twice(
+        self,
+        manager_factory: ManagerFactory,
+        redis_server: RedisServer,
+        postgres_server: PostgresServer,
+        keys: Keys,
+    ) -> None:
+        """Redis restarts empty: groups restart after the archived events, the hot window
+        is written back, system.redis.restored says so, and bots go on with new events."""
+        manager = await manager_factory(
+            bot_toml(
+                "recorder",
+                "tests.daemon.sample_bots:poisoned",
+                subscriptions=[{"pattern": "test.#"}],
+            )
+        )
+        await manager.pid("recorder")
+        handled = keys.bot_state("recorder", "handled")
+        async with BusClient("tester", settings=BusSettings(redis_url=redis_server.url)) as bus:
+            before = [await bus.publish("test.ok", {"n": n}) for n in range(5)]
+
+            async def all_handled() -> bool:
+                items: Any = await bus.redis.lrange(handled, 0, -1)
+                return set(items) == set(before)
+
+            await wait_until(all_handled, 20, "the first events handled")
+        async with await ArchiveStore.connect(postgres_server.dsn) as store:
+
+            async def archived() -> bool:
+                return all([await store.get(i) for i in before])
+
+            await wait_until(archived, 20, "the first events archived")
+        # Redis loses everything: killed, its AOF gone, started again empty.
+        await redis_server.kill()
+        shutil.rmtree(redis_server.data_dir / "appendonlydir", ignore_errors=True)
+        (redis_server.data_dir / "appendonly.aof").unlink(missing_ok=True)
+        await redis_server.start()
+        async with Redis.from_url(redis_server.url, decode_responses=True) as redis:
+
+            async def restored() -> bool:
+                return bool(await events(redis, keys, EventType.REDIS_RESTORED))
+
+            await wait_until(restored, 30, "system.redis.restored")
+            note = (await events(redis, keys, EventType.REDIS_RESTORED))[0].data
+            assert note["streams"]["bot"] >= 5
+            replayed = [e.id async for e in _replay(redis_server.url)]
+            assert set(before) <= set(replayed)  # the hot window is back in the stream
+            async with BusClient("tester", settings=BusSettings(redis_url=redis_server.url)) as bus:
+                after = await bus.publish("test.ok", {"n": "after"})
+
+                async def new_one_handled() -> bool:
+                    items: Any = await bus.redis.lrange(handled, 0, -1)
+                    return after in items
+
+                await wait_until(new_one_handled, 30, "a new event handled after the loss")
+                items: Any = await bus.redis.lrange(handled, 0, -1)
+                assert list(items) == [after]  # none of the restored events handled again
+        assert await manager.terminate() == 0
+
+
+async def _replay(url: str) -> Any:
+    async with BusClient("reader", settings=BusSettings(redis_url=url)) as bus:
+        async for event in bus.replay("test.#"):
+            yield event
