@@ -39,6 +39,8 @@ class EventType(enum.StrEnum):
     MEMORY_PRESSURE = "system.memory.pressure"
     GROUP_IDLE = "system.group.idle"
     REDIS_RESTORED = "system.redis.restored"
+    ARCHIVE_STALLED = "system.archive.stalled"
+    ARCHIVE_RESUMED = "system.archive.resumed"
 
 
 class _Schema(BaseModel):
@@ -198,6 +200,15 @@ class RedisRestored(_Schema):
     note: str | None = None
 
 
+class ArchiveStalled(_Schema):
+    """``system.archive.stalled`` / ``resumed``: PostgreSQL took no events for a while; they
+    wait in Redis (and count against its memory) until it is back."""
+
+    error: str | None = None
+    seconds: float = Field(description="how long the archive has been (or was) stalled")
+    waiting: int | None = Field(None, description="entries read and not yet stored")
+
+
 class Shutdown(_Schema):
     """``system.shutdown``: the manager is stopping."""
 
@@ -229,4 +240,6 @@ STANDARD_SCHEMAS: dict[str, type[BaseModel]] = {
     EventType.MEMORY_PRESSURE: MemoryPressure,
     EventType.GROUP_IDLE: GroupIdle,
     EventType.REDIS_RESTORED: RedisRestored,
+    EventType.ARCHIVE_STALLED: ArchiveStalled,
+    EventType.ARCHIVE_RESUMED: ArchiveStalled,
 }

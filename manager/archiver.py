@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
+from bus import EventType
 from bus.archive.store import ArchiveStore
 from bus.backoff import Backoff
 from bus.connection import raise_swallowed_cancel
@@ -35,14 +36,23 @@ log = structlog.get_logger("manager.archiver")
 StoreFactory = Callable[[], Awaitable[ArchiveStore]]
 Entries = list[tuple[str, list[tuple[str, Mapping[str, str]]]]]
 _DISCOVER_EVERY = 5.0  # seconds between looks for new streams
+#: Seconds of failing writes before system.archive.stalled is published.
+STALL_AFTER = 10.0
 
 
 class Archiver:
     """Copies the namespace's streams into the archive store; :meth:`run` until cancelled."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, settings: ArchiveSettings, store: StoreFactory
+        self,
+        redis: Redis,
+        keys: Keys,
+        settings: ArchiveSettings,
+        store: StoreFactory,
+        *,
+        announce: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
+        self._announce = announce
         self._redis = redis
         self._keys = keys
         self._settings = settings
@@ -50,6 +60,8 @@ class Archiver:
         self._streams: list[str] = []
         self._discovered = 0.0
         self._backoff = Backoff(0.2, 30.0)
+        self._failing_since = 0.0
+        self._announced = False
         #: Whether the last write to PostgreSQL worked (for health checks).
         self.healthy = True
         #: What went wrong last, while unhealthy.
@@ -143,16 +155,33 @@ class Archiver:
                         error=str(exc),
                         batch=len(events) + len(letters),
                     )
+                    self._failing_since = time.monotonic()
                 self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
+                self._stalled(len(events) + len(letters))
                 await asyncio.sleep(self._backoff.delay(attempt))
                 continue
             break
         if not self.healthy:
             log.info("PostgreSQL reachable again: archiving resumed", after_attempts=attempt)
+            if self._announced and self._announce is not None:
+                seconds = round(time.monotonic() - self._failing_since, 1)
+                self._announce(EventType.ARCHIVE_RESUMED, {"seconds": seconds})
+            self._announced = False
         self.healthy, self.last_error = True, None
         self.stats["batches"] += 1
         for stream, rows in entries:
             await self._redis.xack(stream, ARCHIVER_GROUP, *[entry_id for entry_id, _ in rows])
+
+    def _stalled(self, waiting: int) -> None:
+        """Once per outage, after STALL_AFTER seconds of failing: system.archive.stalled."""
+        seconds = time.monotonic() - self._failing_since
+        if self._announced or seconds < STALL_AFTER or self._announce is None:
+            return
+        self._announced = True
+        self._announce(
+            EventType.ARCHIVE_STALLED,
+            {"error": self.last_error, "seconds": round(seconds, 1), "waiting": waiting},
+        )
 
     def _decode(self, entries: Entries) -> tuple[list[Event], list[DeadLetter]]:
         events: list[Event] = []

@@ -140,7 +140,11 @@ class Manager:
         assert services.postgres_dsn is not None
         archive = ArchiveLink(services.postgres_dsn, self._keys)
         self._archiver = archiver = Archiver(
-            self._admin, self._keys, self.settings.archive, archive.get
+            self._admin,
+            self._keys,
+            self.settings.archive,
+            archive.get,
+            announce=announcer.announce,
         )
         trimmer = Trimmer(self._admin, self._keys, self.settings.archive, announcer)
         try:
