@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from manager.bench.command import bench, bench_manager
+from manager.bench.command import bench, bench_archive, bench_manager
 from manager.cli_archive import query, trace
 from manager.cli_common import configure_logging
 from manager.cli_dlq import dlq
@@ -41,6 +41,7 @@ main.add_command(dlq)
 main.add_command(demo)
 main.add_command(bench)
 main.add_command(bench_manager)
+main.add_command(bench_archive)
 
 if __name__ == "__main__":
     main(prog_name="multibot")

@@ -209,3 +209,43 @@ def bench_manager(rounds: int, as_json: bool) -> None:
         r = result[key]
         click.echo(f"{what}: median {r['median']}s (min {r['min']}, max {r['max']})")
     click.echo(f"SIGTERM to exit: {result['stop_s']}s")
+
+
+@click.command("bench-archive")
+@click.option("--events", type=click.IntRange(min=1000), default=100_000, show_default=True,
+              help="Backlog archived for the throughput, then replayed.")  # fmt: skip
+@click.option("--rate", type=click.FloatRange(min=1), default=1000.0, show_default=True,
+              help="Events/s published while the archive delay is measured.")  # fmt: skip
+@click.option("--duration", type=click.FloatRange(min=1), default=10.0, show_default=True)
+@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="The archiver's batch size (archive.batch_size).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of text.")
+def bench_archive(events: int, rate: float, duration: float, batch: int, as_json: bool) -> None:
+    """Measure the PostgreSQL archive: throughput, delay at a rate, disk use, replay speed.
+
+    Runs a private redis-server and PostgreSQL in a temporary directory.
+    """
+    from manager.bench.archive_bench import run_archive_bench  # noqa: PLC0415 - only here
+
+    echo = (lambda _: None) if as_json else click.echo
+    try:
+        result = uvloop.run(run_archive_bench(events, rate, duration, echo, batch))
+    except (ManagerError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    a, lag = result["archiver"], result["archive_delay_at_rate"]
+    click.echo(
+        f"archiver: {a['events_per_s']} events/s ({a['events']} events in "
+        f"{a['seconds']}s, batches of {a['batch_size']})"
+    )
+    click.echo(
+        f"archive delay at {lag['rate']:g}/s: p50 {lag['p50_ms']} ms, p95 {lag['p95_ms']} "
+        f"ms, p99 {lag['p99_ms']} ms, max {lag['max_ms']} ms"
+    )
+    click.echo(f"disk: {result['disk_bytes_per_million'] / 1024**2:.0f} MiB per million events")
+    click.echo(
+        f"replay: {result['replay_from_redis']['events_per_s']} events/s from Redis, "
+        f"{result['replay_from_postgres']['events_per_s']} events/s from PostgreSQL"
+    )
