@@ -213,7 +213,7 @@ class CoordinatorSettings(_Model):
 class ArchiveSettings(_Model):
     """PostgreSQL keeps every event for the retention; Redis keeps the hot window."""
 
-    batch_size: int = Field(1000, ge=1, le=100_000, description="events per insert")
+    batch_size: int = Field(2000, ge=1, le=100_000, description="events per insert")
     batch_wait: float = Field(0.2, gt=0, description="seconds a partial batch waits")
     retention_days: int = Field(7, ge=1, description="days of events kept in PostgreSQL")
     partitions_ahead: int = Field(3, ge=1, description="daily partitions created in advance")

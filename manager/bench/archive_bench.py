@@ -114,7 +114,7 @@ async def _replay_speed(bus: BusClient, store: ArchiveStore | None) -> dict[str,
 
 
 async def run_archive_bench(
-    events: int, rate: float, duration: float, echo: Callable[[str], None], batch: int = 1000
+    events: int, rate: float, duration: float, echo: Callable[[str], None], batch: int = 2000
 ) -> dict[str, Any]:
     """Measure; the results as a JSON-able dict."""
     settings = ArchiveSettings(hot_window=0, trim_interval=0.2, batch_size=batch)

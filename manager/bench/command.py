@@ -217,7 +217,7 @@ def bench_manager(rounds: int, as_json: bool) -> None:
 @click.option("--rate", type=click.FloatRange(min=1), default=1000.0, show_default=True,
               help="Events/s published while the archive delay is measured.")  # fmt: skip
 @click.option("--duration", type=click.FloatRange(min=1), default=10.0, show_default=True)
-@click.option("--batch", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+@click.option("--batch", type=click.IntRange(1, 100_000), default=2000, show_default=True,
               help="The archiver's batch size (archive.batch_size).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of text.")
 def bench_archive(events: int, rate: float, duration: float, batch: int, as_json: bool) -> None:
