@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError
 
 from bus import BusClient, BusSettings, EventType
-from bus.archive.errors import SchemaTooNewError
+from bus.archive.errors import ArchiveUnavailableError, SchemaTooNewError
 from bus.connection import connect, raise_swallowed_cancel, redact
 from bus.keys import Keys, group_name
 from bus.routing import Router
@@ -295,7 +295,23 @@ class Manager:
                 self._passwords[bot.id] = generate_password()
             await ensure_bot_user(self._admin, self._keys, bot.id, self._passwords[bot.id])
         created = await self._coordinator.ensure_groups(bots)
+        await self._record_subscriptions(bots)
         log.info("bots prepared", bots=len(bots), groups_created=created)
+
+    async def _record_subscriptions(self, bots: list[BotConfig]) -> None:
+        """The declared subscriptions into the archive's event_subscriptions (best effort:
+        PostgreSQL may be away; they are written again at the next start or reload)."""
+        if self._archive is None or not self._archive.connected:
+            return
+        try:
+            store = await self._archive.get()
+            for gone in set(await store.subscribers()) - {b.id for b in bots}:
+                await store.upsert_subscriptions(gone, [])
+            for bot in bots:
+                declared = [(s.pattern, s.where) for s in bot.subscriptions]
+                await store.upsert_subscriptions(bot.id, declared)
+        except ArchiveUnavailableError as exc:
+            log.warning("cannot record the subscriptions in PostgreSQL", error=str(exc))
 
     def _spec(self, bot: BotConfig, index: int) -> tuple[RuntimeSpec, dict[str, str]]:
         """What the bot's next process gets: its spec (own Redis user) and environment."""

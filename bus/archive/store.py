@@ -75,6 +75,8 @@ WHERE (split_part(EXCLUDED.last_entry_id, '-', 1)::numeric,
 """
 # $1: stream name. Returns the last entry id archived from it, or no row.
 _LAST_ARCHIVED = "SELECT last_entry_id FROM archive_state WHERE stream = $1"
+# Every subscriber with stored subscriptions. Returns (subscriber) rows.
+_SUBSCRIBERS = "SELECT DISTINCT subscriber FROM event_subscriptions ORDER BY subscriber"
 # Every stream's last archived entry. Returns (stream name, last_entry_id) rows.
 _POSITIONS = "SELECT stream, last_entry_id FROM archive_state"
 # $1..$14: one array per column of DEAD_LETTER_COLUMNS, in that order, all the same length.
@@ -293,6 +295,12 @@ class ArchiveStore:
         """``subscriber``'s stored (pattern, conditions), by pattern."""
         async with self._connection() as conn:
             return await load_subscriptions(conn, subscriber)
+
+    async def subscribers(self) -> list[str]:
+        """Every subscriber with stored subscriptions."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(_SUBSCRIBERS)
+        return [str(row["subscriber"]) for row in rows]
 
     # -- reading --------------------------------------------------------------------------
 

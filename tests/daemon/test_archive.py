@@ -85,3 +85,23 @@ async def _replay(url: str) -> Any:
     async with BusClient("reader", settings=BusSettings(redis_url=url)) as bus:
         async for event in bus.replay("test.#"):
             yield event
+
+
+class TestSubscriptions:
+    async def test_declared_subscriptions_are_recorded_and_follow_reloads(
+        self, manager_factory: ManagerFactory, postgres_server: PostgresServer
+    ) -> None:
+        """event_subscriptions holds each bot's declared patterns and conditions."""
+        steady = "tests.daemon.sample_bots:steady"
+        subs = [{"pattern": "test.#", "where": {"lang": "en"}}]
+        manager = await manager_factory(
+            bot_toml("a", steady, subscriptions=subs) + bot_toml("b", steady)
+        )
+        async with await ArchiveStore.connect(postgres_server.dsn) as store:
+            assert await store.subscriptions("a") == [("test.#", {"lang": "en"})]
+            assert await store.subscribers() == ["a"]  # b declares none
+            config = manager.config_path.read_text().split("[[bots]]")[0]
+            manager.config_path.write_text(config + bot_toml("b", steady, subscriptions=subs))
+            await manager.command("reload")
+            assert await store.subscribers() == ["b"]
+        assert await manager.terminate() == 0
