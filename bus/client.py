@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -11,6 +11,7 @@ import structlog
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
+from bus.catch_up import catch_up
 from bus.conditions import Predicate
 from bus.connection import connect
 from bus.consumer import Consumer
@@ -79,6 +80,7 @@ class BusClient:
         self._consumer: Consumer | None = None
         self._stopped = asyncio.Event()
         self._ready = asyncio.Event()
+        self._archive: ArchiveStore | None = None
 
     @classmethod
     def from_url(cls, url: str, bot_id: str, **kwargs: Any) -> BusClient:
@@ -99,6 +101,9 @@ class BusClient:
         """Stop consuming (if running) and close the connections."""
         if self._consumer is not None:
             await self.stop()
+        if self._archive is not None:
+            await self._archive.close()
+            self._archive = None
         if self._redis is not None and self._given_redis is None:
             await self._redis.aclose()
         self._redis = self._publisher = None
@@ -318,7 +323,15 @@ class BusClient:
 
     # -- replay --------------------------------------------------------------------------
 
-    def replay(
+    async def archive(self) -> ArchiveStore | None:
+        """The archive in PostgreSQL (``settings.archive_dsn``, read-only for bots), or None."""
+        if self._archive is None and self.settings.archive_dsn:
+            from bus.archive.store import ArchiveStore  # noqa: PLC0415 - only bots that replay
+
+            self._archive = await ArchiveStore.connect(self.settings.archive_dsn, keys=self.keys)
+        return self._archive
+
+    async def replay(
         self,
         patterns: str | Iterable[str],
         since: datetime | str | None = None,
@@ -327,9 +340,30 @@ class BusClient:
         archive: ArchiveStore | None = None,
     ) -> AsyncIterator[Event]:
         """Events matching ``patterns`` since a stream id or time, in order: those still in
-        Redis, and with ``archive`` also those already trimmed to PostgreSQL."""
+        Redis, and those already trimmed to PostgreSQL from ``archive`` (by default the
+        client's own, when its settings name one)."""
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
-        return replay(self.redis, self.keys, self.router, pats, since, until, store=archive)
+        store = archive or await self.archive()
+        async for event in replay(
+            self.redis, self.keys, self.router, pats, since, until, store=store
+        ):
+            yield event
+
+    async def catch_up(
+        self,
+        patterns: str | Iterable[str],
+        handler: Callable[[Event], Awaitable[object]],
+        since: datetime | str,
+    ) -> int:
+        """Hand ``handler`` every event since ``since`` up to this bot's group's position
+        (from Redis and the archive), so :meth:`run` then goes on live without a gap: "give
+        me everything since my last seen event, then live". How many events it handled.
+
+        Call before :meth:`run`. The group is created at the streams' ends if it is new.
+        Entries pending in the group may come again through :meth:`run` (at least once).
+        """
+        pats = [patterns] if isinstance(patterns, str) else list(patterns)
+        return await catch_up(self, pats, handler, since)
 
     def __repr__(self) -> str:
         state = "running" if self._consumer else ("connected" if self._redis else "idle")

@@ -70,6 +70,9 @@ class BusSettings(_Model):
     )
     retry_cap: float = Field(2.0, gt=0, description="longest wait between connection retries")
     consumer: ConsumerSettings = ConsumerSettings()
+    archive_dsn: str | None = Field(
+        None, description="PostgreSQL archive (read-only) for replays older than Redis holds"
+    )
 
     @field_validator("namespace", "default_stream")
     @classmethod

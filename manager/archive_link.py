@@ -7,6 +7,7 @@ retries. A schema newer than this code is different: that is refused at start.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import structlog
 
@@ -61,3 +62,31 @@ class ArchiveLink:
         if self._store is not None:
             await self._store.close()
             self._store = None
+
+
+# The role bots read the archive as. Statements take no parameters ($n): DDL cannot; the
+# password is a generated URL-safe token, so it is safe to inline as a literal.
+READER_ROLE = "multibot_reader"
+
+
+async def ensure_reader(store: ArchiveStore, dsn: str, password: str) -> str:
+    """A read-only role for bots (SELECT on events only); its DSN, based on ``dsn``."""
+    if not password.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("the reader password must be URL-safe")
+    statements = [
+        f"""DO $$ BEGIN
+              IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{READER_ROLE}') THEN
+                CREATE ROLE {READER_ROLE} LOGIN;
+              END IF;
+            END $$""",
+        f"ALTER ROLE {READER_ROLE} LOGIN PASSWORD '{password}'",
+        f"GRANT SELECT ON events TO {READER_ROLE}",
+    ]
+    async with store.connection() as conn:
+        for statement in statements:
+            await conn.execute(statement)
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {READER_ROLE}')
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{READER_ROLE}:{quote(password, safe='')}@{host}"))

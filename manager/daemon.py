@@ -30,7 +30,7 @@ from bus.keys import Keys, group_name
 from bus.routing import Router
 from bus.supervision import RuntimeSpec
 from manager.announcer import Announcer
-from manager.archive_link import ArchiveLink
+from manager.archive_link import ArchiveLink, ensure_reader
 from manager.archiver import Archiver
 from manager.config import BotConfig, ConfigError, ManagerSettings, load_config
 from manager.control import CommandError, ControlServer, control_path
@@ -84,6 +84,7 @@ class Manager:
         self._coordinator: Coordinator | None = None
         self._archiver: Archiver | None = None
         self._archive: ArchiveLink | None = None
+        self._reader_dsn: str | None = None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ class Manager:
                 raise ManagerError(str(exc)) from None
             self._archive = archive
             await self._restore()
+            await self._prepare_reader(archive, services.postgres_dsn)
             await self._prepare_bots(self.settings.bots)
             coordinator.configure(self.settings.bots)
             async with asyncio.TaskGroup() as tg:
@@ -298,6 +300,20 @@ class Manager:
         await self._record_subscriptions(bots)
         log.info("bots prepared", bots=len(bots), groups_created=created)
 
+    async def _prepare_reader(self, archive: ArchiveLink, dsn: str) -> None:
+        """A read-only PostgreSQL role for the bots' replays (best effort: without it, and
+        while PostgreSQL is away at start, bots replay only what Redis holds)."""
+        if not archive.connected:
+            return
+        try:
+            self._reader_dsn = await ensure_reader(await archive.get(), dsn, generate_password())
+        except Exception as exc:
+            log.warning(
+                "cannot create the read-only archive role for bots (needs CREATEROLE); "
+                "their replays see only what Redis holds",
+                error=str(exc),
+            )
+
     async def _record_subscriptions(self, bots: list[BotConfig]) -> None:
         """The declared subscriptions into the archive's event_subscriptions (best effort:
         PostgreSQL may be away; they are written again at the next start or reload)."""
@@ -319,6 +335,7 @@ class Manager:
         username = bot_username(self._keys.namespace, bot.id)
         url = bot_redis_url(self.services.redis_url, username, self._passwords[bot.id])
         options = self.settings.bus_settings(url)
+        options["archive_dsn"] = self._reader_dsn
         if bot.consumer is not None:
             options["consumer"] = bot.consumer
         spec = RuntimeSpec(

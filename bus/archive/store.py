@@ -167,6 +167,10 @@ class ArchiveStore:
     ) -> None:
         await self.close()
 
+    def connection(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A pooled connection (for the manager's own statements, e.g. roles)."""
+        return self._connection()
+
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
         with unavailable_on_failure(self._where):

@@ -123,3 +123,15 @@ async def slowpoke(bus: BusClient) -> None:
 async def idle(bus: BusClient) -> None:
     """Never reads: its declared group only fills up."""
     await asyncio.Event().wait()
+
+
+async def historian(bus: BusClient) -> None:
+    """Catches up on every ``test.*`` event since the beginning, then goes on live."""
+    seen = bus.keys.bot_state(bus.bot_id, "seen")
+
+    async def record(event: Event) -> None:
+        await bus.redis.rpush(seen, event.id)
+
+    await bus.catch_up("test.#", record, since="0")
+    bus.subscribe("test.#", record)
+    await bus.run()

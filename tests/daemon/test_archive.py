@@ -105,3 +105,37 @@ class TestSubscriptions:
             await manager.command("reload")
             assert await store.subscribers() == ["b"]
         assert await manager.terminate() == 0
+
+
+class TestCatchUp:
+    async def test_bot_gets_everything_since_the_start_then_live(
+        self, manager_factory: ManagerFactory, redis_server: RedisServer, keys: Keys
+    ) -> None:
+        """A new bot catches up on events already trimmed to the archive, then live ones:
+        each exactly once, in order."""
+        fast_trim = "[archive]\nhot_window = 0\ntrim_interval = 0.2\n"
+        manager = await manager_factory("", extra=fast_trim)
+        stream = keys.stream("bot")
+        async with BusClient("tester", settings=BusSettings(redis_url=redis_server.url)) as bus:
+            old = [await bus.publish("test.old", {"n": n}) for n in range(5)]
+
+            async def trimmed() -> bool:
+                return await bus.redis.xlen(stream) == 0
+
+            await wait_until(trimmed, 30, "the old events archived and trimmed from Redis")
+            config = manager.config_path.read_text()
+            manager.config_path.write_text(
+                config + bot_toml("late", "tests.daemon.sample_bots:historian")
+            )
+            await manager.command("reload")
+            await manager.pid("late")
+            new = [await bus.publish("test.new", {"n": n}) for n in range(2)]
+            seen_key = keys.bot_state("late", "seen")
+
+            async def all_seen() -> bool:
+                return len(await bus.redis.lrange(seen_key, 0, -1)) >= 7
+
+            await wait_until(all_seen, 30, "the late bot to see old and new events")
+            seen: Any = await bus.redis.lrange(seen_key, 0, -1)
+            assert list(seen) == old + new
+        assert await manager.terminate() == 0
