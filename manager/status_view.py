@@ -40,6 +40,8 @@ def render_status(
     view = _View(colour=console.is_terminal)
     console.print(view.header(status.get("manager") or {}))
     console.print(view.memory(status.get("memory") or {}))
+    if status.get("archive"):
+        console.print(view.archive(status["archive"]))
     console.print()
     bots: Sequence[Mapping[str, Any]] = status.get("bots") or []
     if bots:
@@ -115,6 +117,17 @@ class _View:
             line.append(f" ({share:.0%})", self.style(style))
         for part in ("manager", "bots", "redis"):
             line.append(f"  {part} {_size(memory.get(part))}")
+        return line
+
+    def archive(self, archive: Mapping[str, Any]) -> Text:
+        """The archiver: "archive ok  12034 events, 3 dead letters" or what is wrong."""
+        line = Text("archive ")
+        if archive.get("healthy"):
+            line.append("ok", self.style("green"))
+        else:
+            line.append(f"failing: {archive.get('last_error')}", self.style("red"))
+        line.append(f"  {archive.get('archived', 0)} events, "
+                    f"{archive.get('dead_letters', 0)} dead letters archived this run")  # fmt: skip
         return line
 
     def bots_table(self, bots: Sequence[Mapping[str, Any]], stale_after: float) -> Table:

@@ -219,3 +219,21 @@ class TestFormatDuration:
     def test_format(self, seconds: float | None, expected: str) -> None:
         """Two units at most, largest first; unknown as "-"."""
         assert format_duration(seconds) == expected
+
+
+class TestArchiveLine:
+    def test_archive_health_is_shown(self) -> None:
+        """The archiver's state: ok with its counts, or failing with the error."""
+        import io
+
+        from rich.console import Console
+
+        from manager.status_view import render_status
+
+        for archive, expected in (
+            ({"healthy": True, "archived": 12, "dead_letters": 1}, "archive ok  12 events"),
+            ({"healthy": False, "last_error": "OSError: refused"}, "failing: OSError: refused"),
+        ):
+            out = io.StringIO()
+            render_status({"archive": archive}, Console(file=out, width=140))
+            assert expected in out.getvalue()
