@@ -80,6 +80,12 @@ class DeadLetter:
         }
 
 
+def _count(value: str | None) -> int:
+    """A small non-negative count from an entry field; 0 for anything else (a foreign
+    writer's garbage must not stop a reader)."""
+    return int(value) if value and value.isascii() and value.isdigit() and len(value) < 9 else 0
+
+
 def parse_dead_letter(entry_id: str, f: Mapping[str, str]) -> DeadLetter:
     """A dead letter from its entry in the dead-letter stream."""
     try:
@@ -93,7 +99,7 @@ def parse_dead_letter(entry_id: str, f: Mapping[str, str]) -> DeadLetter:
         reason=f.get("reason", ""),
         error=f.get("error", ""),
         traceback=f.get("traceback", ""),
-        attempts=int(f.get("attempts") or 0),
+        attempts=_count(f.get("attempts")),
         group=f.get("group", ""),
         consumer=f.get("consumer", ""),
         handler=f.get("handler", ""),

@@ -20,6 +20,7 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import EventType
+from bus.archive.errors import ArchiveError
 from bus.archive.store import ArchiveStore
 from bus.backoff import Backoff
 from bus.connection import raise_swallowed_cancel
@@ -69,7 +70,9 @@ class Archiver:
         #: What went wrong last, while unhealthy.
         self.last_error: str | None = None
         #: Events and dead letters stored, batches committed, malformed entries skipped.
-        self.stats: dict[str, int] = {"archived": 0, "dead_letters": 0, "batches": 0, "skipped": 0}
+        self.stats: dict[str, int] = {
+            "archived": 0, "dead_letters": 0, "batches": 0, "skipped": 0, "unarchivable": 0
+        }  # fmt: skip
 
     async def run(self) -> None:
         """Archive until cancelled.
@@ -158,13 +161,8 @@ class Archiver:
         while True:
             try:
                 store = await self._store_factory()
-                if events:
-                    self.stats["archived"] += await store.insert_events(events)
-                if letters:
-                    self.stats["dead_letters"] += await store.insert_dead_letters(letters)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+                await self._store(store, events, letters)
+            except ArchiveError as exc:  # PostgreSQL away (or a schema to fix): retry
                 attempt += 1
                 if self.healthy:
                     log.error(
@@ -189,6 +187,41 @@ class Archiver:
         for stream, rows in entries:
             await self._redis.xack(stream, ARCHIVER_GROUP, *[entry_id for entry_id, _ in rows])
 
+    async def _store(
+        self, store: ArchiveStore, events: list[Event], letters: list[DeadLetter]
+    ) -> None:
+        """Insert a batch; if PostgreSQL refuses its data (not its connection), insert one
+        by one and skip, loudly, what it will never take, so one bad entry cannot hold the
+        archive (and the trimming of its stream) for ever."""
+        if events:
+            await self._insert("archived", list(events), store.insert_events)
+        if letters:
+            await self._insert("dead_letters", list(letters), store.insert_dead_letters)
+
+    async def _insert(
+        self, kind: str, items: list[Any], insert: Callable[[list[Any]], Awaitable[int]]
+    ) -> None:
+        try:
+            self.stats[kind] += await insert(items)
+            return
+        except ArchiveError:
+            raise
+        except Exception as exc:
+            log.warning("PostgreSQL refused a batch; storing it one by one", error=str(exc))
+        for item in items:
+            try:
+                self.stats[kind] += await insert([item])
+            except ArchiveError:
+                raise
+            except Exception as exc:
+                self.stats["unarchivable"] += 1
+                log.error(
+                    "an entry PostgreSQL will not take: not archived",
+                    event_id=getattr(item, "event_id", None) or getattr(item, "id", None),
+                    entry_id=getattr(item, "entry_id", None),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+
     def _stalled(self, waiting: int) -> None:
         """Once per outage, after STALL_AFTER seconds of failing: system.archive.stalled."""
         seconds = time.monotonic() - self._failing_since
@@ -209,7 +242,12 @@ class Archiver:
                 if not fields:
                     continue  # deleted while pending
                 if stream == dlq:
-                    letters.append(parse_dead_letter(entry_id, fields))
+                    try:
+                        letters.append(parse_dead_letter(entry_id, fields))
+                    except Exception as exc:  # a foreign writer's garbage in the DLQ
+                        self.stats["skipped"] += 1
+                        log.warning("not archiving a malformed dead letter", entry_id=entry_id,
+                                    error=str(exc))  # fmt: skip
                     continue
                 try:
                     events.append(decode(fields, stream, entry_id))

@@ -98,6 +98,7 @@ class Manager:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._shutdown.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        loop.add_signal_handler(signal.SIGUSR2, _log_tasks)
         log.info("manager starting", pid=os.getpid(), data_dir=str(data_dir), version=VERSION)
         try:
             self._notifier.status("starting embedded services")
@@ -109,7 +110,7 @@ class Manager:
                 await self.services.stop()
         finally:
             await control.close()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(signum)
         log.info("manager stopped")
         return 0
@@ -176,10 +177,10 @@ class Manager:
                     helpers.append(tg.create_task(watch))
                 await self._shutdown.wait()
                 await self._stop(announcer, supervisor, supervising)
-                for task in helpers:
-                    task.cancel()
+                log.info("bots stopped; stopping the coordinator and archiver")
+                await _cancel_all(helpers)
                 await announcer.flush(5.0)
-                publishing.cancel()
+                await _cancel_all([publishing])
         finally:
             await archive.close()
             await self._bus.close()
@@ -461,6 +462,27 @@ class Manager:
             return await self.reload()
         except ConfigError as exc:
             raise CommandError(str(exc)) from None
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for them; cancel again any that swallowed the cancel (a
+    redis-py call on Python 3.11 can), saying where it was, so shutdown never hangs."""
+    while pending := [t for t in tasks if not t.done()]:
+        for task in pending:
+            task.cancel()
+        _, late = await asyncio.wait(pending, timeout=2.0)
+        for task in late:
+            frames = [f"{f.f_code.co_filename}:{f.f_lineno}" for f in task.get_stack()]
+            log.warning("a task ignored its cancel; cancelling again", task=repr(task), at=frames)
+
+
+def _log_tasks() -> None:
+    """SIGUSR2: log where every task of the manager waits (for a manager that seems stuck)."""
+    for task in asyncio.all_tasks():
+        frames = [
+            f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in task.get_stack()
+        ]
+        log.warning("task", name=task.get_name(), coro=repr(task.get_coro()), stack=frames)
 
 
 def _routes(settings: ManagerSettings) -> tuple[dict[str, str], str]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import psutil
 import pytest
+import structlog
 
 from bus import BusClient, BusSettings
 from manager.redis_server import (
@@ -69,6 +70,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             ids=[label for label, _ in binaries],
             indirect=True,
         )
+
+
+@pytest.fixture(autouse=True)
+def restore_structlog() -> Iterator[None]:
+    """Commands run in-process configure structlog (a warning-level filter, say); give the
+    next tests back what they had, so their log captures see every level."""
+    was_configured = structlog.is_configured()
+    saved = structlog.get_config()
+    yield
+    structlog.reset_defaults()
+    if was_configured:
+        structlog.configure(**saved)
 
 
 @pytest.fixture

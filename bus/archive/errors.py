@@ -44,6 +44,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,  # a connection cut mid-operation: "cannot switch to state"
     asyncpg.InvalidAuthorizationSpecificationError,  # unknown role, wrong password
     asyncpg.InvalidCatalogNameError,  # the database does not exist
 )

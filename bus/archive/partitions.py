@@ -37,7 +37,7 @@ WHERE i.inhparent = 'events'::regclass
 
 def partition_name(day: date) -> str:
     """Name of the partition holding ``day`` (UTC), e.g. ``events_20260101``."""
-    return f"events_{day:%Y%m%d}"
+    return f"events_{day.year:04d}{day.month:02d}{day.day:02d}"  # %Y is not padded below 1000
 
 
 def partition_day(name: str) -> date | None:

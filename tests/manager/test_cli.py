@@ -23,7 +23,6 @@ from typing import Any
 import click
 import orjson
 import pytest
-import structlog
 from click.testing import CliRunner, Result
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
@@ -40,17 +39,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYS = Keys("multibot")
 USER_STREAM = KEYS.stream("user")
 BOT_STREAM = KEYS.stream("bot")
-
-
-@pytest.fixture(autouse=True)
-def restore_structlog() -> Iterator[None]:
-    """The command configures structlog; give the next tests back what they had."""
-    was_configured = structlog.is_configured()
-    saved = structlog.get_config()
-    yield
-    structlog.reset_defaults()
-    if was_configured:
-        structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -126,6 +126,8 @@ class TestSeam:
                 return await bus.redis.xlen(stream) < 100
 
             await wait_until(gone, 30, "some of the stream trimmed")
-            held = await bus.redis.xlen(stream)
-            assert len([e async for e in bus.replay("note.#")]) == held
+            held_before = await bus.redis.xlen(stream)
+            got = len([e async for e in bus.replay("note.#")])
+            held_after = await bus.redis.xlen(stream)  # the trimmer goes on meanwhile
+            assert held_after <= got <= held_before < 100
             assert len(await ids(bus, store)) == 100

@@ -1,0 +1,640 @@
+"""The archiver: every event into PostgreSQL exactly once, across crashes and outages.
+
+The issue's acceptance tests, on a private Redis (7.0 and 6.2) and PostgreSQL per test. The
+archiver runs in this process, except where it must die by SIGKILL: then it runs as
+``tests/manager/archiver_proc.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncpg  # type: ignore[import-untyped]  # ships no type hints
+import orjson
+import pytest
+from redis.asyncio import Redis
+from structlog.testing import capture_logs
+
+from bus import BusClient, BusSettings, DeadLetterReason, Event
+from bus.archive import ArchiveStore
+from bus.connection import connect
+from bus.keys import ARCHIVER_GROUP, Keys
+from manager.archive_link import ArchiveLink
+from manager.archiver import Archiver
+from manager.config import ArchiveSettings
+from manager.lag import stream_keys
+from manager.postgres_server import PostgresServer
+from tests.conftest import BusFactory
+from tests.support import entries, wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = Keys()
+#: Types over the user, bot and system streams (the default routes).
+#: None has a schema in bus.catalog, so any data goes.
+TYPES = (
+    "user.note.added",
+    "user.profile.edited",
+    "bot.task.done",
+    "bot.reply.sent",
+    "system.health.checked",
+)
+#: Entries no producer of ours writes: each fails to decode as an event for its own reason.
+GARBAGE: tuple[dict[str, str], ...] = (
+    {"hello": "world"},
+    {"type": "user.note.added", "source": "x", "data": "{not json"},
+    {"type": "User Message", "source": "x", "data": "{}"},
+    {"type": "user.note.added", "source": "", "data": "{}"},
+    {"type": "user.note.added", "source": "x", "data": "[1, 2]"},
+    {"wire": "2", "type": "user.note.added", "source": "x", "data": "{}"},
+    {"type": "user.note.added", "source": "x", "data": "{}", "id": "not-a-uuid"},
+    {"type": "user.note.added", "source": "x", "data": "{}", "timestamp": "yesterday"},
+    {"type": "user.note.added", "source": "x", "data": "{}", "version": "two"},
+)
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[Redis]:
+    """The manager's own Redis client, as the daemon makes it."""
+    redis = connect(BusSettings(redis_url=redis_url), client_name="multibot-manager")
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture
+async def archive(postgres_server: PostgresServer) -> AsyncIterator[ArchiveStore]:
+    """A migrated store on the test's PostgreSQL, to look at what was archived."""
+    store = await ArchiveStore.connect(postgres_server.dsn)
+    await store.migrate()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def link(postgres_server: PostgresServer) -> AsyncIterator[ArchiveLink]:
+    """The archiver's way to the store, as the daemon makes it."""
+    archive_link = ArchiveLink(postgres_server.dsn, KEYS)
+    try:
+        yield archive_link
+    finally:
+        await archive_link.close()
+
+
+class ArchiverProc:
+    """An archiver process started by :func:`archiver_procs`."""
+
+    def __init__(self, process: asyncio.subprocess.Process, out: Path, log: Path) -> None:
+        self.process = process
+        self.out = out
+        self.log = log
+
+    def check_alive(self) -> None:
+        """Fail the test, with its stderr, if the process has exited."""
+        if self.process.returncode is not None:
+            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+            raise AssertionError(f"archiver exited ({self.process.returncode})\n{tail}")
+
+    async def wait_ready(self) -> None:
+        """Wait until it wrote ``ready`` (connected and archiving)."""
+
+        def ready() -> bool:
+            self.check_alive()
+            return "ready" in self.out.read_text().split()
+
+        await wait_until(ready, timeout=15, what="archiver process ready")
+
+    async def kill(self) -> None:
+        """SIGKILL it and reap it (idempotent)."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def terminate(self) -> int:
+        """SIGTERM it; its exit code once it stopped."""
+        self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), 15)
+
+
+class ArchiverProcs(Protocol):
+    """Starts an archiver process on the test's Redis and PostgreSQL; returns once ready."""
+
+    async def __call__(self, batch_size: int = ...) -> ArchiverProc: ...
+
+
+@pytest.fixture
+async def archiver_procs(
+    redis_url: str, postgres_server: PostgresServer, tmp_path: Path
+) -> AsyncIterator[ArchiverProcs]:
+    """Start archiver processes; every one still alive is SIGKILLed at teardown."""
+    procs: list[ArchiverProc] = []
+
+    async def start(batch_size: int = 50) -> ArchiverProc:
+        out, log = tmp_path / f"archiver-{len(procs)}.out", tmp_path / f"archiver-{len(procs)}.log"
+        args = [redis_url, postgres_server.dsn, str(batch_size)]
+        with out.open("wb") as out_file, log.open("wb") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.manager.archiver_proc", *args,
+                cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=out_file, stderr=log_file,
+            )  # fmt: skip
+        proc = ArchiverProc(process, out, log)
+        procs.append(proc)
+        await proc.wait_ready()
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            await proc.kill()
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def make_archiver(admin: Redis, link: ArchiveLink, **settings: Any) -> Archiver:
+    """An archiver of the default namespace, with default settings but ``settings``."""
+    return Archiver(admin, KEYS, ArchiveSettings(**settings), link.get)
+
+
+@contextlib.asynccontextmanager
+async def archiving(archiver: Archiver) -> AsyncIterator[asyncio.Task[None]]:
+    """Run the archiver while the block runs; cancel it after (raising what killed it)."""
+    task = asyncio.create_task(archiver.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def drafts(bus: BusClient, n: int, start: int = 0) -> list[Event]:
+    """``n`` events over the user, bot and system streams, some with every optional field."""
+    chain = str(uuid.uuid4())
+    return [
+        bus.event(
+            TYPES[i % len(TYPES)],
+            {"n": i, "text": f"héllo {i}", "nested": {"items": [i, None, True, 1.5]}},
+            key=f"key-{i % 7}" if i % 3 else None,
+            correlation_id=chain if i % 2 else None,
+            causation_id=str(uuid.uuid4()) if i % 4 == 1 else None,
+        )
+        for i in range(start, start + n)
+    ]
+
+
+async def publish(bus: BusClient, n: int, start: int = 0) -> list[Event]:
+    """Publish ``n`` events with one ``publish_many``; the events (confirmed by Redis)."""
+    events = drafts(bus, n, start)
+    assert await bus.publish_many(events) == [e.id for e in events]
+    return events
+
+
+@contextlib.asynccontextmanager
+async def producing(bus: BusClient, published: list[str]) -> AsyncIterator[None]:
+    """Publish batches of events in the background while the block runs; the ids Redis
+    confirmed are appended to ``published``."""
+    stop = asyncio.Event()
+
+    async def produce() -> None:
+        while not stop.is_set():
+            events = await publish(bus, 15, start=len(published))
+            published.extend(e.id for e in events)
+            await asyncio.sleep(0.01)  # a steady load rather than a flood
+
+    task = asyncio.create_task(produce())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def archived(
+    store: ArchiveStore, at_least: int, alive: Callable[[], None] | None = None
+) -> bool:
+    """Whether ``at_least`` events are archived; ``alive`` raises if the archiver died."""
+    if alive is not None:
+        alive()
+    return await store.count() >= at_least
+
+
+def running(task: asyncio.Task[None]) -> Callable[[], None]:
+    """A check that fails the test at once if the in-process archiver stopped."""
+
+    def check() -> None:
+        if task.done():
+            raise AssertionError(f"the archiver stopped: {task.exception()!r}")
+
+    return check
+
+
+async def positions(redis: Redis) -> dict[str, tuple[str, str]]:
+    """Event id → (stream key, entry id) of every entry in the namespace's streams."""
+    found: dict[str, tuple[str, str]] = {}
+    for stream in await stream_keys(redis, KEYS):
+        for entry_id, fields in await entries(redis, stream):
+            found.setdefault(fields.get("id", ""), (stream, entry_id))
+    return found
+
+
+async def all_archived(store: ArchiveStore) -> list[Event]:
+    """Every archived event, paging through ``query``."""
+    found: list[Event] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.query(after=cursor, limit=500)
+        found.extend(page)
+        if cursor is None:
+            return found
+
+
+async def id_counts(dsn: str) -> collections.Counter[str]:
+    """How many rows each event id has in ``events``."""
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        rows = await conn.fetch("SELECT id FROM events")
+    finally:
+        await conn.close()
+    return collections.Counter(str(row["id"]) for row in rows)
+
+
+async def dead_letter_rows(dsn: str) -> list[Mapping[str, Any]]:
+    """The rows of ``dead_letters``, by id."""
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        return list(await conn.fetch("SELECT * FROM dead_letters ORDER BY id"))
+    finally:
+        await conn.close()
+
+
+async def archiver_groups(redis: Redis) -> list[tuple[str, dict[str, Any]]]:
+    """(stream, XINFO GROUPS row) of the archiver group on every stream it archives."""
+    found = []
+    for stream in [*await stream_keys(redis, KEYS), KEYS.dead_letters()]:
+        groups: Any = await redis.xinfo_groups(stream)
+        found += [(stream, dict(g)) for g in groups if g["name"] == ARCHIVER_GROUP]
+    return found
+
+
+async def backlog(redis: Redis) -> tuple[int, int]:
+    """(pending, unread) entries of the archiver group, summed over its streams."""
+    pending = unread = 0
+    for stream, group in await archiver_groups(redis):
+        pending += int(group["pending"])
+        after: Any = await redis.xrange(stream, f"({group['last-delivered-id']}", "+")
+        unread += len(after)
+    return pending, unread
+
+
+async def caught_up(redis: Redis) -> bool:
+    """Whether the archiver group has read and acked every entry of every stream."""
+    return await backlog(redis) == (0, 0)
+
+
+async def holds_a_batch(redis: Redis) -> bool:
+    """Whether the archiver group has entries read but not acked (a batch in flight)."""
+    return (await backlog(redis))[0] > 0
+
+
+async def pending_ids(redis: Redis) -> dict[str, list[str]]:
+    """The entry ids pending in the archiver group, per stream."""
+    held: dict[str, list[str]] = {}
+    for stream, _ in await archiver_groups(redis):
+        rows: Any = await redis.xpending_range(stream, ARCHIVER_GROUP, "-", "+", 10_000)
+        held[stream] = [str(row["message_id"]) for row in rows]
+    return held
+
+
+async def dead_letter_events(bus: BusClient, events: list[Event]) -> list[str]:
+    """Dead-letter these published events as a failing handler would; the dead letter ids."""
+    where = await positions(bus.redis)
+    ids = []
+    for event in events:
+        stream, entry_id = where[event.id]
+        ((_, fields),) = await entries(bus.redis, stream, entry_id, entry_id)
+        ids.append(
+            await bus.dlq.add(
+                fields=fields,
+                reason=DeadLetterReason.HANDLER_ERROR,
+                error=f"ValueError: boom {event.id}",
+                stream=stream,
+                entry_id=entry_id,
+                group="bot-group-worker",
+                consumer="worker-0",
+                handler="handle",
+                attempts=3,
+                traceback="Traceback (most recent call last): ...",
+            )
+        )
+    return ids
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+
+class TestArchiving:
+    async def test_every_event_and_dead_letter_is_stored_once_with_every_field(
+        self,
+        admin: Redis,
+        archive: ArchiveStore,
+        link: ArchiveLink,
+        bus_factory: BusFactory,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """2,000 events over three streams, published before and while the archiver runs,
+        are each stored once with every field as read from Redis; dead letters land in
+        dead_letters; then the archiver group has nothing pending or unread."""
+        producer = await bus_factory("producer")
+        events = await publish(producer, 1000)
+        letters = await dead_letter_events(producer, events[:3])
+        archiver = make_archiver(admin, link, batch_size=300)
+        async with archiving(archiver) as task:
+            events += await publish(producer, 1000, start=1000)
+            await wait_until(
+                lambda: archived(archive, 2000, running(task)), timeout=20, what="2000 archived"
+            )
+            await wait_until(lambda: caught_up(admin), what="every entry acked")
+
+        counts = await id_counts(postgres_server.dsn)
+        assert len(counts) == 2000 and set(counts.values()) == {1}
+        where = await positions(admin)
+        expected = {e.id: e.with_delivery(*where[e.id]) for e in events}
+        stored = {e.id: e for e in await all_archived(archive)}
+        assert stored.keys() == expected.keys()
+        assert stored[events[1].id] == expected[events[1].id]  # a readable diff for one
+        assert [i for i, e in stored.items() if e != expected[i]] == []
+        assert {KEYS.stream_name(e.stream or "") for e in stored.values()} == {
+            "user",
+            "bot",
+            "system",
+        }
+        for name in ("user", "bot", "system"):
+            stream_entries = await entries(admin, KEYS.stream(name))
+            assert await archive.last_archived(name) == stream_entries[-1][0]
+        assert archiver.stats["archived"] == 2000
+        assert (archiver.stats["dead_letters"], archiver.stats["skipped"]) == (3, 0)
+        assert archiver.healthy and archiver.last_error is None
+
+        rows = await dead_letter_rows(postgres_server.dsn)
+        assert [row["id"] for row in rows] == sorted(letters)
+        for row, letter in zip(rows, await producer.dlq.list(), strict=True):
+            assert (row["id"], row["event_id"], row["type"], row["reason"]) == (
+                letter.id,
+                letter.event_id,
+                letter.type,
+                "handler_error",
+            )
+            assert (row["error"], row["traceback"], row["attempts"]) == (
+                letter.error,
+                letter.traceback,
+                3,
+            )
+            assert (row["group_name"], row["consumer"], row["handler"]) == (
+                "bot-group-worker",
+                "worker-0",
+                "handle",
+            )
+            assert (row["stream"], row["entry_id"]) == (letter.stream, letter.entry_id)
+            assert row["failed_at"] == datetime.fromisoformat(letter.failed_at)
+            assert orjson.loads(row["entry"]) == dict(letter.fields)
+
+    async def test_event_retried_from_the_dead_letters_is_stored_once(
+        self,
+        admin: Redis,
+        archive: ArchiveStore,
+        link: ArchiveLink,
+        bus_factory: BusFactory,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """A dead letter retried into its stream (the same event id and time in a second
+        entry) is stored once, whether both entries come in one batch or the original was
+        archived before the retry."""
+        producer = await bus_factory("producer")
+        first, second = await publish(producer, 2)
+        (letter,) = await dead_letter_events(producer, [first])
+        await producer.dlq.retry(letter)  # both entries of `first` wait in one batch
+        archiver = make_archiver(admin, link)
+        async with archiving(archiver) as task:
+            await wait_until(lambda: archived(archive, 2, running(task)), what="2 archived")
+            await wait_until(lambda: caught_up(admin), what="every entry acked")
+            (letter,) = await dead_letter_events(producer, [second])
+            await producer.dlq.retry(letter)  # `second` was archived before this copy
+            await wait_until(lambda: caught_up(admin), what="the retried copy acked")
+        assert await id_counts(postgres_server.dsn) == {first.id: 1, second.id: 1}
+        assert archiver.stats["archived"] == 2
+
+
+class TestArchiverCrash:
+    async def test_exactly_once_across_restarts_and_sigkills_mid_batch(
+        self,
+        admin: Redis,
+        archive: ArchiveStore,
+        bus_factory: BusFactory,
+        archiver_procs: ArchiverProcs,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """Under continuous publishing, an archiver process SIGKILLed with a batch in flight
+        and started again, three times over, ends with every published event stored
+        exactly once and nothing pending; SIGTERM then stops it cleanly."""
+        producer = await bus_factory("producer")
+        published = [e.id for e in await publish(producer, 30)]  # every stream exists
+        in_flight: list[int] = []
+
+        async def archiving_proc() -> ArchiverProc:
+            """A new archiver process, once it has stored 200 more events."""
+            proc = await archiver_procs(batch_size=50)
+            floor = await archive.count()
+            await wait_until(
+                lambda: archived(archive, floor + 200, proc.check_alive),
+                timeout=15,
+                what="archiving under load",
+            )
+            return proc
+
+        async with producing(producer, published):
+            for _ in range(3):
+                proc = await archiving_proc()
+                await wait_until(lambda: holds_a_batch(admin), what="a batch in flight")
+                await proc.kill()
+                in_flight.append((await backlog(admin))[0])
+            final = await archiving_proc()
+        await wait_until(
+            lambda: archived(archive, len(published), final.check_alive),
+            timeout=20,
+            what=f"all {len(published)} archived",
+        )
+        await wait_until(lambda: caught_up(admin), what="every entry acked")
+        assert await final.terminate() == 0
+
+        assert any(in_flight), f"no kill hit a batch in flight: {in_flight}"
+        counts = await id_counts(postgres_server.dsn)
+        assert [i for i, n in counts.items() if n > 1] == []
+        assert counts.keys() == set(published)
+        assert len(published) == len(set(published))
+        assert await archive.count() == len(published)
+
+
+class TestPostgresOutage:
+    async def test_events_wait_in_redis_while_postgres_is_down_then_are_stored_once(
+        self,
+        admin: Redis,
+        archive: ArchiveStore,
+        link: ArchiveLink,
+        bus_factory: BusFactory,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """With PostgreSQL stopped under load the archiver turns unhealthy with the error
+        and acks nothing (what it read stays pending, the rest unread); once PostgreSQL is
+        back every event is stored, none twice, and it is healthy again."""
+        producer = await bus_factory("producer")
+        published = [e.id for e in await publish(producer, 300)]
+        archiver = make_archiver(admin, link, batch_size=100)
+        with capture_logs() as logs:
+            async with archiving(archiver) as task:
+                await wait_until(lambda: archived(archive, 300, running(task)), what="archiving")
+                async with producing(producer, published):
+                    await postgres_server.stop()
+                    await wait_until(lambda: not archiver.healthy, what="the archiver unhealthy")
+                    assert archiver.last_error is not None
+                    assert archiver.status()["healthy"] is False
+                    # The write in flight at the stop may fail otherwise; the retries then
+                    # meet a closed port and say what to do.
+                    await wait_until(
+                        lambda: (archiver.last_error or "").startswith("ArchiveUnavailableError"),
+                        what="retries failing as PostgreSQL unavailable",
+                    )
+                    held = await pending_ids(admin)
+                    assert sum(map(len, held.values())) > 0
+                    waiting, mark = sum(await backlog(admin)), len(published)
+                    await wait_until(lambda: len(published) >= mark + 300, what="load while down")
+                    published_meanwhile = len(published) - mark
+                    assert not archiver.healthy
+                    later = await pending_ids(admin)  # it may read ahead, but acks nothing:
+                    assert all(set(ids) <= set(later[stream]) for stream, ids in held.items())
+                    assert sum(await backlog(admin)) >= waiting + published_meanwhile
+                    await postgres_server.start()
+                    mark = len(published)
+                    await wait_until(
+                        lambda: archived(archive, mark, running(task)), timeout=20, what="resumed"
+                    )
+                await wait_until(
+                    lambda: archived(archive, len(published), running(task)),
+                    timeout=20,
+                    what=f"all {len(published)} archived",
+                )
+                await wait_until(lambda: caught_up(admin), what="every entry acked")
+        assert archiver.healthy and archiver.last_error is None
+        counts = await id_counts(postgres_server.dsn)
+        assert [i for i, n in counts.items() if n > 1] == []
+        assert counts.keys() == set(published)
+        said = [e["event"] for e in logs if e.get("log_level") in ("error", "info")]
+        assert said.count("cannot write to PostgreSQL: events stay in Redis and are retried") == 1
+        assert said.count("PostgreSQL reachable again: archiving resumed") == 1
+
+
+class TestMalformedEntries:
+    async def test_malformed_entries_are_skipped_and_the_events_around_them_stored(
+        self,
+        admin: Redis,
+        archive: ArchiveStore,
+        link: ArchiveLink,
+        bus_factory: BusFactory,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """Entries that are not events (raw XADDs) are logged, acked and left out, and the
+        events before, between and after them are all stored; batches span both."""
+        producer = await bus_factory("producer")
+        good = await publish(producer, 10)
+        garbage = []
+        for n, fields in enumerate(GARBAGE):
+            stream = KEYS.stream(("user", "bot")[n % 2])
+            garbage.append(str(await admin.xadd(stream, fields)))  # type: ignore[arg-type]
+            good += await publish(producer, 2, start=100 + 2 * n)
+        archiver = make_archiver(admin, link, batch_size=3)
+        with capture_logs() as logs:
+            async with archiving(archiver) as task:
+                await wait_until(
+                    lambda: archived(archive, len(good), running(task)), what="good events"
+                )
+                await wait_until(lambda: caught_up(admin), what="every entry acked")
+        assert await id_counts(postgres_server.dsn) == {e.id: 1 for e in good}
+        assert archiver.stats["skipped"] == len(GARBAGE)
+        warned = [e for e in logs if e["event"] == "not archiving a malformed entry"]
+        assert sorted(e["entry_id"] for e in warned) == sorted(garbage)
+        assert archiver.healthy
+
+    @pytest.mark.parametrize(
+        "entry",
+        [
+            pytest.param(("user", {"version": "4294967296"}), id="event-version-beyond-int4"),
+            pytest.param(("user", {"timestamp": "9999-12-31T12:00:00Z"}), id="event-in-9999"),
+            pytest.param(("dlq", {"attempts": "4294967296"}), id="dead-letter-beyond-int4"),
+        ],
+    )
+    async def test_entry_postgres_cannot_store_does_not_block_the_entries_after_it(
+        self,
+        admin: Redis,
+        archive: ArchiveStore,
+        link: ArchiveLink,
+        bus_factory: BusFactory,
+        entry: tuple[str, dict[str, str]],
+    ) -> None:
+        """An entry that decodes but can never be stored (a version or attempt count beyond
+        the integer column, a time with no possible partition) is skipped like a malformed
+        one: the entries after it are stored and acked and the archiver stays healthy."""
+        stream, fields = entry
+        producer = await bus_factory("producer")
+        good = await publish(producer, 3)
+        raw = {"type": "user.note.added", "source": "x", "data": "{}", **fields}
+        key = KEYS.dead_letters() if stream == "dlq" else KEYS.stream(stream)
+        await admin.xadd(key, raw)  # type: ignore[arg-type]
+        good += await publish(producer, 3, start=3)
+        archiver = make_archiver(admin, link)
+        async with archiving(archiver) as task:
+
+            async def settled() -> bool:  # stored, or failing: no waiting out a timeout
+                return not archiver.healthy or (
+                    await archived(archive, 6, running(task)) and await caught_up(admin)
+                )
+
+            await wait_until(settled, what="archived or failing")
+            assert archiver.healthy, archiver.last_error
+        assert await archive.count() == len(good)
+
+    async def test_malformed_dead_letter_does_not_stop_the_archiver(
+        self, admin: Redis, archive: ArchiveStore, link: ArchiveLink, bus_factory: BusFactory
+    ) -> None:
+        """A raw entry in the dead-letter stream whose attempts is not a number is skipped
+        (or stored as it can be); the archiver keeps running and stores the events."""
+        producer = await bus_factory("producer")
+        await admin.xadd(KEYS.dead_letters(), {"event_id": "x", "attempts": "many"})
+        good = await publish(producer, 3)
+        archiver = make_archiver(admin, link)
+        async with archiving(archiver) as task:
+
+            async def settled() -> bool:
+                return task.done() or await archive.count() >= 3
+
+            await wait_until(settled, what="archived or stopped")
+            assert not task.done()
+            await wait_until(lambda: caught_up(admin), what="every entry acked")
+        assert await archive.count() == len(good)
