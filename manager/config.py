@@ -220,6 +220,9 @@ class ArchiveSettings(_Model):
     hot_window: float = Field(
         3600.0, ge=0, description="seconds of events kept in Redis after they are archived"
     )
+    hot_window_max_memory: ByteSize | None = Field(
+        None, description="Redis memory past which archived, acked events go whatever their age"
+    )
     trim_interval: float = Field(10.0, gt=0, description="seconds between stream trims")
     idle_group_after: float = Field(
         3600.0, gt=0, description="a group whose consumers are all idle this long is reported"

@@ -6,7 +6,8 @@ Each stream is trimmed with ``XTRIM MINID`` to the lowest of:
   oldest entry it has not finished: its oldest pending entry, or the first entry after its
   last delivered one. Below the floor every group has acked every entry, so the archiver
   has stored it (the archiver acks only after its transaction committed);
-- the *time cutoff*: entries younger than ``hot_window`` seconds stay.
+- the *time cutoff*: entries younger than ``hot_window`` seconds stay, unless Redis uses
+  more than ``hot_window_max_memory``: then everything below the floor goes.
 
 A stream without the archiver's group yet is not trimmed at all. A group whose consumers
 have all been idle longer than ``idle_group_after`` (a bot removed from the config, say) is
@@ -30,6 +31,7 @@ from bus.redis_errors import UNAVAILABLE
 from manager.announcer import Announcer
 from manager.config import ArchiveSettings
 from manager.lag import stream_keys
+from manager.memory import redis_used_memory
 
 log = structlog.get_logger("manager.trimmer")
 EntryId = tuple[int, int]
@@ -66,6 +68,7 @@ class Trimmer:
         self._announcer = announcer
         self._idle: set[tuple[str, str]] = set()
         self._unread_since: dict[tuple[str, str], float] = {}
+        self._over_memory = False
         #: Entries trimmed so far, per stream key.
         self.trimmed: dict[str, int] = {}
 
@@ -85,6 +88,17 @@ class Trimmer:
         """One round over every stream; entries trimmed."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         cutoff = (max(0, now_ms - int(self._settings.hot_window * 1000)), 0)
+        limit = self._settings.hot_window_max_memory
+        if limit is not None and await redis_used_memory(self._redis) > limit:
+            # Over the memory share of the hot window: keep only what is not yet safe to
+            # drop (unarchived or unacked), whatever its age.
+            cutoff = (now_ms + 1, 0)
+            if not self._over_memory:
+                log.warning("hot window over its memory limit: trimming to the safe floor",
+                            limit=int(limit))  # fmt: skip
+            self._over_memory = True
+        else:
+            self._over_memory = False
         total = 0
         for stream in await stream_keys(self._redis, self._keys):
             total += await self.trim(stream, cutoff)

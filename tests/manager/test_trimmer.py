@@ -217,6 +217,21 @@ class TestSafeFloor:
         assert await trimmer.trim_all(now_ms=base + 60_000 + 20_001) == 0
         assert trimmer.trimmed == {STREAM: 3}
 
+    async def test_over_the_memory_limit_everything_safe_goes_whatever_its_age(
+        self, bus: BusClient, announcer: Announcer
+    ) -> None:
+        """hot_window_max_memory: past it, archived and acked entries go even if young;
+        what a group has not acked stays."""
+        ids = await publish(bus, 6)
+        await join(bus.redis, BOT_GROUP)
+        await ack(bus.redis, BOT_GROUP, (await read(bus.redis, BOT_GROUP, 10))[:4])
+        assert await archived(bus.redis) == ids
+        roomy = make_trimmer(bus, announcer, hot_window=3600)
+        assert await roomy.trim_all() == 0  # young, and memory is fine
+        tight = make_trimmer(bus, announcer, hot_window=3600, hot_window_max_memory=1)
+        assert await tight.trim_all() == 4
+        assert await left(bus.redis) == ids[4:]  # the bot has not acked these yet
+
 
 class TestIdleGroups:
     async def _idle_bot_group(self, bus: BusClient) -> list[str]:
