@@ -252,15 +252,26 @@ class ArchiveStore:
     async def _write_events(
         self, records: list[tuple[Any, ...]], heads: Mapping[str, tuple[int, int]]
     ) -> int:
-        async with self._connection() as conn, conn.transaction():
-            await conn.execute(_CREATE_INCOMING)
-            await conn.copy_records_to_table(
-                "events_incoming", records=records, columns=EVENT_COLUMNS
-            )
-            inserted = _status_count(await conn.execute(_INSERT_EVENTS))
-            await conn.execute(
-                _ADVANCE_STATE, list(heads), [f"{ms}-{seq}" for ms, seq in heads.values()]
-            )
+        """COPY straight into ``events`` (one write per row); only when some rows are there
+        already (a batch retried after a crash) go through a temporary table and
+        ``INSERT … ON CONFLICT DO NOTHING``, which writes every row twice."""
+        state = (_ADVANCE_STATE, list(heads), [f"{ms}-{seq}" for ms, seq in heads.values()])
+        async with self._connection() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.copy_records_to_table(
+                        "events", records=records, columns=EVENT_COLUMNS
+                    )
+                    await conn.execute(*state)
+                inserted = len(records)
+            except asyncpg.UniqueViolationError:
+                async with conn.transaction():
+                    await conn.execute(_CREATE_INCOMING)
+                    await conn.copy_records_to_table(
+                        "events_incoming", records=records, columns=EVENT_COLUMNS
+                    )
+                    inserted = _status_count(await conn.execute(_INSERT_EVENTS))
+                    await conn.execute(*state)
         log.debug("events archived", batch=len(records), new=inserted)
         return inserted
 
