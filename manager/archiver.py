@@ -94,6 +94,7 @@ class Archiver:
 
     async def _write_loop(self, batches: asyncio.Queue[Batch]) -> None:
         while True:
+            raise_swallowed_cancel()  # its acks are redis-py calls, which can drop a cancel
             entries, events, letters = await batches.get()
             await self._archive(entries, events, letters)
 

@@ -15,6 +15,7 @@ from typing import Protocol
 import structlog
 
 from bus.backoff import Backoff
+from bus.connection import raise_swallowed_cancel
 
 log = structlog.get_logger("manager.services")
 
@@ -40,6 +41,7 @@ async def keep_running(
     backoff = backoff or Backoff(0.5, 30.0)
     attempt = 0
     while True:
+        raise_swallowed_cancel()  # start() pings with redis-py, which can drop a cancel
         code = await server.wait()
         log.error("embedded server exited: restarting it", server=name, code=code)
         while True:
