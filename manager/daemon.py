@@ -175,6 +175,8 @@ class Manager:
                     restarted = self._redis_restarted
                     watch = keep_running("redis", services.redis, on_restart=restarted)
                     helpers.append(tg.create_task(watch))
+                if services.postgres is not None:  # the archive's pool reconnects by itself
+                    helpers.append(tg.create_task(keep_running("postgres", services.postgres)))
                 await self._shutdown.wait()
                 await self._stop(announcer, supervisor, supervising)
                 log.info("bots stopped; stopping the coordinator and archiver")

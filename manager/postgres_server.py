@@ -426,6 +426,13 @@ class PostgresServer:
         await process.wait()
         self._process = None
 
+    async def wait(self) -> int:
+        """Wait until the running server exits (a crash, or a stop); its exit code."""
+        process = self._process
+        if process is None:
+            raise EmbeddedServiceError(f"{self!r} is not running")
+        return await process.wait()
+
     async def restart(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (as stop/start)
         """Stop the server if it runs, then start it on the same port and cluster."""
         await self.stop(min(timeout, 10.0))

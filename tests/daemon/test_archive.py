@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from redis.asyncio import Redis
 
 from bus import BusClient, BusSettings, EventType
+from bus.archive.errors import ArchiveError
 from bus.archive.store import ArchiveStore
 from bus.keys import Keys
 from manager.postgres_server import PostgresServer
 from manager.redis_server import RedisServer
 from tests.daemon.conftest import ManagerFactory
-from tests.daemon.manager_process import bot_toml, events
+from tests.daemon.manager_process import FAST, ManagerProcess, bot_toml, events
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
@@ -139,3 +144,58 @@ class TestCatchUp:
             seen: Any = await bus.redis.lrange(seen_key, 0, -1)
             assert list(seen) == old + new
         assert await manager.terminate() == 0
+
+
+class TestEmbeddedPostgres:
+    async def test_killed_embedded_postgres_comes_back_and_archiving_goes_on(
+        self, reachable_dir: Path, redis_server: RedisServer
+    ) -> None:
+        """SIGKILL the embedded PostgreSQL: restarted on its data; events archived after."""
+        config = f'data_dir = "data"\nredis_url = "{redis_server.url}"\n' + FAST
+        manager = ManagerProcess(reachable_dir, config)
+        try:
+            await manager.start()
+            found: Any = await manager.command("connection")
+            dsn = str(found["postgres_dsn"])
+            postgres = [p for p in _children(manager) if _name(p) == "postgres"]
+            assert postgres
+            settings = BusSettings(redis_url=redis_server.url)
+            async with BusClient("tester", settings=settings) as bus:
+                before = await bus.publish("test.ok", {})
+                await wait_until(lambda: _archived(dsn, before), 20, "an event archived")
+                os.kill(postgres[0], signal.SIGKILL)
+
+                async def back() -> bool:
+                    now = [p for p in _children(manager) if _name(p) == "postgres"]
+                    return bool(now) and now[0] != postgres[0]
+
+                await wait_until(back, 30, "the embedded PostgreSQL to be restarted")
+                after = await bus.publish("test.ok", {})
+                await wait_until(lambda: _archived(dsn, after), 30, "an event archived after")
+            assert await manager.terminate() == 0
+        finally:
+            await manager.kill()
+
+
+async def _archived(dsn: str, event_id: str) -> bool:
+    try:
+        async with await ArchiveStore.connect(dsn, connect_timeout=2) as store:
+            return await store.get(event_id) is not None
+    except ArchiveError:
+        return False
+
+
+def _children(manager: ManagerProcess) -> list[int]:
+    assert manager.process is not None
+    try:
+        children = psutil.Process(manager.process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p.pid for p in children]
+
+
+def _name(pid: int) -> str:
+    try:
+        return str(psutil.Process(pid).name())
+    except psutil.NoSuchProcess:
+        return ""
