@@ -7,10 +7,9 @@ so on a server with the default config they need no flags.
 from __future__ import annotations
 
 import os
-import re
 from collections import defaultdict
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -23,13 +22,10 @@ from bus.conditions import Where
 from bus.errors import SubscriptionError
 from bus.event import Event
 from bus.patterns import Pattern
-from manager.cli_events import event_json
+from manager.cli_events import duration_ago, event_json
 from manager.config import ConfigError, config_path, load_config
 from manager.control import ControlError, call, control_path
 from manager.demo import describe
-
-_DURATION_RE = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 def _moment(value: str | None, hint: str) -> datetime | None:
@@ -37,8 +33,8 @@ def _moment(value: str | None, hint: str) -> datetime | None:
     if value is None:
         return None
     text = value.strip()
-    if duration := _DURATION_RE.match(text):
-        return datetime.now(UTC) - timedelta(**{_UNITS[duration[2]]: int(duration[1])})
+    if (ago := duration_ago(text)) is not None:
+        return ago
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

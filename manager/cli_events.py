@@ -124,6 +124,13 @@ async def _publish(  # noqa: PLR0917 - the command's options, passed straight th
 # -- tail ----------------------------------------------------------------------------------
 
 
+def duration_ago(text: str) -> datetime | None:
+    """``30s``, ``10m``, ``2h``, ``1d`` back from now; None if ``text`` is not a duration."""
+    if duration := _DURATION_RE.match(text):
+        return datetime.now(UTC) - timedelta(**{_UNITS[duration[2]]: int(duration[1])})
+    return None
+
+
 def _since_id(value: str) -> str | None:
     """``--since``: None for "now", else the inclusive stream id to start from."""
     text = value.strip()
@@ -131,9 +138,8 @@ def _since_id(value: str) -> str | None:
         return None
     if _STREAM_ID_RE.match(text):
         return text
-    if duration := _DURATION_RE.match(text):
-        delta = timedelta(**{_UNITS[duration[2]]: int(duration[1])})
-        return stream_id_at(datetime.now(UTC) - delta, "-")
+    if (ago := duration_ago(text)) is not None:
+        return stream_id_at(ago, "-")
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

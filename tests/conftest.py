@@ -12,6 +12,7 @@ from typing import Any, Protocol, cast
 import psutil
 import pytest
 import structlog
+from redis.asyncio import Redis
 
 from bus import BusClient, BusSettings
 from manager.redis_server import (
@@ -114,6 +115,16 @@ async def redis_server(tmp_path: Path, redis_binary: RedisBinary) -> AsyncIterat
 def redis_url(redis_server: RedisServer) -> str:
     """The URL of this test's private redis-server."""
     return redis_server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client on the test's private Redis (decoded responses), closed at teardown."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 class RedisFactory(Protocol):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,16 +17,6 @@ pytestmark = pytest.mark.redis
 KEYS = Keys("leasetest")
 BOT = "detector"
 TTL = 5.0
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    """A client on the test's private Redis."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def lease(redis: Redis, instance: str, ttl: float = TTL) -> Lease:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
-from redis.asyncio import Redis
 
 from bus.keys import Keys
 from manager.postgres_server import PostgresServer
@@ -47,14 +46,6 @@ async def manager_factory(
     yield start
     for manager in started:
         await manager.kill()
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    """An admin client on the test's Redis (decoded responses)."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

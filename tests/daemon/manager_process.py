@@ -142,6 +142,15 @@ class ManagerProcess:
             self.process.kill()
             await self.process.wait()
 
+    def children(self, name: str | None = None) -> list[int]:
+        """Pids of the manager's descendants (those whose process is ``name`` if given)."""
+        assert self.process is not None
+        try:
+            found = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [c.pid for c in found if name is None or _name(c) == name]
+
     def log(self) -> str:
         """What the manager logged so far (the tail)."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -169,3 +178,10 @@ def gone(pids: Sequence[int]) -> bool:
         except psutil.NoSuchProcess:
             continue
     return True
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return str(process.name())
+    except psutil.NoSuchProcess:
+        return ""

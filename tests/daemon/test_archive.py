@@ -8,7 +8,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from redis.asyncio import Redis
 
@@ -157,7 +156,7 @@ class TestEmbeddedPostgres:
             await manager.start()
             found: Any = await manager.command("connection")
             dsn = str(found["postgres_dsn"])
-            postgres = [p for p in _children(manager) if _name(p) == "postgres"]
+            postgres = manager.children("postgres")
             assert postgres
             settings = BusSettings(redis_url=redis_server.url)
             async with BusClient("tester", settings=settings) as bus:
@@ -166,7 +165,7 @@ class TestEmbeddedPostgres:
                 os.kill(postgres[0], signal.SIGKILL)
 
                 async def back() -> bool:
-                    now = [p for p in _children(manager) if _name(p) == "postgres"]
+                    now = manager.children("postgres")
                     return bool(now) and now[0] != postgres[0]
 
                 await wait_until(back, 30, "the embedded PostgreSQL to be restarted")
@@ -183,19 +182,3 @@ async def _archived(dsn: str, event_id: str) -> bool:
             return await store.get(event_id) is not None
     except ArchiveError:
         return False
-
-
-def _children(manager: ManagerProcess) -> list[int]:
-    assert manager.process is not None
-    try:
-        children = psutil.Process(manager.process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [p.pid for p in children]
-
-
-def _name(pid: int) -> str:
-    try:
-        return str(psutil.Process(pid).name())
-    except psutil.NoSuchProcess:
-        return ""

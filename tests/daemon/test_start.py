@@ -58,7 +58,7 @@ class TestDefaults:
             assert status["manager"]["redis"].startswith("unix://")
             assert status["manager"]["postgres"].startswith("postgresql://")
             pids = [i["pid"] for b in bots.values() for i in b["instances"]]
-            services = _children(manager)
+            services = manager.children()
             shown = multibot("status", "--config", str(manager.config_path),
                              env={"MULTIBOT_DATA_DIR": str(reachable_dir / "data")})  # fmt: skip
             assert shown.returncode == 0, shown.stderr
@@ -83,13 +83,6 @@ class TestDefaults:
             assert await manager.terminate() == 0
         finally:
             await manager.kill()
-
-
-def _children(manager: ManagerProcess) -> list[int]:
-    import psutil
-
-    assert manager.process is not None
-    return [p.pid for p in psutil.Process(manager.process.pid).children(recursive=True)]
 
 
 @pytest.mark.redis
@@ -322,11 +315,11 @@ class TestEmbeddedRedis:
             async with BusClient("tester", settings=BusSettings(redis_url=url)) as bus:
                 first = await bus.publish("test.ok", {})
                 await wait_until(lambda: _handled(bus, handled, first), 10, "the first event")
-                redis_pid = next(p for p in _children(manager) if _name(p) == "redis-server")
+                redis_pid = manager.children("redis-server")[0]
                 os.kill(redis_pid, signal.SIGKILL)
 
                 async def back() -> bool:
-                    pids = [p for p in _children(manager) if _name(p) == "redis-server"]
+                    pids = manager.children("redis-server")
                     return bool(pids) and pids[0] != redis_pid
 
                 await wait_until(back, 20, "the embedded redis-server to be restarted")
@@ -344,15 +337,6 @@ async def _handled(bus: BusClient, key: str, event_id: str) -> bool:
     return event_id in items
 
 
-def _name(pid: int) -> str:
-    import psutil
-
-    try:
-        return str(psutil.Process(pid).name())
-    except psutil.NoSuchProcess:
-        return ""
-
-
 class TestManagerKilled:
     async def test_children_die_with_a_killed_manager(self, tmp_path: Path) -> None:
         """kill -9 the manager: its bots and embedded redis-server go too, no orphans."""
@@ -362,7 +346,7 @@ class TestManagerKilled:
         )
         try:
             await manager.start()
-            children = _children(manager)
+            children = manager.children()
             assert len(children) >= 3  # two bots and redis-server
             await manager.kill()
             await wait_until(lambda: gone(children), 10, "every child of the killed manager")

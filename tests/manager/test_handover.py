@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -27,16 +26,6 @@ LIVE = "a-1"
 A = (STREAM, "1-0")
 B = (STREAM, "2-0")
 C = (OTHER, "1-0")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    """A client on the test's private Redis."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def deliver(redis: Redis, n: int, consumer: str = DEAD, stream: str = STREAM) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,16 +15,6 @@ pytestmark = pytest.mark.redis
 
 KEYS = Keys("lagtest")
 STREAM = KEYS.stream("user")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    """A client on the test's private Redis."""
-    client = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def publish(redis: Redis, n: int, stream: str = STREAM) -> list[str]:
