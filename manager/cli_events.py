@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 import sys
@@ -15,6 +14,7 @@ import structlog
 from redis.asyncio import Redis
 
 from bus.conditions import Where
+from bus.connection import raise_swallowed_cancel
 from bus.errors import EventValidationError, SubscriptionError, WireFormatError
 from bus.event import Event
 from bus.keys import Keys
@@ -230,18 +230,6 @@ def event_json(event: Event) -> dict[str, Any]:
     }
 
 
-def _honour_lost_cancel() -> None:
-    """Raise CancelledError if this task was cancelled but the cancel got lost.
-
-    On Python 3.11, redis-py sends commands under ``asyncio.wait_for``, which drops a
-    cancel that lands while the send completes (fixed in 3.12); Ctrl-C would then be
-    ignored. The task still counts the request, so the next loop turn honours it.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 class _Tail:
     """Reads the streams a pattern routes to with plain XREAD: an observer, not a consumer."""
 
@@ -288,12 +276,12 @@ class _Tail:
                 await self._history(redis, self.since, positions)
             while self.left != 0:
                 await self._follow(redis, positions)
-                _honour_lost_cancel()
+                raise_swallowed_cancel()
 
     async def _history(self, redis: Redis, since: str, positions: dict[str, str]) -> None:
         history = replay(redis, self.keys, self.router, [self.pattern.text], since=since)
         async for event in history:
-            _honour_lost_cancel()
+            raise_swallowed_cancel()
             stream, entry_id = str(event.stream), str(event.entry_id)
             if entry_order(entry_id) > entry_order(positions[stream]):
                 positions[stream] = entry_id  # arrived during the replay: printed already
