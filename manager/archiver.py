@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -21,12 +21,12 @@ from redis.asyncio import Redis
 
 from bus import EventType
 from bus.archive.errors import ArchiveError
+from bus.archive.rows import entry_record, event_record, nul_free
 from bus.archive.store import ArchiveStore
 from bus.backoff import Backoff
 from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetter, parse_dead_letter
 from bus.errors import WireFormatError
-from bus.event import Event
 from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
 from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
 from bus.wire import decode
@@ -35,10 +35,14 @@ from manager.lag import stream_keys
 
 log = structlog.get_logger("manager.archiver")
 StoreFactory = Callable[[], Awaitable[ArchiveStore]]
-Entries = list[tuple[str, list[tuple[str, Mapping[str, str]]]]]
-Batch = tuple[Entries, list[Event], list[DeadLetter]]
+#: What one read returns: per stream, its entries as (entry id, flat [name, value, ...]
+#: fields); the fields are empty for an entry deleted while pending.
+Entries = list[tuple[str, list[tuple[str, list[str]]]]]
+Record = tuple[Any, ...]
+Batch = tuple[Entries, list[Record], list[DeadLetter]]
 _DISCOVER_EVERY = 5.0  # seconds between looks for new streams
 _AHEAD = 2  # batches read ahead of the one being written
+_WRITERS = 1
 #: Seconds of failing writes before system.archive.stalled is published.
 STALL_AFTER = 10.0
 
@@ -57,6 +61,10 @@ class Archiver:
     ) -> None:
         self._announce = announce
         self._redis = redis
+        # XREADGROUP replies as they come (no dict per entry): the fields go straight into
+        # rows. A client of its own, on the same pool, so no one else's replies change.
+        self._reader = Redis(connection_pool=redis.connection_pool)
+        self._reader.set_response_callback("XREADGROUP", _as_sent)
         self._keys = keys
         self._settings = settings
         self._store_factory = store
@@ -84,7 +92,8 @@ class Archiver:
         await self._drain_pending()
         batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=_AHEAD)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._write_loop(batches))
+            for _ in range(_WRITERS):
+                tg.create_task(self._write_loop(batches))
             while True:
                 raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
                 await self._discover()
@@ -95,8 +104,8 @@ class Archiver:
     async def _write_loop(self, batches: asyncio.Queue[Batch]) -> None:
         while True:
             raise_swallowed_cancel()  # its acks are redis-py calls, which can drop a cancel
-            entries, events, letters = await batches.get()
-            await self._archive(entries, events, letters)
+            entries, records, letters = await batches.get()
+            await self._archive(entries, records, letters)
 
     async def _discover(self, force: bool = False) -> None:
         """Find the namespace's streams (new routes appear) and join each with our group."""
@@ -124,7 +133,7 @@ class Archiver:
         if not self._streams:
             await self._discover(force=True)
         try:
-            response: Any = await self._redis.xreadgroup(
+            response: Any = await self._reader.xreadgroup(
                 ARCHIVER_GROUP,
                 ARCHIVER_CONSUMER,
                 dict.fromkeys(self._streams, start),
@@ -140,7 +149,12 @@ class Archiver:
                 await asyncio.sleep(1.0)
                 return []
             raise
-        return [(stream, list(rows)) for stream, rows in response or [] if rows]
+        streams = response.items() if isinstance(response, dict) else response or []  # RESP3/2
+        return [
+            (stream, [(entry_id, fields or []) for entry_id, fields in rows])
+            for stream, rows in streams
+            if rows
+        ]
 
     async def _drain_pending(self) -> None:
         """Archive what a previous run had read but not acked (its batch in flight)."""
@@ -155,7 +169,7 @@ class Archiver:
             await self._archive(entries, *self._decode(entries))
 
     async def _archive(
-        self, entries: Entries, events: list[Event], letters: list[DeadLetter]
+        self, entries: Entries, events: list[Record], letters: list[DeadLetter]
     ) -> None:
         """Store one batch (retrying while PostgreSQL is away), then ack it."""
         attempt = 0
@@ -189,21 +203,26 @@ class Archiver:
             await self._redis.xack(stream, ARCHIVER_GROUP, *[entry_id for entry_id, _ in rows])
 
     async def _store(
-        self, store: ArchiveStore, events: list[Event], letters: list[DeadLetter]
+        self, store: ArchiveStore, events: list[Record], letters: list[DeadLetter]
     ) -> None:
         """Insert a batch; if PostgreSQL refuses its data (not its connection), insert one
         by one and skip, loudly, what it will never take, so one bad entry cannot hold the
         archive (and the trimming of its stream) for ever."""
         if events:
-            await self._insert("archived", list(events), store.insert_events)
+            await self._insert("archived", events, store.insert_records, _record_ids)
         if letters:
-            await self._insert("dead_letters", list(letters), store.insert_dead_letters)
+            await self._insert("dead_letters", letters, store.insert_dead_letters, _letter_ids)
 
     async def _insert(
-        self, kind: str, items: list[Any], insert: Callable[[list[Any]], Awaitable[int]]
+        self,
+        kind: str,
+        items: list[Any],
+        insert: Callable[[list[Any]], Awaitable[int]],
+        ids: Callable[[Any], dict[str, Any]],
     ) -> None:
         try:
-            self.stats[kind] += await insert(items)
+            inserted = await insert(items)  # (not `+= await`: that reads before awaiting)
+            self.stats[kind] += inserted
             return
         except ArchiveError:
             raise
@@ -211,15 +230,15 @@ class Archiver:
             log.warning("PostgreSQL refused a batch; storing it one by one", error=str(exc))
         for item in items:
             try:
-                self.stats[kind] += await insert([item])
+                inserted = await insert([item])
+                self.stats[kind] += inserted
             except ArchiveError:
                 raise
             except Exception as exc:
                 self.stats["unarchivable"] += 1
                 log.error(
                     "an entry PostgreSQL will not take: not archived",
-                    event_id=getattr(item, "event_id", None) or getattr(item, "id", None),
-                    entry_id=getattr(item, "entry_id", None),
+                    **ids(item),
                     error=f"{type(exc).__name__}: {exc}",
                 )
 
@@ -234,30 +253,45 @@ class Archiver:
             {"error": self.last_error, "seconds": round(seconds, 1), "waiting": waiting},
         )
 
-    def _decode(self, entries: Entries) -> tuple[list[Event], list[DeadLetter]]:
-        events: list[Event] = []
+    def _decode(self, entries: Entries) -> tuple[list[Record], list[DeadLetter]]:
+        """Rows for the events (our publisher's entries straight from their fields, others
+        through the wire decoder) and the dead letters; malformed entries are skipped."""
+        records: list[Record] = []
         letters: list[DeadLetter] = []
         dlq = self._keys.dead_letters()
         for stream, rows in entries:
+            if stream == dlq:
+                letters.extend(self._letters(rows))
+                continue
+            name = nul_free(self._keys.stream_name(stream))
             for entry_id, fields in rows:
                 if not fields:
                     continue  # deleted while pending
-                if stream == dlq:
+                record = entry_record(name, entry_id, fields)
+                if record is None:
                     try:
-                        letters.append(parse_dead_letter(entry_id, fields))
-                    except Exception as exc:  # a foreign writer's garbage in the DLQ
+                        record = event_record(decode(_as_dict(fields), stream, entry_id), name)
+                    except (WireFormatError, ValueError) as exc:
+                        # Not an event: consumers dead-letter it, and the dead letter is archived.
                         self.stats["skipped"] += 1
-                        log.warning("not archiving a malformed dead letter", entry_id=entry_id,
-                                    error=str(exc))  # fmt: skip
-                    continue
-                try:
-                    events.append(decode(fields, stream, entry_id))
-                except WireFormatError as exc:
-                    # Not an event: consumers dead-letter it, and the dead letter is archived.
-                    self.stats["skipped"] += 1
-                    log.warning("not archiving a malformed entry", stream=stream, entry_id=entry_id,
-                                error=exc.reason)  # fmt: skip
-        return events, letters
+                        log.warning("not archiving a malformed entry", stream=stream,
+                                    entry_id=entry_id, error=str(exc))  # fmt: skip
+                        continue
+                records.append(record)
+        return records, letters
+
+    def _letters(self, rows: list[tuple[str, list[str]]]) -> list[DeadLetter]:
+        letters: list[DeadLetter] = []
+        for entry_id, fields in rows:
+            if not fields:
+                continue
+            try:
+                letters.append(parse_dead_letter(entry_id, _as_dict(fields)))
+            except Exception as exc:  # a foreign writer's garbage in the DLQ
+                self.stats["skipped"] += 1
+                log.warning("not archiving a malformed dead letter", entry_id=entry_id,
+                            error=str(exc))  # fmt: skip
+        return letters
 
     def status(self) -> dict[str, Any]:
         """Health and counters, for status and /healthz."""
@@ -266,3 +300,19 @@ class Archiver:
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else f"failing ({self.last_error})"
         return f"<Archiver streams={len(self._streams)} {state} archived={self.stats['archived']}>"
+
+
+def _as_sent(response: Any, **_: Any) -> Any:
+    return response
+
+
+def _as_dict(fields: list[str]) -> dict[str, str]:
+    return dict(zip(fields[0::2], fields[1::2], strict=True))
+
+
+def _record_ids(record: Record) -> dict[str, Any]:
+    return {"event_id": record[0], "entry_id": f"{record[-2]}-{record[-1]}"}
+
+
+def _letter_ids(letter: DeadLetter) -> dict[str, Any]:
+    return {"event_id": letter.event_id, "entry_id": letter.entry_id}

@@ -18,9 +18,9 @@ import structlog
 
 from bus.archive.errors import CursorError
 from bus.dlq import DeadLetter
-from bus.event import Event
+from bus.event import TYPE_RE, Event
 from bus.keys import Keys
-from bus.wire import encode_data
+from bus.wire import FIELDS, encode_data
 
 log = structlog.get_logger("bus.archive")
 
@@ -41,19 +41,21 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _NUL = "\x00"
 _REPLACEMENT = "\ufffd"
+_WIRE_NAMES = list(FIELDS)
 
 
-def _text(value: str) -> str:
+def nul_free(value: str) -> str:
+    """The text with NUL (which PostgreSQL text cannot hold) as U+FFFD."""
     return value.replace(_NUL, _REPLACEMENT) if _NUL in value else value
 
 
 def _opt_text(value: str | None) -> str | None:
-    return None if value is None else _text(value)
+    return None if value is None else nul_free(value)
 
 
 def _without_nul(value: Any) -> Any:
     if isinstance(value, str):
-        return _text(value)
+        return nul_free(value)
     if isinstance(value, Mapping):
         return {_without_nul(k): _without_nul(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -110,19 +112,55 @@ def event_record(event: Event, stream_name: str) -> tuple[Any, ...]:
         )
     ms, seq = split_entry_id(event.entry_id)
     return (
-        _text(event.id),
+        nul_free(event.id),
         event.type,
-        _text(event.source),
+        nul_free(event.source),
         json_text(event.data, f"event {event.id} data"),
         _opt_text(event.correlation_id),
         _opt_text(event.causation_id),
         event.version,
         _opt_text(event.key),
         as_utc(event.timestamp),
-        _text(stream_name),
+        nul_free(stream_name),
         ms,
         seq,
     )
+
+
+def entry_record(stream_name: str, entry_id: str, fields: list[str]) -> tuple[Any, ...] | None:
+    """The row of a stream entry written by our publisher, straight from its flat
+    ``[name, value, ...]`` fields: no :class:`Event` is built and ``data`` is stored as
+    sent (jsonb normalises it). This is the archiver's fast path; it returns None for any
+    other entry (another field set, a NUL, anything unusual), which then goes through
+    :func:`bus.wire.decode` and :func:`event_record` and is stored, or refused, as there.
+    """
+    if fields[0::2] != _WIRE_NAMES:
+        return None
+    wire, id_, type_, source, ts, correlation, causation, version, key, data = fields[1::2]
+    if (
+        wire != "1"
+        or len(id_) != 36
+        or not source
+        or not ts
+        or not version.isdigit()
+        or not TYPE_RE.match(type_)
+        or _NUL in id_ + source + correlation + causation + key
+        or "\\u0000" in data
+    ):
+        return None
+    try:
+        if type(orjson.loads(data)) is not dict:
+            return None
+        created = datetime.fromisoformat(ts)
+        ms, seq = split_entry_id(entry_id)
+    except ValueError:  # orjson.JSONDecodeError is one too
+        return None
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    return (
+        id_, type_, source, data, correlation or None, causation or None, int(version),
+        key or None, created, stream_name, ms, seq,
+    )  # fmt: skip
 
 
 def row_event(row: Mapping[str, Any], keys: Keys) -> Event:
@@ -155,9 +193,9 @@ def dead_letter_record(letter: DeadLetter) -> tuple[Any, ...]:
     head = (letter.id, letter.event_id, letter.type, letter.reason, letter.error, letter.traceback)
     tail = (letter.group, letter.consumer, letter.handler, letter.stream, letter.entry_id)
     return (
-        *map(_text, head),
+        *map(nul_free, head),
         letter.attempts,
-        *map(_text, tail),
+        *map(nul_free, tail),
         _parse_time(letter.failed_at),
         json_text(dict(letter.fields), f"dead letter {letter.id} entry"),
     )

@@ -42,8 +42,8 @@ log = structlog.get_logger("bus.archive")
 
 _CLOSE_GRACE = 10.0  # seconds close() waits for borrowed connections before terminating
 _COLUMNS = ", ".join(EVENT_COLUMNS)
-_CREATED_AT, _ENTRY_MS, _ENTRY_SEQ = map(
-    EVENT_COLUMNS.index, ("created_at", "entry_ms", "entry_seq")
+_CREATED_AT, _STREAM, _ENTRY_MS, _ENTRY_SEQ = map(
+    EVENT_COLUMNS.index, ("created_at", "stream", "entry_ms", "entry_seq")
 )
 
 # No parameters; returns nothing. The batch's staging table, private to the connection and
@@ -224,17 +224,21 @@ class ArchiveStore:
         skipped, so a batch may be retried freely. ``archive_state`` moves to the highest
         entry id of each stream in the same transaction.
         """
-        if not events:
-            return 0
         records: list[tuple[Any, ...]] = []
-        heads: dict[str, tuple[int, int]] = {}
         for event in events:
             if event.stream is None:
                 raise ValueError(f"{event!r} has no stream: archive events read from Redis")
-            name = self._name(event.stream)
-            record = event_record(event, name)
-            records.append(record)
-            position = (record[_ENTRY_MS], record[_ENTRY_SEQ])
+            records.append(event_record(event, self._name(event.stream)))
+        return await self.insert_records(records)
+
+    async def insert_records(self, records: Sequence[tuple[Any, ...]]) -> int:
+        """:meth:`insert_events` for rows already built (:func:`~bus.archive.rows.event_record`
+        or :func:`~bus.archive.rows.entry_record`, streams by name)."""
+        if not records:
+            return 0
+        heads: dict[str, tuple[int, int]] = {}
+        for record in records:
+            name, position = record[_STREAM], (record[_ENTRY_MS], record[_ENTRY_SEQ])
             if position > heads.get(name, (-1, -1)):
                 heads[name] = position
         days = {partitions.day_of(record[_CREATED_AT]) for record in records}
@@ -250,7 +254,7 @@ class ArchiveStore:
         raise AssertionError("unreachable")
 
     async def _write_events(
-        self, records: list[tuple[Any, ...]], heads: Mapping[str, tuple[int, int]]
+        self, records: Sequence[tuple[Any, ...]], heads: Mapping[str, tuple[int, int]]
     ) -> int:
         """COPY straight into ``events`` (one write per row); only when some rows are there
         already (a batch retried after a crash) go through a temporary table and

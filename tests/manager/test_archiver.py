@@ -28,6 +28,7 @@ from bus import BusClient, BusSettings, DeadLetterReason, Event
 from bus.archive import ArchiveStore
 from bus.connection import connect
 from bus.keys import ARCHIVER_GROUP, Keys
+from bus.wire import encode
 from manager.archive_link import ArchiveLink
 from manager.archiver import Archiver
 from manager.config import ArchiveSettings
@@ -61,6 +62,17 @@ GARBAGE: tuple[dict[str, str], ...] = (
     {"type": "user.note.added", "source": "x", "data": "{}", "timestamp": "yesterday"},
     {"type": "user.note.added", "source": "x", "data": "{}", "version": "two"},
 )
+
+
+def wire_fields(**changed: str) -> dict[str, str]:
+    """An entry as our publisher writes it (every field, in wire order), with ``changed``."""
+    event = Event(type="user.note.added", data={}, source="x")
+    fields = {k: v.decode() if isinstance(v, bytes) else v for k, v in encode(event).items()}
+    return {**fields, **changed}
+
+
+#: The same faults in entries that otherwise look like ours (the archiver's fast path).
+WIRE_ORDER_GARBAGE = tuple(wire_fields(**fields) for fields in GARBAGE[1:])
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -565,7 +577,7 @@ class TestMalformedEntries:
         producer = await bus_factory("producer")
         good = await publish(producer, 10)
         garbage = []
-        for n, fields in enumerate(GARBAGE):
+        for n, fields in enumerate(GARBAGE + WIRE_ORDER_GARBAGE):
             stream = KEYS.stream(("user", "bot")[n % 2])
             garbage.append(str(await admin.xadd(stream, fields)))  # type: ignore[arg-type]
             good += await publish(producer, 2, start=100 + 2 * n)
@@ -577,7 +589,7 @@ class TestMalformedEntries:
                 )
                 await wait_until(lambda: caught_up(admin), what="every entry acked")
         assert await id_counts(postgres_server.dsn) == {e.id: 1 for e in good}
-        assert archiver.stats["skipped"] == len(GARBAGE)
+        assert archiver.stats["skipped"] == len(GARBAGE) + len(WIRE_ORDER_GARBAGE)
         warned = [e for e in logs if e["event"] == "not archiving a malformed entry"]
         assert sorted(e["entry_id"] for e in warned) == sorted(garbage)
         assert archiver.healthy
@@ -587,6 +599,7 @@ class TestMalformedEntries:
         [
             pytest.param(("user", {"version": "4294967296"}), id="event-version-beyond-int4"),
             pytest.param(("user", {"timestamp": "9999-12-31T12:00:00Z"}), id="event-in-9999"),
+            pytest.param(("wire", {"version": "4294967296"}), id="ours-version-beyond-int4"),
             pytest.param(("dlq", {"attempts": "4294967296"}), id="dead-letter-beyond-int4"),
         ],
     )
@@ -605,6 +618,8 @@ class TestMalformedEntries:
         producer = await bus_factory("producer")
         good = await publish(producer, 3)
         raw = {"type": "user.note.added", "source": "x", "data": "{}", **fields}
+        if stream == "wire":  # every field, in wire order: the fast path takes it
+            stream, raw = "user", wire_fields(**fields)
         key = KEYS.dead_letters() if stream == "dlq" else KEYS.stream(stream)
         await admin.xadd(key, raw)  # type: ignore[arg-type]
         good += await publish(producer, 3, start=3)
