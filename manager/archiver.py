@@ -42,7 +42,6 @@ Record = tuple[Any, ...]
 Batch = tuple[Entries, list[Record], list[DeadLetter]]
 _DISCOVER_EVERY = 5.0  # seconds between looks for new streams
 _AHEAD = 2  # batches read ahead of the one being written
-_WRITERS = 1
 #: Seconds of failing writes before system.archive.stalled is published.
 STALL_AFTER = 10.0
 
@@ -92,8 +91,7 @@ class Archiver:
         await self._drain_pending()
         batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=_AHEAD)
         async with asyncio.TaskGroup() as tg:
-            for _ in range(_WRITERS):
-                tg.create_task(self._write_loop(batches))
+            tg.create_task(self._write_loop(batches))
             while True:
                 raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
                 await self._discover()
