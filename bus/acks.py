@@ -7,20 +7,32 @@ from collections import defaultdict
 
 from redis.asyncio import Redis
 
+from bus.metrics import GroupMetrics
+
 
 class AckBatcher:
-    """Collects entry ids to XACK and sends what accumulated while the last flush ran."""
+    """Collects entry ids to XACK and sends what accumulated while the last flush ran.
 
-    def __init__(self, redis: Redis, group: str) -> None:
+    Entries added with their event type are counted in ``meter`` once their XACK is sent.
+    """
+
+    def __init__(self, redis: Redis, group: str, meter: GroupMetrics | None = None) -> None:
         self._redis = redis
         self._group = group
+        self._meter = meter
         self._acks: dict[str, list[str]] = defaultdict(list)
+        # The metered entries, pairwise: their ids and event types ("" if they did not decode).
+        self._metered_ids: list[str] = []
+        self._metered_types: list[str] = []
         self.wakeup = asyncio.Event()
         self.acked = 0
 
-    def add(self, stream: str, entry_id: str) -> None:
-        """Queue an entry for the next flush."""
+    def add(self, stream: str, entry_id: str, event_type: str | None = None) -> None:
+        """Queue an entry for the next flush; with ``event_type``, count it as handled."""
         self._acks[stream].append(entry_id)
+        if event_type is not None and self._meter is not None:
+            self._metered_ids.append(entry_id)
+            self._metered_types.append(event_type)
         self.wakeup.set()
 
     @property
@@ -34,6 +46,8 @@ class AckBatcher:
         batch, self._acks = self._acks, defaultdict(list)
         if not batch:
             return
+        metered_ids, metered_types = self._metered_ids, self._metered_types
+        self._metered_ids, self._metered_types = [], []
         try:
             if len(batch) == 1:  # the common case: one XACK, no pipeline overhead
                 ((stream, ids),) = batch.items()
@@ -46,8 +60,12 @@ class AckBatcher:
         except BaseException:
             for stream, ids in batch.items():
                 self._acks[stream][:0] = ids
+            self._metered_ids[:0] = metered_ids
+            self._metered_types[:0] = metered_types
             raise
         self.acked += sum(len(ids) for ids in batch.values())
+        if metered_ids and self._meter is not None:
+            self._meter.acked(metered_types, metered_ids)
 
     def __repr__(self) -> str:
         return f"<AckBatcher group={self._group} pending={sum(map(len, self._acks.values()))}>"

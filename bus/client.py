@@ -20,6 +20,7 @@ from bus.errors import BusError, SubscriptionError
 from bus.event import Event
 from bus.handling import HandlerObserver
 from bus.keys import Keys, consumer_name, group_name
+from bus.metrics import BusMetrics
 from bus.publisher import Draft, Publisher
 from bus.replay import replay
 from bus.routing import Router
@@ -41,7 +42,8 @@ class BusClient:
     names this process among the bot's replicas and must be stable across restarts so a
     restarted process finds the entries it had taken. ``observer`` is told when handlers
     start and end (the bot runtime uses it to report the entries in flight). ``allowed``
-    limits what reaches any handler to what the bot's config declares.
+    limits what reaches any handler to what the bot's config declares. ``metrics`` counts
+    what it published and handled (the bot runtime reports it to the manager).
 
     Use as an async context manager, or call :meth:`connect` and :meth:`close`::
 
@@ -81,6 +83,8 @@ class BusClient:
         self._stopped = asyncio.Event()
         self._ready = asyncio.Event()
         self._archive: ArchiveStore | None = None
+        #: Counters and histograms of this client's traffic since it was made.
+        self.metrics = BusMetrics()
 
     @classmethod
     def from_url(cls, url: str, bot_id: str, **kwargs: Any) -> BusClient:
@@ -94,7 +98,9 @@ class BusClient:
         if self._redis is None:
             name = consumer_name(self.bot_id, self.instance)
             self._redis = self._given_redis or connect(self.settings, client_name=name)
-            self._publisher = Publisher(self._redis, self.settings, self.schemas, self._source)
+            self._publisher = Publisher(
+                self._redis, self.settings, self.schemas, self._source, self.metrics
+            )
         return self
 
     async def close(self) -> None:
@@ -170,6 +176,11 @@ class BusClient:
         )
         await pub.publish(event)
         return event.id
+
+    def check(self, event: Event) -> None:
+        """Raise :class:`EventValidationError` if publishing ``event`` would fail validation
+        (type, data, key, the registered schema, the size limit); send nothing."""
+        self._pub().prepare(event)
 
     async def publish_many(self, drafts: Iterable[Draft]) -> list[str]:
         """Publish many events in one pipeline; return their ids in order."""
@@ -289,6 +300,7 @@ class BusClient:
             ready=self._ready,
             observer=self._observer,
             allowed=self._allowed,
+            metrics=self.metrics,
         )
         try:
             await self._consumer.run()

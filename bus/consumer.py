@@ -28,6 +28,7 @@ from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
 from bus.handling import Delivery, HandlerObserver, Runner
 from bus.keys import Keys, consumer_name, group_name
+from bus.metrics import BusMetrics
 from bus.reclaim import Entry, Reclaimer
 from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
 from bus.schemas import SchemaRegistry
@@ -68,9 +69,11 @@ class Consumer:
         ready: asyncio.Event | None = None,
         observer: HandlerObserver | None = None,
         allowed: Allowed | None = None,
+        metrics: BusMetrics | None = None,
     ) -> None:
         self._allowed = allowed
         self.group = group_name(bot_id)
+        meter = (metrics or BusMetrics()).group(self.group)
         self.name = consumer_name(bot_id, instance)
         self._redis = redis
         self._settings = settings
@@ -91,6 +94,7 @@ class Consumer:
             stats=self.stats,
             log=self._log,
             observer=observer,
+            meter=meter,
         )
         # Each worker gets lists of items: one wake-up per worker per read, not per entry.
         self._staged: dict[int, list[WorkItem]] = {}
@@ -107,7 +111,7 @@ class Consumer:
         self._space.set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._acks = AckBatcher(redis, self.group)
+        self._acks = AckBatcher(redis, self.group, meter)
         self._stopping = asyncio.Event()
         self._stop_timeout = 10.0
         self._last_regroup = 0.0
@@ -371,7 +375,8 @@ class Consumer:
         delivery.remaining -= 1
         if delivery.remaining <= 0:
             self._inflight.pop((delivery.stream, delivery.entry_id), None)
-            self._ack(delivery.stream, delivery.entry_id)
+            event = delivery.event
+            self._acks.add(delivery.stream, delivery.entry_id, event.type if event else "")
             if len(self._inflight) < self._max_inflight:
                 self._space.set()
 

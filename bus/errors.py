@@ -13,6 +13,7 @@ class EventValidationError(BusError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
 
 
 class SchemaError(EventValidationError):

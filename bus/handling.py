@@ -17,6 +17,7 @@ from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import SchemaError
 from bus.event import Event
 from bus.keys import Keys
+from bus.metrics import GroupMetrics
 from bus.redis_errors import UNAVAILABLE
 from bus.schemas import SchemaRegistry
 from bus.subscription import Subscription
@@ -43,6 +44,8 @@ class Delivery:
     event: Event | None
     remaining: int = 1
     taken_at: float = field(default_factory=time.monotonic)
+    #: Whether a handler started on it (it is counted as consumed once).
+    consumed: bool = False
 
 
 def _summary(exc: BaseException) -> str:
@@ -50,7 +53,10 @@ def _summary(exc: BaseException) -> str:
 
 
 class Runner:
-    """Runs subscriptions on deliveries for one consumer and reports each done delivery."""
+    """Runs subscriptions on deliveries for one consumer and reports each done delivery.
+
+    ``meter`` counts deliveries consumed, retried and dead-lettered, and handler run times.
+    """
 
     def __init__(
         self,
@@ -66,8 +72,10 @@ class Runner:
         stats: dict[str, int],
         log: Any,
         observer: HandlerObserver | None = None,
+        meter: GroupMetrics | None = None,
     ) -> None:
         self._observer = observer
+        self._meter = meter or GroupMetrics(group)
         self._redis = redis
         self._keys = keys
         self._dlq = dlq
@@ -98,6 +106,7 @@ class Runner:
                 )
                 await self._forget_once(sub, delivery)
                 return
+            self._consumed(delivery)
             while (error := await self._attempts(sub, args, event, [event])) is not None:
                 if not self._failed(sub):
                     await self._forget_once(sub, delivery)
@@ -110,7 +119,8 @@ class Runner:
                         tb=_summary(error),
                     )
                     return
-                await self._wait_breaker(sub)  # held, not dead-lettered: try after cool-down
+                self._meter.retried(event.type)  # held, not dead-lettered: try after cool-down
+                await self._wait_breaker(sub)
             await self._mark_once(sub, delivery)
         finally:
             self._on_done(delivery)
@@ -120,8 +130,12 @@ class Runner:
         events = [d.event for d in deliveries if d.event is not None]
         try:
             await self._wait_breaker(sub)
+            for d in deliveries:
+                self._consumed(d)
             while (error := await self._attempts(sub, (events,), events[0], events)) is not None:
                 if self._failed(sub):
+                    for e in events:
+                        self._meter.retried(e.type)
                     await self._wait_breaker(sub)
                     continue
                 for d in deliveries:
@@ -147,9 +161,11 @@ class Runner:
             token = current_event.set(context)
             if self._observer is not None:
                 self._observer.started(events)
+            started = time.perf_counter()
             try:
                 await sub.handler(*args)
             except Exception as exc:
+                self._meter.handled(time.perf_counter() - started)
                 error = exc
                 self._log.warning(
                     "handler failed",
@@ -163,17 +179,26 @@ class Runner:
                 )
                 if attempt < sub.retry.max_attempts:
                     self._stats["retried"] += 1
+                    for e in events:
+                        self._meter.retried(e.type)
                     await asyncio.sleep(sub.backoff.delay(attempt))
                 continue
             finally:
                 current_event.reset(token)
                 if self._observer is not None:
                     self._observer.finished(events)
+            self._meter.handled(time.perf_counter() - started)
             self._stats["handled"] += len(events)
             if sub.breaker.record_success():
                 self._log.warning("circuit closed", handler=sub.name)
             return None
         return error
+
+    def _consumed(self, delivery: Delivery) -> None:
+        """Count a delivery as consumed when its first handler starts."""
+        if not delivery.consumed and delivery.event is not None:
+            delivery.consumed = True
+            self._meter.consumed(delivery.event.type, delivery.entry_id)
 
     def _failed(self, sub: Subscription) -> bool:
         """Count a final failure; True when the breaker is open, so the event is held."""
@@ -225,6 +250,7 @@ class Runner:
                 continue
             break
         self._stats["dead_lettered"] += 1
+        self._meter.dead_lettered(delivery.event.type if delivery.event is not None else "")
         self._log.error(
             "event dead-lettered",
             reason=str(reason),

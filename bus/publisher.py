@@ -14,6 +14,7 @@ from bus.context import correlation_for
 from bus.errors import BusConnectionError, EventValidationError
 from bus.event import Event, validate_data, validate_key, validate_source, validate_type
 from bus.keys import Keys
+from bus.metrics import BusMetrics
 from bus.redis_errors import UNAVAILABLE
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
@@ -27,7 +28,8 @@ Draft = Event | tuple[str, Mapping[str, Any]]
 
 
 class Publisher:
-    """Turns drafts into stream entries. One per bus client."""
+    """Turns drafts into stream entries. One per bus client; ``metrics`` counts what Redis
+    confirmed."""
 
     def __init__(
         self,
@@ -35,8 +37,10 @@ class Publisher:
         settings: BusSettings,
         schemas: SchemaRegistry,
         source: str,
+        metrics: BusMetrics | None = None,
     ) -> None:
         self._redis = redis
+        self._metrics = metrics or BusMetrics()
         self._settings = settings
         self._keys = Keys(settings.namespace)
         self._router = Router(settings.routes, settings.default_stream)
@@ -67,7 +71,8 @@ class Publisher:
             key=validate_key(key),
         )
 
-    def _prepare(self, draft: Draft) -> tuple[str, dict[str, str | bytes], Event]:
+    def prepare(self, draft: Draft) -> tuple[str, dict[str, str | bytes], Event]:
+        """Validate a draft; its stream key, wire fields and event."""
         event = draft if isinstance(draft, Event) else self.event(draft[0], draft[1])
         if isinstance(draft, Event):
             validate_type(event.type)
@@ -91,12 +96,13 @@ class Publisher:
 
     async def publish(self, event: Event) -> str:
         """XADD one event; return the stream entry id once Redis confirmed it."""
-        stream, fields, _ = self._prepare(event)
+        stream, fields, _ = self.prepare(event)
         try:
             entry_id: Any = await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, 1) from exc
         raise_swallowed_cancel()
+        self._metrics.published(event.type)
         return str(entry_id)
 
     async def publish_many(self, drafts: Iterable[Draft]) -> list[Event]:
@@ -106,7 +112,7 @@ class Publisher:
         be written: the error says so, and republishing the same events is safe for
         consumers that deduplicate by event id.
         """
-        prepared = [self._prepare(d) for d in drafts]
+        prepared = [self.prepare(d) for d in drafts]
         if not prepared:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -117,6 +123,9 @@ class Publisher:
             except UNAVAILABLE as exc:
                 raise self._unavailable(exc, len(prepared)) from exc
         raise_swallowed_cancel()
+        published = self._metrics.published
+        for _, _, event in prepared:
+            published(event.type)
         return [event for _, _, event in prepared]
 
     def _unavailable(self, exc: BaseException, count: int) -> BusConnectionError:

@@ -10,17 +10,24 @@ reports back on an inherited pipe, one line per message (:class:`StatusLine`):
 ``active <token>``           this replica took the lease with fencing token ``token``
 ``+ <stream> <id> …``        handlers started on these entries of a stream
 ``- <stream> <id> …``        … and ended on them
+``m <json>``                 the bus metrics snapshot (:meth:`bus.metrics.BusMetrics.snapshot`,
+                             compact JSON without spaces or newlines), cumulative since the
+                             process started; sent every ``metrics_interval`` seconds and at
+                             a graceful stop, only when it changed
 
 The in-flight lines let the manager know which entries were being handled when a process
 died, so an entry that keeps crashing its bot is dead-lettered instead of crash-looping it.
+The metrics lines let it add up counters across processes: it keeps each process's last
+snapshot, and folds it into its totals when the process exits (manager.fleet_metrics).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from bus.settings import BusSettings
@@ -42,6 +49,7 @@ class RuntimeSpec(BaseModel):
     bus: BusSettings = Field(description="redis_url carries this bot's own ACL user")
     status_fd: int | None = Field(None, description="write end of the status pipe")
     heartbeat_interval: float = Field(1.0, gt=0)
+    metrics_interval: float = Field(2.0, gt=0, description="seconds between metrics lines")
     stop_timeout: float = Field(10.0, gt=0)
     lease_ttl: float | None = Field(None, gt=0, description="set: an active/standby replica")
     log_level: str = "info"
@@ -68,6 +76,8 @@ class Status(enum.StrEnum):
     STARTED = "+"
     #: Handlers ended on entries.
     FINISHED = "-"
+    #: The bus metrics snapshot.
+    METRICS = "m"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +88,13 @@ class StatusLine:
     stream: str = ""
     entry_ids: tuple[str, ...] = ()
     token: int | None = None
+    #: The metrics snapshot of a ``m`` line.
+    data: dict[str, Any] | None = field(default=None, hash=False)
 
     def encode(self) -> bytes:
         """The line as written on the pipe, newline included."""
+        if self.kind is Status.METRICS:
+            return b"m " + orjson.dumps(self.data) + b"\n"
         if self.kind in (Status.STARTED, Status.FINISHED):
             return f"{self.kind} {self.stream} {' '.join(self.entry_ids)}\n".encode()
         if self.kind is Status.ACTIVE:
@@ -90,6 +104,12 @@ class StatusLine:
     @classmethod
     def parse(cls, line: bytes) -> StatusLine | None:
         """A line from the pipe; None for a line that is not a status line (ignored)."""
+        if line.startswith(b"m "):
+            try:
+                data = orjson.loads(line[2:])
+            except orjson.JSONDecodeError:
+                return None
+            return cls(Status.METRICS, data=data) if isinstance(data, dict) else None
         parts = line.decode(errors="replace").split()
         if not parts:
             return None
@@ -97,6 +117,8 @@ class StatusLine:
             kind = Status(parts[0])
         except ValueError:
             return None
+        if kind is Status.METRICS:
+            return None  # no snapshot after the "m"
         if kind in (Status.STARTED, Status.FINISHED):
             if len(parts) < 3:
                 return None

@@ -68,6 +68,8 @@ class BotProcess:
         self.last_error: str | None = None
         #: Entries its handlers are running on: (stream, entry id) → handlers running.
         self.inflight: Counter[tuple[str, str]] = Counter()
+        #: Its last bus metrics snapshot (``m`` line), cumulative since it started.
+        self.metrics: dict[str, Any] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -195,6 +197,8 @@ class BotProcess:
             case Status.FINISHED:
                 self.inflight.subtract((line.stream, i) for i in line.entry_ids)
                 self.inflight += Counter()  # drops zero counts
+            case Status.METRICS:
+                self.metrics = line.data
 
     async def _read_output(self, reader: asyncio.StreamReader, stream: str) -> None:
         while line := await _readline(reader):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from manager.bench.command import bench, bench_archive, bench_manager
+from manager.bench.command import bench, bench_api, bench_archive, bench_manager
 from manager.cli_archive import query, trace
 from manager.cli_common import configure_logging
 from manager.cli_dlq import dlq
@@ -42,6 +42,7 @@ main.add_command(demo)
 main.add_command(bench)
 main.add_command(bench_manager)
 main.add_command(bench_archive)
+main.add_command(bench_api)
 
 if __name__ == "__main__":
     main(prog_name="multibot")

@@ -7,7 +7,6 @@ so on a server with the default config they need no flags.
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +25,7 @@ from manager.cli_events import duration_ago, event_json
 from manager.config import ConfigError, config_path, load_config
 from manager.control import ControlError, call, control_path
 from manager.demo import describe
+from manager.trace_tree import chain_tree, walk
 
 
 def _moment(value: str | None, hint: str) -> datetime | None:
@@ -139,23 +139,6 @@ async def _trace(dsn: str, correlation_id: str) -> list[Event]:
         return await store.trace(correlation_id)
 
 
-def _tree(chain: list[Event]) -> list[tuple[int, Event]]:
-    """The chain as (depth, event) in depth-first order by causation."""
-    ids = {e.id for e in chain}
-    children: dict[str | None, list[Event]] = defaultdict(list)
-    for event in chain:  # an event whose cause is not in the chain shows as a root
-        children[event.causation_id if event.causation_id in ids else None].append(event)
-    out: list[tuple[int, Event]] = []
-
-    def walk(parent: str | None, depth: int) -> None:
-        for event in children.get(parent, []):
-            out.append((depth, event))
-            walk(event.id, depth + 1)
-
-    walk(None, 0)
-    return out
-
-
 @click.command()
 @click.argument("correlation_id")
 @click.option("--json", "as_json", is_flag=True, help="The chain as one JSON tree.")
@@ -168,16 +151,14 @@ def trace(correlation_id: str, as_json: bool, postgres_dsn: str | None) -> None:
         raise click.ClickException(str(exc)) from None
     if not chain:
         raise click.ClickException(f"no archived event has correlation id {correlation_id}")
-    tree = _tree(chain)
+    tree = chain_tree(chain)
     if as_json:
-        nodes: dict[str, dict[str, Any]] = {}
-        roots: list[dict[str, Any]] = []
-        for depth, event in tree:
-            node = {**event_json(event), "caused": []}
-            nodes[event.id] = node
-            parent = nodes.get(event.causation_id or "") if depth else None
-            (parent["caused"] if parent else roots).append(node)
+
+        def as_json_node(node: dict[str, Any]) -> dict[str, Any]:
+            return {**event_json(node["event"]), "caused": list(map(as_json_node, node["caused"]))}
+
+        roots = [as_json_node(root) for root in tree]
         click.echo(orjson.dumps(roots[0] if len(roots) == 1 else roots).decode())
         return
-    for depth, event in tree:
+    for depth, event in walk(tree):
         click.echo("  " * depth + ("└─ " if depth else "") + describe(event))

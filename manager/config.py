@@ -232,11 +232,66 @@ class ArchiveSettings(_Model):
     )
 
 
-class ApiSettings(_Model):
-    """Where the manager listens for HTTP."""
+Scope = Literal["publish", "read", "admin"]
+_TOKEN_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 
+
+class ApiToken(_Model):
+    """A bearer token of the HTTP API: its name becomes the ``source`` (``api:<name>``) of
+    the events published with it. The secret comes from exactly one of ``token_file``
+    (recommended), ``token_env`` or ``token``."""
+
+    name: str
+    scopes: list[Scope] = Field(min_length=1)
+    token: str | None = Field(None, min_length=16, repr=False)
+    token_file: Path | None = None
+    token_env: str | None = None
+    rate_limit: float | None = Field(None, gt=0, description="unset: api.rate_limit")
+    rate_burst: int | None = Field(None, ge=1, description="unset: api.rate_burst")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _TOKEN_NAME_RE.match(value):
+            raise ValueError(
+                f"{value!r} is not a token name: use lowercase letters, digits, '_', '.', '-'"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiToken:
+        given = [self.token is not None, self.token_file is not None, self.token_env is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of token_file, token_env or token")
+        return self
+
+
+class ApiSettings(_Model):
+    """The HTTP API: where it listens, who may call it, and its limits."""
+
+    enabled: bool = True
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = Field(8080, ge=0, le=65535, description="0: any free port (logged)")
+    tokens: list[ApiToken] = Field(
+        default_factory=list,
+        description="besides the admin token the manager generates into data_dir",
+    )
+    open_status: bool = Field(
+        True, description="serve /, /v1/status and /metrics without a token (never events)"
+    )
+    max_body_bytes: ByteSize = Field(ByteSize(1024 * 1024), ge=1024)
+    rate_limit: float = Field(200.0, gt=0, description="requests per second per token")
+    rate_burst: int = Field(400, ge=1, description="requests a token may make at once")
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique_names(cls, tokens: list[ApiToken]) -> list[ApiToken]:
+        names = [t.name for t in tokens]
+        if doubled := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"token names must be unique: {', '.join(doubled)} given twice")
+        if "admin" in names:
+            raise ValueError("'admin' is the generated token's name: pick another")
+        return tokens
 
 
 class ManagerSettings(BaseSettings):
@@ -359,11 +414,25 @@ def _messages(exc: ValidationError) -> list[str]:
 
 
 def _resolve_paths(document: dict[str, Any], base: Path) -> dict[str, Any]:
-    """``data_dir`` relative to the file (also the default, so every command finds it)."""
+    """``data_dir`` (also the default, so every command finds it) and the API's token
+    files, relative to the file."""
+
+    def resolved(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else base / path)
+
     data_dir = document.get("data_dir", "data")
     if isinstance(data_dir, str):
-        path = Path(data_dir).expanduser()
-        document = {**document, "data_dir": str(path if path.is_absolute() else base / path)}
+        document = {**document, "data_dir": resolved(data_dir)}
+    api = document.get("api")
+    if isinstance(api, dict) and isinstance(api.get("tokens"), list):
+        tokens = [
+            {**t, "token_file": resolved(t["token_file"])}
+            if isinstance(t, dict) and isinstance(t.get("token_file"), str)
+            else t
+            for t in api["tokens"]
+        ]
+        document = {**document, "api": {**api, "tokens": tokens}}
     return document
 
 

@@ -29,13 +29,17 @@ from bus.connection import connect, raise_swallowed_cancel, redact
 from bus.keys import Keys, group_name
 from bus.routing import Router
 from bus.supervision import RuntimeSpec
+from manager import __version__
 from manager.announcer import Announcer
+from manager.api.server import ApiServer
+from manager.api_view import DaemonView, start_api
 from manager.archive_link import ArchiveLink, ensure_reader
 from manager.archiver import Archiver
 from manager.config import BotConfig, ConfigError, ManagerSettings, load_config
 from manager.control import CommandError, ControlServer, control_path
 from manager.coordinator import Coordinator, declared_streams
 from manager.errors import ManagerError
+from manager.metrics_sources import render_metrics
 from manager.redis_acl import (
     bot_redis_url,
     bot_username,
@@ -53,7 +57,7 @@ from manager.supervisor import Supervisor
 from manager.trimmer import Trimmer
 
 log = structlog.get_logger("manager")
-VERSION = "0.1.0"
+VERSION = __version__
 
 
 class Manager:
@@ -85,6 +89,8 @@ class Manager:
         self._archiver: Archiver | None = None
         self._archive: ArchiveLink | None = None
         self._reader_dsn: str | None = None
+        self._api: ApiServer | None = None
+        self._coordinating: asyncio.Task[None] | None = None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -130,6 +136,7 @@ class Manager:
             keys=self._keys,
             visibility_timeout=bus_settings.consumer.visibility_timeout,
         )
+        supervisor.metrics.add_local(self._bus.metrics)
         coordinator = self._coordinator = Coordinator(
             self.settings.coordinator,
             redis=self._admin,
@@ -159,11 +166,13 @@ class Manager:
             await self._prepare_reader(archive, services.postgres_dsn)
             await self._prepare_bots(self.settings.bots)
             coordinator.configure(self.settings.bots)
+            self._api = await start_api(self.settings.api, self.settings.data_dir, self._view())
             async with asyncio.TaskGroup() as tg:
                 publishing = tg.create_task(announcer.run())
                 supervising = tg.create_task(supervisor.run(self.settings.bots))
+                self._coordinating = tg.create_task(coordinator.run())
                 helpers = [
-                    tg.create_task(coordinator.run()),
+                    self._coordinating,
                     tg.create_task(self._notifier.watchdog_loop()),
                     tg.create_task(self._announce_ready(supervisor)),
                     tg.create_task(archiver.run()),
@@ -184,9 +193,31 @@ class Manager:
                 await announcer.flush(5.0)
                 await _cancel_all([publishing])
         finally:
+            if self._api is not None:
+                await self._api.stop()
             await archive.close()
             await self._bus.close()
             await self._admin.aclose()
+
+    def _view(self) -> DaemonView:
+        assert self._bus is not None
+        assert self._supervisor is not None
+        assert self._coordinator is not None
+
+        def coordinating() -> bool:
+            return self._coordinating is not None and not self._coordinating.done()
+
+        return DaemonView(
+            bus=self._bus,
+            supervisor=self._supervisor,
+            coordinator=self._coordinator,
+            coordinating=coordinating,
+            archiver=self._archiver,
+            archive=self._archive,
+            status=lambda: self._cmd_status({}),
+            ready=lambda: self._ready,
+            metrics=render_metrics,
+        )
 
     async def _stop(
         self, announcer: Announcer, supervisor: Supervisor, supervising: asyncio.Task[None]
@@ -418,11 +449,13 @@ class Manager:
                 "postgres": redact(services.postgres_dsn or "") if services else None,
                 "maintenance": self._maintenance,
                 "ready": self._ready,
+                "api": self._api.url if self._api else None,
             },
             "memory": coordinator.get("memory", {}),
             "archive": self._archiver.status() if self._archiver else None,
             "bots": self._supervisor.status() if self._supervisor else [],
             "groups": coordinator.get("groups", []),
+            "metrics": self._supervisor.metrics.snapshot() if self._supervisor else None,
         }
 
     async def _cmd_connection(self, _: Mapping[str, Any]) -> dict[str, Any]:

@@ -51,9 +51,10 @@ class GroupLag:
 
 
 async def group_lags(
-    redis: Redis, streams: Iterable[str], cap: int = DEFAULT_CAP
+    redis: Redis, streams: Iterable[str], cap: int = DEFAULT_CAP, *, only: str | None = None
 ) -> list[GroupLag]:
-    """The lag of every consumer group of each stream key in ``streams``, in that order.
+    """The lag of every consumer group (or only of group ``only``) of each stream key in
+    ``streams``, in that order.
 
     A stream that does not exist (or vanishes while it is being read) is skipped; a key that
     holds something other than a stream raises Redis's WRONGTYPE error.
@@ -73,6 +74,8 @@ async def group_lags(
             raise
         for raw in groups:
             group = {_text(k): v for k, v in raw.items()}
+            if only is not None and _text(group["name"]) != only:
+                continue
             last_id = _text(group["last-delivered-id"])
             reported = group.get("lag")
             lag, capped = await _lag(

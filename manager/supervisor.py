@@ -5,6 +5,7 @@ retire extra, restart changed). Each slot (:class:`Instance`) restarts its own p
 policy; the supervisor watches heartbeats (a hung bot is reported and restarted), follows
 the leader lease of active/standby bots (failover is announced), and cleans up after every
 exit: lifecycle events, crash-linked poison, the dead consumer's pending entries, its lease.
+It keeps the fleet's bus metrics (:class:`FleetMetrics`) from the processes' reports.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bus.supervision import RuntimeSpec, Status, StatusLine
 from manager.announcer import PUBLISHED_BY, Announcer
 from manager.bot_process import BotProcess
 from manager.config import BotConfig, SupervisorSettings
+from manager.fleet_metrics import FleetMetrics
 from manager.handover import CrashLedger, dead_letter_crashed, release_pending, retire_consumer
 from manager.instance import Instance, InstanceState
 from manager.lag import stream_keys
@@ -85,6 +87,8 @@ class Supervisor:
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
         self._leftover: set[tuple[str, str]] = set()
+        #: The bus metrics of every bot process, kept across their restarts.
+        self.metrics = FleetMetrics()
 
     # -- running -------------------------------------------------------------------------
 
@@ -186,7 +190,11 @@ class Supervisor:
         )
 
     def on_status(self, instance: Instance, process: BotProcess, line: StatusLine) -> None:
-        """Follow heartbeats (recovery of a hung slot) and lease changes (failover)."""
+        """Follow heartbeats (recovery of a hung slot), lease changes (failover) and metrics."""
+        if line.kind is Status.METRICS:
+            if line.data is not None:
+                self.metrics.update(instance.name, line.data)
+            return
         if line.kind is not Status.HEARTBEAT:
             self._changed.set()
         if line.kind is Status.HEARTBEAT and instance.unhealthy:
@@ -219,7 +227,8 @@ class Supervisor:
                 )
 
     async def on_exit(self, instance: Instance, process: BotProcess, status: ExitStatus) -> None:
-        """Announce the stop, then settle the dead consumer's entries and lease."""
+        """Keep its metrics, announce the stop, settle the dead consumer's entries and lease."""
+        self.metrics.exited(instance.name)
         self._announce(
             EventType.BOT_STOPPED,
             instance,

@@ -65,6 +65,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run every test using ``redis_server`` (or ``redis_url``) once per selected binary."""
     if "redis_binary" in metafunc.fixturenames:
         binaries = redis_binaries(metafunc.config.getoption("--redis-binary"))
+        if metafunc.definition.get_closest_marker("one_redis"):
+            binaries = binaries[:1]  # what it tests does not differ between Redis versions
         metafunc.parametrize(
             "redis_binary",
             [binary for _, binary in binaries],

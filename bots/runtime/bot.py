@@ -41,12 +41,16 @@ async def run_bot(spec: RuntimeSpec, bot_main: BotMain, *, commands: bytes | Non
         spec.bot_id, settings=spec.bus, instance=spec.instance, observer=status, allowed=allowed
     )
     async with bus, asyncio.TaskGroup() as tg:
-        background = [tg.create_task(status.heartbeats(spec.heartbeat_interval))]
+        background = [
+            tg.create_task(status.heartbeats(spec.heartbeat_interval)),
+            tg.create_task(status.metrics_reports(bus.metrics, spec.metrics_interval)),
+        ]
         if commands is not None:
             background.append(tg.create_task(_read_commands(commands, bus, stop)))
         try:
             return await _serve(spec, bus, bot_main, status=status, stop=stop, tg=tg)
         finally:
+            status.send_metrics(bus.metrics)  # the last counts, acks of the stop included
             for task in background:
                 task.cancel()
 

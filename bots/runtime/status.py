@@ -1,4 +1,5 @@
-"""The runtime's side of the status pipe: heartbeats, readiness and the entries in flight."""
+"""The runtime's side of the status pipe: heartbeats, readiness, the entries in flight and
+the bus metrics."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import asyncio
 import os
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
 from bus.event import Event
+from bus.metrics import BusMetrics
 from bus.supervision import Status, StatusLine
 
 log = structlog.get_logger("bots.runtime")
@@ -34,6 +37,7 @@ class StatusChannel:
         self._flush_scheduled = False
         self._overflowed = False
         self._head_partial = False
+        self._last_metrics: dict[str, Any] | None = None
         #: Set when the manager closed its end: it is gone, and the bot should stop.
         self.closed = asyncio.Event()
         if fd is not None:
@@ -94,6 +98,21 @@ class StatusChannel:
             for start in range(0, len(ids), IDS_PER_LINE):
                 chunk = tuple(ids[start : start + IDS_PER_LINE])
                 self.send(StatusLine(Status.FINISHED, stream, chunk), now=False)
+
+    def send_metrics(self, metrics: BusMetrics) -> None:
+        """Report ``metrics``'s snapshot, unless it is the same as the last one reported."""
+        if self._fd is None:
+            return
+        snapshot = metrics.snapshot()
+        if snapshot != self._last_metrics:
+            self._last_metrics = snapshot
+            self.send(StatusLine(Status.METRICS, data=snapshot))
+
+    async def metrics_reports(self, metrics: BusMetrics, interval: float) -> None:
+        """Report ``metrics`` every ``interval`` seconds when it changed, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.send_metrics(metrics)
 
     async def heartbeats(self, interval: float) -> None:
         """Send a heartbeat every ``interval`` seconds from this event loop, until cancelled."""

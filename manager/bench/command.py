@@ -249,3 +249,69 @@ def bench_archive(events: int, rate: float, duration: float, batch: int, as_json
         f"replay: {result['replay_from_redis']['events_per_s']} events/s from Redis, "
         f"{result['replay_from_postgres']['events_per_s']} events/s from PostgreSQL"
     )
+
+
+@click.command("bench-api")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Keep-alive connections of the load process, one request in flight on each.",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds measured per batch size, after 1 s of warmup.",
+)
+@click.option(
+    "--batch",
+    "batches",
+    type=click.IntRange(1, 1000),
+    multiple=True,
+    default=(1, 100),
+    show_default=True,
+    help="Events per request, one run each (1: an event object; more: an array).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of text.")
+def bench_api(concurrency: int, duration: float, batches: tuple[int, ...], as_json: bool) -> None:
+    """Measure the HTTP API: events/s accepted by POST /v1/events, latency, manager RSS.
+
+    Runs `multibot start` as a real process on the default config in a temporary data
+    directory, with the API's per-token rate limit raised for the run, and loads it from a
+    second process with the admin token.
+    """
+    from manager.bench.api_bench import run_api_bench  # noqa: PLC0415 - only here
+
+    echo = (lambda _: None) if as_json else click.echo
+    try:
+        result = uvloop.run(run_api_bench(concurrency, duration, echo, batches))
+    except ManagerError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    raised = result["rate_limit_raised_to"]
+    click.echo(
+        f"POST /v1/events on {result['api']} from a second process, {concurrency} "
+        f"connections, {duration:g} s per run; rate limit raised for the run to "
+        f"{raised['rate_limit']:,} requests/s (burst {raised['rate_burst']:,})"
+    )
+    for batch, r in result["batches"].items():
+        what = "single events" if batch == "1" else f"batches of {batch}"
+        errors = ", ".join(f"{n} × {code}" for code, n in r["errors"].items()) or "none"
+        lat = r["latency_ms"] or dict.fromkeys(("p50", "p95", "p99", "max"), "-")
+        click.echo(
+            f"{what}: {r['events_per_s']:,.0f} events/s accepted ({r['requests_per_s']:,.0f} "
+            f"requests/s), latency p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} "
+            f"ms, max {lat['max']} ms; errors: {errors}; CPU manager {r['manager_cpu_percent']}"
+            f"%, load process {r['load_cpu_percent']}%"
+        )
+    mib = 1024 * 1024
+    rss = result["manager_rss_bytes"]
+    click.echo(
+        f"manager RSS: {rss['idle'] / mib:.1f} MiB idle, peak {rss['peak'] / mib:.1f} MiB "
+        f"under load, {rss['after'] / mib:.1f} MiB after"
+    )

@@ -20,7 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,12 @@ POLL = 0.01  # seconds between status polls while timing
 
 
 class _Manager:
-    """One ``multibot start`` process and its notify socket."""
+    """One ``multibot start`` process and its notify socket; ``env`` adds to its environment
+    (``MULTIBOT_...`` settings for the run)."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, env: Mapping[str, str] | None = None) -> None:
         self.work = work
+        self.env = dict(env or {})
         self.data_dir = work / "data"
         self.socket_path = work / "notify.sock"
         self.process: asyncio.subprocess.Process | None = None
@@ -52,6 +54,8 @@ class _Manager:
             **os.environ,
             "NOTIFY_SOCKET": str(self.socket_path),
             "MULTIBOT_DATA_DIR": str(self.data_dir),
+            "MULTIBOT_API__PORT": "0",  # the API on: measured as run, clashing with nothing
+            **self.env,
         }
         started = time.monotonic()
         with (self.work / "manager.log").open("ab") as log:

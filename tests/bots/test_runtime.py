@@ -16,6 +16,7 @@ from bots import chatbot
 from bots.runtime.entry import EntryPointError, load_main
 from bots.runtime.status import MAX_BUFFER, StatusChannel
 from bus.event import Event
+from bus.metrics import BusMetrics
 from bus.settings import BusSettings
 from bus.supervision import RuntimeSpec, Status, StatusLine, describe, spec_json
 from tests.support import wait_until
@@ -30,6 +31,7 @@ EVERY_KIND = [
     StatusLine(Status.ACTIVE, token=7),
     StatusLine(Status.STARTED, STREAM, ("1700000000000-0",)),
     StatusLine(Status.FINISHED, STREAM, ("1700000000000-0", "1700000000001-3")),
+    StatusLine(Status.METRICS, data={"counters": {"published": {"": {"user": 2}}}}),
 ]
 
 
@@ -121,6 +123,7 @@ class TestStatusLine:
             b"active 7\n",
             b"+ multibot:stream:{user} 1700000000000-0\n",
             b"- multibot:stream:{user} 1700000000000-0 1700000000001-3\n",
+            b'm {"counters":{"published":{"":{"user":2}}}}\n',
         ]
 
     @pytest.mark.parametrize(
@@ -140,6 +143,9 @@ class TestStatusLine:
             b"active -1\n",
             b"active 1 2\n",
             b'{"event": "a log line"}\n',
+            b"m\n",
+            b"m {not json\n",
+            b"m [1, 2]\n",
         ],
     )
     def test_garbage_and_short_lines_are_none(self, line: bytes) -> None:
@@ -274,6 +280,42 @@ class TestStatusChannel:
         channel.flush()
         await asyncio.sleep(0)
         assert not channel.closed.is_set()
+
+    async def test_metrics_are_sent_when_they_changed(self, pipe: Pipe) -> None:
+        """A metrics snapshot goes out at once, and again only after something was counted."""
+        channel = StatusChannel(pipe.write)
+        metrics = BusMetrics()
+        channel.send_metrics(metrics)
+        metrics.published("user.x.y")
+        channel.send_metrics(metrics)
+        channel.send_metrics(metrics)
+        lines = pipe.drain().splitlines(keepends=True)
+        assert [StatusLine.parse(line) for line in lines] == [
+            StatusLine(Status.METRICS, data={"counters": {}, "histograms": {}}),
+            StatusLine(Status.METRICS, data=metrics.snapshot()),
+        ]
+
+    async def test_metrics_reports_repeat(self, pipe: Pipe) -> None:
+        """metrics_reports() reports every interval what changed meanwhile."""
+        channel = StatusChannel(pipe.write)
+        metrics = BusMetrics()
+        received = bytearray()
+
+        def published() -> int | None:
+            received.extend(pipe.drain())
+            lines = [StatusLine.parse(bytes(line)) for line in received.splitlines()]
+            last = lines[-1] if lines else None
+            if last is None or last.data is None:
+                return None
+            return int(last.data["counters"].get("published", {}).get("", {}).get("user", 0))
+
+        task = asyncio.create_task(channel.metrics_reports(metrics, 0.01))
+        try:
+            await wait_until(lambda: published() == 0, timeout=5, what="a first report")
+            metrics.published("user.x.y")
+            await wait_until(lambda: published() == 1, timeout=5, what="the new count")
+        finally:
+            task.cancel()
 
     async def test_heartbeats_repeat(self, pipe: Pipe) -> None:
         """heartbeats() sends a heartbeat line every interval until cancelled."""

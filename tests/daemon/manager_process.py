@@ -76,7 +76,8 @@ class ManagerProcess:
         self.config_path.write_text(config)
         self.data_dir = Path((environ or {}).get("MULTIBOT_DATA_DIR") or tmp_path / "data")
         self.log_path = tmp_path / "manager.log"
-        self._environ = {**os.environ, **(environ or {})}
+        # Any free port for the HTTP API: managers of parallel or leftover runs never clash.
+        self._environ = {**os.environ, "MULTIBOT_API__PORT": "0", **(environ or {})}
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, *, wait_ready: bool = True) -> None:
@@ -103,6 +104,11 @@ class ManagerProcess:
         """The manager's status document."""
         result: dict[str, Any] = await call(self.data_dir / "manager.sock", "status", timeout=5)
         return result
+
+    async def api(self) -> tuple[str, str]:
+        """The HTTP API's base URL and the admin token the manager generated."""
+        url = (await self.status())["manager"]["api"]
+        return url, (self.data_dir / "api-admin.token").read_text().strip()
 
     async def command(self, command: str, **args: Any) -> Any:
         """Send a control command."""

@@ -1,0 +1,1 @@
+"""The manager's HTTP API: events, fleet, dead letters, health, metrics, status page."""

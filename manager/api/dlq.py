@@ -1,0 +1,84 @@
+"""``/v1/dlq``: list, retry and delete dead letters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from pydantic import AfterValidator
+
+from bus.errors import DeadLetterNotFoundError
+from manager.api.auth import Caller
+from manager.api.context import ManagerView
+from manager.api.errors import ERRORS
+from manager.api.models import DeadLetterOut, DeadLetterPage, Deleted, Retried
+from manager.api.security import require
+
+router = APIRouter(tags=["dead letters"])
+Reader = Annotated[Caller, Depends(require("read"))]
+Admin = Annotated[Caller, Depends(require("admin"))]
+_ENTRY_ID = r"^\d{1,20}-\d{1,20}$"
+
+
+def _fits_redis(entry_id: str | None) -> str | None:
+    """Stream ids are two unsigned 64-bit numbers; Redis refuses larger ones."""
+    if entry_id is not None and any(int(part) >= 2**64 for part in entry_id.split("-")):
+        raise ValueError(f"{entry_id!r} is beyond what a stream id can be (2^64-1 each part)")
+    return entry_id
+
+
+DlqId = Annotated[
+    str,
+    Path(pattern=_ENTRY_ID, description="a dead letter's id, like 1700000000000-0"),
+    AfterValidator(_fits_redis),
+]
+
+
+def _view(request: Request) -> ManagerView:
+    view: ManagerView = request.app.state.view
+    return view
+
+
+@router.get(
+    "/v1/dlq", response_model=DeadLetterPage, responses=ERRORS, summary="Dead letters, oldest first"
+)
+async def list_dead_letters(
+    request: Request,
+    _: Reader,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[
+        str | None,
+        Query(pattern=_ENTRY_ID, description="next_after of the previous page"),
+        AfterValidator(_fits_redis),
+    ] = None,
+) -> DeadLetterPage:
+    letters = await _view(request).bus.dlq.list(count=limit, after=after or "-")
+    page = [DeadLetterOut(**letter.to_json()) for letter in letters]
+    return DeadLetterPage(dead_letters=page, next_after=page[-1].id if len(page) == limit else None)
+
+
+@router.post(
+    "/v1/dlq/{dlq_id}/retry",
+    response_model=Retried,
+    responses=ERRORS,
+    summary="Re-deliver a dead letter to the group that failed it",
+)
+async def retry(request: Request, _: Admin, dlq_id: DlqId) -> Retried:
+    try:
+        entry_id = await _view(request).bus.dlq.retry(dlq_id)
+    except DeadLetterNotFoundError as exc:
+        raise HTTPException(404, str(exc.args[0])) from None
+    return Retried(id=dlq_id, entry_id=entry_id)
+
+
+@router.delete(
+    "/v1/dlq/{dlq_id}",
+    response_model=Deleted,
+    responses=ERRORS,
+    summary="Delete a dead letter for good",
+)
+async def delete(request: Request, _: Admin, dlq_id: DlqId) -> Deleted:
+    deleted = await _view(request).bus.dlq.purge([dlq_id])
+    if not deleted:
+        raise HTTPException(404, f"dead letter {dlq_id} not found: it was retried or deleted")
+    return Deleted(deleted=deleted)

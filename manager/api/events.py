@@ -1,0 +1,234 @@
+"""``/v1/events`` and ``/v1/traces``: publish, query the archive, follow a chain."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from pydantic import ValidationError
+
+from bus import Event
+from bus.archive import ArchiveStore
+from bus.errors import EventValidationError
+from bus.keys import Keys
+from manager.api.auth import Caller
+from manager.api.context import ManagerView
+from manager.api.errors import ERRORS
+from manager.api.models import (
+    MAX_BATCH,
+    EventIn,
+    EventOut,
+    EventPage,
+    Published,
+    Trace,
+    TraceNode,
+)
+from manager.api.security import require
+from manager.cli_events import duration_ago
+from manager.trace_tree import chain_tree
+
+router = APIRouter(tags=["events"])
+Publisher = Annotated[Caller, Depends(require("publish"))]
+Reader = Annotated[Caller, Depends(require("read"))]
+
+_ONE = EventIn.model_json_schema()
+_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    _ONE,
+                    {"type": "array", "items": _ONE, "minItems": 1, "maxItems": MAX_BATCH},
+                ]
+            }
+        }
+    },
+}
+
+
+def _view(request: Request) -> ManagerView:
+    view: ManagerView = request.app.state.view
+    return view
+
+
+@router.post(
+    "/v1/events",
+    status_code=202,
+    response_model=Published,
+    responses=ERRORS,
+    openapi_extra={"requestBody": _BODY},
+    summary="Publish one event (an object) or a batch (an array, all or none)",
+)
+async def publish(request: Request, caller: Publisher) -> Published:
+    """Validated as the library validates; a batch is published only if every item is
+    valid, else the 422 lists each bad item by its index."""
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise HTTPException(
+            400, f"the body is not valid JSON ({exc}): send an event object or an array of them"
+        ) from None
+    single = isinstance(body, dict)
+    items = [body] if single else body
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        raise HTTPException(
+            422, f"send one event as a JSON object or 1 to {MAX_BATCH} events as an array"
+        )
+    bus = _view(request).bus
+    drafts: list[Event] = []
+    problems: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        try:
+            draft = _draft(bus.event, item, caller)
+            bus.check(draft)  # the registered schema and the size limit
+            drafts.append(draft)
+        except ValidationError as exc:
+            for e in exc.errors():
+                loc = [str(p) for p in e["loc"]]
+                problems.append({"index": index, "loc": loc, "message": e["msg"]})
+        except EventValidationError as exc:
+            problems.append({"index": index, "loc": [exc.field], "message": exc.reason})
+    if problems:
+        where = "; ".join(
+            ("" if single else f"[{p['index']}] ") + f"{'.'.join(p['loc'])}: {p['message']}"
+            for p in problems[:5]
+        )
+        raise HTTPException(
+            422,
+            {
+                "error": f"not published, the event{'s are' if not single else ' is'} not "
+                f"valid: {where}",
+                "detail": problems,
+            },
+        )
+    published = await bus.publish_many(drafts)
+    return Published(ids=published)
+
+
+def _draft(build: Any, item: Any, caller: Caller) -> Event:
+    event = EventIn.model_validate(item)
+    draft: Event = build(
+        event.type,
+        event.data,
+        key=event.key,
+        correlation_id=event.correlation_id,
+        causation_id=event.causation_id,
+        source=caller.source,
+        version=event.version,
+    )
+    return draft
+
+
+async def _archive(request: Request) -> ArchiveStore:
+    store = await _view(request).archive()
+    if store is None:
+        raise HTTPException(
+            503, "this manager keeps no archive (PostgreSQL): events can only be tailed"
+        )
+    return store
+
+
+def _out(event: Event, keys: Keys) -> EventOut:
+    return EventOut.of(event, keys.stream_name(event.stream) if event.stream else None)
+
+
+def _moment(value: str | None, name: str) -> datetime | None:
+    if value is None:
+        return None
+    if (ago := duration_ago(value)) is not None:
+        return ago
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(
+            422,
+            f"{name}={value!r} is neither a time (2026-11-27T10:00:00Z) nor a duration "
+            "back from now (30s, 10m, 2h, 1d)",
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@router.get(
+    "/v1/events",
+    response_model=EventPage,
+    responses=ERRORS,
+    summary="Query the archive, a page at a time",
+)
+async def query(
+    request: Request,
+    _: Reader,
+    *,
+    type: Annotated[list[str], Query(description="type patterns (* one segment, # any)")] = [],  # noqa: B006
+    source: Annotated[str | None, Query(max_length=200)] = None,
+    since: Annotated[str | None, Query(description="a time or a duration back (2h)")] = None,
+    until: Annotated[str | None, Query(description="a time or a duration back")] = None,
+    where: Annotated[
+        str | None, Query(description='data conditions, JSON: {"n": {"gt": 1}}')
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> EventPage:
+    conditions = None
+    if where is not None:
+        try:
+            conditions = orjson.loads(where)
+        except orjson.JSONDecodeError:
+            raise HTTPException(
+                422, f'where={where!r} is not JSON: pass an object like {{"user_id": 42}}'
+            ) from None
+        if not isinstance(conditions, dict):
+            raise HTTPException(422, "where must be a JSON object of conditions")
+    store = await _archive(request)
+    try:
+        events, next_cursor = await store.query(
+            types=type,
+            source=source,
+            since=_moment(since, "since"),
+            until=_moment(until, "until"),
+            where=conditions,
+            after=cursor,
+            limit=limit,
+        )
+    except (ValueError, TypeError) as exc:  # a bad pattern or condition
+        raise HTTPException(422, str(exc)) from None
+    keys = _view(request).bus.keys
+    return EventPage(events=[_out(e, keys) for e in events], next_cursor=next_cursor)
+
+
+@router.get(
+    "/v1/events/{event_id}", response_model=EventOut, responses=ERRORS, summary="One archived event"
+)
+async def get_event(request: Request, _: Reader, event_id: str) -> EventOut:
+    store = await _archive(request)
+    event = await store.get(event_id)
+    if event is None:
+        raise HTTPException(
+            404,
+            f"no archived event has id {event_id!r} (archiving takes "
+            "a moment; older than the retention is gone)",
+        )
+    return _out(event, _view(request).bus.keys)
+
+
+@router.get(
+    "/v1/traces/{correlation_id}",
+    response_model=Trace,
+    responses=ERRORS,
+    summary="A correlation chain as a tree by causation",
+)
+async def trace(request: Request, _: Reader, correlation_id: str) -> Trace:
+    store = await _archive(request)
+    chain = await store.trace(correlation_id)
+    if not chain:
+        raise HTTPException(404, f"no archived event has correlation id {correlation_id!r}")
+    keys = _view(request).bus.keys
+
+    def node(tree: dict[str, Any]) -> TraceNode:
+        out = _out(tree["event"], keys)
+        return TraceNode(**out.model_dump(), caused=[node(c) for c in tree["caused"]])
+
+    roots = [node(root) for root in chain_tree(chain)]
+    return Trace(correlation_id=correlation_id, events=len(chain), roots=roots)

@@ -1,0 +1,74 @@
+"""Health, readiness, metrics and the status page."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from manager.api.auth import Caller
+from manager.api.context import ManagerView
+from manager.api.errors import ERRORS
+from manager.api.models import Health, Readiness
+from manager.api.security import require_unless_open
+
+router = APIRouter(tags=["health"])
+Watcher = Annotated[Caller | None, Depends(require_unless_open("read"))]
+#: The Prometheus text format's content type.
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _view(request: Request) -> ManagerView:
+    view: ManagerView = request.app.state.view
+    return view
+
+
+@router.get("/healthz", response_model=Health, summary="The manager process is alive")
+async def healthz(request: Request) -> Health:
+    """200 while the event loop answers. The archiver's health is in the body (PostgreSQL
+    down does not make the manager dead: events wait in Redis)."""
+    return Health(**_view(request).health())
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "not ready: problems say why"}},
+    summary="Ready to serve: Redis reachable, coordinator running, no bot in a crash loop",
+)
+async def readyz(request: Request) -> JSONResponse:
+    """503 with the problems when not ready. PostgreSQL down is ``degraded``, not unready."""
+    problems, checks = await _view(request).readiness()
+    body = Readiness(ready=not problems, problems=problems, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=503 if problems else 200)
+
+
+@router.get(
+    "/metrics",
+    responses={
+        200: {"content": {METRICS_TYPE: {}}, "description": "Prometheus text format"},
+        **ERRORS,
+    },
+    response_class=Response,
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request, _: Watcher) -> Response:
+    return Response(await _view(request).metrics(), media_type=METRICS_TYPE)
+
+
+@router.get(
+    "/v1/status",
+    response_model=dict[str, Any],
+    responses=ERRORS,
+    summary="What `multibot status --json` shows, for the status page",
+)
+async def status(request: Request, _: Watcher) -> dict[str, Any]:
+    return await _view(request).status()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    """The live status page: one file, no build step, no CDN."""
+    return HTMLResponse(files("manager.api").joinpath("static/status.html").read_text())

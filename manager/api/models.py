@@ -1,0 +1,165 @@
+"""What the HTTP API takes and returns, as pydantic models (they make the OpenAPI document)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bus import Event
+from bus.event import TYPE_RE
+
+#: Events in one ``POST /v1/events`` batch at most.
+MAX_BATCH = 1000
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx and 5xx answer: what is wrong and what to do, and per item or field details."""
+
+    error: str
+    detail: list[dict[str, Any]] | None = None
+
+
+class EventIn(BaseModel):
+    """An event to publish; the source is ``api:<token name>``, the id and time are given
+    by the bus. Validated with the same rules as the library."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(
+        description="dotted lowercase category.entity.action",
+        min_length=1,
+        json_schema_extra={"pattern": TYPE_RE.pattern},  # checked by the library, its message
+    )
+    data: dict[str, Any] = Field(default_factory=dict, description="a JSON object")
+    key: str | None = Field(None, description="ordering key: same key, same order")
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    version: int = Field(1, ge=1, le=2**31 - 1)
+
+
+class Published(BaseModel):
+    """Accepted events, in the order given: ids as they will appear on the bus."""
+
+    ids: list[str]
+
+
+class EventOut(BaseModel):
+    id: str
+    type: str
+    source: str
+    data: dict[str, Any]
+    correlation_id: str | None
+    causation_id: str | None
+    timestamp: datetime
+    version: int
+    key: str | None
+    stream: str | None
+    entry_id: str | None
+
+    @classmethod
+    def of(cls, event: Event, stream: str | None) -> EventOut:
+        return cls(
+            id=event.id,
+            type=event.type,
+            source=event.source,
+            data=dict(event.data),
+            correlation_id=event.correlation_id,
+            causation_id=event.causation_id,
+            timestamp=event.timestamp,
+            version=event.version,
+            key=event.key,
+            stream=stream,
+            entry_id=event.entry_id,
+        )
+
+
+class EventPage(BaseModel):
+    events: list[EventOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page")
+
+
+class TraceNode(EventOut):
+    caused: list[TraceNode] = Field(default_factory=list)
+
+
+class Trace(BaseModel):
+    correlation_id: str
+    events: int
+    roots: list[TraceNode]
+
+
+class StreamOut(BaseModel):
+    stream: str
+    key: str
+    length: int
+    first_entry_id: str | None
+    last_entry_id: str | None
+    memory_bytes: int | None
+
+
+class ConsumerOut(BaseModel):
+    name: str
+    pending: int
+    idle_seconds: float
+
+
+class GroupOut(BaseModel):
+    stream: str
+    group: str
+    lag: int | None
+    pending: int
+    last_delivered_id: str
+    consumers: list[ConsumerOut]
+
+
+class DeadLetterOut(BaseModel):
+    """A dead letter; ``fields`` are the original entry's (empty fields: a foreign writer's
+    entry that said nothing)."""
+
+    id: str
+    event_id: str
+    type: str
+    reason: str
+    error: str
+    traceback: str
+    attempts: int
+    group: str
+    consumer: str
+    handler: str
+    stream: str
+    entry_id: str
+    failed_at: str
+    fields: dict[str, str]
+
+
+class DeadLetterPage(BaseModel):
+    dead_letters: list[DeadLetterOut]
+    next_after: str | None = Field(description="pass as `after` for the next page")
+
+
+class Retried(BaseModel):
+    id: str
+    entry_id: str = Field(description="the entry re-added to the origin stream")
+
+
+class Deleted(BaseModel):
+    deleted: int
+
+
+class Restarted(BaseModel):
+    bot: str
+
+
+class Health(BaseModel):
+    alive: bool
+    pid: int
+    uptime_seconds: float
+    archive: dict[str, Any] | None = Field(description="the archiver's health, if archiving")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    problems: list[str]
+    checks: dict[str, str]
