@@ -11,7 +11,7 @@ from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import ManagerProcess, bot_toml
 from tests.support import wait_until
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.one_redis]
 GROUP = "bot-group-worker"
 
 
