@@ -175,7 +175,9 @@ class TestMemoryRestart:
         assert len(overloads) >= 3
         assert {e.data["action"] for e in overloads} == {"restart"}
         stopped = await events(redis, keys, EventType.BOT_STOPPED)
-        assert stopped[0].data["pid"] == first
+        # The process seen running was replaced (under load an earlier one may have been
+        # replaced before the test looked).
+        assert first in [e.data["pid"] for e in stopped]
         error = (await events(redis, keys, EventType.BOT_ERROR))[0]
         assert "crash loop" in error.data["error"]
         assert await manager.terminate() == 0
