@@ -105,7 +105,10 @@ class _View:
             f"  postgres {_url(manager.get('postgres'))}",
             f"  data {_text(manager.get('data_dir'))}",
         )
-        return Text("\n").join([first, second])
+        lines = [first, second]
+        if manager.get("api"):
+            lines.append(Text(f"api {_text(manager.get('api'))}  (status page, /docs, /metrics)"))
+        return Text("\n").join(lines)
 
     def memory(self, memory: Mapping[str, Any]) -> Text:
         """Budget use, e.g. "memory 1.1 GiB / 2.0 GiB (55%)", and its three parts."""

@@ -41,6 +41,7 @@ def make_status() -> dict[str, Any]:
             "postgres": "postgresql://multibot@127.0.0.1:5432/multibot",
             "maintenance": True,
             "ready": True,
+            "api": "http://127.0.0.1:8080",
         },
         "memory": {
             "budget": 2 * GiB,
@@ -133,6 +134,7 @@ class TestRenderStatus:
         endpoints = line_of(text, "redis redis://")
         assert "127.0.0.1:6379/0" in endpoints and "s3cret" not in text
         assert "postgres postgresql://multibot@127.0.0.1:5432/multibot" in endpoints
+        assert line_of(text, "api ").startswith("api http://127.0.0.1:8080")
 
     def test_budget_line(self) -> None:
         """Memory use reads as used / budget (share), broken down into its parts."""
