@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from fastapi import Request
+
 from bus import BusClient
 from bus.archive import ArchiveStore
 
@@ -43,3 +45,9 @@ class ManagerView(Protocol):
 
     def count_request(self, method: str, route: str, code: int) -> None:
         """Count one HTTP request (for ``multibot_api_requests_total``)."""
+
+
+def view_of(request: Request) -> ManagerView:
+    """The manager behind the application serving ``request``."""
+    view: ManagerView = request.app.state.view
+    return view

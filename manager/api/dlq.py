@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import AfterValidator
 
 from bus.errors import DeadLetterNotFoundError
-from manager.api.auth import Caller
-from manager.api.context import ManagerView
+from manager.api.context import view_of
 from manager.api.errors import ERRORS
 from manager.api.models import DeadLetterOut, DeadLetterPage, Deleted, Retried
-from manager.api.security import require
+from manager.api.security import Admin, Reader
 
 router = APIRouter(tags=["dead letters"])
-Reader = Annotated[Caller, Depends(require("read"))]
-Admin = Annotated[Caller, Depends(require("admin"))]
 _ENTRY_ID = r"^\d{1,20}-\d{1,20}$"
 
 
@@ -34,11 +31,6 @@ DlqId = Annotated[
 ]
 
 
-def _view(request: Request) -> ManagerView:
-    view: ManagerView = request.app.state.view
-    return view
-
-
 @router.get(
     "/v1/dlq", response_model=DeadLetterPage, responses=ERRORS, summary="Dead letters, oldest first"
 )
@@ -52,7 +44,7 @@ async def list_dead_letters(
         AfterValidator(_fits_redis),
     ] = None,
 ) -> DeadLetterPage:
-    letters = await _view(request).bus.dlq.list(count=limit, after=after or "-")
+    letters = await view_of(request).bus.dlq.list(count=limit, after=after or "-")
     page = [DeadLetterOut(**letter.to_json()) for letter in letters]
     return DeadLetterPage(dead_letters=page, next_after=page[-1].id if len(page) == limit else None)
 
@@ -65,7 +57,7 @@ async def list_dead_letters(
 )
 async def retry(request: Request, _: Admin, dlq_id: DlqId) -> Retried:
     try:
-        entry_id = await _view(request).bus.dlq.retry(dlq_id)
+        entry_id = await view_of(request).bus.dlq.retry(dlq_id)
     except DeadLetterNotFoundError as exc:
         raise HTTPException(404, str(exc.args[0])) from None
     return Retried(id=dlq_id, entry_id=entry_id)
@@ -78,7 +70,7 @@ async def retry(request: Request, _: Admin, dlq_id: DlqId) -> Retried:
     summary="Delete a dead letter for good",
 )
 async def delete(request: Request, _: Admin, dlq_id: DlqId) -> Deleted:
-    deleted = await _view(request).bus.dlq.purge([dlq_id])
+    deleted = await view_of(request).bus.dlq.purge([dlq_id])
     if not deleted:
         raise HTTPException(404, f"dead letter {dlq_id} not found: it was retried or deleted")
     return Deleted(deleted=deleted)

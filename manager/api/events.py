@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import ValidationError
 
 from bus import Event
@@ -14,7 +14,7 @@ from bus.archive import ArchiveStore
 from bus.errors import EventValidationError
 from bus.keys import Keys
 from manager.api.auth import Caller
-from manager.api.context import ManagerView
+from manager.api.context import view_of
 from manager.api.errors import ERRORS
 from manager.api.models import (
     MAX_BATCH,
@@ -25,13 +25,11 @@ from manager.api.models import (
     Trace,
     TraceNode,
 )
-from manager.api.security import require
+from manager.api.security import Publisher, Reader
 from manager.cli_events import duration_ago
 from manager.trace_tree import chain_tree
 
 router = APIRouter(tags=["events"])
-Publisher = Annotated[Caller, Depends(require("publish"))]
-Reader = Annotated[Caller, Depends(require("read"))]
 
 _ONE = EventIn.model_json_schema()
 _BODY = {
@@ -47,11 +45,6 @@ _BODY = {
         }
     },
 }
-
-
-def _view(request: Request) -> ManagerView:
-    view: ManagerView = request.app.state.view
-    return view
 
 
 @router.post(
@@ -77,7 +70,7 @@ async def publish(request: Request, caller: Publisher) -> Published:
         raise HTTPException(
             422, f"send one event as a JSON object or 1 to {MAX_BATCH} events as an array"
         )
-    bus = _view(request).bus
+    bus = view_of(request).bus
     drafts: list[Event] = []
     problems: list[dict[str, Any]] = []
     for index, item in enumerate(items):
@@ -123,7 +116,7 @@ def _draft(build: Any, item: Any, caller: Caller) -> Event:
 
 
 async def _archive(request: Request) -> ArchiveStore:
-    store = await _view(request).archive()
+    store = await view_of(request).archive()
     if store is None:
         raise HTTPException(
             503, "this manager keeps no archive (PostgreSQL): events can only be tailed"
@@ -194,7 +187,7 @@ async def query(
         )
     except (ValueError, TypeError) as exc:  # a bad pattern or condition
         raise HTTPException(422, str(exc)) from None
-    keys = _view(request).bus.keys
+    keys = view_of(request).bus.keys
     return EventPage(events=[_out(e, keys) for e in events], next_cursor=next_cursor)
 
 
@@ -210,7 +203,7 @@ async def get_event(request: Request, _: Reader, event_id: str) -> EventOut:
             f"no archived event has id {event_id!r} (archiving takes "
             "a moment; older than the retention is gone)",
         )
-    return _out(event, _view(request).bus.keys)
+    return _out(event, view_of(request).bus.keys)
 
 
 @router.get(
@@ -224,7 +217,7 @@ async def trace(request: Request, _: Reader, correlation_id: str) -> Trace:
     chain = await store.trace(correlation_id)
     if not chain:
         raise HTTPException(404, f"no archived event has correlation id {correlation_id!r}")
-    keys = _view(request).bus.keys
+    keys = view_of(request).bus.keys
 
     def node(tree: dict[str, Any]) -> TraceNode:
         out = _out(tree["event"], keys)

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from redis.exceptions import ResponseError
 
-from manager.api.auth import Caller
-from manager.api.context import ManagerView
+from manager.api.context import ManagerView, view_of
 from manager.api.errors import ERRORS
 from manager.api.models import ConsumerOut, GroupOut, Restarted, StreamOut
-from manager.api.security import require
+from manager.api.security import Admin, Reader
 from manager.lag import group_lags, stream_keys
 
 router = APIRouter(tags=["fleet"])
-Reader = Annotated[Caller, Depends(require("read"))]
-Admin = Annotated[Caller, Depends(require("admin"))]
-
-
-def _view(request: Request) -> ManagerView:
-    view: ManagerView = request.app.state.view
-    return view
 
 
 def _text(value: Any) -> str:
@@ -45,7 +37,7 @@ def _name(view: ManagerView, key: str) -> str:
     summary="Every stream of the namespace: length, first and last id, memory",
 )
 async def streams(request: Request, _: Reader) -> list[StreamOut]:
-    view = _view(request)
+    view = view_of(request)
     redis = view.bus.redis
     out = []
     for key in await _streams(view):
@@ -77,7 +69,7 @@ async def streams(request: Request, _: Reader) -> list[StreamOut]:
     summary="Every consumer group: lag, pending, consumers and their idle time",
 )
 async def groups(request: Request, _: Reader) -> list[GroupOut]:
-    view = _view(request)
+    view = view_of(request)
     redis = view.bus.redis
     out = []
     for lag in await group_lags(redis, await _streams(view)):
@@ -113,7 +105,7 @@ async def groups(request: Request, _: Reader) -> list[GroupOut]:
     summary="Every bot and its instances: state, pid, restarts, RSS, heartbeat",
 )
 async def bots(request: Request, _: Reader) -> list[dict[str, Any]]:
-    return _view(request).bots()
+    return view_of(request).bots()
 
 
 @router.post(
@@ -124,5 +116,5 @@ async def bots(request: Request, _: Reader) -> list[dict[str, Any]]:
     summary="Restart every instance of a bot (a failed one too)",
 )
 async def restart(request: Request, _: Admin, bot_id: str) -> Restarted:
-    await _view(request).restart_bot(bot_id)
+    await view_of(request).restart_bot(bot_id)
     return Restarted(bot=bot_id)

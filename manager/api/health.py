@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 from importlib.resources import files
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from manager.api.auth import Caller
-from manager.api.context import ManagerView
+from manager.api.context import view_of
 from manager.api.errors import ERRORS
 from manager.api.models import Health, Readiness
-from manager.api.security import require_unless_open
+from manager.api.security import Watcher
 
 router = APIRouter(tags=["health"])
-Watcher = Annotated[Caller | None, Depends(require_unless_open("read"))]
 #: The Prometheus text format's content type.
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def _view(request: Request) -> ManagerView:
-    view: ManagerView = request.app.state.view
-    return view
 
 
 @router.get("/healthz", response_model=Health, summary="The manager process is alive")
 async def healthz(request: Request) -> Health:
     """200 while the event loop answers. The archiver's health is in the body (PostgreSQL
     down does not make the manager dead: events wait in Redis)."""
-    return Health(**_view(request).health())
+    return Health(**view_of(request).health())
 
 
 @router.get(
@@ -40,7 +33,7 @@ async def healthz(request: Request) -> Health:
 )
 async def readyz(request: Request) -> JSONResponse:
     """503 with the problems when not ready. PostgreSQL down is ``degraded``, not unready."""
-    problems, checks = await _view(request).readiness()
+    problems, checks = await view_of(request).readiness()
     body = Readiness(ready=not problems, problems=problems, checks=checks)
     return JSONResponse(body.model_dump(), status_code=503 if problems else 200)
 
@@ -55,7 +48,7 @@ async def readyz(request: Request) -> JSONResponse:
     summary="Prometheus metrics",
 )
 async def metrics(request: Request, _: Watcher) -> Response:
-    return Response(await _view(request).metrics(), media_type=METRICS_TYPE)
+    return Response(await view_of(request).metrics(), media_type=METRICS_TYPE)
 
 
 @router.get(
@@ -65,7 +58,7 @@ async def metrics(request: Request, _: Watcher) -> Response:
     summary="What `multibot status --json` shows, for the status page",
 )
 async def status(request: Request, _: Watcher) -> dict[str, Any]:
-    return await _view(request).status()
+    return await view_of(request).status()
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -78,3 +78,11 @@ def require_unless_open(scope: str) -> Callable[..., Awaitable[Caller | None]]:
         return await strict(request, credentials)
 
     return dependency
+
+
+#: The caller of a route, holding the scope it needs.
+Publisher = Annotated[Caller, Depends(require("publish"))]
+Reader = Annotated[Caller, Depends(require("read"))]
+Admin = Annotated[Caller, Depends(require("admin"))]
+#: Anyone while ``api.open_status`` is on, else a reader.
+Watcher = Annotated[Caller | None, Depends(require_unless_open("read"))]
