@@ -11,7 +11,9 @@ from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import bot_toml, events
 from tests.support import wait_until
 
-pytestmark = [pytest.mark.redis, pytest.mark.slow]
+# Whole-daemon behaviour; what differs between Redis versions is tested below it (bus,
+# lag, handover, lease) on each version.
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.one_redis]
 SUBSCRIPTIONS = [
     {"pattern": "user.message.received"},
     {"pattern": "multibot.user.*"},

@@ -21,7 +21,7 @@ from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import FAST, REPO, ManagerProcess, bot_toml, events, gone
 from tests.support import wait_until
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.one_redis]  # nothing Redis-version-specific
 
 
 def multibot(
