@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 from manager.api.auth import ADMIN_TOKEN_FILE
-from manager.bench.manager_bench import _Manager
+from manager.bench.manager_bench import ManagerRun
 from manager.control import ControlError
 from manager.errors import ManagerError
 
@@ -46,7 +46,7 @@ async def run_api_bench(
     """Measure; the results as a JSON-able dict (``echo`` reports progress)."""
     work = Path(tempfile.mkdtemp(prefix="multibot-bench-api-"))
     os.chmod(work, 0o711)  # as root, the embedded PostgreSQL runs as another user
-    manager = _Manager(
+    manager = ManagerRun(
         work,
         env={
             "MULTIBOT_API__RATE_LIMIT": str(RAISED_RATE),

@@ -31,7 +31,7 @@ from manager.errors import ManagerError
 POLL = 0.01  # seconds between status polls while timing
 
 
-class _Manager:
+class ManagerRun:
     """One ``multibot start`` process and its notify socket; ``env`` adds to its environment
     (``MULTIBOT_...`` settings for the run)."""
 
@@ -107,7 +107,7 @@ async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> f
 VICTIMS = (("greeter", 0), ("matcher", 0), ("matcher", 1))
 
 
-async def _restart_time(manager: _Manager, bot_id: str, index: int) -> float:
+async def _restart_time(manager: ManagerRun, bot_id: str, index: int) -> float:
     """SIGKILL one instance; seconds until a new process of it is running."""
     old = _instances(await manager.status(), bot_id)[index]["pid"]
     os.kill(old, signal.SIGKILL)
@@ -119,7 +119,7 @@ async def _restart_time(manager: _Manager, bot_id: str, index: int) -> float:
     return await _until(replaced)
 
 
-async def _failover_time(manager: _Manager, bot_id: str) -> float:
+async def _failover_time(manager: ManagerRun, bot_id: str) -> float:
     """SIGKILL the active replica; seconds until another replica is active."""
     rows = _instances(await manager.status(), bot_id)
     active = next(r for r in rows if r["role"] == "active")
@@ -143,7 +143,7 @@ async def run_manager_bench(rounds: int, echo: Callable[[str], None]) -> dict[st
     """Measure; the results as a JSON-able dict (``echo`` reports progress)."""
     work = Path(tempfile.mkdtemp(prefix="multibot-bench-"))
     os.chmod(work, 0o711)  # as root, the embedded PostgreSQL runs as another user
-    manager = _Manager(work)
+    manager = ManagerRun(work)
     done = False
     try:
         echo("starting the manager (first start: initdb) ...")
@@ -159,7 +159,7 @@ async def run_manager_bench(rounds: int, echo: Callable[[str], None]) -> dict[st
             failovers.append(await _failover_time(manager, "shared-users"))
         stop = await manager.stop()
         echo("second start on the same data ...")
-        manager = _Manager(work)
+        manager = ManagerRun(work)
         warm = await manager.start()
         await manager.stop()
         done = True
