@@ -133,7 +133,9 @@ class TestCatchUp:
             )
             await manager.command("reload")
             await manager.pid("late")
-            new = [await bus.publish("test.new", {"n": n}) for n in range(2)]
+            # One ordering key: live events are handled in order per key (without one, two
+            # may run on different workers at once).
+            new = [await bus.publish("test.new", {"n": n}, key="k") for n in range(2)]
             seen_key = keys.bot_state("late", "seen")
 
             async def all_seen() -> bool:
