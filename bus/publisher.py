@@ -115,13 +115,17 @@ class Publisher:
         prepared = [self.prepare(d) for d in drafts]
         if not prepared:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for stream, fields, _ in prepared:
-                pipe.xadd(stream, fields)  # type: ignore[arg-type]
-            try:
-                await pipe.execute()
-            except UNAVAILABLE as exc:
-                raise self._unavailable(exc, len(prepared)) from exc
+        try:
+            if len(prepared) == 1:  # one XADD: no pipeline to build
+                stream, fields, _ = prepared[0]
+                await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for stream, fields, _ in prepared:
+                        pipe.xadd(stream, fields)  # type: ignore[arg-type]
+                    await pipe.execute()
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc, len(prepared)) from exc
         raise_swallowed_cancel()
         published = self._metrics.published
         for _, _, event in prepared:

@@ -53,8 +53,7 @@ def create_app(view: ManagerView, settings: ApiSettings, tokens: Tokens) -> Fast
     for module in (events, fleet, dlq, health):
         app.include_router(module.router)
     _install_error_handlers(app)
-    app.add_middleware(_Counted, view=view)
-    app.add_middleware(_BodyLimit, limit=int(settings.max_body_bytes))
+    app.add_middleware(_Guard, limit=int(settings.max_body_bytes), view=view)
     return app
 
 
@@ -124,23 +123,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error ({type(exc).__name__}): see the manager's log")
 
 
-class _BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413, by Content-Length or as they stream."""
+class _Guard:
+    """Refuse bodies over ``limit`` bytes with 413 (by Content-Length, or as they stream),
+    and count every request by method, route template and status code. One wrapper for
+    both: each layer costs every request."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, view: ManagerView) -> None:
         self.app = app
         self.limit = limit
+        self.view = view
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._refuse(scope, receive, send)
-            return
-        seen = 0
-        started = False
+        code, seen, started = 500, 0, False
 
         async def counted_receive() -> Message:
             nonlocal seen
@@ -151,16 +148,24 @@ class _BodyLimit:
                     raise _TooLarge
             return message
 
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+        async def noted_send(message: Message) -> None:
+            nonlocal code, started
+            if message["type"] == "http.response.start":
+                code, started = message["status"], True
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, tracked_send)
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+                raise _TooLarge
+            await self.app(scope, counted_receive, noted_send)
         except _TooLarge:
             if not started:
-                await self._refuse(scope, receive, send)
+                await self._refuse(scope, receive, noted_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            self.view.count_request(scope["method"], path, code)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = _error(
@@ -173,30 +178,3 @@ class _BodyLimit:
 
 class _TooLarge(Exception):
     pass
-
-
-class _Counted:
-    """Count every request by method, route template and status code."""
-
-    def __init__(self, app: ASGIApp, view: ManagerView) -> None:
-        self.app = app
-        self.view = view
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        code = 500
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal code
-            if message["type"] == "http.response.start":
-                code = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        finally:
-            route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            self.view.count_request(scope["method"], path, code)
