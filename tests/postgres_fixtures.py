@@ -24,6 +24,7 @@ from typing import Protocol
 import psutil
 import pytest
 
+from bus.archive import ArchiveStore
 from manager.postgres_binaries import PostgresBinaries
 from manager.postgres_server import PostgresServer
 
@@ -197,3 +198,11 @@ async def postgres_factory(
 async def postgres_server(postgres_factory: PostgresFactory) -> PostgresServer:
     """A started private PostgreSQL in tmp_path, no password; the test may kill and restart it."""
     return await postgres_factory()
+
+
+@pytest.fixture
+async def store(postgres_server: PostgresServer) -> AsyncIterator[ArchiveStore]:
+    """A migrated, empty archive store on the test's private PostgreSQL."""
+    async with await ArchiveStore.connect(postgres_server.dsn) as archive:
+        await archive.migrate()
+        yield archive

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
@@ -60,17 +60,6 @@ def delivered(
 async def connect(dsn: str) -> Any:
     """A plain asyncpg connection for looking at tables directly."""
     return await asyncpg.connect(dsn, timeout=5)
-
-
-@pytest.fixture
-async def store(postgres_server: PostgresServer) -> AsyncIterator[ArchiveStore]:
-    """A migrated store on a private PostgreSQL."""
-    archive = await ArchiveStore.connect(postgres_server.dsn)
-    await archive.migrate()
-    try:
-        yield archive
-    finally:
-        await archive.close()
 
 
 class TestMigrations:

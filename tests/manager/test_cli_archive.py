@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -18,14 +17,6 @@ from manager.cli import main
 from manager.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-async def store(postgres_server: PostgresServer) -> AsyncIterator[ArchiveStore]:
-    """A migrated, empty archive."""
-    async with await ArchiveStore.connect(postgres_server.dsn) as archive:
-        await archive.migrate()
-        yield archive
 
 
 def _at(event: Event, n: int) -> Event:

@@ -5,7 +5,6 @@ Against a private PostgreSQL; ``today`` is given to ``maintain``, so no clock is
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, time, timedelta
 
 import asyncpg  # type: ignore[import-untyped]  # ships no type hints
@@ -22,17 +21,6 @@ pytestmark = pytest.mark.postgres
 
 KEYS = Keys()
 DAY = date(2026, 3, 10)
-
-
-@pytest.fixture
-async def store(postgres_server: PostgresServer) -> AsyncIterator[ArchiveStore]:
-    """A migrated store on a private PostgreSQL (no partitions yet)."""
-    archive = await ArchiveStore.connect(postgres_server.dsn)
-    await archive.migrate()
-    try:
-        yield archive
-    finally:
-        await archive.close()
 
 
 def days(first: date, count: int) -> list[date]:
