@@ -1,19 +1,25 @@
 # Two commands set up everything on a fresh machine:
 #   make start   create the environment and run multibot on its embedded defaults
 #   make test    create the environment and run lint, type checks and the whole test suite
+# Both install the exact versions in requirements.lock; `make lock` refreshes it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+# One lock for every Python multibot supports: markers pick per version.
+COMPILE := $(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+	--quiet --output-file $(LOCK)
 
-.PHONY: start test lint bench clean
+.PHONY: start test lint lock bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "multibot needs Python 3.11+: set PYTHON=/path/to/python3.11"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet 'pip==$(PIP_VERSION)'
+	$(BIN)/pip install --quiet --constraint $(LOCK) --editable '.[dev]'
 	touch $(STAMP)
 
 start: $(STAMP)
@@ -26,6 +32,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/pytest
+
+# Every dependency at its newest release that pyproject.toml allows; then run `make test`
+# and commit requirements.lock only if it passes. `make lock PACKAGE=redis` moves one only.
+lock: $(STAMP)
+	$(COMPILE) $(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)
+	$(BIN)/pip install --quiet --constraint $(LOCK) --editable '.[dev]'
 
 bench: $(STAMP)
 	$(BIN)/multibot bench

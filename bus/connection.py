@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,6 +27,9 @@ try:
 except ImportError:  # pragma: no cover - hiredis is a dependency
     HiredisRespSerializer = None  # type: ignore[assignment, misc]
 
+#: Its constructor is unannotated in some redis-py releases; typed here, called once.
+_new_packer: Callable[[], Any] | None = HiredisRespSerializer
+
 
 class _HiredisPacking:
     """Pack commands with hiredis's C packer (redis-py's asyncio client packs in Python).
@@ -34,7 +38,7 @@ class _HiredisPacking:
     redis-py client already packs with hiredis, the asyncio one does not.
     """
 
-    _packer: Any = HiredisRespSerializer() if HiredisRespSerializer is not None else None
+    _packer: Any = _new_packer() if _new_packer is not None else None
 
     def pack_command(self, *args: Any) -> list[bytes]:
         packed: list[bytes] = self._packer.pack(*args)
