@@ -4,6 +4,7 @@ The process runs ``python -m bots.runtime`` in its own session (so a signal to t
 terminal does not reach it, and stopping it can kill its whole process group). It gets its
 spec on stdin, which then stays open for commands; it reports on an inherited pipe. Its
 stdout and stderr are read line by line into the manager's log, never left to fill a pipe.
+:class:`HangCheck` says when a process that stopped beating (or never began) is hung.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -33,6 +35,33 @@ _LEVELS = {"debug", "info", "warning", "error", "critical"}
 _DROPPED_FIELDS = ("event", "level", "timestamp", "bot_id", "instance", "logger")
 
 StatusCallback = Callable[["BotProcess", StatusLine], None]
+
+
+@dataclass(frozen=True, slots=True)
+class HangCheck:
+    """When a bot process counts as hung. Pure policy: the caller passes the times.
+
+    Until its first heartbeat a process is importing its bot and starting its event loop
+    (synchronous work, slow on a loaded machine): it gets ``startup_timeout`` from its
+    spawn. From its first beat on, it is hung once silent for ``heartbeat_timeout``.
+    """
+
+    heartbeat_timeout: float
+    startup_timeout: float
+
+    def reason(self, now: float, *, started_at: float, last_heartbeat: float | None) -> str | None:
+        """Why the process is hung at ``now`` (monotonic seconds, like the others), or None.
+
+        ``started_at`` is its spawn; ``last_heartbeat`` its latest beat, None before the first.
+        """
+        if last_heartbeat is None:
+            if now - started_at > self.startup_timeout:
+                return f"no first heartbeat within {self.startup_timeout:g}s of start"
+            return None
+        silent = now - last_heartbeat
+        if silent > self.heartbeat_timeout:
+            return f"no heartbeat for {silent:.1f}s (timeout {self.heartbeat_timeout:g}s)"
+        return None
 
 
 class BotProcess:
@@ -52,9 +81,12 @@ class BotProcess:
         self._readers: list[asyncio.Task[None]] = []
         self._exit: asyncio.Future[ExitStatus] | None = None
         self._log = log.bind(bot_id=spec.bot_id, instance=spec.instance)
-        #: Monotonic time the process was spawned / last sent a heartbeat.
+        #: Monotonic time the process was spawned.
         self.started_at = 0.0
-        self.last_heartbeat = 0.0
+        #: Monotonic times of its first and its latest heartbeat; None until it beats (it
+        #: is still importing its bot and starting its event loop).
+        self.first_heartbeat_at: float | None = None
+        self.last_heartbeat: float | None = None
         #: The pid it was spawned with (kept after it exited).
         self.spawned_pid: int | None = None
         #: Wall-clock start time (for status).
@@ -104,7 +136,7 @@ class BotProcess:
             raise
         finally:
             os.close(write_fd)
-        self.started_at = self.last_heartbeat = time.monotonic()
+        self.started_at = time.monotonic()
         self.started_wall = time.time()
         self.spawned_pid = self._process.pid
         self._log = self._log.bind(pid=self._process.pid)
@@ -184,7 +216,11 @@ class BotProcess:
     def _apply(self, line: StatusLine) -> None:
         match line.kind:
             case Status.HEARTBEAT:
-                self.last_heartbeat = time.monotonic()
+                now = time.monotonic()
+                if self.first_heartbeat_at is None:
+                    self.first_heartbeat_at = now
+                    self._log.debug("first heartbeat", startup_s=round(now - self.started_at, 2))
+                self.last_heartbeat = now
             case Status.READY:
                 self.ready = True
             case Status.STANDBY:

@@ -174,7 +174,9 @@ class SupervisorSettings(_Model):
         10.0, gt=0, description="seconds without a beat before a running bot counts as hung"
     )
     startup_timeout: float = Field(
-        30.0, gt=0, description="seconds a bot may take to start consuming"
+        30.0,
+        gt=0,
+        description="seconds a bot may take to start (its first heartbeat, then consuming)",
     )
     lease_ttl: float = Field(5.0, gt=0, description="leader lease of an active/standby bot")
     crash_poison_after: int = Field(

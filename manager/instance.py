@@ -43,7 +43,8 @@ class InstanceState(enum.StrEnum):
     STOPPED = "stopped"
     #: Gave up: a crash loop, or it cannot start. `multibot restart` tries again.
     FAILED = "failed"
-    #: Alive but silent past the heartbeat timeout; being restarted.
+    #: Alive but silent past the heartbeat timeout (or no first beat within the start-up
+    #: timeout); being restarted.
     HUNG = "hung"
 
 

@@ -26,7 +26,7 @@ from bus.lease import release_for
 from bus.redis_errors import UNAVAILABLE
 from bus.supervision import RuntimeSpec, Status, StatusLine
 from manager.announcer import PUBLISHED_BY, Announcer
-from manager.bot_process import BotProcess
+from manager.bot_process import BotProcess, HangCheck
 from manager.config import BotConfig, SupervisorSettings
 from manager.fleet_metrics import FleetMetrics
 from manager.handover import CrashLedger, dead_letter_crashed, release_pending, retire_consumer
@@ -36,6 +36,8 @@ from manager.memory import tree_rss
 from manager.restart_policy import ExitStatus
 
 log = structlog.get_logger("manager.supervisor")
+#: Slots the hang watch skips: already being restarted, or being stopped.
+_UNWATCHED = (InstanceState.HUNG, InstanceState.STOPPING)
 SpecFactory = Callable[[BotConfig, int], tuple[RuntimeSpec, dict[str, str]]]
 
 
@@ -76,6 +78,7 @@ class Supervisor:
         visibility_timeout: float,
     ) -> None:
         self._settings = settings
+        self._hang = HangCheck(settings.heartbeat_timeout, settings.startup_timeout)
         self._spec_factory = spec_factory
         self._announcer = announcer
         self._redis = redis
@@ -313,24 +316,23 @@ class Supervisor:
     # -- watching ------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Every heartbeat interval: restart slots whose process stopped beating."""
-        timeout = self._settings.heartbeat_timeout
+        """Every heartbeat interval: restart slots whose process stopped beating, or sent
+        no first beat within the start-up timeout (see :class:`HangCheck`)."""
         while True:
             await asyncio.sleep(self._settings.heartbeat_interval)
             now = time.monotonic()
             for bot in list(self.bots.values()):
                 for instance in bot.instances:
                     process = instance.process
-                    if process is None or process.exited or instance.state is InstanceState.HUNG:
+                    if process is None or process.exited or instance.state in _UNWATCHED:
                         continue
-                    if instance.state is InstanceState.STOPPING:
-                        continue
-                    silent = now - process.last_heartbeat
-                    if silent > timeout:
-                        self._hung(instance, silent)
+                    reason = self._hang.reason(
+                        now, started_at=process.started_at, last_heartbeat=process.last_heartbeat
+                    )
+                    if reason is not None:
+                        self._hung(instance, reason)
 
-    def _hung(self, instance: Instance, silent: float) -> None:
-        reason = f"no heartbeat for {silent:.1f}s (timeout {self._settings.heartbeat_timeout:g}s)"
+    def _hung(self, instance: Instance, reason: str) -> None:
         log.error(
             "bot hung: restarting it",
             bot_id=instance.bot.id,
@@ -359,6 +361,8 @@ class Supervisor:
             for i in bot.instances:
                 p = i.process
                 alive = p is not None and p.pid is not None
+                # None until the process's first beat: it has not claimed to be alive yet.
+                beat = p.last_heartbeat if alive and p else None
                 role = None
                 if bot.config.standby:
                     role = "active" if p is not None and p.active_token is not None else "standby"
@@ -371,7 +375,7 @@ class Supervisor:
                         "uptime": wall - p.started_wall if alive and p else None,
                         "restarts": i.tracker.restarts,
                         "rss": tree_rss(p.pid) if p and p.pid else None,
-                        "heartbeat_age": now - p.last_heartbeat if alive and p else None,
+                        "heartbeat_age": now - beat if beat is not None else None,
                         "last_exit": i.last_exit,
                     }
                 )

@@ -65,6 +65,11 @@ def main() -> None:
     if spec.manager_pid is not None and os.getppid() != spec.manager_pid:
         log.error("the manager exited before this bot started; exiting")
         sys.exit(1)
+    # The first heartbeat comes from the event loop, at once after this import: the manager
+    # gives a process its start-up timeout for that first beat, and its heartbeat timeout
+    # only after it. Not earlier on purpose: one beat before this (synchronous) import would
+    # start the short heartbeat clock that a slow import then misses, and beats from a
+    # thread during it would hide an import that never returns.
     try:
         bot_main = load_main(spec.entry)
     except EntryPointError as exc:

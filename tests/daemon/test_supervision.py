@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 from redis.asyncio import Redis
@@ -12,8 +14,10 @@ from redis.asyncio import Redis
 from bus import BusClient, BusSettings, EventType
 from bus.dlq import DeadLetter
 from bus.keys import Keys
+from manager.control import ControlError
+from manager.postgres_server import PostgresServer
 from tests.daemon.conftest import ManagerFactory
-from tests.daemon.manager_process import bot_toml, events
+from tests.daemon.manager_process import FAST, ManagerProcess, bot_toml, events
 from tests.support import wait_until
 
 # Whole-daemon behaviour; what differs between Redis versions is tested below it (bus,
@@ -117,6 +121,129 @@ class TestHung:
         assert first.source == "sleepy"
         # The event that hung it is still pending: the new process hangs on it again,
         # so stop without waiting for that.
+        assert await manager.terminate() == 0
+
+
+class TimedManagerFactory(Protocol):
+    """Starts a manager running ``bots`` with this ``[supervisor]`` table; returns at once
+    (it does not wait for the bots)."""
+
+    async def __call__(self, bots: str, *, supervisor: Mapping[str, float]) -> ManagerProcess: ...
+
+
+@pytest.fixture
+async def timed_manager(
+    tmp_path: Path, redis_url: str, postgres_server: PostgresServer
+) -> AsyncIterator[TimedManagerFactory]:
+    """Like ``manager_factory``, with the heartbeat and start-up timeouts chosen by the test;
+    each manager is SIGKILLed at teardown if still running."""
+    started: list[ManagerProcess] = []
+    rest_of_fast = FAST[FAST.index("[coordinator]") :]  # its [supervisor] is the test's
+
+    async def start(bots: str, *, supervisor: Mapping[str, float]) -> ManagerProcess:
+        timings = "".join(f"{key} = {value}\n" for key, value in supervisor.items())
+        config = (
+            f'data_dir = "data"\nredis_url = "{redis_url}"\n'
+            f'postgres_dsn = "{postgres_server.dsn}"\n'
+            f"[supervisor]\n{timings}{rest_of_fast}{bots}"
+        )
+        work = tmp_path / f"manager-{len(started)}"
+        work.mkdir()
+        manager = ManagerProcess(work, config)
+        started.append(manager)
+        await manager.start(wait_ready=False)
+        return manager
+
+    yield start
+    for manager in started:
+        await manager.kill()
+
+
+async def first_row(manager: ManagerProcess, bot_id: str) -> dict[str, Any] | None:
+    """The status row of ``bot_id``'s instance 0 once the manager answers, else None."""
+    assert manager.process is not None
+    assert manager.process.returncode is None, f"the manager exited:\n{manager.log()}"
+    try:
+        status = await manager.status()
+    except ControlError:
+        return None
+    rows = [bot["instances"] for bot in status["bots"] if bot["id"] == bot_id]
+    return dict(rows[0][0]) if rows and rows[0] else None
+
+
+class TestSlowStart:
+    async def test_import_slower_than_heartbeat_timeout_is_not_hung(
+        self, timed_manager: TimedManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """A bot whose import outlasts the heartbeat timeout, not the start-up timeout, is
+        not killed as hung: its first process runs, without a restart."""
+        manager = await timed_manager(
+            bot_toml("heavy", "tests.daemon.slow_import:main"),
+            supervisor={"heartbeat_interval": 1.0, "heartbeat_timeout": 2.5,
+                        "startup_timeout": 20.0},
+        )  # fmt: skip
+        seen: list[dict[str, Any]] = []
+
+        async def spawned() -> bool:
+            row = await first_row(manager, "heavy")
+            if row is not None and row["pid"] is not None:
+                seen.append(row)
+            return bool(seen)
+
+        await wait_until(spawned, 30, "the bot's first process to be spawned")
+        first = seen[0]
+        # Still importing: no heartbeat yet, and the status does not claim one.
+        assert (first["state"], first["heartbeat_age"]) == ("starting", None)
+
+        async def running() -> bool:
+            row = await first_row(manager, "heavy")
+            return row is not None and row["state"] == "running"
+
+        await wait_until(running, 30, "the slow-importing bot to run")
+        row = await first_row(manager, "heavy")
+        assert row is not None
+        assert (row["pid"], row["restarts"], row["last_exit"]) == (first["pid"], 0, None)
+        assert row["heartbeat_age"] is not None
+        assert await events(redis, keys, EventType.BOT_HEALTH_CHANGED) == []
+        assert await manager.terminate() == 0
+
+    async def test_bot_that_never_beats_is_hung_after_startup_timeout(
+        self, timed_manager: TimedManagerFactory, redis: Redis, keys: Keys
+    ) -> None:
+        """A bot whose import never returns is reported hung once the start-up timeout is
+        over (the reason says so), and restarted."""
+        manager = await timed_manager(
+            bot_toml("stuck", "tests.daemon.stuck_import:main", stop_timeout=1),
+            supervisor={"heartbeat_interval": 1.0, "heartbeat_timeout": 2.5,
+                        "startup_timeout": 3.0},
+        )  # fmt: skip
+        pids: list[int] = []
+
+        async def spawned() -> bool:
+            row = await first_row(manager, "stuck")
+            if row is not None and row["pid"] is not None:
+                pids.append(row["pid"])
+            return bool(pids)
+
+        await wait_until(spawned, 30, "the bot's first process to be spawned")
+
+        async def reported() -> bool:
+            return bool(await events(redis, keys, EventType.BOT_HEALTH_CHANGED))
+
+        await wait_until(reported, 30, "health_changed for the silent bot")
+        hung = (await events(redis, keys, EventType.BOT_HEALTH_CHANGED))[0]
+        assert (hung.source, hung.data["healthy"]) == ("stuck", False)
+        assert hung.data["reason"] == "no first heartbeat within 3s of start"
+
+        async def replaced() -> bool:
+            row = await first_row(manager, "stuck")
+            return row is not None and row["pid"] not in (None, pids[0])
+
+        await wait_until(replaced, 30, "the hung bot to be restarted")
+        row = await first_row(manager, "stuck")
+        assert row is not None
+        assert row["restarts"] >= 1
+        assert row["last_exit"] == "killed by SIGTERM"
         assert await manager.terminate() == 0
 
 
