@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import uvloop
 from click.testing import CliRunner
 
+from manager.bench.api_bench import run_api_bench
 from manager.cli import main
+from manager.errors import ManagerError
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+
+
+@pytest.fixture
+def bench_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh directory where the bench makes its run's directory (one another OS user can
+    reach: as root, embedded PostgreSQL runs as one), removed at teardown."""
+    directory = Path(tempfile.mkdtemp(prefix="multibot-bench-test-"))
+    directory.chmod(0o711)
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_reports_events_latency_and_rss() -> None:
@@ -31,3 +51,18 @@ def test_reports_events_latency_and_rss() -> None:
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
     rss = result["manager_rss_bytes"]
     assert 10 * 1024 * 1024 < rss["idle"] <= rss["peak"]
+
+
+def test_a_failing_load_process_leaves_nothing_open(bench_tmp: Path) -> None:
+    """The load process exits 2: a ManagerError with its stderr; the manager's notify
+    socket is closed (no ResourceWarning when collected) and the run's files are gone."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(
+            ManagerError, match=r"(?s)the load process failed \(exit 2\).*--concurrency"
+        ):
+            # 0 connections: the load process exits 2; run on the loop the command uses
+            uvloop.run(run_api_bench(0, 1.0, lambda _: None, batches=(1,)))
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert list(bench_tmp.iterdir()) == []

@@ -9,6 +9,9 @@ line, the headers and a Content-Length body, and nothing else, so the measuremen
 server. Requests completing in the first ``--warmup`` seconds are not counted; those
 completing in the next ``--duration`` seconds are.
 
+The bearer token is read from the first line of ``--token-file`` (``-``, the default: stdin),
+never taken from the command line, which every local user can read (``ps``).
+
 Printed: requests and events accepted (202) per second, the latency of a request from the
 first byte written to the last byte of its answer (p50/p95/p99/max ms), non-202 answers by
 status code (connection failures as ``"connection"``), and the CPU share of this process and,
@@ -20,9 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -177,11 +182,24 @@ async def run_load(
     }
 
 
+def _first_line(path: Path | None) -> str:
+    """The first line of ``path`` (of stdin if None), stripped."""
+    if path is None:
+        return sys.stdin.readline().strip()
+    with path.open() as file:
+        return file.readline().strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line: load, then print the results as one JSON line."""
     parser = argparse.ArgumentParser(prog="python -m manager.bench.http_load", description=__doc__)
     parser.add_argument("--url", required=True, help="the API's base URL, http://host:port")
-    parser.add_argument("--token", required=True, help="a bearer token with the publish scope")
+    parser.add_argument(
+        "--token-file",
+        default="-",
+        metavar="FILE",
+        help="the bearer token (publish scope) is its first line; - (the default): stdin",
+    )
     parser.add_argument("--batch", type=int, default=1, help="events per request (1: an object)")
     parser.add_argument("--concurrency", type=int, default=16, help="connections, one per worker")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
@@ -190,10 +208,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch < 1 or args.concurrency < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("--batch and --concurrency must be >= 1, --duration > 0, --warmup >= 0")
+    source = "stdin" if args.token_file == "-" else args.token_file
+    try:
+        token = _first_line(None if args.token_file == "-" else Path(args.token_file))
+    except OSError as exc:
+        parser.error(f"cannot read the token from {source}: {exc}")
+    if not token:
+        parser.error(f"no token on the first line of {source}")
     result = uvloop.run(
         run_load(
             args.url,
-            args.token,
+            token,
             batch=args.batch,
             concurrency=args.concurrency,
             duration=args.duration,

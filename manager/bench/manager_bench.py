@@ -20,31 +20,68 @@ import statistics
 import sys
 import tempfile
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from manager.config import DEFAULT_CONFIG_PATH
 from manager.control import ControlError, call
 from manager.errors import ManagerError
 
 POLL = 0.01  # seconds between status polls while timing
+READY_TIMEOUT = 300.0  # seconds the measured manager may take to send READY=1
+
+
+class ManagerExitedError(ManagerError):
+    """The measured ``multibot start`` exited before it sent READY=1 (its log says why)."""
 
 
 class ManagerRun:
     """One ``multibot start`` process and its notify socket; ``env`` adds to its environment
-    (``MULTIBOT_...`` settings for the run)."""
+    (``MULTIBOT_...`` settings for the run).
+
+    Use it as ``async with ManagerRun(work) as run:``: leaving the block, however it is
+    left, SIGKILLs the process if it still runs and closes the socket.
+    """
 
     def __init__(self, work: Path, env: Mapping[str, str] | None = None) -> None:
         self.work = work
         self.env = dict(env or {})
         self.data_dir = work / "data"
         self.socket_path = work / "notify.sock"
+        self.log_path = work / "manager.log"
         self.process: asyncio.subprocess.Process | None = None
         self._sock: socket.socket | None = None
 
+    def __repr__(self) -> str:
+        pid = self.process.pid if self.process is not None else None
+        return f"<ManagerRun work={self.work} pid={pid} listening={self.listening}>"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.kill()
+
+    @property
+    def listening(self) -> bool:
+        """Whether the notify socket is open."""
+        return self._sock is not None
+
     async def start(self) -> float:
-        """Spawn it; seconds until it sent READY=1."""
+        """Spawn it; seconds until it sent READY=1. :class:`ManagerExitedError` if it exits
+        first, :class:`TimeoutError` after :data:`READY_TIMEOUT`; on any failure (and on
+        cancellation) the process is killed and the socket closed."""
+        if self.process is not None:
+            raise ManagerError(f"{self!r} was already started: use a new ManagerRun")
+        try:
+            return await self._start()
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def _start(self) -> float:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
@@ -58,15 +95,35 @@ class ManagerRun:
             **self.env,
         }
         started = time.monotonic()
-        with (self.work / "manager.log").open("ab") as log:
+        with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "manager.cli", "start", "--config", str(DEFAULT_CONFIG_PATH),
                 env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
+        # READY=1 or the exit, whichever comes first: a manager that fails to start exits.
+        ready = asyncio.ensure_future(self._ready(self._sock))
+        exited = asyncio.ensure_future(self.process.wait())
+        try:
+            await asyncio.wait((ready, exited), timeout=READY_TIMEOUT, return_when=FIRST_COMPLETED)
+        finally:
+            for waiter in (ready, exited):
+                waiter.cancel()
+            await asyncio.gather(ready, exited, return_exceptions=True)
+        if ready.done() and not ready.cancelled():
+            ready.result()  # an OSError of the socket, if any
+            return time.monotonic() - started
+        if exited.done() and not exited.cancelled():
+            raise ManagerExitedError(
+                f"`multibot start` exited with code {exited.result()} before READY=1"
+            )
+        raise TimeoutError(f"no READY=1 from `multibot start` within {READY_TIMEOUT:g}s")
+
+    @staticmethod
+    async def _ready(sock: socket.socket) -> None:
+        """Until READY=1 arrives on ``sock``."""
         loop = asyncio.get_running_loop()
-        while b"READY=1" not in await asyncio.wait_for(loop.sock_recv(self._sock, 4096), 300):
+        while b"READY=1" not in await loop.sock_recv(sock, 4096):
             pass
-        return time.monotonic() - started
 
     async def status(self) -> dict[str, Any]:
         """The status document."""
@@ -74,20 +131,29 @@ class ManagerRun:
         return result
 
     async def stop(self) -> float:
-        """SIGTERM; seconds until it exited."""
+        """SIGTERM; seconds until it exited. The socket is closed in any case."""
         assert self.process is not None
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(self.process.wait(), 120)
-        if self._sock is not None:
-            self._sock.close()
-        return time.monotonic() - started
+        try:
+            started = time.monotonic()
+            self.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.process.wait(), 120)
+            return time.monotonic() - started
+        finally:
+            self._close()
 
     async def kill(self) -> None:
-        """SIGKILL it if it still runs (after a failure)."""
+        """SIGKILL it if it still runs and close the socket (after a failure; idempotent)."""
+        self._close()  # first: nothing below may keep it open, not even a cancellation
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
 
 
 def _instances(status: dict[str, Any], bot_id: str) -> list[dict[str, Any]]:
@@ -140,46 +206,46 @@ async def _failover_time(manager: ManagerRun, bot_id: str) -> float:
 
 
 async def run_manager_bench(rounds: int, echo: Callable[[str], None]) -> dict[str, Any]:
-    """Measure; the results as a JSON-able dict (``echo`` reports progress)."""
+    """Measure; the results as a JSON-able dict (``echo`` reports progress). When the
+    manager fails, the error names its log, which is kept; else the run's files go."""
     work = Path(tempfile.mkdtemp(prefix="multibot-bench-"))
     os.chmod(work, 0o711)  # as root, the embedded PostgreSQL runs as another user
-    manager = ManagerRun(work)
-    done = False
+    keep = False
     try:
-        echo("starting the manager (first start: initdb) ...")
-        cold = await manager.start()
-        echo(f"READY after {cold:.2f}s; idling 5 s before measuring memory")
-        await asyncio.sleep(5)
-        status = await manager.status()
-        bot_rss = [i["rss"] for b in status["bots"] for i in b["instances"] if i["rss"]]
-        restarts, failovers = [], []
-        for n in range(rounds):
-            echo(f"round {n + 1}/{rounds}: kill -9 a bot, then the active replica")
-            restarts.append(await _restart_time(manager, *VICTIMS[n % len(VICTIMS)]))
-            failovers.append(await _failover_time(manager, "shared-users"))
-        stop = await manager.stop()
+        async with ManagerRun(work) as manager:
+            echo("starting the manager (first start: initdb) ...")
+            cold = await manager.start()
+            echo(f"READY after {cold:.2f}s; idling 5 s before measuring memory")
+            await asyncio.sleep(5)
+            status = await manager.status()
+            bot_rss = [i["rss"] for b in status["bots"] for i in b["instances"] if i["rss"]]
+            restarts, failovers = [], []
+            for n in range(rounds):
+                echo(f"round {n + 1}/{rounds}: kill -9 a bot, then the active replica")
+                restarts.append(await _restart_time(manager, *VICTIMS[n % len(VICTIMS)]))
+                failovers.append(await _failover_time(manager, "shared-users"))
+            stop = await manager.stop()
         echo("second start on the same data ...")
-        manager = ManagerRun(work)
-        warm = await manager.start()
-        await manager.stop()
-        done = True
-        return {
-            "ready_first_start_s": round(cold, 3),
-            "ready_second_start_s": round(warm, 3),
-            "manager_rss_bytes": status["manager"]["rss"],
-            "bot_rss_bytes_median": int(statistics.median(bot_rss)),
-            "bots": len(bot_rss),
-            "redis_used_memory_bytes": status["memory"]["redis"],
-            "restart_s": _summary(restarts),
-            "failover_s": _summary(failovers),
-            "stop_s": round(stop, 3),
-        }
-    except (ControlError, TimeoutError) as exc:
+        async with ManagerRun(work) as manager:
+            warm = await manager.start()
+            await manager.stop()
+    except (ManagerError, ControlError, TimeoutError) as exc:  # all of them the manager's
+        keep = True
         raise ManagerError(f"the measured manager failed: {exc}; see {work}/manager.log") from exc
     finally:
-        await manager.kill()
-        if done:  # else keep the log for the error message
+        if not keep:
             shutil.rmtree(work, ignore_errors=True)
+    return {
+        "ready_first_start_s": round(cold, 3),
+        "ready_second_start_s": round(warm, 3),
+        "manager_rss_bytes": status["manager"]["rss"],
+        "bot_rss_bytes_median": int(statistics.median(bot_rss)),
+        "bots": len(bot_rss),
+        "redis_used_memory_bytes": status["memory"]["redis"],
+        "restart_s": _summary(restarts),
+        "failover_s": _summary(failovers),
+        "stop_s": round(stop, 3),
+    }
 
 
 def _summary(values: list[float]) -> dict[str, float]:
