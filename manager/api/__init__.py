@@ -1,1 +1,1 @@
-"""The manager's HTTP API: events, fleet, dead letters, health, metrics, status page."""
+"""The manager's HTTP API: events, fleet, dead letters, health, metrics, status page, docs."""

@@ -25,6 +25,7 @@ from manager import __version__ as VERSION
 from manager.api import dlq, events, fleet, health
 from manager.api.auth import Tokens
 from manager.api.context import ManagerView, UnknownBotError
+from manager.api.docs import add_docs
 from manager.api.ratelimit import RateLimiter
 from manager.config import ApiSettings
 
@@ -43,7 +44,8 @@ def create_app(view: ManagerView, settings: ApiSettings, tokens: Tokens) -> Fast
             "under `[[api.tokens]]` with scopes `publish`, `read`, `admin`. Errors are "
             '`{"error": "...", "detail": [...]}`.'
         ),
-        docs_url="/docs",
+        # /docs is added below, from local files: FastAPI's own page loads from a CDN
+        docs_url=None,
         redoc_url=None,
     )
     app.state.view = view
@@ -52,6 +54,7 @@ def create_app(view: ManagerView, settings: ApiSettings, tokens: Tokens) -> Fast
     app.state.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
     for module in (events, fleet, dlq, health):
         app.include_router(module.router)
+    add_docs(app)
     _install_error_handlers(app)
     app.add_middleware(_Guard, limit=int(settings.max_body_bytes), view=view)
     return app

@@ -11,8 +11,10 @@ import asyncio
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import pytest
@@ -354,3 +356,53 @@ async def check_metrics(client: httpx.AsyncClient, url: str) -> None:
         check=False,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+class TestDocs:
+    async def test_docs_page_is_served_from_the_manager_alone(
+        self, manager_factory: ManagerFactory, client: httpx.AsyncClient
+    ) -> None:
+        """/docs names only the manager's own files (no CDN, no favicon from another host),
+        each of which it serves; the page, its files and /openapi.json need no token even
+        with api.open_status off, as FastAPI's own page did; ReDoc is not offered."""
+        manager = await manager_factory("", extra="[api]\nopen_status = false\n")
+        url, _ = await api(manager)
+        assert (await client.get(f"{url}/v1/status")).status_code == 401
+        page = await client.get(f"{url}/docs")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "http://" not in page.text and "https://" not in page.text
+        links = LinkParser.links(page.text)
+        assert {urlsplit(link).path.rsplit(".", 1)[-1] for link in links} == {"js", "css", "png"}
+        for link in links:
+            assert not urlsplit(link).scheme and not urlsplit(link).netloc, link
+            asset = await client.get(urljoin(f"{url}/docs", link))
+            assert asset.status_code == 200, (link, asset.text)
+            kind = asset.headers["content-type"]
+            assert any(t in kind for t in ("javascript", "text/css", "image/png")), (link, kind)
+            assert len(asset.content) > 4096, link
+        spec = await client.get(f"{url}/openapi.json")
+        assert spec.status_code == 200
+        assert "/v1/events" in spec.json()["paths"]
+        assert "'/openapi.json'" in page.text  # the document Swagger UI loads
+        assert (await client.get(f"{url}/redoc")).status_code == 404
+        assert (await client.get(f"{url}/docs/assets/nothing.js")).status_code == 404
+        assert "Traceback" not in manager.log()
+
+
+class LinkParser(HTMLParser):
+    """Every ``src`` and ``href`` of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.found += [v for k, v in attrs if k in ("src", "href") and v is not None]
+
+    @classmethod
+    def links(cls, html: str) -> list[str]:
+        parser = cls()
+        parser.feed(html)
+        parser.close()
+        return parser.found
