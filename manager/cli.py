@@ -19,7 +19,9 @@ def main() -> None:
     """multibot: a supervisor for Python bots and their event bus on Redis Streams.
 
     Every command that talks to the bus takes --redis-url (or MULTIBOT_REDIS_URL) and
-    --namespace (or MULTIBOT_NAMESPACE). For example:
+    --namespace (or MULTIBOT_NAMESPACE). Without a URL it uses the Redis of the manager
+    running with MULTIBOT_CONFIG (else the checkout's config), else that config's redis_url,
+    and names it on stderr; with neither it refuses. For example:
 
     \b
       multibot start                      # the manager, in the foreground

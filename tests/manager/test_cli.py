@@ -6,10 +6,12 @@ sync redis client, and ``tail`` runs as ``python -m manager.cli`` in a subproces
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ from click.testing import CliRunner, Result
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from bus.connection import redact
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.event import Event
 from bus.keys import Keys
@@ -34,6 +37,8 @@ from bus.wire import encode
 from manager.cli import main
 from manager.cli_events import _since_id
 from manager.redis_server import free_port
+from tests.conftest import RedisFactory
+from tests.daemon.manager_process import FAST, ManagerProcess, events
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = Keys("multibot")
@@ -99,6 +104,167 @@ class TestMain:
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("Usage: multibot")
+
+
+def write_config(directory: Path, extra: str = "") -> Path:
+    """A manager config in ``directory`` (data dir ``directory/data``, no bots)."""
+    path = directory / "multibot.toml"
+    path.write_text('data_dir = "data"\n' + extra)
+    return path
+
+
+def invoke_without_url(config: Path, *args: str, namespace: str | None = None) -> Result:
+    """Run ``multibot ARGS`` in-process with no Redis URL, on the manager config ``config``."""
+    env = {
+        "MULTIBOT_REDIS_URL": None,
+        "MULTIBOT_NAMESPACE": namespace,
+        "MULTIBOT_CONFIG": str(config),
+    }
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+#: Commands that need the bus's Redis, each as it would be typed.
+REDIS_COMMANDS = [
+    ("dlq", "list"),
+    ("dlq", "show", "1-1"),
+    ("events", "publish", "user.x.y"),
+    ("events", "tail", "user.#"),
+]
+
+
+class TestNoRedisFound:
+    """No URL given, no manager running, no redis_url in the config: refuse, never guess."""
+
+    @pytest.mark.parametrize("args", REDIS_COMMANDS, ids=" ".join)
+    def test_refused_with_what_to_do(self, tmp_path: Path, args: tuple[str, ...]) -> None:
+        """Exit 2 naming the config and its data dir, and saying how to get a Redis."""
+        config = write_config(tmp_path)
+        result = invoke_without_url(config, *args)
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.stderr.split())  # click wraps nothing, but be safe
+        data_dir = (tmp_path / "data").resolve()
+        assert f"no manager is running for config {config} (data dir {data_dir})" in message
+        assert "sets no redis_url" in message
+        assert "`multibot start`" in message and "--redis-url" in message
+        assert "MULTIBOT_REDIS_URL" in message
+        assert result.stdout == "" and "6379" not in result.output
+
+    def test_stale_control_socket(self, tmp_path: Path) -> None:
+        """A socket file nobody listens on (a killed manager) is refused the same way."""
+        config = write_config(tmp_path)
+        (tmp_path / "data").mkdir()
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(tmp_path / "data" / "manager.sock"))  # bound, never listening
+        result = invoke_without_url(config, "dlq", "list")
+        assert result.exit_code == 2, result.output
+        assert "no manager is running for config" in result.stderr
+        assert "--redis-url" in result.stderr
+
+    def test_unreadable_config(self, tmp_path: Path) -> None:
+        """A config that cannot be read is named, with the same advice."""
+        result = invoke_without_url(tmp_path / "missing.toml", "dlq", "list")
+        assert result.exit_code == 2, result.output
+        assert "missing.toml" in result.stderr and "cannot read it" in result.stderr
+        assert "--redis-url" in result.stderr
+
+
+@pytest.mark.redis
+class TestRedisFromTheConfig:
+    async def test_config_redis_url_is_used_and_named(
+        self, tmp_path: Path, redis_factory: RedisFactory
+    ) -> None:
+        """No manager: the config's redis_url and namespace, named on stderr, password hidden."""
+        server = await redis_factory(password="s3cret")
+        config = write_config(tmp_path, f'redis_url = "{server.url}"\nnamespace = "cfg"\n')
+        result = await asyncio.to_thread(
+            invoke_without_url, config, "events", "publish", "user.x.y"
+        )
+        assert result.exit_code == 0, result.output
+        assert uuid.UUID(result.stdout.strip()).version == 7  # stdout: the id only
+        assert (
+            result.stderr == f"Redis: {redact(server.url)}, namespace cfg (redis_url of {config})\n"
+        )
+        assert "s3cret" not in result.output and ":***@" in result.stderr
+        listed = await asyncio.to_thread(invoke_without_url, config, "dlq", "list")
+        assert (listed.exit_code, listed.stdout) == (0, "No dead letters.\n")
+        async with AsyncRedis.from_url(server.url, decode_responses=True) as client:
+            assert await client.xlen(Keys("cfg").stream("user")) == 1
+
+    async def test_given_namespace_wins(self, tmp_path: Path, redis_factory: RedisFactory) -> None:
+        """MULTIBOT_NAMESPACE is kept when the Redis comes from the config."""
+        server = await redis_factory()
+        config = write_config(tmp_path, f'redis_url = "{server.url}"\nnamespace = "cfg"\n')
+        result = await asyncio.to_thread(
+            invoke_without_url, config, "events", "publish", "user.x.y", namespace="mine"
+        )
+        assert result.exit_code == 0, result.output
+        assert ", namespace mine (" in result.stderr
+        async with AsyncRedis.from_url(server.url, decode_responses=True) as client:
+            assert await client.xlen(Keys("mine").stream("user")) == 1
+            assert await client.exists(Keys("cfg").stream("user")) == 0
+
+    @pytest.mark.parametrize("how", ["flag", "env"])
+    def test_explicit_url_wins_silently(
+        self, tmp_path: Path, redis_url: str, sync_redis: Redis, how: str
+    ) -> None:
+        """--redis-url or MULTIBOT_REDIS_URL is used as given: no lookup, nothing on stderr."""
+        config = write_config(tmp_path, f'redis_url = "{unreachable_url()}"\n')
+        env = {"MULTIBOT_CONFIG": str(config), "MULTIBOT_NAMESPACE": None}
+        args = ["events", "publish", "user.x.y"]
+        if how == "flag":
+            env["MULTIBOT_REDIS_URL"] = None
+            args += ["--redis-url", redis_url]
+        else:
+            env["MULTIBOT_REDIS_URL"] = redis_url
+        result = CliRunner().invoke(main, args, env=env)
+        assert result.exit_code == 0, result.output
+        assert result.stderr == ""
+        assert len(entries(sync_redis, USER_STREAM)) == 1
+
+
+def run_cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m manager.cli ARGS`` as a real process, with no Redis URL, on ``config``."""
+    env = {**os.environ, "MULTIBOT_CONFIG": str(config)}
+    env.pop("MULTIBOT_REDIS_URL", None)
+    env.pop("MULTIBOT_NAMESPACE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "manager.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=60, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+class TestRedisFromTheManager:
+    async def test_running_manager_redis_is_used_and_named(self, tmp_path: Path) -> None:
+        """A manager on its embedded Redis: the commands use that Redis and name it on stderr."""
+        config = 'data_dir = "data"\npostgres_dsn = "postgresql://unused@127.0.0.1:1/x"\n'
+        manager = ManagerProcess(tmp_path, config + FAST)  # no redis_url: only it knows where
+        try:
+            await manager.start()
+            found = await manager.command("connection")
+            url = found["redis_url"]
+            password = url.split("@")[0].rpartition(":")[2]
+            assert url.startswith("unix://") and password
+
+            listed = await asyncio.to_thread(run_cli, "dlq", "list", config=manager.config_path)
+            assert listed.returncode == 0, listed.stderr
+            assert listed.stdout == "No dead letters.\n"
+            origin = f"the manager running on {manager.data_dir}"
+            assert listed.stderr == f"Redis: {redact(url)}, namespace multibot ({origin})\n"
+            assert password not in listed.stderr
+
+            data = ["--data", '{"n": 1}']
+            published = await asyncio.to_thread(
+                run_cli, "events", "publish", "note.added", *data, config=manager.config_path
+            )
+            assert published.returncode == 0, published.stderr
+            async with AsyncRedis.from_url(url, decode_responses=True) as client:
+                found_events = await events(client, KEYS, "note.added")
+            assert [e.id for e in found_events] == [published.stdout.strip()]
+            assert await manager.terminate() == 0
+        finally:
+            await manager.kill()
 
 
 class TestPublishChecks:
