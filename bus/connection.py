@@ -41,8 +41,15 @@ class _HiredisPacking:
     _packer: Any = _new_packer() if _new_packer is not None else None
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        packed: list[bytes] = self._packer.pack(*args)
+        try:
+            packed: list[bytes] = self._packer.pack(*args)
+        except UnicodeEncodeError:  # a name read from Redis that was not UTF-8: its bytes
+            packed = self._packer.pack(*(_surrogate_bytes(a) for a in args))
         return packed
+
+
+def _surrogate_bytes(arg: Any) -> Any:
+    return arg.encode(errors="surrogateescape") if isinstance(arg, str) else arg
 
 
 class _FastConnection(_HiredisPacking, Connection):
@@ -78,6 +85,10 @@ def connect(settings: BusSettings, client_name: str | None = None) -> Redis:
     pool = ConnectionPool.from_url(
         settings.redis_url,
         decode_responses=True,
+        # Any bytes can sit in a stream (redis-cli writes them): a reply that is not UTF-8
+        # must not raise in the parser. Bad bytes come through as lone surrogates, which
+        # bus.wire.is_text detects and raw_bytes turns back into the exact bytes.
+        encoding_errors="surrogateescape",
         socket_connect_timeout=settings.connect_timeout,
         socket_timeout=settings.command_timeout,
         retry=retry,

@@ -20,6 +20,7 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from bus.acks import AckBatcher
 from bus.batching import Batcher
@@ -118,6 +119,7 @@ class Consumer:
         self._ready = ready or asyncio.Event()
         self._reader_id: int | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._run_task: asyncio.Task[Any] | None = None
         self._reclaimer = Reclaimer(
             redis=redis,
             group=self.group,
@@ -135,8 +137,14 @@ class Consumer:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def ensure_groups(self, start_id: str | None = None) -> None:
-        """Create the group on every stream it reads (idempotent, creating missing streams)."""
+        """Create the group on every stream it reads (idempotent, creating missing streams).
+
+        Existing groups are looked up first: Redis at ``maxmemory`` refuses XGROUP CREATE
+        even for a group that exists, and a restarted bot must still start then.
+        """
         for stream in self.streams:
+            if await self._has_group(stream):
+                continue
             try:
                 await self._redis.xgroup_create(
                     stream, self.group, id=start_id or self._settings.start_id, mkstream=True
@@ -145,14 +153,28 @@ class Consumer:
                 if not is_busygroup(exc):
                     raise
 
+    async def _has_group(self, stream: str) -> bool:
+        try:
+            groups: Any = await self._redis.xinfo_groups(stream)
+        except ResponseError:  # no such key
+            return False
+        return any(g.get("name") == self.group for g in groups)
+
     async def run(self) -> None:
         """Consume until :meth:`stop`; then let in-flight handlers finish (bounded) and ack."""
-        await self._with_redis(self.ensure_groups)
+        self._run_task = asyncio.current_task()
+        try:
+            await self._with_redis(self.ensure_groups)
+        except _Stopping:  # stopped while Redis could not be used: nothing was taken
+            return
         self._ready.set()
         self._log.info("consumer started", streams=self.streams, subscriptions=len(self._subs))
         reader_conn = self._redis.client()  # one connection, so CLIENT UNBLOCK can wake it
         try:
-            await self._with_redis(reader_conn.initialize)
+            with suppress(_Stopping):
+                await self._with_redis(reader_conn.initialize)
+            if self._stopping.is_set():
+                return
             # After a reconnect (Redis restarted) the reader is a new client with a new id;
             # redis-py calls this back on every (re)connect of the connection (untyped API).
             connection: Any = reader_conn.connection
@@ -184,6 +206,11 @@ class Consumer:
         finally:
             await reader_conn.aclose()
         self._log.info("consumer stopped", **self.stats)
+
+    @property
+    def _gives_up_on_stop(self) -> tuple[asyncio.Task[Any] | None, ...]:
+        """Tasks whose Redis retries end when the consumer stops (the start and the reader)."""
+        return (self._run_task, self._reader_task)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking new entries; in-flight handlers get ``timeout`` seconds to finish."""
@@ -360,25 +387,36 @@ class Consumer:
                         await self._runner.run_one(sub, delivery)
                     else:
                         reason, _, text = error.partition(":")
-                        try:
-                            await self._runner.dead_letter(delivery, DeadLetterReason(reason), text)
-                        finally:
-                            self._done(delivery)
+                        await self._runner.dead_letter_one(delivery, DeadLetterReason(reason), text)
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except Exception:  # run_one and dead_letter_one report their own failures
                     self._log.exception(
                         "bug while handling an entry; it stays pending", entry_id=delivery.entry_id
                     )
 
     def _done(self, delivery: Delivery) -> None:
+        """A handler (or the dead-lettering) is done with a delivery; the last one acks it,
+        unless some outcome was not final: then it stays pending, and the reclaimer delivers
+        it again once it has been idle for the visibility timeout."""
         delivery.remaining -= 1
-        if delivery.remaining <= 0:
-            self._inflight.pop((delivery.stream, delivery.entry_id), None)
+        if delivery.remaining > 0:
+            return
+        self._inflight.pop((delivery.stream, delivery.entry_id), None)
+        if delivery.keep:
+            self.stats["kept_pending"] += 1
+            self._log.warning(
+                "entry not acked: it is delivered again after the visibility timeout",
+                entry_id=delivery.entry_id,
+                stream=delivery.stream,
+            )
+            if not self._inflight and not self._acks.pending:
+                self._idle.set()
+        else:
             event = delivery.event
             self._acks.add(delivery.stream, delivery.entry_id, event.type if event else "")
-            if len(self._inflight) < self._max_inflight:
-                self._space.set()
+        if len(self._inflight) < self._max_inflight:
+            self._space.set()
 
     # -- acks ----------------------------------------------------------------------------
 
@@ -426,7 +464,7 @@ class Consumer:
                 if failing:
                     self._log.info("redis reachable again; resuming")
                 return result
-            if self._stopping.is_set() and asyncio.current_task() is self._reader_task:
+            if self._stopping.is_set() and asyncio.current_task() in self._gives_up_on_stop:
                 raise _Stopping  # the reader does not wait for Redis to come back to stop
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import builtins
 import enum
 from collections.abc import Mapping
@@ -15,7 +17,19 @@ from redis.asyncio import Redis
 from bus.errors import DeadLetterNotFoundError, WireFormatError
 from bus.event import Event
 from bus.keys import Keys
-from bus.wire import DLQ_LINK_FIELD, TARGET_FIELD, decode, format_timestamp
+from bus.wire import (
+    DLQ_LINK_FIELD,
+    TARGET_FIELD,
+    decode,
+    format_timestamp,
+    is_text,
+    raw_fields,
+    readable,
+)
+
+#: Dead-letter field with the original entry's exact bytes when they were not UTF-8: a
+#: JSON array ``[name, value, …]`` of base64 strings.
+RAW_FIELD = "raw"
 
 
 class DeadLetterReason(enum.StrEnum):
@@ -31,6 +45,10 @@ class DeadLetterReason(enum.StrEnum):
     SCHEMA = "schema"
     #: The entry was in flight at several consecutive crashes of its bot's process.
     CRASHED = "crashed"
+    #: PostgreSQL refused to store the event (a data error): not archived, kept here.
+    UNARCHIVABLE = "unarchivable"
+    #: The handler ran past its subscription's timeout on every attempt.
+    TIMEOUT = "timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +69,8 @@ class DeadLetter:
     entry_id: str
     failed_at: str
     fields: Mapping[str, str]
+    #: The entry's exact bytes (``[name, value, …]``, base64) when it was not UTF-8, else ().
+    raw: tuple[str, ...] = ()
 
     @property
     def event(self) -> Event | None:
@@ -59,6 +79,16 @@ class DeadLetter:
             return decode(self.fields, self.stream, self.entry_id)
         except WireFormatError:
             return None
+
+    def raw_entry(self) -> dict[bytes, bytes] | None:
+        """The original entry's exact fields from ``raw``; None without (or with a bad) one."""
+        if not self.raw or len(self.raw) % 2:
+            return None
+        try:
+            parts = [base64.b64decode(p, validate=True) for p in self.raw]
+        except binascii.Error:
+            return None
+        return dict(zip(parts[0::2], parts[1::2], strict=True))
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (CLI and API)."""
@@ -77,6 +107,7 @@ class DeadLetter:
             "entry_id": self.entry_id,
             "failed_at": self.failed_at,
             "fields": dict(self.fields),
+            "raw": list(self.raw),
         }
 
 
@@ -87,27 +118,46 @@ def _count(value: str | None) -> int:
 
 
 def parse_dead_letter(entry_id: str, f: Mapping[str, str]) -> DeadLetter:
-    """A dead letter from its entry in the dead-letter stream."""
+    """A dead letter from its entry in the dead-letter stream (any writer's: text that was
+    not UTF-8 is shown with U+FFFD, a field that does not parse reads as empty)."""
+
+    def text(name: str) -> str:
+        return readable(f.get(name, ""))
+
     try:
-        original = orjson.loads(f.get("entry", "{}"))
+        original = orjson.loads(text("entry") or "{}")
     except orjson.JSONDecodeError:
         original = {}
     return DeadLetter(
         id=entry_id,
-        event_id=f.get("event_id", ""),
-        type=f.get("type", ""),
-        reason=f.get("reason", ""),
-        error=f.get("error", ""),
-        traceback=f.get("traceback", ""),
+        event_id=text("event_id"),
+        type=text("type"),
+        reason=text("reason"),
+        error=text("error"),
+        traceback=text("traceback"),
         attempts=_count(f.get("attempts")),
-        group=f.get("group", ""),
-        consumer=f.get("consumer", ""),
-        handler=f.get("handler", ""),
-        stream=f.get("stream", ""),
-        entry_id=f.get("entry_id", ""),
-        failed_at=f.get("failed_at", ""),
+        group=text("group"),
+        consumer=text("consumer"),
+        handler=text("handler"),
+        stream=text("stream"),
+        entry_id=text("entry_id"),
+        failed_at=text("failed_at"),
         fields={str(k): str(v) for k, v in original.items()} if isinstance(original, dict) else {},
+        raw=_raw(text(RAW_FIELD)),
     )
+
+
+def _raw(value: str | None) -> tuple[str, ...]:
+    """The ``raw`` field's base64 strings; () when absent or not a list of strings."""
+    if not value:
+        return ()
+    try:
+        parts = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return ()
+    if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
+        return ()
+    return tuple(parts)
 
 
 class DeadLetters:
@@ -131,22 +181,31 @@ class DeadLetters:
         attempts: int = 0,
         traceback: str = "",
     ) -> str:
-        """Write one dead letter; return its id. The caller acks the source entry after this."""
+        """Write one dead letter; return its id. The caller acks the source entry after this.
+
+        Fields that were not UTF-8 are written readable (U+FFFD for the bad bytes), and the
+        entry's exact bytes go in ``raw`` (base64), so nothing of it is lost.
+        """
+        text = all(is_text(k) and is_text(v) for k, v in fields.items())
         entry: dict[str, str] = {
             "reason": str(reason),
-            "event_id": fields.get("id", ""),
-            "type": fields.get("type", ""),
-            "error": error[:2000],
-            "traceback": traceback[-4000:],
+            "event_id": readable(fields.get("id", "")),
+            "type": readable(fields.get("type", "")),
+            "error": readable(error[:2000]),
+            "traceback": readable(traceback[-4000:]),
             "attempts": str(attempts),
             "group": group,
             "consumer": consumer,
             "handler": handler,
-            "stream": stream,
+            "stream": readable(stream),
             "entry_id": entry_id,
             "failed_at": format_timestamp(datetime.now(UTC)),
-            "entry": orjson.dumps(dict(fields)).decode(),
+            "entry": orjson.dumps(
+                dict(fields) if text else {readable(k): readable(v) for k, v in fields.items()}
+            ).decode(),
         }
+        if not text:
+            entry[RAW_FIELD] = orjson.dumps(raw_fields(fields)).decode()
         dlq_id: Any = await self._redis.xadd(self.key, entry)  # type: ignore[arg-type]
         return str(dlq_id)
 
@@ -178,7 +237,7 @@ class DeadLetters:
         letter is removed. Both happen in one MULTI so a retry is never lost or doubled.
         """
         letter = await self.get(dlq_id)
-        fields = dict(letter.fields)
+        fields: dict[Any, str | bytes] = dict(letter.raw_entry() or letter.fields)
         target = letter.group + (f"/{letter.handler}" if letter.handler else "")
         fields[TARGET_FIELD] = target
         fields[DLQ_LINK_FIELD] = dlq_id

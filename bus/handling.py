@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bus.breaker import BreakerState
 from bus.context import current_event
@@ -21,6 +22,7 @@ from bus.metrics import GroupMetrics
 from bus.redis_errors import UNAVAILABLE
 from bus.schemas import SchemaRegistry
 from bus.subscription import Subscription
+from bus.wire import readable
 
 
 class HandlerObserver(Protocol):
@@ -46,10 +48,23 @@ class Delivery:
     taken_at: float = field(default_factory=time.monotonic)
     #: Whether a handler started on it (it is counted as consumed once).
     consumed: bool = False
+    #: Whether some outcome could not be made final (a dead letter not stored, the run-once
+    #: marker unreadable, a bug): then it is not acked, and is delivered again later.
+    keep: bool = False
+
+
+#: Error replies to a dead-letter write tolerated (with backoff) before the entry is left
+#: pending instead.
+DEAD_LETTER_REFUSALS = 5
 
 
 def _summary(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc, limit=-8))
+
+
+def _failure(error: BaseException, sub: Subscription) -> tuple[DeadLetterReason, str]:
+    """The dead-letter reason and text of a handler's last failure."""
+    return DeadLetterReason.HANDLER_ERROR, f"{type(error).__name__}: {error}"
 
 
 class Runner:
@@ -88,45 +103,68 @@ class Runner:
         self._log = log
 
     async def run_one(self, sub: Subscription, delivery: Delivery) -> None:
-        """Handle one delivery with one subscription, then report it done."""
-        event = delivery.event
-        assert event is not None
+        """Handle one delivery with one subscription, then report it done.
+
+        It is acked (by whoever ``on_done`` tells) only if the handler succeeded or its dead
+        letter was stored; otherwise it is marked ``keep`` and stays pending.
+        """
         try:
-            await self._wait_breaker(sub)
-            if sub.idempotent_ttl is not None and not await self._claim_once(sub, delivery):
-                self._stats["skipped_duplicates"] += 1
-                return
-            try:
-                args: tuple[Any, ...] = (event,)
-                if sub.model is not None:
-                    args = (event, self._schemas.parse(sub.model, event.type, event.data))
-            except SchemaError as exc:
-                await self.dead_letter(
-                    delivery, DeadLetterReason.SCHEMA, str(exc), handler=sub.name
-                )
-                await self._forget_once(sub, delivery)
-                return
-            self._consumed(delivery)
-            while (error := await self._attempts(sub, args, event, [event])) is not None:
-                if not self._failed(sub):
-                    await self._forget_once(sub, delivery)
-                    await self.dead_letter(
-                        delivery,
-                        DeadLetterReason.HANDLER_ERROR,
-                        f"{type(error).__name__}: {error}",
-                        handler=sub.name,
-                        attempts=sub.retry.max_attempts,
-                        tb=_summary(error),
-                    )
-                    return
-                self._meter.retried(event.type)  # held, not dead-lettered: try after cool-down
-                await self._wait_breaker(sub)
-            await self._mark_once(sub, delivery)
+            if not await self._run_one(sub, delivery):
+                delivery.keep = True
+        except asyncio.CancelledError:
+            delivery.keep = True
+            raise
+        except Exception:
+            delivery.keep = True
+            self._log.exception(
+                "bug while handling an entry; it stays pending",
+                handler=sub.name,
+                entry_id=delivery.entry_id,
+                stream=delivery.stream,
+            )
         finally:
             self._on_done(delivery)
 
+    async def _run_one(self, sub: Subscription, delivery: Delivery) -> bool:
+        """True once the outcome is final (handled, dead-lettered, or a duplicate skipped)."""
+        event = delivery.event
+        assert event is not None
+        await self._wait_breaker(sub)
+        if sub.idempotent_ttl is not None:
+            claimed = await self._once(self._claim_once, sub, delivery)
+            if claimed is None:
+                return False
+            if not claimed:
+                self._stats["skipped_duplicates"] += 1
+                return True
+        try:
+            args: tuple[Any, ...] = (event,)
+            if sub.model is not None:
+                args = (event, self._schemas.parse(sub.model, event.type, event.data))
+        except SchemaError as exc:
+            await self._once(self._forget_once, sub, delivery)
+            return await self.dead_letter(
+                delivery, DeadLetterReason.SCHEMA, str(exc), handler=sub.name
+            )
+        self._consumed(delivery)
+        while (error := await self._attempts(sub, args, event, [event])) is not None:
+            if not self._failed(sub):
+                await self._once(self._forget_once, sub, delivery)
+                return await self.dead_letter(
+                    delivery,
+                    *_failure(error, sub),
+                    handler=sub.name,
+                    attempts=sub.retry.max_attempts,
+                    tb=_summary(error),
+                )
+            self._meter.retried(event.type)  # held, not dead-lettered: try after cool-down
+            await self._wait_breaker(sub)
+        await self._once(self._mark_once, sub, delivery)  # handled: acked even if this failed
+        return True
+
     async def run_batch(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
-        """Handle a batch with a batch subscription; on final failure dead-letter each event."""
+        """Handle a batch with a batch subscription; on final failure dead-letter each event
+        (each one whose dead letter could not be stored stays pending)."""
         events = [d.event for d in deliveries if d.event is not None]
         try:
             await self._wait_breaker(sub)
@@ -138,19 +176,41 @@ class Runner:
                         self._meter.retried(e.type)
                     await self._wait_breaker(sub)
                     continue
+                reason, text = _failure(error, sub)
                 for d in deliveries:
-                    await self.dead_letter(
+                    stored = await self.dead_letter(
                         d,
-                        DeadLetterReason.HANDLER_ERROR,
-                        f"{type(error).__name__}: {error} (batch of {len(events)})",
+                        reason,
+                        f"{text} (batch of {len(events)})",
                         handler=sub.name,
                         attempts=sub.retry.max_attempts,
                         tb=_summary(error),
                     )
+                    d.keep = d.keep or not stored
                 break
+        except BaseException as exc:
+            for d in deliveries:
+                d.keep = True
+            if not isinstance(exc, Exception):
+                raise
+            self._log.exception("bug while handling a batch; it stays pending", handler=sub.name)
         finally:
             for d in deliveries:
                 self._on_done(d)
+
+    async def dead_letter_one(
+        self, delivery: Delivery, reason: DeadLetterReason, error: str
+    ) -> None:
+        """Dead-letter a delivery no handler ran on (malformed, poison), then report it done;
+        it stays pending if the dead letter could not be stored."""
+        try:
+            if not await self.dead_letter(delivery, reason, error):
+                delivery.keep = True
+        except BaseException:
+            delivery.keep = True
+            raise
+        finally:
+            self._on_done(delivery)
 
     async def _attempts(
         self, sub: Subscription, args: tuple[Any, ...], context: Event, events: list[Event]
@@ -226,9 +286,14 @@ class Runner:
         handler: str = "",
         attempts: int = 0,
         tb: str = "",
-    ) -> None:
-        """Write a dead letter, retrying while Redis is away; the caller acks afterwards."""
-        delay = 0.1
+    ) -> bool:
+        """Write a dead letter; True once it is stored (then the caller may ack the entry).
+
+        While Redis is unreachable it retries until it answers. An error reply (out of
+        memory, read-only replica, a failed disk, no permission) is retried a few times,
+        then it gives up and returns False: the entry then stays pending and comes back.
+        """
+        delay, refusals = 0.1, 0
         while True:
             try:
                 dlq_id = await self._dlq.add(
@@ -245,23 +310,56 @@ class Runner:
                 )
             except UNAVAILABLE as exc:
                 self._log.warning("dead-letter write failed; retrying", error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            break
+            except RedisError as exc:
+                refusals += 1
+                if refusals >= DEAD_LETTER_REFUSALS:
+                    self._log.error(
+                        "Redis refuses the dead letter: the entry stays pending and is "
+                        "delivered again after the visibility timeout",
+                        error=f"{type(exc).__name__}: {exc}",
+                        reason=str(reason),
+                        entry_id=delivery.entry_id,
+                        stream=delivery.stream,
+                    )
+                    return False
+                self._log.warning("Redis refused a dead letter; retrying", error=str(exc))
+            else:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
         self._stats["dead_lettered"] += 1
         self._meter.dead_lettered(delivery.event.type if delivery.event is not None else "")
         self._log.error(
             "event dead-lettered",
             reason=str(reason),
             dlq_id=dlq_id,
-            event_id=delivery.fields.get("id"),
-            event_type=delivery.fields.get("type"),
+            event_id=readable(delivery.fields.get("id", "")),
+            event_type=readable(delivery.fields.get("type", "")),
             handler=handler,
             entry_id=delivery.entry_id,
             stream=delivery.stream,
             error=error,
         )
+        return True
+
+    async def _once(
+        self,
+        step: Callable[[Subscription, Delivery], Awaitable[bool | None]],
+        sub: Subscription,
+        delivery: Delivery,
+    ) -> bool | None:
+        """A run-once bookkeeping step; None (logged) when Redis failed it."""
+        try:
+            return await step(sub, delivery)
+        except (RedisError, OSError) as exc:
+            self._log.error(
+                "run-once marker failed",
+                step=step.__name__.strip("_"),
+                handler=sub.name,
+                entry_id=delivery.entry_id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return None
 
     # Run-once markers: "running:<entry>" while handling (expires like the visibility
     # timeout), "done" once handled. A marker running for the *same* entry means an earlier
@@ -281,11 +379,13 @@ class Runner:
             return True
         return False
 
-    async def _mark_once(self, sub: Subscription, delivery: Delivery) -> None:
+    async def _mark_once(self, sub: Subscription, delivery: Delivery) -> bool:
         if sub.idempotent_ttl is not None:
             ttl_ms = int(sub.idempotent_ttl * 1000)
             await self._redis.set(self._once_key(sub, delivery), "done", px=ttl_ms)
+        return True
 
-    async def _forget_once(self, sub: Subscription, delivery: Delivery) -> None:
+    async def _forget_once(self, sub: Subscription, delivery: Delivery) -> bool:
         if sub.idempotent_ttl is not None:
             await self._redis.delete(self._once_key(sub, delivery))
+        return True

@@ -7,6 +7,7 @@ per stream node instead of once per entry).
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -27,6 +28,36 @@ FIELDS = (
 TARGET_FIELD = "target"
 DLQ_LINK_FIELD = "dlq_id"
 _ENTRY_NAMESPACE = uuid.UUID("8a3b6b1e-4d0e-4c55-9a53-0f6c1c2f7a01")
+
+
+def is_text(value: str) -> bool:
+    """Whether a field read from Redis was valid UTF-8.
+
+    Our connections decode replies with ``surrogateescape``, so any bytes can be read: a
+    byte that is not UTF-8 becomes a lone surrogate, which no valid text contains.
+    """
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def readable(value: str) -> str:
+    """The text of a field, with bytes that were not UTF-8 shown as U+FFFD."""
+    return value if is_text(value) else raw_bytes(value).decode(errors="replace")
+
+
+def raw_bytes(value: str) -> bytes:
+    """The bytes Redis holds for a field read through a ``surrogateescape`` connection."""
+    return value.encode(errors="surrogateescape")
+
+
+def raw_fields(fields: Mapping[str, str]) -> list[str]:
+    """An entry's fields exactly as Redis holds them: ``[name, value, …]``, each base64."""
+    return [base64.b64encode(raw_bytes(part)).decode() for item in fields.items() for part in item]
 
 
 def format_timestamp(ts: datetime) -> str:
@@ -71,6 +102,15 @@ def entry_time(entry_id: str) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+def _check_text(fields: Mapping[str, str]) -> None:
+    for name, value in fields.items():
+        if not (is_text(name) and is_text(value)):
+            raise WireFormatError(
+                f"field {readable(name)!r} is not UTF-8 text: every field name and value must "
+                "be (the dead letter keeps the entry's bytes in `raw`)"
+            )
+
+
 def decode(fields: Mapping[str, str], stream: str, entry_id: str) -> Event:
     """Decode a stream entry; raise :class:`WireFormatError` saying what is wrong.
 
@@ -84,6 +124,7 @@ def decode(fields: Mapping[str, str], stream: str, entry_id: str) -> Event:
             f"wire version {wire!r} is not understood by this consumer (it reads version "
             f"{WIRE_VERSION}): upgrade multibot on the consumer side"
         )
+    _check_text(fields)
     type_ = fields.get("type")
     if not type_ or not TYPE_RE.match(type_):
         raise WireFormatError(f"field 'type' is missing or not a dotted lowercase type: {type_!r}")

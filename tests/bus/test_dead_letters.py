@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bus import BusClient, DeadLetterNotFoundError, Event, RetrySettings
@@ -142,6 +144,69 @@ class TestMalformed:
         assert "not valid JSON" in letters[0].error
         assert "'type' is missing" in letters[1].error
         assert letters[1].fields == {"hello": "world"}
+
+    async def test_bytes_that_are_not_utf8_are_dead_lettered_with_their_raw_bytes(
+        self, bus_factory: BusFactory, redis_url: str
+    ) -> None:
+        """An entry whose names or values are not UTF-8 (redis-cli can write any bytes) is
+        dead-lettered as malformed, its exact bytes kept (base64) so a retry re-sends them,
+        and the consumer goes on with the next event."""
+        client, attempts = await failing_bot(bus_factory, "a", fail_on=set())
+        stream = client.keys.stream("user")
+        raw = Redis.from_url(redis_url)  # bytes in, bytes out: what a foreign writer does
+        hostile = {b"type": b"user.x.y", b"source\xff": b"cli", b"data": b'{"n": "\xfe\xff"}'}
+        try:
+            async with running(client):
+                await raw.xadd(stream, hostile)  # type: ignore[arg-type]
+                await client.redis.xadd(
+                    stream, {"type": "user.x.y", "source": "c", "data": '{"n":6}'}
+                )
+                await wait_until(lambda: [n for n, _ in attempts] == [6])
+                await wait_until(lambda: client.stats()["counters"].get("acked") == 2)
+            (letter,) = await client.dlq.list()
+            assert letter.reason == "malformed" and "not UTF-8" in letter.error
+            assert letter.fields["source\ufffd"] == "cli"  # readable: U+FFFD for the bad byte
+            assert letter.raw_entry() == hostile
+            new_id = await client.dlq.retry(letter.id)
+            entries: Any = await raw.xrange(stream, new_id, new_id)
+            assert {k: v for k, v in entries[0][1].items() if k in hostile} == hostile
+        finally:
+            await raw.aclose()
+
+    async def test_a_dead_letter_redis_refuses_leaves_the_entry_pending_until_it_is_stored(
+        self, bus_factory: BusFactory, redis: Redis
+    ) -> None:
+        """When Redis refuses the dead letter (out of memory under `noeviction`), the failed
+        entry is not acked: it stays pending, comes back after the visibility timeout, and
+        is acked only once its dead letter is stored."""
+        client = await bus_factory("a", consumer={"visibility_timeout": 1.0, "max_deliveries": 100})
+
+        @client.subscribe("user.#", retry=FAST_RETRY)
+        async def fail(event: Event) -> None:
+            raise ValueError("no")
+
+        producer = await bus_factory("p")
+        stream = client.keys.stream("user")
+        await producer.publish("user.x.y", {"n": 1})
+        await redis.xgroup_create(stream, "bot-group-a", id="0")  # XGROUP CREATE needs memory
+        await redis.config_set("maxmemory-policy", "noeviction")
+        await redis.config_set("maxmemory", "1")  # every XADD (the dead letter) refused: OOM
+        try:
+            with capture_logs() as logs:
+                async with running(client):
+                    await wait_until(
+                        lambda: client.stats()["counters"].get("kept_pending", 0) >= 1, timeout=20
+                    )
+                    pending = await redis.xpending(stream, "bot-group-a")
+                    assert pending["pending"] == 1 and await client.dlq.count() == 0
+                    await redis.config_set("maxmemory", "0")
+                    await wait_until(lambda: client.stats()["counters"].get("acked") == 1, 20)
+        finally:
+            await redis.config_set("maxmemory", "0")
+        assert any(e["event"].startswith("Redis refuses the dead letter") for e in logs)
+        (letter,) = await client.dlq.list()
+        assert letter.reason in ("handler_error", "poison")
+        assert (await redis.xpending(stream, "bot-group-a"))["pending"] == 0
 
 
 class TestCircuitBreaker:
