@@ -13,33 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from bus import EventType
-from bus.archive.errors import ArchiveError
-from bus.archive.rows import entry_record, event_record, nul_free
+from bus.archive.errors import ArchiveDataError, ArchiveError, ArchiveUnavailableError
 from bus.archive.store import ArchiveStore
 from bus.backoff import Backoff
 from bus.connection import raise_swallowed_cancel
-from bus.dlq import DeadLetter, parse_dead_letter
-from bus.errors import WireFormatError
+from bus.dlq import DeadLetterReason, DeadLetters
 from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
 from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
-from bus.wire import decode
+from manager.archive_batch import Batch, Entries, Reject, decode_batch
 from manager.config import ArchiveSettings
 from manager.lag import stream_keys
 
 log = structlog.get_logger("manager.archiver")
 StoreFactory = Callable[[], Awaitable[ArchiveStore]]
-#: What one read returns: per stream, its entries as (entry id, flat [name, value, ...]
-#: fields); the fields are empty for an entry deleted while pending.
-Entries = list[tuple[str, list[tuple[str, list[str]]]]]
-Record = tuple[Any, ...]
-Batch = tuple[Entries, list[Record], list[DeadLetter]]
 _DISCOVER_EVERY = 5.0  # seconds between looks for new streams
 _AHEAD = 2  # batches read ahead of the one being written
 #: Seconds of failing writes before system.archive.stalled is published.
@@ -65,6 +59,7 @@ class Archiver:
         self._reader = Redis(connection_pool=redis.connection_pool)
         self._reader.set_response_callback("XREADGROUP", _as_sent)
         self._keys = keys
+        self._dlq = DeadLetters(redis, keys)
         self._settings = settings
         self._store_factory = store
         self._streams: list[str] = []
@@ -72,19 +67,41 @@ class Archiver:
         self._backoff = Backoff(0.2, 30.0)
         self._failing_since = 0.0
         self._announced = False
+        #: Entries whose dead letter Redis refused: not acked, tried again each batch.
+        self._unsettled: list[Reject] = []
         #: Whether the last write to PostgreSQL worked (for health checks).
         self.healthy = True
         #: What went wrong last, while unhealthy.
         self.last_error: str | None = None
-        #: Events and dead letters stored, batches committed, malformed entries skipped.
+        #: Events and dead letters stored, batches committed, entries dead-lettered because
+        #: they are not events (skipped) or PostgreSQL refused their data (unarchivable).
         self.stats: dict[str, int] = {
             "archived": 0, "dead_letters": 0, "batches": 0, "skipped": 0, "unarchivable": 0
         }  # fmt: skip
 
     async def run(self) -> None:
-        """Archive until cancelled.
+        """Archive until cancelled; an unexpected error (Redis away past its retries, a
+        bug) is logged and the archiver starts over after a backoff, re-reading the batch
+        it had not acked, so it never ends the manager and never loses an entry."""
+        failures = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self._run()
+            except Exception as exc:
+                failures = 1 if time.monotonic() - started > 60 else failures + 1
+                delay = self._backoff.delay(failures)
+                log.error(
+                    "archiver stopped on an error; starting over",
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=round(delay, 1),
+                    exc_info=not isinstance(exc, RedisError | OSError),
+                )
+                self._streams = []
+                await asyncio.sleep(delay)
 
-        Reading and decoding the next batch overlaps writing the current one; at most
+    async def _run(self) -> None:
+        """Reading and decoding the next batch overlaps writing the current one; at most
         ``_AHEAD`` batches wait, so while PostgreSQL is away nothing more is read. (Two
         writers at once measured no faster on two cores: the work is CPU-bound.)
         """
@@ -95,15 +112,14 @@ class Archiver:
             while True:
                 raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
                 await self._discover()
-                entries = await self._read(">")
+                entries = await self._read()
                 if entries:
-                    await batches.put((entries, *self._decode(entries)))
+                    await batches.put(decode_batch(entries, self._keys))
 
     async def _write_loop(self, batches: asyncio.Queue[Batch]) -> None:
         while True:
             raise_swallowed_cancel()  # its acks are redis-py calls, which can drop a cancel
-            entries, records, letters = await batches.get()
-            await self._archive(entries, records, letters)
+            await self._archive(await batches.get())
 
     async def _discover(self, force: bool = False) -> None:
         """Find the namespace's streams (new routes appear) and join each with our group."""
@@ -126,17 +142,19 @@ class Archiver:
         else:
             log.info("archiving a new stream", stream=stream)
 
-    async def _read(self, start: str) -> Entries:
-        """One batch: up to batch_size entries, waiting at most batch_wait for the first."""
+    async def _read(self, ids: dict[str, str] | None = None) -> Entries:
+        """One batch: new entries (up to batch_size, waiting at most batch_wait for the
+        first), or with ``ids`` our pending ones after those ids, per stream."""
         if not self._streams:
             await self._discover(force=True)
+        positions: Any = ids if ids is not None else dict.fromkeys(self._streams, ">")
         try:
             response: Any = await self._reader.xreadgroup(
                 ARCHIVER_GROUP,
                 ARCHIVER_CONSUMER,
-                dict.fromkeys(self._streams, start),
+                positions,
                 count=self._settings.batch_size,
-                block=None if start == "0" else int(self._settings.batch_wait * 1000),
+                block=None if ids is not None else int(self._settings.batch_wait * 1000),
             )
         except Exception as exc:
             if is_nogroup(exc):  # Redis lost a stream or our group: join again
@@ -157,35 +175,41 @@ class Archiver:
     async def _drain_pending(self) -> None:
         """Archive what a previous run had read but not acked (its batch in flight)."""
         await self._discover(force=True)
-        while entries := await self._read("0"):
+        after = dict.fromkeys(self._streams, "0")
+        while after and (entries := await self._read(after)):
             raise_swallowed_cancel()
-            if not any(fields for _, rows in entries for _, fields in rows):
-                # Entries deleted from the stream while pending: nothing left to store.
-                for stream, rows in entries:
-                    await self._redis.xack(stream, ARCHIVER_GROUP, *[i for i, _ in rows])
-                continue
-            await self._archive(entries, *self._decode(entries))
+            after = {stream: rows[-1][0] for stream, rows in entries}
+            await self._archive(decode_batch(entries, self._keys))
 
-    async def _archive(
-        self, entries: Entries, events: list[Record], letters: list[DeadLetter]
-    ) -> None:
-        """Store one batch (retrying while PostgreSQL is away), then ack it."""
+    async def _archive(self, batch: Batch) -> None:
+        """Store one batch (retrying while PostgreSQL cannot take it), dead-letter what is
+        not an event or what PostgreSQL refused as data, then ack all that landed."""
+        await self._settle_unsettled()
+        if batch.size:
+            await self._store_until_done(batch)
+        self.stats["batches"] += 1
+        refused = await self._settle(batch.rejects)
+        await self._ack(
+            batch.entries, exclude={(r.source.stream, r.source.entry_id) for r in refused}
+        )
+
+    async def _store_until_done(self, batch: Batch) -> None:
         attempt = 0
         while True:
             try:
                 store = await self._store_factory()
-                await self._store(store, events, letters)
-            except ArchiveError as exc:  # PostgreSQL away (or a schema to fix): retry
+                await self._store(store, batch)
+            except ArchiveError as exc:  # PostgreSQL away, full, read-only, ...: retry
                 attempt += 1
                 if self.healthy:
                     log.error(
                         "cannot write to PostgreSQL: events stay in Redis and are retried",
                         error=str(exc),
-                        batch=len(events) + len(letters),
+                        batch=batch.size,
                     )
                     self._failing_since = time.monotonic()
                 self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
-                self._stalled(len(events) + len(letters))
+                self._stalled(batch.size)
                 await asyncio.sleep(self._backoff.delay(attempt))
                 continue
             break
@@ -196,49 +220,131 @@ class Archiver:
                 self._announce(EventType.ARCHIVE_RESUMED, {"seconds": seconds})
             self._announced = False
         self.healthy, self.last_error = True, None
-        self.stats["batches"] += 1
-        for stream, rows in entries:
-            await self._redis.xack(stream, ARCHIVER_GROUP, *[entry_id for entry_id, _ in rows])
 
-    async def _store(
-        self, store: ArchiveStore, events: list[Record], letters: list[DeadLetter]
-    ) -> None:
-        """Insert a batch; if PostgreSQL refuses its data (not its connection), insert one
-        by one and skip, loudly, what it will never take, so one bad entry cannot hold the
-        archive (and the trimming of its stream) for ever."""
-        if events:
-            await self._insert("archived", events, store.insert_records, _record_ids)
-        if letters:
-            await self._insert("dead_letters", letters, store.insert_dead_letters, _letter_ids)
+    async def _store(self, store: ArchiveStore, batch: Batch) -> None:
+        """Insert a batch; if PostgreSQL refuses its data (SQLSTATE class 22 or 23, never a
+        server problem), insert one by one: each event it refuses becomes a reject (dead-
+        lettered as unarchivable), so one bad entry cannot hold the archive for ever."""
+        if batch.records:
+            refused = await self._insert("archived", batch.records, store.insert_records)
+            sources = [batch.sources[i] for i, _ in refused]
+            batch.rejects.extend(
+                Reject(source, DeadLetterReason.UNARCHIVABLE, error)
+                for source, (_, error) in zip(sources, refused, strict=True)
+            )
+            batch.records, batch.sources = [], []  # stored: a retry must not store them again
+        if batch.letters:
+            for index, error in await self._insert(
+                "dead_letters", batch.letters, store.insert_dead_letters
+            ):
+                self.stats["unarchivable"] += 1
+                letter = batch.letters[index]
+                log.error("a dead letter PostgreSQL will not take: it stays in the dead-letter "
+                          "stream only", dlq_id=letter.id, error=error)  # fmt: skip
+            batch.letters = []
 
     async def _insert(
-        self,
-        kind: str,
-        items: list[Any],
-        insert: Callable[[list[Any]], Awaitable[int]],
-        ids: Callable[[Any], dict[str, Any]],
-    ) -> None:
+        self, kind: str, items: Sequence[Any], insert: Callable[[list[Any]], Awaitable[int]]
+    ) -> list[tuple[int, str]]:
+        """Insert all, else one by one; return the index and error of each item refused as
+        data. Anything but a data error (the server's trouble) raises: the batch waits."""
         try:
-            inserted = await insert(items)  # (not `+= await`: that reads before awaiting)
+            inserted = await insert(list(items))  # (not `+= await`: that reads before awaiting)
             self.stats[kind] += inserted
-            return
+            return []
+        except ArchiveDataError as exc:
+            log.warning("PostgreSQL refused a batch's data; storing it one by one", error=str(exc))
         except ArchiveError:
             raise
-        except Exception as exc:
-            log.warning("PostgreSQL refused a batch; storing it one by one", error=str(exc))
-        for item in items:
+        except Exception as exc:  # not classified: keep the events, try again later
+            raise ArchiveUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+        refused: list[tuple[int, str]] = []
+        for index, item in enumerate(items):
             try:
                 inserted = await insert([item])
-                self.stats[kind] += inserted
+            except ArchiveDataError as exc:
+                refused.append((index, str(exc)))
+                continue
             except ArchiveError:
                 raise
             except Exception as exc:
-                self.stats["unarchivable"] += 1
-                log.error(
-                    "an entry PostgreSQL will not take: not archived",
-                    **ids(item),
-                    error=f"{type(exc).__name__}: {exc}",
+                raise ArchiveUnavailableError(f"{type(exc).__name__}: {exc}") from exc
+            self.stats[kind] += inserted
+        return refused
+
+    async def _settle(self, rejects: list[Reject]) -> list[Reject]:
+        """Dead-letter each reject (in the archiver's name); return those Redis refused,
+        which stay pending (not acked) and are tried again with the next batch."""
+        refused: list[Reject] = []
+        for reject in rejects:
+            if await self._dead_letter(reject):
+                key = "skipped" if reject.reason is DeadLetterReason.MALFORMED else "unarchivable"
+                self.stats[key] += 1
+            else:
+                refused.append(reject)
+        self._unsettled.extend(refused)
+        return refused
+
+    async def _settle_unsettled(self) -> None:
+        if not self._unsettled:
+            return
+        retrying, self._unsettled = self._unsettled, []
+        refused = await self._settle(retrying)
+        done = [r for r in retrying if r not in refused]
+        await self._ack([(r.source.stream, [(r.source.entry_id, [])]) for r in done], set())
+
+    async def _dead_letter(self, reject: Reject) -> bool:
+        """Write one dead letter; True once stored. Waits while Redis is unreachable;
+        False when Redis answers with an error (out of memory, read-only, no permission)."""
+        source, delay = reject.source, 0.1
+        while True:
+            try:
+                dlq_id = await self._dlq.add(
+                    fields=source.as_dict(),
+                    reason=reject.reason,
+                    error=reject.error,
+                    stream=source.stream,
+                    entry_id=source.entry_id,
+                    group=ARCHIVER_GROUP,
+                    consumer=ARCHIVER_CONSUMER,
                 )
+            except UNAVAILABLE as exc:
+                log.warning("dead-letter write failed; retrying", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            except RedisError as exc:
+                log.error("Redis refuses a dead letter: the entry stays pending, tried again "
+                          "with the next batch", entry_id=source.entry_id, stream=source.stream,
+                          error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                return False
+            log.error(
+                "entry not archived: dead-lettered",
+                reason=str(reject.reason),
+                dlq_id=dlq_id,
+                stream=source.stream,
+                entry_id=source.entry_id,
+                error=reject.error,
+            )
+            return True
+
+    async def _ack(self, entries: Entries, exclude: set[tuple[str, str]]) -> None:
+        """XACK what landed, waiting while Redis is unreachable (the rows are committed:
+        an entry not acked is only read again and found stored)."""
+        for stream, rows in entries:
+            ids = [entry_id for entry_id, _ in rows if (stream, entry_id) not in exclude]
+            delay = 0.1
+            while ids:
+                try:
+                    await self._redis.xack(stream, ARCHIVER_GROUP, *ids)
+                except UNAVAILABLE as exc:
+                    log.warning("ack failed; retrying", stream=stream, error=str(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                except RedisError as exc:  # the stream or group is gone: nothing to ack
+                    log.warning("ack refused", stream=stream, error=str(exc))
+                break
 
     def _stalled(self, waiting: int) -> None:
         """Once per outage, after STALL_AFTER seconds of failing: system.archive.stalled."""
@@ -251,46 +357,6 @@ class Archiver:
             {"error": self.last_error, "seconds": round(seconds, 1), "waiting": waiting},
         )
 
-    def _decode(self, entries: Entries) -> tuple[list[Record], list[DeadLetter]]:
-        """Rows for the events (our publisher's entries straight from their fields, others
-        through the wire decoder) and the dead letters; malformed entries are skipped."""
-        records: list[Record] = []
-        letters: list[DeadLetter] = []
-        dlq = self._keys.dead_letters()
-        for stream, rows in entries:
-            if stream == dlq:
-                letters.extend(self._letters(rows))
-                continue
-            name = nul_free(self._keys.stream_name(stream))
-            for entry_id, fields in rows:
-                if not fields:
-                    continue  # deleted while pending
-                record = entry_record(name, entry_id, fields)
-                if record is None:
-                    try:
-                        record = event_record(decode(_as_dict(fields), stream, entry_id), name)
-                    except (WireFormatError, ValueError) as exc:
-                        # Not an event: consumers dead-letter it, and the dead letter is archived.
-                        self.stats["skipped"] += 1
-                        log.warning("not archiving a malformed entry", stream=stream,
-                                    entry_id=entry_id, error=str(exc))  # fmt: skip
-                        continue
-                records.append(record)
-        return records, letters
-
-    def _letters(self, rows: list[tuple[str, list[str]]]) -> list[DeadLetter]:
-        letters: list[DeadLetter] = []
-        for entry_id, fields in rows:
-            if not fields:
-                continue
-            try:
-                letters.append(parse_dead_letter(entry_id, _as_dict(fields)))
-            except Exception as exc:  # a foreign writer's garbage in the DLQ
-                self.stats["skipped"] += 1
-                log.warning("not archiving a malformed dead letter", entry_id=entry_id,
-                            error=str(exc))  # fmt: skip
-        return letters
-
     def status(self) -> dict[str, Any]:
         """Health and counters, for status and /healthz."""
         return {"healthy": self.healthy, "last_error": self.last_error, **self.stats}
@@ -302,15 +368,3 @@ class Archiver:
 
 def _as_sent(response: Any, **_: Any) -> Any:
     return response
-
-
-def _as_dict(fields: list[str]) -> dict[str, str]:
-    return dict(zip(fields[0::2], fields[1::2], strict=True))
-
-
-def _record_ids(record: Record) -> dict[str, Any]:
-    return {"event_id": record[0], "entry_id": f"{record[-2]}-{record[-1]}"}
-
-
-def _letter_ids(letter: DeadLetter) -> dict[str, Any]:
-    return {"event_id": letter.event_id, "entry_id": letter.entry_id}

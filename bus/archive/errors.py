@@ -32,6 +32,15 @@ class ArchiveUnavailableError(ArchiveError, ConnectionError):
     """PostgreSQL could not be reached (or stayed locked); the operation did not happen."""
 
 
+class ArchiveDataError(ArchiveError, ValueError):
+    """PostgreSQL refused the data itself (SQLSTATE class 22 or 23, or a value asyncpg
+    cannot encode): trying again will not help; the row must be set aside."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
 class CursorError(ArchiveError, ValueError):
     """A paging cursor is not one that :meth:`ArchiveStore.query` returned."""
 
@@ -48,6 +57,25 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InvalidAuthorizationSpecificationError,  # unknown role, wrong password
     asyncpg.InvalidCatalogNameError,  # the database does not exist
 )
+
+
+#: SQLSTATE classes of errors in the data sent: data exception, integrity violation.
+DATA_ERROR_CLASSES = ("22", "23")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether PostgreSQL (or asyncpg, encoding a value) refused the data itself.
+
+    Everything else - connection (08), resources such as a full disk or out of memory (53),
+    operator intervention and statement timeouts (57), system errors (58), deadlocks and
+    serialization failures (40), locks (55), a read-only server (25006), a schema to fix
+    (42), an internal error (XX) - is the server's trouble, not the row's: the write is
+    retried and the events wait in Redis.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "")[:2] in DATA_ERROR_CLASSES
+    # asyncpg encoding a value: a number or date beyond its column, text that is not UTF-8
+    return isinstance(exc, asyncpg.exceptions._base.DataError | OverflowError | UnicodeEncodeError)
 
 
 def describe_dsn(dsn: str) -> str:
@@ -72,11 +100,30 @@ def unavailable_on_failure(where: str) -> Iterator[None]:
     except asyncpg.LockNotAvailableError as exc:
         raise ArchiveUnavailableError(
             f"PostgreSQL at {where} could not lock the events table in time to create or drop "
-            "partitions (a long query holds it): retry later; events stay in Redis meanwhile"
+            "partitions (SQLSTATE 55P03: a long query holds it): retry later; events stay in "
+            "Redis meanwhile"
         ) from exc
     except CONNECTION_ERRORS as exc:
         raise ArchiveUnavailableError(
             f"PostgreSQL at {where} is unavailable ({type(exc).__name__}: {exc}): check that it "
             "is running and that the DSN's host, port, user, password and database are right; "
             "events stay in Redis until the archive is back"
+        ) from exc
+    except (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        OverflowError,
+        UnicodeEncodeError,
+    ) as exc:
+        sqlstate = getattr(exc, "sqlstate", None)
+        if is_data_error(exc):
+            raise ArchiveDataError(
+                f"PostgreSQL at {where} refused the data (SQLSTATE {sqlstate or 'none'}, "
+                f"{type(exc).__name__}: {exc})",
+                sqlstate,
+            ) from exc
+        raise ArchiveUnavailableError(
+            f"PostgreSQL at {where} cannot store or read now (SQLSTATE {sqlstate or 'none'}, "
+            f"{type(exc).__name__}: {exc}): a full disk, a read-only server (a failover?), out "
+            "of memory, a timeout or a lock; fix the server, events wait in Redis meanwhile"
         ) from exc

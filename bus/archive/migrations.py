@@ -92,9 +92,16 @@ CREATE TABLE archive_state (
 );
 """
 
+_V2 = """
+-- The exact bytes of a dead-lettered entry that was not UTF-8: a JSON array of base64
+-- strings, [name, value, ...]; NULL when the entry was text (then `entry` holds it whole).
+ALTER TABLE dead_letters ADD COLUMN raw jsonb;
+"""
+
 #: Every migration, in version order. Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events by day, dead letters, subscriptions, archive state", _V1),
+    Migration(2, "dead letters keep the raw bytes of entries that were not UTF-8", _V2),
 )
 #: The newest schema version this code knows.
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -20,7 +20,7 @@ from bus.archive.errors import CursorError
 from bus.dlq import DeadLetter
 from bus.event import TYPE_RE, Event
 from bus.keys import Keys
-from bus.wire import FIELDS, encode_data
+from bus.wire import FIELDS, encode_data, is_text
 
 log = structlog.get_logger("bus.archive")
 
@@ -34,7 +34,7 @@ SELECT_COLUMNS = ", ".join(EVENT_COLUMNS)
 #: Columns of ``dead_letters`` written by :func:`dead_letter_record`, in its order.
 DEAD_LETTER_COLUMNS = (
     "id", "event_id", "type", "reason", "error", "traceback", "attempts", "group_name",
-    "consumer", "handler", "stream", "entry_id", "failed_at", "entry",
+    "consumer", "handler", "stream", "entry_id", "failed_at", "entry", "raw",
 )  # fmt: skip
 _BIGINT_MAX = 2**63 - 1
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -144,7 +144,8 @@ def entry_record(stream_name: str, entry_id: str, fields: list[str]) -> tuple[An
         or not ts
         or not version.isdigit()
         or not TYPE_RE.match(type_)
-        or _NUL in id_ + source + correlation + causation + key
+        or _NUL in (text := id_ + source + correlation + causation + key)
+        or not is_text(text)
         or "\\u0000" in data
     ):
         return None
@@ -198,6 +199,7 @@ def dead_letter_record(letter: DeadLetter) -> tuple[Any, ...]:
         *map(nul_free, tail),
         _parse_time(letter.failed_at),
         json_text(dict(letter.fields), f"dead letter {letter.id} entry"),
+        orjson.dumps(list(letter.raw)).decode() if letter.raw else None,
     )
 
 

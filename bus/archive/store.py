@@ -19,7 +19,7 @@ import asyncpg  # type: ignore[import-untyped]  # ships no type hints
 import structlog
 
 from bus.archive import partitions
-from bus.archive.errors import describe_dsn, unavailable_on_failure
+from bus.archive.errors import ArchiveDataError, describe_dsn, unavailable_on_failure
 from bus.archive.migrations import migrate
 from bus.archive.queries import ENTRY_ORDER, TIME_ORDER, EventSelect
 from bus.archive.rows import (
@@ -41,6 +41,7 @@ from bus.keys import Keys
 log = structlog.get_logger("bus.archive")
 
 _CLOSE_GRACE = 10.0  # seconds close() waits for borrowed connections before terminating
+_CHECK_VIOLATION = "23514"  # a row fits no partition
 _COLUMNS = ", ".join(EVENT_COLUMNS)
 _CREATED_AT, _STREAM, _ENTRY_MS, _ENTRY_SEQ = map(
     EVENT_COLUMNS.index, ("created_at", "stream", "entry_ms", "entry_seq")
@@ -79,13 +80,13 @@ _LAST_ARCHIVED = "SELECT last_entry_id FROM archive_state WHERE stream = $1"
 _SUBSCRIBERS = "SELECT DISTINCT subscriber FROM event_subscriptions ORDER BY subscriber"
 # Every stream's last archived entry. Returns (stream name, last_entry_id) rows.
 _POSITIONS = "SELECT stream, last_entry_id FROM archive_state"
-# $1..$14: one array per column of DEAD_LETTER_COLUMNS, in that order, all the same length.
+# $1..$15: one array per column of DEAD_LETTER_COLUMNS, in that order, all the same length.
 # Returns the status "INSERT 0 <rows newly stored>"; a dead letter already stored is skipped.
 _INSERT_DEAD_LETTERS = f"""
 INSERT INTO dead_letters ({", ".join(DEAD_LETTER_COLUMNS)})
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
     $7::integer[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
-    $13::timestamptz[], $14::text[]::jsonb[])
+    $13::timestamptz[], $14::text[]::jsonb[], $15::text[]::jsonb[])
 ON CONFLICT (id) DO NOTHING
 """
 # $1: event id. Returns the event's row, or no row.
@@ -246,9 +247,10 @@ class ArchiveStore:
             await self.ensure_partitions(days)
             try:
                 return await self._write_events(records, heads)
-            except asyncpg.CheckViolationError:  # no partition for a row: dropped elsewhere
-                if attempt == 2:
+            except ArchiveDataError as exc:
+                if exc.sqlstate != _CHECK_VIOLATION or attempt == 2:
                     raise
+                # No partition for a row: dropped elsewhere (retention) since we made it.
                 log.warning("archive partition vanished; re-creating", days=sorted(map(str, days)))
                 self._days -= days
         raise AssertionError("unreachable")

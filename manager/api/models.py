@@ -132,6 +132,10 @@ class DeadLetterOut(BaseModel):
     entry_id: str
     failed_at: str
     fields: dict[str, str]
+    raw: list[str] = Field(
+        default_factory=list,
+        description="the entry's exact bytes when it was not UTF-8: [name, value, ...], base64",
+    )
 
 
 class DeadLetterPage(BaseModel):

@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 from bus import BusClient, BusSettings, DeadLetterReason, Event
 from bus.archive import ArchiveStore
 from bus.connection import connect
+from bus.dlq import DeadLetters
 from bus.keys import ARCHIVER_GROUP, Keys
 from bus.wire import encode
 from manager.archive_link import ArchiveLink
@@ -585,8 +586,9 @@ class TestMalformedEntries:
         bus_factory: BusFactory,
         postgres_server: PostgresServer,
     ) -> None:
-        """Entries that are not events (raw XADDs) are logged, acked and left out, and the
-        events before, between and after them are all stored; batches span both."""
+        """Entries that are not events (raw XADDs) are dead-lettered as malformed by the
+        archiver and acked, and the events before, between and after them are all stored;
+        batches span both."""
         producer = await bus_factory("producer")
         good = await publish(producer, 10)
         garbage = []
@@ -603,8 +605,11 @@ class TestMalformedEntries:
                 await wait_until(lambda: caught_up(admin), what="every entry acked")
         assert await id_counts(postgres_server.dsn) == {e.id: 1 for e in good}
         assert archiver.stats["skipped"] == len(GARBAGE) + len(WIRE_ORDER_GARBAGE)
-        warned = [e for e in logs if e["event"] == "not archiving a malformed entry"]
+        warned = [e for e in logs if e["event"] == "entry not archived: dead-lettered"]
         assert sorted(e["entry_id"] for e in warned) == sorted(garbage)
+        letters = await DeadLetters(admin, KEYS).list(count=1000)
+        assert sorted(letter.entry_id for letter in letters) == sorted(garbage)
+        assert {(letter.reason, letter.group) for letter in letters} == {("malformed", "archiver")}
         assert archiver.healthy
 
     @pytest.mark.parametrize(
@@ -625,8 +630,9 @@ class TestMalformedEntries:
         entry: tuple[str, dict[str, str]],
     ) -> None:
         """An entry that decodes but can never be stored (a version or attempt count beyond
-        the integer column, a time with no possible partition) is skipped like a malformed
-        one: the entries after it are stored and acked and the archiver stays healthy."""
+        the integer column, a time with no possible partition) is dead-lettered as
+        unarchivable (a dead letter itself stays in the dead-letter stream): the entries
+        after it are stored and acked and the archiver stays healthy."""
         stream, fields = entry
         producer = await bus_factory("producer")
         good = await publish(producer, 3)
@@ -647,6 +653,13 @@ class TestMalformedEntries:
             await wait_until(settled, what="archived or failing")
             assert archiver.healthy, archiver.last_error
         assert await archive.count() == len(good)
+        letters = await DeadLetters(admin, KEYS).list()
+        if stream == "dlq":
+            assert archiver.stats["unarchivable"] + archiver.stats["dead_letters"] == 1
+        else:
+            ((reason, group),) = {(letter.reason, letter.group) for letter in letters}
+            assert (reason, group) == ("unarchivable", "archiver")
+            assert archiver.stats["unarchivable"] == 1
 
     async def test_malformed_dead_letter_does_not_stop_the_archiver(
         self, admin: Redis, archive: ArchiveStore, link: ArchiveLink, bus_factory: BusFactory
