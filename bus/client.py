@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import structlog
 from pydantic import BaseModel
@@ -18,7 +18,7 @@ from bus.consumer import Consumer
 from bus.dlq import DeadLetters
 from bus.errors import BusError, SubscriptionError
 from bus.event import Event
-from bus.handling import HandlerObserver
+from bus.handling import Fence, HandlerObserver
 from bus.keys import Keys, consumer_name, group_name
 from bus.metrics import BusMetrics
 from bus.publisher import Draft, Publisher
@@ -68,6 +68,7 @@ class BusClient:
     ) -> None:
         self.bot_id = bot_id
         self._observer = observer
+        self._fence: Fence | None = None
         self._allowed = allowed
         self.instance = instance
         self.settings = settings or BusSettings()
@@ -202,6 +203,7 @@ class BusClient:
         batch: int | None = None,
         batch_wait: float = 0.05,
         idempotent_ttl: float | None = None,
+        timeout: float | Literal["default"] | None = "default",
     ) -> H: ...
 
     @overload
@@ -218,6 +220,7 @@ class BusClient:
         batch: int | None = None,
         batch_wait: float = 0.05,
         idempotent_ttl: float | None = None,
+        timeout: float | Literal["default"] | None = "default",
     ) -> Callable[[H], H]: ...
 
     def subscribe(
@@ -233,13 +236,17 @@ class BusClient:
         batch: int | None = None,
         batch_wait: float = 0.05,
         idempotent_ttl: float | None = None,
+        timeout: float | Literal["default"] | None = "default",
     ) -> Any:
         """Subscribe ``handler`` to events whose type matches ``pattern``; or use as decorator.
 
         ``where`` filters on data (see :mod:`bus.conditions`). ``model`` parses data and
         passes it as the handler's second argument. ``batch=N`` hands the handler lists of up
         to N events. ``idempotent_ttl`` runs the handler once per event id for that many
-        seconds. ``retry`` and ``breaker`` override the consumer defaults.
+        seconds. ``retry`` and ``breaker`` override the consumer defaults. ``timeout``
+        (seconds, or None for no limit; default ``consumer.handler_timeout``) cancels a
+        handler call that runs longer: a failed attempt, retried, then dead-lettered with
+        reason ``timeout``, while events of other keys go on.
         """
 
         def register(fn: H) -> H:
@@ -256,6 +263,7 @@ class BusClient:
                 batch=batch,
                 batch_wait=batch_wait,
                 idempotent_ttl=idempotent_ttl,
+                timeout=self.settings.consumer.handler_timeout if timeout == "default" else timeout,
             )
             if any(s.name == sub.name for s in self._subscriptions):
                 raise SubscriptionError(
@@ -299,6 +307,7 @@ class BusClient:
             dlq=self.dlq,
             ready=self._ready,
             observer=self._observer,
+            fence=self._fence,
             allowed=self._allowed,
             metrics=self.metrics,
         )
@@ -308,6 +317,14 @@ class BusClient:
             self._consumer = None
             self._ready.clear()
             self._stopped.set()
+
+    def set_fence(self, valid: Callable[[], bool], lost: Callable[[], None]) -> None:
+        """Ask ``valid()`` before every handler call (an active replica: whether its lease
+        still holds); when False no handler runs, ``lost()`` is called and the entry stays
+        pending. Set it before :meth:`run`."""
+        if self._consumer is not None:
+            raise BusError("set_fence before run(): the consumer is already running")
+        self._fence = Fence(valid, lost)
 
     async def wait_ready(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a deadline
         """Wait until :meth:`run` created the groups and reads (events published after this

@@ -27,7 +27,7 @@ from bus.batching import Batcher
 from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
-from bus.handling import Delivery, HandlerObserver, Runner
+from bus.handling import Delivery, Fence, HandlerObserver, Runner
 from bus.keys import Keys, consumer_name, group_name
 from bus.metrics import BusMetrics
 from bus.reclaim import Entry, Reclaimer
@@ -71,6 +71,7 @@ class Consumer:
         observer: HandlerObserver | None = None,
         allowed: Allowed | None = None,
         metrics: BusMetrics | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self._allowed = allowed
         self.group = group_name(bot_id)
@@ -96,6 +97,7 @@ class Consumer:
             log=self._log,
             observer=observer,
             meter=meter,
+            fence=fence,
         )
         # Each worker gets lists of items: one wake-up per worker per read, not per entry.
         self._staged: dict[int, list[WorkItem]] = {}

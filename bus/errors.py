@@ -45,3 +45,18 @@ class DeadLetterNotFoundError(BusError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "dead-letter entry not found"
+
+
+class HandlerTimeoutError(BusError, TimeoutError):
+    """A handler ran past its subscription's timeout and was cancelled (a failed attempt)."""
+
+    def __init__(self, handler: str, timeout: float) -> None:
+        super().__init__(
+            f"handler {handler} ran past its timeout of {timeout:g}s and was cancelled: make it "
+            "faster, or raise the timeout (subscribe(timeout=...) or consumer.handler_timeout)"
+        )
+        self.timeout = timeout
+
+
+class FencedError(BusError):
+    """This replica's lease is no longer valid: it must not act (another may be active)."""

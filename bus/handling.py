@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from bus.breaker import BreakerState
 from bus.context import current_event
 from bus.dlq import DeadLetterReason, DeadLetters
-from bus.errors import SchemaError
+from bus.errors import FencedError, HandlerTimeoutError, SchemaError
 from bus.event import Event
 from bus.keys import Keys
 from bus.metrics import GroupMetrics
@@ -34,6 +34,17 @@ class HandlerObserver(Protocol):
 
     def finished(self, events: Sequence[Event]) -> None:
         """The handler started on ``events`` returned or raised."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """Whether this process may still act (an active replica holds its lease), asked before
+    every handler call: ``valid()`` False means another replica may be active already, so
+    no handler runs; ``lost()`` is told (the bot runtime exits there) and the entry stays
+    pending for the new active."""
+
+    valid: Callable[[], bool]
+    lost: Callable[[], None]
 
 
 @dataclass(eq=False, slots=True)
@@ -62,8 +73,10 @@ def _summary(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc, limit=-8))
 
 
-def _failure(error: BaseException, sub: Subscription) -> tuple[DeadLetterReason, str]:
+def _failure(error: BaseException) -> tuple[DeadLetterReason, str]:
     """The dead-letter reason and text of a handler's last failure."""
+    if isinstance(error, HandlerTimeoutError):
+        return DeadLetterReason.TIMEOUT, str(error)
     return DeadLetterReason.HANDLER_ERROR, f"{type(error).__name__}: {error}"
 
 
@@ -88,7 +101,9 @@ class Runner:
         log: Any,
         observer: HandlerObserver | None = None,
         meter: GroupMetrics | None = None,
+        fence: Fence | None = None,
     ) -> None:
+        self._fence = fence
         self._observer = observer
         self._meter = meter or GroupMetrics(group)
         self._redis = redis
@@ -114,6 +129,8 @@ class Runner:
         except asyncio.CancelledError:
             delivery.keep = True
             raise
+        except FencedError:
+            delivery.keep = True
         except Exception:
             delivery.keep = True
             self._log.exception(
@@ -152,7 +169,7 @@ class Runner:
                 await self._once(self._forget_once, sub, delivery)
                 return await self.dead_letter(
                     delivery,
-                    *_failure(error, sub),
+                    *_failure(error),
                     handler=sub.name,
                     attempts=sub.retry.max_attempts,
                     tb=_summary(error),
@@ -176,7 +193,7 @@ class Runner:
                         self._meter.retried(e.type)
                     await self._wait_breaker(sub)
                     continue
-                reason, text = _failure(error, sub)
+                reason, text = _failure(error)
                 for d in deliveries:
                     stored = await self.dead_letter(
                         d,
@@ -193,7 +210,8 @@ class Runner:
                 d.keep = True
             if not isinstance(exc, Exception):
                 raise
-            self._log.exception("bug while handling a batch; it stays pending", handler=sub.name)
+            if not isinstance(exc, FencedError):
+                self._log.exception("bug while handling a batch; it stays pending")
         finally:
             for d in deliveries:
                 self._on_done(d)
@@ -218,13 +236,17 @@ class Runner:
         """Call the handler up to max_attempts times; None on success, else the last error."""
         error: BaseException | None = None
         for attempt in range(1, sub.retry.max_attempts + 1):
+            self._check_fence(context)
             token = current_event.set(context)
             if self._observer is not None:
                 self._observer.started(events)
             started = time.perf_counter()
             try:
-                await sub.handler(*args)
+                async with asyncio.timeout(sub.timeout) as limit:
+                    await sub.handler(*args)
             except Exception as exc:
+                if isinstance(exc, TimeoutError) and limit.expired() and sub.timeout is not None:
+                    exc = HandlerTimeoutError(sub.name, sub.timeout)
                 self._meter.handled(time.perf_counter() - started)
                 error = exc
                 self._log.warning(
@@ -253,6 +275,16 @@ class Runner:
                 self._log.warning("circuit closed", handler=sub.name)
             return None
         return error
+
+    def _check_fence(self, event: Event) -> None:
+        if self._fence is not None and not self._fence.valid():
+            self._log.error(
+                "lease no longer valid: no handler runs here (another replica may be active)",
+                event_id=event.id,
+                entry_id=event.entry_id,
+            )
+            self._fence.lost()
+            raise FencedError("this replica's lease expired before the handler could run")
 
     def _consumed(self, delivery: Delivery) -> None:
         """Count a delivery as consumed when its first handler starts."""

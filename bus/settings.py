@@ -47,6 +47,12 @@ class ConsumerSettings(_Model):
     max_deliveries: int = Field(
         10, ge=1, description="deliveries after which an entry is dead-lettered as poison"
     )
+    handler_timeout: float | None = Field(
+        60.0,
+        gt=0,
+        description="seconds one handler call may run; then it is cancelled and counts as a "
+        "failed attempt (retried, then dead-lettered as timeout); null: no limit",
+    )
     start_id: Literal["$", "0"] = Field(
         "$", description="where a new group starts: '$' new events only, '0' whole stream"
     )

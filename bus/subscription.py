@@ -41,6 +41,8 @@ class Subscription:
     batch_wait: float = 0.05
     #: Run at most once per event id in this group, remembered this many seconds.
     idempotent_ttl: float | None = None
+    #: Seconds one handler call may run before it is cancelled (None: no limit).
+    timeout: float | None = None
     streams: frozenset[str] = frozenset()
     backoff: Backoff = field(init=False)
 
@@ -60,6 +62,7 @@ class Subscription:
             "where": self.where_spec,
             "batch_size": self.batch_size,
             "idempotent_ttl": self.idempotent_ttl,
+            "timeout": self.timeout,
             "breaker": self.breaker.state.value,
         }
 
@@ -81,6 +84,7 @@ def build_subscription(
     batch: int | None,
     batch_wait: float,
     idempotent_ttl: float | None,
+    timeout: float | None = None,
 ) -> Subscription:
     """Check the options of a subscription and build it."""
     if not callable(handler):
@@ -91,6 +95,8 @@ def build_subscription(
         raise SubscriptionError("batch handlers receive events; parse data with model yourself")
     if idempotent_ttl is not None and idempotent_ttl <= 0:
         raise SubscriptionError("idempotent_ttl must be a positive number of seconds")
+    if timeout is not None and timeout <= 0:
+        raise SubscriptionError("timeout must be a positive number of seconds (None: no limit)")
     compiled = Pattern(pattern)
     return Subscription(
         name=name or getattr(handler, "__qualname__", None) or compiled.text,
@@ -104,6 +110,7 @@ def build_subscription(
         batch_size=batch,
         batch_wait=batch_wait,
         idempotent_ttl=idempotent_ttl,
+        timeout=timeout,
     )
 
 

@@ -96,6 +96,14 @@ async def _serve(
             return 0
         status.send(StatusLine(Status.ACTIVE, token=lease.token))
         log.info("lease taken: this replica is active", token=lease.token)
+        # Fencing: no handler starts once the lease may have expired (say the event loop
+        # stalled past the TTL, so the keeper could not renew it in time): the standby may
+        # be active by then. The entry stays pending; the process exits at once.
+        held, margin = lease, _margin(lease)
+        bus.set_fence(
+            lambda: held.token is not None and time.monotonic() < held.valid_until - margin,
+            _lease_lost,
+        )
         keeper = tg.create_task(_keep(lease))
     bot = tg.create_task(bot_main(bus))
     ready = tg.create_task(_report_ready(bus, status))
@@ -166,13 +174,24 @@ async def _acquire(lease: Lease, stop: asyncio.Event, status: StatusChannel) -> 
     return False
 
 
+def _margin(lease: Lease) -> float:
+    """Seconds before its own deadline a holder stops acting (a handler starting right at
+    the deadline would still run after it)."""
+    return min(0.5, lease.ttl / 10)
+
+
+def _lease_lost() -> None:
+    log.error("lease expired before a handler could start: exiting so a standby takes over")
+    os._exit(EXIT_LEASE_LOST)
+
+
 async def _keep(lease: Lease) -> None:
     """Renew the lease every third of its TTL; exit the process the moment it is lost.
 
     Exiting (not a graceful stop) is what guarantees never two actives: the process stops
     acting before its own deadline, and the standby takes over only after Redis expired it.
     """
-    margin = min(0.5, lease.ttl / 10)
+    margin = _margin(lease)
     while True:
         await asyncio.sleep(lease.ttl / 3)
         try:

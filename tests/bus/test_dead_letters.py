@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -207,6 +208,54 @@ class TestMalformed:
         (letter,) = await client.dlq.list()
         assert letter.reason in ("handler_error", "poison")
         assert (await redis.xpending(stream, "bot-group-a"))["pending"] == 0
+
+
+class TestHandlerTimeout:
+    async def test_a_hung_handler_is_cancelled_retried_and_dead_lettered_while_others_go_on(
+        self, bus_factory: BusFactory
+    ) -> None:
+        """A handler that never returns is cancelled at its timeout: each attempt counts as
+        a failure, then the event is dead-lettered with reason `timeout`; events of other
+        keys are handled meanwhile, and the stuck one is acked, not reclaimed for ever."""
+        client = await bus_factory("a")
+        handled: list[int] = []
+        cancelled = 0
+
+        @client.subscribe("user.#", retry=FAST_RETRY, timeout=0.3, name="handle")
+        async def handle(event: Event) -> None:
+            nonlocal cancelled
+            if event.data["n"] == 0:
+                try:
+                    await asyncio.Event().wait()  # hangs: a lost network call, a deadlock
+                except asyncio.CancelledError:
+                    cancelled += 1
+                    raise
+            handled.append(event.data["n"])
+
+        producer = await bus_factory("p")
+        async with running(client):
+            await producer.publish("user.x.y", {"n": 0}, key="stuck")
+            for n in range(1, 6):
+                await producer.publish("user.x.y", {"n": n}, key=f"k{n}")
+            await wait_until(lambda: sorted(handled) == [1, 2, 3, 4, 5], timeout=2)
+            await wait_until(lambda: client.stats()["counters"].get("acked") == 6, timeout=10)
+        assert cancelled == FAST_RETRY.max_attempts
+        (letter,) = await client.dlq.list()
+        assert letter.reason == "timeout" and "ran past its timeout of 0.3s" in letter.error
+        assert letter.attempts == FAST_RETRY.max_attempts
+
+    async def test_timeout_defaults_to_the_consumer_setting_and_none_means_no_limit(
+        self, bus_factory: BusFactory
+    ) -> None:
+        """subscribe() takes consumer.handler_timeout unless given; None turns it off."""
+        client = await bus_factory("a", consumer={"handler_timeout": 7.5})
+        client.subscribe("user.#", name="default")(_nothing)
+        client.subscribe("user.#", name="unlimited", timeout=None)(_nothing)
+        assert [s.timeout for s in client.subscriptions] == [7.5, None]
+
+
+async def _nothing(event: Event) -> None:
+    """A handler that does nothing."""
 
 
 class TestCircuitBreaker:

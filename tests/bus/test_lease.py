@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from bus import Event
 from bus.keys import Keys
 from bus.lease import Lease, holder, parse_holder, release_for
-from tests.support import wait_until
+from tests.conftest import BusFactory
+from tests.support import running, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -225,3 +227,37 @@ class TestHolder:
     def test_parse_holder_non_ascii_digit_is_none(self) -> None:
         """A token of digits int() cannot read is malformed too: None, not an exception."""
         assert parse_holder("0 ²") is None
+
+
+class TestFencing:
+    async def test_a_stalled_active_runs_no_handler_once_its_lease_may_have_expired(
+        self, redis: Redis, bus_factory: BusFactory
+    ) -> None:
+        """The active's event loop stalls past the lease TTL inside a handler (a blocking
+        call): the standby can take the lease meanwhile. The next entry is not handled by
+        the stalled process: the fence is checked before the handler, the loss is reported,
+        and the entry stays pending for the new active."""
+        active = lease(redis, "0", ttl=1.0)
+        assert await active.try_acquire()
+        client = await bus_factory("detector")
+        handled: list[int] = []
+        lost: list[float] = []
+        client.set_fence(lambda: active.held, lambda: lost.append(time.monotonic()))
+
+        @client.subscribe("user.#")
+        async def handle(event: Event) -> None:
+            handled.append(event.data["n"])
+            if event.data["n"] == 1:
+                time.sleep(1.5)  # noqa: ASYNC251 - the stall under test: nothing renews the lease
+
+        producer = await bus_factory("p")
+        async with running(client):
+            for n in (1, 2):
+                await producer.publish("user.x.y", {"n": n}, key="same")
+            await wait_until(lambda: bool(lost), timeout=10, what="the fence to trip")
+            standby = lease(redis, "1", ttl=1.0)
+            await wait_until(standby.try_acquire, timeout=5, what="the standby to take over")
+        assert handled == [1]
+        assert standby.token == 2
+        pending: Any = await redis.xpending(client.keys.stream("user"), "bot-group-detector")
+        assert pending["pending"] == 1  # the second entry, kept for the new active
