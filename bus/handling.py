@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,6 +20,7 @@ from bus.event import Event
 from bus.keys import Keys
 from bus.metrics import GroupMetrics
 from bus.redis_errors import UNAVAILABLE
+from bus.run_once import RunOnce
 from bus.schemas import SchemaRegistry
 from bus.subscription import Subscription
 from bus.wire import readable
@@ -106,13 +107,11 @@ class Runner:
         self._fence = fence
         self._observer = observer
         self._meter = meter or GroupMetrics(group)
-        self._redis = redis
-        self._keys = keys
         self._dlq = dlq
         self._schemas = schemas
         self._group = group
         self._consumer = consumer
-        self._visibility_ms = int(visibility_timeout * 1000)
+        self._once = RunOnce(redis, keys, group, int(visibility_timeout * 1000), log)
         self._on_done = on_done
         self._stats = stats
         self._log = log
@@ -148,7 +147,7 @@ class Runner:
         assert event is not None
         await self._wait_breaker(sub)
         if sub.idempotent_ttl is not None:
-            claimed = await self._once(self._claim_once, sub, delivery)
+            claimed = await self._once.claim(sub.name, event.id, delivery.stream, delivery.entry_id)
             if claimed is None:
                 return False
             if not claimed:
@@ -159,14 +158,14 @@ class Runner:
             if sub.model is not None:
                 args = (event, self._schemas.parse(sub.model, event.type, event.data))
         except SchemaError as exc:
-            await self._once(self._forget_once, sub, delivery)
+            await self._forget_once(sub, delivery)
             return await self.dead_letter(
                 delivery, DeadLetterReason.SCHEMA, str(exc), handler=sub.name
             )
         self._consumed(delivery)
         while (error := await self._attempts(sub, args, event, [event])) is not None:
             if not self._failed(sub):
-                await self._once(self._forget_once, sub, delivery)
+                await self._forget_once(sub, delivery)
                 return await self.dead_letter(
                     delivery,
                     *_failure(error),
@@ -176,8 +175,13 @@ class Runner:
                 )
             self._meter.retried(event.type)  # held, not dead-lettered: try after cool-down
             await self._wait_breaker(sub)
-        await self._once(self._mark_once, sub, delivery)  # handled: acked even if this failed
+        if sub.idempotent_ttl is not None:  # handled: acked even if this failed
+            await self._once.mark_done(sub.name, event.id, delivery.entry_id, sub.idempotent_ttl)
         return True
+
+    async def _forget_once(self, sub: Subscription, delivery: Delivery) -> None:
+        if sub.idempotent_ttl is not None and delivery.event is not None:
+            await self._once.forget(sub.name, delivery.event.id, delivery.entry_id)
 
     async def run_batch(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
         """Handle a batch with a batch subscription; on final failure dead-letter each event
@@ -372,52 +376,4 @@ class Runner:
             stream=delivery.stream,
             error=error,
         )
-        return True
-
-    async def _once(
-        self,
-        step: Callable[[Subscription, Delivery], Awaitable[bool | None]],
-        sub: Subscription,
-        delivery: Delivery,
-    ) -> bool | None:
-        """A run-once bookkeeping step; None (logged) when Redis failed it."""
-        try:
-            return await step(sub, delivery)
-        except (RedisError, OSError) as exc:
-            self._log.error(
-                "run-once marker failed",
-                step=step.__name__.strip("_"),
-                handler=sub.name,
-                entry_id=delivery.entry_id,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            return None
-
-    # Run-once markers: "running:<entry>" while handling (expires like the visibility
-    # timeout), "done" once handled. A marker running for the *same* entry means an earlier
-    # delivery died mid-handler, so it runs again; for another entry it is a duplicate.
-    def _once_key(self, sub: Subscription, delivery: Delivery) -> str:
-        assert delivery.event is not None
-        return self._keys.idempotency(self._group, sub.name, delivery.event.id)
-
-    async def _claim_once(self, sub: Subscription, delivery: Delivery) -> bool:
-        key = self._once_key(sub, delivery)
-        mine = f"running:{delivery.stream}:{delivery.entry_id}"
-        if await self._redis.set(key, mine, nx=True, px=self._visibility_ms):
-            return True
-        state = await self._redis.get(key)
-        if state == mine or state is None:
-            await self._redis.set(key, mine, px=self._visibility_ms)
-            return True
-        return False
-
-    async def _mark_once(self, sub: Subscription, delivery: Delivery) -> bool:
-        if sub.idempotent_ttl is not None:
-            ttl_ms = int(sub.idempotent_ttl * 1000)
-            await self._redis.set(self._once_key(sub, delivery), "done", px=ttl_ms)
-        return True
-
-    async def _forget_once(self, sub: Subscription, delivery: Delivery) -> bool:
-        if sub.idempotent_ttl is not None:
-            await self._redis.delete(self._once_key(sub, delivery))
         return True
