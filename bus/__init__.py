@@ -5,6 +5,7 @@ from bus.client import BusClient
 from bus.conditions import Where
 from bus.dlq import DeadLetter, DeadLetterReason, DeadLetters
 from bus.errors import (
+    BusBackpressureError,
     BusConnectionError,
     BusError,
     DeadLetterNotFoundError,
@@ -19,6 +20,7 @@ from bus.settings import BreakerSettings, BusSettings, ConsumerSettings, RetrySe
 
 __all__ = [
     "BreakerSettings",
+    "BusBackpressureError",
     "BusClient",
     "BusConnectionError",
     "BusError",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,6 +39,7 @@ class EventType(enum.StrEnum):
     SYSTEM_SHUTDOWN = "system.shutdown"
     MEMORY_PRESSURE = "system.memory.pressure"
     GROUP_IDLE = "system.group.idle"
+    GROUP_REMOVED = "system.group.removed"
     REDIS_RESTORED = "system.redis.restored"
     ARCHIVE_STALLED = "system.archive.stalled"
     ARCHIVE_RESUMED = "system.archive.resumed"
@@ -171,15 +173,39 @@ class ConfigUpdated(_Schema):
     changed: list[str] = Field(default_factory=list)
 
 
+class TrimHolder(_Schema):
+    """A consumer group whose unfinished entries keep a stream from being trimmed."""
+
+    stream: str
+    group: str = Field(description="'archiver': the archive is not storing (PostgreSQL?)")
+    since_id: str = Field(description="its oldest unfinished entry; nothing from here on goes")
+    pending: int | None = None
+    lag: int | None = None
+
+
 class MemoryPressure(_Schema):
-    """``system.memory.pressure``: the whole system's memory crossed its budget threshold."""
+    """``system.memory.pressure``: the whole system's memory crossed its budget threshold
+    (``scope`` "budget"), or Redis neared its ``maxmemory`` (``scope`` "redis": publishers
+    are held back while ``raised``, and ``holders`` say what keeps the streams long)."""
 
     used_bytes: int
-    budget_bytes: int
+    budget_bytes: int = Field(description="the budget, or Redis's maxmemory")
     raised: bool = Field(description="true: went above the threshold; false: back below")
+    scope: Literal["budget", "redis"] = "budget"
     manager_bytes: int | None = None
     bots_bytes: int | None = None
     redis_bytes: int | None = None
+    holders: list[TrimHolder] | None = None
+
+
+class GroupRemoved(_Schema):
+    """``system.group.removed``: the group of a bot gone from the config was destroyed."""
+
+    group: str
+    stream: str
+    absent_seconds: float
+    pending: int = Field(description="entries it had taken and not acked (now dropped)")
+    lag: int | None = None
 
 
 class GroupIdle(_Schema):
@@ -239,6 +265,7 @@ STANDARD_SCHEMAS: dict[str, type[BaseModel]] = {
     EventType.SYSTEM_SHUTDOWN: Shutdown,
     EventType.MEMORY_PRESSURE: MemoryPressure,
     EventType.GROUP_IDLE: GroupIdle,
+    EventType.GROUP_REMOVED: GroupRemoved,
     EventType.REDIS_RESTORED: RedisRestored,
     EventType.ARCHIVE_STALLED: ArchiveStalled,
     EventType.ARCHIVE_RESUMED: ArchiveStalled,

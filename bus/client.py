@@ -44,6 +44,8 @@ class BusClient:
     start and end (the bot runtime uses it to report the entries in flight). ``allowed``
     limits what reaches any handler to what the bot's config declares. ``metrics`` counts
     what it published and handled (the bot runtime reports it to the manager).
+    ``backpressure=False`` publishes past the manager's backpressure flag (for the
+    manager's own events; see :mod:`bus.backpressure`).
 
     Use as an async context manager, or call :meth:`connect` and :meth:`close`::
 
@@ -65,8 +67,10 @@ class BusClient:
         redis: Redis | None = None,
         observer: HandlerObserver | None = None,
         allowed: Allowed | None = None,
+        backpressure: bool = True,
     ) -> None:
         self.bot_id = bot_id
+        self._backpressure = backpressure
         self._observer = observer
         self._fence: Fence | None = None
         self._allowed = allowed
@@ -100,7 +104,12 @@ class BusClient:
             name = consumer_name(self.bot_id, self.instance)
             self._redis = self._given_redis or connect(self.settings, client_name=name)
             self._publisher = Publisher(
-                self._redis, self.settings, self.schemas, self._source, self.metrics
+                self._redis,
+                self.settings,
+                self.schemas,
+                self._source,
+                self.metrics,
+                backpressure=self._backpressure,
             )
         return self
 

@@ -60,3 +60,17 @@ class HandlerTimeoutError(BusError, TimeoutError):
 
 class FencedError(BusError):
     """This replica's lease is no longer valid: it must not act (another may be active)."""
+
+
+class BusBackpressureError(PublishError):
+    """Redis is close to its memory limit and cannot take more events yet; nothing was written.
+
+    Raised by ``publish`` once the bounded wait (``bus.publish.backpressure_wait``) is over,
+    or at once when Redis itself refuses the write (OOM under ``noeviction``). ``reason``
+    says what holds the memory (the archive is down, a group is behind). Publish again
+    later: the condition clears as soon as the archiver and the slow groups catch up.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason

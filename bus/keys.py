@@ -48,6 +48,10 @@ class Keys:
         """The dead-letter stream of the namespace."""
         return f"{self.namespace}:dlq"
 
+    def pressure(self) -> str:
+        """The manager's backpressure flag: set while Redis is near its ``maxmemory``."""
+        return f"{self.namespace}:pressure"
+
     def idempotency(self, group: str, handler: str, event_id: str) -> str:
         """Run-once marker of an event for one handler of a group."""
         return f"{self.namespace}:idem:{group}:{handler}:{event_id}"

@@ -8,14 +8,16 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from bus.backpressure import Backpressure, refused
 from bus.connection import raise_swallowed_cancel, redact
 from bus.context import correlation_for
 from bus.errors import BusConnectionError, EventValidationError
 from bus.event import Event, validate_data, validate_key, validate_source, validate_type
 from bus.keys import Keys
 from bus.metrics import BusMetrics
-from bus.redis_errors import UNAVAILABLE
+from bus.redis_errors import UNAVAILABLE, is_oom
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
 from bus.settings import BusSettings
@@ -29,7 +31,9 @@ Draft = Event | tuple[str, Mapping[str, Any]]
 
 class Publisher:
     """Turns drafts into stream entries. One per bus client; ``metrics`` counts what Redis
-    confirmed."""
+    confirmed. With ``backpressure`` (the default) a publish first waits while the manager
+    says Redis is nearly full (see :mod:`bus.backpressure`); the manager's own events skip
+    that wait."""
 
     def __init__(
         self,
@@ -38,6 +42,8 @@ class Publisher:
         schemas: SchemaRegistry,
         source: str,
         metrics: BusMetrics | None = None,
+        *,
+        backpressure: bool = True,
     ) -> None:
         self._redis = redis
         self._metrics = metrics or BusMetrics()
@@ -46,6 +52,9 @@ class Publisher:
         self._router = Router(settings.routes, settings.default_stream)
         self._schemas = schemas
         self.source = validate_source(source)
+        self._pressure = (
+            Backpressure(redis, self._keys, settings.backpressure_wait) if backpressure else None
+        )
 
     def event(
         self,
@@ -98,9 +107,15 @@ class Publisher:
         """XADD one event; return the stream entry id once Redis confirmed it."""
         stream, fields, _ = self.prepare(event)
         try:
+            if self._pressure is not None:
+                await self._pressure.admit()
             entry_id: Any = await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, 1) from exc
+        except ResponseError as exc:
+            if is_oom(exc):
+                raise refused(exc, 1) from exc
+            raise
         raise_swallowed_cancel()
         self._metrics.published(event.type)
         return str(entry_id)
@@ -116,6 +131,8 @@ class Publisher:
         if not prepared:
             return []
         try:
+            if self._pressure is not None:
+                await self._pressure.admit(len(prepared))
             if len(prepared) == 1:  # one XADD: no pipeline to build
                 stream, fields, _ = prepared[0]
                 await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
@@ -126,6 +143,10 @@ class Publisher:
                     await pipe.execute()
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, len(prepared)) from exc
+        except ResponseError as exc:
+            if is_oom(exc):
+                raise refused(exc, len(prepared)) from exc
+            raise
         raise_swallowed_cancel()
         published = self._metrics.published
         for _, _, event in prepared:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: Errors that mean "Redis is not reachable right now": back off and try again.
@@ -26,3 +26,11 @@ def is_busygroup(exc: BaseException) -> bool:
 def is_loading(exc: BaseException) -> bool:
     """Redis is still loading its data set after a restart."""
     return isinstance(exc, ResponseError | RedisConnectionError) and "LOADING" in str(exc)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Redis refused a write because it is at ``maxmemory`` (policy ``noeviction``); redis-py
+    raises OutOfMemoryError for it, a plain ResponseError "OOM ..." inside a pipeline."""
+    return isinstance(exc, OutOfMemoryError) or (
+        isinstance(exc, ResponseError) and str(exc).startswith("OOM")
+    )

@@ -75,6 +75,12 @@ class BusSettings(_Model):
         5, ge=0, description="retries of a command on a lost connection before it fails"
     )
     retry_cap: float = Field(2.0, gt=0, description="longest wait between connection retries")
+    backpressure_wait: float = Field(
+        5.0,
+        ge=0,
+        description="seconds a publish waits while Redis is near its maxmemory, then "
+        "BusBackpressureError; 0: raise at once",
+    )
     consumer: ConsumerSettings = ConsumerSettings()
     archive_dsn: str | None = Field(
         None, description="PostgreSQL archive (read-only) for replays older than Redis holds"

@@ -89,8 +89,9 @@ def switch_user(user: OsUser) -> None:
     os.setuid(user.uid)
 
 
-def child_setup(user: OsUser | None = None) -> Callable[[], None]:
-    """A ``preexec_fn`` that switches to ``user`` (None: stay), then dies with this process.
+def child_setup(user: OsUser | None = None, umask: int | None = None) -> Callable[[], None]:
+    """A ``preexec_fn`` that switches to ``user`` (None: stay), sets ``umask`` (None: keep
+    ours), then dies with this process.
 
     Call it in the parent, right before spawning, in the thread that spawns.
     """
@@ -100,6 +101,8 @@ def child_setup(user: OsUser | None = None) -> Callable[[], None]:
     def setup() -> None:
         if user is not None:
             switch_user(user)
+        if umask is not None:
+            os.umask(umask)
         die_with_parent(parent_pid)  # after the switch, which would clear it
 
     return setup

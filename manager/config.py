@@ -163,6 +163,9 @@ class BusOptions(_Model):
     default_stream: str | None = None
     max_event_bytes: int | None = None
     strict_schemas: bool = False
+    backpressure_wait: float | None = Field(
+        None, ge=0, description="seconds a publish waits while Redis is nearly full (default 5)"
+    )
     consumer: ConsumerSettings = ConsumerSettings()
 
 
@@ -196,12 +199,31 @@ class MemorySettings(_Model):
     budget: ByteSize = Field(ByteSize(2 * 1024**3), description="e.g. '2GiB'")
     high: float = Field(0.9, gt=0, le=1, description="fraction of the budget that alerts")
     low: float = Field(0.8, gt=0, le=1, description="fraction below which the alert clears")
+    redis_maxmemory: ByteSize | None = Field(
+        None,
+        description="maxmemory of the embedded redis-server (noeviction); unset: half the budget",
+    )
+    pressure_high: float = Field(
+        0.8, gt=0, lt=1, description="fraction of Redis's maxmemory at which publishers wait"
+    )
+    pressure_low: float = Field(
+        0.7, gt=0, lt=1, description="fraction of Redis's maxmemory below which they go on"
+    )
 
     @model_validator(mode="after")
     def _order(self) -> MemorySettings:
         if self.low > self.high:
             raise ValueError("low must be <= high")
+        if self.pressure_low > self.pressure_high:
+            raise ValueError("pressure_low must be <= pressure_high")
+        if self.redis_maxmemory is not None and self.redis_maxmemory < 16 * 1024**2:
+            raise ValueError("redis_maxmemory must be at least 16MiB")
         return self
+
+    @property
+    def embedded_redis_maxmemory(self) -> int:
+        """Bytes the embedded redis-server may hold: the setting, else half the budget."""
+        return int(self.redis_maxmemory or self.budget // 2)
 
 
 class CoordinatorSettings(_Model):
@@ -231,6 +253,17 @@ class ArchiveSettings(_Model):
     )
     idle_groups: Literal["pin", "release"] = Field(
         "pin", description="pin: an idle group still holds the trim; release: it stops holding"
+    )
+    removed_group_grace: float = Field(
+        3600.0,
+        gt=0,
+        description="seconds the group of a bot gone from the config is kept before it is "
+        "destroyed (so it stops holding the trim)",
+    )
+    dlq_retention: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="seconds dead letters stay in Redis once PostgreSQL stored them",
     )
 
 

@@ -28,6 +28,7 @@ from manager.announcer import PUBLISHED_BY, Announcer
 from manager.config import BotConfig, CoordinatorSettings
 from manager.lag import GroupLag, group_lags, stream_keys
 from manager.memory import MemoryAlert, MemoryBudget, MemorySample, redis_used_memory, tree_rss
+from manager.pressure import PressureState
 from manager.supervisor import Supervisor
 from manager.thresholds import Threshold, ThresholdWatch
 
@@ -65,6 +66,8 @@ class Coordinator:
             Threshold(settings.lag_threshold, settings.lag_threshold / 2)
         )
         self._budget = MemoryBudget(1)
+        #: The pressure watch's state, when one runs (set by the daemon).
+        self.pressure: PressureState | None = None
         self.configure([])
         self._process = psutil.Process(os.getpid())
         #: The last measurements (for status).
@@ -204,9 +207,11 @@ class Coordinator:
 
     def status(self) -> dict[str, Any]:
         """Memory and lag as of the last check, for ``multibot status`` (``manager`` there is
-        the manager process and the embedded PostgreSQL; ``redis`` is its ``used_memory``)."""
+        the manager process and the embedded PostgreSQL; ``redis`` is its ``used_memory``);
+        ``redis_memory`` is the pressure watch's view of Redis against its maxmemory."""
         memory = self.memory
         return {
+            "redis_memory": self.pressure.status(self._keys) if self.pressure else None,
             "memory": {
                 "budget": int(self._settings.memory.budget),
                 "used": memory.total,

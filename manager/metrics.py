@@ -75,6 +75,8 @@ METRIC_NAMES = frozenset(
         "multibot_memory_used_bytes",
         "multibot_memory_budget_bytes",
         "multibot_redis_memory_bytes",
+        "multibot_redis_maxmemory_bytes",
+        "multibot_backpressure",
         "multibot_manager_up",
     }
 )
@@ -126,6 +128,7 @@ class _Snapshot(Collector):
         )
         yield from _bots(data.bots)
         yield from _memory(data.coordinator.get("memory") or {})
+        yield from _pressure(data.coordinator.get("redis_memory") or {})
         requests = CounterMetricFamily(
             "multibot_api_requests",
             "HTTP API requests by method, route template and status code.",
@@ -288,6 +291,20 @@ def _memory(memory: Mapping[str, Any]) -> Iterator[Metric]:
         "multibot_memory_budget_bytes", "The configured memory budget.", memory.get("budget")
     )
     yield _gauge("multibot_redis_memory_bytes", "Redis used_memory.", memory.get("redis"))
+
+
+def _pressure(state: Mapping[str, Any]) -> Iterator[Metric]:
+    yield _gauge(
+        "multibot_redis_maxmemory_bytes",
+        "Redis's maxmemory (0: unlimited).",
+        state.get("maxmemory"),
+    )
+    backpressure = state.get("backpressure")
+    yield _gauge(
+        "multibot_backpressure",
+        "1 while publishers are held back because Redis is near its maxmemory.",
+        None if backpressure is None else int(backpressure),
+    )
 
 
 # -- reading Redis ---------------------------------------------------------------------

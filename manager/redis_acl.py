@@ -181,6 +181,8 @@ def bot_key_patterns(keys: Keys, bot_id: str) -> list[str]:
         # Its leader lease and the fencing counter (exact keys, no glob).
         keys.lease(bot_id),
         keys.fence(bot_id),
+        # The manager's backpressure flag, read before publishing (see bus.backpressure).
+        keys.pressure(),
     ]
 
 

@@ -233,9 +233,13 @@ class RedisServer:
             self._binary = await asyncio.to_thread(find_redis_server)
         if self._port is None and not self._unix_socket:
             self._port = free_port()
-        self._data_dir.mkdir(parents=True, exist_ok=True)
+        # The directory holds the password (redis.conf) and every event (the AOF): ours only.
+        self._data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._data_dir.chmod(0o700)
+        for path in (*self._data_dir.glob("appendonly*"), *self._data_dir.glob("appendonlydir/*")):
+            path.chmod(0o700 if path.is_dir() else 0o600)  # made by an earlier, laxer version
         config_path = self._data_dir / "redis.conf"
-        config_path.write_text(self._config())
+        _write_private(config_path, self._config())
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         started_at = asyncio.get_running_loop().time()
         with self.log_path.open("ab") as logfile:
@@ -246,7 +250,8 @@ class RedisServer:
                 stdout=logfile,  # early errors (a bad config) go here, before redis opens it
                 stderr=logfile,
                 start_new_session=True,  # own process group: a Ctrl-C to us does not reach it
-                preexec_fn=child_setup(),  # and it dies with us, not orphaned by a SIGKILL
+                # It dies with us, not orphaned by a SIGKILL; its AOF and log are ours only.
+                preexec_fn=child_setup(umask=0o077),
             )
         try:
             await self._wait_ready(self._process, started_at + timeout, log_offset)
@@ -383,6 +388,14 @@ class RedisServer:
         where = f"socket={self.socket_path}" if self._unix_socket else f"port={self._port}"
         state = f"pid={self.pid} running" if self.running else "stopped"
         return f"<RedisServer {version} {where} {state}>"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``path`` readable by its owner only, also when it existed with a wider mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(fd, 0o600)
+        file.write(text)
 
 
 def _kill_group(pid: int) -> None:

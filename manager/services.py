@@ -65,8 +65,14 @@ async def start_services(settings: ManagerSettings) -> Services:
     try:
         if settings.redis_url is None:
             redis_dir = data_dir / "redis"
+            maxmemory = settings.coordinator.memory.embedded_redis_maxmemory
             services.redis = RedisServer(
-                redis_dir, password=secret(redis_dir / "password"), unix_socket=True
+                redis_dir,
+                password=secret(redis_dir / "password"),
+                unix_socket=True,
+                # Streams are the bus's data: never evicted. Full, Redis refuses writes, and
+                # the pressure watch holds publishers back well before that.
+                extra_config={"maxmemory": str(maxmemory), "maxmemory-policy": "noeviction"},
             )
             await services.redis.start()
             services.redis_url = services.redis.url

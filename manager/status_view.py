@@ -40,6 +40,8 @@ def render_status(
     view = _View(colour=console.is_terminal)
     console.print(view.header(status.get("manager") or {}))
     console.print(view.memory(status.get("memory") or {}))
+    if status.get("redis_memory"):
+        console.print(view.redis_memory(status["redis_memory"]))
     if status.get("archive"):
         console.print(view.archive(status["archive"]))
     console.print()
@@ -120,6 +122,22 @@ class _View:
             line.append(f" ({share:.0%})", self.style(style))
         for part in ("manager", "bots", "redis"):
             line.append(f"  {part} {_size(memory.get(part))}")
+        return line
+
+    def redis_memory(self, state: Mapping[str, Any]) -> Text:
+        """Redis against its maxmemory, and what holds publishers back when they are."""
+        used, limit = state.get("used"), state.get("maxmemory")
+        if not limit:
+            return Text("redis maxmemory unset: nothing bounds Redis", self.style("yellow"))
+        line = Text(f"redis {_size(used)} / {_size(limit)} maxmemory")
+        if not state.get("backpressure"):
+            return line
+        line.append("  BACKPRESSURE: publishers held back", self.style("red"))
+        for holder in state.get("holders") or []:
+            line.append(
+                f"\n  held by group {holder['group']} on stream {holder['stream']} "
+                f"(from entry {holder['since_id']}, pending {holder['pending']})"
+            )
         return line
 
     def archive(self, archive: Mapping[str, Any]) -> Text:

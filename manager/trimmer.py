@@ -10,15 +10,25 @@ Each stream is trimmed with ``XTRIM MINID`` to the lowest of:
   more than ``hot_window_max_memory``: then everything below the floor goes.
 
 A stream without the archiver's group yet is not trimmed at all. A group whose consumers
-have all been idle longer than ``idle_group_after`` (a bot removed from the config, say) is
-reported once as ``system.group.idle``; with ``idle_groups = "release"`` it stops holding
-the floor (its bot would find those entries gone).
+have all been idle longer than ``idle_group_after`` is reported once as
+``system.group.idle``; with ``idle_groups = "release"`` it stops holding the floor (its bot
+would find those entries gone). The group of a bot gone from the config is destroyed after
+``removed_group_grace`` (see :mod:`manager.removed_groups`).
+
+While :attr:`Trimmer.urgent` is set (Redis near its ``maxmemory``: see
+:mod:`manager.pressure`) the time cutoff is ignored, as over ``hot_window_max_memory``.
+:attr:`Trimmer.holders` says, per stream, which group's floor stopped the last trim short
+of the cutoff: what an operator must fix to free memory.
+
+The dead-letter stream keeps its letters ``dlq_retention`` seconds, and never drops one the
+archiver has not stored in PostgreSQL yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -32,9 +42,21 @@ from manager.announcer import Announcer
 from manager.config import ArchiveSettings
 from manager.lag import stream_keys
 from manager.memory import redis_used_memory
+from manager.removed_groups import RemovedGroups
 
 log = structlog.get_logger("manager.trimmer")
 EntryId = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """The group whose floor stopped a stream's trim short of the cutoff."""
+
+    stream: str
+    group: str
+    floor: EntryId
+    pending: int
+    lag: int | None
 
 
 def parse_id(entry_id: str) -> EntryId:
@@ -71,6 +93,12 @@ class Trimmer:
         self._over_memory = False
         #: Entries trimmed so far, per stream key.
         self.trimmed: dict[str, int] = {}
+        #: Set by the pressure watch: trim to the floors whatever the entries' age.
+        self.urgent = False
+        #: Per stream key, the group that held the last trim short of the cutoff.
+        self.holders: dict[str, Holder] = {}
+        #: Groups of bots gone from the config (call ``removed.configure`` with the bots).
+        self.removed = RemovedGroups(redis, keys, announcer, settings.removed_group_grace)
 
     async def run(self) -> None:
         """Trim until cancelled; errors are logged and the next round tries again."""
@@ -89,7 +117,9 @@ class Trimmer:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         cutoff = (max(0, now_ms - int(self._settings.hot_window * 1000)), 0)
         limit = self._settings.hot_window_max_memory
-        if limit is not None and await redis_used_memory(self._redis) > limit:
+        if self.urgent:
+            cutoff = (now_ms + 1, 0)
+        elif limit is not None and await redis_used_memory(self._redis) > limit:
             # Over the memory share of the hot window: keep only what is not yet safe to
             # drop (unarchived or unacked), whatever its age.
             cutoff = (now_ms + 1, 0)
@@ -100,8 +130,14 @@ class Trimmer:
         else:
             self._over_memory = False
         total = 0
-        for stream in await stream_keys(self._redis, self._keys):
+        streams = await stream_keys(self._redis, self._keys)
+        for stream in streams:
             total += await self.trim(stream, cutoff)
+        self.holders = {s: h for s, h in self.holders.items() if s in streams}
+        dlq = self._keys.dead_letters()
+        if await self._redis.exists(dlq):
+            dlq_cutoff = max(0, now_ms - int(self._settings.dlq_retention * 1000))
+            total += await self.trim(dlq, (dlq_cutoff, 0))
         return total
 
     async def trim(self, stream: str, cutoff: EntryId) -> int:
@@ -111,12 +147,15 @@ class Trimmer:
             return 0  # not archived yet: nothing may go
         info: Any = await self._redis.xinfo_stream(stream)
         last = parse_id(str(info["last-generated-id"]))
-        floors = []
+        floors: list[tuple[EntryId, dict[str, Any]]] = []
         for group in groups:
+            if await self.removed.expired(stream, group):
+                continue
             floor = await self._floor(stream, group)
             if await self._holds(stream, group, lagging=floor <= last):
-                floors.append(floor)
-        point = trim_point(floors, cutoff)
+                floors.append((floor, group))
+        point = trim_point([floor for floor, _ in floors], cutoff)
+        self._note_holder(stream, floors, cutoff)
         if point is None or point <= (0, 1):
             return 0
         trimmed: Any = await self._redis.xtrim(stream, minid=format_id(point), approximate=False)
@@ -124,6 +163,22 @@ class Trimmer:
             self.trimmed[stream] = self.trimmed.get(stream, 0) + int(trimmed)
             log.debug("stream trimmed", stream=stream, entries=trimmed, minid=format_id(point))
         return int(trimmed)
+
+    def _note_holder(
+        self, stream: str, floors: list[tuple[EntryId, dict[str, Any]]], cutoff: EntryId
+    ) -> None:
+        floor, group = min(floors, key=lambda item: item[0], default=((0, 0), None))
+        if group is None or floor >= cutoff:
+            self.holders.pop(stream, None)
+            return
+        lag = group.get("lag")
+        self.holders[stream] = Holder(
+            stream,
+            str(group["name"]),
+            floor,
+            int(group["pending"]),
+            None if lag is None else int(lag),
+        )
 
     async def _floor(self, stream: str, group: dict[str, Any]) -> EntryId:
         """The group's oldest unfinished entry: oldest pending, or the first undelivered."""

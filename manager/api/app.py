@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bus.archive import ArchiveUnavailableError
-from bus.errors import BusConnectionError, EventValidationError
+from bus.errors import BusBackpressureError, BusConnectionError, EventValidationError
 from manager import __version__ as VERSION
 from manager.api import dlq, events, fleet, health
 from manager.api.auth import Tokens
@@ -105,6 +105,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(
             503, f"the archive (PostgreSQL) is unavailable: {exc}", headers={"Retry-After": "5"}
         )
+
+    @app.exception_handler(BusBackpressureError)
+    async def redis_full(_: Request, exc: BusBackpressureError) -> JSONResponse:
+        return _error(503, str(exc), headers={"Retry-After": "10"})
 
     @app.exception_handler(BusConnectionError)
     async def redis_down(_: Request, exc: BusConnectionError) -> JSONResponse:

@@ -94,6 +94,7 @@ def realistic(**changes: object) -> MetricsInput:
             },
         ],
         "coordinator": {
+            "redis_memory": {"used": 160_000_000, "maxmemory": 1 << 30, "backpressure": True},
             "memory": {
                 "budget": 2 << 30,
                 "used": 300_000_000,
@@ -187,7 +188,7 @@ class TestRender:
                 assert not name.endswith("_total"), name
         assert all(n.endswith("_seconds") for n, k in types.items() if k == "histogram")
         sizes = [n for n in types if "memory" in n or "rss" in n]
-        assert len(sizes) == 5 and all(n.endswith("_bytes") for n in sizes), sizes
+        assert len(sizes) == 6 and all(n.endswith("_bytes") for n in sizes), sizes
 
     def test_event_counters(self) -> None:
         """Event counters carry category (and group), summed over the processes."""
@@ -246,6 +247,8 @@ class TestRender:
         assert value(found, "multibot_memory_used_bytes", part="bots") == 50_000_000
         assert value(found, "multibot_memory_budget_bytes") == 2 << 30
         assert value(found, "multibot_redis_memory_bytes") == 160_000_000
+        assert value(found, "multibot_redis_maxmemory_bytes") == 1 << 30
+        assert value(found, "multibot_backpressure") == 1
         assert value(found, "multibot_manager_up") == 1
         api = "multibot_api_requests_total"
         assert value(found, api, method="GET", route="/v1/events/{event_id}", code="200") == 5

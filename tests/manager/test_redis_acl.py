@@ -144,7 +144,8 @@ class TestRules:
             bot_acl_rules(Keys(namespace), BOT)
 
     def test_key_patterns_are_exactly_the_bots_keys(self) -> None:
-        """Streams, the DLQ, its own markers, state, lease and fence; nothing else."""
+        """Streams, the DLQ, its own markers, state, lease and fence, the backpressure
+        flag; nothing else."""
         assert bot_key_patterns(KEYS, BOT) == [
             "multibot:stream:*",
             "multibot:dlq",
@@ -152,6 +153,7 @@ class TestRules:
             "multibot:bot:greeter:*",
             "multibot:lease:greeter",
             "multibot:lease:greeter:fence",
+            "multibot:pressure",
         ]
 
     def test_rules_reset_then_allow_list(self) -> None:

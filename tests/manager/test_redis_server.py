@@ -163,6 +163,28 @@ class TestUnixSocket:
         assert server.url.startswith("unix://:pw@/")
         assert await ping(server.url)
 
+    async def test_secrets_readable_by_owner_only(
+        self, redis_factory: RedisFactory, redis_binary: RedisBinary
+    ) -> None:
+        """redis.conf (it has the password), the AOF and their directory are the owner's
+        only, also where an earlier version left them readable to everyone."""
+        server = await redis_factory(binary=redis_binary, unix_socket=True, password="pw")
+        async with Redis.from_url(server.url) as client:
+            await client.set("k", "v")
+            await client.execute_command("BGREWRITEAOF")
+        await server.stop()
+        for path in server.data_dir.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        server.data_dir.chmod(0o755)
+        await server.start()
+        async with Redis.from_url(server.url) as client:
+            await client.set("k2", "v")
+        assert stat.S_IMODE(server.data_dir.stat().st_mode) == 0o700
+        aof = [p for p in server.data_dir.rglob("appendonly*") if p.is_file()]
+        assert aof, "no AOF written"
+        for path in [server.data_dir / "redis.conf", *aof]:
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
     def test_too_long_socket_path_refused(self, tmp_path: Path) -> None:
         """A socket path longer than the OS allows is refused up front (6.2 would truncate it)."""
         with pytest.raises(EmbeddedServiceError, match="shorter data_dir"):

@@ -143,6 +143,25 @@ class TestRenderStatus:
         assert "manager 80.0 MiB" in line and "bots 900.0 MiB" in line
         assert "redis 120.0 MiB" in line
 
+    def test_redis_memory_line_names_what_holds_publishers_back(self) -> None:
+        """Redis's use of its maxmemory; under backpressure, which group holds which
+        stream; without a maxmemory, a warning."""
+        status = make_status() | {
+            "redis_memory": {
+                "used": 820 * MiB,
+                "maxmemory": GiB,
+                "backpressure": True,
+                "holders": [
+                    {"stream": "user", "group": "archiver", "since_id": "17-0", "pending": 0}
+                ],
+            }
+        }
+        text = render(status)
+        assert "redis 820.0 MiB / 1.0 GiB maxmemory  BACKPRESSURE" in text
+        assert "held by group archiver on stream user (from entry 17-0" in text
+        status["redis_memory"] = {"used": MiB, "maxmemory": 0, "backpressure": False}
+        assert "redis maxmemory unset: nothing bounds Redis" in render(status)
+
     def test_one_row_per_instance(self) -> None:
         """Each instance is a row with its bot, state, pid, uptime, RSS and heartbeat."""
         text = render(make_status())

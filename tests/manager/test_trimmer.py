@@ -20,6 +20,7 @@ from bus.keys import ARCHIVER_GROUP, Keys
 from bus.wire import decode, encode
 from manager.announcer import Announcer
 from manager.config import ArchiveSettings
+from manager.removed_groups import RemovedGroups
 from manager.trimmer import Trimmer, format_id, parse_id, trim_point
 from tests.conftest import BusFactory
 from tests.support import entries, wait_until
@@ -312,3 +313,87 @@ class TestIdleGroups:
         assert await trimmer.trim_all(now_ms=after(ids)) == 3
         assert await announcer.flush(5)
         assert await idle_reports(bus.redis) == []
+
+
+async def system_events(redis: Redis, type_: str) -> list[Event]:
+    """The events of one type on the system stream."""
+    stream = KEYS.stream("system")
+    found = [decode(fields, stream, entry_id) for entry_id, fields in await entries(redis, stream)]
+    return [e for e in found if e.type == type_]
+
+
+async def group_names(redis: Redis, stream: str = STREAM) -> set[str]:
+    """The consumer groups on a stream."""
+    groups: Any = await redis.xinfo_groups(stream)
+    return {str(g["name"]) for g in groups}
+
+
+class TestRemovedBots:
+    async def test_group_of_a_removed_bot_is_destroyed_after_the_grace_period(
+        self, bus: BusClient, announcer: Announcer
+    ) -> None:
+        """A group of a bot the config no longer names holds the floor during the grace
+        period; then it is destroyed, announced once, and the stream is trimmed past it.
+        A configured bot's group and groups not named like a bot's are left alone."""
+        ids = await publish(bus, 4)
+        assert await archived(bus.redis) == ids
+        for group in ("bot-group-gone", "bot-group-kept", "reporting-tool"):
+            await join(bus.redis, group, start=ids[0] if group != "bot-group-gone" else "0")
+        trimmer = make_trimmer(bus, announcer, removed_group_grace=0.3)
+        trimmer.removed.configure(["kept"])
+        await trimmer.trim_all(now_ms=after(ids))
+        assert await left(bus.redis) == ids  # the removed bot's group still holds
+        assert trimmer.holders[STREAM].group == "bot-group-gone"
+
+        async def destroyed() -> bool:
+            await trimmer.trim_all(now_ms=after(ids))
+            return "bot-group-gone" not in await group_names(bus.redis)
+
+        await wait_until(destroyed, timeout=5, what="the removed bot's group destroyed")
+        assert await group_names(bus.redis) == {ARCHIVER_GROUP, "bot-group-kept", "reporting-tool"}
+        assert await left(bus.redis) == ids[1:]  # the kept groups' floor now
+        assert await announcer.flush(5)
+        (report,) = await system_events(bus.redis, EventType.GROUP_REMOVED)
+        assert report.data["group"] == "bot-group-gone"
+        assert report.data["stream"] == "user"
+        assert report.data["absent_seconds"] >= 0.3
+
+    async def test_bot_back_within_the_grace_period_keeps_its_group(
+        self, bus: BusClient, announcer: Announcer
+    ) -> None:
+        """A bot removed and put back before the grace period ends keeps its group and
+        position; nothing is destroyed before the bots are known."""
+        ids = await publish(bus, 2)
+        assert await archived(bus.redis) == ids
+        await join(bus.redis, "bot-group-back")
+        trimmer = make_trimmer(bus, announcer)
+        clock = [0.0]
+        trimmer.removed = RemovedGroups(bus.redis, KEYS, announcer, 10, clock=lambda: clock[0])
+        await trimmer.trim_all(now_ms=after(ids))  # bots not configured yet: hands off
+        trimmer.removed.configure([])
+        await trimmer.trim_all(now_ms=after(ids))
+        trimmer.removed.configure(["back"])
+        clock[0] = 11.0  # past the grace period
+        await trimmer.trim_all(now_ms=after(ids))
+        assert "bot-group-back" in await group_names(bus.redis)
+        assert await left(bus.redis) == ids
+
+
+class TestDeadLetterRetention:
+    async def test_old_letters_go_only_once_archived(
+        self, bus: BusClient, announcer: Announcer
+    ) -> None:
+        """Dead letters older than dlq_retention are trimmed, but never one the archiver
+        has not stored; younger ones stay."""
+        dlq = KEYS.dead_letters()
+        ids = [await bus.redis.xadd(dlq, {"reason": "error", "n": str(i)}) for i in range(4)]
+        letters = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        await join(bus.redis, ARCHIVER_GROUP, stream=dlq)
+        trimmer = make_trimmer(bus, announcer, dlq_retention=60)
+        assert await trimmer.trim_all(now_ms=after(letters, 3600)) == 0  # none archived
+        assert await left(bus.redis, dlq) == letters
+        stored = await read(bus.redis, ARCHIVER_GROUP, 2, stream=dlq)
+        await ack(bus.redis, ARCHIVER_GROUP, stored, stream=dlq)
+        assert await trimmer.trim_all(now_ms=after(letters, 30)) == 0  # young enough
+        assert await trimmer.trim_all(now_ms=after(letters, 3600)) == 2
+        assert await left(bus.redis, dlq) == letters[2:]
