@@ -223,6 +223,9 @@ class RedisRestored(_Schema):
 
     streams: dict[str, int] = Field(description="stream → events written back into it")
     positions: dict[str, str] = Field(description="stream → last archived entry id")
+    groups: dict[str, dict[str, str]] | None = Field(
+        None, description="stream → group → the entry it resumes after"
+    )
     note: str | None = None
 
 

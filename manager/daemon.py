@@ -39,7 +39,9 @@ from manager.config import BotConfig, ConfigError, ManagerSettings, load_config
 from manager.control import CommandError, ControlServer, control_path
 from manager.coordinator import Coordinator, declared_streams
 from manager.errors import ManagerError
+from manager.group_positions import record_positions
 from manager.metrics_sources import render_metrics
+from manager.pressure import PressureWatch
 from manager.redis_acl import (
     bot_redis_url,
     bot_username,
@@ -87,6 +89,8 @@ class Manager:
         self._supervisor: Supervisor | None = None
         self._coordinator: Coordinator | None = None
         self._archiver: Archiver | None = None
+        self._trimmer: Trimmer | None = None
+        self._system_bus: BusClient | None = None
         self._archive: ArchiveLink | None = None
         self._reader_dsn: str | None = None
         self._api: ApiServer | None = None
@@ -121,13 +125,34 @@ class Manager:
         log.info("manager stopped")
         return 0
 
+    async def _connect_bus(self, settings: BusSettings) -> tuple[BusClient, BusClient, Announcer]:
+        """The manager's bus client, the one of its own events, and their announcer."""
+        self._bus = bus = BusClient("manager", settings=settings)
+        await bus.connect()
+        # The manager's own events go out past the backpressure flag (see bus.backpressure):
+        # they report the pressure; the API's and the operators' events wait like any other.
+        system_bus = BusClient("manager", settings=settings, redis=bus.redis, backpressure=False)
+        await system_bus.connect()
+        self._system_bus = system_bus
+        return bus, system_bus, Announcer(system_bus)
+
+    def _memory_keepers(
+        self, coordinator: Coordinator, announcer: Announcer
+    ) -> tuple[Trimmer, PressureWatch]:
+        """The trimmer, and the watch that holds publishers back when Redis is nearly full."""
+        assert self._admin is not None
+        self._trimmer = trimmer = Trimmer(self._admin, self._keys, self.settings.archive, announcer)
+        pressure = PressureWatch(
+            self._admin, self._keys, trimmer, announcer, self.settings.coordinator.memory
+        )
+        coordinator.pressure = pressure.state
+        return trimmer, pressure
+
     async def _run_with(self, services: Services) -> None:
         bus_settings = BusSettings.model_validate(self.settings.bus_settings(services.redis_url))
         self._admin = connect(bus_settings, client_name="multibot-manager")
         await self._check_redis(self._admin, services.redis_url)
-        self._bus = BusClient("manager", settings=bus_settings)
-        await self._bus.connect()
-        announcer = Announcer(self._bus)
+        bus, system_bus, announcer = await self._connect_bus(bus_settings)
         supervisor = self._supervisor = Supervisor(
             self.settings.supervisor,
             spec_factory=self._spec,
@@ -136,7 +161,8 @@ class Manager:
             keys=self._keys,
             visibility_timeout=bus_settings.consumer.visibility_timeout,
         )
-        supervisor.metrics.add_local(self._bus.metrics)
+        supervisor.metrics.add_local(bus.metrics)
+        supervisor.metrics.add_local(system_bus.metrics)
         coordinator = self._coordinator = Coordinator(
             self.settings.coordinator,
             redis=self._admin,
@@ -155,7 +181,7 @@ class Manager:
             archive.get,
             announce=announcer.announce,
         )
-        trimmer = Trimmer(self._admin, self._keys, self.settings.archive, announcer)
+        trimmer, pressure = self._memory_keepers(coordinator, announcer)
         try:
             try:
                 await archive.try_at_start()
@@ -166,6 +192,7 @@ class Manager:
             await self._prepare_reader(archive, services.postgres_dsn)
             await self._prepare_bots(self.settings.bots)
             coordinator.configure(self.settings.bots)
+            trimmer.removed.configure(b.id for b in self.settings.bots)
             self._api = await start_api(self.settings.api, self.settings.data_dir, self._view())
             async with asyncio.TaskGroup() as tg:
                 publishing = tg.create_task(announcer.run())
@@ -177,6 +204,12 @@ class Manager:
                     tg.create_task(self._announce_ready(supervisor)),
                     tg.create_task(archiver.run()),
                     tg.create_task(trimmer.run()),
+                    tg.create_task(
+                        record_positions(
+                            self._admin, self._keys, archive.get, self.settings.coordinator
+                        )
+                    ),
+                    tg.create_task(pressure.run()),
                     tg.create_task(run_retention(archive.get, self.settings.archive)),
                     tg.create_task(self._watch_redis_identity()),
                 ]
@@ -196,7 +229,8 @@ class Manager:
             if self._api is not None:
                 await self._api.stop()
             await archive.close()
-            await self._bus.close()
+            await system_bus.close()
+            await bus.close()
             await self._admin.aclose()
 
     def _view(self) -> DaemonView:
@@ -272,11 +306,10 @@ class Manager:
             return
         store = await self._archive.get()
         keys, router = self._keys, self._router
-        groups_of = {
-            stream: [group_name(b.id)]
-            for b in self.settings.bots
-            for stream in declared_streams(b, router, keys)
-        }
+        groups_of: dict[str, list[str]] = {}
+        for bot in self.settings.bots:
+            for stream in declared_streams(bot, router, keys):
+                groups_of.setdefault(stream, []).append(group_name(bot.id))
         done = await restore(
             self._admin,
             store,
@@ -285,14 +318,17 @@ class Manager:
             hot_window_ms=int(self.settings.archive.hot_window * 1000),
             now_ms=int(time.time() * 1000),
         )
-        if done and self._bus is not None:
-            await self._bus.publish(
+        if done and self._system_bus is not None:
+            await self._system_bus.publish(
                 EventType.REDIS_RESTORED,
                 {
                     "streams": {keys.stream_name(s): n for s, n in done.events.items()},
                     "positions": {keys.stream_name(s): p for s, p in done.positions.items()},
-                    "note": "events that reached Redis after these positions but were not "
-                    "archived before the loss are gone",
+                    "groups": {keys.stream_name(s): g for s, g in done.groups.items()},
+                    "note": "each group resumes after its recorded position ("
+                    + done.describe_groups(keys.stream_name)
+                    + "); events that reached Redis after the last archived entry but were "
+                    "not archived before the loss are gone",
                 },
             )
 
@@ -423,6 +459,8 @@ class Manager:
             await self._prepare_bots(settings.bots)
             assert self._coordinator is not None
             self._coordinator.configure(settings.bots)
+            if self._trimmer is not None:
+                self._trimmer.removed.configure(b.id for b in settings.bots)
             self.settings = self.settings.model_copy(update={"bots": settings.bots})
             added, removed, changed = await self._supervisor.apply(settings.bots)
         finally:
@@ -452,6 +490,7 @@ class Manager:
                 "api": self._api.url if self._api else None,
             },
             "memory": coordinator.get("memory", {}),
+            "redis_memory": coordinator.get("redis_memory"),
             "archive": self._archiver.status() if self._archiver else None,
             "bots": self._supervisor.status() if self._supervisor else [],
             "groups": coordinator.get("groups", []),

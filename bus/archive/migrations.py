@@ -98,10 +98,26 @@ _V2 = """
 ALTER TABLE dead_letters ADD COLUMN raw jsonb;
 """
 
+_V3 = """
+-- What each consumer group has acked, per stream NAME: every entry at or below
+-- (acked_ms, acked_seq) is acked by group_name. Recorded by the manager and only ever moved
+-- forward (bus.archive.group_positions); read by the restore after Redis lost data.
+-- updated_at: when the position last moved.
+CREATE TABLE group_positions (
+    stream     text        NOT NULL,
+    group_name text        NOT NULL,
+    acked_ms   bigint      NOT NULL,
+    acked_seq  bigint      NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, group_name)
+);
+"""
+
 #: Every migration, in version order. Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events by day, dead letters, subscriptions, archive state", _V1),
     Migration(2, "dead letters keep the raw bytes of entries that were not UTF-8", _V2),
+    Migration(3, "each consumer group's acked position per stream", _V3),
 )
 #: The newest schema version this code knows.
 LATEST_VERSION = MIGRATIONS[-1].version

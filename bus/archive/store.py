@@ -20,6 +20,7 @@ import structlog
 
 from bus.archive import partitions
 from bus.archive.errors import ArchiveDataError, describe_dsn, unavailable_on_failure
+from bus.archive.group_positions import GroupPositions
 from bus.archive.migrations import migrate
 from bus.archive.queries import ENTRY_ORDER, TIME_ORDER, EventSelect
 from bus.archive.rows import (
@@ -300,6 +301,11 @@ class ArchiveStore:
         async with self._connection() as conn:
             rows = await conn.fetch(_POSITIONS)
         return {self._keys.stream(row["stream"]): str(row["last_entry_id"]) for row in rows}
+
+    @property
+    def group_positions(self) -> GroupPositions:
+        """Each consumer group's acked position per stream (see bus.archive.group_positions)."""
+        return GroupPositions(self.connection, self._keys)
 
     async def upsert_subscriptions(
         self, subscriber: str, subscriptions: Iterable[tuple[str, Mapping[str, Any] | None]]

@@ -14,9 +14,10 @@ from redis.asyncio import Redis
 from bus import BusClient, BusSettings, EventType
 from bus.archive.errors import ArchiveError
 from bus.archive.store import ArchiveStore
-from bus.keys import Keys
+from bus.keys import Keys, group_name
 from manager.postgres_server import PostgresServer
 from manager.redis_server import RedisServer
+from manager.trimmer import parse_id
 from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import FAST, ManagerProcess, bot_toml, events
 from tests.support import wait_until
@@ -32,8 +33,9 @@ class TestRedisLoss:
         postgres_server: PostgresServer,
         keys: Keys,
     ) -> None:
-        """Redis restarts empty: groups restart after the archived events, the hot window
-        is written back, system.redis.restored says so, and bots go on with new events."""
+        """Redis restarts empty: each group restarts after its recorded position, the hot
+        window is written back, system.redis.restored says so, and bots go on with new
+        events."""
         manager = await manager_factory(
             bot_toml(
                 "recorder",
@@ -57,6 +59,16 @@ class TestRedisLoss:
                 return all([await store.get(i) for i in before])
 
             await wait_until(archived, 20, "the first events archived")
+            last = await store.get(before[-1])
+            assert last is not None
+            assert last.entry_id is not None
+            acked = (keys.stream("bot"), group_name("recorder"))
+
+            async def position_recorded() -> bool:
+                recorded = await store.group_positions.load()
+                return recorded.get(acked) == parse_id(str(last.entry_id))
+
+            await wait_until(position_recorded, 20, "the bot's position recorded")
         # Redis loses everything: killed, its AOF gone, started again empty.
         await redis_server.kill()
         shutil.rmtree(redis_server.data_dir / "appendonlydir", ignore_errors=True)
@@ -70,6 +82,7 @@ class TestRedisLoss:
             await wait_until(restored, 30, "system.redis.restored")
             note = (await events(redis, keys, EventType.REDIS_RESTORED))[0].data
             assert note["streams"]["bot"] >= 5
+            assert f"{group_name('recorder')} after {last.entry_id}" in note["note"]
             replayed = [e.id async for e in _replay(redis_server.url)]
             assert set(before) <= set(replayed)  # the hot window is back in the stream
             async with BusClient("tester", settings=BusSettings(redis_url=redis_server.url)) as bus:

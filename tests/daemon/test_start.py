@@ -79,7 +79,14 @@ class TestDefaults:
             url = f"unix://:{password}@{data / 'redis' / 'redis.sock'}?db=0"
             async with Redis.from_url(url, decode_responses=True) as redis:
                 shutdowns = await events(redis, Keys(), EventType.SYSTEM_SHUTDOWN)
+                limits: Any = await redis.config_get("maxmemory*")
             assert len(shutdowns) == 1  # published by the first run
+            # Bounded and never evicting: half the default 2 GiB budget.
+            assert limits["maxmemory"] == str(1024**3)
+            assert limits["maxmemory-policy"] == "noeviction"
+            redis_memory = (await manager.status())["redis_memory"]
+            assert redis_memory["maxmemory"] == 1024**3
+            assert redis_memory["backpressure"] is False
             assert await manager.terminate() == 0
         finally:
             await manager.kill()
