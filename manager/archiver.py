@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -28,9 +29,17 @@ from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
 from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
-from manager.archive_batch import Batch, Entries, Reject, decode_batch
+from manager.archive_batch import (
+    Batch,
+    Entries,
+    Reject,
+    decode_batch,
+    refusal,
+    set_aside_too_old,
+)
 from manager.config import ArchiveSettings
 from manager.lag import stream_keys
+from manager.retention import cutoff_day
 
 log = structlog.get_logger("manager.archiver")
 StoreFactory = Callable[[], Awaitable[ArchiveStore]]
@@ -74,9 +83,11 @@ class Archiver:
         #: What went wrong last, while unhealthy.
         self.last_error: str | None = None
         #: Events and dead letters stored, batches committed, entries dead-lettered because
-        #: they are not events (skipped) or PostgreSQL refused their data (unarchivable).
+        #: they are not events (skipped) or the archive refused them (unarchivable: their
+        #: data, or a timestamp older than retention_days, which too_old counts again).
         self.stats: dict[str, int] = {
-            "archived": 0, "dead_letters": 0, "batches": 0, "skipped": 0, "unarchivable": 0
+            "archived": 0, "dead_letters": 0, "batches": 0, "skipped": 0, "unarchivable": 0,
+            "too_old": 0,
         }  # fmt: skip
 
     async def run(self) -> None:
@@ -183,7 +194,8 @@ class Archiver:
 
     async def _archive(self, batch: Batch) -> None:
         """Store one batch (retrying while PostgreSQL cannot take it), dead-letter what is
-        not an event or what PostgreSQL refused as data, then ack all that landed."""
+        not an event, older than retention keeps, or what PostgreSQL refused as data, then
+        ack all that landed."""
         await self._settle_unsettled()
         if batch.size:
             await self._store_until_done(batch)
@@ -224,28 +236,33 @@ class Archiver:
     async def _store(self, store: ArchiveStore, batch: Batch) -> None:
         """Insert a batch; if PostgreSQL refuses its data (SQLSTATE class 22 or 23, never a
         server problem), insert one by one: each event it refuses becomes a reject (dead-
-        lettered as unarchivable), so one bad entry cannot hold the archive for ever."""
+        lettered as unarchivable), so one bad entry cannot hold the archive for ever.
+        An event older than retention keeps (judged at each attempt: an outage may last
+        past midnight) is set aside first, to be dead-lettered too."""
+        retention = self._settings.retention_days
+        set_aside_too_old(batch, cutoff_day(datetime.now(UTC).date(), retention), retention)
         if batch.records:
             refused = await self._insert("archived", batch.records, store.insert_records)
-            sources = [batch.sources[i] for i, _ in refused]
             batch.rejects.extend(
-                Reject(source, DeadLetterReason.UNARCHIVABLE, error)
-                for source, (_, error) in zip(sources, refused, strict=True)
+                Reject(
+                    batch.sources[i], DeadLetterReason.UNARCHIVABLE, refusal(batch.records[i], exc)
+                )
+                for i, exc in refused
             )
             batch.records, batch.sources = [], []  # stored: a retry must not store them again
         if batch.letters:
-            for index, error in await self._insert(
+            for index, exc in await self._insert(
                 "dead_letters", batch.letters, store.insert_dead_letters
             ):
                 self.stats["unarchivable"] += 1
                 letter = batch.letters[index]
                 log.error("a dead letter PostgreSQL will not take: it stays in the dead-letter "
-                          "stream only", dlq_id=letter.id, error=error)  # fmt: skip
+                          "stream only", dlq_id=letter.id, error=str(exc))  # fmt: skip
             batch.letters = []
 
     async def _insert(
         self, kind: str, items: Sequence[Any], insert: Callable[[list[Any]], Awaitable[int]]
-    ) -> list[tuple[int, str]]:
+    ) -> list[tuple[int, ArchiveDataError]]:
         """Insert all, else one by one; return the index and error of each item refused as
         data. Anything but a data error (the server's trouble) raises: the batch waits."""
         try:
@@ -258,12 +275,12 @@ class Archiver:
             raise
         except Exception as exc:  # not classified: keep the events, try again later
             raise ArchiveUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        refused: list[tuple[int, str]] = []
+        refused: list[tuple[int, ArchiveDataError]] = []
         for index, item in enumerate(items):
             try:
                 inserted = await insert([item])
             except ArchiveDataError as exc:
-                refused.append((index, str(exc)))
+                refused.append((index, exc))
                 continue
             except ArchiveError:
                 raise
@@ -280,6 +297,8 @@ class Archiver:
             if await self._dead_letter(reject):
                 key = "skipped" if reject.reason is DeadLetterReason.MALFORMED else "unarchivable"
                 self.stats[key] += 1
+                if reject.too_old:
+                    self.stats["too_old"] += 1
             else:
                 refused.append(reject)
         self._unsettled.extend(refused)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
@@ -21,11 +21,11 @@ from bus.conditions import Where
 from bus.errors import SubscriptionError
 from bus.event import Event
 from bus.patterns import Pattern
-from manager.cli_events import duration_ago, event_json
+from manager.cli_events import TimeRangeError, duration_ago, event_json, utc_moment
 from manager.config import ConfigError, config_path, load_config
 from manager.control import ControlError, call, control_path
 from manager.demo import describe
-from manager.trace_tree import chain_tree, walk
+from manager.trace_tree import chain_tree
 
 
 def _moment(value: str | None, hint: str) -> datetime | None:
@@ -33,17 +33,18 @@ def _moment(value: str | None, hint: str) -> datetime | None:
     if value is None:
         return None
     text = value.strip()
-    if (ago := duration_ago(text)) is not None:
-        return ago
     try:
-        moment = datetime.fromisoformat(text)
+        return duration_ago(text) or utc_moment(datetime.fromisoformat(text))
+    except TimeRangeError as exc:
+        raise click.BadParameter(
+            f"{exc}: leave the option out for no bound", param_hint=hint
+        ) from None
     except ValueError:
         raise click.BadParameter(
             f"{value!r}: use a time (2026-11-26T22:40:00Z; UTC when no offset) or a duration "
             "back from now (30s, 10m, 2h, 7d)",
             param_hint=hint,
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _dsn(given: str | None) -> str:
@@ -139,26 +140,43 @@ async def _trace(dsn: str, correlation_id: str) -> list[Event]:
         return await store.trace(correlation_id)
 
 
+#: Tree levels the text of ``events trace`` indents; deeper lines say their depth instead.
+_MAX_INDENT = 20
+
+
+def _branch(depth: int) -> str:
+    """The indentation of a line ``depth`` hops below its root."""
+    if depth <= _MAX_INDENT:
+        return "  " * depth + ("└─ " if depth else "")
+    return "  " * _MAX_INDENT + f"└─[{depth}] "
+
+
 @click.command()
 @click.argument("correlation_id")
-@click.option("--json", "as_json", is_flag=True, help="The chain as one JSON tree.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON line per event, depth-first, with parent_id and depth.",
+)
 @_dsn_option
 def trace(correlation_id: str, as_json: bool, postgres_dsn: str | None) -> None:
-    """A correlation chain from the archive, as a tree by causation."""
+    """A correlation chain from the archive, as a tree by causation.
+
+    Each event is printed under the event that caused it, depth-first; past 20 levels the
+    indentation stops growing and each line shows its depth as [N]. With --json each event
+    is one JSON line with ``parent_id`` (its cause in the tree, null for a root) and
+    ``depth``, in the same order: no nesting, so any depth prints.
+    """
     try:
         chain = uvloop.run(_trace(_dsn(postgres_dsn), correlation_id))
     except ArchiveError as exc:
         raise click.ClickException(str(exc)) from None
     if not chain:
         raise click.ClickException(f"no archived event has correlation id {correlation_id}")
-    tree = chain_tree(chain)
-    if as_json:
-
-        def as_json_node(node: dict[str, Any]) -> dict[str, Any]:
-            return {**event_json(node["event"]), "caused": list(map(as_json_node, node["caused"]))}
-
-        roots = [as_json_node(root) for root in tree]
-        click.echo(orjson.dumps(roots[0] if len(roots) == 1 else roots).decode())
-        return
-    for depth, event in walk(tree):
-        click.echo("  " * depth + ("└─ " if depth else "") + describe(event))
+    for node in chain_tree(chain):
+        if as_json:
+            line = {**event_json(node.event), "parent_id": node.parent_id, "depth": node.depth}
+            click.echo(orjson.dumps(line).decode())
+        else:
+            click.echo(_branch(node.depth) + describe(node.event))

@@ -33,12 +33,17 @@ from manager.cli_common import (
     open_redis,
     run,
 )
+from manager.errors import ManagerError
 
 log = structlog.get_logger("manager.cli")
 
 _STREAM_ID_RE = re.compile(r"^\d+(-\d+)?$")
 _DURATION_RE = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The longest duration back from now a ``since`` takes, in days (about a hundred years).
+MAX_AGO_DAYS = 36_500
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_ID_PART = 2**64 - 1  # either part of a Redis stream entry id
 #: Which option or argument each field of an EventValidationError comes from.
 _PARAM_OF_FIELD = {"type": "'TYPE'", "data": "'--data'", "key": "'--key'", "source": "'--source'"}
 
@@ -124,11 +129,43 @@ async def _publish(  # noqa: PLR0917 - the command's options, passed straight th
 # -- tail ----------------------------------------------------------------------------------
 
 
+class TimeRangeError(ManagerError, ValueError):
+    """A time or a duration back from now outside the range a ``since`` or ``until``
+    takes; the message says the range, the caller adds what to give instead."""
+
+
 def duration_ago(text: str) -> datetime | None:
-    """``30s``, ``10m``, ``2h``, ``1d`` back from now; None if ``text`` is not a duration."""
-    if duration := _DURATION_RE.match(text):
-        return datetime.now(UTC) - timedelta(**{_UNITS[duration[2]]: int(duration[1])})
-    return None
+    """``30s``, ``10m``, ``2h``, ``1d`` back from now; None if ``text`` is not a duration.
+
+    :class:`TimeRangeError` for a duration longer than :data:`MAX_AGO_DAYS` days.
+    """
+    duration = _DURATION_RE.match(text)
+    if duration is None:
+        return None
+    digits = duration[1].lstrip("0") or "0"
+    limit = MAX_AGO_DAYS * _UNIT_SECONDS["d"]
+    unit = _UNIT_SECONDS[duration[2]]
+    # Compared before int(): a digit string of any length must not become a huge number.
+    if len(digits) > len(str(limit)) or int(digits) * unit > limit:
+        raise TimeRangeError(
+            f"{text!r} is out of range: a duration back from now is at most "
+            f"{MAX_AGO_DAYS}d (about 100 years; {limit // unit}{duration[2]})"
+        )
+    return datetime.now(UTC) - timedelta(seconds=int(digits) * unit)
+
+
+def utc_moment(moment: datetime) -> datetime:
+    """``moment`` in UTC (naive taken as UTC); :class:`TimeRangeError` when it falls
+    outside the years 1 to 9999 there (``0001-01-01T00:00:00+05:00``)."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise TimeRangeError(
+            f"{moment.isoformat()} is out of range: a time is between 0001-01-01 and "
+            "9999-12-31 in UTC"
+        ) from None
 
 
 def _since_id(value: str) -> str | None:
@@ -137,18 +174,28 @@ def _since_id(value: str) -> str | None:
     if text == "now":
         return None
     if _STREAM_ID_RE.match(text):
+        parts = [part.lstrip("0") or "0" for part in text.split("-")]
+        if any(len(part) > len(str(_MAX_ID_PART)) or int(part) > _MAX_ID_PART for part in parts):
+            raise click.BadParameter(
+                f"{value!r} is out of range: both parts of a stream entry id are at most "
+                f"{_MAX_ID_PART} (64 bits); give 0 for everything still in Redis",
+                param_hint="'--since'",
+            )
         return text
-    if (ago := duration_ago(text)) is not None:
-        return stream_id_at(ago, "-")
     try:
-        moment = datetime.fromisoformat(text)
+        moment = duration_ago(text) or utc_moment(datetime.fromisoformat(text))
+    except TimeRangeError as exc:
+        raise click.BadParameter(
+            f"{exc}: give 0 for everything still in Redis", param_hint="'--since'"
+        ) from None
     except ValueError:
         raise click.BadParameter(
             f"{value!r}: use 'now', a stream entry id (1700000000000-0, or 0 for everything), "
             "a time (2026-11-26T22:40:00Z; UTC when no offset) or a duration (30s, 10m, 2h, 1d)",
             param_hint="'--since'",
         ) from None
-    return stream_id_at(moment if moment.tzinfo else moment.replace(tzinfo=UTC), "-")
+    # Stream ids start at 1970: any time before that means everything still in Redis.
+    return "0" if moment < _EPOCH else stream_id_at(moment, "-")
 
 
 def _pattern(ctx: click.Context, param: click.Parameter, value: str) -> Pattern:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
@@ -26,7 +26,7 @@ from manager.api.models import (
     TraceNode,
 )
 from manager.api.security import Publisher, Reader
-from manager.cli_events import duration_ago
+from manager.cli_events import TimeRangeError, duration_ago, utc_moment
 from manager.trace_tree import chain_tree
 
 router = APIRouter(tags=["events"])
@@ -130,19 +130,30 @@ def _out(event: Event, keys: Keys) -> EventOut:
 
 
 def _moment(value: str | None, name: str) -> datetime | None:
+    """A ``since``/``until``: a time (naive is UTC) or a duration back from now; 422
+    saying the accepted forms and ranges otherwise."""
     if value is None:
         return None
-    if (ago := duration_ago(value)) is not None:
-        return ago
     try:
-        moment = datetime.fromisoformat(value)
+        return duration_ago(value) or utc_moment(datetime.fromisoformat(value))
+    except TimeRangeError as exc:
+        raise HTTPException(422, f"{name}: {exc}; leave {name} out for no bound") from None
     except ValueError:
         raise HTTPException(
             422,
             f"{name}={value!r} is neither a time (2026-11-27T10:00:00Z) nor a duration "
             "back from now (30s, 10m, 2h, 1d)",
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _check_id(value: str, name: str) -> None:
+    """422 for an id PostgreSQL cannot hold as text (it would refuse the query)."""
+    if "\x00" in value:
+        raise HTTPException(
+            422,
+            f"{name} contains a NUL character, which no archived id has: pass the id as "
+            "the API or the bus gave it",
+        )
 
 
 @router.get(
@@ -196,6 +207,7 @@ async def query(
     "/v1/events/{event_id}", response_model=EventOut, responses=ERRORS, summary="One archived event"
 )
 async def get_event(request: Request, _: Reader, event_id: str) -> EventOut:
+    _check_id(event_id, "the event id")
     store = await _archive(request)
     event = await store.get(event_id)
     if event is None:
@@ -211,18 +223,19 @@ async def get_event(request: Request, _: Reader, event_id: str) -> EventOut:
     "/v1/traces/{correlation_id}",
     response_model=Trace,
     responses=ERRORS,
-    summary="A correlation chain as a tree by causation",
+    summary="A correlation chain as a tree by causation, depth-first with parent ids",
 )
 async def trace(request: Request, _: Reader, correlation_id: str) -> Trace:
+    """Every event of the chain once, depth-first, each with ``parent_id`` and ``depth``:
+    flat, so a chain of any depth is answered."""
+    _check_id(correlation_id, "the correlation id")
     store = await _archive(request)
     chain = await store.trace(correlation_id)
     if not chain:
         raise HTTPException(404, f"no archived event has correlation id {correlation_id!r}")
     keys = view_of(request).bus.keys
-
-    def node(tree: dict[str, Any]) -> TraceNode:
-        out = _out(tree["event"], keys)
-        return TraceNode(**out.model_dump(), caused=[node(c) for c in tree["caused"]])
-
-    roots = [node(root) for root in chain_tree(chain)]
-    return Trace(correlation_id=correlation_id, events=len(chain), roots=roots)
+    nodes = [
+        TraceNode(**_out(node.event, keys).model_dump(), parent_id=node.parent_id, depth=node.depth)
+        for node in chain_tree(chain)
+    ]
+    return Trace(correlation_id=correlation_id, events=len(nodes), nodes=nodes)

@@ -81,13 +81,23 @@ class EventPage(BaseModel):
 
 
 class TraceNode(EventOut):
-    caused: list[TraceNode] = Field(default_factory=list)
+    """An event of the chain, placed in the tree by causation."""
+
+    parent_id: str | None = Field(
+        description="the event it hangs under (its cause); null for a root: an event whose "
+        "cause is not in the chain"
+    )
+    depth: int = Field(ge=0, description="hops from its root, 0 for a root")
 
 
 class Trace(BaseModel):
+    """A correlation chain as a tree by causation, given flat so that any depth fits: the
+    nodes come depth-first (each root, then what it caused, children by time), so a node's
+    parent comes before it; indent by ``depth``, or rebuild the tree from ``parent_id``."""
+
     correlation_id: str
-    events: int
-    roots: list[TraceNode]
+    events: int = Field(description="events in the chain (the length of nodes)")
+    nodes: list[TraceNode]
 
 
 class StreamOut(BaseModel):

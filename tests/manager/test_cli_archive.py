@@ -36,6 +36,18 @@ async def _chain(store: ArchiveStore) -> tuple[Event, Event, Event]:
     return root, child, grandchild
 
 
+async def deep_chain(store: ArchiveStore, hops: int) -> list[Event]:
+    """A chain ``hops`` events long, each caused by the one before (a bot answering itself),
+    one millisecond apart, archived; the events in causation order."""
+    start = datetime.now(UTC) - timedelta(minutes=5)
+    chain = [Event("bot.loop.step", {"n": 0}, "looper", timestamp=start)]
+    for n in range(1, hops):
+        step = chain[-1].caused("bot.loop.step", {"n": n}, "looper")
+        chain.append(replace(step, timestamp=start + timedelta(milliseconds=n)))
+    await store.insert_events([_at(e, n) for n, e in enumerate(chain)])
+    return chain
+
+
 async def run(*args: str, dsn: str) -> tuple[int, str, str]:
     """The CLI in a thread (it runs its own event loop); (exit code, stdout, stderr)."""
     argv = ["events", *args, "--postgres-dsn", dsn]
@@ -60,10 +72,36 @@ class TestTrace:
         assert lines[2].startswith("    └─ ")
         assert "multibot.user.handover" in lines[2]
         code, out, _ = await run("trace", root.id, "--json", dsn=postgres_server.dsn)
-        tree = json.loads(out)
-        assert tree["id"] == root.id
-        assert tree["caused"][0]["id"] == child.id
-        assert tree["caused"][0]["caused"][0]["id"] == grandchild.id
+        assert code == 0
+        nodes = [json.loads(line) for line in out.splitlines()]
+        assert [(n["id"], n["parent_id"], n["depth"]) for n in nodes] == [
+            (root.id, None, 0),
+            (child.id, root.id, 1),
+            (grandchild.id, child.id, 2),
+        ]
+
+    async def test_a_chain_deeper_than_json_nests_prints_in_both_forms(
+        self, store: ArchiveStore, postgres_server: PostgresServer
+    ) -> None:
+        """A chain 600 hops deep (recursion and JSON nesting both gave out before) prints
+        every hop: the text indents at most 20 levels, then shows each depth; --json gives
+        one line per event with its parent and depth."""
+        chain = await deep_chain(store, 600)
+        code, out, err = await run("trace", chain[0].id, dsn=postgres_server.dsn)
+        assert code == 0, err
+        lines = out.splitlines()
+        assert len(lines) == 600
+        assert all(f"n={n}" in line for n, line in enumerate(lines))
+        assert max(len(line) - len(line.lstrip(" ")) for line in lines) == 40
+        assert lines[20].startswith(" " * 40 + "└─ ")
+        assert lines[21].startswith(" " * 40 + "└─[21] ")
+        assert lines[599].startswith(" " * 40 + "└─[599] ")
+        code, out, err = await run("trace", chain[0].id, "--json", dsn=postgres_server.dsn)
+        assert code == 0, err
+        nodes = [json.loads(line) for line in out.splitlines()]
+        assert [(n["id"], n["parent_id"], n["depth"]) for n in nodes] == [
+            (e.id, chain[n - 1].id if n else None, n) for n, e in enumerate(chain)
+        ]
 
     async def test_unknown_chain_is_an_error(
         self, store: ArchiveStore, postgres_server: PostgresServer
@@ -111,3 +149,23 @@ class TestQuery:
         for args in (("--type", "user..x"), ("--where", "{oops"), ("--since", "yesterday")):
             code, _, err = await run("query", *args, dsn=postgres_server.dsn)
             assert code == 2, (args, err)
+
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [
+            ("--since", "99999999999d"),
+            ("--since", "36501d"),
+            ("--until", "9" * 5000 + "s"),
+            ("--since", "0001-01-01T00:00:00+05:00"),
+            ("--until", "9999-12-31T23:59:59-05:00"),
+        ],
+    )
+    async def test_time_out_of_range_is_a_usage_error(
+        self, postgres_server: PostgresServer, option: str, value: str
+    ) -> None:
+        """A duration or time past what a date holds: exit 2 saying the range, no traceback."""
+        code, _, err = await run("query", option, value, dsn=postgres_server.dsn)
+        assert code == 2, err
+        assert "out of range" in err
+        assert "leave the option out" in err
+        assert "Traceback" not in err
