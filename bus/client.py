@@ -319,6 +319,7 @@ class BusClient:
             fence=self._fence,
             allowed=self._allowed,
             metrics=self.metrics,
+            max_data_bytes=self.settings.max_event_bytes,
         )
         try:
             await self._consumer.run()

@@ -72,8 +72,10 @@ class Consumer:
         allowed: Allowed | None = None,
         metrics: BusMetrics | None = None,
         fence: Fence | None = None,
+        max_data_bytes: int | None = None,
     ) -> None:
         self._allowed = allowed
+        self._max_data_bytes = max_data_bytes
         self.group = group_name(bot_id)
         meter = (metrics or BusMetrics()).group(self.group)
         self.name = consumer_name(bot_id, instance)
@@ -326,7 +328,7 @@ class Consumer:
                 self._ack(stream, entry_id)
                 return
         try:
-            event = decode(fields, stream, entry_id)
+            event = decode(fields, stream, entry_id, max_data_bytes=self._max_data_bytes)
         except WireFormatError as exc:
             delivery = self._track(stream, entry_id, fields, None, 1)
             self._put(None, delivery, f"{DeadLetterReason.MALFORMED}:{exc.reason}")

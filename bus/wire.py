@@ -111,12 +111,23 @@ def _check_text(fields: Mapping[str, str]) -> None:
             )
 
 
-def decode(fields: Mapping[str, str], stream: str, entry_id: str) -> Event:
+def data_too_long(raw_data: str, limit: int) -> bool:
+    """Whether ``raw_data`` takes more than ``limit`` bytes in UTF-8 (cheap for short ones)."""
+    return len(raw_data) > limit or (
+        len(raw_data) * 4 > limit and len(raw_data.encode("utf-8", "surrogateescape")) > limit
+    )
+
+
+def decode(
+    fields: Mapping[str, str], stream: str, entry_id: str, *, max_data_bytes: int | None = None
+) -> Event:
     """Decode a stream entry; raise :class:`WireFormatError` saying what is wrong.
 
-    ``type``, ``source`` and ``data`` are required. ``id`` defaults to a UUID derived from
-    the stream and entry id (the same for every reader); ``timestamp`` defaults to the
-    entry id's time; unknown fields are ignored so newer producers can add some.
+    ``type``, ``source`` and ``data`` are required; with ``max_data_bytes``, a ``data``
+    longer than that (in UTF-8) is refused too, as publishers refuse it. ``id`` defaults
+    to a UUID derived from the stream and entry id (the same for every reader);
+    ``timestamp`` defaults to the entry id's time; unknown fields are ignored so newer
+    producers can add some.
     """
     wire = fields.get("wire", "1")
     if wire != "1":
@@ -134,6 +145,13 @@ def decode(fields: Mapping[str, str], stream: str, entry_id: str) -> Event:
     raw_data = fields.get("data")
     if raw_data is None:
         raise WireFormatError("field 'data' is missing")
+    if max_data_bytes is not None and data_too_long(raw_data, max_data_bytes):
+        size = len(raw_data.encode("utf-8", "surrogateescape"))
+        raise WireFormatError(
+            f"field 'data' is {size} bytes, over the limit of {max_data_bytes} "
+            "(max_event_bytes): publish a reference to large payloads instead, or raise "
+            "max_event_bytes and retry this dead letter"
+        )
     try:
         data = orjson.loads(raw_data)
     except orjson.JSONDecodeError as exc:

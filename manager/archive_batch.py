@@ -74,9 +74,10 @@ class Batch:
         return len(self.records) + len(self.letters)
 
 
-def decode_batch(entries: Entries, keys: Keys) -> Batch:
+def decode_batch(entries: Entries, keys: Keys, max_data_bytes: int | None = None) -> Batch:
     """Rows for the events (our publisher's entries straight from their fields, others
-    through the wire decoder), the dead letters, and the entries that are not events."""
+    through the wire decoder), the dead letters, and the entries that are not events
+    (``data`` over ``max_data_bytes`` among them, as consumers refuse it)."""
     batch = Batch(entries)
     dlq = keys.dead_letters()
     for stream, rows in entries:
@@ -88,10 +89,13 @@ def decode_batch(entries: Entries, keys: Keys) -> Batch:
             if not fields:
                 continue  # deleted while pending
             source = Source(stream, entry_id, fields)
-            record = entry_record(name, entry_id, fields)
+            record = entry_record(name, entry_id, fields, max_data_bytes)
             if record is None:
                 try:
-                    record = event_record(decode(source.as_dict(), stream, entry_id), name)
+                    event = decode(
+                        source.as_dict(), stream, entry_id, max_data_bytes=max_data_bytes
+                    )
+                    record = event_record(event, name)
                 except (WireFormatError, ValueError) as exc:
                     if _retried_for_another_group(source):
                         continue  # its first delivery was dead-lettered by the archiver too

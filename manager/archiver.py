@@ -60,8 +60,10 @@ class Archiver:
         store: StoreFactory,
         *,
         announce: Callable[[str, dict[str, Any]], None] | None = None,
+        max_data_bytes: int | None = None,
     ) -> None:
         self._announce = announce
+        self._max_data_bytes = max_data_bytes
         self._redis = redis
         # XREADGROUP replies as they come (no dict per entry): the fields go straight into
         # rows. A client of its own, on the same pool, so no one else's replies change.
@@ -125,7 +127,7 @@ class Archiver:
                 await self._discover()
                 entries = await self._read()
                 if entries:
-                    await batches.put(decode_batch(entries, self._keys))
+                    await batches.put(decode_batch(entries, self._keys, self._max_data_bytes))
 
     async def _write_loop(self, batches: asyncio.Queue[Batch]) -> None:
         while True:
@@ -190,7 +192,7 @@ class Archiver:
         while after and (entries := await self._read(after)):
             raise_swallowed_cancel()
             after = {stream: rows[-1][0] for stream, rows in entries}
-            await self._archive(decode_batch(entries, self._keys))
+            await self._archive(decode_batch(entries, self._keys, self._max_data_bytes))
 
     async def _archive(self, batch: Batch) -> None:
         """Store one batch (retrying while PostgreSQL cannot take it), dead-letter what is

@@ -180,6 +180,7 @@ class Manager:
             self.settings.archive,
             archive.get,
             announce=announcer.announce,
+            max_data_bytes=bus_settings.max_event_bytes,
         )
         trimmer, pressure = self._memory_keepers(coordinator, announcer)
         try:

@@ -20,7 +20,7 @@ from bus.archive.errors import CursorError
 from bus.dlq import DeadLetter
 from bus.event import TYPE_RE, Event
 from bus.keys import Keys
-from bus.wire import FIELDS, encode_data, is_text
+from bus.wire import FIELDS, data_too_long, encode_data, is_text
 
 log = structlog.get_logger("bus.archive")
 
@@ -127,7 +127,9 @@ def event_record(event: Event, stream_name: str) -> tuple[Any, ...]:
     )
 
 
-def entry_record(stream_name: str, entry_id: str, fields: list[str]) -> tuple[Any, ...] | None:
+def entry_record(
+    stream_name: str, entry_id: str, fields: list[str], max_data_bytes: int | None = None
+) -> tuple[Any, ...] | None:
     """The row of a stream entry written by our publisher, straight from its flat
     ``[name, value, ...]`` fields: no :class:`Event` is built and ``data`` is stored as
     sent (jsonb normalises it). This is the archiver's fast path; it returns None for any
@@ -147,6 +149,7 @@ def entry_record(stream_name: str, entry_id: str, fields: list[str]) -> tuple[An
         or _NUL in (text := id_ + source + correlation + causation + key)
         or not is_text(text)
         or "\\u0000" in data
+        or (max_data_bytes is not None and data_too_long(data, max_data_bytes))
     ):
         return None
     try:

@@ -146,6 +146,27 @@ class TestMalformed:
         assert "'type' is missing" in letters[1].error
         assert letters[1].fields == {"hello": "world"}
 
+    async def test_data_over_max_event_bytes_is_dead_lettered_not_handled(
+        self, bus_factory: BusFactory
+    ) -> None:
+        """A data field over max_event_bytes, written past the publisher (a raw XADD), is
+        dead-lettered as malformed saying its size and the limit; the handler never gets it
+        and the next event is handled."""
+        client, attempts = await failing_bot(bus_factory, "a", fail_on=set())
+        stream = client.keys.stream("user")
+        huge = '{"n": 1, "pad": "' + "x" * (client.settings.max_event_bytes + 1) + '"}'
+        async with running(client):
+            await client.redis.xadd(stream, {"type": "user.x.y", "source": "cli", "data": huge})
+            await client.redis.xadd(
+                stream, {"type": "user.x.y", "source": "cli", "data": '{"n":5}'}
+            )
+            await wait_until(lambda: client.stats()["counters"].get("acked") == 2)
+        assert [n for n, _ in attempts] == [5]
+        (letter,) = await client.dlq.list()
+        assert letter.reason == "malformed"
+        assert f"over the limit of {client.settings.max_event_bytes}" in letter.error
+        assert letter.fields["data"] == huge  # kept whole: nothing is lost
+
     async def test_bytes_that_are_not_utf8_are_dead_lettered_with_their_raw_bytes(
         self, bus_factory: BusFactory, redis_url: str
     ) -> None:

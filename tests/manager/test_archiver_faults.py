@@ -21,6 +21,8 @@ from bus.archive import ArchiveStore
 from bus.dlq import DeadLetters
 from bus.keys import ARCHIVER_GROUP
 from manager.archive_link import ArchiveLink
+from manager.archiver import Archiver
+from manager.config import ArchiveSettings
 from manager.postgres_server import PostgresServer
 from manager.redis_server import RedisServer
 from tests.conftest import BusFactory
@@ -102,6 +104,37 @@ class TestHostileBytes:
         assert letter.entry_id == hostile_id and letter.raw_entry() == hostile
         info: Any = await admin.xinfo_stream(KEYS.stream("user"))  # it raised on the bytes
         assert info["length"] >= 1
+
+    async def test_data_over_max_event_bytes_is_dead_lettered_like_consumers_do(
+        self,
+        admin: Redis,
+        link: ArchiveLink,
+        bus_factory: BusFactory,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """A data field over max_event_bytes (a raw XADD, or a producer in another language)
+        is not stored: the archiver dead-letters it as malformed, as every bot's consumer
+        does, and the events around it are stored."""
+        producer = await bus_factory("producer")
+        good = await publish(producer, 3)
+        limit = producer.settings.max_event_bytes
+        huge = '{"pad": "' + "x" * limit + '"}'
+        fields = {"type": "user.note.added", "source": "cli", "data": huge}
+        hostile_id = await admin.xadd(KEYS.stream("user"), fields)  # type: ignore[arg-type]
+        good += await publish(producer, 3, start=3)
+        archiver = Archiver(admin, KEYS, ArchiveSettings(), link.get, max_data_bytes=limit)
+        archive = await link.get()
+        async with archiving(archiver) as task:
+            await wait_until(lambda: archived(archive, len(good), running(task)), what="events")
+            await wait_until(lambda: caught_up(admin), what="every entry acked")
+        assert await id_counts(postgres_server.dsn) == {e.id: 1 for e in good}
+        (letter,) = await DeadLetters(admin, KEYS).list()
+        assert (letter.reason, letter.group, letter.entry_id) == (
+            "malformed",
+            "archiver",
+            hostile_id,
+        )
+        assert f"over the limit of {limit}" in letter.error
 
 
 #: SQLSTATEs of the server's trouble, not the row's: each must hold the batch in Redis.
