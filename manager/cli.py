@@ -11,6 +11,7 @@ from manager.cli_dlq import dlq
 from manager.cli_events import events
 from manager.cli_manager import config, maintenance, reload, restart, start, status, stop
 from manager.demo import demo
+from manager.soak.command import soak
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -45,6 +46,7 @@ main.add_command(bench)
 main.add_command(bench_manager)
 main.add_command(bench_archive)
 main.add_command(bench_api)
+main.add_command(soak)
 
 if __name__ == "__main__":
     main(prog_name="multibot")

@@ -171,7 +171,7 @@ class TestUnixSocket:
         server = await redis_factory(binary=redis_binary, unix_socket=True, password="pw")
         async with Redis.from_url(server.url) as client:
             await client.set("k", "v")
-            await client.execute_command("BGREWRITEAOF")
+            await client.bgrewriteaof()
         await server.stop()
         for path in server.data_dir.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
