@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from bus.breaker import BreakerState
 from bus.context import current_event
+from bus.deadlines import Deadlines
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import FencedError, HandlerTimeoutError, SchemaError
 from bus.event import Event
@@ -105,6 +106,8 @@ class Runner:
         fence: Fence | None = None,
     ) -> None:
         self._fence = fence
+        #: Handler timeouts, from one watchdog (see bus.deadlines).
+        self._deadlines = Deadlines()
         self._observer = observer
         self._meter = meter or GroupMetrics(group)
         self._dlq = dlq
@@ -246,7 +249,7 @@ class Runner:
                 self._observer.started(events)
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(sub.timeout) as limit:
+                async with self._deadlines.limit(sub.timeout) as limit:
                     await sub.handler(*args)
             except Exception as exc:
                 if isinstance(exc, TimeoutError) and limit.expired() and sub.timeout is not None:
