@@ -1,20 +1,53 @@
-"""The ``multibot`` command line: one group that assembles the command groups."""
+"""The ``multibot`` command line: one group that assembles the command groups.
+
+Subcommands are imported when used (see :mod:`manager.cli_lazy`), so ``multibot --help``
+and ``multibot status`` do not load the daemon, the HTTP API or the benchmarks.
+"""
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from manager.bench.command import bench, bench_api, bench_archive, bench_manager
-from manager.cli_archive import query, trace
-from manager.cli_common import configure_logging
-from manager.cli_dlq import dlq
-from manager.cli_events import events
-from manager.cli_manager import config, maintenance, reload, restart, start, status, stop
-from manager.demo import demo
-from manager.soak.command import soak
+from manager.cli_lazy import LazyGroup
+
+_MANAGER = "manager.cli_manager"
+COMMANDS = {
+    "start": (f"{_MANAGER}:start", "Run the manager in the foreground: embedded services, "
+              "the bots, the coordinator."),
+    "status": (f"{_MANAGER}:status", "Show the running manager's bots, instances, lag and memory."),
+    "stop": (f"{_MANAGER}:stop", "Ask the running manager to stop (as SIGTERM does)."),
+    "restart": (f"{_MANAGER}:restart", "Restart every instance of BOT now (also one marked "
+                "failed)."),
+    "reload": (f"{_MANAGER}:reload", "Re-read the config file: add, remove and restart changed "
+               "bots (others keep running)."),
+    "maintenance": (f"{_MANAGER}:maintenance", "Publish system.maintenance.started (on) or "
+                    ".ended (off)."),
+    "config": (f"{_MANAGER}:config", "Inspect the configuration."),
+    "events": ("manager.cli_events:events", "Publish events on the bus and watch them go by."),
+    "dlq": ("manager.cli_dlq:dlq", "List, show, retry and purge dead letters (events no handler "
+            "could take)."),
+    "demo": ("manager.demo:demo", "Run the example bots and print every event on the bus as it "
+             "happens."),
+    "bench": ("manager.bench.command:bench", "Benchmark the event bus: throughput, end-to-end "
+              "latency, losses, duplicates, RSS."),
+    "bench-manager": ("manager.bench.command:bench_manager", "Measure the manager on the default "
+                      "config: start to READY, memory, restart, failover."),
+    "bench-archive": ("manager.bench.command:bench_archive", "Measure the PostgreSQL archive: "
+                      "throughput, delay at a rate, disk use, replay speed."),
+    "bench-api": ("manager.bench.command:bench_api", "Measure the HTTP API: events/s accepted by "
+                  "POST /v1/events, latency, manager RSS."),
+    "soak": ("manager.soak.command:soak", "Soak a real manager under load and faults; reconcile "
+             "every confirmed publish."),
+}  # fmt: skip
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=LazyGroup,
+    lazy=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(package_name="multibot", prog_name="multibot")
 def main() -> None:
     """multibot: a supervisor for Python bots and their event bus on Redis Streams.
@@ -32,21 +65,14 @@ def main() -> None:
       multibot dlq list
       multibot dlq retry --all --group bot-group-greeter
     """
-    configure_logging()
+    # The command's module is loaded by now. Logging is set up only if it brought structlog
+    # along (the bus, the archive, the daemon's parts): importing structlog loads rich's
+    # tracebacks, a third of `multibot status`'s start-up, and status logs nothing.
+    if "structlog" in sys.modules:
+        from manager.logs import configure_cli_logging  # noqa: PLC0415
 
+        configure_cli_logging()
 
-for command in (start, status, stop, restart, reload, maintenance, config):
-    main.add_command(command)
-events.add_command(query)
-events.add_command(trace)
-main.add_command(events)
-main.add_command(dlq)
-main.add_command(demo)
-main.add_command(bench)
-main.add_command(bench_manager)
-main.add_command(bench_archive)
-main.add_command(bench_api)
-main.add_command(soak)
 
 if __name__ == "__main__":
     main(prog_name="multibot")

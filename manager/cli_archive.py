@@ -23,7 +23,7 @@ from bus.event import Event
 from bus.patterns import Pattern
 from manager.cli_events import TimeRangeError, duration_ago, event_json, utc_moment
 from manager.config import ConfigError, config_path, load_config
-from manager.control import ControlError, call, control_path
+from manager.control_client import ControlError, call, control_path
 from manager.demo import describe
 from manager.trace_tree import chain_tree
 

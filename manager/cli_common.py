@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
-import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,7 +13,6 @@ from typing import Any, TypeVar
 
 import click
 import orjson
-import structlog
 import uvloop
 from click.core import ParameterSource
 from pydantic import ValidationError
@@ -36,20 +33,6 @@ DEFAULT_NAMESPACE: str = BusSettings.model_fields["namespace"].default
 CLIENT_NAME = "multibot-cli"
 #: A stream entry id, ``<milliseconds>-<sequence>``.
 ENTRY_ID_RE = re.compile(r"^\d+-\d+$")
-
-
-def configure_logging() -> None:
-    """Send warnings and errors of the libraries to stderr (stdout is for command output)."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.dev.ConsoleRenderer(colors=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        # Looked up per logger, not bound once: the stream may be swapped (tests, pagers).
-        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
-        cache_logger_on_first_use=False,
-    )
 
 
 def bus_options(fn: F) -> F:
@@ -96,7 +79,7 @@ def find_redis(environ: Mapping[str, str]) -> FoundRedis:
     may be some other program's Redis.
     """
     from manager.config import ConfigError, config_path, load_config  # noqa: PLC0415
-    from manager.control import ControlError, call, control_path  # noqa: PLC0415
+    from manager.control_client import ControlError, call, control_path  # noqa: PLC0415
 
     path = config_path(None, environ)
     todo = (

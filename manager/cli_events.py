@@ -33,6 +33,7 @@ from manager.cli_common import (
     open_redis,
     run,
 )
+from manager.cli_lazy import LazyGroup
 from manager.errors import ManagerError
 
 log = structlog.get_logger("manager.cli")
@@ -48,7 +49,20 @@ _MAX_ID_PART = 2**64 - 1  # either part of a Redis stream entry id
 _PARAM_OF_FIELD = {"type": "'TYPE'", "data": "'--data'", "key": "'--key'", "source": "'--source'"}
 
 
-@click.group()
+#: The archive's commands, imported when used (they load the PostgreSQL driver).
+ARCHIVE_COMMANDS = {
+    "query": (
+        "manager.cli_archive:query",
+        "Archived events (all 7 days of them), oldest first, by type, source, time and data.",
+    ),
+    "trace": (
+        "manager.cli_archive:trace",
+        "A correlation chain from the archive, as a tree by causation.",
+    ),
+}
+
+
+@click.group(cls=LazyGroup, lazy=ARCHIVE_COMMANDS)
 def events() -> None:
     """Publish events on the bus and watch them go by."""
 

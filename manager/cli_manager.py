@@ -11,14 +11,10 @@ from typing import Any, TypeVar
 import click
 import orjson
 import uvloop
-from rich.console import Console
 
 from manager.config import ConfigError, ManagerSettings, config_path, load_config
-from manager.control import ControlError, call, control_path
-from manager.daemon import run_manager
+from manager.control_client import ControlError, call, control_path
 from manager.errors import ManagerError
-from manager.logs import configure_logging
-from manager.status_view import render_status
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,8 +56,12 @@ def start(config_file: Path | None) -> None:
     watchdog (see systemd/multibot.service).
     """
     settings, path = _settings(config_file)
+    from manager.logs import configure_logging  # noqa: PLC0415 - only start logs
+
     configure_logging(settings.log_level)
     try:
+        from manager.daemon import run_manager  # noqa: PLC0415 - the CLI starts without it
+
         code = uvloop.run(run_manager(settings, path))
     except ManagerError as exc:
         raise click.ClickException(str(exc)) from None
@@ -78,6 +78,10 @@ def status(config_file: Path | None, as_json: bool) -> None:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:
         # In a pipe rich would wrap at 80 columns; keep each row on one line instead.
+        from rich.console import Console  # noqa: PLC0415 - --json goes without it
+
+        from manager.status_view import render_status  # noqa: PLC0415
+
         render_status(result, Console(width=None if sys.stdout.isatty() else 200))
 
 

@@ -2,7 +2,9 @@
 
 A unix socket in the data directory (mode 0600: only the manager's user may use it), one JSON
 request per connection and one JSON answer: ``{"command": "status"}`` →
-``{"ok": true, "result": …}`` or ``{"ok": false, "error": "…"}``.
+``{"ok": true, "result": …}`` or ``{"ok": false, "error": "…"}``. This module is the
+server; the client (:func:`call`) is in :mod:`manager.control_client`, which the command
+line imports without this module's logging.
 """
 
 from __future__ import annotations
@@ -17,20 +19,12 @@ from typing import Any
 import orjson
 import structlog
 
+from manager.control_client import ControlError, call, control_path
 from manager.errors import ManagerError
 
 log = structlog.get_logger("manager.control")
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 MAX_REQUEST = 64 * 1024
-
-
-def control_path(data_dir: Path) -> Path:
-    """The control socket of the manager using ``data_dir``."""
-    return data_dir / "manager.sock"
-
-
-class ControlError(ManagerError):
-    """The manager is not reachable, or refused the command; the message says why."""
 
 
 class CommandError(Exception):
@@ -107,33 +101,4 @@ class ControlServer:
             return {"ok": False, "error": f"{command} failed: {exc}"}
 
 
-async def call(path: Path, command: str, *, timeout: float = 30.0, **args: Any) -> Any:  # noqa: ASYNC109
-    """Send one command to the manager listening on ``path``; its result, else ControlError."""
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
-            try:
-                writer.write(orjson.dumps({"command": command, **args}) + b"\n")
-                await writer.drain()
-                line = await reader.readline()
-            finally:
-                writer.close()
-                with contextlib.suppress(ConnectionError):
-                    await writer.wait_closed()
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise ControlError(
-            f"no manager is running on {path.parent} (no control socket at {path}): start one "
-            "with `multibot start`, or pass the --config it runs with"
-        ) from None
-    except PermissionError:
-        raise ControlError(
-            f"no permission to use {path}: run this as the manager's user (or root)"
-        ) from None
-    except TimeoutError:
-        raise ControlError(f"the manager at {path} did not answer within {timeout:g}s") from None
-    if not line:
-        raise ControlError(f"the manager at {path} closed the connection without an answer")
-    answer = orjson.loads(line)
-    if not answer.get("ok"):
-        raise ControlError(str(answer.get("error")))
-    return answer.get("result")
+__all__ = ["CommandError", "ControlError", "ControlServer", "call", "control_path"]

@@ -43,6 +43,21 @@ def configure_logging(
     logging.basicConfig(level=numeric, stream=out, format="%(levelname)s %(name)s: %(message)s")
 
 
+def configure_cli_logging() -> None:
+    """For the command line tools: the libraries' warnings and errors, plain, on stderr
+    (stdout is for the command's output); ``multibot start`` then configures its own."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        # Looked up per logger, not bound once: the stream may be swapped (tests, pagers).
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
 def _keep_exc_info(
     logger: object, method: str, event: structlog.types.EventDict
 ) -> structlog.types.EventDict:
