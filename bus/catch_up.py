@@ -7,8 +7,8 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from bus.event import Event
+from bus.groups import ensure_group
 from bus.patterns import Pattern
-from bus.redis_errors import is_busygroup
 from bus.replay import replay
 
 if TYPE_CHECKING:
@@ -17,11 +17,7 @@ if TYPE_CHECKING:
 
 async def _position(client: BusClient, stream: str) -> str:
     """The group's last delivered id on ``stream``; the group is created at the end if new."""
-    try:
-        await client.redis.xgroup_create(stream, client.group, id="$", mkstream=True)
-    except Exception as exc:
-        if not is_busygroup(exc):
-            raise
+    await ensure_group(client.redis, stream, client.group, "$")
     groups: Any = await client.redis.xinfo_groups(stream)
     return next(str(g["last-delivered-id"]) for g in groups if g["name"] == client.group)
 

@@ -20,18 +20,19 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from bus.acks import AckBatcher
+from bus.backoff import REDIS_RETRY
 from bus.batching import Batcher
 from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
+from bus.groups import ensure_group
 from bus.handling import Delivery, Fence, HandlerObserver, Runner
 from bus.keys import Keys, consumer_name, group_name
 from bus.metrics import BusMetrics
 from bus.reclaim import Entry, Reclaimer
-from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
+from bus.redis_errors import UNAVAILABLE, is_nogroup
 from bus.schemas import SchemaRegistry
 from bus.settings import ConsumerSettings
 from bus.subscription import Allowed, Subscription
@@ -147,22 +148,7 @@ class Consumer:
         even for a group that exists, and a restarted bot must still start then.
         """
         for stream in self.streams:
-            if await self._has_group(stream):
-                continue
-            try:
-                await self._redis.xgroup_create(
-                    stream, self.group, id=start_id or self._settings.start_id, mkstream=True
-                )
-            except Exception as exc:
-                if not is_busygroup(exc):
-                    raise
-
-    async def _has_group(self, stream: str) -> bool:
-        try:
-            groups: Any = await self._redis.xinfo_groups(stream)
-        except ResponseError:  # no such key
-            return False
-        return any(g.get("name") == self.group for g in groups)
+            await ensure_group(self._redis, stream, self.group, start_id or self._settings.start_id)
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then let in-flight handlers finish (bounded) and ack."""
@@ -448,7 +434,7 @@ class Consumer:
 
     async def _with_redis(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Call Redis until it answers: back off while it is away, recreate a lost group."""
-        delay = 0.1
+        waits = REDIS_RETRY.waits()
         failing = False
         while True:
             try:
@@ -470,8 +456,7 @@ class Consumer:
                 return result
             if self._stopping.is_set() and asyncio.current_task() in self._gives_up_on_stop:
                 raise _Stopping  # the reader does not wait for Redis to come back to stop
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(next(waits))
 
     async def _regroup(self) -> None:
         """The group vanished (Redis flushed or restarted empty): recreate it from the start."""

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bus.backoff import REDIS_RETRY
 from bus.breaker import BreakerState
 from bus.context import current_event
 from bus.deadlines import Deadlines
@@ -332,7 +333,7 @@ class Runner:
         memory, read-only replica, a failed disk, no permission) is retried a few times,
         then it gives up and returns False: the entry then stays pending and comes back.
         """
-        delay, refusals = 0.1, 0
+        waits, refusals = REDIS_RETRY.waits(), 0
         while True:
             try:
                 dlq_id = await self._dlq.add(
@@ -364,8 +365,7 @@ class Runner:
                 self._log.warning("Redis refused a dead letter; retrying", error=str(exc))
             else:
                 break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(next(waits))
         self._stats["dead_lettered"] += 1
         self._meter.dead_lettered(delivery.event.type if delivery.event is not None else "")
         self._log.error(

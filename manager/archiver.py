@@ -24,11 +24,12 @@ from redis.exceptions import RedisError
 from bus import EventType
 from bus.archive.errors import ArchiveDataError, ArchiveError, ArchiveUnavailableError
 from bus.archive.store import ArchiveStore
-from bus.backoff import Backoff
+from bus.backoff import REDIS_RETRY, Backoff
 from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetterReason, DeadLetters
+from bus.groups import ensure_group
 from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
-from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
+from bus.redis_errors import UNAVAILABLE, is_nogroup
 from manager.archive_batch import (
     Batch,
     Entries,
@@ -147,12 +148,8 @@ class Archiver:
         self._streams = streams
 
     async def _join(self, stream: str) -> None:
-        try:  # from the start: what is in Redis when the archiver first comes is archived
-            await self._redis.xgroup_create(stream, ARCHIVER_GROUP, id="0", mkstream=True)
-        except Exception as exc:
-            if not is_busygroup(exc):
-                raise
-        else:
+        # From the start: what is in Redis when the archiver first comes is archived.
+        if await ensure_group(self._redis, stream, ARCHIVER_GROUP, "0"):
             log.info("archiving a new stream", stream=stream)
 
     async def _read(self, ids: dict[str, str] | None = None) -> Entries:
@@ -317,7 +314,7 @@ class Archiver:
     async def _dead_letter(self, reject: Reject) -> bool:
         """Write one dead letter; True once stored. Waits while Redis is unreachable;
         False when Redis answers with an error (out of memory, read-only, no permission)."""
-        source, delay = reject.source, 0.1
+        source, waits = reject.source, REDIS_RETRY.waits()
         while True:
             try:
                 dlq_id = await self._dlq.add(
@@ -331,8 +328,7 @@ class Archiver:
                 )
             except UNAVAILABLE as exc:
                 log.warning("dead-letter write failed; retrying", error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(next(waits))
                 continue
             except RedisError as exc:
                 log.error("Redis refuses a dead letter: the entry stays pending, tried again "
@@ -354,14 +350,13 @@ class Archiver:
         an entry not acked is only read again and found stored)."""
         for stream, rows in entries:
             ids = [entry_id for entry_id, _ in rows if (stream, entry_id) not in exclude]
-            delay = 0.1
+            waits = REDIS_RETRY.waits()
             while ids:
                 try:
                     await self._redis.xack(stream, ARCHIVER_GROUP, *ids)
                 except UNAVAILABLE as exc:
                     log.warning("ack failed; retrying", stream=stream, error=str(exc))
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    await asyncio.sleep(next(waits))
                     continue
                 except RedisError as exc:  # the stream or group is gone: nothing to ack
                     log.warning("ack refused", stream=stream, error=str(exc))

@@ -19,10 +19,10 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import EventType
-from bus.connection import raise_swallowed_cancel
+from bus.groups import ensure_group
 from bus.keys import ARCHIVER_GROUP, GROUP_PREFIX, Keys, group_name
 from bus.patterns import Pattern
-from bus.redis_errors import UNAVAILABLE, is_busygroup
+from bus.periodic import every
 from bus.routing import Router
 from manager.announcer import PUBLISHED_BY, Announcer
 from manager.config import BotConfig, CoordinatorSettings
@@ -91,27 +91,14 @@ class Coordinator:
         created = 0
         for bot in bots:
             for stream in declared_streams(bot, self._router, self._keys):
-                try:
-                    await self._redis.xgroup_create(stream, group_name(bot.id), "$", mkstream=True)
-                except Exception as exc:
-                    if not is_busygroup(exc):
-                        raise
-                else:
+                if await ensure_group(self._redis, stream, group_name(bot.id), "$"):
                     created += 1
                     log.info("consumer group created", group=group_name(bot.id), stream=stream)
         return created
 
     async def run(self) -> None:
         """Watch lag and memory every interval until cancelled; errors are logged, not fatal."""
-        while True:
-            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
-            try:
-                await self.check()
-            except UNAVAILABLE as exc:
-                log.warning("cannot watch lag and memory: Redis unavailable", error=str(exc))
-            except Exception:
-                log.exception("lag/memory check failed; trying again next interval")
-            await asyncio.sleep(self._settings.interval)
+        await every(self._settings.interval, self.check, log=log, what="watch lag and memory")
 
     async def check(self) -> None:
         """One round: lag, then memory."""

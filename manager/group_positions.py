@@ -36,7 +36,6 @@ next one tries again.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,33 +44,28 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bus.archive.errors import ArchiveUnavailableError
-from bus.archive.group_positions import EntryId, clamp
+from bus.archive.group_positions import clamp
 from bus.archive.store import ArchiveStore
-from bus.connection import raise_swallowed_cancel
+from bus.entry_id import EntryId
 from bus.keys import ARCHIVER_GROUP, Keys
-from bus.redis_errors import UNAVAILABLE
+from bus.periodic import REDIS_UNAVAILABLE, Outage, Periodic
 from manager.config import CoordinatorSettings
 from manager.lag import stream_keys
 from manager.restore import lost_streams
-from manager.trimmer import format_id, parse_id
 
 log = structlog.get_logger("manager.group_positions")
 Store = Callable[[], Awaitable[ArchiveStore]]
+#: PostgreSQL cannot be reached; tried before Redis's outage, as it is an OSError too.
+POSTGRES_UNAVAILABLE = Outage((ArchiveUnavailableError,), "PostgreSQL unavailable")
 
 
-def entry_before(entry_id: EntryId) -> EntryId:
-    """The highest possible entry id below ``entry_id`` (``0-0`` stays ``0-0``)."""
-    ms, seq = entry_id
-    if seq > 0:
-        return ms, seq - 1
-    return (ms - 1, 2**64 - 1) if ms > 0 else (0, 0)
-
-
-def acked_position(last_delivered: EntryId, oldest_pending: EntryId | None) -> EntryId:
+def acked_position(
+    last_delivered: tuple[int, int], oldest_pending: tuple[int, int] | None
+) -> EntryId:
     """Where a group has acked every entry at or below: its floor minus one."""
     if oldest_pending is None:
-        return last_delivered
-    return min(last_delivered, entry_before(oldest_pending))
+        return EntryId(*last_delivered)
+    return min(EntryId(*last_delivered), EntryId(*oldest_pending).previous())
 
 
 class PositionRecorder:
@@ -82,34 +76,21 @@ class PositionRecorder:
         self._keys = keys
         self._store = store
         self._interval = interval
-        self._failing: str | None = None  # what the last round failed on, once logged
+        self._rounds = Periodic(
+            self.record,
+            interval,
+            log=log,
+            what="record group positions",
+            outages=(POSTGRES_UNAVAILABLE, REDIS_UNAVAILABLE),
+            resumed="recording group positions again",
+        )
         self._skipped: set[str] = set()  # lost streams, logged once each
         #: Rows written (new or moved forward) so far.
         self.recorded = 0
 
     async def run(self) -> None:
         """Record until cancelled; a failed round is logged and the next one tries again."""
-        while True:
-            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
-            try:
-                await self.record()
-            except ArchiveUnavailableError as exc:  # before UNAVAILABLE: it is an OSError
-                self._failed("PostgreSQL unavailable", exc)
-            except UNAVAILABLE as exc:
-                self._failed("Redis unavailable", exc)
-            except Exception:
-                self._failing = "error"
-                log.exception("recording group positions failed; trying again next round")
-            else:
-                if self._failing is not None:
-                    log.info("recording group positions again", after=self._failing)
-                    self._failing = None
-            await asyncio.sleep(self._interval)
-
-    def _failed(self, what: str, exc: BaseException) -> None:
-        if self._failing != what:
-            log.warning(f"cannot record group positions: {what}", error=str(exc))
-        self._failing = what
+        await self._rounds.run()
 
     async def record(self) -> dict[tuple[str, str], EntryId]:
         """One round; every ``(stream key, group) → position`` it saw (written if higher)."""
@@ -153,17 +134,17 @@ class PositionRecorder:
             oldest = None
             if int(group["pending"]) > 0:
                 summary: Any = await self._redis.xpending(stream, name)
-                oldest = parse_id(str(summary["min"])) if summary.get("min") else None
-            last = parse_id(str(group["last-delivered-id"]))
+                oldest = EntryId.parse(str(summary["min"])) if summary.get("min") else None
+            last = EntryId.parse(str(group["last-delivered-id"]))
             position = clamp(acked_position(last, oldest))
             found[(stream, name)] = position
-            log.debug("group position", stream=stream, group=name, acked=format_id(position))
+            log.debug("group position", stream=stream, group=name, acked=str(position))
         return found
 
     def __repr__(self) -> str:
         return (
             f"<PositionRecorder namespace={self._keys.namespace} interval={self._interval}"
-            f" recorded={self.recorded} failing={self._failing}>"
+            f" recorded={self.recorded} failing={self._rounds.failing}>"
         )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from bus.entry_id import EntryId
 from bus.keys import Keys
 
 #: Default ceiling on the entries read to count one group's lag.
@@ -148,20 +149,17 @@ async def _lag(
     cap: int,
 ) -> tuple[int | None, bool]:
     """Entries of ``stream`` after ``last_id`` (see the module docstring); and if capped."""
-    if info.first_id is None or _id(last_id) >= _id(info.last_generated_id):
+    if info.first_id is None:
         return 0, False
-    if _id(last_id) < _id(info.first_id):
+    last = EntryId.parse(last_id)
+    if last >= EntryId.parse(info.last_generated_id):
+        return 0, False
+    if last < EntryId.parse(info.first_id):
         return info.length, False  # every entry still in the stream is after last_id
     if reported is not None and 0 <= reported <= info.length:
         return reported, False
     rows: Any = await redis.xrange(stream, f"({last_id}", "+", count=cap + 1)
     return (cap, True) if len(rows) > cap else (len(rows), False)
-
-
-def _id(entry_id: str) -> tuple[int, int]:
-    """A stream ID as a comparable (milliseconds, sequence) pair."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str:

@@ -22,7 +22,6 @@ dead letters and acks are never held (they free memory or are tiny). A Redis wit
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,12 +29,11 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import EventType
-from bus.connection import raise_swallowed_cancel
 from bus.keys import Keys
-from bus.redis_errors import UNAVAILABLE
+from bus.periodic import every
 from manager.announcer import Announcer
 from manager.config import MemorySettings
-from manager.trimmer import Holder, Trimmer, format_id
+from manager.trimmer import Holder, Trimmer
 
 log = structlog.get_logger("manager.pressure")
 
@@ -72,7 +70,7 @@ def _holder(keys: Keys, holder: Holder) -> dict[str, Any]:
     return {
         "stream": name,
         "group": holder.group,
-        "since_id": format_id(holder.floor),
+        "since_id": str(holder.floor),
         "pending": holder.pending,
         "lag": holder.lag,
     }
@@ -102,15 +100,7 @@ class PressureWatch:
 
     async def run(self) -> None:
         """Check until cancelled; a failed check is logged and tried again."""
-        while True:
-            raise_swallowed_cancel()
-            try:
-                await self.check()
-            except UNAVAILABLE as exc:
-                log.warning("cannot check Redis memory: Redis unavailable", error=str(exc))
-            except Exception:
-                log.exception("checking Redis memory failed; trying again")
-            await asyncio.sleep(self._interval)
+        await every(self._interval, self.check, log=log, what="check Redis memory")
 
     async def check(self) -> None:
         """One round (see the module)."""

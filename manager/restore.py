@@ -41,12 +41,11 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
-from bus.archive.group_positions import EntryId
 from bus.archive.store import ArchiveStore
+from bus.entry_id import EntryId
+from bus.groups import ensure_group
 from bus.keys import ARCHIVER_GROUP, Keys
-from bus.redis_errors import is_busygroup
 from bus.wire import encode
-from manager.trimmer import format_id, parse_id
 
 log = structlog.get_logger("manager.restore")
 _PAGE = 1000
@@ -98,7 +97,7 @@ async def lost_streams(redis: Redis, store: ArchiveStore) -> dict[str, str]:
     lost = {}
     for stream, archived in (await store.positions()).items():
         last = await _last_id(redis, stream)
-        if last is None or parse_id(last) < parse_id(archived):
+        if last is None or EntryId.parse(last) < EntryId.parse(archived):
             lost[stream] = archived
     return lost
 
@@ -120,11 +119,11 @@ async def restore(
     done = Restored()
     lost = await lost_streams(redis, store)
     recorded = await store.group_positions.load(lost) if lost else {}
-    window_start = (max(0, now_ms - hot_window_ms), 0)
+    window_start = EntryId(max(0, now_ms - hot_window_ms), 0)
     for stream, archived in lost.items():
         starts, unrecorded = _starts(stream, archived, groups_for(stream), recorded)
         await _point_groups(redis, stream, starts)  # first: see the module
-        lowest = min([window_start, *map(parse_id, starts.values())])
+        lowest = min([window_start, *map(EntryId.parse, starts.values())])
         done.events[stream] = await _write_back(redis, store, stream, archived, after=lowest)
         await _lift_last_id(redis, stream, archived)
         done.positions[stream] = archived
@@ -134,7 +133,7 @@ async def restore(
             "Redis had lost this stream's data: restored from the archive",
             stream=stream,
             events_written_back=done.events[stream],
-            written_back_after=format_id(lowest),
+            written_back_after=str(lowest),
             last_archived=archived,
             groups_start_after=starts,
         )
@@ -145,7 +144,7 @@ def _starts(
     stream: str,
     archived: str,
     declared: Iterable[str],
-    recorded: Mapping[tuple[str, str], EntryId],
+    recorded: Mapping[tuple[str, str], tuple[int, int]],
 ) -> tuple[dict[str, str], list[str]]:
     """The entry each group starts after (group → id), and the declared groups that had no
     recorded position."""
@@ -164,7 +163,7 @@ def _starts(
                 starts_after=archived,
             )
         else:
-            starts[group] = format_id(position)
+            starts[group] = str(EntryId(*position))
             log.info(
                 "consumer group resumes after its recorded position",
                 stream=stream,
@@ -179,14 +178,14 @@ async def _write_back(
 ) -> int:
     """Write the archived events of ``stream`` above ``after`` up to ``archived`` back into
     it, under their entry ids; how many."""
-    top = parse_id(archived)
+    top = EntryId.parse(archived)
     last = await _last_id(redis, stream)
-    if last is not None and parse_id(last) >= after:
-        after = parse_id(last)  # XADD needs ids above the stream's last one
+    if last is not None and EntryId.parse(last) >= after:
+        after = EntryId.parse(last)  # XADD needs ids above the stream's last one
     written = 0
     while after < top:
-        page = await store.entries(stream, after=format_id(after), limit=_PAGE)
-        page = [event for event in page if parse_id(str(event.entry_id)) <= top]
+        page = await store.entries(stream, after=str(after), limit=_PAGE)
+        page = [event for event in page if EntryId.parse(str(event.entry_id)) <= top]
         if not page:
             break
         async with redis.pipeline(transaction=False) as pipe:
@@ -195,7 +194,7 @@ async def _write_back(
                 pipe.xadd(stream, fields, id=str(event.entry_id))
             await pipe.execute()
         written += len(page)
-        after = parse_id(str(page[-1].entry_id))
+        after = EntryId.parse(str(page[-1].entry_id))
     return written
 
 
@@ -203,7 +202,7 @@ async def _lift_last_id(redis: Redis, stream: str, archived: str) -> None:
     """Move the stream's last id up to ``archived`` if the write-back did not reach it (all
     of it older than what was written back), so the stream no longer looks lost."""
     last = await _last_id(redis, stream)
-    if last is not None and parse_id(last) < parse_id(archived):
+    if last is not None and EntryId.parse(last) < EntryId.parse(archived):
         # redis-py has no XSETID method; execute_command is untyped.
         await redis.execute_command("XSETID", stream, archived)  # type: ignore[no-untyped-call]
 
@@ -211,9 +210,4 @@ async def _lift_last_id(redis: Redis, stream: str, archived: str) -> None:
 async def _point_groups(redis: Redis, stream: str, starts: Mapping[str, str]) -> None:
     """Create or move each group to start after its entry (group → id)."""
     for group, position in starts.items():
-        try:
-            await redis.xgroup_create(stream, group, id=position, mkstream=True)
-        except Exception as exc:
-            if not is_busygroup(exc):
-                raise
-            await redis.xgroup_setid(stream, group, position)
+        await ensure_group(redis, stream, group, position, move=True)

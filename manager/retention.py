@@ -7,17 +7,19 @@ older than ``retention_days`` is dropped in one statement each, never row by row
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
 
+from bus.archive.errors import ArchiveUnavailableError
 from bus.archive.store import ArchiveStore
+from bus.periodic import Outage, every
 from manager.config import ArchiveSettings
 
 log = structlog.get_logger("manager.retention")
 INTERVAL = 3600.0  # seconds between rounds
+RETRY = 60.0  # seconds before trying a failed round again
 
 
 def cutoff_day(today: date, retention_days: int) -> date:
@@ -39,14 +41,17 @@ async def maintain(store: ArchiveStore, settings: ArchiveSettings, today: date) 
 async def run_retention(
     store: Callable[[], Awaitable[ArchiveStore]], settings: ArchiveSettings
 ) -> None:
-    """Maintain the partitions every hour until cancelled; a failure waits for the next try."""
-    while True:
-        try:
-            await maintain(await store(), settings, datetime.now(UTC).date())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("partition maintenance failed; retrying in a minute", error=str(exc))
-            await asyncio.sleep(60)
-            continue
-        await asyncio.sleep(INTERVAL)
+    """Maintain the partitions every hour until cancelled; a failed round is tried again
+    after a minute."""
+
+    async def step() -> None:
+        await maintain(await store(), settings, datetime.now(UTC).date())
+
+    await every(
+        INTERVAL,
+        step,
+        log=log,
+        what="maintain partitions",
+        outages=(Outage((ArchiveUnavailableError,), "PostgreSQL unavailable"),),
+        retry=RETRY,
+    )

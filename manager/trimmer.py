@@ -26,8 +26,8 @@ archiver has not stored in PostgreSQL yet.
 
 from __future__ import annotations
 
-import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +35,9 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import EventType
-from bus.connection import raise_swallowed_cancel
+from bus.entry_id import EntryId
 from bus.keys import ARCHIVER_GROUP, Keys
-from bus.redis_errors import UNAVAILABLE
+from bus.periodic import every
 from manager.announcer import Announcer
 from manager.config import ArchiveSettings
 from manager.lag import stream_keys
@@ -45,7 +45,6 @@ from manager.memory import redis_used_memory
 from manager.removed_groups import RemovedGroups
 
 log = structlog.get_logger("manager.trimmer")
-EntryId = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +58,12 @@ class Holder:
     lag: int | None
 
 
-def parse_id(entry_id: str) -> EntryId:
-    """``"<ms>-<seq>"`` → ``(ms, seq)``."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def format_id(entry_id: EntryId) -> str:
-    """``(ms, seq)`` → ``"<ms>-<seq>"``."""
-    return f"{entry_id[0]}-{entry_id[1]}"
-
-
-def trim_point(floors: list[EntryId], cutoff: EntryId) -> EntryId | None:
+def trim_point(floors: Sequence[tuple[int, int]], cutoff: tuple[int, int]) -> EntryId | None:
     """The MINID to trim to: the lowest group floor, no higher than the time cutoff.
 
     None when there is no group to vouch for the entries (nothing may be trimmed).
     """
-    return min([*floors, cutoff]) if floors else None
+    return EntryId(*min([*floors, cutoff])) if floors else None
 
 
 class Trimmer:
@@ -102,27 +90,19 @@ class Trimmer:
 
     async def run(self) -> None:
         """Trim until cancelled; errors are logged and the next round tries again."""
-        while True:
-            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
-            try:
-                await self.trim_all()
-            except UNAVAILABLE as exc:
-                log.warning("cannot trim: Redis unavailable", error=str(exc))
-            except Exception:
-                log.exception("trimming failed; trying again next round")
-            await asyncio.sleep(self._settings.trim_interval)
+        await every(self._settings.trim_interval, self.trim_all, log=log, what="trim")
 
     async def trim_all(self, now_ms: int | None = None) -> int:
         """One round over every stream; entries trimmed."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        cutoff = (max(0, now_ms - int(self._settings.hot_window * 1000)), 0)
+        cutoff = EntryId(max(0, now_ms - int(self._settings.hot_window * 1000)), 0)
         limit = self._settings.hot_window_max_memory
         if self.urgent:
-            cutoff = (now_ms + 1, 0)
+            cutoff = EntryId(now_ms + 1, 0)
         elif limit is not None and await redis_used_memory(self._redis) > limit:
             # Over the memory share of the hot window: keep only what is not yet safe to
             # drop (unarchived or unacked), whatever its age.
-            cutoff = (now_ms + 1, 0)
+            cutoff = EntryId(now_ms + 1, 0)
             if not self._over_memory:
                 log.warning("hot window over its memory limit: trimming to the safe floor",
                             limit=int(limit))  # fmt: skip
@@ -137,16 +117,16 @@ class Trimmer:
         dlq = self._keys.dead_letters()
         if await self._redis.exists(dlq):
             dlq_cutoff = max(0, now_ms - int(self._settings.dlq_retention * 1000))
-            total += await self.trim(dlq, (dlq_cutoff, 0))
+            total += await self.trim(dlq, EntryId(dlq_cutoff, 0))
         return total
 
-    async def trim(self, stream: str, cutoff: EntryId) -> int:
+    async def trim(self, stream: str, cutoff: tuple[int, int]) -> int:
         """Trim one stream below its safe floor and the cutoff; entries trimmed."""
         groups: Any = await self._redis.xinfo_groups(stream)
         if not any(g["name"] == ARCHIVER_GROUP for g in groups):
             return 0  # not archived yet: nothing may go
         info: Any = await self._redis.xinfo_stream(stream)
-        last = parse_id(str(info["last-generated-id"]))
+        last = EntryId.parse(str(info["last-generated-id"]))
         floors: list[tuple[EntryId, dict[str, Any]]] = []
         for group in groups:
             if await self.removed.expired(stream, group):
@@ -158,16 +138,17 @@ class Trimmer:
         self._note_holder(stream, floors, cutoff)
         if point is None or point <= (0, 1):
             return 0
-        trimmed: Any = await self._redis.xtrim(stream, minid=format_id(point), approximate=False)
+        minid = str(point)
+        trimmed: Any = await self._redis.xtrim(stream, minid=minid, approximate=False)
         if trimmed:
             self.trimmed[stream] = self.trimmed.get(stream, 0) + int(trimmed)
-            log.debug("stream trimmed", stream=stream, entries=trimmed, minid=format_id(point))
+            log.debug("stream trimmed", stream=stream, entries=trimmed, minid=minid)
         return int(trimmed)
 
     def _note_holder(
-        self, stream: str, floors: list[tuple[EntryId, dict[str, Any]]], cutoff: EntryId
+        self, stream: str, floors: list[tuple[EntryId, dict[str, Any]]], cutoff: tuple[int, int]
     ) -> None:
-        floor, group = min(floors, key=lambda item: item[0], default=((0, 0), None))
+        floor, group = min(floors, key=lambda item: item[0], default=(EntryId(0, 0), None))
         if group is None or floor >= cutoff:
             self.holders.pop(stream, None)
             return
@@ -182,12 +163,11 @@ class Trimmer:
 
     async def _floor(self, stream: str, group: dict[str, Any]) -> EntryId:
         """The group's oldest unfinished entry: oldest pending, or the first undelivered."""
-        last = parse_id(str(group["last-delivered-id"]))
-        floor = (last[0], last[1] + 1)
+        floor = EntryId.parse(str(group["last-delivered-id"])).next()
         if int(group["pending"]) > 0:
             summary: Any = await self._redis.xpending(stream, group["name"])
             if summary.get("min"):
-                floor = min(floor, parse_id(str(summary["min"])))
+                floor = min(floor, EntryId.parse(str(summary["min"])))
         return floor
 
     async def _holds(self, stream: str, group: dict[str, Any], *, lagging: bool) -> bool:

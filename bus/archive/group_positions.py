@@ -27,10 +27,9 @@ import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from bus.entry_id import EntryId
 from bus.keys import Keys
 
-#: A stream entry id as ``(milliseconds, sequence)``.
-EntryId = tuple[int, int]
 #: The highest value a ``bigint`` column holds. Redis ids are unsigned 64-bit; a part above
 #: this is stored as this, which only lowers the position (an entry may be handled again,
 #: none is skipped). The archive's own entry columns cannot hold such ids at all.
@@ -61,12 +60,12 @@ _LOAD_ALL = "SELECT stream, group_name, acked_ms, acked_seq FROM group_positions
 Connect = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
 
-def clamp(position: EntryId) -> EntryId:
+def clamp(position: tuple[int, int]) -> EntryId:
     """``position`` with each part at most :data:`MAX_PART` (never higher than it was)."""
     ms, seq = position
     if ms > MAX_PART:
-        return MAX_PART, MAX_PART
-    return ms, min(seq, MAX_PART)
+        return EntryId(MAX_PART, MAX_PART)
+    return EntryId(ms, min(seq, MAX_PART))
 
 
 class GroupPositions:
@@ -80,13 +79,13 @@ class GroupPositions:
         self._connection = connection
         self._keys = keys
 
-    async def record(self, positions: Mapping[tuple[str, str], EntryId]) -> int:
+    async def record(self, positions: Mapping[tuple[str, str], tuple[int, int]]) -> int:
         """Upsert ``(stream, group) → position`` in one statement; how many rows were
         written (new or moved forward; a position at or below its row's is ignored)."""
         rows: dict[tuple[str, str], EntryId] = {}
         for (stream, group), position in positions.items():
             key = (self._keys.stream_name(stream), group)  # a key and a name may both come
-            rows[key] = max(clamp(position), rows.get(key, (-1, -1)))
+            rows[key] = max(clamp(position), rows.get(key, EntryId(-1, -1)))
         if not rows:
             return 0
         streams, groups = zip(*rows, strict=True)
@@ -105,9 +104,8 @@ class GroupPositions:
             else:
                 rows = await conn.fetch(_LOAD, [self._keys.stream_name(s) for s in streams])
         return {
-            (self._keys.stream(row["stream"]), str(row["group_name"])): (
-                int(row["acked_ms"]),
-                int(row["acked_seq"]),
+            (self._keys.stream(row["stream"]), str(row["group_name"])): EntryId(
+                int(row["acked_ms"]), int(row["acked_seq"])
             )
             for row in rows
         }

@@ -18,6 +18,7 @@ import structlog
 
 from bus.archive.errors import CursorError
 from bus.dlq import DeadLetter
+from bus.entry_id import EntryId
 from bus.event import TYPE_RE, Event
 from bus.keys import Keys
 from bus.wire import FIELDS, data_too_long, encode_data, is_text
@@ -74,15 +75,13 @@ def json_text(value: Mapping[str, Any], what: str) -> str:
     return raw.decode()
 
 
-def split_entry_id(entry_id: str) -> tuple[int, int]:
-    """``"<ms>-<seq>"`` as two integers; ValueError for anything else."""
-    ms, sep, seq = entry_id.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit():
-        raise ValueError(f"{entry_id!r} is not a stream entry id like '1700000000000-0'")
-    parts = int(ms), int(seq)
-    if max(parts) > _BIGINT_MAX:
+def _stored_entry_id(entry_id: str) -> EntryId:
+    """The full ``"<ms>-<seq>"`` id of a stored entry; ValueError for anything else, or for
+    a part the archive's bigint columns cannot hold."""
+    parsed = EntryId.parse(entry_id, require_seq=True)
+    if max(parsed) > _BIGINT_MAX:
         raise ValueError(f"entry id {entry_id!r} is beyond what the archive stores (2^63-1)")
-    return parts
+    return parsed
 
 
 def entry_bound(entry_id: str, *, upper: bool) -> tuple[int, int]:
@@ -110,7 +109,7 @@ def event_record(event: Event, stream_name: str) -> tuple[Any, ...]:
             f"{event!r} has no entry id: the archive stores events read from a stream; "
             "publish it first"
         )
-    ms, seq = split_entry_id(event.entry_id)
+    ms, seq = _stored_entry_id(event.entry_id)
     return (
         nul_free(event.id),
         event.type,
@@ -156,7 +155,7 @@ def entry_record(
         if type(orjson.loads(data)) is not dict:
             return None
         created = datetime.fromisoformat(ts)
-        ms, seq = split_entry_id(entry_id)
+        ms, seq = _stored_entry_id(entry_id)
     except ValueError:  # orjson.JSONDecodeError is one too
         return None
     if created.tzinfo is None:

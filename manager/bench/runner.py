@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bus.connection import redact
+from bus.groups import ensure_group
 from manager.bench.child import ENTRY
 from manager.bench.options import (
     DRAIN_CAP_FACTOR,
@@ -75,7 +76,7 @@ async def run_bench(options: BenchOptions) -> BenchReport:
             await _delete_namespace(admin, namespace)  # the baseline starts on an empty Redis
             baseline = None
             if options.baseline:
-                await admin.xgroup_create(raw_stream(namespace), RAW_GROUP, id="$", mkstream=True)
+                await ensure_group(admin, raw_stream(namespace), RAW_GROUP, "$")
                 baseline = await _phase("raw", options, url, namespace)
         finally:
             await _delete_namespace(admin, namespace)

@@ -14,10 +14,10 @@ from redis.asyncio import Redis
 from bus import BusClient, BusSettings, EventType
 from bus.archive.errors import ArchiveError
 from bus.archive.store import ArchiveStore
+from bus.entry_id import EntryId
 from bus.keys import Keys, group_name
 from manager.postgres_server import PostgresServer
 from manager.redis_server import RedisServer
-from manager.trimmer import parse_id
 from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import FAST, ManagerProcess, bot_toml, events
 from tests.support import wait_until
@@ -66,7 +66,7 @@ class TestRedisLoss:
 
             async def position_recorded() -> bool:
                 recorded = await store.group_positions.load()
-                return recorded.get(acked) == parse_id(str(last.entry_id))
+                return recorded.get(acked) == EntryId.parse(str(last.entry_id))
 
             await wait_until(position_recorded, 20, "the bot's position recorded")
         # Redis loses everything: killed, its AOF gone, started again empty.

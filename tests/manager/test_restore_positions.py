@@ -23,14 +23,14 @@ from bus import BusClient, Event
 from bus.archive import ArchiveStore
 from bus.archive.errors import ArchiveUnavailableError
 from bus.archive.group_positions import clamp
+from bus.entry_id import EntryId
 from bus.keys import ARCHIVER_GROUP, Keys, group_name
 from bus.wire import decode
 from manager.archive_link import ArchiveLink
-from manager.group_positions import PositionRecorder, acked_position, entry_before
+from manager.group_positions import PositionRecorder, acked_position
 from manager.postgres_server import PostgresServer
 from manager.redis_server import RedisServer
 from manager.restore import lost_streams, restore
-from manager.trimmer import parse_id
 from tests.conftest import BusFactory
 from tests.support import entries, running, wait_until
 
@@ -171,7 +171,7 @@ class TestRestoreWithoutAGap:
         events after the lowest position, and no longer looks lost."""
         await PositionRecorder(redis, KEYS, stored(store), 1.0).record()
         await redis.flushall()
-        later = parse_id(history.entries[-1])[0] + HOUR_MS
+        later = EntryId.parse(history.entries[-1])[0] + HOUR_MS
         done = await restore(
             redis,
             store,
@@ -248,7 +248,7 @@ class TestPositionRecorder:
         assert acked_position((20, 0), (15, 3)) == (15, 2)
         assert acked_position((20, 0), (15, 0)) == (14, 2**64 - 1)
         assert acked_position((20, 0), (20, 0)) == (19, 2**64 - 1)
-        assert entry_before((0, 0)) == (0, 0)
+        assert EntryId(0, 0).previous() == (0, 0)
 
     async def test_records_each_bot_group_below_its_oldest_pending_entry(
         self, history: History, redis: Redis, store: ArchiveStore
@@ -259,12 +259,14 @@ class TestPositionRecorder:
         await redis.xack(STREAM, BEHIND, *taken[:3], *taken[4:])  # the 14th stays pending
         await PositionRecorder(redis, KEYS, stored(store), 1.0).record()
         recorded = await store.group_positions.load()
-        below_pending = clamp(entry_before(parse_id(history.entries[13])))
+        below_pending = clamp(EntryId.parse(history.entries[13]).previous())
         assert recorded == {
             (STREAM, BEHIND): below_pending,
-            (STREAM, CAUGHT_UP): parse_id(history.entries[-1]),
+            (STREAM, CAUGHT_UP): EntryId.parse(history.entries[-1]),
         }
-        assert parse_id(history.entries[12]) <= below_pending < parse_id(history.entries[13])
+        assert (
+            EntryId.parse(history.entries[12]) <= below_pending < EntryId.parse(history.entries[13])
+        )
 
     async def test_positions_never_move_backwards_across_an_empty_redis(
         self, history: History, redis: Redis, store: ArchiveStore
@@ -296,7 +298,7 @@ class TestPositionRecorder:
         await handle(redis, BEHIND, 5)
         await recorder.record()
         moved = await store.group_positions.load()
-        assert moved[(STREAM, BEHIND)] == parse_id(history.entries[14])
+        assert moved[(STREAM, BEHIND)] == EntryId.parse(history.entries[14])
 
     async def test_survives_redis_being_down(
         self, history: History, redis: Redis, redis_server: RedisServer, store: ArchiveStore
@@ -376,4 +378,4 @@ async def at(store: ArchiveStore, group: str, entry_id: str) -> bool:
         recorded = await store.group_positions.load([STREAM])
     except ArchiveUnavailableError:
         return False
-    return recorded.get((STREAM, group)) == parse_id(entry_id)
+    return recorded.get((STREAM, group)) == EntryId.parse(entry_id)

@@ -16,12 +16,13 @@ import pytest
 from redis.asyncio import Redis
 
 from bus import BusClient, Event, EventType
+from bus.entry_id import EntryId
 from bus.keys import ARCHIVER_GROUP, Keys
 from bus.wire import decode, encode
 from manager.announcer import Announcer
 from manager.config import ArchiveSettings
 from manager.removed_groups import RemovedGroups
-from manager.trimmer import Trimmer, format_id, parse_id, trim_point
+from manager.trimmer import Trimmer, trim_point
 from tests.conftest import BusFactory
 from tests.support import entries, wait_until
 
@@ -97,7 +98,7 @@ async def archived(redis: Redis, n: int = 10_000, stream: str = STREAM) -> list[
 
 def after(ids: list[str], seconds: float = 1.0) -> int:
     """A time (ms) ``seconds`` after the last of ``ids``: older than the hot window."""
-    return parse_id(ids[-1])[0] + int(seconds * 1000)
+    return EntryId.parse(ids[-1])[0] + int(seconds * 1000)
 
 
 async def idle_longer_than(redis: Redis, group: str, ms: int) -> bool:
@@ -114,13 +115,6 @@ async def idle_reports(redis: Redis) -> list[Event]:
 
 
 class TestTrimPoint:
-    def test_ids_parse_and_format(self) -> None:
-        """``ms-seq`` parses to a pair (``ms`` alone is seq 0) and formats back."""
-        assert parse_id("1700000000000-5") == (1700000000000, 5)
-        assert parse_id("1700000000000") == (1700000000000, 0)
-        assert format_id((1700000000000, 5)) == "1700000000000-5"
-        assert format_id(parse_id("12-345")) == "12-345"
-
     def test_lowest_group_floor_is_the_point(self) -> None:
         """The point is the lowest floor of every group when the cutoff is above it."""
         assert trim_point([(5, 0), (3, 2), (4, 9)], (9, 0)) == (3, 2)
