@@ -6,14 +6,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from manager.binaries import candidates, first_new_enough, in_package, is_executable, version_of
 from manager.errors import EmbeddedServiceError
 
 MIN_VERSION = (13, 0)
@@ -45,7 +43,7 @@ class PostgresBinaries:
 
     def runnable(self) -> bool:
         """Whether both executables are there and executable (by us)."""
-        return all(p.is_file() and os.access(p, os.X_OK) for p in (self.postgres, self.initdb))
+        return is_executable(self.postgres) and is_executable(self.initdb)
 
     def __str__(self) -> str:
         return f"PostgreSQL {self.version_str} ({self.bin_dir})"
@@ -54,27 +52,17 @@ class PostgresBinaries:
 def _probe(bin_dir: Path) -> PostgresBinaries | None:
     """Ask ``bin_dir/postgres --version``; None if initdb is missing or it does not answer."""
     binaries = PostgresBinaries(bin_dir, (0, 0))
-    if not binaries.runnable():
-        return None
-    try:
-        done = subprocess.run(
-            [binaries.postgres, "--version"], capture_output=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = _VERSION_RE.search(done.stdout)
-    if done.returncode != 0 or match is None:
-        return None
-    return PostgresBinaries(bin_dir, (int(match[1]), int(match[2] or 0)))
+    version = version_of(binaries.postgres, _VERSION_RE) if binaries.runnable() else None
+    return None if version is None else PostgresBinaries(bin_dir, (version[0], version[1]))
 
 
 def system_postgres() -> PostgresBinaries | None:
     """Return the newest system PostgreSQL (PATH, then /usr/lib/postgresql/*/bin), or None."""
-    candidates = [path.parent for path in _SYSTEM_DIRS.glob("*/bin/postgres")]
+    dirs = [path.parent for path in _SYSTEM_DIRS.glob("*/bin/postgres")]
     on_path = shutil.which("postgres")
     if on_path is not None:  # often a symlink into /usr/lib/postgresql/<major>/bin
-        candidates.append(Path(on_path).resolve().parent)
-    found = [_probe(d) for d in dict.fromkeys(d.resolve() for d in candidates)]
+        dirs.append(Path(on_path).resolve().parent)
+    found = [_probe(d) for d in dict.fromkeys(d.resolve() for d in dirs)]
     return max((b for b in found if b is not None), key=lambda b: b.version, default=None)
 
 
@@ -83,12 +71,7 @@ def bundled_postgres() -> PostgresBinaries | None:
 
     Locates the package without importing it (its ``__init__`` pulls in its own server code).
     """
-    spec = importlib.util.find_spec("pgserver")
-    for location in (spec and spec.submodule_search_locations) or ():
-        found = _probe(Path(location) / "pginstall" / "bin")
-        if found is not None:
-            return found
-    return None
+    return in_package("pgserver", "pginstall/bin", _probe)
 
 
 def choose_postgres(
@@ -97,9 +80,9 @@ def choose_postgres(
     min_version: tuple[int, int] = MIN_VERSION,
 ) -> PostgresBinaries:
     """Pick the system binaries if new enough, else the bundled ones, else raise."""
-    for candidate in (system, bundled):
-        if candidate is not None and candidate.version >= min_version:
-            return candidate
+    chosen = first_new_enough((system, bundled), min_version)
+    if chosen is not None:
+        return chosen
     raise EmbeddedServiceError(
         f"no PostgreSQL >= {min_version[0]} found (system: {system or 'none'}; from the "
         f"pgserver wheel: {bundled or 'not installed'}): install PostgreSQL {min_version[0]}+ "
@@ -110,6 +93,5 @@ def choose_postgres(
 
 def find_postgres(min_version: tuple[int, int] = MIN_VERSION) -> PostgresBinaries:
     """Return the binaries to run: the newest system ones if >= min_version, else pgserver's."""
-    system = system_postgres()
-    new_enough = system is not None and system.version >= min_version
-    return choose_postgres(system, None if new_enough else bundled_postgres(), min_version)
+    system, bundled = candidates(system_postgres, bundled_postgres, min_version)
+    return choose_postgres(system, bundled, min_version)

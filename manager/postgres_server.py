@@ -6,6 +6,7 @@ with ``unix_socket=True``, the socket. The first start runs initdb; later starts
 cluster. PostgreSQL refuses to run as root, so as root initdb and the server run as another OS
 user (see ``PostgresServer``). Works with PostgreSQL 13 and later: the system's, or the 16.x
 that the ``pgserver`` wheel carries (``manager.postgres_binaries`` finds them).
+``EmbeddedServer`` runs the process; this module says how to set up, probe and stop PostgreSQL.
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 from urllib.parse import quote
 
 import asyncpg  # type: ignore[import-untyped]  # ships no type hints
 import structlog
 
 from manager.child_process import OsUser, child_setup, chown_tree, first_closed_dir
+from manager.embedded_server import SUN_PATH_MAX, EmbeddedServer, kill_group
 from manager.errors import EmbeddedServiceError
 from manager.postgres_binaries import PostgresBinaries, find_postgres
-from manager.redis_server import free_port
 
 log = structlog.get_logger(__name__)
 
@@ -35,9 +35,6 @@ log = structlog.get_logger(__name__)
 ROLE = "multibot"
 #: The database start() creates if it is missing; the DSN names it.
 DATABASE = "multibot"
-_READY_POLL = 0.005  # seconds between readiness checks while the server boots
-_LOG_TAIL_LINES = 20
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _SOCKET_PORT = 5432  # names the socket (.s.PGSQL.5432) when there is no TCP port
 
 
@@ -68,7 +65,7 @@ def server_user(run_as: str | None) -> OsUser | None:
     return user
 
 
-class PostgresServer:
+class PostgresServer(EmbeddedServer[PostgresBinaries]):
     """A private PostgreSQL server child process with its cluster, log and socket in data_dir.
 
     The constructor only records options; ``start()`` finds binaries if none were given,
@@ -79,7 +76,13 @@ class PostgresServer:
     client may connect (trust); with one, logins need it (scram-sha-256). The password is
     fixed when initdb runs: a later start with another one fails. As root, initdb and the
     server run as ``run_as`` or a default (see ``server_user``), which data_dir is chowned to.
+    The log (``log_path``) holds the output of initdb and the server.
     """
+
+    _event = "postgres_server"
+    # As another user, the server may be unable to read our working directory, which
+    # initdb and postgres look up.
+    _chdir = True
 
     def __init__(
         self,
@@ -91,34 +94,26 @@ class PostgresServer:
         run_as: str | None = None,
         unix_socket: bool = False,
     ) -> None:
-        self._data_dir = Path(data_dir).absolute()
-        self._binaries = binaries
-        self._port = port
+        super().__init__(
+            data_dir, binary=binaries, port=port, unix_socket=unix_socket, log_name="postgres.log"
+        )
         self._password = password
         self._run_as = run_as
-        self._unix_socket = unix_socket
         self._switch_to: OsUser | None = None
         self._os_user: OsUser | None = None
-        self._process: asyncio.subprocess.Process | None = None
+        self._created = False
         #: The cluster initdb creates; start() reuses it when it is there.
         self.pgdata = self._data_dir / "pgdata"
-        #: The output of initdb and the server.
-        self.log_path = self._data_dir / "postgres.log"
-        if unix_socket and len(os.fsencode(self._data_dir / ".s.PGSQL.65535")) > _SUN_PATH_MAX:
+        if unix_socket and len(os.fsencode(self._data_dir / ".s.PGSQL.65535")) > SUN_PATH_MAX:
             raise EmbeddedServiceError(
-                f"a unix socket in {self._data_dir} would be longer than {_SUN_PATH_MAX} "
+                f"a unix socket in {self._data_dir} would be longer than {SUN_PATH_MAX} "
                 "bytes: use a shorter data_dir"
             )
 
     @property
-    def data_dir(self) -> Path:
-        """Directory holding the cluster, the log and the socket."""
-        return self._data_dir
-
-    @property
     def binaries(self) -> PostgresBinaries | None:
         """The binaries this server runs; None until ``start()`` finds some if none were given."""
-        return self._binaries
+        return self._binary
 
     @property
     def os_user(self) -> OsUser | None:
@@ -126,24 +121,9 @@ class PostgresServer:
         return self._os_user
 
     @property
-    def port(self) -> int | None:
-        """TCP port; None before the first start, and always when listening on a socket only."""
-        return self._port
-
-    @property
     def socket_path(self) -> Path:
         """The unix socket (used only with ``unix_socket=True``)."""
         return self._data_dir / f".s.PGSQL.{self._port or _SOCKET_PORT}"
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the running postmaster, None when it is not running."""
-        return self._process.pid if self._process and self._process.returncode is None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the child process is alive (started and not yet exited)."""
-        return self.pid is not None
 
     @property
     def dsn(self) -> str:
@@ -156,49 +136,37 @@ class PostgresServer:
             raise EmbeddedServiceError(f"{self!r} has no port yet: start() it first")
         return f"postgresql://{auth}@127.0.0.1:{self._port}/{DATABASE}?sslmode=disable"
 
-    # ASYNC109: on expiry start() kills the server and raises with its log; a cancel scope can't.
+    # ASYNC109: as EmbeddedServer.start, of which this only changes the default.
     async def start(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Spawn the server (initdb first if needed); return once it takes logins, else raise."""
-        if self.running:
-            raise EmbeddedServiceError(f"{self!r} is already running: call restart() instead")
-        loop = asyncio.get_running_loop()
-        started_at = loop.time()
-        if self._binaries is None:
-            self._binaries = await asyncio.to_thread(find_postgres)
-        binaries = self._binaries
-        if not binaries.runnable():
+        await super().start(timeout)
+
+    async def restart(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (as start)
+        """Stop the server if it runs (for up to 10 s), then start it on the same port and
+        cluster."""
+        await super().restart(timeout)
+
+    def _find_binary(self) -> PostgresBinaries:
+        return find_postgres()
+
+    async def _prepare(self, binary: PostgresBinaries, deadline: float, log_offset: int) -> None:
+        """Check the binaries, settle the OS user, run initdb if there is no cluster yet."""
+        if not binary.runnable():
             raise EmbeddedServiceError(
-                f"{binaries.bin_dir} holds no runnable postgres and initdb: pass "
+                f"{binary.bin_dir} holds no runnable postgres and initdb: pass "
                 "binaries=find_postgres(), or install PostgreSQL or `pip install pgserver`"
             )
         self._switch_to = server_user(self._run_as)
         self._os_user = self._switch_to or OsUser.current()
-        self._prepare_data_dir(binaries)
-        if self._port is None and not self._unix_socket:
-            self._port = free_port()
-        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        created = not (self.pgdata / "PG_VERSION").exists()
-        if created:
-            await self._initdb(binaries, started_at + timeout, log_offset)
-        self._check_cluster(binaries)
-        with self.log_path.open("ab") as logfile:
-            self._process = await self._spawn(self._server_args(binaries), logfile)
-        try:
-            await self._wait_ready(self._process, started_at + timeout, log_offset)
-        except BaseException:
-            # Fast shutdown rather than SIGKILL: a killed postmaster leaves its shared memory
-            # (in /dev/shm and SysV) until the cluster's next start.
-            await self.stop(timeout=5.0)
-            raise
-        log.info(
-            "postgres_server.started",
-            port=self._port,
-            pid=self._process.pid,
-            version=binaries.version_str,
-            user=str(self._os_user),
-            initdb=created,
-            startup_ms=round((loop.time() - started_at) * 1000, 1),
-        )
+        self._prepare_data_dir(binary)
+        self._pick_port()
+        self._created = not (self.pgdata / "PG_VERSION").exists()
+        if self._created:
+            await self._initdb(binary, deadline, log_offset)
+        self._check_cluster(binary)
+
+    def _start_details(self) -> dict[str, object]:
+        return {"user": str(self._os_user), "initdb": self._created}
 
     def _prepare_data_dir(self, binaries: PostgresBinaries) -> None:
         """Create data_dir; as root hand it to the server's user, who must be able to reach it."""
@@ -256,7 +224,7 @@ class PostgresServer:
                 code = None
             finally:
                 if process.returncode is None:  # timed out, or start() was cancelled
-                    _kill_group(process.pid)
+                    kill_group(process.pid)
                     await process.wait()
         finally:
             pwfile.unlink(missing_ok=True)
@@ -291,7 +259,7 @@ class PostgresServer:
         elif user is not None:
             os.chown(hba, user.uid, user.gid)
 
-    def _server_args(self, binaries: PostgresBinaries) -> list[str | Path]:
+    def _command(self, binary: PostgresBinaries) -> list[str | Path]:
         socket_dir = '"' + str(self._data_dir).replace('"', '""') + '"'  # a GUC list item
         settings = {
             "listen_addresses": "" if self._port is None else "127.0.0.1",
@@ -299,51 +267,21 @@ class PostgresServer:
             "unix_socket_directories": socket_dir if self._unix_socket else "",
             "unix_socket_permissions": "0700",
         }
-        args: list[str | Path] = [binaries.postgres, "-D", self.pgdata]
+        args: list[str | Path] = [binary.postgres, "-D", self.pgdata]
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
         return args
 
-    async def _spawn(
-        self, args: list[str | Path], logfile: IO[bytes]
-    ) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            *args,
-            stdin=subprocess.DEVNULL,
-            stdout=logfile,
-            stderr=logfile,
-            cwd=self._data_dir,
-            start_new_session=True,  # own process group: a Ctrl-C to us does not reach it
-            preexec_fn=child_setup(self._switch_to),  # become the user, die with us
-        )
+    def _child_setup(self) -> Callable[[], None]:
+        return child_setup(self._switch_to)  # become the user, die with us
 
-    async def _wait_ready(
-        self, process: asyncio.subprocess.Process, deadline: float, log_offset: int
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        exited = asyncio.create_task(process.wait())
-        try:
-            while not exited.done() and loop.time() < deadline:
-                # Connect only once postmaster.pid names our process as ready: it then holds
-                # the port, so a foreign server that answered on it is not mistaken for ours.
-                if self._pid_file_ready(process.pid) and await self._connects(
-                    min(1.0, deadline - loop.time())
-                ):
-                    return
-                # Pause between attempts, but wake at once if the process dies.
-                await asyncio.wait({exited}, timeout=_READY_POLL)
-        finally:
-            exited.cancel()
-            await asyncio.wait({exited})
-        what = (
-            f"exited with code {process.returncode} during startup"
-            if process.returncode is not None
-            else "did not become ready in time"
-        )
-        raise EmbeddedServiceError(
-            f"{self._binaries} {what} (data {self.pgdata}); its log says:\n"
-            + self._log_tail(log_offset)
-        )
+    def _files(self) -> str:
+        return f"data {self.pgdata}"
+
+    async def _ready(self, pid: int, time_left: float) -> bool:
+        # Connect only once postmaster.pid names our process as ready: it then holds the
+        # port, so a foreign server that answered on it is not mistaken for ours.
+        return self._pid_file_ready(pid) and await self._connects(min(1.0, time_left))
 
     def _pid_file_ready(self, pid: int) -> bool:
         """Whether postmaster.pid (line 1: pid, line 8: status) says ``pid`` is ready."""
@@ -383,77 +321,15 @@ class PostgresServer:
             await conn.close(timeout=io_timeout)
         return True
 
-    def _log_tail(self, offset: int) -> str:
-        try:
-            with self.log_path.open("rb") as logfile:
-                logfile.seek(offset)
-                lines = logfile.read().decode(errors="replace").splitlines()
-        except OSError as exc:
-            return f"(cannot read {self.log_path}: {exc})"
-        return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(log is empty)"
+    async def _request_stop(self, process: asyncio.subprocess.Process, grace: float) -> None:
+        """Send SIGINT, PostgreSQL's fast shutdown: it ends sessions, writes a checkpoint, exits."""
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
 
-    # ASYNC109: the timeout is a grace period before SIGKILL, not a cancel scope.
-    async def stop(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-        """Fast-shut the server down, wait up to ``timeout``, then SIGKILL. Idempotent.
+    async def _abandon_start(self) -> None:
+        # Fast shutdown rather than SIGKILL: a killed postmaster leaves its shared memory
+        # (in /dev/shm and SysV) until the cluster's next start.
+        await self.stop(timeout=5.0)
 
-        SIGINT is PostgreSQL's fast shutdown: it ends sessions, writes a checkpoint, exits.
-        """
-        process = self._process
-        if process is None:
-            return
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGINT)
-        try:
-            await asyncio.wait_for(process.wait(), timeout)
-        except TimeoutError:
-            log.warning("postgres_server.stop_timeout", pid=process.pid, timeout=timeout)
-            _kill_group(process.pid)
-            await process.wait()
-        self._process = None
-        log.info(
-            "postgres_server.stopped", port=self._port, pid=process.pid, code=process.returncode
-        )
-
-    async def kill(self) -> None:
-        """SIGKILL the server's process group (a simulated crash) and reap it. Idempotent."""
-        process = self._process
-        if process is None:
-            return
-        if process.returncode is None:
-            _kill_group(process.pid)
-            log.info("postgres_server.killed", port=self._port, pid=process.pid)
-        await process.wait()
-        self._process = None
-
-    async def wait(self) -> int:
-        """Wait until the running server exits (a crash, or a stop); its exit code."""
-        process = self._process
-        if process is None:
-            raise EmbeddedServiceError(f"{self!r} is not running")
-        return await process.wait()
-
-    async def restart(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109 (as stop/start)
-        """Stop the server if it runs, then start it on the same port and cluster."""
-        await self.stop(min(timeout, 10.0))
-        await self.start(timeout)
-
-    async def __aenter__(self) -> PostgresServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
-
-    def __repr__(self) -> str:
-        version = "?" if self._binaries is None else self._binaries.version_str
-        where = f"socket={self.socket_path}" if self._unix_socket else f"port={self._port}"
-        user = f" user={self._os_user}" if self._os_user is not None else ""
-        state = f"pid={self.pid} running" if self.running else "stopped"
-        return f"<PostgresServer {version} {where}{user} {state}>"
-
-
-def _kill_group(pid: int) -> None:
-    """SIGKILL the process group led by ``pid`` (the postmaster and its backends)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    def _repr_details(self) -> str:
+        return f" user={self._os_user}" if self._os_user is not None else ""
