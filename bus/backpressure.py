@@ -1,6 +1,6 @@
 """Backpressure: publishers hold back while the manager says Redis is nearly full.
 
-The manager's pressure watch (``manager/pressure.py``) keeps the flag key ``<ns>:pressure``
+The manager's pressure watch (``manager/archive/pressure.py``) keeps the flag key ``<ns>:pressure``
 set, with a short expiry, while Redis's used memory is above the high mark of its
 ``maxmemory``; its value says what holds the memory (the archive is not storing, a group is
 behind). A publisher reads the flag at most every :data:`REFRESH` seconds, so the cost is

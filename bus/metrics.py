@@ -6,7 +6,7 @@ consumer group and *category* (the event type's first dot segment), and keeps fi
 histograms per group of handler run time and of the delivery delay (the stream entry id's
 millisecond part to the handler's start, and to the ack). The bot runtime sends
 :meth:`BusMetrics.snapshot` to the manager, which adds up every process's snapshot
-(:func:`merge_snapshot`); the metric names are in ``manager.metrics``.
+(:func:`merge_snapshot`); the metric names are in ``manager.observe.metrics``.
 
 What is counted: *consumed*, an entry a handler starts on (once, however many of the
 group's handlers match it); *acked*, an entry handed to handlers or dead-lettered whose

@@ -18,7 +18,7 @@ reports back on an inherited pipe, one line per message (:class:`StatusLine`):
 The in-flight lines let the manager know which entries were being handled when a process
 died, so an entry that keeps crashing its bot is dead-lettered instead of crash-looping it.
 The metrics lines let it add up counters across processes: it keeps each process's last
-snapshot, and folds it into its totals when the process exits (manager.fleet_metrics).
+snapshot, and folds it into its totals when the process exits (manager.observe.fleet_metrics).
 """
 
 from __future__ import annotations

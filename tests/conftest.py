@@ -15,7 +15,7 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import BusClient, BusSettings
-from manager.redis_server import (
+from manager.embedded.redis_server import (
     MIN_VERSION,
     RedisBinary,
     RedisServer,

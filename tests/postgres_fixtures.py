@@ -25,8 +25,8 @@ import psutil
 import pytest
 
 from bus.archive import ArchiveStore
-from manager.postgres_binaries import PostgresBinaries
-from manager.postgres_server import PostgresServer
+from manager.embedded.postgres_binaries import PostgresBinaries
+from manager.embedded.postgres_server import PostgresServer
 
 _CHUNK = 64 * 1024
 

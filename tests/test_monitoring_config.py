@@ -215,14 +215,16 @@ class TestMetricNames:
     def families(self) -> frozenset[str]:
         # Imported by name: the module is another part's work and may not exist yet.
         try:
-            names = importlib.import_module("manager.metrics").METRIC_NAMES
+            names = importlib.import_module("manager.observe.metrics").METRIC_NAMES
         except (ImportError, AttributeError) as error:
-            pytest.skip(f"no manager.metrics.METRIC_NAMES to check the names against: {error}")
+            pytest.skip(
+                f"no manager.observe.metrics.METRIC_NAMES to check the names against: {error}"
+            )
         return frozenset(names)
 
     @pytest.mark.parametrize("where", sorted(QUERIES))
     def test_only_metrics_the_manager_serves(self, families: frozenset[str], where: str) -> None:
-        """Every multibot_* name in the PromQL is a metric of manager.metrics."""
+        """Every multibot_* name in the PromQL is a metric of manager.observe.metrics."""
         queries = QUERIES[where]()
         names = {name for query in queries for name in METRIC.findall(query)}
         assert names, where

@@ -39,7 +39,7 @@ import orjson
 import pytest
 
 from manager.config import DEFAULT_CONFIG_PATH, load_config
-from manager.redis_server import free_port
+from manager.embedded.redis_server import free_port
 from tests.daemon.manager_process import REPO, ManagerProcess
 from tests.support import wait_until
 

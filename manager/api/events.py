@@ -26,8 +26,8 @@ from manager.api.models import (
     TraceNode,
 )
 from manager.api.security import Publisher, Reader
-from manager.cli_events import TimeRangeError, duration_ago, utc_moment
-from manager.trace_tree import chain_tree
+from manager.archive.trace_tree import chain_tree
+from manager.times import TimeRangeError, duration_ago, utc_moment
 
 router = APIRouter(tags=["events"])
 

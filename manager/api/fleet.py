@@ -11,7 +11,7 @@ from manager.api.context import ManagerView, view_of
 from manager.api.errors import ERRORS
 from manager.api.models import ConsumerOut, GroupOut, Restarted, StreamOut
 from manager.api.security import Admin, Reader
-from manager.lag import group_lags, stream_keys
+from manager.observe.lag import group_lags, stream_keys
 
 router = APIRouter(tags=["fleet"])
 

@@ -27,12 +27,12 @@ from bus import BusClient, BusSettings
 from bus.archive.store import ArchiveStore
 from bus.keys import Keys
 from manager.announcer import Announcer
-from manager.archive_link import ArchiveLink
-from manager.archiver import Archiver
+from manager.archive.archiver import Archiver
+from manager.archive.link import ArchiveLink
+from manager.archive.trimmer import Trimmer
 from manager.config import ArchiveSettings
-from manager.postgres_server import PostgresServer
-from manager.redis_server import RedisServer
-from manager.trimmer import Trimmer
+from manager.embedded.postgres_server import PostgresServer
+from manager.embedded.redis_server import RedisServer
 
 _DELAYS = """
 SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY d) AS p, max(d) AS max

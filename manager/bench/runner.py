@@ -43,7 +43,7 @@ from manager.bench.options import (
 )
 from manager.bench.recording import Tally, WorkerResult, receive
 from manager.bench.report import BenchReport, PhaseResult, summarize
-from manager.redis_server import RedisServer
+from manager.embedded.redis_server import RedisServer
 
 log = structlog.get_logger("manager.bench")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 import uvloop
 
-from manager.cli_common import echo_json
+from manager.cli.output import echo_json
 from manager.config import DEFAULT_CONFIG_PATH, ConfigError
 from manager.errors import ManagerError
 from manager.soak.faults import FAULTS

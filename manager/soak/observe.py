@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bus.keys import ARCHIVER_GROUP
-from manager.lag import group_lags
+from manager.observe.lag import group_lags
 
 log = structlog.get_logger("manager.soak")
 
@@ -72,7 +72,7 @@ class MemorySampler:
 
 async def group_backlog(redis: Redis, stream: str, groups: Sequence[str]) -> dict[str, int]:
     """Per group of ``groups`` on ``stream``: entries pending plus entries not yet delivered
-    (:func:`manager.lag.group_lags`: Redis's own lag field goes wrong after restarts); a
+    (:func:`manager.observe.lag.group_lags`: Redis's own lag field goes wrong after restarts); a
     missing group counts as one, so it is never taken as caught up."""
     found = {g.group: g for g in await group_lags(redis, [stream])}
     backlog: dict[str, int] = {}

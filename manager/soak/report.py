@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
-from manager.memory import format_size
+from manager.observe.memory import format_size
 
 
 class GroupReport(BaseModel):

@@ -30,8 +30,8 @@ from bus.errors import SubscriptionError
 from bus.event import Event
 from bus.keys import Keys
 from bus.patterns import Pattern
-from manager.postgres_server import PostgresServer
-from manager.redis_server import free_port
+from manager.embedded.postgres_server import PostgresServer
+from manager.embedded.redis_server import free_port
 
 pytestmark = pytest.mark.postgres
 

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bus import BusClient, BusConnectionError, Event
-from manager.redis_server import RedisServer
+from manager.embedded.redis_server import RedisServer
 from tests.conftest import BusFactory
 from tests.support import running, wait_until
 

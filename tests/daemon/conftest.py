@@ -11,7 +11,7 @@ from typing import Protocol
 import pytest
 
 from bus.keys import Keys
-from manager.postgres_server import PostgresServer
+from manager.embedded.postgres_server import PostgresServer
 from tests.daemon.manager_process import FAST, ManagerProcess
 
 

@@ -16,8 +16,8 @@ from bus.archive.errors import ArchiveError
 from bus.archive.store import ArchiveStore
 from bus.entry_id import EntryId
 from bus.keys import Keys, group_name
-from manager.postgres_server import PostgresServer
-from manager.redis_server import RedisServer
+from manager.embedded.postgres_server import PostgresServer
+from manager.embedded.redis_server import RedisServer
 from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import FAST, ManagerProcess, bot_toml, events
 from tests.support import wait_until

@@ -15,7 +15,7 @@ from bus import BusClient, BusSettings, EventType
 from bus.dlq import DeadLetter
 from bus.keys import Keys
 from manager.control import ControlError
-from manager.postgres_server import PostgresServer
+from manager.embedded.postgres_server import PostgresServer
 from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import FAST, ManagerProcess, bot_toml, events
 from tests.support import wait_until

@@ -17,8 +17,8 @@ import sys
 from bus import BusSettings
 from bus.connection import connect
 from bus.keys import Keys
-from manager.archive_link import ArchiveLink
-from manager.archiver import Archiver
+from manager.archive.archiver import Archiver
+from manager.archive.link import ArchiveLink
 from manager.config import ArchiveSettings
 
 

@@ -30,11 +30,11 @@ from bus.connection import connect
 from bus.dlq import DeadLetters
 from bus.keys import ARCHIVER_GROUP, Keys
 from bus.wire import encode
-from manager.archive_link import ArchiveLink
-from manager.archiver import Archiver
+from manager.archive.archiver import Archiver
+from manager.archive.link import ArchiveLink
 from manager.config import ArchiveSettings
-from manager.lag import stream_keys
-from manager.postgres_server import PostgresServer
+from manager.embedded.postgres_server import PostgresServer
+from manager.observe.lag import stream_keys
 from tests.conftest import BusFactory
 from tests.support import entries, wait_until
 

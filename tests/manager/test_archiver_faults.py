@@ -20,11 +20,11 @@ from structlog.testing import capture_logs
 from bus.archive import ArchiveStore
 from bus.dlq import DeadLetters
 from bus.keys import ARCHIVER_GROUP
-from manager.archive_link import ArchiveLink
-from manager.archiver import Archiver
+from manager.archive.archiver import Archiver
+from manager.archive.link import ArchiveLink
 from manager.config import ArchiveSettings
-from manager.postgres_server import PostgresServer
-from manager.redis_server import RedisServer
+from manager.embedded.postgres_server import PostgresServer
+from manager.embedded.redis_server import RedisServer
 from tests.conftest import BusFactory
 from tests.manager.test_archiver import (
     KEYS,

@@ -18,9 +18,9 @@ from bus.archive import ArchiveStore
 from bus.connection import connect
 from bus.dlq import DeadLetters
 from bus.wire import DLQ_LINK_FIELD, TARGET_FIELD, encode
-from manager.archive_link import ArchiveLink
-from manager.postgres_server import PostgresServer
-from manager.retention import cutoff_day
+from manager.archive.link import ArchiveLink
+from manager.archive.retention import cutoff_day
+from manager.embedded.postgres_server import PostgresServer
 from tests.conftest import BusFactory
 from tests.manager.test_archiver import (
     KEYS,

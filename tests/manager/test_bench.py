@@ -22,7 +22,7 @@ from manager.bench.report import (
     percentile,
 )
 from manager.bench.runner import _drain, run_bench
-from manager.redis_server import free_port
+from manager.embedded.redis_server import free_port
 
 #: Keys the issue promises scripts in the --json line.
 PROMISED_KEYS = {

@@ -1,8 +1,9 @@
-"""Tests for manager.bot_process's HangCheck: which timeout makes a process hung; no clocks."""
+"""Tests for manager.supervision.bot_process's HangCheck: which timeout makes a process
+hung; no clocks."""
 
 from __future__ import annotations
 
-from manager.bot_process import HangCheck
+from manager.supervision.bot_process import HangCheck
 
 CHECK = HangCheck(heartbeat_timeout=10.0, startup_timeout=30.0)
 SPAWN = 1000.0

@@ -35,8 +35,8 @@ from bus.event import Event
 from bus.keys import Keys
 from bus.wire import encode
 from manager.cli import main
-from manager.cli_events import _since_id
-from manager.redis_server import free_port
+from manager.cli.events import _since_id
+from manager.embedded.redis_server import free_port
 from tests.conftest import RedisFactory
 from tests.daemon.manager_process import FAST, ManagerProcess, events
 

@@ -14,7 +14,7 @@ from bus import Event
 from bus.archive.store import ArchiveStore
 from bus.keys import Keys
 from manager.cli import main
-from manager.postgres_server import PostgresServer
+from manager.embedded.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.postgres
 

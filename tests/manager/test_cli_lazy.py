@@ -14,11 +14,11 @@ import click
 import pytest
 
 from manager.cli import COMMANDS, main
-from manager.cli_events import ARCHIVE_COMMANDS, events
-from manager.cli_lazy import LazyGroup
+from manager.cli.events import ARCHIVE_COMMANDS, events
+from manager.cli.lazy import LazyGroup
 
 #: Modules that take most of a second to import, and that --help and status do not need.
-HEAVY = ("fastapi", "uvicorn", "asyncpg", "manager.daemon", "manager.bench", "manager.soak")
+HEAVY = ("fastapi", "uvicorn", "asyncpg", "manager.daemon.manager", "manager.bench", "manager.soak")
 
 
 def loaded_after(*argv: str, env: dict[str, str] | None = None) -> set[str]:
@@ -67,7 +67,7 @@ def test_help_imports_no_command() -> None:
     modules = loaded_after("--help")
     assert "manager.cli" in modules
     assert heavy(modules) == []
-    assert not {"manager.cli_manager", "manager.cli_events", "structlog"} & modules
+    assert not {"manager.cli.manager", "manager.cli.events", "structlog"} & modules
 
 
 def test_status_imports_neither_daemon_nor_api_nor_logging(tmp_path: Path) -> None:
@@ -75,7 +75,7 @@ def test_status_imports_neither_daemon_nor_api_nor_logging(tmp_path: Path) -> No
     control client, not the daemon, the API, the benchmarks or structlog."""
     env = {"MULTIBOT_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     modules = loaded_after("status", "--json", env=env)
-    assert "manager.cli_manager" in modules
+    assert "manager.cli.manager" in modules
     assert heavy(modules) == []
     assert "structlog" not in modules
     assert "manager.control" not in modules  # the server side

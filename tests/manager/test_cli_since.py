@@ -6,7 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from manager.cli_events import MAX_AGO_DAYS, TimeRangeError, _since_id, duration_ago, utc_moment
+from manager.cli.events import _since_id
+from manager.times import MAX_AGO_DAYS, TimeRangeError, duration_ago, utc_moment
 from tests.manager.test_cli import invoke, unreachable_url
 
 

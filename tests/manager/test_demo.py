@@ -18,8 +18,8 @@ from structlog.testing import capture_logs
 
 from bots import chatbot
 from bus import Event
-from manager.demo import DEMO_NAMESPACE, demo, describe, load_main, run_demo
-from manager.redis_server import free_port
+from manager.cli.demo import DEMO_NAMESPACE, demo, describe, load_main, run_demo
+from manager.embedded.redis_server import free_port
 
 SEED = 2  # with 2 users, the second message already makes a shared user
 

@@ -1,4 +1,4 @@
-"""Tests for manager.embedded_server: the process handling Redis and PostgreSQL share.
+"""Tests for manager.embedded.server: the process handling Redis and PostgreSQL share.
 
 What the server tests cannot easily provoke is run here on a small shell script: a server
 that never gets ready, one that ignores SIGTERM and leaves a child behind, a noisy log.
@@ -16,8 +16,8 @@ import psutil
 import pytest
 from structlog.testing import capture_logs
 
-from manager.child_process import child_setup
-from manager.embedded_server import EmbeddedServer
+from manager.embedded.child_process import child_setup
+from manager.embedded.server import EmbeddedServer
 from manager.errors import EmbeddedServiceError
 from tests.postgres_fixtures import gone
 

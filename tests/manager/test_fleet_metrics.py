@@ -1,11 +1,11 @@
-"""The fleet's bus metrics (manager.fleet_metrics): summed, and kept across restarts."""
+"""The fleet's bus metrics (manager.observe.fleet_metrics): summed, and kept across restarts."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from bus.metrics import BusMetrics
-from manager.fleet_metrics import FleetMetrics
+from manager.observe.fleet_metrics import FleetMetrics
 
 GROUP = "bot-group-worker"
 

@@ -1,4 +1,5 @@
-"""Tests for manager.handover: the crash ledger, and a dead consumer's entries on real Redis."""
+"""Tests for manager.supervision.handover: the crash ledger, and a dead consumer's entries
+on real Redis."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from redis.asyncio import Redis
 
 from bus.dlq import DeadLetters
 from bus.keys import Keys
-from manager.handover import (
+from manager.supervision.handover import (
     CrashLedger,
     dead_letter_crashed,
     pending_of,

@@ -1,4 +1,4 @@
-"""Tests for manager.lag: consumer group lag on real Redis 7.0 and 6.2."""
+"""Tests for manager.observe.lag: consumer group lag on real Redis 7.0 and 6.2."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bus.keys import Keys
-from manager.lag import GroupLag, group_lags, stream_keys
+from manager.observe.lag import GroupLag, group_lags, stream_keys
 
 pytestmark = pytest.mark.redis
 

@@ -1,4 +1,4 @@
-"""Tests for manager.memory: measuring process trees and Redis, sizes, budget alerts."""
+"""Tests for manager.observe.memory: measuring process trees and Redis, sizes, budget alerts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import psutil
 import pytest
 from redis.asyncio import Redis
 
-from manager.memory import (
+from manager.observe.memory import (
     MemoryAlert,
     MemoryBudget,
     MemorySample,

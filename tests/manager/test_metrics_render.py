@@ -1,4 +1,4 @@
-"""The Prometheus exposition (manager.metrics): names, labels, values, and Redis reads."""
+"""The Prometheus exposition (manager.observe.metrics): names, labels, values, and Redis reads."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 
 from bus.keys import ARCHIVER_GROUP, Keys
 from bus.metrics import BusMetrics, empty_snapshot, merge_snapshot
-from manager.fleet_metrics import FleetMetrics
-from manager.metrics import (
+from manager.observe.fleet_metrics import FleetMetrics
+from manager.observe.metrics import (
     CONTENT_TYPE,
     METRIC_NAMES,
     MetricsInput,

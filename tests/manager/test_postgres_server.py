@@ -1,5 +1,6 @@
-"""Tests for manager.postgres_server (finding binaries, running a private PostgreSQL) and for
-manager.child_process, which it uses to run the server as another user, tied to its parent."""
+"""Tests for manager.embedded.postgres_server (finding binaries, running a private
+PostgreSQL) and for manager.embedded.child_process, which it uses to run the server as
+another user, tied to its parent."""
 
 from __future__ import annotations
 
@@ -21,16 +22,16 @@ import pytest
 import uvloop
 from structlog.testing import capture_logs
 
-from manager.child_process import OsUser, child_setup, die_with_parent
-from manager.errors import EmbeddedServiceError, ManagerError
-from manager.postgres_binaries import (
+from manager.embedded.child_process import OsUser, child_setup, die_with_parent
+from manager.embedded.postgres_binaries import (
     PostgresBinaries,
     bundled_postgres,
     choose_postgres,
     find_postgres,
     system_postgres,
 )
-from manager.postgres_server import PostgresServer
+from manager.embedded.postgres_server import PostgresServer
+from manager.errors import EmbeddedServiceError, ManagerError
 from tests.postgres_fixtures import PostgresFactory, copy_cluster, gone
 from tests.support import wait_until
 
@@ -403,7 +404,7 @@ SERVER_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
 import asyncpg, uvloop
-from manager.postgres_server import PostgresServer
+from manager.embedded.postgres_server import PostgresServer
 
 async def main():
     server = PostgresServer(Path(sys.argv[1]))
@@ -455,7 +456,7 @@ class TestDiesWithParent:
 # A parent that spawns `sleep` with die_with_parent as preexec_fn, prints its pid, waits.
 PARENT_SCRIPT = """
 import subprocess, sys, time
-from manager.child_process import die_with_parent
+from manager.embedded.child_process import die_with_parent
 child = subprocess.Popen(["sleep", "60"], preexec_fn=die_with_parent)
 print(f"child={child.pid}", flush=True)
 time.sleep(60)

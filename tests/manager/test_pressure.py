@@ -18,8 +18,8 @@ from redis.asyncio import Redis
 from bus import BusBackpressureError, BusClient, BusSettings, EventType
 from bus.keys import ARCHIVER_GROUP
 from manager.announcer import Announcer
+from manager.archive.pressure import PressureWatch
 from manager.config import MemorySettings
-from manager.pressure import PressureWatch
 from tests.conftest import BusFactory
 from tests.manager.test_trimmer import (
     KEYS,

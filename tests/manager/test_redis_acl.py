@@ -1,4 +1,4 @@
-"""Tests for manager.redis_acl: a bot's ACL user runs the whole bus and nothing more."""
+"""Tests for manager.daemon.redis_acl: a bot's ACL user runs the whole bus and nothing more."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from structlog.testing import capture_logs
 
 from bus import BusClient, BusSettings, Event, RetrySettings
 from bus.keys import Keys, consumer_name, group_name
-from manager.errors import ManagerError
-from manager.redis_acl import (
+from manager.daemon.redis_acl import (
     BotUserError,
     RedisAclError,
     bot_acl_rules,
@@ -31,7 +30,8 @@ from manager.redis_acl import (
     ensure_bot_user,
     generate_password,
 )
-from manager.redis_server import RedisBinary
+from manager.embedded.redis_server import RedisBinary
+from manager.errors import ManagerError
 from tests.conftest import RedisFactory
 from tests.support import running, wait_until
 

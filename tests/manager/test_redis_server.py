@@ -1,4 +1,4 @@
-"""Tests for manager.redis_server: finding a binary and running a private redis-server."""
+"""Tests for manager.embedded.redis_server: finding a binary and running a private redis-server."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError
 from structlog.testing import capture_logs
 
-from manager.errors import EmbeddedServiceError, ManagerError
-from manager.redis_server import (
+from manager.embedded.redis_server import (
     RedisBinary,
     RedisServer,
     bundled_redis_server,
@@ -21,6 +20,7 @@ from manager.redis_server import (
     find_redis_server,
     free_port,
 )
+from manager.errors import EmbeddedServiceError, ManagerError
 from tests.conftest import RedisFactory
 
 OLD = RedisBinary(Path("/usr/bin/redis-server"), (5, 0, 7))

@@ -12,11 +12,11 @@ from bus import BusClient, BusSettings
 from bus.archive.store import ArchiveStore
 from bus.keys import Keys
 from manager.announcer import Announcer
-from manager.archive_link import ArchiveLink
-from manager.archiver import Archiver
+from manager.archive.archiver import Archiver
+from manager.archive.link import ArchiveLink
+from manager.archive.trimmer import Trimmer
 from manager.config import ArchiveSettings
-from manager.postgres_server import PostgresServer
-from manager.trimmer import Trimmer
+from manager.embedded.postgres_server import PostgresServer
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]

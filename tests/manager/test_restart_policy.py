@@ -1,4 +1,5 @@
-"""Tests for manager.restart_policy: restart decisions, backoff and crash loops; no clocks."""
+"""Tests for manager.supervision.restart_policy: restart decisions, backoff and crash
+loops; no clocks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from bus.backoff import Backoff
 from bus.supervision import EXIT_CONFIG, EXIT_LEASE_LOST
 from manager.config import RestartPolicy
-from manager.restart_policy import Decision, ExitStatus, RestartTracker
+from manager.supervision.restart_policy import Decision, ExitStatus, RestartTracker
 
 CRASH = ExitStatus(code=1)
 CLEAN = ExitStatus(code=0)

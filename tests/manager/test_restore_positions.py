@@ -26,11 +26,11 @@ from bus.archive.group_positions import clamp
 from bus.entry_id import EntryId
 from bus.keys import ARCHIVER_GROUP, Keys, group_name
 from bus.wire import decode
-from manager.archive_link import ArchiveLink
-from manager.group_positions import PositionRecorder, acked_position
-from manager.postgres_server import PostgresServer
-from manager.redis_server import RedisServer
-from manager.restore import lost_streams, restore
+from manager.archive.group_positions import PositionRecorder, acked_position
+from manager.archive.link import ArchiveLink
+from manager.archive.restore import lost_streams, restore
+from manager.embedded.postgres_server import PostgresServer
+from manager.embedded.redis_server import RedisServer
 from tests.conftest import BusFactory
 from tests.support import entries, running, wait_until
 

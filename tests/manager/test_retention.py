@@ -13,9 +13,9 @@ import pytest
 from bus.archive import ArchiveStore
 from bus.event import Event
 from bus.keys import Keys
+from manager.archive.retention import cutoff_day, maintain
 from manager.config import ArchiveSettings
-from manager.postgres_server import PostgresServer
-from manager.retention import cutoff_day, maintain
+from manager.embedded.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.postgres
 

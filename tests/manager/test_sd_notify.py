@@ -1,4 +1,4 @@
-"""Tests for manager.sd_notify: the datagrams systemd receives on a real NOTIFY_SOCKET."""
+"""Tests for manager.observe.sd_notify: the datagrams systemd receives on a real NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from manager.sd_notify import NOTIFY_ENV_KEYS, Notifier
+from manager.observe.sd_notify import NOTIFY_ENV_KEYS, Notifier
 from tests.support import wait_until
 
 FAST_WATCHDOG_USEC = "100000"  # 0.1 s timeout, so a ping every 0.05 s

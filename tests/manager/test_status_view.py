@@ -1,4 +1,4 @@
-"""Tests for manager.status_view: what `multibot status` shows a person."""
+"""Tests for manager.cli.status_view: what `multibot status` shows a person."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from manager.status_view import format_duration, render_status
+from manager.cli.status_view import format_duration, render_status
 
 MiB, GiB = 1024**2, 1024**3
 
@@ -249,7 +249,7 @@ class TestArchiveLine:
 
         from rich.console import Console
 
-        from manager.status_view import render_status
+        from manager.cli.status_view import render_status
 
         for archive, expected in (
             ({"healthy": True, "archived": 12, "dead_letters": 1}, "archive ok  12 events"),

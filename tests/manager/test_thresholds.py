@@ -1,10 +1,10 @@
-"""Tests for manager.thresholds: hysteresis reports each crossing once."""
+"""Tests for manager.observe.thresholds: hysteresis reports each crossing once."""
 
 from __future__ import annotations
 
 import pytest
 
-from manager.thresholds import Crossing, Threshold, ThresholdWatch
+from manager.observe.thresholds import Crossing, Threshold, ThresholdWatch
 
 
 def feed(watch: ThresholdWatch[str], key: str, values: list[float]) -> list[Crossing[str]]:

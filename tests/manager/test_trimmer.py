@@ -20,9 +20,9 @@ from bus.entry_id import EntryId
 from bus.keys import ARCHIVER_GROUP, Keys
 from bus.wire import decode, encode
 from manager.announcer import Announcer
+from manager.archive.removed_groups import RemovedGroups
+from manager.archive.trimmer import Trimmer, trim_point
 from manager.config import ArchiveSettings
-from manager.removed_groups import RemovedGroups
-from manager.trimmer import Trimmer, trim_point
 from tests.conftest import BusFactory
 from tests.support import entries, wait_until
 

@@ -1,0 +1,31 @@
+"""Gather what ``GET /metrics`` shows from the running manager, then render it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from manager.observe.metrics import MetricsInput, archive_lag, gather_streams, render
+
+if TYPE_CHECKING:
+    from manager.api.view import DaemonView
+
+
+async def render_metrics(view: DaemonView) -> bytes:
+    """The Prometheus exposition: fleet counters from the bots, the manager's own state,
+    and what Redis says now about the streams."""
+    bus = view.bus
+    streams = await gather_streams(bus.redis, bus.keys)
+    archive = None
+    if view.archiver is not None:
+        archive = {**view.archiver.status(), "lag": await archive_lag(bus.redis, bus.keys)}
+    return render(
+        MetricsInput(
+            fleet=view.supervisor.metrics.snapshot(),
+            bots=view.supervisor.status(),
+            coordinator=view.coordinator.status(),
+            streams=streams,
+            archive=archive,
+            dead_letters=await bus.dlq.count(),
+            api_requests=dict(view.requests),
+        )
+    )

@@ -1,0 +1,252 @@
+"""`multibot status` for a person: the manager's status document as a header and two tables.
+
+Colour only on a terminal: failed and hung instances in red, backoff and stale heartbeats in
+yellow, the budget line yellow/red as it fills. In a pipe or a file the output is plain text
+(no escape codes) with one instance per line and the bot id on every line, so grep works.
+Every cell is a ``rich.text.Text``, never markup, so a bot id or an exit message containing
+``[brackets]`` is shown as written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from bus.connection import redact
+from manager.observe.memory import format_size
+
+#: A heartbeat older than this many seconds is shown as stale (yellow).
+STALE_HEARTBEAT = 30.0
+
+MISSING = "-"
+_RED_STATES = frozenset({"failed", "hung"})
+_YELLOW_STATES = frozenset({"backoff"})
+
+
+def render_status(
+    status: Mapping[str, Any], console: Console, *, stale_after: float = STALE_HEARTBEAT
+) -> None:
+    """Print the status document (the manager's ``status`` answer) on ``console``.
+
+    ``stale_after`` is the heartbeat age, in seconds, from which it is shown as stale.
+    Values that are None print as "-"; an empty fleet prints "none" under its heading.
+    """
+    view = _View(colour=console.is_terminal)
+    console.print(view.header(status.get("manager") or {}))
+    console.print(view.memory(status.get("memory") or {}))
+    if status.get("redis_memory"):
+        console.print(view.redis_memory(status["redis_memory"]))
+    if status.get("archive"):
+        console.print(view.archive(status["archive"]))
+    console.print()
+    bots: Sequence[Mapping[str, Any]] = status.get("bots") or []
+    if bots:
+        console.print(view.bots_table(bots, stale_after))
+    else:
+        console.print(Text("bots: none"))
+    groups: Sequence[Mapping[str, Any]] = status.get("groups") or []
+    if groups:
+        console.print()
+        console.print(view.groups_table(groups))
+    else:
+        console.print(Text("groups: none"))
+
+
+def format_duration(seconds: float | None) -> str:
+    """Seconds for a person: "45s", "3m 12s", "2h 5m", "3d 4h"; "-" when unknown."""
+    if seconds is None or math.isnan(seconds) or seconds < 0:
+        return MISSING
+    total = int(seconds)
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+class _View:
+    """Builds the renderables; styles are empty unless ``colour``."""
+
+    def __init__(self, *, colour: bool) -> None:
+        self.colour = colour
+
+    def style(self, name: str) -> str:
+        """``name`` on a terminal, no style elsewhere."""
+        return name if self.colour else ""
+
+    def header(self, manager: Mapping[str, Any]) -> Text:
+        """Who and where: version, pid, uptime, readiness, maintenance, endpoints."""
+        ready = manager.get("ready")
+        if ready is None:
+            readiness: tuple[str, str] = (f"ready {MISSING}", "")
+        else:
+            readiness = ("ready", "green") if ready else ("not ready", "yellow")
+        maintenance = ("maintenance on", "bold yellow") if manager.get("maintenance") else None
+        first = Text.assemble(
+            (f"multibot {_text(manager.get('version'))}", self.style("bold")),
+            f"  pid {_text(manager.get('pid'))}",
+            f"  up {format_duration(manager.get('uptime'))}",
+            "  ",
+            (readiness[0], self.style(readiness[1])),
+            "  ",
+            (maintenance[0], self.style(maintenance[1])) if maintenance else "maintenance off",
+        )
+        second = Text.assemble(
+            f"redis {_url(manager.get('redis'))}",
+            f"  postgres {_url(manager.get('postgres'))}",
+            f"  data {_text(manager.get('data_dir'))}",
+        )
+        lines = [first, second]
+        if manager.get("api"):
+            lines.append(Text(f"api {_text(manager.get('api'))}  (status page, /docs, /metrics)"))
+        return Text("\n").join(lines)
+
+    def memory(self, memory: Mapping[str, Any]) -> Text:
+        """Budget use, e.g. "memory 1.1 GiB / 2.0 GiB (55%)", and its three parts."""
+        used, budget = memory.get("used"), memory.get("budget")
+        line = Text(f"memory {_size(used)} / {_size(budget)}")
+        if used is not None and budget:
+            share = used / budget
+            style = "red" if share >= 0.9 else "yellow" if share >= 0.8 else ""
+            line.append(f" ({share:.0%})", self.style(style))
+        for part in ("manager", "bots", "redis"):
+            line.append(f"  {part} {_size(memory.get(part))}")
+        return line
+
+    def redis_memory(self, state: Mapping[str, Any]) -> Text:
+        """Redis against its maxmemory, and what holds publishers back when they are."""
+        used, limit = state.get("used"), state.get("maxmemory")
+        if not limit:
+            return Text("redis maxmemory unset: nothing bounds Redis", self.style("yellow"))
+        line = Text(f"redis {_size(used)} / {_size(limit)} maxmemory")
+        if not state.get("backpressure"):
+            return line
+        line.append("  BACKPRESSURE: publishers held back", self.style("red"))
+        for holder in state.get("holders") or []:
+            line.append(
+                f"\n  held by group {holder['group']} on stream {holder['stream']} "
+                f"(from entry {holder['since_id']}, pending {holder['pending']})"
+            )
+        return line
+
+    def archive(self, archive: Mapping[str, Any]) -> Text:
+        """The archiver: "archive ok  12034 events, 3 dead letters" or what is wrong."""
+        line = Text("archive ")
+        if archive.get("healthy"):
+            line.append("ok", self.style("green"))
+        else:
+            line.append(f"failing: {archive.get('last_error')}", self.style("red"))
+        line.append(f"  {archive.get('archived', 0)} events, "
+                    f"{archive.get('dead_letters', 0)} dead letters archived this run")  # fmt: skip
+        return line
+
+    def bots_table(self, bots: Sequence[Mapping[str, Any]], stale_after: float) -> Table:
+        """One row per instance (one row for a bot with none)."""
+        table = self.table(
+            ("bot", "left"),
+            ("instance", "right"),
+            ("role", "left"),
+            ("state", "left"),
+            ("pid", "right"),
+            ("uptime", "right"),
+            ("restarts", "right"),
+            ("RSS", "right"),
+            ("heartbeat", "right"),
+            ("last exit", "left"),
+        )
+        for bot in bots:
+            bot_id = _text(bot.get("id"))
+            bot_failed = bot.get("state") in _RED_STATES
+            instances: Sequence[Mapping[str, Any]] = bot.get("instances") or []
+            if not instances:
+                row_style = "red" if bot_failed else ""
+                cells = [bot_id, MISSING, MISSING, _text(bot.get("state")), MISSING, MISSING]
+                cells += [_text(bot.get("restarts")), MISSING, MISSING, MISSING]
+                table.add_row(*map(Text, cells), style=self.style(row_style))
+                continue
+            for inst in instances:
+                state = inst.get("state")
+                age = inst.get("heartbeat_age")
+                stale = age is not None and age >= stale_after
+                failed = bot_failed or state in _RED_STATES
+                table.add_row(
+                    Text(bot_id),
+                    Text(_text(inst.get("instance"))),
+                    Text(_text(inst.get("role"))),
+                    Text(
+                        _text(state),
+                        self.style("yellow" if state in _YELLOW_STATES and not failed else ""),
+                    ),
+                    Text(_text(inst.get("pid"))),
+                    Text(format_duration(inst.get("uptime"))),
+                    Text(_text(inst.get("restarts"))),
+                    Text(_size(inst.get("rss"))),
+                    Text(
+                        format_duration(age),
+                        self.style("yellow" if stale and not failed else ""),
+                    ),
+                    Text(_text(inst.get("last_exit"))),
+                    style=self.style("red" if failed else ""),
+                )
+        return table
+
+    def groups_table(self, groups: Sequence[Mapping[str, Any]]) -> Table:
+        """One row per consumer group and stream; a capped lag reads "100000+"."""
+        table = self.table(
+            ("stream", "left"),
+            ("group", "left"),
+            ("lag", "right"),
+            ("pending", "right"),
+            ("consumers", "right"),
+        )
+        for group in groups:
+            lag = _text(group.get("lag"))
+            if group.get("lag_capped") and group.get("lag") is not None:
+                lag += "+"
+            table.add_row(
+                Text(_text(group.get("stream"))),
+                Text(_text(group.get("group"))),
+                Text(lag),
+                Text(_text(group.get("pending"))),
+                Text(_text(group.get("consumers"))),
+            )
+        return table
+
+    def table(self, *columns: tuple[str, str]) -> Table:
+        """An empty table with these (header, justify) columns, styled for the console."""
+        table = Table(
+            box=box.SIMPLE,
+            header_style=self.style("bold") or "none",
+            show_edge=False,
+            pad_edge=False,
+        )
+        for header, justify in columns:
+            table.add_column(header, justify="right" if justify == "right" else "left")
+        table.columns[-1].overflow = "fold"
+        return table
+
+
+def _text(value: Any) -> str:
+    """A value as shown in a cell: "-" for None."""
+    return MISSING if value is None else str(value)
+
+
+def _size(value: int | None) -> str:
+    """Bytes as "1.5 GiB", "-" for None."""
+    return MISSING if value is None else format_size(value)
+
+
+def _url(value: str | None) -> str:
+    """An endpoint with its password hidden, "-" for None."""
+    return MISSING if value is None else redact(value)

@@ -1,0 +1,413 @@
+"""The supervisor: reconciles the configured bots against running processes and reports.
+
+Circus's vocabulary: desired bots are reconciled against running slots (spawn missing,
+retire extra, restart changed). Each slot (:class:`Instance`) restarts its own process per
+policy; the supervisor watches heartbeats (a hung bot is reported and restarted), follows
+the leader lease of active/standby bots (failover is announced), and cleans up after every
+exit: lifecycle events, crash-linked poison, the dead consumer's pending entries, its lease.
+It keeps the fleet's bus metrics (:class:`FleetMetrics`) from the processes' reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+
+from bus import EventType
+from bus.dlq import DeadLetters
+from bus.keys import Keys, group_name
+from bus.lease import release_for
+from bus.redis_errors import UNAVAILABLE
+from bus.supervision import RuntimeSpec, Status, StatusLine
+from manager.announcer import PUBLISHED_BY, Announcer
+from manager.config import BotConfig, SupervisorSettings
+from manager.observe.fleet_metrics import FleetMetrics
+from manager.observe.lag import stream_keys
+from manager.observe.memory import tree_rss
+from manager.supervision.bot_process import BotProcess, HangCheck
+from manager.supervision.handover import (
+    CrashLedger,
+    dead_letter_crashed,
+    release_pending,
+    retire_consumer,
+)
+from manager.supervision.instance import Instance, InstanceState
+from manager.supervision.restart_policy import ExitStatus
+
+log = structlog.get_logger("manager.supervision.supervisor")
+#: Slots the hang watch skips: already being restarted, or being stopped.
+_UNWATCHED = (InstanceState.HUNG, InstanceState.STOPPING)
+SpecFactory = Callable[[BotConfig, int], tuple[RuntimeSpec, dict[str, str]]]
+
+
+@dataclass
+class Bot:
+    """A configured bot and its slots."""
+
+    config: BotConfig
+    instances: list[Instance] = field(default_factory=list)
+    ledger: CrashLedger = field(default_factory=lambda: CrashLedger(3))
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: (instance, fencing token) of the replica that last took the lease.
+    active: tuple[int, int] | None = None
+
+    @property
+    def state(self) -> str:
+        """The bot's overall state: the worst of its instances'."""
+        states = {i.state for i in self.instances}
+        for state in (InstanceState.FAILED, InstanceState.HUNG, InstanceState.BACKOFF):
+            if state in states:
+                return str(state)
+        if states <= {InstanceState.RUNNING, InstanceState.STANDBY}:
+            return str(InstanceState.RUNNING)
+        return str(min(states, key=list(InstanceState).index)) if states else "stopped"
+
+
+class Supervisor:
+    """Runs every configured bot's slots; :meth:`apply` changes the set while running."""
+
+    def __init__(
+        self,
+        settings: SupervisorSettings,
+        *,
+        spec_factory: SpecFactory,
+        announcer: Announcer,
+        redis: Redis,
+        keys: Keys,
+        visibility_timeout: float,
+    ) -> None:
+        self._settings = settings
+        self._hang = HangCheck(settings.heartbeat_timeout, settings.startup_timeout)
+        self._spec_factory = spec_factory
+        self._announcer = announcer
+        self._redis = redis
+        self._keys = keys
+        self._visibility_ms = int(visibility_timeout * 1000)
+        self.bots: dict[str, Bot] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._leftover: set[tuple[str, str]] = set()
+        #: The bus metrics of every bot process, kept across their restarts.
+        self.metrics = FleetMetrics()
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self, bots: Sequence[BotConfig]) -> None:
+        """Start ``bots`` and supervise until :meth:`stop` has stopped them all."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            watcher = tg.create_task(self._watch())
+            for config in bots:
+                self._add(config)
+            self._started.set()
+            await self._stop.wait()
+            await asyncio.gather(*(self._retire(bot) for bot in self.bots.values()))
+            watcher.cancel()
+        self._tg = None
+
+    async def stop(self) -> None:
+        """Stop every bot gracefully (each its stop timeout, then SIGKILL), concurrently."""
+        self._stop.set()
+
+    async def wait_started(self) -> None:
+        """Wait until the first set of bots was spawned."""
+        await self._started.wait()
+
+    async def wait_all_up(self) -> None:
+        """Wait until :meth:`all_up`."""
+        await self._started.wait()
+        while not self.all_up():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def all_up(self) -> bool:
+        """Whether every instance is consuming, standing by, or failed (nothing pending)."""
+        settled = {InstanceState.RUNNING, InstanceState.STANDBY, InstanceState.FAILED}
+        return all(i.state in settled for bot in self.bots.values() for i in bot.instances)
+
+    def _add(self, config: BotConfig) -> None:
+        assert self._tg is not None
+        bot = Bot(config, ledger=CrashLedger(self._settings.crash_poison_after))
+        bot.instances = [Instance(self, config, i) for i in range(config.replicas)]
+        bot.tasks = [self._tg.create_task(i.run()) for i in bot.instances]
+        self.bots[config.id] = bot
+        log.info("bot added", bot_id=config.id, replicas=config.replicas, entry=config.entry)
+
+    async def _retire(self, bot: Bot) -> None:
+        await asyncio.gather(*(i.retire() for i in bot.instances))
+        await asyncio.gather(*bot.tasks)
+
+    async def apply(self, bots: Sequence[BotConfig]) -> tuple[list[str], list[str], list[str]]:
+        """Make the running bots match ``bots``: (added, removed, changed) bot ids.
+
+        Unchanged bots keep running untouched; a changed bot is stopped and started anew.
+        """
+        wanted = {b.id: b for b in bots}
+        removed = [i for i in self.bots if i not in wanted]
+        changed = [i for i, b in wanted.items() if i in self.bots and self.bots[i].config != b]
+        added = [i for i in wanted if i not in self.bots]
+        for bot_id in removed + changed:
+            bot = self.bots.pop(bot_id)
+            await self._retire(bot)
+            keep = wanted[bot_id].replicas if bot_id in wanted else 0
+            self._leftover |= {(bot_id, i.name) for i in bot.instances[keep:]}
+        for bot_id in changed + added:
+            self._add(wanted[bot_id])
+        await self.clean_consumers()
+        return added, removed, changed
+
+    async def clean_consumers(self) -> None:
+        """Delete the consumers of retired instances from their groups once nothing is
+        pending on them (a live replica takes what is; until then they are kept)."""
+        for bot_id, consumer in sorted(self._leftover):
+            streams = await stream_keys(self._redis, self._keys)
+            results = [
+                await retire_consumer(self._redis, stream, group_name(bot_id), consumer)
+                for stream in streams
+            ]
+            if all(results):
+                self._leftover.discard((bot_id, consumer))
+                log.info("consumer deleted from its group", bot_id=bot_id, consumer=consumer)
+
+    async def restart(self, bot_id: str) -> None:
+        """Restart every instance of a bot now (also a failed one); KeyError if unknown."""
+        bot = self.bots[bot_id]
+        await asyncio.gather(*(i.restart() for i in bot.instances))
+
+    # -- InstanceOwner -------------------------------------------------------------------
+
+    def spec_for(self, instance: Instance) -> tuple[RuntimeSpec, dict[str, str]]:
+        """The spec and environment of the instance's next process."""
+        return self._spec_factory(instance.bot, instance.index)
+
+    def on_started(self, instance: Instance, process: BotProcess) -> None:
+        """Announce ``bot.lifecycle.started`` for the new process."""
+        self._announce(
+            EventType.BOT_STARTED,
+            instance,
+            pid=process.pid,
+            reason=instance.last_exit and "restart",
+        )
+
+    def on_status(self, instance: Instance, process: BotProcess, line: StatusLine) -> None:
+        """Follow heartbeats (recovery of a hung slot), lease changes (failover) and metrics."""
+        if line.kind is Status.METRICS:
+            if line.data is not None:
+                self.metrics.update(instance.name, line.data)
+            return
+        if line.kind is not Status.HEARTBEAT:
+            self._changed.set()
+        if line.kind is Status.HEARTBEAT and instance.unhealthy:
+            instance.unhealthy = False
+            self._announce(EventType.BOT_HEALTH_CHANGED, instance, healthy=True, reason="beating")
+        elif line.kind is Status.ACTIVE and line.token is not None:
+            bot = self.bots.get(instance.bot.id)
+            if bot is None:
+                return
+            previous, bot.active = bot.active, (instance.index, line.token)
+            if previous is not None and previous[0] != instance.index:
+                log.warning(
+                    "failover: a standby took the lease",
+                    bot_id=bot.config.id,
+                    old_instance=previous[0],
+                    new_instance=instance.index,
+                    token=line.token,
+                )
+                self._announcer.announce(
+                    EventType.FAILOVER_TRIGGERED,
+                    {
+                        "bot_id": bot.config.id,
+                        "old_instance": str(previous[0]),
+                        "new_instance": str(instance.index),
+                        "fencing_token": line.token,
+                        "reason": "the active instance stopped renewing the lease",
+                        "published_by": PUBLISHED_BY,
+                    },
+                    source=bot.config.id,
+                )
+
+    async def on_exit(self, instance: Instance, process: BotProcess, status: ExitStatus) -> None:
+        """Keep its metrics, announce the stop, settle the dead consumer's entries and lease."""
+        self.metrics.exited(instance.name)
+        self._announce(
+            EventType.BOT_STOPPED,
+            instance,
+            pid=process.spawned_pid,
+            exit_code=status.code,
+            signal=status.signal_name,
+            reason="stopped by the manager" if instance.retired else str(status),
+        )
+        try:
+            await self._settle(instance, process, status)
+        except UNAVAILABLE as exc:
+            log.warning(
+                "cannot settle a dead bot's entries: Redis unavailable; they stay pending",
+                bot_id=instance.bot.id,
+                instance=instance.index,
+                error=str(exc),
+            )
+
+    def on_failed(self, instance: Instance, reason: str) -> None:
+        """Announce ``bot.lifecycle.error``: the slot gave up."""
+        self._changed.set()
+        self._announcer.announce(
+            EventType.BOT_ERROR,
+            {
+                "bot_id": instance.bot.id,
+                "instance": str(instance.index),
+                "error": reason,
+                "error_type": "crash_loop" if "crash loop" in reason else "start_failure",
+                "published_by": PUBLISHED_BY,
+            },
+            source=instance.bot.id,
+        )
+
+    # -- after an exit -------------------------------------------------------------------
+
+    async def _settle(self, instance: Instance, process: BotProcess, status: ExitStatus) -> None:
+        bot = self.bots.get(instance.bot.id)
+        group = group_name(instance.bot.id)
+        if bot is not None:
+            if status.failed and not instance.retired:
+                poison = bot.ledger.record_crash(process.inflight, str(status))
+                dlq = DeadLetters(self._redis, self._keys)
+                for entry in poison:
+                    exits = bot.ledger.exits.get(entry, [])
+                    await dead_letter_crashed(
+                        self._redis,
+                        dlq,
+                        group=group,
+                        consumer=instance.name,
+                        entry=entry,
+                        exits=exits,
+                    )
+                    bot.ledger.forget(entry)
+            if process.active_token is not None and bot.active == (
+                instance.index,
+                process.active_token,
+            ):
+                await release_for(self._redis, self._keys, bot.config.id, str(instance.index))
+        released = 0
+        consumer = instance.bot.consumer
+        visibility_ms = int(consumer.visibility_timeout * 1000) if consumer else self._visibility_ms
+        for stream in await stream_keys(self._redis, self._keys):
+            released += await release_pending(
+                self._redis, stream, group, instance.name, visibility_ms + 1000
+            )
+        if released and bot is not None:
+            live = [
+                i.process
+                for i in bot.instances
+                if i is not instance and i.process and i.state is InstanceState.RUNNING
+            ]
+            for other in live:
+                other.command("reclaim")
+            log.info(
+                "handed a dead consumer's pending entries over",
+                bot_id=instance.bot.id,
+                consumer=instance.name,
+                entries=released,
+                to=[p.spec.instance for p in live] or "its restart",
+            )
+
+    # -- watching ------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Every heartbeat interval: restart slots whose process stopped beating, or sent
+        no first beat within the start-up timeout (see :class:`HangCheck`)."""
+        while True:
+            await asyncio.sleep(self._settings.heartbeat_interval)
+            now = time.monotonic()
+            for bot in list(self.bots.values()):
+                for instance in bot.instances:
+                    process = instance.process
+                    if process is None or process.exited or instance.state in _UNWATCHED:
+                        continue
+                    reason = self._hang.reason(
+                        now, started_at=process.started_at, last_heartbeat=process.last_heartbeat
+                    )
+                    if reason is not None:
+                        self._hung(instance, reason)
+
+    def _hung(self, instance: Instance, reason: str) -> None:
+        log.error(
+            "bot hung: restarting it",
+            bot_id=instance.bot.id,
+            instance=instance.index,
+            reason=reason,
+        )
+        self._announce(EventType.BOT_HEALTH_CHANGED, instance, healthy=False, reason=reason)
+        assert self._tg is not None
+        self._tg.create_task(instance.kill_hung(grace=min(2.0, instance.bot.stop_timeout)))
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _announce(self, type_: str, instance: Instance, **data: Any) -> None:
+        payload = {"bot_id": instance.bot.id, "instance": str(instance.index), **data}
+        payload["published_by"] = PUBLISHED_BY
+        self._announcer.announce(
+            type_, {k: v for k, v in payload.items() if v is not None}, source=instance.bot.id
+        )
+
+    def status(self) -> list[dict[str, Any]]:
+        """The bots and their instances, for ``multibot status``."""
+        now, wall = time.monotonic(), time.time()
+        out = []
+        for bot in self.bots.values():
+            instances = []
+            for i in bot.instances:
+                p = i.process
+                alive = p is not None and p.pid is not None
+                # None until the process's first beat: it has not claimed to be alive yet.
+                beat = p.last_heartbeat if alive and p else None
+                role = None
+                if bot.config.standby:
+                    role = "active" if p is not None and p.active_token is not None else "standby"
+                instances.append(
+                    {
+                        "instance": i.index,
+                        "pid": p.pid if p else None,
+                        "state": str(i.state),
+                        "role": role if alive else None,
+                        "uptime": wall - p.started_wall if alive and p else None,
+                        "restarts": i.tracker.restarts,
+                        "rss": tree_rss(p.pid) if p and p.pid else None,
+                        "heartbeat_age": now - beat if beat is not None else None,
+                        "last_exit": i.last_exit,
+                    }
+                )
+            out.append(
+                {
+                    "id": bot.config.id,
+                    "state": bot.state,
+                    "restarts": sum(i.tracker.restarts for i in bot.instances),
+                    "replicas": bot.config.replicas,
+                    "standby": bot.config.standby,
+                    "instances": instances,
+                }
+            )
+        return out
+
+    def pids(self) -> dict[str, dict[int, int]]:
+        """Running pids: bot id → instance → pid (for the memory watch)."""
+        return {
+            bot_id: {i.index: i.process.pid for i in bot.instances if i.process and i.process.pid}
+            for bot_id, bot in self.bots.items()
+        }
+
+    def instance(self, bot_id: str, index: int) -> Instance | None:
+        """One slot, or None."""
+        bot = self.bots.get(bot_id)
+        return bot.instances[index] if bot and 0 <= index < len(bot.instances) else None
+
+    def __repr__(self) -> str:
+        count = sum(len(b.instances) for b in self.bots.values())
+        return f"<Supervisor bots={len(self.bots)} instances={count}>"
