@@ -23,11 +23,6 @@ def is_busygroup(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("BUSYGROUP")
 
 
-def is_loading(exc: BaseException) -> bool:
-    """Redis is still loading its data set after a restart."""
-    return isinstance(exc, ResponseError | RedisConnectionError) and "LOADING" in str(exc)
-
-
 def is_oom(exc: BaseException) -> bool:
     """Redis refused a write because it is at ``maxmemory`` (policy ``noeviction``); redis-py
     raises OutOfMemoryError for it, a plain ResponseError "OOM ..." inside a pipeline."""

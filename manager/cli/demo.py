@@ -1,35 +1,32 @@
 """``multibot demo``: the example bots coordinating on the bus, every event printed.
 
-The quick start until the manager daemon exists. It runs the bots the manager will run as
-processes, here in one process, each on its own :class:`~bus.BusClient`, found by the same
-``package.module:function`` entry points a bot's config names (so the manager still never
-imports bot code). Simulated users write to the chat bots, the "system" now and then asks
-for load to be taken off the busiest bot, and an observer prints one line per event.
+It runs the example bots as the manager runs them, one ``python -m bots.runtime`` process
+each (:mod:`manager.cli.demo_bots`), so the command line never imports bot code.
+Simulated users write to the chat bots, the "system" now and then asks for load to be
+taken off the busiest bot, and an observer prints one line per event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import itertools
 import random
 import signal
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import click
 
 from bus import BusClient, BusSettings, ConsumerSettings, Event, EventType
+from manager.cli.demo_bots import BotExitedError, DemoBots
 from manager.cli.output import shorten
 from manager.cli.redis_access import DEFAULT_REDIS_URL, bus_settings, run
 from manager.embedded.redis_server import RedisServer
 from manager.errors import EmbeddedServiceError
-
-BotMain = Callable[[BusClient], Coroutine[Any, Any, None]]
 
 #: The bots the demo runs: bot id and entry point, as a bot's config will name them.
 DEMO_BOTS: tuple[tuple[str, str], ...] = (
@@ -44,12 +41,6 @@ DEMO_NAMESPACE = "multibot-demo"
 #: Every this many user messages, the system asks for load to be taken off the busiest bot.
 BALANCE_EVERY = 12
 _PHRASES = ("hi!", "anyone there?", "I'd like to meet someone", "any matches?", "thanks, bye")
-
-
-def load_main(entry_point: str) -> BotMain:
-    """The function a ``package.module:function`` entry point names (``main`` by default)."""
-    module, _, name = entry_point.partition(":")
-    return cast(BotMain, getattr(importlib.import_module(module), name or "main"))
 
 
 def _value(value: Any) -> str:
@@ -127,26 +118,26 @@ async def run_demo(
         if redis_url is None:
             redis_url = await stack.enter_async_context(_private_redis(echo))
         settings = BusSettings(redis_url=redis_url, namespace=namespace)
-        bots = [BusClient(bot_id, settings=settings) for bot_id, _ in DEMO_BOTS]
+        bots = DemoBots(DEMO_BOTS, settings)
         # One worker: the observer prints events in the order it reads them.
         in_order = settings.model_copy(update={"consumer": ConsumerSettings(concurrency=1)})
         observer = BusClient("demo-observer", settings=in_order)
         users_bus = BusClient("demo-users", settings=settings)
         system = BusClient("system", settings=settings)  # what the manager will publish
-        for client in (*bots, observer, users_bus, system):
+        for client in (observer, users_bus, system):
             await client.connect()
             stack.push_async_callback(client.close)
         # Fail fast (after the client's bounded retries) on a wrong URL: consumers would
         # back off and retry forever, as long-running loops should.
         await users_bus.redis.ping()
         observer.subscribe("#", show)
-        consumers = [*bots, observer]
+        await bots.start()
+        stack.push_async_callback(bots.stop)
         try:
             async with asyncio.TaskGroup() as tg:
-                for (_, entry_point), bus in zip(DEMO_BOTS, bots, strict=True):
-                    tg.create_task(load_main(entry_point)(bus))
+                watching = tg.create_task(bots.watch())
                 tg.create_task(observer.run())
-                await asyncio.gather(*(client.wait_ready() for client in consumers))
+                await asyncio.gather(observer.wait_ready(), bots.ready(users_bus.redis))
                 names = ", ".join(bot_id for bot_id, _ in DEMO_BOTS)
                 echo(f"bots {names} are running; {users} simulated users write to them")
                 simulation = tg.create_task(
@@ -155,7 +146,8 @@ async def run_demo(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), duration or None)
                 simulation.cancel()  # publish re-raises a cancel redis-py swallowed
-                await asyncio.gather(*(client.stop(timeout=5) for client in consumers))
+                watching.cancel()
+                await asyncio.gather(bots.stop(), observer.stop(timeout=5))
         except ExceptionGroup as failed:
             # The first failure (Redis gone, a bot crashed) ended the rest: report that one.
             raise failed.exceptions[0] from failed
@@ -234,6 +226,6 @@ def demo(
     options = {"users": users, "rate": rate, "seed": seed, "namespace": namespace}
     try:
         shown = run(settings, _until_signal(redis_url, duration, **options))
-    except EmbeddedServiceError as exc:
+    except (EmbeddedServiceError, BotExitedError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"demo stopped after {shown} events")

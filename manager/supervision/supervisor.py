@@ -117,10 +117,6 @@ class Supervisor:
         """Stop every bot gracefully (each its stop timeout, then SIGKILL), concurrently."""
         self._stop.set()
 
-    async def wait_started(self) -> None:
-        """Wait until the first set of bots was spawned."""
-        await self._started.wait()
-
     async def wait_all_up(self) -> None:
         """Wait until :meth:`all_up`."""
         await self._started.wait()

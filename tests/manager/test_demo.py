@@ -17,8 +17,9 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bots import chatbot
+from bots.runtime.entry import load_main
 from bus import Event
-from manager.cli.demo import DEMO_NAMESPACE, demo, describe, load_main, run_demo
+from manager.cli.demo import DEMO_NAMESPACE, demo, describe, run_demo
 from manager.embedded.redis_server import free_port
 
 SEED = 2  # with 2 users, the second message already makes a shared user
