@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from redis.asyncio import Redis
 
+from bus.entry_id import EntryId
 from bus.errors import WireFormatError
 from bus.event import Event
 from bus.keys import Keys
@@ -40,11 +41,6 @@ def stream_id_at(moment: datetime | str | None, default: str) -> str:
     return moment
 
 
-def _order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 _MAX_SEQ = 2**63 - 1  # PostgreSQL bigint; Redis sequences never get near it
 
 
@@ -52,7 +48,7 @@ def _just_before(entry_id: str) -> str | None:
     """The greatest id below ``entry_id`` (an exclusive lower bound), None below ``-``."""
     if entry_id == "-":
         return None
-    ms, seq = _order(entry_id)
+    ms, seq = EntryId.parse(entry_id)
     if seq > 0:
         return f"{ms}-{seq - 1}"
     return f"{ms - 1}-{_MAX_SEQ}" if ms > 0 else None
@@ -62,7 +58,7 @@ def _just_after(entry_id: str) -> str | None:
     """The least id above ``entry_id`` (an exclusive upper bound), None above ``+``."""
     if entry_id == "+":
         return None
-    ms, seq = _order(entry_id)
+    ms, seq = EntryId.parse(entry_id)
     return f"{ms}-{seq + 1}" if seq < _MAX_SEQ else f"{ms + 1}-0"
 
 
@@ -77,8 +73,8 @@ async def _read(
         rows: Any = await redis.xrange(stream, lower, end, count=chunk)
         if store is not None:
             head: Any = await redis.xrange(stream, "-", "+", count=1)  # after the read: see a trim
-            first = _order(head[0][0]) if head else None
-            if first is None or position is None or _order(position) < first:
+            first = EntryId.parse(head[0][0]) if head else None
+            if first is None or position is None or EntryId.parse(position) < first:
                 before = rows[0][0] if rows else limit
                 archived = await store.entries(stream, after=position, before=before, limit=chunk)
                 if archived:
@@ -128,7 +124,7 @@ async def replay(  # noqa: PLR0917 - internal; BusClient.replay is the public fa
         async for event in iterators[stream]:
             if any(p.matches(event.type) for p in compiled):
                 entry_id = event.entry_id or "0-0"
-                heapq.heappush(heap, (_order(entry_id)[0], event.id, stream, event))
+                heapq.heappush(heap, (EntryId.parse(entry_id)[0], event.id, stream, event))
                 return
 
     for stream in streams:

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import AfterValidator
 
+from bus.entry_id import EntryId
 from bus.errors import DeadLetterNotFoundError
 from manager.api.context import view_of
 from manager.api.errors import ERRORS
@@ -19,8 +20,8 @@ _ENTRY_ID = r"^\d{1,20}-\d{1,20}$"
 
 def _fits_redis(entry_id: str | None) -> str | None:
     """Stream ids are two unsigned 64-bit numbers; Redis refuses larger ones."""
-    if entry_id is not None and any(int(part) >= 2**64 for part in entry_id.split("-")):
-        raise ValueError(f"{entry_id!r} is beyond what a stream id can be (2^64-1 each part)")
+    if entry_id is not None:
+        EntryId.parse(entry_id, require_seq=True)  # ValueError saying why
     return entry_id
 
 
