@@ -4,8 +4,8 @@ Redis counts an entry idle from its last delivery, however long the handler has 
 Every quarter visibility timeout the ``Reclaimer`` re-claims (XCLAIM) the entries its consumer
 has been handling that long, so no other consumer takes them over, and then takes over
 (XAUTOCLAIM) entries idle past the visibility timeout on any consumer of the group: those of a
-dead or stuck replica. It hands them to the consumer, which dead-letters the ones delivered
-too many times and dispatches the rest.
+dead or stuck replica. It hands them to the consumer's reader, which dead-letters the ones
+delivered too many times and dispatches the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bus.handling import Delivery
+from bus.inflight import InFlight
 from bus.settings import ConsumerSettings
 
 #: A stream entry as XREADGROUP and XAUTOCLAIM return it: (id, fields), fields None if deleted.
@@ -30,8 +30,8 @@ class Reclaimer:
 
     ``run()`` loops until cancelled: it reclaims every quarter visibility timeout (at least
     every 0.2 s), or at once after ``wake()``. Redis calls go through ``with_redis`` (the
-    consumer's retry wrapper); taken-over entries go to ``take``, and only while ``space`` is
-    set (the consumer has room for more in-flight entries). ``inflight`` is only read.
+    consumer's retry wrapper); taken-over entries go to ``take``, and only while ``inflight``
+    has room for more. ``inflight`` is only read.
     """
 
     def __init__(
@@ -42,8 +42,7 @@ class Reclaimer:
         consumer: str,
         streams: Sequence[str],
         settings: ConsumerSettings,
-        inflight: Mapping[tuple[str, str], Delivery],
-        space: asyncio.Event,
+        inflight: InFlight,
         stats: dict[str, int],
         log: Any,
         take: Callable[[str, Sequence[Entry]], Awaitable[None]],
@@ -55,7 +54,6 @@ class Reclaimer:
         self._streams = streams
         self._settings = settings
         self._inflight = inflight
-        self._space = space
         self._stats = stats
         self._log = log
         self._take = take
@@ -80,17 +78,15 @@ class Reclaimer:
         visibility_ms = int(self._settings.visibility_timeout * 1000)
         now = time.monotonic()
         for stream in self._streams:
-            ours = [
-                d.entry_id
-                for (s, _), d in self._inflight.items()
-                if s == stream and now - d.taken_at > self._settings.visibility_timeout / 4
-            ]
+            ours = self._inflight.held_longer_than(
+                stream, self._settings.visibility_timeout / 4, now
+            )
             if ours:
                 ids: list[Any] = list(ours)
                 await self._redis.xclaim(stream, self._group, self._consumer, 0, ids, justid=True)
             start = "0-0"
             while True:
-                await self._space.wait()
+                await self._inflight.wait_for_room()
                 response = await self._redis.xautoclaim(
                     stream, self._group, self._consumer, visibility_ms, start,
                     count=self._settings.read_count,

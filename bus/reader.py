@@ -1,0 +1,286 @@
+"""The reader: takes a consumer's entries from Redis and hands them to its dispatcher.
+
+It drains its own pending entries first (a restarted bot finishes what it had taken), then
+reads new ones with a blocking XREADGROUP on a connection of its own, never taking more than
+the :class:`~bus.inflight.InFlight` has room for. Its :class:`GroupKeeper` makes every Redis
+call of the consumer outlast an outage (backing off) and a lost group (recreating it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from contextlib import suppress
+from typing import Any
+
+from redis.asyncio import Redis
+
+from bus.backoff import REDIS_RETRY
+from bus.connection import raise_swallowed_cancel
+from bus.dispatcher import Dispatcher
+from bus.dlq import DeadLetterReason
+from bus.groups import ensure_group
+from bus.inflight import InFlight
+from bus.reclaim import Entry
+from bus.redis_errors import UNAVAILABLE, is_nogroup
+from bus.settings import ConsumerSettings
+
+
+class Stopping(Exception):
+    """A retry given up because the consumer is stopping."""
+
+
+class GroupKeeper:
+    """Calls Redis for one consumer until it answers, and keeps its group on its streams.
+
+    :meth:`call` backs off while Redis is unreachable and recreates the group when Redis lost
+    it (flushed, or restarted without data). Once ``stopping`` is set it raises
+    :class:`Stopping` instead of waiting, but only in the tasks given to :meth:`quit_on_stop`
+    (the start and the reader: others, like the acks, keep trying until cancelled).
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        group: str,
+        streams: Sequence[str],
+        start_id: str,
+        stopping: asyncio.Event,
+        log: Any,
+    ) -> None:
+        self._redis = redis
+        self._group = group
+        self._streams = streams
+        self._start_id = start_id
+        self._stopping = stopping
+        self._log = log
+        self._quitters: set[asyncio.Task[Any]] = set()
+        self._last_regroup = 0.0
+
+    def quit_on_stop(self, task: asyncio.Task[Any] | None) -> None:
+        """Let ``task``'s calls give up (raise :class:`Stopping`) once the consumer stops."""
+        if task is not None:
+            self._quitters.add(task)
+
+    async def ensure_groups(self, start_id: str | None = None) -> None:
+        """Create the group on every stream it reads (idempotent, creating missing streams).
+
+        Existing groups are looked up first: Redis at ``maxmemory`` refuses XGROUP CREATE
+        even for a group that exists, and a restarted bot must still start then.
+        """
+        for stream in self._streams:
+            await ensure_group(self._redis, stream, self._group, start_id or self._start_id)
+
+    async def call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call Redis until it answers: back off while it is away, recreate a lost group."""
+        waits = REDIS_RETRY.waits()
+        failing = False
+        while True:
+            try:
+                result = await func(*args, **kwargs)
+                raise_swallowed_cancel()
+            except UNAVAILABLE as exc:
+                if not failing:
+                    self._log.warning("redis unavailable; backing off", error=str(exc))
+                failing = True
+            except Exception as exc:
+                if not is_nogroup(exc):
+                    self._log.exception("unexpected redis error; backing off")
+                else:
+                    await self._regroup()
+                    continue
+            else:
+                if failing:
+                    self._log.info("redis reachable again; resuming")
+                return result
+            if self._stopping.is_set() and asyncio.current_task() in self._quitters:
+                raise Stopping  # the reader does not wait for Redis to come back to stop
+            await asyncio.sleep(next(waits))
+
+    async def _regroup(self) -> None:
+        """The group vanished (Redis flushed or restarted empty): recreate it from the start."""
+        since = time.monotonic() - self._last_regroup
+        if since < 1.0:
+            await asyncio.sleep(1.0 - since)
+        self._last_regroup = time.monotonic()
+        self._log.error(
+            "consumer group missing (Redis flushed or restarted without data?): recreating it "
+            "at the start of each stream",
+            streams=self._streams,
+        )
+        await self.ensure_groups(start_id="0")
+
+    def __repr__(self) -> str:
+        return f"<GroupKeeper group={self._group} streams={len(self._streams)}>"
+
+
+class Reader:
+    """Reads one consumer's entries (its pending ones first) into its dispatcher.
+
+    :meth:`connect` opens its connection, :meth:`start` starts the read loop, :meth:`stop`
+    wakes and ends it, :meth:`close` closes the connection. :meth:`take_pending` takes
+    re-delivered entries (its own drained, or others' reclaimed).
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        group: str,
+        consumer: str,
+        streams: Sequence[str],
+        settings: ConsumerSettings,
+        keeper: GroupKeeper,
+        dispatcher: Dispatcher,
+        inflight: InFlight,
+        stopping: asyncio.Event,
+        stats: dict[str, int],
+    ) -> None:
+        self._redis = redis
+        self._group = group
+        self._consumer = consumer
+        self._streams = streams
+        self._settings = settings
+        self._keeper = keeper
+        self._dispatcher = dispatcher
+        self._inflight = inflight
+        self._stopping = stopping
+        self._stats = stats
+        self._conn: Redis | None = None
+        self._client_id: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def connect(self) -> bool:
+        """Open the reader's own connection (so CLIENT UNBLOCK can wake it); False if the
+        consumer stopped before Redis could be reached."""
+        self._conn = conn = self._redis.client()
+        with suppress(Stopping):
+            await self._keeper.call(conn.initialize)
+        if self._stopping.is_set():
+            return False
+        # After a reconnect (Redis restarted) the reader is a new client with a new id;
+        # redis-py calls this back on every (re)connect of the connection (untyped API).
+        connection: Any = conn.connection
+        connection.register_connect_callback(self._remember_client_id)
+        return True
+
+    async def close(self) -> None:
+        """Close the reader's connection."""
+        if self._conn is not None:
+            await self._conn.aclose()
+
+    def start(self, tg: asyncio.TaskGroup) -> asyncio.Task[None]:
+        """Start the read loop in ``tg`` (after :meth:`connect`); it ends at :meth:`stop`."""
+        assert self._conn is not None
+        self._task = task = tg.create_task(self._read_loop(self._conn))
+        self._keeper.quit_on_stop(task)
+        return task
+
+    async def stop(self) -> None:
+        """End the read loop: wake its blocking XREADGROUP rather than cancel it mid-command.
+
+        The unblock is repeated because one sent before Redis blocked the read does nothing.
+        """
+        reader = self._task
+        if reader is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.block_ms / 1000 + 1
+        while not reader.done() and loop.time() < deadline:
+            if self._client_id is not None:
+                with suppress(*UNAVAILABLE):
+                    await self._redis.client_unblock(self._client_id)
+            await asyncio.wait({reader}, timeout=0.1)
+        if not reader.done():
+            reader.cancel()
+
+    async def _remember_client_id(self, connection: Any) -> None:
+        """Connect callback of the reader's connection: note its client id for CLIENT UNBLOCK."""
+        await connection.send_command("CLIENT", "ID")
+        self._client_id = int(await connection.read_response())
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def _read_loop(self, conn: Redis) -> None:
+        with suppress(Stopping):
+            await self._read_entries(conn)
+
+    async def _read_entries(self, conn: Redis) -> None:
+        keeper, inflight, dispatcher = self._keeper, self._inflight, self._dispatcher
+        await keeper.call(self._drain_own_pending, conn)
+        streams = dict.fromkeys(self._streams, ">")
+        while not self._stopping.is_set():
+            await inflight.wait_for_room()
+            if self._stopping.is_set():
+                break
+            if self._client_id is None:
+                self._client_id = await keeper.call(conn.client_id)
+            try:
+                response = await keeper.call(
+                    conn.xreadgroup,
+                    self._group,
+                    self._consumer,
+                    streams,
+                    count=max(1, min(self._settings.read_count, inflight.free)),
+                    block=self._settings.block_ms,
+                )
+            except BaseException:
+                self._client_id = None
+                raise
+            for stream, entries in response or []:
+                for entry_id, fields in entries:
+                    dispatcher.dispatch(stream, entry_id, fields)
+            dispatcher.hand_out()
+
+    async def _drain_own_pending(self, conn: Redis) -> None:
+        """Re-take entries this consumer name had taken before a restart."""
+        for stream in self._streams:
+            last = "0"
+            while not self._stopping.is_set():
+                await self._inflight.wait_for_room()
+                response = await conn.xreadgroup(
+                    self._group, self._consumer, {stream: last}, count=self._settings.read_count
+                )
+                got: Any = response
+                entries: list[Entry] = got[0][1] if got else []
+                if not entries:
+                    break
+                self._stats["drained"] += len(entries)
+                await self.take_pending(stream, entries)
+                last = entries[-1][0]
+
+    async def take_pending(self, stream: str, entries: Sequence[Entry]) -> None:
+        """Dispatch re-delivered entries, dead-lettering those delivered too many times."""
+        entries = [e for e in entries if (stream, e[0]) not in self._inflight]
+        if not entries:
+            return
+        rows: Any = await self._redis.xpending_range(
+            stream,
+            self._group,
+            entries[0][0],
+            entries[-1][0],
+            len(entries) * 2 + 10,
+            self._consumer,
+        )
+        counts = {row["message_id"]: row["times_delivered"] for row in rows}
+        most = self._settings.max_deliveries
+        for entry_id, fields in entries:
+            delivered = counts.get(entry_id, 1)
+            if fields and delivered > most:
+                error = (
+                    f"{DeadLetterReason.POISON}:delivered {delivered} times (max_deliveries={most})"
+                )
+                self._dispatcher.reject(stream, entry_id, fields, None, error)
+            else:
+                self._dispatcher.dispatch(stream, entry_id, fields)
+        self._dispatcher.hand_out()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Reader group={self._group} consumer={self._consumer} "
+            f"streams={len(self._streams)} client_id={self._client_id}>"
+        )
