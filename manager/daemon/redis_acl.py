@@ -128,7 +128,7 @@ _COMMAND_RULES: tuple[tuple[str, str], ...] = (
     ("+client|setname", "name each connection <bot_id>-<instance> (visible to the operator)"),
     ("+client|id", "the reader connection's id, for CLIENT UNBLOCK on stop"),
     # CLIENT UNBLOCK is @admin and @dangerous; the consumer needs exactly this subcommand to
-    # wake its own blocked XREADGROUP when it stops (Consumer._stop_reader). Redis cannot
+    # wake its own blocked XREADGROUP when it stops (bus.reader.Reader.stop). Redis cannot
     # limit it to the bot's own connections: a bot could wake another client's blocking read,
     # which then reads again (or, with ERROR, gets an error the consumer backs off from).
     ("+client|unblock", "wake the bot's own blocked reader on stop"),

@@ -1,0 +1,156 @@
+"""The control socket's commands (``multibot status``, ``stop``, ``restart``, ``maintenance``,
+``reload``, and ``connection`` for the other CLI commands) and the status document.
+
+The control socket is up before the embedded services and the bots: until
+:attr:`Commands.services` and :attr:`Commands.running` are set, each command answers with
+what there is or says the manager is still starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from bus import BusClient, EventType
+from bus.connection import redact
+from manager import __version__
+from manager.api.server import ApiServer
+from manager.archive.archiver import Archiver
+from manager.config import ConfigError
+from manager.control import CommandError, Handler
+from manager.embedded.services import Services
+from manager.supervision.coordinator import Coordinator
+from manager.supervision.supervisor import Supervisor
+
+log = structlog.get_logger("manager")
+
+
+@dataclass(frozen=True)
+class Running:
+    """The started parts the commands read and drive."""
+
+    bus: BusClient
+    supervisor: Supervisor
+    coordinator: Coordinator
+    archiver: Archiver
+
+
+class Commands:
+    """Answers the control commands from the manager's parts, as far as they are started."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: Path,
+        namespace: str,
+        started_at: float,
+        shutdown: asyncio.Event,
+        ready: Callable[[], bool],
+        reload: Callable[[], Awaitable[dict[str, list[str]]]],
+    ) -> None:
+        """``shutdown`` is set by ``stop``; ``ready`` says whether the bots are up;
+        ``reload`` re-reads the config (the manager serialises its reloads)."""
+        self._data_dir = data_dir
+        self._namespace = namespace
+        self._started_at = started_at
+        self._shutdown = shutdown
+        self._ready = ready
+        self._reload = reload
+        #: The embedded or configured Redis and PostgreSQL, once started.
+        self.services: Services | None = None
+        #: The bus, supervisor, coordinator and archiver, once built.
+        self.running: Running | None = None
+        #: The HTTP API, once listening.
+        self.api: ApiServer | None = None
+        #: Whether an operator declared maintenance (``multibot maintenance on``).
+        self.maintenance = False
+
+    def __repr__(self) -> str:
+        started = "running" if self.running else "starting"
+        return f"<Commands {started} maintenance={self.maintenance}>"
+
+    def handlers(self) -> dict[str, Handler]:
+        """The control server's handlers, by command name."""
+        return {
+            "status": self.status,
+            "stop": self._stop,
+            "restart": self._restart,
+            "maintenance": self._maintenance,
+            "reload": self._reload_command,
+            "connection": self._connection,
+        }
+
+    async def status(self, _: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The status document of ``multibot status`` and the HTTP API."""
+        import psutil  # noqa: PLC0415 - only the status command needs it here
+
+        services, running = self.services, self.running
+        coordinator = running.coordinator.status() if running else {}
+        return {
+            "manager": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "uptime": time.time() - self._started_at,
+                "rss": psutil.Process().memory_info().rss,
+                "data_dir": str(self._data_dir),
+                "redis": redact(services.redis_url) if services else None,
+                "postgres": redact(services.postgres_dsn or "") if services else None,
+                "maintenance": self.maintenance,
+                "ready": self._ready(),
+                "api": self.api.url if self.api else None,
+            },
+            "memory": coordinator.get("memory", {}),
+            "redis_memory": coordinator.get("redis_memory"),
+            "archive": running.archiver.status() if running else None,
+            "bots": running.supervisor.status() if running else [],
+            "groups": coordinator.get("groups", []),
+            "metrics": running.supervisor.metrics.snapshot() if running else None,
+        }
+
+    async def _connection(self, _: Mapping[str, Any]) -> dict[str, Any]:
+        """Where the manager's Redis and PostgreSQL are, credentials included (the socket is
+        readable by the manager's user only), so CLI commands need no flags."""
+        if self.services is None:
+            raise CommandError("the manager is still starting its services")
+        return {
+            "redis_url": self.services.redis_url,
+            "postgres_dsn": self.services.postgres_dsn,
+            "namespace": self._namespace,
+        }
+
+    async def _stop(self, _: Mapping[str, Any]) -> str:
+        self._shutdown.set()
+        return "stopping"
+
+    async def _restart(self, request: Mapping[str, Any]) -> str:
+        bot_id = str(request.get("bot"))
+        supervisor = self.running.supervisor if self.running else None
+        if supervisor is None or bot_id not in supervisor.bots:
+            known = ", ".join(supervisor.bots) if supervisor else ""
+            raise CommandError(f"no bot {bot_id!r} is configured (bots: {known})")
+        await supervisor.restart(bot_id)
+        return f"restarted {bot_id}"
+
+    async def _maintenance(self, request: Mapping[str, Any]) -> str:
+        on = bool(request.get("on"))
+        if self.running is None:
+            raise CommandError("the manager is still starting")
+        self.maintenance = on
+        event = EventType.MAINTENANCE_STARTED if on else EventType.MAINTENANCE_ENDED
+        reason = request.get("reason")
+        await self.running.bus.publish(event, {"reason": reason, "by": "operator"})
+        log.info("maintenance " + ("started" if on else "ended"), reason=reason)
+        return "maintenance on" if on else "maintenance off"
+
+    async def _reload_command(self, _: Mapping[str, Any]) -> dict[str, list[str]]:
+        try:
+            return await self._reload()
+        except ConfigError as exc:
+            raise CommandError(str(exc)) from None

@@ -1,0 +1,135 @@
+"""The parts of one manager run, built on the started Redis and PostgreSQL (nothing of them
+runs yet: :mod:`manager.daemon.manager` starts them in its task group)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from bus import BusClient, BusSettings
+from bus.keys import Keys
+from bus.routing import Router
+from manager.announcer import Announcer
+from manager.archive.archiver import Archiver
+from manager.archive.link import ArchiveLink
+from manager.archive.pressure import PressureWatch
+from manager.archive.trimmer import Trimmer
+from manager.config import BotConfig, ManagerSettings
+from manager.daemon.provision import Provisioner
+from manager.daemon.redis_repair import RedisRepair
+from manager.embedded.services import Services
+from manager.supervision.coordinator import Coordinator
+from manager.supervision.supervisor import Supervisor
+
+
+@dataclass(frozen=True)
+class Clients:
+    """The manager's connections: its admin Redis client and its two bus clients."""
+
+    admin: Redis
+    bus: BusClient
+    system_bus: BusClient  # the manager's own events, past backpressure
+    announcer: Announcer  # publishes through system_bus
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What one run supervises, coordinates, archives and repairs, on ``clients``."""
+
+    clients: Clients
+    archive: ArchiveLink
+    provisioner: Provisioner
+    supervisor: Supervisor
+    coordinator: Coordinator
+    archiver: Archiver
+    trimmer: Trimmer
+    pressure: PressureWatch
+    repair: RedisRepair
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the parts are built from besides the clients."""
+
+    settings: ManagerSettings
+    services: Services
+    bus_settings: BusSettings
+    keys: Keys
+    router: Router
+    environ: Mapping[str, str]
+    #: The running config's bots (a reload changes them).
+    bots: Callable[[], Sequence[BotConfig]]
+
+
+def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Parts:
+    """The supervisor, coordinator, archiver and their helpers, wired to each other."""
+    settings, keys, admin, announcer = (
+        context.settings,
+        context.keys,
+        clients.admin,
+        clients.announcer,
+    )
+    services = context.services
+    provisioner = Provisioner(
+        settings,
+        admin=admin,
+        keys=keys,
+        redis_url=services.redis_url,
+        archive=archive,
+        environ=context.environ,
+    )
+    supervisor = Supervisor(
+        settings.supervisor,
+        spec_factory=provisioner.spec,
+        announcer=announcer,
+        redis=admin,
+        keys=keys,
+        visibility_timeout=context.bus_settings.consumer.visibility_timeout,
+    )
+    supervisor.metrics.add_local(clients.bus.metrics)
+    supervisor.metrics.add_local(clients.system_bus.metrics)
+    coordinator = Coordinator(
+        settings.coordinator,
+        redis=admin,
+        keys=keys,
+        router=context.router,
+        announcer=announcer,
+        supervisor=supervisor,
+        extra_pids=lambda: services.memory_pids,
+    )
+    archiver = Archiver(
+        admin,
+        keys,
+        settings.archive,
+        archive.get,
+        announce=announcer.announce,
+        max_data_bytes=context.bus_settings.max_event_bytes,
+    )
+    trimmer, pressure = _memory_keepers(context, admin, coordinator, announcer)
+    repair = RedisRepair(
+        admin,
+        keys=keys,
+        router=context.router,
+        archive=archive,
+        system_bus=clients.system_bus,
+        settings=settings.archive,
+        interval=settings.coordinator.interval,
+        bots=context.bots,
+        provision=lambda: provisioner.prepare_bots(context.bots(), coordinator),
+    )
+    return Parts(
+        clients, archive, provisioner, supervisor, coordinator, archiver, trimmer, pressure, repair
+    )
+
+
+def _memory_keepers(
+    context: Context, admin: Redis, coordinator: Coordinator, announcer: Announcer
+) -> tuple[Trimmer, PressureWatch]:
+    """The trimmer, and the watch that holds publishers back when Redis is nearly full."""
+    settings, keys = context.settings, context.keys
+    trimmer = Trimmer(admin, keys, settings.archive, announcer)
+    pressure = PressureWatch(admin, keys, trimmer, announcer, settings.coordinator.memory)
+    coordinator.pressure = pressure.state
+    return trimmer, pressure

@@ -1,0 +1,134 @@
+"""What the bots get from the manager: a Redis user each, their consumer groups, their
+subscriptions recorded in the archive, a read-only archive role, and each process's spec.
+
+The bots' passwords live in this object only (Redis keeps the ACL users in memory, so after a
+Redis restart :meth:`Provisioner.prepare_bots` sets them again with the same passwords).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import structlog
+from redis.asyncio import Redis
+
+from bus import BusSettings
+from bus.archive.errors import ArchiveUnavailableError
+from bus.keys import Keys
+from bus.supervision import RuntimeSpec
+from manager.archive.link import ArchiveLink, ensure_reader
+from manager.config import BotConfig, ManagerSettings
+from manager.daemon.redis_acl import (
+    bot_redis_url,
+    bot_username,
+    bot_users,
+    delete_bot_user,
+    ensure_bot_user,
+    generate_password,
+)
+from manager.observe.sd_notify import NOTIFY_ENV_KEYS
+from manager.supervision.coordinator import Coordinator
+
+log = structlog.get_logger("manager")
+
+
+class Provisioner:
+    """Provisions the bots' Redis users, groups and archive access; builds their specs."""
+
+    def __init__(
+        self,
+        settings: ManagerSettings,
+        *,
+        admin: Redis,
+        keys: Keys,
+        redis_url: str,
+        archive: ArchiveLink,
+        environ: Mapping[str, str],
+    ) -> None:
+        # Only the settings a reload never changes are read here (bus, supervisor timings,
+        # log level); the bots come in as arguments.
+        self._settings = settings
+        self._admin = admin
+        self._keys = keys
+        self._redis_url = redis_url
+        self._archive = archive
+        self._environ = dict(environ)
+        self._passwords: dict[str, str] = {}
+        self._reader_dsn: str | None = None
+
+    def __repr__(self) -> str:
+        reader = "yes" if self._reader_dsn else "no"
+        return f"<Provisioner bots={len(self._passwords)} archive_reader={reader}>"
+
+    async def prepare_bots(self, bots: Sequence[BotConfig], coordinator: Coordinator) -> None:
+        """A Redis user per bot (users of removed bots dropped), and the declared groups."""
+        wanted = {bot_username(self._keys.namespace, b.id) for b in bots}
+        for username in await bot_users(self._admin, self._keys):
+            if username not in wanted:
+                bot_id = username.rpartition(".")[2]
+                await delete_bot_user(self._admin, self._keys, bot_id)
+        for bot in bots:
+            if bot.id not in self._passwords:
+                self._passwords[bot.id] = generate_password()
+            await ensure_bot_user(self._admin, self._keys, bot.id, self._passwords[bot.id])
+        created = await coordinator.ensure_groups(bots)
+        await self._record_subscriptions(bots)
+        log.info("bots prepared", bots=len(bots), groups_created=created)
+
+    async def prepare_reader(self, dsn: str) -> None:
+        """A read-only PostgreSQL role for the bots' replays (best effort: without it, and
+        while PostgreSQL is away at start, bots replay only what Redis holds)."""
+        if not self._archive.connected:
+            return
+        try:
+            store = await self._archive.get()
+            self._reader_dsn = await ensure_reader(store, dsn, generate_password())
+        except Exception as exc:
+            log.warning(
+                "cannot create the read-only archive role for bots (needs CREATEROLE); "
+                "their replays see only what Redis holds",
+                error=str(exc),
+            )
+
+    async def _record_subscriptions(self, bots: Sequence[BotConfig]) -> None:
+        """The declared subscriptions into the archive's event_subscriptions (best effort:
+        PostgreSQL may be away; they are written again at the next start or reload)."""
+        if not self._archive.connected:
+            return
+        try:
+            store = await self._archive.get()
+            for gone in set(await store.subscribers()) - {b.id for b in bots}:
+                await store.upsert_subscriptions(gone, [])
+            for bot in bots:
+                declared = [(s.pattern, s.where) for s in bot.subscriptions]
+                await store.upsert_subscriptions(bot.id, declared)
+        except ArchiveUnavailableError as exc:
+            log.warning("cannot record the subscriptions in PostgreSQL", error=str(exc))
+
+    def spec(self, bot: BotConfig, index: int) -> tuple[RuntimeSpec, dict[str, str]]:
+        """What the bot's next process gets: its spec (own Redis user) and environment."""
+        settings = self._settings
+        username = bot_username(self._keys.namespace, bot.id)
+        url = bot_redis_url(self._redis_url, username, self._passwords[bot.id])
+        options = settings.bus_settings(url)
+        options["archive_dsn"] = self._reader_dsn
+        if bot.consumer is not None:
+            options["consumer"] = bot.consumer
+        spec = RuntimeSpec(
+            bot_id=bot.id,
+            instance=index,
+            entry=bot.entry,
+            bus=BusSettings.model_validate(options),
+            heartbeat_interval=settings.supervisor.heartbeat_interval,
+            stop_timeout=bot.stop_timeout,
+            lease_ttl=settings.supervisor.lease_ttl if bot.standby else None,
+            log_level=settings.log_level,
+            subscriptions=[(sub.pattern, sub.where) for sub in bot.subscriptions],
+        )
+        environment = {
+            k: v
+            for k, v in self._environ.items()
+            if not k.startswith("MULTIBOT_") and k not in NOTIFY_ENV_KEYS
+        }
+        environment.update(bot.environment)
+        return spec, environment
