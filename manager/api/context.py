@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
 
 from bus import BusClient
 from bus.archive import ArchiveStore
+from manager.status import BotStatus
+
+if TYPE_CHECKING:
+    from manager.api.models import ApiStatus, Health
 
 
 class UnknownBotError(LookupError):
@@ -25,10 +29,10 @@ class ManagerView(Protocol):
         """The archive store, or None when the manager runs without one; raises
         :class:`bus.archive.ArchiveUnavailableError` while PostgreSQL is away."""
 
-    async def status(self) -> dict[str, Any]:
-        """What ``multibot status --json`` prints."""
+    async def status(self) -> ApiStatus:
+        """What ``multibot status --json`` prints, with the dead letters and throughput."""
 
-    def bots(self) -> list[dict[str, Any]]:
+    def bots(self) -> list[BotStatus]:
         """Every bot and its instances (state, pid, restarts, RSS, heartbeat)."""
 
     async def restart_bot(self, bot_id: str) -> None:
@@ -37,7 +41,7 @@ class ManagerView(Protocol):
     async def readiness(self) -> tuple[list[str], dict[str, str]]:
         """What stops the manager from serving (empty when ready), and each check's state."""
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> Health:
         """Cheap liveness facts: pid, uptime, the archiver's health."""
 
     async def metrics(self) -> bytes:

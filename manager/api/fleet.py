@@ -12,6 +12,7 @@ from manager.api.errors import ERRORS
 from manager.api.models import ConsumerOut, GroupOut, Restarted, StreamOut
 from manager.api.security import Admin, Reader
 from manager.observe.lag import group_lags, stream_keys
+from manager.status import BotStatus
 
 router = APIRouter(tags=["fleet"])
 
@@ -100,11 +101,11 @@ async def groups(request: Request, _: Reader) -> list[GroupOut]:
 
 @router.get(
     "/v1/bots",
-    response_model=list[dict[str, Any]],
+    response_model=list[BotStatus],
     responses=ERRORS,
     summary="Every bot and its instances: state, pid, restarts, RSS, heartbeat",
 )
-async def bots(request: Request, _: Reader) -> list[dict[str, Any]]:
+async def bots(request: Request, _: Reader) -> list[BotStatus]:
     return view_of(request).bots()
 
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from importlib.resources import files
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from manager.api.context import view_of
 from manager.api.errors import ERRORS
-from manager.api.models import Health, Readiness
+from manager.api.models import ApiStatus, Health, Readiness
 from manager.api.security import Watcher
 
 router = APIRouter(tags=["health"])
@@ -22,7 +21,7 @@ METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 async def healthz(request: Request) -> Health:
     """200 while the event loop answers. The archiver's health is in the body (PostgreSQL
     down does not make the manager dead: events wait in Redis)."""
-    return Health(**view_of(request).health())
+    return view_of(request).health()
 
 
 @router.get(
@@ -53,11 +52,11 @@ async def metrics(request: Request, _: Watcher) -> Response:
 
 @router.get(
     "/v1/status",
-    response_model=dict[str, Any],
+    response_model=ApiStatus,
     responses=ERRORS,
     summary="What `multibot status --json` shows, for the status page",
 )
-async def status(request: Request, _: Watcher) -> dict[str, Any]:
+async def status(request: Request, _: Watcher) -> ApiStatus:
     return await view_of(request).status()
 
 

@@ -15,16 +15,20 @@ async def render_metrics(view: DaemonView) -> bytes:
     and what Redis says now about the streams."""
     bus = view.bus
     streams = await gather_streams(bus.redis, bus.keys)
-    archive = None
+    archive, behind = None, {}
     if view.archiver is not None:
-        archive = {**view.archiver.status(), "lag": await archive_lag(bus.redis, bus.keys)}
+        archive, behind = view.archiver.status(), await archive_lag(bus.redis, bus.keys)
+    coordinator = view.coordinator
     return render(
         MetricsInput(
             fleet=view.supervisor.metrics.snapshot(),
             bots=view.supervisor.status(),
-            coordinator=view.coordinator.status(),
+            memory=coordinator.memory_status(),
+            groups=coordinator.group_status(),
+            redis_memory=coordinator.redis_memory_status(),
             streams=streams,
             archive=archive,
+            archive_lag=behind,
             dead_letters=await bus.dlq.count(),
             api_requests=dict(view.requests),
         )

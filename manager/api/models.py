@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bus import Event
 from bus.event import TYPE_RE
+from manager.status import ArchiveStatus, ManagerStatus
 
 #: Events in one ``POST /v1/events`` batch at most.
 MAX_BATCH = 1000
@@ -170,7 +171,20 @@ class Health(BaseModel):
     alive: bool
     pid: int
     uptime_seconds: float
-    archive: dict[str, Any] | None = Field(description="the archiver's health, if archiving")
+    archive: ArchiveStatus | None = Field(description="the archiver's health, if archiving")
+
+
+class Throughput(BaseModel):
+    events_per_s: float | None = Field(
+        description="events added to the streams over the last 30 s (null until measured)"
+    )
+
+
+class ApiStatus(ManagerStatus):
+    """What ``multibot status --json`` shows, with the dead letters and the throughput."""
+
+    dead_letters: int = Field(description="entries in the dead-letter stream")
+    throughput: Throughput
 
 
 class Readiness(BaseModel):

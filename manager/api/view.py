@@ -18,12 +18,14 @@ from bus.archive import ArchiveStore
 from manager.api.app import create_app
 from manager.api.auth import ADMIN_TOKEN_FILE, TokenError, Tokens
 from manager.api.context import UnknownBotError
+from manager.api.models import ApiStatus, Health, Throughput
 from manager.api.server import ApiServer
 from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink
 from manager.config import ApiSettings
 from manager.errors import ManagerError
 from manager.observe.lag import stream_keys
+from manager.status import BotStatus, InstanceState, ManagerStatus
 from manager.supervision.coordinator import Coordinator
 from manager.supervision.supervisor import Supervisor
 
@@ -45,7 +47,7 @@ class DaemonView:
         coordinating: Callable[[], bool],
         archiver: Archiver | None,
         archive: ArchiveLink | None,
-        status: Callable[[], Awaitable[dict[str, Any]]],
+        status: Callable[[], Awaitable[ManagerStatus]],
         ready: Callable[[], bool],
         metrics: Callable[[DaemonView], Awaitable[bytes]],
     ) -> None:
@@ -70,11 +72,13 @@ class DaemonView:
     async def archive(self) -> ArchiveStore | None:
         return None if self._archive is None else await self._archive.get()
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> ApiStatus:
         status = await self._status()
-        status["dead_letters"] = await self._bus.dlq.count()
-        status["throughput"] = {"events_per_s": await self._throughput()}
-        return status
+        return ApiStatus(
+            **dict(status),
+            dead_letters=await self._bus.dlq.count(),
+            throughput=Throughput(events_per_s=await self._throughput()),
+        )
 
     async def _throughput(self) -> float | None:
         """Events/s added to the namespace's streams over the last half minute (None until
@@ -98,7 +102,7 @@ class DaemonView:
             return None
         return round(max(0, total - first_total) / (now - first_at), 1)
 
-    def bots(self) -> list[dict[str, Any]]:
+    def bots(self) -> list[BotStatus]:
         return self.supervisor.status()
 
     async def restart_bot(self, bot_id: str) -> None:
@@ -107,13 +111,13 @@ class DaemonView:
             raise UnknownBotError(f"no bot {bot_id!r} is configured (bots: {known})")
         await self.supervisor.restart(bot_id)
 
-    def health(self) -> dict[str, Any]:
-        return {
-            "alive": True,
-            "pid": os.getpid(),
-            "uptime_seconds": round(time.monotonic() - self._started, 3),
-            "archive": self.archiver.status() if self.archiver else None,
-        }
+    def health(self) -> Health:
+        return Health(
+            alive=True,
+            pid=os.getpid(),
+            uptime_seconds=round(time.monotonic() - self._started, 3),
+            archive=self.archiver.status() if self.archiver else None,
+        )
 
     async def readiness(self) -> tuple[list[str], dict[str, str]]:
         problems: list[str] = []
@@ -135,7 +139,7 @@ class DaemonView:
         else:
             checks["coordinator"] = "stopped"
             problems.append("the coordinator is not running: see the manager's log")
-        failed = [b["id"] for b in self.bots() if b["state"] == "failed"]
+        failed = [b.id for b in self.bots() if b.state is InstanceState.FAILED]
         checks["bots"] = f"failed: {', '.join(failed)}" if failed else "ok"
         problems += [
             f"bot {bot!r} gave up after a crash loop: read its last error in `multibot "

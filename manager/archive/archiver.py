@@ -41,6 +41,7 @@ from manager.archive.batch import (
 from manager.archive.retention import cutoff_day
 from manager.config import ArchiveSettings
 from manager.observe.lag import stream_keys
+from manager.status import ArchiveStatus
 
 log = structlog.get_logger("manager.archive.archiver")
 StoreFactory = Callable[[], Awaitable[ArchiveStore]]
@@ -373,9 +374,9 @@ class Archiver:
             {"error": self.last_error, "seconds": round(seconds, 1), "waiting": waiting},
         )
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> ArchiveStatus:
         """Health and counters, for status and /healthz."""
-        return {"healthy": self.healthy, "last_error": self.last_error, **self.stats}
+        return ArchiveStatus(healthy=self.healthy, last_error=self.last_error, **self.stats)
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else f"failing ({self.last_error})"

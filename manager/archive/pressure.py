@@ -34,6 +34,7 @@ from bus.periodic import every
 from manager.announcer import Announcer
 from manager.archive.trimmer import Holder, Trimmer
 from manager.config import MemorySettings
+from manager.status import RedisMemoryStatus, TrimHolderStatus
 
 log = structlog.get_logger("manager.archive.pressure")
 
@@ -53,27 +54,27 @@ class PressureState:
     backpressure: bool = False
     holders: list[Holder] = field(default_factory=list)
 
-    def status(self, keys: Keys) -> dict[str, Any]:
-        """The JSON form for ``multibot status`` and the API."""
-        return {
-            "used": self.used,
-            "maxmemory": self.maxmemory,
-            "policy": self.policy,
-            "backpressure": self.backpressure,
-            "holders": [_holder(keys, h) for h in self.holders],
-        }
+    def status(self, keys: Keys) -> RedisMemoryStatus:
+        """Its part of the status document."""
+        return RedisMemoryStatus(
+            used=self.used,
+            maxmemory=self.maxmemory,
+            policy=self.policy,
+            backpressure=self.backpressure,
+            holders=[_holder(keys, h) for h in self.holders],
+        )
 
 
-def _holder(keys: Keys, holder: Holder) -> dict[str, Any]:
+def _holder(keys: Keys, holder: Holder) -> TrimHolderStatus:
     stream = holder.stream
     name = "dlq" if stream == keys.dead_letters() else keys.stream_name(stream)
-    return {
-        "stream": name,
-        "group": holder.group,
-        "since_id": str(holder.floor),
-        "pending": holder.pending,
-        "lag": holder.lag,
-    }
+    return TrimHolderStatus(
+        stream=name,
+        group=holder.group,
+        since_id=str(holder.floor),
+        pending=holder.pending,
+        lag=holder.lag,
+    )
 
 
 class PressureWatch:
@@ -144,6 +145,7 @@ class PressureWatch:
         state = self.state
         holders = [_holder(self._keys, h) for h in state.holders]
         reason = _reason(holders)
+        described = [h.model_dump(mode="json") for h in holders]
         ttl_ms = int(self._interval * FLAG_TTL_ROUNDS * 1000)
         await self._redis.set(self._keys.pressure(), reason, px=ttl_ms)
         if state.backpressure:
@@ -153,9 +155,9 @@ class PressureWatch:
             "Redis near its maxmemory: publishers held back until the trim can go on",
             used=state.used,
             maxmemory=state.maxmemory,
-            holders=holders,
+            holders=described,
         )
-        self._announce(raised=True, holders=holders)
+        self._announce(raised=True, holders=described)
 
     async def _lower(self) -> None:
         state = self.state
@@ -184,13 +186,13 @@ class PressureWatch:
         )
 
 
-def _reason(holders: list[dict[str, Any]]) -> str:
+def _reason(holders: list[TrimHolderStatus]) -> str:
     """The flag's text: what holds the memory, for the error publishers get."""
     if not holders:
         return "Redis's memory is held by something other than the streams' hot window"
     first = holders[0]
-    if first["group"] == "archiver":
+    if first.group == "archiver":
         what = "the archive is not storing events (is PostgreSQL up and writable?)"
     else:
-        what = f"group {first['group']} is behind"
-    return f"{what}: stream {first['stream']} kept from entry {first['since_id']} on"
+        what = f"group {first.group} is behind"
+    return f"{what}: stream {first.stream} kept from entry {first.since_id} on"

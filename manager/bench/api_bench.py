@@ -55,11 +55,11 @@ async def run_api_bench(
         async with ManagerRun(work, env=limits) as manager:
             echo("starting the manager on the default config ...")
             ready = await manager.start()
-            about = (await manager.status())["manager"]
-            url, token = about["api"], (manager.data_dir / ADMIN_TOKEN_FILE).read_text().strip()
+            about = (await manager.status()).manager
+            url, token = about.api, (manager.data_dir / ADMIN_TOKEN_FILE).read_text().strip()
             if not url:
                 raise ManagerError("the measured manager serves no HTTP API (api.enabled is off)")
-            process = psutil.Process(about["pid"])
+            process = psutil.Process(about.pid)
             echo(f"READY after {ready:.2f}s, API at {url}; idling {SETTLE:g} s before measuring")
             await asyncio.sleep(SETTLE)
             idle = process.memory_info().rss

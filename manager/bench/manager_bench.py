@@ -28,6 +28,7 @@ from typing import Any, Self
 from manager.config import DEFAULT_CONFIG_PATH
 from manager.control import ControlError, call
 from manager.errors import ManagerError
+from manager.status import InstanceState, InstanceStatus, ManagerStatus, Role
 
 POLL = 0.01  # seconds between status polls while timing
 READY_TIMEOUT = 300.0  # seconds the measured manager may take to send READY=1
@@ -125,10 +126,10 @@ class ManagerRun:
         while b"READY=1" not in await loop.sock_recv(sock, 4096):
             pass
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> ManagerStatus:
         """The status document."""
-        result: dict[str, Any] = await call(self.data_dir / "manager.sock", "status", timeout=10)
-        return result
+        answer = await call(self.data_dir / "manager.sock", "status", timeout=10)
+        return ManagerStatus.model_validate(answer)
 
     async def stop(self) -> float:
         """SIGTERM; seconds until it exited. The socket is closed in any case."""
@@ -156,8 +157,8 @@ class ManagerRun:
                 self.socket_path.unlink()
 
 
-def _instances(status: dict[str, Any], bot_id: str) -> list[dict[str, Any]]:
-    return next(b["instances"] for b in status["bots"] if b["id"] == bot_id)
+def _instances(status: ManagerStatus, bot_id: str) -> list[InstanceStatus]:
+    return status.bot(bot_id).instances
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> float:  # noqa: ASYNC109
@@ -175,12 +176,14 @@ VICTIMS = (("greeter", 0), ("matcher", 0), ("matcher", 1))
 
 async def _restart_time(manager: ManagerRun, bot_id: str, index: int) -> float:
     """SIGKILL one instance; seconds until a new process of it is running."""
-    old = _instances(await manager.status(), bot_id)[index]["pid"]
+    old = _instances(await manager.status(), bot_id)[index].pid
+    if old is None:
+        raise ManagerError(f"{bot_id}[{index}] has no process to kill")
     os.kill(old, signal.SIGKILL)
 
     async def replaced() -> bool:
         row = _instances(await manager.status(), bot_id)[index]
-        return bool(row["pid"] not in (None, old) and row["state"] == "running")
+        return row.pid not in (None, old) and row.state is InstanceState.RUNNING
 
     return await _until(replaced)
 
@@ -188,18 +191,20 @@ async def _restart_time(manager: ManagerRun, bot_id: str, index: int) -> float:
 async def _failover_time(manager: ManagerRun, bot_id: str) -> float:
     """SIGKILL the active replica; seconds until another replica is active."""
     rows = _instances(await manager.status(), bot_id)
-    active = next(r for r in rows if r["role"] == "active")
-    os.kill(active["pid"], signal.SIGKILL)
+    active = next(r for r in rows if r.role is Role.ACTIVE)
+    if active.pid is None:
+        raise ManagerError(f"the active replica of {bot_id} has no process")
+    os.kill(active.pid, signal.SIGKILL)
 
     async def taken_over() -> bool:
         rows = _instances(await manager.status(), bot_id)
-        return any(r["role"] == "active" and r["instance"] != active["instance"] for r in rows)
+        return any(r.role is Role.ACTIVE and r.instance != active.instance for r in rows)
 
     took = await _until(taken_over)
 
     async def settled() -> bool:  # the killed one back as standby before the next round
-        roles = sorted(str(r["role"]) for r in _instances(await manager.status(), bot_id))
-        return roles == ["active", "standby"]
+        roles = [r.role for r in _instances(await manager.status(), bot_id)]
+        return sorted(map(str, roles)) == [Role.ACTIVE, Role.STANDBY]
 
     await _until(settled)
     return took
@@ -218,7 +223,7 @@ async def run_manager_bench(rounds: int, echo: Callable[[str], None]) -> dict[st
             echo(f"READY after {cold:.2f}s; idling 5 s before measuring memory")
             await asyncio.sleep(5)
             status = await manager.status()
-            bot_rss = [i["rss"] for b in status["bots"] for i in b["instances"] if i["rss"]]
+            bot_rss = [i.rss for b in status.bots for i in b.instances if i.rss]
             restarts, failovers = [], []
             for n in range(rounds):
                 echo(f"round {n + 1}/{rounds}: kill -9 a bot, then the active replica")
@@ -238,10 +243,10 @@ async def run_manager_bench(rounds: int, echo: Callable[[str], None]) -> dict[st
     return {
         "ready_first_start_s": round(cold, 3),
         "ready_second_start_s": round(warm, 3),
-        "manager_rss_bytes": status["manager"]["rss"],
+        "manager_rss_bytes": status.manager.rss,
         "bot_rss_bytes_median": int(statistics.median(bot_rss)),
         "bots": len(bot_rss),
-        "redis_used_memory_bytes": status["memory"]["redis"],
+        "redis_used_memory_bytes": status.memory.redis if status.memory else None,
         "restart_s": _summary(restarts),
         "failover_s": _summary(failovers),
         "stop_s": round(stop, 3),

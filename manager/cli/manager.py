@@ -81,8 +81,10 @@ def status(config_file: Path | None, as_json: bool) -> None:
         from rich.console import Console  # noqa: PLC0415 - --json goes without it
 
         from manager.cli.status_view import render_status  # noqa: PLC0415
+        from manager.status import ManagerStatus  # noqa: PLC0415
 
-        render_status(result, Console(width=None if sys.stdout.isatty() else 200))
+        document = ManagerStatus.model_validate(result)
+        render_status(document, Console(width=None if sys.stdout.isatty() else 200))
 
 
 @click.command()

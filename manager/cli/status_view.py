@@ -10,7 +10,7 @@ Every cell is a ``rich.text.Text``, never markup, so a bot id or an exit message
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from rich import box
@@ -20,17 +20,27 @@ from rich.text import Text
 
 from bus.connection import redact
 from manager.observe.memory import format_size
+from manager.status import (
+    TROUBLE_STATES,
+    ArchiveStatus,
+    BotStatus,
+    GroupStatus,
+    InstanceState,
+    ManagerInfo,
+    ManagerStatus,
+    MemoryStatus,
+    RedisMemoryStatus,
+)
 
 #: A heartbeat older than this many seconds is shown as stale (yellow).
 STALE_HEARTBEAT = 30.0
 
 MISSING = "-"
-_RED_STATES = frozenset({"failed", "hung"})
-_YELLOW_STATES = frozenset({"backoff"})
+_YELLOW_STATES = frozenset({InstanceState.BACKOFF})
 
 
 def render_status(
-    status: Mapping[str, Any], console: Console, *, stale_after: float = STALE_HEARTBEAT
+    status: ManagerStatus, console: Console, *, stale_after: float = STALE_HEARTBEAT
 ) -> None:
     """Print the status document (the manager's ``status`` answer) on ``console``.
 
@@ -38,22 +48,20 @@ def render_status(
     Values that are None print as "-"; an empty fleet prints "none" under its heading.
     """
     view = _View(colour=console.is_terminal)
-    console.print(view.header(status.get("manager") or {}))
-    console.print(view.memory(status.get("memory") or {}))
-    if status.get("redis_memory"):
-        console.print(view.redis_memory(status["redis_memory"]))
-    if status.get("archive"):
-        console.print(view.archive(status["archive"]))
+    console.print(view.header(status.manager))
+    console.print(view.memory(status.memory))
+    if status.redis_memory:
+        console.print(view.redis_memory(status.redis_memory))
+    if status.archive:
+        console.print(view.archive(status.archive))
     console.print()
-    bots: Sequence[Mapping[str, Any]] = status.get("bots") or []
-    if bots:
-        console.print(view.bots_table(bots, stale_after))
+    if status.bots:
+        console.print(view.bots_table(status.bots, stale_after))
     else:
         console.print(Text("bots: none"))
-    groups: Sequence[Mapping[str, Any]] = status.get("groups") or []
-    if groups:
+    if status.groups:
         console.print()
-        console.print(view.groups_table(groups))
+        console.print(view.groups_table(status.groups))
     else:
         console.print(Text("groups: none"))
 
@@ -85,73 +93,72 @@ class _View:
         """``name`` on a terminal, no style elsewhere."""
         return name if self.colour else ""
 
-    def header(self, manager: Mapping[str, Any]) -> Text:
+    def header(self, manager: ManagerInfo) -> Text:
         """Who and where: version, pid, uptime, readiness, maintenance, endpoints."""
-        ready = manager.get("ready")
-        if ready is None:
+        if manager.ready is None:
             readiness: tuple[str, str] = (f"ready {MISSING}", "")
         else:
-            readiness = ("ready", "green") if ready else ("not ready", "yellow")
-        maintenance = ("maintenance on", "bold yellow") if manager.get("maintenance") else None
+            readiness = ("ready", "green") if manager.ready else ("not ready", "yellow")
+        maintenance = ("maintenance on", "bold yellow") if manager.maintenance else None
         first = Text.assemble(
-            (f"multibot {_text(manager.get('version'))}", self.style("bold")),
-            f"  pid {_text(manager.get('pid'))}",
-            f"  up {format_duration(manager.get('uptime'))}",
+            (f"multibot {manager.version}", self.style("bold")),
+            f"  pid {manager.pid}",
+            f"  up {format_duration(manager.uptime)}",
             "  ",
             (readiness[0], self.style(readiness[1])),
             "  ",
             (maintenance[0], self.style(maintenance[1])) if maintenance else "maintenance off",
         )
         second = Text.assemble(
-            f"redis {_url(manager.get('redis'))}",
-            f"  postgres {_url(manager.get('postgres'))}",
-            f"  data {_text(manager.get('data_dir'))}",
+            f"redis {_url(manager.redis)}",
+            f"  postgres {_url(manager.postgres)}",
+            f"  data {manager.data_dir}",
         )
         lines = [first, second]
-        if manager.get("api"):
-            lines.append(Text(f"api {_text(manager.get('api'))}  (status page, /docs, /metrics)"))
+        if manager.api:
+            lines.append(Text(f"api {manager.api}  (status page, /docs, /metrics)"))
         return Text("\n").join(lines)
 
-    def memory(self, memory: Mapping[str, Any]) -> Text:
+    def memory(self, memory: MemoryStatus | None) -> Text:
         """Budget use, e.g. "memory 1.1 GiB / 2.0 GiB (55%)", and its three parts."""
-        used, budget = memory.get("used"), memory.get("budget")
-        line = Text(f"memory {_size(used)} / {_size(budget)}")
-        if used is not None and budget:
-            share = used / budget
+        if memory is None:
+            return Text(f"memory {MISSING}")
+        line = Text(f"memory {_size(memory.used)} / {_size(memory.budget)}")
+        if memory.used is not None and memory.budget:
+            share = memory.used / memory.budget
             style = "red" if share >= 0.9 else "yellow" if share >= 0.8 else ""
             line.append(f" ({share:.0%})", self.style(style))
         for part in ("manager", "bots", "redis"):
-            line.append(f"  {part} {_size(memory.get(part))}")
+            line.append(f"  {part} {_size(getattr(memory, part))}")
         return line
 
-    def redis_memory(self, state: Mapping[str, Any]) -> Text:
+    def redis_memory(self, state: RedisMemoryStatus) -> Text:
         """Redis against its maxmemory, and what holds publishers back when they are."""
-        used, limit = state.get("used"), state.get("maxmemory")
-        if not limit:
+        if not state.maxmemory:
             return Text("redis maxmemory unset: nothing bounds Redis", self.style("yellow"))
-        line = Text(f"redis {_size(used)} / {_size(limit)} maxmemory")
-        if not state.get("backpressure"):
+        line = Text(f"redis {_size(state.used)} / {_size(state.maxmemory)} maxmemory")
+        if not state.backpressure:
             return line
         line.append("  BACKPRESSURE: publishers held back", self.style("red"))
-        for holder in state.get("holders") or []:
+        for holder in state.holders:
             line.append(
-                f"\n  held by group {holder['group']} on stream {holder['stream']} "
-                f"(from entry {holder['since_id']}, pending {holder['pending']})"
+                f"\n  held by group {holder.group} on stream {holder.stream} "
+                f"(from entry {holder.since_id}, pending {holder.pending})"
             )
         return line
 
-    def archive(self, archive: Mapping[str, Any]) -> Text:
+    def archive(self, archive: ArchiveStatus) -> Text:
         """The archiver: "archive ok  12034 events, 3 dead letters" or what is wrong."""
         line = Text("archive ")
-        if archive.get("healthy"):
+        if archive.healthy:
             line.append("ok", self.style("green"))
         else:
-            line.append(f"failing: {archive.get('last_error')}", self.style("red"))
-        line.append(f"  {archive.get('archived', 0)} events, "
-                    f"{archive.get('dead_letters', 0)} dead letters archived this run")  # fmt: skip
+            line.append(f"failing: {archive.last_error}", self.style("red"))
+        line.append(f"  {archive.archived} events, "
+                    f"{archive.dead_letters} dead letters archived this run")  # fmt: skip
         return line
 
-    def bots_table(self, bots: Sequence[Mapping[str, Any]], stale_after: float) -> Table:
+    def bots_table(self, bots: Sequence[BotStatus], stale_after: float) -> Table:
         """One row per instance (one row for a bot with none)."""
         table = self.table(
             ("bot", "left"),
@@ -166,42 +173,39 @@ class _View:
             ("last exit", "left"),
         )
         for bot in bots:
-            bot_id = _text(bot.get("id"))
-            bot_failed = bot.get("state") in _RED_STATES
-            instances: Sequence[Mapping[str, Any]] = bot.get("instances") or []
-            if not instances:
+            bot_failed = bot.state in TROUBLE_STATES
+            if not bot.instances:
                 row_style = "red" if bot_failed else ""
-                cells = [bot_id, MISSING, MISSING, _text(bot.get("state")), MISSING, MISSING]
-                cells += [_text(bot.get("restarts")), MISSING, MISSING, MISSING]
+                cells = [bot.id, MISSING, MISSING, str(bot.state), MISSING, MISSING]
+                cells += [str(bot.restarts), MISSING, MISSING, MISSING]
                 table.add_row(*map(Text, cells), style=self.style(row_style))
                 continue
-            for inst in instances:
-                state = inst.get("state")
-                age = inst.get("heartbeat_age")
+            for inst in bot.instances:
+                state, age = inst.state, inst.heartbeat_age
                 stale = age is not None and age >= stale_after
-                failed = bot_failed or state in _RED_STATES
+                failed = bot_failed or state in TROUBLE_STATES
                 table.add_row(
-                    Text(bot_id),
-                    Text(_text(inst.get("instance"))),
-                    Text(_text(inst.get("role"))),
+                    Text(bot.id),
+                    Text(str(inst.instance)),
+                    Text(_text(inst.role)),
                     Text(
-                        _text(state),
+                        str(state),
                         self.style("yellow" if state in _YELLOW_STATES and not failed else ""),
                     ),
-                    Text(_text(inst.get("pid"))),
-                    Text(format_duration(inst.get("uptime"))),
-                    Text(_text(inst.get("restarts"))),
-                    Text(_size(inst.get("rss"))),
+                    Text(_text(inst.pid)),
+                    Text(format_duration(inst.uptime)),
+                    Text(str(inst.restarts)),
+                    Text(_size(inst.rss)),
                     Text(
                         format_duration(age),
                         self.style("yellow" if stale and not failed else ""),
                     ),
-                    Text(_text(inst.get("last_exit"))),
+                    Text(_text(inst.last_exit)),
                     style=self.style("red" if failed else ""),
                 )
         return table
 
-    def groups_table(self, groups: Sequence[Mapping[str, Any]]) -> Table:
+    def groups_table(self, groups: Sequence[GroupStatus]) -> Table:
         """One row per consumer group and stream; a capped lag reads "100000+"."""
         table = self.table(
             ("stream", "left"),
@@ -211,15 +215,15 @@ class _View:
             ("consumers", "right"),
         )
         for group in groups:
-            lag = _text(group.get("lag"))
-            if group.get("lag_capped") and group.get("lag") is not None:
+            lag = _text(group.lag)
+            if group.lag_capped and group.lag is not None:
                 lag += "+"
             table.add_row(
-                Text(_text(group.get("stream"))),
-                Text(_text(group.get("group"))),
+                Text(group.stream),
+                Text(group.group),
                 Text(lag),
-                Text(_text(group.get("pending"))),
-                Text(_text(group.get("consumers"))),
+                Text(str(group.pending)),
+                Text(str(group.consumers)),
             )
         return table
 

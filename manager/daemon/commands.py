@@ -26,6 +26,7 @@ from manager.archive.archiver import Archiver
 from manager.config import ConfigError
 from manager.control import CommandError, Handler
 from manager.embedded.services import Services
+from manager.status import ManagerInfo, ManagerStatus
 from manager.supervision.coordinator import Coordinator
 from manager.supervision.supervisor import Supervisor
 
@@ -79,7 +80,7 @@ class Commands:
     def handlers(self) -> dict[str, Handler]:
         """The control server's handlers, by command name."""
         return {
-            "status": self.status,
+            "status": self._status_command,
             "stop": self._stop,
             "restart": self._restart,
             "maintenance": self._maintenance,
@@ -87,32 +88,38 @@ class Commands:
             "connection": self._connection,
         }
 
-    async def status(self, _: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def status(self) -> ManagerStatus:
         """The status document of ``multibot status`` and the HTTP API."""
         import psutil  # noqa: PLC0415 - only the status command needs it here
 
         services, running = self.services, self.running
-        coordinator = running.coordinator.status() if running else {}
-        return {
-            "manager": {
-                "pid": os.getpid(),
-                "version": __version__,
-                "uptime": time.time() - self._started_at,
-                "rss": psutil.Process().memory_info().rss,
-                "data_dir": str(self._data_dir),
-                "redis": redact(services.redis_url) if services else None,
-                "postgres": redact(services.postgres_dsn or "") if services else None,
-                "maintenance": self.maintenance,
-                "ready": self._ready(),
-                "api": self.api.url if self.api else None,
-            },
-            "memory": coordinator.get("memory", {}),
-            "redis_memory": coordinator.get("redis_memory"),
-            "archive": running.archiver.status() if running else None,
-            "bots": running.supervisor.status() if running else [],
-            "groups": coordinator.get("groups", []),
-            "metrics": running.supervisor.metrics.snapshot() if running else None,
-        }
+        manager = ManagerInfo(
+            pid=os.getpid(),
+            version=__version__,
+            uptime=time.time() - self._started_at,
+            rss=psutil.Process().memory_info().rss,
+            data_dir=str(self._data_dir),
+            redis=redact(services.redis_url) if services else None,
+            postgres=redact(services.postgres_dsn or "") if services else None,
+            maintenance=self.maintenance,
+            ready=self._ready(),
+            api=self.api.url if self.api else None,
+        )
+        if running is None:
+            return ManagerStatus(manager=manager)
+        coordinator = running.coordinator
+        return ManagerStatus(
+            manager=manager,
+            memory=coordinator.memory_status(),
+            redis_memory=coordinator.redis_memory_status(),
+            archive=running.archiver.status(),
+            bots=running.supervisor.status(),
+            groups=coordinator.group_status(),
+            metrics=running.supervisor.metrics.snapshot(),
+        )
+
+    async def _status_command(self, _: Mapping[str, Any]) -> dict[str, Any]:
+        return (await self.status()).model_dump(mode="json")
 
     async def _connection(self, _: Mapping[str, Any]) -> dict[str, Any]:
         """Where the manager's Redis and PostgreSQL are, credentials included (the socket is

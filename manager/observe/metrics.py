@@ -29,13 +29,20 @@ from redis.asyncio import Redis
 from bus.keys import ARCHIVER_GROUP, Keys
 from bus.metrics import BUCKETS
 from manager.observe.lag import DEFAULT_CAP, group_lags, stream_keys
+from manager.status import (
+    UP_STATES,
+    ArchiveStatus,
+    BotStatus,
+    GroupStatus,
+    InstanceState,
+    MemoryStatus,
+    RedisMemoryStatus,
+)
 
 #: The content type of :func:`render`'s output.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Label value of the dead-letter stream in ``multibot_archive_lag``.
 DEAD_LETTER_STREAM = "dlq"
-#: Instance states in which a running process counts as up.
-_UP_STATES = frozenset({"running", "standby"})
 #: ``le`` label values, written as prometheus_client writes its own histograms' ("0.25", "1.0").
 _LE = [*(repr(float(b)) for b in BUCKETS), "+Inf"]
 
@@ -88,15 +95,20 @@ class MetricsInput:
 
     #: :meth:`manager.observe.fleet_metrics.FleetMetrics.snapshot`: event counters and histograms.
     fleet: Mapping[str, Any]
-    #: :meth:`manager.supervision.supervisor.Supervisor.status`: bots, their instances, states, RSS.
-    bots: Sequence[Mapping[str, Any]]
-    #: :meth:`manager.supervision.coordinator.Coordinator.status`: ``memory`` and ``groups``.
-    coordinator: Mapping[str, Any]
+    #: The supervisor's: bots, their instances, states, RSS.
+    bots: Sequence[BotStatus]
+    #: The coordinator's, as of its last check (None before it).
+    memory: MemoryStatus | None
+    #: The coordinator's: each group's lag, pending and consumers.
+    groups: Sequence[GroupStatus]
+    #: The pressure watch's: Redis against its maxmemory (None without one).
+    redis_memory: RedisMemoryStatus | None
     #: :func:`gather_streams`.
     streams: Sequence[Mapping[str, Any]]
-    #: :meth:`manager.archive.archiver.Archiver.status` plus ``{"lag": {stream: entries}}``
-    #: (:func:`archive_lag`), or None when the manager runs without an archive.
-    archive: Mapping[str, Any] | None
+    #: The archiver's health and counts, or None when the manager runs without an archive.
+    archive: ArchiveStatus | None
+    #: :func:`archive_lag`: entries not yet archived, by stream.
+    archive_lag: Mapping[str, int]
     #: Entries in the dead-letter stream.
     dead_letters: int
     #: HTTP API requests: (method, route template, status code) → count.
@@ -120,15 +132,15 @@ class _Snapshot(Collector):
         data = self._data
         yield from _event_counters(data.fleet)
         yield from _histograms(data.fleet)
-        yield from _consumer_groups(data.coordinator.get("groups") or [])
+        yield from _consumer_groups(data.groups)
         yield from _streams(data.streams)
-        yield from _archive(data.archive)
+        yield from _archive(data.archive, data.archive_lag)
         yield _gauge(
             "multibot_dead_letters", "Entries in the dead-letter stream.", data.dead_letters
         )
         yield from _bots(data.bots)
-        yield from _memory(data.coordinator.get("memory") or {})
-        yield from _pressure(data.coordinator.get("redis_memory") or {})
+        yield from _memory(data.memory)
+        yield from _pressure(data.redis_memory)
         requests = CounterMetricFamily(
             "multibot_api_requests",
             "HTTP API requests by method, route template and status code.",
@@ -197,7 +209,7 @@ def _buckets(histogram: Mapping[str, Any]) -> tuple[list[tuple[str, float]], flo
     return cumulative, float(histogram["sum"])
 
 
-def _consumer_groups(groups: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
+def _consumer_groups(groups: Sequence[GroupStatus]) -> Iterator[Metric]:
     labels = ["stream", "group"]
     lag = GaugeMetricFamily(
         "multibot_consumer_lag", "Entries not yet delivered to the group.", labels=labels
@@ -209,11 +221,11 @@ def _consumer_groups(groups: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
         "multibot_consumer_group_consumers", "Consumers in the group.", labels=labels
     )
     for row in groups:
-        key = [str(row["stream"]), str(row["group"])]
-        if row.get("lag") is not None:
-            lag.add_metric(key, row["lag"])
-        pending.add_metric(key, row["pending"])
-        consumers.add_metric(key, row["consumers"])
+        key = [row.stream, row.group]
+        if row.lag is not None:
+            lag.add_metric(key, row.lag)
+        pending.add_metric(key, row.pending)
+        consumers.add_metric(key, row.consumers)
     yield from (lag, pending, consumers)
 
 
@@ -231,7 +243,7 @@ def _streams(streams: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
     yield from (length, memory)
 
 
-def _archive(archive: Mapping[str, Any] | None) -> Iterator[Metric]:
+def _archive(archive: ArchiveStatus | None, entries: Mapping[str, int]) -> Iterator[Metric]:
     archived = CounterMetricFamily("multibot_events_archived", "Events stored in PostgreSQL.")
     lag = GaugeMetricFamily(
         "multibot_archive_lag",
@@ -240,14 +252,14 @@ def _archive(archive: Mapping[str, Any] | None) -> Iterator[Metric]:
     )
     up = GaugeMetricFamily("multibot_archive_up", "1 when the last write to PostgreSQL worked.")
     if archive is not None:
-        archived.add_metric([], archive.get("archived", 0))
-        for stream, entries in sorted((archive.get("lag") or {}).items()):
-            lag.add_metric([stream], entries)
-        up.add_metric([], 1 if archive.get("healthy") else 0)
+        archived.add_metric([], archive.archived)
+        for stream, behind in sorted(entries.items()):
+            lag.add_metric([stream], behind)
+        up.add_metric([], 1 if archive.healthy else 0)
     yield from (archived, lag, up)
 
 
-def _bots(bots: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
+def _bots(bots: Sequence[BotStatus]) -> Iterator[Metric]:
     restarts = CounterMetricFamily(
         "multibot_bot_restarts", "Restarts by the supervisor.", labels=["bot"]
     )
@@ -265,45 +277,44 @@ def _bots(bots: Sequence[Mapping[str, Any]]) -> Iterator[Metric]:
         labels=["bot", "replica"],
     )
     for bot in bots:
-        bot_id = str(bot["id"])
-        restarts.add_metric([bot_id], bot.get("restarts") or 0)
-        failed.add_metric([bot_id], 1 if bot.get("state") == "failed" else 0)
-        for row in bot.get("instances") or []:
-            key = [bot_id, str(row["instance"])]
-            running = row.get("pid") is not None and row.get("state") in _UP_STATES
+        restarts.add_metric([bot.id], bot.restarts)
+        failed.add_metric([bot.id], 1 if bot.state is InstanceState.FAILED else 0)
+        for row in bot.instances:
+            key = [bot.id, str(row.instance)]
+            running = row.pid is not None and row.state in UP_STATES
             up.add_metric(key, 1 if running else 0)
-            if row.get("rss") is not None:
-                rss.add_metric(key, row["rss"])
+            if row.rss is not None:
+                rss.add_metric(key, row.rss)
     yield from (restarts, failed, up, rss)
 
 
-def _memory(memory: Mapping[str, Any]) -> Iterator[Metric]:
+def _memory(memory: MemoryStatus | None) -> Iterator[Metric]:
     used = GaugeMetricFamily(
         "multibot_memory_used_bytes",
         "Memory used by Redis, the manager (with its embedded PostgreSQL) and the bots.",
         labels=["part"],
     )
     for part in _MEMORY_PARTS:
-        if memory.get(part) is not None:
-            used.add_metric([part], memory[part])
+        value = getattr(memory, part, None)
+        if value is not None:
+            used.add_metric([part], value)
     yield used
-    yield _gauge(
-        "multibot_memory_budget_bytes", "The configured memory budget.", memory.get("budget")
-    )
-    yield _gauge("multibot_redis_memory_bytes", "Redis used_memory.", memory.get("redis"))
+    budget = memory.budget if memory else None
+    yield _gauge("multibot_memory_budget_bytes", "The configured memory budget.", budget)
+    redis = memory.redis if memory else None
+    yield _gauge("multibot_redis_memory_bytes", "Redis used_memory.", redis)
 
 
-def _pressure(state: Mapping[str, Any]) -> Iterator[Metric]:
+def _pressure(state: RedisMemoryStatus | None) -> Iterator[Metric]:
     yield _gauge(
         "multibot_redis_maxmemory_bytes",
         "Redis's maxmemory (0: unlimited).",
-        state.get("maxmemory"),
+        state.maxmemory if state else None,
     )
-    backpressure = state.get("backpressure")
     yield _gauge(
         "multibot_backpressure",
         "1 while publishers are held back because Redis is near its maxmemory.",
-        None if backpressure is None else int(backpressure),
+        None if state is None else int(state.backpressure),
     )
 
 

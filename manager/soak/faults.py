@@ -44,6 +44,7 @@ from manager.soak.hostile import HostileEntry, write_hostile
 from manager.soak.observe import MemorySampler
 from manager.soak.process import ManagerKeeper
 from manager.soak.reconcile import Kill
+from manager.status import InstanceState
 
 log = structlog.get_logger("manager.soak")
 
@@ -183,13 +184,15 @@ async def pg_diskfull(ctx: FaultContext, hold: float) -> float:
 
 async def soak_pids(ctx: FaultContext) -> list[int]:
     """Pids of the running soak bot processes."""
-    status = await ctx.keeper.manager.status() if ctx.keeper.manager else {"bots": []}
+    if ctx.keeper.manager is None:
+        return []
+    status = await ctx.keeper.manager.status()
     return [
-        i["pid"]
-        for b in status["bots"]
-        if b["id"] in ctx.soak_bots
-        for i in b["instances"]
-        if i.get("pid") and i.get("state") == "running"
+        i.pid
+        for b in status.bots
+        if b.id in ctx.soak_bots
+        for i in b.instances
+        if i.pid and i.state is InstanceState.RUNNING
     ]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psutil
 import structlog
@@ -35,6 +35,7 @@ from manager.observe.memory import (
     tree_rss,
 )
 from manager.observe.thresholds import Threshold, ThresholdWatch
+from manager.status import GroupStatus, MemoryStatus, RedisMemoryStatus
 from manager.supervision.supervisor import Supervisor
 
 if TYPE_CHECKING:  # supervision does not import the archive: only its type is named
@@ -200,29 +201,32 @@ class Coordinator:
             self._restarts.add(task)  # keep a reference until it is done
             task.add_done_callback(self._restarts.discard)
 
-    def status(self) -> dict[str, Any]:
-        """Memory and lag as of the last check, for ``multibot status`` (``manager`` there is
-        the manager process and the embedded PostgreSQL; ``redis`` is its ``used_memory``);
-        ``redis_memory`` is the pressure watch's view of Redis against its maxmemory."""
+    def memory_status(self) -> MemoryStatus:
+        """The budget and its use as of the last check (``manager`` is the manager process
+        and the embedded PostgreSQL; ``redis`` is Redis's ``used_memory``)."""
         memory = self.memory
-        return {
-            "redis_memory": self.pressure.status(self._keys) if self.pressure else None,
-            "memory": {
-                "budget": int(self._settings.memory.budget),
-                "used": memory.total,
-                "manager": memory.manager,
-                "bots": sum(memory.bots.values()),
-                "redis": memory.redis,
-            },
-            "groups": [
-                {
-                    "stream": self._keys.stream_name(g.stream),
-                    "group": g.group,
-                    "lag": g.lag,
-                    "lag_capped": g.lag_capped,
-                    "pending": g.pending,
-                    "consumers": g.consumers,
-                }
-                for g in self.lags
-            ],
-        }
+        return MemoryStatus(
+            budget=int(self._settings.memory.budget),
+            used=memory.total,
+            manager=memory.manager,
+            bots=sum(memory.bots.values()),
+            redis=memory.redis,
+        )
+
+    def redis_memory_status(self) -> RedisMemoryStatus | None:
+        """The pressure watch's view of Redis against its maxmemory (None without one)."""
+        return self.pressure.status(self._keys) if self.pressure else None
+
+    def group_status(self) -> list[GroupStatus]:
+        """Each group's lag, pending and consumers, as of the last check."""
+        return [
+            GroupStatus(
+                stream=self._keys.stream_name(g.stream),
+                group=g.group,
+                lag=g.lag,
+                lag_capped=g.lag_capped,
+                pending=g.pending,
+                consumers=g.consumers,
+            )
+            for g in self.lags
+        ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from typing import Protocol
 
@@ -18,34 +17,13 @@ import structlog
 
 from bus.supervision import RuntimeSpec, Status, StatusLine
 from manager.config import BotConfig
+from manager.status import InstanceState
 from manager.supervision.bot_process import BotProcess
 from manager.supervision.restart_policy import Decision, ExitStatus, RestartTracker
 
 log = structlog.get_logger("manager.supervision.supervisor")
 #: Seconds past a bot's stop timeout before SIGKILL: the runtime's own deadline comes first.
 STOP_GRACE = 3.0
-
-
-class InstanceState(enum.StrEnum):
-    """Where a slot is in its life."""
-
-    #: Spawned; not yet consuming.
-    STARTING = "starting"
-    #: Consuming (or holding the lease, for an active/standby bot).
-    RUNNING = "running"
-    #: An active/standby replica waiting for the lease.
-    STANDBY = "standby"
-    #: Exited; waiting out the restart backoff.
-    BACKOFF = "backoff"
-    #: Being stopped (SIGTERM sent).
-    STOPPING = "stopping"
-    #: Exited and not restarted (policy), or retired.
-    STOPPED = "stopped"
-    #: Gave up: a crash loop, or it cannot start. `multibot restart` tries again.
-    FAILED = "failed"
-    #: Alive but silent past the heartbeat timeout (or no first beat within the start-up
-    #: timeout); being restarted.
-    HUNG = "hung"
 
 
 class InstanceOwner(Protocol):

@@ -29,7 +29,7 @@ from manager.announcer import PUBLISHED_BY, Announcer
 from manager.config import BotConfig, SupervisorSettings
 from manager.observe.fleet_metrics import FleetMetrics
 from manager.observe.lag import stream_keys
-from manager.observe.memory import tree_rss
+from manager.status import UP_STATES, BotStatus, InstanceState
 from manager.supervision.bot_process import BotProcess, HangCheck
 from manager.supervision.handover import (
     CrashLedger,
@@ -37,7 +37,8 @@ from manager.supervision.handover import (
     release_pending,
     retire_consumer,
 )
-from manager.supervision.instance import Instance, InstanceState
+from manager.supervision.instance import Instance
+from manager.supervision.report import bot_status
 from manager.supervision.restart_policy import ExitStatus
 
 log = structlog.get_logger("manager.supervision.supervisor")
@@ -58,15 +59,17 @@ class Bot:
     active: tuple[int, int] | None = None
 
     @property
-    def state(self) -> str:
+    def state(self) -> InstanceState:
         """The bot's overall state: the worst of its instances'."""
         states = {i.state for i in self.instances}
         for state in (InstanceState.FAILED, InstanceState.HUNG, InstanceState.BACKOFF):
             if state in states:
-                return str(state)
-        if states <= {InstanceState.RUNNING, InstanceState.STANDBY}:
-            return str(InstanceState.RUNNING)
-        return str(min(states, key=list(InstanceState).index)) if states else "stopped"
+                return state
+        if not states:
+            return InstanceState.STOPPED
+        if states <= UP_STATES:
+            return InstanceState.RUNNING
+        return min(states, key=list(InstanceState).index)
 
 
 class Supervisor:
@@ -353,44 +356,10 @@ class Supervisor:
             type_, {k: v for k, v in payload.items() if v is not None}, source=instance.bot.id
         )
 
-    def status(self) -> list[dict[str, Any]]:
-        """The bots and their instances, for ``multibot status``."""
+    def status(self) -> list[BotStatus]:
+        """The bots and their instances, for ``multibot status``, the API and the metrics."""
         now, wall = time.monotonic(), time.time()
-        out = []
-        for bot in self.bots.values():
-            instances = []
-            for i in bot.instances:
-                p = i.process
-                alive = p is not None and p.pid is not None
-                # None until the process's first beat: it has not claimed to be alive yet.
-                beat = p.last_heartbeat if alive and p else None
-                role = None
-                if bot.config.standby:
-                    role = "active" if p is not None and p.active_token is not None else "standby"
-                instances.append(
-                    {
-                        "instance": i.index,
-                        "pid": p.pid if p else None,
-                        "state": str(i.state),
-                        "role": role if alive else None,
-                        "uptime": wall - p.started_wall if alive and p else None,
-                        "restarts": i.tracker.restarts,
-                        "rss": tree_rss(p.pid) if p and p.pid else None,
-                        "heartbeat_age": now - beat if beat is not None else None,
-                        "last_exit": i.last_exit,
-                    }
-                )
-            out.append(
-                {
-                    "id": bot.config.id,
-                    "state": bot.state,
-                    "restarts": sum(i.tracker.restarts for i in bot.instances),
-                    "replicas": bot.config.replicas,
-                    "standby": bot.config.standby,
-                    "instances": instances,
-                }
-            )
-        return out
+        return [bot_status(bot, now=now, wall=wall) for bot in self.bots.values()]
 
     def pids(self) -> dict[str, dict[int, int]]:
         """Running pids: bot id → instance → pid (for the memory watch)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -18,7 +17,9 @@ from bus import BusClient
 from bus.archive import ArchiveStore
 from manager.api.app import create_app
 from manager.api.auth import SCOPES, Caller, Tokens
+from manager.api.models import ApiStatus, Health
 from manager.config import ApiSettings
+from manager.status import BotStatus
 from tests.conftest import BusFactory
 from tests.manager.test_cli_archive import _chain, deep_chain
 
@@ -41,10 +42,10 @@ class ArchiveView:
     async def archive(self) -> ArchiveStore | None:
         return self._store
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> ApiStatus:
         raise AssertionError("not used by the archive routes")
 
-    def bots(self) -> list[dict[str, Any]]:
+    def bots(self) -> list[BotStatus]:
         raise AssertionError("not used by the archive routes")
 
     async def restart_bot(self, bot_id: str) -> None:
@@ -53,7 +54,7 @@ class ArchiveView:
     async def readiness(self) -> tuple[list[str], dict[str, str]]:
         raise AssertionError("not used by the archive routes")
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> Health:
         raise AssertionError("not used by the archive routes")
 
     async def metrics(self) -> bytes:

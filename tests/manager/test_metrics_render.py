@@ -23,6 +23,13 @@ from manager.observe.metrics import (
     gather_streams,
     render,
 )
+from manager.status import (
+    ArchiveStatus,
+    BotStatus,
+    GroupStatus,
+    MemoryStatus,
+    RedisMemoryStatus,
+)
 
 GROUP = "bot-group-greeter"
 
@@ -48,7 +55,7 @@ def fleet_snapshot() -> dict[str, object]:
 
 def realistic(**changes: object) -> MetricsInput:
     """A MetricsInput shaped like what the running manager's parts report."""
-    fields: dict[str, object] = {
+    fields: dict[str, Any] = {
         "fleet": fleet_snapshot(),
         "bots": [
             {
@@ -93,34 +100,37 @@ def realistic(**changes: object) -> MetricsInput:
                 ],
             },
         ],
-        "coordinator": {
-            "redis_memory": {"used": 160_000_000, "maxmemory": 1 << 30, "backpressure": True},
-            "memory": {
-                "budget": 2 << 30,
-                "used": 300_000_000,
-                "manager": 90_000_000,
-                "bots": 50_000_000,
-                "redis": 160_000_000,
-            },
-            "groups": [
-                {
-                    "stream": "user",
-                    "group": GROUP,
-                    "lag": 4,
-                    "lag_capped": False,
-                    "pending": 1,
-                    "consumers": 2,
-                },
-                {
-                    "stream": "user",
-                    "group": ARCHIVER_GROUP,
-                    "lag": None,
-                    "lag_capped": False,
-                    "pending": 0,
-                    "consumers": 1,
-                },
-            ],
+        "redis_memory": {
+            "used": 160_000_000,
+            "maxmemory": 1 << 30,
+            "policy": "noeviction",
+            "backpressure": True,
         },
+        "memory": {
+            "budget": 2 << 30,
+            "used": 300_000_000,
+            "manager": 90_000_000,
+            "bots": 50_000_000,
+            "redis": 160_000_000,
+        },
+        "groups": [
+            {
+                "stream": "user",
+                "group": GROUP,
+                "lag": 4,
+                "lag_capped": False,
+                "pending": 1,
+                "consumers": 2,
+            },
+            {
+                "stream": "user",
+                "group": ARCHIVER_GROUP,
+                "lag": None,
+                "lag_capped": False,
+                "pending": 0,
+                "consumers": 1,
+            },
+        ],
         "streams": [
             {"stream": "user", "length": 1234, "memory_bytes": 65536},
             {"stream": "bot", "length": 7, "memory_bytes": None},
@@ -133,8 +143,8 @@ def realistic(**changes: object) -> MetricsInput:
             "batches": 30,
             "skipped": 0,
             "unarchivable": 0,
-            "lag": {"user": 34, "bot": 0},
         },
+        "archive_lag": {"user": 34, "bot": 0},
         "dead_letters": 3,
         "api_requests": {
             ("GET", "/v1/events/{event_id}", "200"): 5,
@@ -142,7 +152,20 @@ def realistic(**changes: object) -> MetricsInput:
         },
     }
     fields.update(changes)
-    return MetricsInput(**fields)  # type: ignore[arg-type]
+    return typed(fields)
+
+
+def typed(fields: dict[str, Any]) -> MetricsInput:
+    """A MetricsInput from its JSON form (the parts' status models, as dictionaries)."""
+    archive, memory, pressure = fields["archive"], fields["memory"], fields["redis_memory"]
+    models = {
+        "bots": [BotStatus.model_validate(b) for b in fields["bots"]],
+        "groups": [GroupStatus.model_validate(g) for g in fields["groups"]],
+        "archive": archive and ArchiveStatus.model_validate(archive),
+        "memory": memory and MemoryStatus.model_validate(memory),
+        "redis_memory": pressure and RedisMemoryStatus.model_validate(pressure),
+    }
+    return MetricsInput(**fields | models)
 
 
 def samples(text: bytes) -> dict[str, list[Sample]]:
@@ -258,9 +281,12 @@ class TestRender:
         empty = MetricsInput(
             fleet=FleetMetrics().snapshot(),
             bots=[],
-            coordinator={},
+            memory=None,
+            groups=[],
+            redis_memory=None,
             streams=[],
             archive=None,
+            archive_lag={},
             dead_letters=0,
             api_requests={},
         )
@@ -272,7 +298,7 @@ class TestRender:
     def test_archive_down(self) -> None:
         """A failing archiver reads as archive_up 0."""
         archive = {"healthy": False, "last_error": "ConnectionRefusedError", "archived": 5}
-        found = samples(render(realistic(archive=archive)))
+        found = samples(render(realistic(archive=archive, archive_lag={})))
         assert value(found, "multibot_archive_up") == 0
         assert found["multibot_archive_lag"] == []
 

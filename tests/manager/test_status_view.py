@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from manager.cli.status_view import format_duration, render_status
+from manager.status import ManagerStatus
 
 MiB, GiB = 1024**2, 1024**3
 
@@ -114,7 +115,7 @@ def make_status() -> dict[str, Any]:
 def render(status: dict[str, Any], **console: Any) -> str:
     """What render_status prints on a 140-column console writing to a string."""
     out = io.StringIO()
-    render_status(status, Console(file=out, width=140, **console))
+    render_status(ManagerStatus.model_validate(status), Console(file=out, width=140, **console))
     return out.getvalue()
 
 
@@ -256,5 +257,6 @@ class TestArchiveLine:
             ({"healthy": False, "last_error": "OSError: refused"}, "failing: OSError: refused"),
         ):
             out = io.StringIO()
-            render_status({"archive": archive}, Console(file=out, width=140))
+            status = ManagerStatus.model_validate(make_status() | {"archive": archive})
+            render_status(status, Console(file=out, width=140))
             assert expected in out.getvalue()
