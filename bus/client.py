@@ -26,7 +26,7 @@ from bus.replay import replay
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
 from bus.settings import BreakerSettings, BusSettings, RetrySettings
-from bus.subscription import Allowed, AnyHandler, Subscription, build_subscription
+from bus.subscription import Allowed, AnyHandler, Subscription, SubscriptionRegistry
 
 if TYPE_CHECKING:
     from bus.archive.store import ArchiveStore
@@ -83,7 +83,7 @@ class BusClient:
         self._given_redis = redis
         self._redis: Redis | None = None
         self._publisher: Publisher | None = None
-        self._subscriptions: list[Subscription] = []
+        self._subscriptions = SubscriptionRegistry(self.settings.consumer, self.router, self.keys)
         self._consumer: Consumer | None = None
         self._stopped = asyncio.Event()
         self._ready = asyncio.Event()
@@ -261,28 +261,19 @@ class BusClient:
         def register(fn: H) -> H:
             if self._consumer is not None:
                 raise SubscriptionError("subscribe before run(): the consumer is already running")
-            sub = build_subscription(
+            self._subscriptions.add(
                 pattern,
                 fn,
                 where=where,
                 name=name,
                 model=model,
-                retry=retry or self.settings.consumer.retry,
-                breaker=breaker or self.settings.consumer.breaker,
+                retry=retry,
+                breaker=breaker,
                 batch=batch,
                 batch_wait=batch_wait,
                 idempotent_ttl=idempotent_ttl,
-                timeout=self.settings.consumer.handler_timeout if timeout == "default" else timeout,
+                timeout=timeout,
             )
-            if any(s.name == sub.name for s in self._subscriptions):
-                raise SubscriptionError(
-                    f"a subscription named {sub.name!r} exists already: pass name= to tell "
-                    "them apart (the name is how dead letters are retried to one handler)"
-                )
-            sub.streams = frozenset(
-                self.keys.stream(s) for s in self.router.streams_for(sub.pattern)
-            )
-            self._subscriptions.append(sub)
             return fn
 
         if handler is not None:
@@ -311,7 +302,7 @@ class BusClient:
             settings=self.settings.consumer,
             bot_id=self.bot_id,
             instance=self.instance,
-            subscriptions=self._subscriptions,
+            subscriptions=list(self._subscriptions),
             schemas=self.schemas,
             dlq=self.dlq,
             ready=self._ready,

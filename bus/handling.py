@@ -333,10 +333,42 @@ class Runner:
         memory, read-only replica, a failed disk, no permission) is retried a few times,
         then it gives up and returns False: the entry then stays pending and comes back.
         """
+        dlq_id = await self._write_dead_letter(
+            delivery, reason, error, handler=handler, attempts=attempts, tb=tb
+        )
+        if dlq_id is None:
+            return False
+        self._stats["dead_lettered"] += 1
+        self._meter.dead_lettered(delivery.event.type if delivery.event is not None else "")
+        self._log.error(
+            "event dead-lettered",
+            reason=str(reason),
+            dlq_id=dlq_id,
+            event_id=readable(delivery.fields.get("id", "")),
+            event_type=readable(delivery.fields.get("type", "")),
+            handler=handler,
+            entry_id=delivery.entry_id,
+            stream=delivery.stream,
+            error=error,
+        )
+        return True
+
+    async def _write_dead_letter(
+        self,
+        delivery: Delivery,
+        reason: DeadLetterReason,
+        error: str,
+        *,
+        handler: str,
+        attempts: int,
+        tb: str,
+    ) -> str | None:
+        """Add the dead letter to the stream; its id, or None once Redis refused it
+        :data:`DEAD_LETTER_REFUSALS` times (it retries for as long as Redis is unreachable)."""
         waits, refusals = REDIS_RETRY.waits(), 0
         while True:
             try:
-                dlq_id = await self._dlq.add(
+                return await self._dlq.add(
                     fields=delivery.fields,
                     reason=reason,
                     error=error,
@@ -361,22 +393,6 @@ class Runner:
                         entry_id=delivery.entry_id,
                         stream=delivery.stream,
                     )
-                    return False
+                    return None
                 self._log.warning("Redis refused a dead letter; retrying", error=str(exc))
-            else:
-                break
             await asyncio.sleep(next(waits))
-        self._stats["dead_lettered"] += 1
-        self._meter.dead_lettered(delivery.event.type if delivery.event is not None else "")
-        self._log.error(
-            "event dead-lettered",
-            reason=str(reason),
-            dlq_id=dlq_id,
-            event_id=readable(delivery.fields.get("id", "")),
-            event_type=readable(delivery.fields.get("type", "")),
-            handler=handler,
-            entry_id=delivery.entry_id,
-            stream=delivery.stream,
-            error=error,
-        )
-        return True

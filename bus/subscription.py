@@ -1,10 +1,11 @@
-"""A subscription: which events (pattern + conditions) go to which handler, and how."""
+"""A subscription: which events (pattern + conditions) go to which handler, and how; the
+registry of those a client declared; what the operator allows a bot to receive."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -13,8 +14,10 @@ from bus.breaker import CircuitBreaker
 from bus.conditions import Predicate, Where, compile_where
 from bus.errors import SubscriptionError
 from bus.event import Event
+from bus.keys import Keys
 from bus.patterns import Pattern
-from bus.settings import BreakerSettings, RetrySettings
+from bus.routing import Router
+from bus.settings import BreakerSettings, ConsumerSettings, RetrySettings
 
 Handler = Callable[[Event], Awaitable[Any]]
 ModelHandler = Callable[[Event, Any], Awaitable[Any]]
@@ -112,6 +115,67 @@ def build_subscription(
         idempotent_ttl=idempotent_ttl,
         timeout=timeout,
     )
+
+
+class SubscriptionRegistry:
+    """The subscriptions one client declared, in order: built with the consumer settings'
+    defaults, unique by name, each with the streams its pattern is routed to."""
+
+    def __init__(self, settings: ConsumerSettings, router: Router, keys: Keys) -> None:
+        self._settings = settings
+        self._router = router
+        self._keys = keys
+        self._subs: list[Subscription] = []
+
+    def add(
+        self,
+        pattern: str,
+        handler: AnyHandler,
+        *,
+        where: Mapping[str, Any] | Predicate | None,
+        name: str | None,
+        model: type[BaseModel] | None,
+        retry: RetrySettings | None,
+        breaker: BreakerSettings | None,
+        batch: int | None,
+        batch_wait: float,
+        idempotent_ttl: float | None,
+        timeout: float | Literal["default"] | None,
+    ) -> Subscription:
+        """Build and declare a subscription (the options of ``BusClient.subscribe``; None
+        ``retry`` and ``breaker`` and ``"default"`` ``timeout`` take the settings' values).
+
+        Raises :class:`SubscriptionError` for a bad option or a name declared already."""
+        sub = build_subscription(
+            pattern,
+            handler,
+            where=where,
+            name=name,
+            model=model,
+            retry=retry or self._settings.retry,
+            breaker=breaker or self._settings.breaker,
+            batch=batch,
+            batch_wait=batch_wait,
+            idempotent_ttl=idempotent_ttl,
+            timeout=self._settings.handler_timeout if timeout == "default" else timeout,
+        )
+        if any(s.name == sub.name for s in self._subs):
+            raise SubscriptionError(
+                f"a subscription named {sub.name!r} exists already: pass name= to tell "
+                "them apart (the name is how dead letters are retried to one handler)"
+            )
+        sub.streams = frozenset(self._keys.stream(s) for s in self._router.streams_for(sub.pattern))
+        self._subs.append(sub)
+        return sub
+
+    def __iter__(self) -> Iterator[Subscription]:
+        return iter(self._subs)
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def __repr__(self) -> str:
+        return f"<SubscriptionRegistry {[s.name for s in self._subs]}>"
 
 
 class Allowed:

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from bus.entry_id import EntryId
 from bus.errors import EventValidationError, WireFormatError
 from bus.event import TYPE_RE, Event
 
@@ -98,8 +99,7 @@ def entry_event_id(stream: str, entry_id: str) -> str:
 
 def entry_time(entry_id: str) -> datetime:
     """The time Redis gave an entry (its id's millisecond part)."""
-    ms = int(entry_id.split("-", 1)[0])
-    return datetime.fromtimestamp(ms / 1000, UTC)
+    return datetime.fromtimestamp(EntryId.ms_of(entry_id) / 1000, UTC)
 
 
 def _check_text(fields: Mapping[str, str]) -> None:
@@ -142,7 +142,23 @@ def decode(
     source = fields.get("source")
     if not source:
         raise WireFormatError("field 'source' is missing or empty")
-    raw_data = fields.get("data")
+    return Event(
+        type=type_,
+        data=_data(fields.get("data"), max_data_bytes),
+        source=source,
+        id=_event_id(fields.get("id") or entry_event_id(stream, entry_id)),
+        correlation_id=fields.get("correlation_id") or None,
+        causation_id=fields.get("causation_id") or None,
+        timestamp=_timestamp(fields.get("timestamp"), entry_id),
+        version=_version(fields.get("version") or "1"),
+        key=fields.get("key") or None,
+        stream=stream,
+        entry_id=entry_id,
+    )
+
+
+def _data(raw_data: str | None, max_data_bytes: int | None) -> dict[str, Any]:
+    """The ``data`` field: a JSON object within the size limit."""
     if raw_data is None:
         raise WireFormatError("field 'data' is missing")
     if max_data_bytes is not None and data_too_long(raw_data, max_data_bytes):
@@ -158,34 +174,33 @@ def decode(
         raise WireFormatError(f"field 'data' is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise WireFormatError(f"field 'data' must be a JSON object, got {type(data).__name__}")
-    event_id = fields.get("id") or entry_event_id(stream, entry_id)
+    return data
+
+
+def _event_id(event_id: str) -> str:
+    """The ``id`` field: a UUID, in its canonical form when written otherwise."""
     if len(event_id) != 36:
         try:
             event_id = str(uuid.UUID(event_id))
         except ValueError:
             raise WireFormatError(f"field 'id' is not a UUID: {event_id!r}") from None
-    raw_ts = fields.get("timestamp")
+    return event_id
+
+
+def _timestamp(raw_ts: str | None, entry_id: str) -> datetime:
+    """The ``timestamp`` field (RFC 3339, naive means UTC), else the entry id's time."""
     try:
         timestamp = datetime.fromisoformat(raw_ts) if raw_ts else entry_time(entry_id)
     except ValueError:
         raise WireFormatError(f"field 'timestamp' is not RFC 3339: {raw_ts!r}") from None
     if timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)
-    raw_version = fields.get("version") or "1"
+    return timestamp
+
+
+def _version(raw_version: str) -> int:
+    """The ``version`` field: an integer."""
     try:
-        version = int(raw_version)
+        return int(raw_version)
     except ValueError:
         raise WireFormatError(f"field 'version' is not an integer: {raw_version!r}") from None
-    return Event(
-        type=type_,
-        data=data,
-        source=source,
-        id=event_id,
-        correlation_id=fields.get("correlation_id") or None,
-        causation_id=fields.get("causation_id") or None,
-        timestamp=timestamp,
-        version=version,
-        key=fields.get("key") or None,
-        stream=stream,
-        entry_id=entry_id,
-    )

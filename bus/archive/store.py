@@ -21,13 +21,12 @@ import structlog
 from bus.archive import partitions
 from bus.archive.errors import ArchiveDataError, describe_dsn, unavailable_on_failure
 from bus.archive.group_positions import GroupPositions
+from bus.archive.inserts import stream_heads, write_dead_letters, write_events
 from bus.archive.migrations import migrate
 from bus.archive.queries import ENTRY_ORDER, TIME_ORDER, EventSelect
 from bus.archive.rows import (
-    DEAD_LETTER_COLUMNS,
     EVENT_COLUMNS,
     SELECT_COLUMNS,
-    dead_letter_record,
     decode_cursor,
     encode_cursor,
     event_record,
@@ -43,53 +42,14 @@ log = structlog.get_logger("bus.archive")
 
 _CLOSE_GRACE = 10.0  # seconds close() waits for borrowed connections before terminating
 _CHECK_VIOLATION = "23514"  # a row fits no partition
-_COLUMNS = ", ".join(EVENT_COLUMNS)
-_CREATED_AT, _STREAM, _ENTRY_MS, _ENTRY_SEQ = map(
-    EVENT_COLUMNS.index, ("created_at", "stream", "entry_ms", "entry_seq")
-)
+_CREATED_AT = EVENT_COLUMNS.index("created_at")
 
-# No parameters; returns nothing. The batch's staging table, private to the connection and
-# emptied at each commit (kept, not re-created, so batches cause no catalog churn).
-_CREATE_INCOMING = """
-CREATE TEMP TABLE IF NOT EXISTS events_incoming (
-    id text, type text, source text, data jsonb, correlation_id text, causation_id text,
-    version integer, key text, created_at timestamptz, stream text, entry_ms bigint,
-    entry_seq bigint
-) ON COMMIT DELETE ROWS
-"""
-# No parameters. Returns the status "INSERT 0 <rows newly stored>"; an event already
-# stored (same id and created_at) is skipped, so archiving a batch twice stores it once.
-_INSERT_EVENTS = f"""
-INSERT INTO events ({_COLUMNS}) SELECT {_COLUMNS} FROM events_incoming ON CONFLICT DO NOTHING
-"""
-# $1: stream names (text[]), $2: the highest entry id of each in the batch (text[], same
-# order). Returns nothing. A stream's row only moves forward: re-archiving an older batch
-# (a reclaimed one) leaves it alone.
-_ADVANCE_STATE = """
-INSERT INTO archive_state AS s (stream, last_entry_id, updated_at)
-SELECT b.stream, b.last_entry_id, now()
-FROM unnest($1::text[], $2::text[]) AS b(stream, last_entry_id)
-ON CONFLICT (stream) DO UPDATE
-SET last_entry_id = EXCLUDED.last_entry_id, updated_at = EXCLUDED.updated_at
-WHERE (split_part(EXCLUDED.last_entry_id, '-', 1)::numeric,
-       split_part(EXCLUDED.last_entry_id, '-', 2)::numeric)
-    > (split_part(s.last_entry_id, '-', 1)::numeric, split_part(s.last_entry_id, '-', 2)::numeric)
-"""
 # $1: stream name. Returns the last entry id archived from it, or no row.
 _LAST_ARCHIVED = "SELECT last_entry_id FROM archive_state WHERE stream = $1"
 # Every subscriber with stored subscriptions. Returns (subscriber) rows.
 _SUBSCRIBERS = "SELECT DISTINCT subscriber FROM event_subscriptions ORDER BY subscriber"
 # Every stream's last archived entry. Returns (stream name, last_entry_id) rows.
 _POSITIONS = "SELECT stream, last_entry_id FROM archive_state"
-# $1..$15: one array per column of DEAD_LETTER_COLUMNS, in that order, all the same length.
-# Returns the status "INSERT 0 <rows newly stored>"; a dead letter already stored is skipped.
-_INSERT_DEAD_LETTERS = f"""
-INSERT INTO dead_letters ({", ".join(DEAD_LETTER_COLUMNS)})
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-    $7::integer[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
-    $13::timestamptz[], $14::text[]::jsonb[], $15::text[]::jsonb[])
-ON CONFLICT (id) DO NOTHING
-"""
 # $1: event id. Returns the event's row, or no row.
 _GET = f"SELECT {SELECT_COLUMNS} FROM events WHERE id = $1 ORDER BY created_at LIMIT 1"
 # $1: correlation id, $2: row limit. Returns the root event (id = $1) and every event
@@ -105,11 +65,6 @@ _SIZE = """
 SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::bigint
 FROM pg_inherits WHERE inhparent = 'events'::regclass
 """
-
-
-def _status_count(status: str) -> int:
-    """Rows of a command status like ``INSERT 0 12``."""
-    return int(status.rsplit(" ", 1)[-1])
 
 
 class ArchiveStore:
@@ -238,16 +193,13 @@ class ArchiveStore:
         or :func:`~bus.archive.rows.entry_record`, streams by name)."""
         if not records:
             return 0
-        heads: dict[str, tuple[int, int]] = {}
-        for record in records:
-            name, position = record[_STREAM], (record[_ENTRY_MS], record[_ENTRY_SEQ])
-            if position > heads.get(name, (-1, -1)):
-                heads[name] = position
+        heads = stream_heads(records)
         days = {partitions.day_of(record[_CREATED_AT]) for record in records}
         for attempt in (1, 2):
             await self.ensure_partitions(days)
             try:
-                return await self._write_events(records, heads)
+                async with self._connection() as conn:
+                    return await write_events(conn, records, heads)
             except ArchiveDataError as exc:
                 if exc.sqlstate != _CHECK_VIOLATION or attempt == 2:
                     raise
@@ -256,39 +208,12 @@ class ArchiveStore:
                 self._days -= days
         raise AssertionError("unreachable")
 
-    async def _write_events(
-        self, records: Sequence[tuple[Any, ...]], heads: Mapping[str, tuple[int, int]]
-    ) -> int:
-        """COPY straight into ``events`` (one write per row); only when some rows are there
-        already (a batch retried after a crash) go through a temporary table and
-        ``INSERT … ON CONFLICT DO NOTHING``, which writes every row twice."""
-        state = (_ADVANCE_STATE, list(heads), [f"{ms}-{seq}" for ms, seq in heads.values()])
-        async with self._connection() as conn:
-            try:
-                async with conn.transaction():
-                    await conn.copy_records_to_table(
-                        "events", records=records, columns=EVENT_COLUMNS
-                    )
-                    await conn.execute(*state)
-                inserted = len(records)
-            except asyncpg.UniqueViolationError:
-                async with conn.transaction():
-                    await conn.execute(_CREATE_INCOMING)
-                    await conn.copy_records_to_table(
-                        "events_incoming", records=records, columns=EVENT_COLUMNS
-                    )
-                    inserted = _status_count(await conn.execute(_INSERT_EVENTS))
-                    await conn.execute(*state)
-        log.debug("events archived", batch=len(records), new=inserted)
-        return inserted
-
     async def insert_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
         """Archive dead letters; return how many were new (one already stored is skipped)."""
         if not letters:
             return 0
-        columns = [list(column) for column in zip(*map(dead_letter_record, letters), strict=True)]
         async with self._connection() as conn:
-            return _status_count(await conn.execute(_INSERT_DEAD_LETTERS, *columns))
+            return await write_dead_letters(conn, letters)
 
     async def last_archived(self, stream: str) -> str | None:
         """The highest entry id archived from ``stream`` (name or key), None if none."""
