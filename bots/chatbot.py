@@ -24,9 +24,15 @@ import enum
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from bus import BusClient, Event, EventType
-from bus.catalog import LoadBalanceRequired, SharedUserDetected, UserMessage
-from bus.schemas import SchemaRegistry
+from bus import (
+    BusClient,
+    Event,
+    EventType,
+    LoadBalanceRequired,
+    SchemaRegistry,
+    SharedUserDetected,
+    UserMessage,
+)
 
 log = structlog.get_logger("bots.chatbot")
 

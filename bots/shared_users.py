@@ -19,8 +19,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from bus import BusClient, Event, EventType
-from bus.catalog import UserMessage
+from bus import BusClient, Event, EventType, UserMessage
 
 log = structlog.get_logger("bots.shared_users")
 

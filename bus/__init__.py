@@ -1,5 +1,10 @@
 """multibot's event bus on Redis Streams: what a bot needs to publish and consume.
 
+A bot's ``main(bus)`` gets a ready :class:`BusClient`; the names here are what its code
+uses: the client, events and their types, conditions, the errors it catches, dead letters,
+the schema registry and the standard schemas the example bots parse. Settings are built by
+the manager (or a standalone script) from ``bus.settings``, not here.
+
 The names below are imported on first use (PEP 562), so ``import bus.errors`` or a command
 line tool that needs one module does not pay for the whole bus (pydantic models, redis-py).
 """
@@ -10,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bus.catalog import EventType
+    from bus.catalog import EventType, LoadBalanceRequired, SharedUserDetected, UserMessage
     from bus.client import BusClient
     from bus.conditions import Where
     from bus.dlq import DeadLetter, DeadLetterReason, DeadLetters
@@ -23,20 +28,16 @@ if TYPE_CHECKING:
         PublishError,
         SchemaError,
         SubscriptionError,
-        WireFormatError,
     )
     from bus.event import Event
-    from bus.settings import BreakerSettings, BusSettings, ConsumerSettings, RetrySettings
+    from bus.schemas import SchemaRegistry
 
 #: Each exported name and the module that defines it.
 _HOMES = {
-    "BreakerSettings": "bus.settings",
     "BusBackpressureError": "bus.errors",
     "BusClient": "bus.client",
     "BusConnectionError": "bus.errors",
     "BusError": "bus.errors",
-    "BusSettings": "bus.settings",
-    "ConsumerSettings": "bus.settings",
     "DeadLetter": "bus.dlq",
     "DeadLetterNotFoundError": "bus.errors",
     "DeadLetterReason": "bus.dlq",
@@ -44,22 +45,21 @@ _HOMES = {
     "Event": "bus.event",
     "EventType": "bus.catalog",
     "EventValidationError": "bus.errors",
+    "LoadBalanceRequired": "bus.catalog",
     "PublishError": "bus.errors",
-    "RetrySettings": "bus.settings",
     "SchemaError": "bus.errors",
+    "SchemaRegistry": "bus.schemas",
+    "SharedUserDetected": "bus.catalog",
     "SubscriptionError": "bus.errors",
+    "UserMessage": "bus.catalog",
     "Where": "bus.conditions",
-    "WireFormatError": "bus.errors",
 }
 
 __all__ = [
-    "BreakerSettings",
     "BusBackpressureError",
     "BusClient",
     "BusConnectionError",
     "BusError",
-    "BusSettings",
-    "ConsumerSettings",
     "DeadLetter",
     "DeadLetterNotFoundError",
     "DeadLetterReason",
@@ -67,12 +67,14 @@ __all__ = [
     "Event",
     "EventType",
     "EventValidationError",
+    "LoadBalanceRequired",
     "PublishError",
-    "RetrySettings",
     "SchemaError",
+    "SchemaRegistry",
+    "SharedUserDetected",
     "SubscriptionError",
+    "UserMessage",
     "Where",
-    "WireFormatError",
 ]
 
 

@@ -28,6 +28,10 @@ class WireFormatError(BusError):
         self.reason = reason
 
 
+class EntryIdRangeError(BusError, ValueError):
+    """A stream entry id of the right form with a part beyond 2^64-1, which Redis refuses."""
+
+
 class BusConnectionError(BusError, ConnectionError):
     """Redis could not be reached within the bounded retry; the operation did not happen."""
 

@@ -27,6 +27,11 @@ from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bus.entry_id import EntryId
+
+#: EntryId.ms_of as a module global (found faster than a class attribute): the hot paths
+#: below call it for every event.
+_ms_of = EntryId.ms_of
 #: Upper bounds in seconds of the histogram buckets; a last, implicit one is +Inf.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: The counters, in the order of a category's cell.
@@ -120,7 +125,7 @@ class GroupMetrics:
         (self._by_type.get(event_type) or self._cell(event_type))[_CONSUMED] += 1
         # entry_age() and Histogram.observe(), inlined: this runs for every event.
         try:
-            age = time.time() - int(entry_id.partition("-")[0]) / 1000
+            age = time.time() - _ms_of(entry_id) / 1000
         except ValueError:
             age = 0.0
         if age < 0.0:  # noqa: PLR1730 - a branch costs less than a call to max() per event
@@ -149,7 +154,7 @@ class GroupMetrics:
             (by_type.get(event_type) or self._cell(event_type))[_ACKED] += 1
             # entry_age() and Histogram.observe(), inlined: this runs for every event.
             try:
-                age = now - int(entry_id.partition("-")[0]) / 1000
+                age = now - _ms_of(entry_id) / 1000
             except ValueError:
                 age = 0.0
             if age < 0.0:  # noqa: PLR1730 - a branch costs less than a call to max() per event
@@ -204,9 +209,8 @@ class BusMetrics:
 
 def entry_age(entry_id: str, now: float) -> float:
     """Seconds from the millisecond part of stream id ``entry_id`` to ``now`` (at least 0)."""
-    ms, _, _ = entry_id.partition("-")
     try:
-        age = now - int(ms) / 1000
+        age = now - EntryId.ms_of(entry_id) / 1000
     except ValueError:
         return 0.0
     return age if age > 0.0 else 0.0

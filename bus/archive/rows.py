@@ -85,16 +85,16 @@ def _stored_entry_id(entry_id: str) -> EntryId:
 
 
 def entry_bound(entry_id: str, *, upper: bool) -> tuple[int, int]:
-    """An entry id used as an exclusive bound; parts beyond 2^63-1 are capped.
+    """An entry id used as an exclusive bound; parts beyond the archive's 2^63-1 are capped.
 
     ``ms`` alone excludes that whole millisecond: it reads as ``ms-<max>`` for a lower
-    bound (after it) and ``ms-0`` for an upper bound (before it).
+    bound (after it) and ``ms-0`` for an upper bound (before it). ValueError for text that
+    is not an entry id (see :meth:`EntryId.parse`).
     """
-    ms, sep, seq = entry_id.partition("-")
-    if not ms.isdigit() or (sep and not seq.isdigit()):
-        raise ValueError(f"{entry_id!r} is not a stream entry id like '1700000000000-0'")
-    seq_value = int(seq) if sep else (0 if upper else _BIGINT_MAX)
-    return min(int(ms), _BIGINT_MAX), min(seq_value, _BIGINT_MAX)
+    ms, seq = EntryId.parse(entry_id)
+    if not upper and "-" not in entry_id:  # ms alone, parsed as ms-0
+        seq = _BIGINT_MAX
+    return min(ms, _BIGINT_MAX), min(seq, _BIGINT_MAX)
 
 
 def as_utc(moment: datetime) -> datetime:

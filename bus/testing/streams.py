@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from bus.conditions import Predicate, compile_where
 from bus.dlq import DeadLetter
+from bus.entry_id import EntryId
 from bus.errors import WireFormatError
 from bus.event import Event
 from bus.patterns import Pattern
@@ -58,10 +59,9 @@ class Match:
         return " ".join(parts)
 
 
-def entry_order(event: Event) -> tuple[int, int]:
+def entry_order(event: Event) -> EntryId:
     """When Redis took an event (its entry id), to order events of several streams."""
-    ms, _, seq = str(event.entry_id).partition("-")
-    return int(ms), int(seq or 0)
+    return EntryId.parse(str(event.entry_id))
 
 
 def describe(event: Event) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import signal
 import sys
 from datetime import UTC, datetime
@@ -17,8 +16,13 @@ from redis.asyncio import Redis
 
 from bus.conditions import Where
 from bus.connection import raise_swallowed_cancel
-from bus.entry_id import EntryId
-from bus.errors import EventValidationError, SubscriptionError, WireFormatError
+from bus.entry_id import MAX_PART, EntryId
+from bus.errors import (
+    EntryIdRangeError,
+    EventValidationError,
+    SubscriptionError,
+    WireFormatError,
+)
 from bus.event import Event
 from bus.keys import Keys
 from bus.patterns import Pattern
@@ -35,10 +39,8 @@ from manager.times import TimeRangeError, duration_ago, utc_moment
 
 log = structlog.get_logger("manager.cli")
 
-_STREAM_ID_RE = re.compile(r"^\d+(-\d+)?$")
 #: The longest duration back from now a ``since`` takes, in days (about a hundred years).
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_ID_PART = 2**64 - 1  # either part of a Redis stream entry id
 #: Which option or argument each field of an EventValidationError comes from.
 _PARAM_OF_FIELD = {"type": "'TYPE'", "data": "'--data'", "key": "'--key'", "source": "'--source'"}
 
@@ -142,15 +144,18 @@ def _since_id(value: str) -> str | None:
     text = value.strip()
     if text == "now":
         return None
-    if _STREAM_ID_RE.match(text):
-        parts = [part.lstrip("0") or "0" for part in text.split("-")]
-        if any(len(part) > len(str(_MAX_ID_PART)) or int(part) > _MAX_ID_PART for part in parts):
-            raise click.BadParameter(
-                f"{value!r} is out of range: both parts of a stream entry id are at most "
-                f"{_MAX_ID_PART} (64 bits); give 0 for everything still in Redis",
-                param_hint="'--since'",
-            )
-        return text
+    try:
+        EntryId.parse(text)
+    except EntryIdRangeError:
+        raise click.BadParameter(
+            f"{value!r} is out of range: both parts of a stream entry id are at most "
+            f"{MAX_PART} (64 bits); give 0 for everything still in Redis",
+            param_hint="'--since'",
+        ) from None
+    except ValueError:
+        pass  # not an id: a time or a duration
+    else:
+        return text  # Redis takes the id as it was written
     try:
         moment = duration_ago(text) or utc_moment(datetime.fromisoformat(text))
     except TimeRangeError as exc:

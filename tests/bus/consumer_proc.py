@@ -16,7 +16,8 @@ import os
 import signal
 from typing import TextIO
 
-from bus import BusClient, BusSettings, ConsumerSettings, Event
+from bus import BusClient, Event
+from bus.settings import BusSettings, ConsumerSettings
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bus import BusClient, BusSettings, Event
+from bus import BusClient, Event
+from bus.settings import BusSettings
 from bus.subscription import Allowed
 from tests.support import running, wait_until
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import pytest
 
 from bus import Event
-from bus.archive.rows import entry_record, event_record
+from bus.archive.rows import entry_bound, entry_record, event_record
 from bus.wire import decode, encode
 
 STREAM = "user"
@@ -95,3 +95,28 @@ def test_a_nul_the_fast_path_refuses_is_stored_replaced_by_the_decoder_path() ->
     fields = flat(EVENTS[1], source="x\x00y", data='{"t": "a\\u0000b"}')
     row = decoded_row(fields)
     assert row[2] == "x\ufffdy" and row[3] == '{"t":"a\ufffdb"}'
+
+
+class TestEntryBound:
+    BIGINT = 2**63 - 1
+
+    def test_a_full_id_is_its_pair(self) -> None:
+        """``ms-seq`` bounds at that very entry, above or below."""
+        assert entry_bound("1700000000000-7", upper=False) == (1700000000000, 7)
+        assert entry_bound("1700000000000-7", upper=True) == (1700000000000, 7)
+
+    def test_ms_alone_excludes_the_whole_millisecond(self) -> None:
+        """``ms`` alone is after the millisecond's last entry, or before its first."""
+        assert entry_bound("1700000000000", upper=False) == (1700000000000, self.BIGINT)
+        assert entry_bound("1700000000000", upper=True) == (1700000000000, 0)
+
+    def test_parts_past_the_archive_bigint_are_capped(self) -> None:
+        """A part up to 2^64-1 (any Redis id) is capped at 2^63-1, what the archive holds."""
+        top = f"{2**64 - 1}-{2**64 - 1}"
+        assert entry_bound(top, upper=True) == (self.BIGINT, self.BIGINT)
+
+    @pytest.mark.parametrize("text", ["", "-", "abc", "1-", "-1", "1-2-3", "+5-0"])
+    def test_text_that_is_no_id_is_a_value_error(self, text: str) -> None:
+        """Anything but an entry id raises ValueError saying so."""
+        with pytest.raises(ValueError, match="is not a stream entry id"):
+            entry_bound(text, upper=False)

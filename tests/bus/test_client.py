@@ -13,15 +13,8 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
-from bus import (
-    BusClient,
-    BusSettings,
-    Event,
-    EventType,
-    EventValidationError,
-    SchemaError,
-    SubscriptionError,
-)
+from bus import BusClient, Event, EventType, EventValidationError, SchemaError, SubscriptionError
+from bus.settings import BusSettings
 from tests.conftest import BusFactory, RedisFactory
 from tests.support import entries, running, wait_until
 

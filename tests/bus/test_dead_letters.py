@@ -10,9 +10,9 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from bus import BusClient, DeadLetterNotFoundError, Event, RetrySettings
+from bus import BusClient, DeadLetterNotFoundError, Event
 from bus.breaker import BreakerState
-from bus.settings import BreakerSettings
+from bus.settings import BreakerSettings, RetrySettings
 from tests.conftest import BusFactory
 from tests.support import running, wait_until
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bus.entry_id import MAX_PART, EntryId
+from bus.errors import BusError, EntryIdRangeError
 
 
 class TestEntryId:
@@ -47,6 +48,29 @@ class TestEntryId:
         with pytest.raises(ValueError, match="beyond"):
             EntryId.parse(f"0-{MAX_PART + 1}")
 
+    @pytest.mark.parametrize(
+        "text", [f"{MAX_PART + 1}-0", f"0-{MAX_PART + 1}", "9" * 21, "9" * 5000, "1-" + "9" * 5000]
+    )
+    def test_out_of_range_is_its_own_error(self, text: str) -> None:
+        """A well-formed id past 2^64-1, however long, is an EntryIdRangeError (a BusError
+        and a ValueError), so a caller can tell it from text that is no id at all."""
+        with pytest.raises(EntryIdRangeError, match="beyond") as raised:
+            EntryId.parse(text)
+        assert isinstance(raised.value, BusError)
+        assert isinstance(raised.value, ValueError)
+
+    def test_malformed_text_is_not_a_range_error(self) -> None:
+        """Text that is no id raises a plain ValueError, not EntryIdRangeError."""
+        with pytest.raises(ValueError, match="is not a stream entry id") as raised:
+            EntryId.parse("10m")
+        assert not isinstance(raised.value, EntryIdRangeError)
+
+    def test_leading_zeros_are_read_as_redis_reads_them(self) -> None:
+        """Leading zeros do not count, even thousands of them."""
+        assert EntryId.parse("007-0003") == (7, 3)
+        assert EntryId.parse("0" * 5000 + "1-" + "0" * 5000) == (1, 0)
+        assert EntryId.parse("0" * 30 + str(MAX_PART)) == (MAX_PART, 0)
+
     def test_require_seq_refuses_ms_alone(self) -> None:
         """With ``require_seq`` only the full ``ms-seq`` form is an id."""
         assert EntryId.parse("5-0", require_seq=True) == (5, 0)
@@ -71,3 +95,16 @@ class TestEntryId:
         for entry in (EntryId(1, 0), EntryId(1, 7), EntryId(2, MAX_PART)):
             assert entry.next().previous() == entry
             assert entry.previous().next() == entry
+
+
+class TestMsOf:
+    @pytest.mark.parametrize("text", ["1700000000000-5", "1700000000000", "0-0", f"{MAX_PART}-1"])
+    def test_it_is_the_ms_parse_gives(self, text: str) -> None:
+        """For any id, ``ms_of`` is the ``ms`` that :meth:`EntryId.parse` reads."""
+        assert EntryId.ms_of(text) == EntryId.parse(text).ms
+
+    @pytest.mark.parametrize("text", ["", "-", "abc", "abc-1", "-1"])
+    def test_a_non_number_before_the_dash_is_a_value_error(self, text: str) -> None:
+        """No number before the dash: ValueError, which hot paths catch."""
+        with pytest.raises(ValueError, match="invalid literal"):
+            EntryId.ms_of(text)

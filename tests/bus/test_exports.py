@@ -2,13 +2,70 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import bus
+
+BOTS = Path(__file__).parents[2] / "bots"
+#: What a bot's code uses: the client, events, conditions, the errors its handlers and
+#: publishes catch, dead letters, and the schemas the example bots parse.
+BOT_AUTHOR_NAMES = {
+    "BusBackpressureError",
+    "BusClient",
+    "BusConnectionError",
+    "BusError",
+    "DeadLetter",
+    "DeadLetterNotFoundError",
+    "DeadLetterReason",
+    "DeadLetters",
+    "Event",
+    "EventType",
+    "EventValidationError",
+    "LoadBalanceRequired",
+    "PublishError",
+    "SchemaError",
+    "SchemaRegistry",
+    "SharedUserDetected",
+    "SubscriptionError",
+    "UserMessage",
+    "Where",
+}
+
+
+def test_the_exports_are_what_a_bot_author_uses() -> None:
+    """``bus`` exports exactly the names a bot's code needs, each once."""
+    assert set(bus.__all__) == BOT_AUTHOR_NAMES
+    assert len(bus.__all__) == len(BOT_AUTHOR_NAMES)
+
+
+def test_no_settings_class_is_exported() -> None:
+    """Settings are built by the manager from ``bus.settings``; ``bus`` does not offer them."""
+    settings = importlib.import_module("bus.settings")
+    for name in ("BusSettings", "ConsumerSettings", "RetrySettings", "BreakerSettings"):
+        assert hasattr(settings, name)
+        assert name not in bus.__all__
+        with pytest.raises(AttributeError, match=name):
+            getattr(bus, name)
+
+
+@pytest.mark.parametrize("path", sorted(BOTS.glob("*.py")), ids=lambda path: path.name)
+def test_the_example_bots_take_exported_names_from_bus(path: Path) -> None:
+    """An example bot writes ``from bus import X`` for what ``bus`` exports, not
+    ``from bus.<module> import X``: the examples show the public face."""
+    reached = [
+        f"from {node.module} import {alias.name}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bus.")
+        for alias in node.names
+        if alias.name in bus.__all__
+    ]
+    assert reached == []
 
 
 @pytest.mark.parametrize("name", bus.__all__)
@@ -33,3 +90,15 @@ def test_importing_one_module_does_not_load_the_whole_bus() -> None:
     )
     assert "bus.client" not in done.stdout
     assert "pydantic" not in done.stdout
+
+
+def test_importing_bus_loads_neither_pydantic_nor_redis() -> None:
+    """``import bus`` alone defers every export: no pydantic, no redis-py, no submodule."""
+    script = "import sys, bus; print('\\n'.join(sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60
+    )
+    loaded = set(done.stdout.split())
+    assert "bus" in loaded
+    assert not {m for m in loaded if m.split(".")[0] in {"pydantic", "redis"}}
+    assert not {m for m in loaded if m.startswith("bus.")}

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bus import BusClient, Event, RetrySettings
+from bus import BusClient, Event
 from bus.metrics import (
     BUCKETS,
     MAX_CATEGORIES,
@@ -16,6 +16,7 @@ from bus.metrics import (
     entry_age,
     merge_snapshot,
 )
+from bus.settings import RetrySettings
 from tests.conftest import BusFactory
 from tests.support import running, wait_until
 

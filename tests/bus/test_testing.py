@@ -11,7 +11,8 @@ import pytest
 from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from bus import BusClient, BusError, BusSettings, Event, SchemaError
+from bus import BusClient, BusError, Event, SchemaError
+from bus.settings import BusSettings
 from bus.testing import (
     TEST_CONSUMER,
     BotCrashedError,
