@@ -14,7 +14,8 @@ import pytest
 import structlog
 from redis.asyncio import Redis
 
-from bus import BusClient, BusSettings
+from bus import BusClient
+from bus.settings import BusSettings
 from manager.embedded.redis_server import (
     MIN_VERSION,
     RedisBinary,

@@ -1,16 +1,18 @@
-"""Helpers for tests: wait on a condition, run a bus client in the background."""
+"""Helpers for tests: wait on a condition, run a task or a bus client in the background."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 
 from bus import BusClient
+
+T = TypeVar("T")
 
 
 async def entries(
@@ -37,6 +39,19 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def in_background(work: Coroutine[Any, Any, T]) -> AsyncIterator[asyncio.Task[T]]:
+    """Run ``work`` as a task while the block runs; then cancel it and wait for it to end
+    (raising what ended it, if not the cancel)."""
+    task = asyncio.create_task(work)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
 
 
 @asynccontextmanager

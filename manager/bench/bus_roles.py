@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Awaitable
 
 from redis.exceptions import RedisError
 
-from bus import BusClient, BusError, BusSettings, ConsumerSettings, Event
+from bus import BusClient, BusError, Event
+from bus.settings import BusSettings, ConsumerSettings
 from manager.bench.options import (
     CONSUMER_BOT,
     EVENT_TYPE,

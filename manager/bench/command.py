@@ -15,76 +15,54 @@ import uvloop
 from manager.bench.options import BenchError, BenchOptions
 from manager.bench.report import BenchReport
 from manager.bench.runner import run_bench
+from manager.cli.options import (
+    count_option,
+    json_flag,
+    rate_option,
+    redis_url_option,
+    seconds_option,
+)
 from manager.errors import ManagerError
 
 
 @click.command("bench")
-@click.option(
-    "--redis-url",
-    envvar="MULTIBOT_REDIS_URL",
-    default=None,
+@redis_url_option(
     help="Redis to measure against [env MULTIBOT_REDIS_URL; default: a private redis-server "
     "started for the run]. Keys go to a fresh bench-<random> namespace, deleted at the end.",
 )
-@click.option(
+@count_option(
     "--producers",
-    type=click.IntRange(min=1),
     default=10,
-    show_default=True,
     help="Publishing bus clients (bench-producer-<i>), one connection each.",
 )
-@click.option(
-    "--consumers",
-    type=click.IntRange(min=1),
-    default=10,
-    show_default=True,
-    help="Replicas of one consuming bot, one connection each.",
-)
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0),
-    default=1000.0,
-    show_default=True,
-    help="Events/s offered in total; 0 means flat out.",
-)
+@count_option("--consumers", default=10, help="Replicas of one consuming bot, one connection each.")
+@rate_option(default=1000.0, minimum=0, help="Events/s offered in total; 0 means flat out.")
 @click.option("--flat-out", is_flag=True, help="Publish as fast as possible (same as --rate 0).")
-@click.option(
-    "--duration",
-    type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
-    show_default=True,
-    help="Seconds measured, after the warmup.",
+@seconds_option(
+    "--duration", default=10.0, min_open=True, help="Seconds measured, after the warmup."
 )
-@click.option(
+@count_option(
     "--batch",
-    type=click.IntRange(min=1),
     default=None,
     help="Events per publish pipeline and per read [default: 1; flat out: 50].",
 )
-@click.option(
+@count_option(
     "--read-count",
-    type=click.IntRange(min=1),
     default=None,
     help="Entries a consumer reads at most per XREADGROUP, bus and baseline alike [default: "
     "200, the bus default]. COUNT adds no latency: a read returns what is there.",
 )
-@click.option(
+@count_option(
     "--processes",
-    type=click.IntRange(min=1),
     default=2,
-    show_default=True,
     help="Worker processes: 2 puts the producers in one, the consumers in the other; "
     "more spreads each side over half of them; 1 runs all in one.",
 )
-@click.option(
-    "--warmup",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    show_default=True,
-    help="Seconds of publishing before the measurement starts.",
+@seconds_option(
+    "--warmup", default=1.0, help="Seconds of publishing before the measurement starts."
 )
 @click.option("--no-baseline", is_flag=True, help="Skip the bare redis-py baseline phase.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
+@json_flag("Print one JSON line instead of a table.")
 def bench(
     *,
     redis_url: str | None,
@@ -167,15 +145,13 @@ if __name__ == "__main__":
 
 
 @click.command("bench-manager")
-@click.option(
+@count_option(
     "--rounds",
-    type=click.IntRange(min=1),
     default=3,
-    show_default=True,
     help="Kills of a bot instance (a different one each round, up to 3, so each restart "
     "waits the first backoff step) and of an active replica.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of text.")
+@json_flag("Print one JSON line instead of text.")
 def bench_manager(rounds: int, as_json: bool) -> None:
     """Measure the manager on the default config: start to READY, memory, restart, failover.
 
@@ -212,14 +188,20 @@ def bench_manager(rounds: int, as_json: bool) -> None:
 
 
 @click.command("bench-archive")
-@click.option("--events", type=click.IntRange(min=1000), default=100_000, show_default=True,
-              help="Backlog archived for the throughput, then replayed.")  # fmt: skip
-@click.option("--rate", type=click.FloatRange(min=1), default=1000.0, show_default=True,
-              help="Events/s published while the archive delay is measured.")  # fmt: skip
-@click.option("--duration", type=click.FloatRange(min=1), default=10.0, show_default=True)
-@click.option("--batch", type=click.IntRange(1, 100_000), default=2000, show_default=True,
-              help="The archiver's batch size (archive.batch_size).")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of text.")
+@count_option(
+    "--events",
+    default=100_000,
+    minimum=1000,
+    help="Backlog archived for the throughput, then replayed.",
+)
+@rate_option(
+    default=1000.0, minimum=1, help="Events/s published while the archive delay is measured."
+)
+@seconds_option("--duration", default=10.0, minimum=1)
+@count_option(
+    "--batch", default=2000, maximum=100_000, help="The archiver's batch size (archive.batch_size)."
+)
+@json_flag("Print one JSON line instead of text.")
 def bench_archive(events: int, rate: float, duration: float, batch: int, as_json: bool) -> None:
     """Measure the PostgreSQL archive: throughput, delay at a rate, disk use, replay speed.
 
@@ -252,30 +234,26 @@ def bench_archive(events: int, rate: float, duration: float, batch: int, as_json
 
 
 @click.command("bench-api")
-@click.option(
+@count_option(
     "--concurrency",
-    type=click.IntRange(min=1),
     default=16,
-    show_default=True,
     help="Keep-alive connections of the load process, one request in flight on each.",
 )
-@click.option(
+@seconds_option(
     "--duration",
-    type=click.FloatRange(min=0, min_open=True),
     default=10.0,
-    show_default=True,
+    min_open=True,
     help="Seconds measured per batch size, after 1 s of warmup.",
 )
-@click.option(
+@count_option(
     "--batch",
     "batches",
-    type=click.IntRange(1, 1000),
-    multiple=True,
     default=(1, 100),
-    show_default=True,
+    maximum=1000,
+    multiple=True,
     help="Events per request, one run each (1: an event object; more: an array).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of text.")
+@json_flag("Print one JSON line instead of text.")
 def bench_api(concurrency: int, duration: float, batches: tuple[int, ...], as_json: bool) -> None:
     """Measure the HTTP API: events/s accepted by POST /v1/events, latency, manager RSS.
 

@@ -21,8 +21,10 @@ from typing import Any
 
 import click
 
-from bus import BusClient, BusSettings, ConsumerSettings, Event, EventType
+from bus import BusClient, Event, EventType
+from bus.settings import BusSettings, ConsumerSettings
 from manager.cli.demo_bots import BotExitedError, DemoBots
+from manager.cli.options import count_option, rate_option, redis_url_option, seconds_option
 from manager.cli.output import shorten
 from manager.cli.redis_access import DEFAULT_REDIS_URL, bus_settings, run
 from manager.embedded.redis_server import RedisServer
@@ -119,17 +121,7 @@ async def run_demo(
             redis_url = await stack.enter_async_context(_private_redis(echo))
         settings = BusSettings(redis_url=redis_url, namespace=namespace)
         bots = DemoBots(DEMO_BOTS, settings)
-        # One worker: the observer prints events in the order it reads them.
-        in_order = settings.model_copy(update={"consumer": ConsumerSettings(concurrency=1)})
-        observer = BusClient("demo-observer", settings=in_order)
-        users_bus = BusClient("demo-users", settings=settings)
-        system = BusClient("system", settings=settings)  # what the manager will publish
-        for client in (observer, users_bus, system):
-            await client.connect()
-            stack.push_async_callback(client.close)
-        # Fail fast (after the client's bounded retries) on a wrong URL: consumers would
-        # back off and retry forever, as long-running loops should.
-        await users_bus.redis.ping()
+        observer, users_bus, system = await _clients(stack, settings)
         observer.subscribe("#", show)
         await bots.start()
         stack.push_async_callback(bots.stop)
@@ -154,6 +146,24 @@ async def run_demo(
     return shown
 
 
+async def _clients(
+    stack: contextlib.AsyncExitStack, settings: BusSettings
+) -> tuple[BusClient, BusClient, BusClient]:
+    """The observer's, the simulated users' and the system's bus clients, connected (and
+    closed by ``stack``); fails fast, after the client's bounded retries, on a wrong URL
+    (consumers would back off and retry forever, as long-running loops should)."""
+    # One worker: the observer prints events in the order it reads them.
+    in_order = settings.model_copy(update={"consumer": ConsumerSettings(concurrency=1)})
+    observer = BusClient("demo-observer", settings=in_order)
+    users_bus = BusClient("demo-users", settings=settings)
+    system = BusClient("system", settings=settings)  # what the manager will publish
+    for client in (observer, users_bus, system):
+        await client.connect()
+        stack.push_async_callback(client.close)
+    await users_bus.redis.ping()
+    return observer, users_bus, system
+
+
 async def _until_signal(redis_url: str | None, duration: float, **options: Any) -> int:
     """``run_demo`` that Ctrl-C (SIGINT) and SIGTERM stop cleanly."""
     stop = asyncio.Event()
@@ -169,9 +179,7 @@ async def _until_signal(redis_url: str | None, duration: float, **options: Any) 
 
 
 @click.command("demo")
-@click.option(
-    "--redis-url",
-    envvar="MULTIBOT_REDIS_URL",
+@redis_url_option(
     show_envvar=True,
     metavar="URL",
     help="Redis to run on. Without it the demo starts a private redis-server for its length.",
@@ -182,26 +190,18 @@ async def _until_signal(redis_url: str | None, duration: float, **options: Any) 
     show_default=True,
     help="Key prefix of the demo's streams and keys, apart from a deployment's.",
 )
-@click.option(
+@seconds_option(
     "--duration",
-    type=click.FloatRange(min=0),
     default=0,
+    show_default=False,
     metavar="SECONDS",
     help="Stop after this many seconds. Default: 0, run until Ctrl-C.",
 )
-@click.option(
-    "--users",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    metavar="N",
-    help="Simulated users.",
-)
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=0.1, max=1000),
+@count_option("--users", default=3, metavar="N", help="Simulated users.")
+@rate_option(
     default=3.0,
-    show_default=True,
+    minimum=0.1,
+    maximum=1000,
     help="Messages per second the users send, all together.",
 )
 @click.option("--seed", type=int, help="Seed of the users' random choices, for a repeatable run.")

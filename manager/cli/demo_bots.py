@@ -17,9 +17,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from bus import BusSettings, EventType
+from bus import EventType
 from bus.keys import Keys, group_name
 from bus.routing import Router
+from bus.settings import BusSettings
 from bus.supervision import RuntimeSpec
 from manager.embedded.child_process import child_setup
 from manager.errors import ManagerError

@@ -28,11 +28,12 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 
-from bus import BusClient, BusSettings, EventType
+from bus import BusClient, EventType
 from bus.archive.errors import SchemaTooNewError
 from bus.connection import connect
 from bus.keys import Keys
 from bus.routing import Router
+from bus.settings import BusSettings
 from manager import __version__
 from manager.announcer import Announcer
 from manager.api.metrics_sources import render_metrics

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from bus import BusClient, BusSettings
+from bus import BusClient
 from bus.keys import Keys
 from bus.routing import Router
+from bus.settings import BusSettings
 from manager.announcer import Announcer
 from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink

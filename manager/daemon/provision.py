@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 import structlog
 from redis.asyncio import Redis
 
-from bus import BusSettings
 from bus.archive.errors import ArchiveUnavailableError
 from bus.keys import Keys
+from bus.settings import BusSettings
 from bus.supervision import RuntimeSpec
 from manager.archive.link import ArchiveLink, ensure_reader
 from manager.config import BotConfig, ManagerSettings

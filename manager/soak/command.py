@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 import uvloop
 
+from manager.cli.options import count_option, json_flag, rate_option, seconds_option
 from manager.cli.output import echo_json
 from manager.config import DEFAULT_CONFIG_PATH, ConfigError
 from manager.errors import ManagerError
@@ -28,20 +29,8 @@ def _faults(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
 
 
 @click.command()
-@click.option(
-    "--rate",
-    type=click.FloatRange(min=1),
-    default=1000.0,
-    show_default=True,
-    help="soak.tick events per second.",
-)
-@click.option(
-    "--duration",
-    type=click.FloatRange(min=5),
-    default=120.0,
-    show_default=True,
-    help="Seconds of load.",
-)
+@rate_option(default=1000.0, minimum=1, help="soak.tick events per second.")
+@seconds_option("--duration", default=120.0, minimum=5, help="Seconds of load.")
 @click.option(
     "--faults",
     default="",
@@ -49,23 +38,20 @@ def _faults(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
     metavar="LIST",
     help=f"Comma-separated, or 'all': {', '.join(FAULTS)}.",
 )
-@click.option(
+@seconds_option(
     "--hold",
-    type=click.FloatRange(min=0.5),
     default=3.0,
-    show_default=True,
+    minimum=0.5,
     help="Seconds a held fault lasts (pause, oom, read-only, disk full).",
 )
-@click.option(
+@seconds_option(
     "--pg-down",
-    type=click.FloatRange(min=1),
     default=None,
+    minimum=1,
     metavar="SECONDS",
     help="Also keep the archive failing (disk full) this long, first.",
 )
-@click.option(
-    "--loaders", type=click.IntRange(1, 16), default=1, show_default=True, help="Load processes."
-)
+@count_option("--loaders", default=1, maximum=16, help="Load processes.")
 @click.option(
     "--config",
     "config",
@@ -74,7 +60,7 @@ def _faults(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
     help="Config to soak (the soak bots are added).  [default: the checkout's]",
 )
 @click.option("--keep", is_flag=True, help="Keep the run's directory (kept anyway on a failure).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON document.")
+@json_flag("One JSON document.")
 def soak(  # noqa: PLR0917 - click passes the options as arguments
     rate: float,
     duration: float,

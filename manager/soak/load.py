@@ -30,8 +30,9 @@ import structlog
 import uvloop
 from redis.exceptions import RedisError
 
-from bus import BusClient, BusSettings
+from bus import BusClient
 from bus.errors import BusBackpressureError, BusConnectionError, BusError, PublishError
+from bus.settings import BusSettings
 from manager.soak.bot import TICK as TICK_TYPE
 
 log = structlog.get_logger("manager.soak")

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import structlog
 
-from bus import BusClient, BusSettings
+from bus import BusClient
 from bus.connection import connect
 from bus.keys import Keys
 from bus.routing import DEFAULT_ROUTES, DEFAULT_STREAM, Router
+from bus.settings import BusSettings
 from manager.config import DEFAULT_CONFIG_PATH, load_config
 from manager.errors import ManagerError
 from manager.soak.bot import TICK

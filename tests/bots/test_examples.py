@@ -14,8 +14,7 @@ import pytest
 from bots import chatbot, shared_users
 from bots.chatbot import HANDOVER, LOAD_OFFER, ROLE_ASSIGNED, ChatBot, RoleAssigned
 from bots.shared_users import WINDOW, SharedUserDetector
-from bus import BusClient, Event, EventType, SchemaError
-from bus.catalog import UserMessage
+from bus import BusClient, Event, EventType, SchemaError, UserMessage
 from tests.conftest import BusFactory
 from tests.support import running, wait_until
 

@@ -50,6 +50,22 @@ def bot_toml(bot_id: str, entry: str, **options: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bots_before_reload(entry: str) -> str:
+    """The bots of a config about to be rewritten by :func:`rewrite_for_reload`: ``keep``,
+    ``drop`` and ``change``, each running ``entry``."""
+    return bot_toml("keep", entry) + bot_toml("drop", entry) + bot_toml("change", entry)
+
+
+def rewrite_for_reload(config_path: Path, entry: str) -> None:
+    """Rewrite the bots of the config at ``config_path`` (its settings kept): ``keep`` as
+    it was, ``drop`` removed, ``change`` with 2 replicas, ``new`` added."""
+    settings = config_path.read_text().split("[[bots]]")[0]
+    config_path.write_text(
+        settings + bot_toml("keep", entry) + bot_toml("change", entry, replicas=2)
+        + bot_toml("new", entry)
+    )  # fmt: skip
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from bus import BusClient, BusSettings, EventType
+from bus import BusClient, EventType
 from bus.archive.errors import ArchiveError
 from bus.archive.store import ArchiveStore
 from bus.entry_id import EntryId
 from bus.keys import Keys, group_name
+from bus.settings import BusSettings
 from manager.embedded.postgres_server import PostgresServer
 from manager.embedded.redis_server import RedisServer
 from tests.daemon.conftest import ManagerFactory

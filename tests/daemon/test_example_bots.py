@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from bus import BusClient, BusSettings, EventType
+from bus import BusClient, EventType
 from bus.keys import Keys
+from bus.settings import BusSettings
 from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import bot_toml, events
 from tests.support import wait_until

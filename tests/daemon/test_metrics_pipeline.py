@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from bus import BusClient, BusSettings
+from bus import BusClient
+from bus.settings import BusSettings
 from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import ManagerProcess, bot_toml
 from tests.support import wait_until

@@ -11,7 +11,12 @@ from redis.asyncio import Redis
 from bus import EventType
 from bus.keys import Keys
 from tests.daemon.conftest import ManagerFactory
-from tests.daemon.manager_process import ManagerProcess, bot_toml, events
+from tests.daemon.manager_process import (
+    ManagerProcess,
+    bots_before_reload,
+    events,
+    rewrite_for_reload,
+)
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_redis, pytest.mark.redis]
@@ -35,15 +40,9 @@ class TestSerialisedReloads:
     ) -> None:
         """A SIGHUP and `multibot reload` at once: both complete in turn, the second finds
         nothing left to change, and the bots are the final config's, with no strays."""
-        manager = await manager_factory(
-            bot_toml("keep", STEADY) + bot_toml("drop", STEADY) + bot_toml("change", STEADY)
-        )
+        manager = await manager_factory(bots_before_reload(STEADY))
         keep_pid = await manager.pid("keep")
-        header = manager.config_path.read_text().split("[[bots]]")[0]
-        manager.config_path.write_text(
-            header + bot_toml("keep", STEADY) + bot_toml("change", STEADY, replicas=2)
-            + bot_toml("new", STEADY)
-        )  # fmt: skip
+        rewrite_for_reload(manager.config_path, STEADY)
         assert manager.process is not None
         manager.process.send_signal(signal.SIGHUP)
         reply = await manager.command("reload")

@@ -14,11 +14,21 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from bus import BusClient, BusSettings, EventType
+from bus import BusClient, EventType
 from bus.keys import Keys
+from bus.settings import BusSettings
 from manager.config import DEFAULT_CONFIG_PATH
 from tests.daemon.conftest import ManagerFactory
-from tests.daemon.manager_process import FAST, REPO, ManagerProcess, bot_toml, events, gone
+from tests.daemon.manager_process import (
+    FAST,
+    REPO,
+    ManagerProcess,
+    bot_toml,
+    bots_before_reload,
+    events,
+    gone,
+    rewrite_for_reload,
+)
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.one_redis]  # nothing Redis-version-specific
@@ -120,15 +130,9 @@ class TestLifecycle:
     ) -> None:
         """SIGHUP: a bot added, one removed, one changed restarted, the unchanged one untouched."""
         steady = "tests.daemon.sample_bots:steady"
-        manager = await manager_factory(
-            bot_toml("keep", steady) + bot_toml("drop", steady) + bot_toml("change", steady)
-        )
+        manager = await manager_factory(bots_before_reload(steady))
         keep_pid = await manager.pid("keep")
-        config = manager.config_path.read_text().split("[[bots]]")[0]
-        manager.config_path.write_text(
-            config + bot_toml("keep", steady) + bot_toml("change", steady, replicas=2)
-            + bot_toml("new", steady)
-        )  # fmt: skip
+        rewrite_for_reload(manager.config_path, steady)
         assert manager.process is not None
         manager.process.send_signal(1)  # SIGHUP
 

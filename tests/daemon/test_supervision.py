@@ -11,9 +11,10 @@ from typing import Any, Protocol
 import pytest
 from redis.asyncio import Redis
 
-from bus import BusClient, BusSettings, EventType
+from bus import BusClient, EventType
 from bus.dlq import DeadLetter
 from bus.keys import Keys
+from bus.settings import BusSettings
 from manager.control import ControlError
 from manager.embedded.postgres_server import PostgresServer
 from tests.daemon.conftest import ManagerFactory

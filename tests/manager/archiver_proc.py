@@ -14,9 +14,9 @@ import contextlib
 import signal
 import sys
 
-from bus import BusSettings
 from bus.connection import connect
 from bus.keys import Keys
+from bus.settings import BusSettings
 from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink
 from manager.config import ArchiveSettings

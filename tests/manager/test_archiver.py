@@ -8,12 +8,10 @@ archiver runs in this process, except where it must die by SIGKILL: then it runs
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import signal
 import sys
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,33 +22,31 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from bus import BusClient, BusSettings, DeadLetterReason, Event
+from bus import BusClient, DeadLetterReason, Event
 from bus.archive import ArchiveStore
-from bus.connection import connect
 from bus.dlq import DeadLetters
-from bus.keys import ARCHIVER_GROUP, Keys
 from bus.wire import encode
-from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink
-from manager.config import ArchiveSettings
 from manager.embedded.postgres_server import PostgresServer
-from manager.observe.lag import stream_keys
 from tests.conftest import BusFactory
+from tests.manager.archive_support import (
+    KEYS,
+    archived,
+    archiving,
+    backlog,
+    caught_up,
+    id_counts,
+    make_archiver,
+    pending_ids,
+    positions,
+    publish,
+    running,
+)
 from tests.support import entries, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = Keys()
-#: Types over the user, bot and system streams (the default routes).
-#: None has a schema in bus.catalog, so any data goes.
-TYPES = (
-    "user.note.added",
-    "user.profile.edited",
-    "bot.task.done",
-    "bot.reply.sent",
-    "system.health.checked",
-)
 #: Entries no producer of ours writes: each fails to decode as an event for its own reason.
 GARBAGE: tuple[dict[str, str], ...] = (
     {"hello": "world"},
@@ -77,32 +73,6 @@ WIRE_ORDER_GARBAGE = tuple(wire_fields(**fields) for fields in GARBAGE[1:])
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def admin(redis_url: str) -> AsyncIterator[Redis]:
-    """The manager's own Redis client, as the daemon makes it."""
-    redis = connect(BusSettings(redis_url=redis_url), client_name="multibot-manager")
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
-
-
-@pytest.fixture
-def archive(store: ArchiveStore) -> ArchiveStore:
-    """A migrated store on the test's PostgreSQL, to look at what was archived."""
-    return store
-
-
-@pytest.fixture
-async def link(postgres_server: PostgresServer) -> AsyncIterator[ArchiveLink]:
-    """The archiver's way to the store, as the daemon makes it."""
-    archive_link = ArchiveLink(postgres_server.dsn, KEYS)
-    try:
-        yield archive_link
-    finally:
-        await archive_link.close()
 
 
 class ArchiverProc:
@@ -197,45 +167,6 @@ async def archiver_procs(
 # -- helpers --------------------------------------------------------------------------------
 
 
-def make_archiver(admin: Redis, link: ArchiveLink, **settings: Any) -> Archiver:
-    """An archiver of the default namespace, with default settings but ``settings``."""
-    return Archiver(admin, KEYS, ArchiveSettings(**settings), link.get)
-
-
-@contextlib.asynccontextmanager
-async def archiving(archiver: Archiver) -> AsyncIterator[asyncio.Task[None]]:
-    """Run the archiver while the block runs; cancel it after (raising what killed it)."""
-    task = asyncio.create_task(archiver.run())
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-def drafts(bus: BusClient, n: int, start: int = 0) -> list[Event]:
-    """``n`` events over the user, bot and system streams, some with every optional field."""
-    chain = str(uuid.uuid4())
-    return [
-        bus.event(
-            TYPES[i % len(TYPES)],
-            {"n": i, "text": f"héllo {i}", "nested": {"items": [i, None, True, 1.5]}},
-            key=f"key-{i % 7}" if i % 3 else None,
-            correlation_id=chain if i % 2 else None,
-            causation_id=str(uuid.uuid4()) if i % 4 == 1 else None,
-        )
-        for i in range(start, start + n)
-    ]
-
-
-async def publish(bus: BusClient, n: int, start: int = 0) -> list[Event]:
-    """Publish ``n`` events with one ``publish_many``; the events (confirmed by Redis)."""
-    events = drafts(bus, n, start)
-    assert await bus.publish_many(events) == [e.id for e in events]
-    return events
-
-
 @contextlib.asynccontextmanager
 async def producing(bus: BusClient, published: list[str]) -> AsyncIterator[None]:
     """Publish batches of events in the background while the block runs; the ids Redis
@@ -256,34 +187,6 @@ async def producing(bus: BusClient, published: list[str]) -> AsyncIterator[None]
         await task
 
 
-async def archived(
-    store: ArchiveStore, at_least: int, alive: Callable[[], None] | None = None
-) -> bool:
-    """Whether ``at_least`` events are archived; ``alive`` raises if the archiver died."""
-    if alive is not None:
-        alive()
-    return await store.count() >= at_least
-
-
-def running(task: asyncio.Task[None]) -> Callable[[], None]:
-    """A check that fails the test at once if the in-process archiver stopped."""
-
-    def check() -> None:
-        if task.done():
-            raise AssertionError(f"the archiver stopped: {task.exception()!r}")
-
-    return check
-
-
-async def positions(redis: Redis) -> dict[str, tuple[str, str]]:
-    """Event id → (stream key, entry id) of every entry in the namespace's streams."""
-    found: dict[str, tuple[str, str]] = {}
-    for stream in await stream_keys(redis, KEYS):
-        for entry_id, fields in await entries(redis, stream):
-            found.setdefault(fields.get("id", ""), (stream, entry_id))
-    return found
-
-
 async def all_archived(store: ArchiveStore) -> list[Event]:
     """Every archived event, paging through ``query``."""
     found: list[Event] = []
@@ -295,16 +198,6 @@ async def all_archived(store: ArchiveStore) -> list[Event]:
             return found
 
 
-async def id_counts(dsn: str) -> collections.Counter[str]:
-    """How many rows each event id has in ``events``."""
-    conn = await asyncpg.connect(dsn, timeout=5)
-    try:
-        rows = await conn.fetch("SELECT id FROM events")
-    finally:
-        await conn.close()
-    return collections.Counter(str(row["id"]) for row in rows)
-
-
 async def dead_letter_rows(dsn: str) -> list[Mapping[str, Any]]:
     """The rows of ``dead_letters``, by id."""
     conn = await asyncpg.connect(dsn, timeout=5)
@@ -314,42 +207,9 @@ async def dead_letter_rows(dsn: str) -> list[Mapping[str, Any]]:
         await conn.close()
 
 
-async def archiver_groups(redis: Redis) -> list[tuple[str, dict[str, Any]]]:
-    """(stream, XINFO GROUPS row) of the archiver group on every stream it archives."""
-    found = []
-    for stream in [*await stream_keys(redis, KEYS), KEYS.dead_letters()]:
-        groups: Any = await redis.xinfo_groups(stream)
-        found += [(stream, dict(g)) for g in groups if g["name"] == ARCHIVER_GROUP]
-    return found
-
-
-async def backlog(redis: Redis) -> tuple[int, int]:
-    """(pending, unread) entries of the archiver group, summed over its streams."""
-    pending = unread = 0
-    for stream, group in await archiver_groups(redis):
-        pending += int(group["pending"])
-        after: Any = await redis.xrange(stream, f"({group['last-delivered-id']}", "+")
-        unread += len(after)
-    return pending, unread
-
-
-async def caught_up(redis: Redis) -> bool:
-    """Whether the archiver group has read and acked every entry of every stream."""
-    return await backlog(redis) == (0, 0)
-
-
 async def holds_a_batch(redis: Redis) -> bool:
     """Whether the archiver group has entries read but not acked (a batch in flight)."""
     return (await backlog(redis))[0] > 0
-
-
-async def pending_ids(redis: Redis) -> dict[str, list[str]]:
-    """The entry ids pending in the archiver group, per stream."""
-    held: dict[str, list[str]] = {}
-    for stream, _ in await archiver_groups(redis):
-        rows: Any = await redis.xpending_range(stream, ARCHIVER_GROUP, "-", "+", 10_000)
-        held[stream] = [str(row["message_id"]) for row in rows]
-    return held
 
 
 async def dead_letter_events(bus: BusClient, events: list[Event]) -> list[str]:
@@ -541,7 +401,7 @@ class TestPostgresOutage:
                     await postgres_server.stop()
                     await wait_until(lambda: not archiver.healthy, what="the archiver unhealthy")
                     assert archiver.last_error is not None
-                    assert archiver.status()["healthy"] is False
+                    assert archiver.status().healthy is False
                     # The write in flight at the stop may fail otherwise; the retries then
                     # meet a closed port and say what to do.
                     await wait_until(

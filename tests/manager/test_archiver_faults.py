@@ -9,10 +9,8 @@ dead-letter stream, where an operator can list and retry it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]  # ships no type hints
 import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
@@ -26,15 +24,12 @@ from manager.config import ArchiveSettings
 from manager.embedded.postgres_server import PostgresServer
 from manager.embedded.redis_server import RedisServer
 from tests.conftest import BusFactory
-from tests.manager.test_archiver import (
+from tests.manager.archive_support import (
     KEYS,
-    admin,
-    archive,
     archived,
     archiving,
     caught_up,
     id_counts,
-    link,
     make_archiver,
     pending_ids,
     publish,
@@ -43,7 +38,6 @@ from tests.manager.test_archiver import (
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
-__all__ = ["admin", "archive", "link"]  # fixtures, used by name
 
 # $1 ignored. A trigger function that refuses every row with the SQLSTATE in TG_ARGV[0].
 _REFUSE = """
@@ -58,16 +52,6 @@ async def ids_stored(conn: Any) -> dict[str, int]:
     """How many rows each event id has in ``events``."""
     rows = await conn.fetch("SELECT id, count(*) AS n FROM events GROUP BY id")
     return {row["id"]: row["n"] for row in rows}
-
-
-@pytest.fixture
-async def superuser(postgres_server: PostgresServer) -> AsyncIterator[Any]:
-    """A connection to the test's PostgreSQL as its superuser, to break it."""
-    conn = await asyncpg.connect(postgres_server.dsn, timeout=5)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 class TestHostileBytes:

@@ -4,33 +4,29 @@ into a partition the retention job drops within the hour; it is dead-lettered, s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]  # ships no type hints
 import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from bus import BusClient, BusSettings, Event
+from bus import BusClient, Event
 from bus.archive import ArchiveStore
 from bus.connection import connect
 from bus.dlq import DeadLetters
+from bus.settings import BusSettings
 from bus.wire import DLQ_LINK_FIELD, TARGET_FIELD, encode
 from manager.archive.link import ArchiveLink
 from manager.archive.retention import cutoff_day
 from manager.embedded.postgres_server import PostgresServer
 from tests.conftest import BusFactory
-from tests.manager.test_archiver import (
+from tests.manager.archive_support import (
     KEYS,
-    admin,
-    archive,
     archived,
     archiving,
     caught_up,
     id_counts,
-    link,
     make_archiver,
     pending_ids,
     positions,
@@ -40,7 +36,6 @@ from tests.manager.test_archiver import (
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
-__all__ = ["admin", "archive", "link"]  # fixtures, used by name
 
 TOO_OLD = (
     "is older than archive.retention_days=7: it would be dropped; fix the publisher's clock "
@@ -191,16 +186,6 @@ BEGIN
     RETURN NEW;
 END $$;
 """
-
-
-@pytest.fixture
-async def superuser(postgres_server: PostgresServer) -> AsyncIterator[Any]:
-    """A connection to the test's PostgreSQL as its superuser, to break it."""
-    conn = await asyncpg.connect(postgres_server.dsn, timeout=5)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 class TestNoPartition:

@@ -8,15 +8,15 @@ group that never reads.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
-from bus import BusBackpressureError, BusClient, BusSettings, EventType
+from bus import BusBackpressureError, BusClient, EventType
 from bus.keys import ARCHIVER_GROUP
+from bus.settings import BusSettings
 from manager.announcer import Announcer
 from manager.archive.pressure import PressureWatch
 from manager.config import MemorySettings
@@ -31,7 +31,7 @@ from tests.manager.test_trimmer import (
     read,
     system_events,
 )
-from tests.support import wait_until
+from tests.support import in_background, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -56,13 +56,8 @@ async def manager_bus(redis_url: str) -> AsyncIterator[BusClient]:
 async def announcer(manager_bus: BusClient) -> AsyncIterator[Announcer]:
     """An announcer publishing in the background for the whole test."""
     announcements = Announcer(manager_bus)
-    task = asyncio.create_task(announcements.run())
-    try:
+    async with in_background(announcements.run()):
         yield announcements
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def used(redis: Redis) -> int:

@@ -16,8 +16,9 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from bus import BusClient, BusSettings, Event, RetrySettings
+from bus import BusClient, Event
 from bus.keys import Keys, consumer_name, group_name
+from bus.settings import BusSettings, RetrySettings
 from manager.daemon.redis_acl import (
     BotUserError,
     RedisAclError,

@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bus import BusClient, BusSettings
+from bus import BusClient
 from bus.archive.store import ArchiveStore
 from bus.keys import Keys
+from bus.settings import BusSettings
 from manager.announcer import Announcer
 from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink

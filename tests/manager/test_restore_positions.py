@@ -8,10 +8,8 @@ after the restore is read by a real bus consumer, up to a marker published after
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +26,11 @@ from bus.keys import ARCHIVER_GROUP, Keys, group_name
 from bus.wire import decode
 from manager.archive.group_positions import PositionRecorder, acked_position
 from manager.archive.link import ArchiveLink
-from manager.archive.restore import lost_streams, restore
+from manager.archive.restore import Restored, lost_streams, restore
 from manager.embedded.postgres_server import PostgresServer
 from manager.embedded.redis_server import RedisServer
 from tests.conftest import BusFactory
-from tests.support import entries, running, wait_until
+from tests.support import entries, in_background, running, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -78,9 +76,23 @@ def stored(store: ArchiveStore) -> Callable[[], Awaitable[ArchiveStore]]:
     return get
 
 
-def declared(*groups: str) -> Callable[[str], list[str]]:
-    """``groups_for`` of a config declaring ``groups`` on the user stream."""
-    return lambda stream: list(groups) if stream == STREAM else []
+async def restore_declared(
+    redis: Redis,
+    store: ArchiveStore,
+    *groups: str,
+    hot_window_ms: int = HOUR_MS,
+    now_ms: int | None = None,
+) -> Restored:
+    """``restore`` for a config declaring ``groups`` on the user stream, at ``now_ms``
+    (else now)."""
+    return await restore(
+        redis,
+        store,
+        KEYS,
+        groups_for=lambda stream: list(groups) if stream == STREAM else [],
+        hot_window_ms=hot_window_ms,
+        now_ms=int(time.time() * 1000) if now_ms is None else now_ms,
+    )
 
 
 @pytest.fixture
@@ -141,14 +153,7 @@ class TestRestoreWithoutAGap:
         (not 1..10, not nothing), the caught-up group nothing again."""
         await PositionRecorder(redis, KEYS, stored(store), 1.0).record()
         await redis.flushall()
-        done = await restore(
-            redis,
-            store,
-            KEYS,
-            groups_for=declared(BEHIND, CAUGHT_UP),
-            hot_window_ms=HOUR_MS,
-            now_ms=int(time.time() * 1000),
-        )
+        done = await restore_declared(redis, store, BEHIND, CAUGHT_UP)
         producer = await bus_factory("producer")
         seen = await handed(redis, bus_factory, producer, "behind", "caught-up")
         # Without an ordering key events may be handled out of order; each once, though.
@@ -172,13 +177,8 @@ class TestRestoreWithoutAGap:
         await PositionRecorder(redis, KEYS, stored(store), 1.0).record()
         await redis.flushall()
         later = EntryId.parse(history.entries[-1])[0] + HOUR_MS
-        done = await restore(
-            redis,
-            store,
-            KEYS,
-            groups_for=declared(BEHIND, CAUGHT_UP),
-            hot_window_ms=1000,
-            now_ms=later,
+        done = await restore_declared(
+            redis, store, BEHIND, CAUGHT_UP, hot_window_ms=1000, now_ms=later
         )
         assert done.events == {STREAM: 90}
         assert [entry_id for entry_id, _ in await entries(redis, STREAM)] == history.entries[10:]
@@ -198,14 +198,7 @@ class TestRestoreWithoutAGap:
             await redis.xadd(STREAM, fields, id=entry_id)  # type: ignore[arg-type]
         for group in (ARCHIVER_GROUP, BEHIND, CAUGHT_UP):
             await redis.xgroup_create(STREAM, group, id=history.entries[4])
-        done = await restore(
-            redis,
-            store,
-            KEYS,
-            groups_for=declared(BEHIND, CAUGHT_UP),
-            hot_window_ms=HOUR_MS,
-            now_ms=int(time.time() * 1000),
-        )
+        done = await restore_declared(redis, store, BEHIND, CAUGHT_UP)
         assert done.events == {STREAM: 50}
         assert [entry_id for entry_id, _ in await entries(redis, STREAM)] == history.entries
         assert await read(redis, BEHIND, 1000) == history.entries[10:]
@@ -222,14 +215,7 @@ class TestRestoreWithoutAGap:
         newcomer = group_name("newcomer")
         await redis.flushall()
         with capture_logs() as logs:
-            done = await restore(
-                redis,
-                store,
-                KEYS,
-                groups_for=declared(CAUGHT_UP, newcomer),
-                hot_window_ms=HOUR_MS,
-                now_ms=int(time.time() * 1000),
-            )
+            done = await restore_declared(redis, store, CAUGHT_UP, newcomer)
         assert done.unrecorded == {STREAM: [newcomer]}
         assert done.groups[STREAM][newcomer] == history.entries[-1]
         assert "(no recorded position)" in done.describe_groups(KEYS.stream_name)
@@ -286,14 +272,7 @@ class TestPositionRecorder:
         skipped = [e for e in logs if e.get("stream") == STREAM]
         assert [e["log_level"] for e in skipped] == ["warning"]  # once, not every round
         assert await store.group_positions.record({(STREAM, BEHIND): (0, 0)}) == 0
-        await restore(
-            redis,
-            store,
-            KEYS,
-            groups_for=declared(BEHIND, CAUGHT_UP),
-            hot_window_ms=HOUR_MS,
-            now_ms=int(time.time() * 1000),
-        )
+        await restore_declared(redis, store, BEHIND, CAUGHT_UP)
         assert await recorder.record() == good
         await handle(redis, BEHIND, 5)
         await recorder.record()
@@ -307,14 +286,8 @@ class TestPositionRecorder:
         records again."""
         recorder = PositionRecorder(redis, KEYS, stored(store), 0.05)
         with capture_logs() as logs:
-            async with recording(recorder) as task:
-                await wait_until(lambda: recorder.recorded == 2, 10, "the first positions")
-                await redis_server.stop()
-                await wait_until(
-                    lambda: said(logs, "cannot record group positions: Redis unavailable"),
-                    10,
-                    "the recorder to notice Redis is down",
-                )
+            async with in_background(recorder.run()) as task:
+                await take_down(redis_server, "Redis", recorder, logs, 10)
                 assert not task.done()
                 await redis_server.start()
                 await handle(redis, BEHIND, 5)
@@ -333,14 +306,8 @@ class TestPositionRecorder:
         recorder = PositionRecorder(redis, KEYS, link.get, 0.05)
         try:
             with capture_logs() as logs:
-                async with recording(recorder) as task:
-                    await wait_until(lambda: recorder.recorded == 2, 10, "the first positions")
-                    await postgres_server.stop()
-                    await wait_until(
-                        lambda: said(logs, "cannot record group positions: PostgreSQL unavailable"),
-                        20,
-                        "the recorder to notice PostgreSQL is down",
-                    )
+                async with in_background(recorder.run()) as task:
+                    await take_down(postgres_server, "PostgreSQL", recorder, logs, 20)
                     await handle(redis, BEHIND, 5)
                     assert not task.done()
                     await postgres_server.start()
@@ -355,16 +322,22 @@ class TestPositionRecorder:
             await link.close()
 
 
-@contextlib.asynccontextmanager
-async def recording(recorder: PositionRecorder) -> AsyncIterator[asyncio.Task[None]]:
-    """Run the recorder's loop for the block; cancel it after."""
-    task = asyncio.create_task(recorder.run())
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+async def take_down(
+    server: RedisServer | PostgresServer,
+    name: str,
+    recorder: PositionRecorder,
+    logs: Sequence[Mapping[str, Any]],
+    within: float,
+) -> None:
+    """Once ``recorder`` has recorded both groups, stop ``server`` (``name``: Redis or
+    PostgreSQL) and wait ``within`` seconds for the recorder to log that it cannot reach it."""
+    await wait_until(lambda: recorder.recorded == 2, 10, "the first positions")
+    await server.stop()
+    await wait_until(
+        lambda: said(logs, f"cannot record group positions: {name} unavailable"),
+        within,
+        f"the recorder to notice {name} is down",
+    )
 
 
 def said(logs: Sequence[Mapping[str, Any]], event: str) -> bool:

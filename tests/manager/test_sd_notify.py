@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from manager.observe.sd_notify import NOTIFY_ENV_KEYS, Notifier
-from tests.support import wait_until
+from tests.support import in_background, wait_until
 
 FAST_WATCHDOG_USEC = "100000"  # 0.1 s timeout, so a ping every 0.05 s
 
@@ -68,14 +68,9 @@ def abstract_listener() -> Iterator[Listener]:
 @contextlib.asynccontextmanager
 async def running_watchdog(notifier: Notifier) -> AsyncIterator[asyncio.Task[None]]:
     """Run ``notifier.watchdog_loop()`` for the block, then cancel it and check it ended."""
-    task = asyncio.create_task(notifier.watchdog_loop())
-    try:
+    async with in_background(notifier.watchdog_loop()) as task:
         yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        assert task.cancelled(), "watchdog_loop ended on its own instead of running until cancel"
+    assert task.cancelled(), "watchdog_loop ended on its own instead of running until cancel"
 
 
 class TestFromEnv:

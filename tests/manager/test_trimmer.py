@@ -7,8 +7,6 @@ Every test asserts the exact entries left, so a trimmer cutting one entry too ma
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,7 +22,7 @@ from manager.archive.removed_groups import RemovedGroups
 from manager.archive.trimmer import Trimmer, trim_point
 from manager.config import ArchiveSettings
 from tests.conftest import BusFactory
-from tests.support import entries, wait_until
+from tests.support import entries, in_background, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -43,13 +41,8 @@ async def bus(bus_factory: BusFactory) -> BusClient:
 async def announcer(bus: BusClient) -> AsyncIterator[Announcer]:
     """An announcer publishing in the background for the whole test."""
     announcements = Announcer(bus)
-    task = asyncio.create_task(announcements.run())
-    try:
+    async with in_background(announcements.run()):
         yield announcements
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def make_trimmer(bus: BusClient, announcer: Announcer, **settings: Any) -> Trimmer:
