@@ -4,7 +4,7 @@
 daemon, the HTTP API (FastAPI), the benchmarks and the soak take most of a second to
 import. So each subcommand is named here by ``"module:attribute"`` with its one-line help,
 and its module is imported only when the command runs (or its own ``--help`` is asked
-for). ``tests/manager/test_cli_lazy.py`` checks that every one-line help here is the
+for). ``tests/manager/cli/test_cli_lazy.py`` checks that every one-line help here is the
 command's own.
 """
 

@@ -15,7 +15,7 @@ from bus.connection import connect
 from bus.settings import BusSettings
 from manager.archive.link import ArchiveLink
 from manager.embedded.postgres_server import PostgresServer
-from tests.manager.archive_support import KEYS
+from tests.manager.archive.archive_support import KEYS
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from manager.archive.link import ArchiveLink
 from manager.archive.retention import cutoff_day
 from manager.embedded.postgres_server import PostgresServer
 from tests.conftest import BusFactory
-from tests.manager.archive_support import (
+from tests.manager.archive.archive_support import (
     KEYS,
     archived,
     archiving,

@@ -21,7 +21,7 @@ from manager.api.models import ApiStatus, Health
 from manager.config import ApiSettings
 from manager.status import BotStatus
 from tests.conftest import BusFactory
-from tests.manager.test_cli_archive import _chain, deep_chain
+from tests.manager.cli.test_cli_archive import _chain, deep_chain
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.one_redis]
 

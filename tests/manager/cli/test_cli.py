@@ -40,7 +40,7 @@ from manager.embedded.redis_server import free_port
 from tests.conftest import RedisFactory
 from tests.daemon.manager_process import FAST, ManagerProcess, events
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 KEYS = Keys("multibot")
 USER_STREAM = KEYS.stream("user")
 BOT_STREAM = KEYS.stream("bot")

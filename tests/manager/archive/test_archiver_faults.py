@@ -24,7 +24,7 @@ from manager.config import ArchiveSettings
 from manager.embedded.postgres_server import PostgresServer
 from manager.embedded.redis_server import RedisServer
 from tests.conftest import BusFactory
-from tests.manager.archive_support import (
+from tests.manager.archive.archive_support import (
     KEYS,
     archived,
     archiving,

@@ -35,7 +35,7 @@ from manager.errors import EmbeddedServiceError, ManagerError
 from tests.postgres_fixtures import PostgresFactory, copy_cluster, gone
 from tests.support import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 OLD = PostgresBinaries(Path("/usr/lib/postgresql/12/bin"), (12, 17))
 SYSTEM = PostgresBinaries(Path("/usr/lib/postgresql/15/bin"), (15, 20))
 BUNDLED = PostgresBinaries(Path("/venv/pgserver/pginstall/bin"), (16, 2))

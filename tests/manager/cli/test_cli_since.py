@@ -8,7 +8,7 @@ import pytest
 
 from manager.cli.events import _since_id
 from manager.times import MAX_AGO_DAYS, TimeRangeError, duration_ago, utc_moment
-from tests.manager.test_cli import invoke, unreachable_url
+from tests.manager.cli.test_cli import invoke, unreachable_url
 
 
 class TestDurationAgo:

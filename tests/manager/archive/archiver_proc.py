@@ -1,6 +1,6 @@
 """The manager's archiver in its own process, for tests that SIGKILL it mid-batch.
 
-Run as ``python -m tests.manager.archiver_proc REDIS_URL DSN [BATCH_SIZE]``. It archives the
+Run as ``python -m tests.manager.archive.archiver_proc REDIS_URL DSN [BATCH_SIZE]``. It archives the
 default namespace with the default :class:`ArchiveSettings` (but ``BATCH_SIZE``), through an
 :class:`ArchiveLink` as the daemon does, and writes ``ready`` on stdout once Redis and
 PostgreSQL answered and the archiver runs. SIGTERM stops it cleanly (exit code 0); SIGKILL
@@ -44,7 +44,7 @@ async def _archive(redis_url: str, dsn: str, batch_size: int) -> None:
 def main(argv: list[str]) -> None:
     """Archive until SIGTERM (or SIGKILL)."""
     if len(argv) not in (2, 3):
-        sys.exit("usage: python -m tests.manager.archiver_proc REDIS_URL DSN [BATCH_SIZE]")
+        sys.exit("usage: python -m tests.manager.archive.archiver_proc REDIS_URL DSN [BATCH_SIZE]")
     batch_size = int(argv[2]) if len(argv) == 3 else ArchiveSettings().batch_size
     asyncio.run(_archive(argv[0], argv[1], batch_size))
 

@@ -2,7 +2,7 @@
 
 The issue's acceptance tests, on a private Redis (7.0 and 6.2) and PostgreSQL per test. The
 archiver runs in this process, except where it must die by SIGKILL: then it runs as
-``tests/manager/archiver_proc.py``.
+``tests/manager/archive/archiver_proc.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from bus.wire import encode
 from manager.archive.link import ArchiveLink
 from manager.embedded.postgres_server import PostgresServer
 from tests.conftest import BusFactory
-from tests.manager.archive_support import (
+from tests.manager.archive.archive_support import (
     KEYS,
     archived,
     archiving,
@@ -46,7 +46,7 @@ from tests.support import entries, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 #: Entries no producer of ours writes: each fails to decode as an event for its own reason.
 GARBAGE: tuple[dict[str, str], ...] = (
     {"hello": "world"},
@@ -149,7 +149,7 @@ async def archiver_procs(
         args = [redis_url, postgres_server.dsn, str(batch_size)]
         with out.open("wb") as out_file, log.open("wb") as log_file:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.manager.archiver_proc", *args,
+                sys.executable, "-m", "tests.manager.archive.archiver_proc", *args,
                 cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=out_file, stderr=log_file,
             )  # fmt: skip
         proc = ArchiverProc(process, out, log)

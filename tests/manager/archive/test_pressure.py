@@ -21,7 +21,7 @@ from manager.announcer import Announcer
 from manager.archive.pressure import PressureWatch
 from manager.config import MemorySettings
 from tests.conftest import BusFactory
-from tests.manager.test_trimmer import (
+from tests.manager.archive.test_trimmer import (
     KEYS,
     STREAM,
     ack,
