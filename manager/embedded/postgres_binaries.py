@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from manager.embedded.binaries import (
+from bus.binaries import (
     candidates,
     first_new_enough,
     in_package,

