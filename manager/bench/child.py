@@ -20,7 +20,8 @@ import structlog
 import uvloop
 
 from manager.bench.options import IdleSpec, WorkerSpec
-from manager.bench.workers import configure_logging, run_worker
+from manager.bench.workers import run_worker
+from manager.logs import configure_cli_logging
 
 log = structlog.get_logger("manager.bench")
 
@@ -30,7 +31,7 @@ ENTRY = "from manager.bench.child import main; main()"
 
 def main() -> None:
     """Run the job the parent sends first, reporting failure as an ``error`` message."""
-    configure_logging()
+    configure_cli_logging()  # a worker's stdout is not for logs
     conn = Connection(int(sys.argv[1]))
     kind, job = conn.recv()
     if kind != "job" or not isinstance(job, IdleSpec | WorkerSpec):

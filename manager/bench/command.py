@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
 import sys
 
@@ -23,6 +22,7 @@ from manager.cli.options import (
     seconds_option,
 )
 from manager.errors import ManagerError
+from manager.logs import configure_cli_logging
 
 
 @click.command("bench")
@@ -101,10 +101,7 @@ def bench(
         raise click.UsageError(str(exc)) from exc
     if not structlog.is_configured():
         # Keep stdout for the report (and the --json line): warnings go to stderr.
-        structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        )
+        configure_cli_logging()
     try:
         report = uvloop.run(_run(options))
     except ManagerError as exc:

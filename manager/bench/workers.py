@@ -9,8 +9,6 @@ baseline worker's RSS does not include the bus.
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -31,14 +29,6 @@ Consumers = Callable[[WorkerSpec, Recorder], AbstractAsyncContextManager[None]]
 #: Connects a worker's producers and yields ``(producer index, send)`` pairs.
 Producers = Callable[[WorkerSpec], AbstractAsyncContextManager[list[tuple[int, Send]]]]
 Kit = tuple[Consumers, Producers, tuple[type[Exception], ...]]
-
-
-def configure_logging() -> None:
-    """Log warnings and errors to stderr: a worker's stdout is not for logs."""
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
 
 
 def _kit(mode: Mode) -> Kit:
