@@ -85,3 +85,14 @@ def test_a_subcommands_own_help_loads_it() -> None:
     """Asking a command for its help imports it (its options are its own)."""
     modules = loaded_after("bench", "--help")
     assert "manager.bench.command" in modules
+
+
+@pytest.mark.redis
+@pytest.mark.one_redis
+def test_events_publish_imports_neither_daemon_nor_api(redis_url: str) -> None:
+    """``multibot events publish`` publishes through the bus alone: no daemon, no API, no
+    archive driver, no benchmarks."""
+    argv = ("events", "publish", "user.lazy.checked", "--redis-url", redis_url)
+    modules = loaded_after(*argv, "--data", '{"n": 1}')
+    assert "manager.cli.events" in modules and "bus.publisher" in modules
+    assert heavy(modules) == []
