@@ -145,7 +145,7 @@ class BusClient:
     @property
     def dlq(self) -> DeadLetters:
         """The namespace's dead-letter stream."""
-        return DeadLetters(self.redis, self.keys)
+        return DeadLetters(self.redis, self.keys, self.router)
 
     # -- publishing ----------------------------------------------------------------------
 

@@ -14,9 +14,10 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from bus.errors import DeadLetterNotFoundError, WireFormatError
-from bus.event import Event
+from bus.errors import DeadLetterNotFoundError, DeadLetterRetryError, WireFormatError
+from bus.event import TYPE_RE, Event
 from bus.keys import Keys
+from bus.routing import Router
 from bus.wire import (
     DLQ_LINK_FIELD,
     TARGET_FIELD,
@@ -49,6 +50,20 @@ class DeadLetterReason(enum.StrEnum):
     UNARCHIVABLE = "unarchivable"
     #: The handler ran past its subscription's timeout on every attempt.
     TIMEOUT = "timeout"
+
+
+#: KEYS: the dead-letter stream, the target stream; ARGV: the letter's id, then the entry's
+#: field/value pairs. Writes only while the letter is there and the target is a stream (or
+#: absent); "gone" / "wrongtype" otherwise, with nothing written.
+_RETRY = """
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if #found == 0 then return 'gone' end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'stream' and kind ~= 'none' then return 'wrongtype' end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return id
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +178,12 @@ def _raw(value: str | None) -> tuple[str, ...]:
 class DeadLetters:
     """List, inspect, retry and purge the namespace's dead-letter stream."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Redis, keys: Keys, router: Router | None = None) -> None:
+        """``router``, the namespace's routing table, says where :meth:`retry` may write
+        (without one, retry refuses)."""
         self._redis = redis
+        self._keys = keys
+        self._router = router
         self.key = keys.dead_letters()
 
     async def add(
@@ -234,18 +253,49 @@ class DeadLetters:
 
         The original fields are re-added to the origin stream with ``target`` (the group,
         and handler) so other groups skip it, and ``dlq_id`` linking back; then the dead
-        letter is removed. Both happen in one MULTI so a retry is never lost or doubled.
+        letter is removed. One script does both, and only while the letter is still there,
+        so a retry is never lost or doubled (two retries at once: one wins, the other gets
+        :class:`DeadLetterNotFoundError`). The letter's ``stream`` must be where the routing
+        table sends its event type, and a stream (or absent): otherwise
+        :class:`DeadLetterRetryError`, nothing is written and the letter is kept.
         """
         letter = await self.get(dlq_id)
+        self._check_route(letter)
         fields: dict[Any, str | bytes] = dict(letter.raw_entry() or letter.fields)
         target = letter.group + (f"/{letter.handler}" if letter.handler else "")
         fields[TARGET_FIELD] = target
         fields[DLQ_LINK_FIELD] = dlq_id
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(letter.stream, fields)  # type: ignore[arg-type]
-            pipe.xdel(self.key, letter.id)
-            new_id, _ = await pipe.execute()
-        return str(new_id)
+        args = [dlq_id, *(part for pair in fields.items() for part in pair)]
+        result: Any = await self._redis.eval(_RETRY, 2, self.key, letter.stream, *args)
+        reply = result.decode() if isinstance(result, bytes) else str(result)
+        if reply == "gone":
+            raise DeadLetterNotFoundError(
+                f"dead letter {dlq_id} not found: it was retried or purged meanwhile"
+            )
+        if reply == "wrongtype":
+            raise DeadLetterRetryError(
+                f"dead letter {dlq_id} names {letter.stream!r}, which is not a stream: not "
+                f"retried, the letter is kept; delete it with `multibot dlq purge {dlq_id}`"
+            )
+        return reply
+
+    def _check_route(self, letter: DeadLetter) -> None:
+        """Refuse a letter whose stream is not where its event type is routed (a forged or
+        outdated letter): retry writes with whatever rights its caller has."""
+        if self._router is None:
+            raise DeadLetterRetryError("retry needs the routing table: DeadLetters(router=...)")
+        type_ = letter.fields.get("type", "")
+        if TYPE_RE.fullmatch(type_):
+            allowed = {self._keys.stream(self._router.route(type_))}
+        else:  # not an event (malformed): back to any stream of the routing table
+            allowed = {self._keys.stream(name) for name in self._router.streams()}
+        if letter.stream not in allowed:
+            raise DeadLetterRetryError(
+                f"dead letter {letter.id} names stream {letter.stream!r}, but its event "
+                f"(type {type_!r}) is routed to {' or '.join(sorted(allowed))}: not retried, "
+                "the letter is kept. If the routing table changed since, publish the event "
+                f"again; if the letter is forged, delete it with `multibot dlq purge {letter.id}`"
+            )
 
     async def purge(self, ids: builtins.list[str] | None = None) -> int:
         """Delete the given dead letters, or all of them when ``ids`` is None; return count."""

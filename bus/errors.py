@@ -44,6 +44,11 @@ class SubscriptionError(BusError, ValueError):
     """A subscription is declared wrongly (bad pattern, condition or options)."""
 
 
+class DeadLetterRetryError(BusError, ValueError):
+    """A dead letter cannot be retried where it says (a stream its event is not routed to,
+    or a key that is not a stream); nothing was written and the letter is kept."""
+
+
 class DeadLetterNotFoundError(BusError, KeyError):
     """A dead-letter entry id does not exist (already retried or purged)."""
 

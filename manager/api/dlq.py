@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from pydantic import AfterValidator
 
 from bus.entry_id import EntryId
-from bus.errors import DeadLetterNotFoundError
+from bus.errors import DeadLetterNotFoundError, DeadLetterRetryError
 from manager.api.context import view_of
 from manager.api.errors import ERRORS
 from manager.api.models import DeadLetterOut, DeadLetterPage, Deleted, Retried
@@ -61,6 +61,8 @@ async def retry(request: Request, _: Admin, dlq_id: DlqId) -> Retried:
         entry_id = await view_of(request).bus.dlq.retry(dlq_id)
     except DeadLetterNotFoundError as exc:
         raise HTTPException(404, str(exc.args[0])) from None
+    except DeadLetterRetryError as exc:
+        raise HTTPException(409, str(exc)) from None
     return Retried(id=dlq_id, entry_id=entry_id)
 
 

@@ -11,6 +11,7 @@ _WHY = {
     401: "no token, or one this manager does not know",
     403: "the token lacks the scope this call needs",
     404: "no such thing",
+    409: "the request conflicts with what is stored (the detail says why; nothing changed)",
     413: "the body is over api.max_body_bytes",
     422: "the request does not fit the API (each problem listed)",
     429: "the token is over its rate limit (see Retry-After)",

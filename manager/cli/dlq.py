@@ -10,8 +10,9 @@ from redis.asyncio import Redis
 
 from bus.dlq import DeadLetter, DeadLetterReason, DeadLetters
 from bus.entry_id import EntryId
-from bus.errors import DeadLetterNotFoundError
+from bus.errors import DeadLetterNotFoundError, DeadLetterRetryError
 from bus.keys import Keys
+from bus.routing import Router
 from bus.settings import BusSettings
 from manager.cli.entry_ids import check_entry_id
 from manager.cli.output import echo_json, echo_table, shorten
@@ -31,7 +32,8 @@ def dlq() -> None:
 
 
 def _dead_letters(redis: Redis, settings: BusSettings) -> DeadLetters:
-    return DeadLetters(redis, Keys(settings.namespace))
+    router = Router(settings.routes, settings.default_stream)
+    return DeadLetters(redis, Keys(settings.namespace), router)
 
 
 def _not_found(ids: Sequence[str]) -> click.ClickException:
@@ -165,16 +167,20 @@ def retry(
     if (reason or group) and not all_:
         raise click.UsageError("--reason and --group narrow --all; drop them when naming ids")
     settings = bus_settings(redis_url, namespace)
-    done, missing = run(settings, _retry(settings, ids or None, reason, group))
+    done, missing, refused = run(settings, _retry(settings, ids or None, reason, group))
     if as_json:
         echo_json([{"dlq_id": d, "stream": s, "entry_id": e} for d, s, e in done])
     else:
         for dlq_id, stream, entry_id in done:
             click.echo(f"{dlq_id} -> {stream} {entry_id}")
-        if all_ and not done:
+        if all_ and not done and not refused:
             click.echo("No dead letters to retry.")
+    for problem in refused:
+        click.echo(f"error: {problem}", err=True)
     if missing:
         raise _not_found(missing)
+    if refused:
+        raise click.ClickException(f"{len(refused)} dead letter(s) refused (kept): see above")
 
 
 Retried = list[tuple[str, str, str]]
@@ -182,25 +188,29 @@ Retried = list[tuple[str, str, str]]
 
 async def _retry(
     settings: BusSettings, ids: Sequence[str] | None, reason: str | None, group: str | None
-) -> tuple[Retried, list[str]]:
-    """Retry the given dead letters, or all (filtered) when ``ids`` is None; (done, missing)."""
+) -> tuple[Retried, list[str], list[str]]:
+    """Retry the given dead letters, or all (filtered) when ``ids`` is None; (done, missing,
+    why each refused one was refused)."""
     done: Retried = []
     missing: list[str] = []
+    refused: list[str] = []
     async with open_redis(settings) as redis:
         dead = _dead_letters(redis, settings)
         if ids is None:
-            return await _retry_all(dead, redis, reason, group), missing
+            return await _retry_all(dead, redis, reason, group, refused), missing, refused
         for dlq_id in ids:
             try:
                 letter = await dead.get(dlq_id)
                 done.append((dlq_id, letter.stream, await dead.retry(dlq_id)))
             except DeadLetterNotFoundError:
                 missing.append(dlq_id)
-    return done, missing
+            except DeadLetterRetryError as exc:
+                refused.append(str(exc))
+    return done, missing, refused
 
 
 async def _retry_all(
-    dead: DeadLetters, redis: Redis, reason: str | None, group: str | None
+    dead: DeadLetters, redis: Redis, reason: str | None, group: str | None, refused: list[str]
 ) -> Retried:
     done: Retried = []
     # Stop at the last dead letter of now: an event failing again while we go is not
@@ -221,6 +231,8 @@ async def _retry_all(
                 done.append((letter.id, letter.stream, await dead.retry(letter.id)))
             except DeadLetterNotFoundError:
                 continue  # retried or purged by someone else meanwhile
+            except DeadLetterRetryError as exc:
+                refused.append(str(exc))
     return done
 
 

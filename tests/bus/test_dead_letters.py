@@ -10,8 +10,9 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
-from bus import BusClient, DeadLetterNotFoundError, Event
+from bus import BusClient, DeadLetterNotFoundError, DeadLetterReason, Event
 from bus.breaker import BreakerState
+from bus.errors import DeadLetterRetryError
 from bus.settings import BreakerSettings, RetrySettings
 from tests.conftest import BusFactory
 from tests.support import running, wait_until
@@ -111,6 +112,72 @@ class TestDeadLetterRetry:
         )
         with pytest.raises(DeadLetterNotFoundError, match="retried or purged"):
             await failing.dlq.get(letter.id)
+
+    async def test_a_letter_naming_another_key_is_refused_and_kept(
+        self, bus_factory: BusFactory, redis: Redis
+    ) -> None:
+        """A letter planted with ``stream`` set to another bot's key, a stream its type is
+        not routed to, or the dead-letter stream itself: retry writes nothing there, says
+        why, and the letter stays."""
+        client = await bus_factory("a")
+        keys = client.keys
+        await redis.hset(f"{keys.namespace}:state:{{other}}", "k", "v")
+        targets = [
+            f"{keys.namespace}:state:{{other}}",  # another bot's state
+            keys.stream("system"),  # a stream, but not where user.* goes
+            keys.dead_letters(),
+        ]
+        for target in targets:
+            letter_id = await client.dlq.add(
+                fields={"id": "e1", "type": "user.x.y", "data": "{}"},
+                reason=DeadLetterReason.HANDLER_ERROR, error="planted", stream=target,
+                entry_id="1-0", group="bot-group-a", consumer="a-0",
+            )  # fmt: skip
+            with pytest.raises(DeadLetterRetryError, match="not retried, the letter is kept"):
+                await client.dlq.retry(letter_id)
+            assert (await client.dlq.get(letter_id)).stream == target
+        assert await redis.hgetall(f"{keys.namespace}:state:{{other}}") == {"k": "v"}
+        assert await redis.exists(keys.stream("system")) == 0
+        assert await client.dlq.count() == len(targets)
+
+    async def test_a_routed_key_that_is_not_a_stream_is_refused_and_the_letter_kept(
+        self, bus_factory: BusFactory, redis: Redis
+    ) -> None:
+        """The right stream name holding another type (WRONGTYPE): nothing written, the
+        letter kept (a MULTI would have run its XDEL anyway)."""
+        client = await bus_factory("a")
+        stream = client.keys.stream("user")
+        await redis.set(stream, "not a stream")
+        letter_id = await client.dlq.add(
+            fields={"id": "e1", "type": "user.x.y", "data": "{}"},
+            reason=DeadLetterReason.HANDLER_ERROR, error="failed", stream=stream,
+            entry_id="1-0", group="bot-group-a", consumer="a-0",
+        )  # fmt: skip
+        with pytest.raises(DeadLetterRetryError, match="not a stream"):
+            await client.dlq.retry(letter_id)
+        assert (await client.dlq.get(letter_id)).id == letter_id
+        assert await redis.get(stream) == "not a stream"
+
+    async def test_two_retries_at_once_deliver_the_event_once(
+        self, bus_factory: BusFactory, redis: Redis
+    ) -> None:
+        """Two operators retrying the same letter at the same moment: one re-adds it, the
+        other is told it is gone; the stream gets one copy."""
+        client = await bus_factory("a")
+        stream = client.keys.stream("user")
+        letter_id = await client.dlq.add(
+            fields={"id": "e1", "type": "user.x.y", "data": "{}"},
+            reason=DeadLetterReason.HANDLER_ERROR, error="failed", stream=stream,
+            entry_id="1-0", group="bot-group-a", consumer="a-0",
+        )  # fmt: skip
+        results = await asyncio.gather(
+            *(client.dlq.retry(letter_id) for _ in range(5)), return_exceptions=True
+        )
+        added = [r for r in results if isinstance(r, str)]
+        assert len(added) == 1
+        assert all(isinstance(r, DeadLetterNotFoundError) for r in results if r not in added)
+        assert await redis.xlen(stream) == 1
+        assert await client.dlq.count() == 0
 
     async def test_purge_removes_dead_letters(self, bus_factory: BusFactory) -> None:
         """Purge deletes the given dead letters, or all of them."""

@@ -664,6 +664,26 @@ class TestDlqRetry:
         assert "not found: 1-1" in result.stderr
         assert len(entries(sync_redis, BOT_STREAM)) == 1
 
+    async def test_a_letter_naming_another_key_is_refused_and_kept(
+        self, redis_url: str, sync_redis: Redis, letters: list[Letter]
+    ) -> None:
+        """--all retries the genuine letters; one planted with another bot's key as its
+        stream is refused with the reason, stays, and nothing is written there (exit 1)."""
+        state = f"{KEYS.namespace}:state:{{b}}"
+        async with AsyncRedis.from_url(redis_url, decode_responses=True) as client:
+            forged = await DeadLetters(client, KEYS).add(
+                fields={"id": "e9", "type": "user.note.added", "data": "{}"},
+                reason=DeadLetterReason.HANDLER_ERROR, error="planted", stream=state,
+                entry_id="1-9", group="bot-group-a", consumer="bot-group-a-0",
+            )  # fmt: skip
+        result = await asyncio.to_thread(invoke, redis_url, "dlq", "retry", "--all")
+        assert result.exit_code == 1
+        assert f"dead letter {forged} names stream '{state}'" in result.stderr
+        assert "not retried, the letter is kept" in result.stderr
+        assert len(result.stdout.splitlines()) == len(letters)
+        assert dlq_ids(sync_redis) == [forged]
+        assert sync_redis.exists(state) == 0
+
     def test_needs_ids_or_all(self, redis_url: str) -> None:
         """Neither ids nor --all, both, or filters with ids, are usage errors."""
         assert invoke(redis_url, "dlq", "retry").exit_code == 2
