@@ -38,6 +38,15 @@ async def failing_bot(
     return client, attempts
 
 
+async def plant(client: BusClient, stream: str) -> str:
+    """A dead letter of a user.x.y event failed by group a, naming ``stream``; its id."""
+    return await client.dlq.add(
+        fields={"id": "e1", "type": "user.x.y", "data": "{}"},
+        reason=DeadLetterReason.HANDLER_ERROR, error="failed", stream=stream,
+        entry_id="1-0", group="bot-group-a", consumer="a-0",
+    )  # fmt: skip
+
+
 class TestRetries:
     async def test_failure_is_retried_with_backoff_then_dead_lettered(
         self, bus_factory: BusFactory
@@ -128,11 +137,7 @@ class TestDeadLetterRetry:
             keys.dead_letters(),
         ]
         for target in targets:
-            letter_id = await client.dlq.add(
-                fields={"id": "e1", "type": "user.x.y", "data": "{}"},
-                reason=DeadLetterReason.HANDLER_ERROR, error="planted", stream=target,
-                entry_id="1-0", group="bot-group-a", consumer="a-0",
-            )  # fmt: skip
+            letter_id = await plant(client, target)
             with pytest.raises(DeadLetterRetryError, match="not retried, the letter is kept"):
                 await client.dlq.retry(letter_id)
             assert (await client.dlq.get(letter_id)).stream == target
@@ -148,11 +153,7 @@ class TestDeadLetterRetry:
         client = await bus_factory("a")
         stream = client.keys.stream("user")
         await redis.set(stream, "not a stream")
-        letter_id = await client.dlq.add(
-            fields={"id": "e1", "type": "user.x.y", "data": "{}"},
-            reason=DeadLetterReason.HANDLER_ERROR, error="failed", stream=stream,
-            entry_id="1-0", group="bot-group-a", consumer="a-0",
-        )  # fmt: skip
+        letter_id = await plant(client, stream)
         with pytest.raises(DeadLetterRetryError, match="not a stream"):
             await client.dlq.retry(letter_id)
         assert (await client.dlq.get(letter_id)).id == letter_id
@@ -165,11 +166,7 @@ class TestDeadLetterRetry:
         other is told it is gone; the stream gets one copy."""
         client = await bus_factory("a")
         stream = client.keys.stream("user")
-        letter_id = await client.dlq.add(
-            fields={"id": "e1", "type": "user.x.y", "data": "{}"},
-            reason=DeadLetterReason.HANDLER_ERROR, error="failed", stream=stream,
-            entry_id="1-0", group="bot-group-a", consumer="a-0",
-        )  # fmt: skip
+        letter_id = await plant(client, stream)
         results = await asyncio.gather(
             *(client.dlq.retry(letter_id) for _ in range(5)), return_exceptions=True
         )
