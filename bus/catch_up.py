@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from bus.backoff import REDIS_RETRY
+from bus.errors import GroupMissingError
 from bus.event import Event
 from bus.groups import ensure_group
 from bus.patterns import Pattern
@@ -15,9 +19,29 @@ if TYPE_CHECKING:
     from bus.client import BusClient
 
 
+#: How long catching up waits for the manager to create a group the bot may not create.
+GROUP_WAIT = 30.0
+
+
+async def _own_group(client: BusClient, stream: str) -> None:
+    """Make sure the bot's group exists on ``stream`` (at its end if new). A bot's Redis user
+    may not create groups: it asks the manager through its observer and waits, bounded."""
+    deadline = time.monotonic() + GROUP_WAIT
+    waits = REDIS_RETRY.waits()
+    while True:
+        try:
+            await ensure_group(client.redis, stream, client.group, "$")
+            return
+        except GroupMissingError:
+            if client.observer is None or time.monotonic() > deadline:
+                raise
+            client.observer.groups_missing([stream], "$")
+        await asyncio.sleep(next(waits))
+
+
 async def _position(client: BusClient, stream: str) -> str:
     """The group's last delivered id on ``stream``; the group is created at the end if new."""
-    await ensure_group(client.redis, stream, client.group, "$")
+    await _own_group(client, stream)
     groups: Any = await client.redis.xinfo_groups(stream)
     return next(str(g["last-delivered-id"]) for g in groups if g["name"] == client.group)
 

@@ -71,7 +71,7 @@ class BusClient:
     ) -> None:
         self.bot_id = bot_id
         self._backpressure = backpressure
-        self._observer = observer
+        self.observer = observer
         self._fence: Fence | None = None
         self._allowed = allowed
         self.instance = instance
@@ -306,7 +306,7 @@ class BusClient:
             schemas=self.schemas,
             dlq=self.dlq,
             ready=self._ready,
-            observer=self._observer,
+            observer=self.observer,
             fence=self._fence,
             allowed=self._allowed,
             metrics=self.metrics,

@@ -80,6 +80,7 @@ class Consumer:
             start_id=settings.start_id,
             stopping=self._stopping,
             log=self._log,
+            on_missing=observer.groups_missing if observer is not None else None,
         )
         self._dispatcher = Dispatcher(
             redis=redis,

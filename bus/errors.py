@@ -44,6 +44,12 @@ class SubscriptionError(BusError, ValueError):
     """A subscription is declared wrongly (bad pattern, condition or options)."""
 
 
+class GroupMissingError(BusError):
+    """A consumer group does not exist and this client may not create it: a bot's Redis user
+    leaves creating groups to the manager, which creates every declared one before the bot
+    starts and again after Redis lost them."""
+
+
 class DeadLetterRetryError(BusError, ValueError):
     """A dead letter cannot be retried where it says (a stream its event is not routed to,
     or a key that is not a stream); nothing was written and the letter is kept."""

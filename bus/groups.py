@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
+from bus.errors import GroupMissingError
 from bus.redis_errors import is_busygroup
 
 
@@ -28,11 +29,19 @@ async def ensure_group(
     stream). An existing group stays where it is, or with ``move`` is moved to start after
     ``start_id`` (XGROUP SETID). The group is looked up before XGROUP CREATE: Redis at
     ``maxmemory`` refuses XGROUP CREATE even for a group that exists, and a restarted bot,
-    or the manager, must still start then.
+    or the manager, must still start then. A client that may not create groups (a bot's
+    Redis user) gets :class:`GroupMissingError` for a missing one.
     """
     if not await has_group(redis, stream, group):
         try:
             await redis.xgroup_create(stream, group, id=start_id, mkstream=True)
+        except NoPermissionError as exc:
+            raise GroupMissingError(
+                f"consumer group {group} does not exist on {stream}, and this bot may not "
+                "create it: the manager creates the group of every subscription declared in "
+                "the bot's config (declare it there), and recreates them after Redis lost "
+                "its data; waiting for it"
+            ) from exc
         except ResponseError as exc:
             if not is_busygroup(exc):
                 raise

@@ -38,6 +38,11 @@ class HandlerObserver(Protocol):
     def finished(self, events: Sequence[Event]) -> None:
         """The handler started on ``events`` returned or raised."""
 
+    def groups_missing(self, streams: Sequence[str], start_id: str) -> None:
+        """The consumer's group is missing on ``streams`` and its Redis user may not create
+        it: the bot runtime asks the manager to create it there at ``start_id`` (the
+        consumer waits until it exists)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Fence:

@@ -12,10 +12,12 @@ that renewal, which is later, so the standby cannot take over before the old hol
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from bus.keys import Keys
 
@@ -49,6 +51,30 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+#: The scripts a bot runs, by name. A bot's Redis user may run exactly these (EVALSHA with
+#: their SHA1), never EVAL: see ``manager.daemon.redis_acl``.
+SCRIPTS: dict[str, str] = {"acquire": _ACQUIRE, "renew": _RENEW, "release": _RELEASE}
+_SHAS = {source: hashlib.sha1(source.encode()).hexdigest() for source in SCRIPTS.values()}
+
+
+def script_sha(source: str) -> str:
+    """The SHA1 Redis knows ``source`` by (what EVALSHA and the ACL rule name)."""
+    return _SHAS.get(source) or hashlib.sha1(source.encode()).hexdigest()
+
+
+async def run_script(redis: Redis, source: str, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA ``source``, loading it first when Redis does not have it (after a restart).
+
+    Never EVAL: a bot's user may run only the project's scripts, named by their SHA1.
+    """
+    sha = script_sha(source)
+    try:
+        return await redis.evalsha(sha, len(keys), *keys, *args)
+    except NoScriptError:
+        await redis.script_load(source)
+        return await redis.evalsha(sha, len(keys), *keys, *args)
 
 
 def parse_holder(value: str | None) -> tuple[str, int] | None:
@@ -87,8 +113,8 @@ class Lease:
         """Take the lease if nobody holds it (or we still do); whether we hold it now."""
         sent = time.monotonic()
         ttl_ms = int(self.ttl * 1000)
-        result: Any = await self._redis.eval(
-            _ACQUIRE, 2, self._key, self._fence, self.instance, ttl_ms
+        result: Any = await run_script(
+            self._redis, _ACQUIRE, [self._key, self._fence], [self.instance, ttl_ms]
         )
         if int(result[0]) != 1:
             return False
@@ -101,8 +127,8 @@ class Lease:
         if self.token is None:
             return False
         sent = time.monotonic()
-        renewed: Any = await self._redis.eval(
-            _RENEW, 1, self._key, self._value, int(self.ttl * 1000)
+        renewed: Any = await run_script(
+            self._redis, _RENEW, [self._key], [self._value, int(self.ttl * 1000)]
         )
         if int(renewed) != 1:
             self.token = None
@@ -113,7 +139,7 @@ class Lease:
     async def release(self) -> None:
         """Give the lease up at once (a graceful stop), so a standby need not wait for its TTL."""
         if self.token is not None:
-            await self._redis.eval(_RELEASE, 1, self._key, self._value)
+            await run_script(self._redis, _RELEASE, [self._key], [self._value])
             self.token = None
 
     def __repr__(self) -> str:

@@ -21,6 +21,7 @@ from bus.redis_errors import UNAVAILABLE, is_oom
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
 from bus.settings import BusSettings
+from bus.tls import REDIS_TLS, tls_problem
 from bus.wire import encode, encode_data
 
 log = structlog.get_logger("bus.publisher")
@@ -154,6 +155,8 @@ class Publisher:
         return [event for _, _, event in prepared]
 
     def _unavailable(self, exc: BaseException, count: int) -> BusConnectionError:
+        if problem := tls_problem(exc, self._settings.redis_url, REDIS_TLS):
+            return BusConnectionError(f"could not publish {count} event(s): {problem}")
         return BusConnectionError(
             f"could not publish {count} event(s): Redis at {redact(self._settings.redis_url)} "
             f"did not answer after {self._settings.connect_retries} retries ({exc}). "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -20,6 +20,7 @@ from bus.backoff import REDIS_RETRY
 from bus.connection import raise_swallowed_cancel
 from bus.dispatcher import Dispatcher
 from bus.dlq import DeadLetterReason
+from bus.errors import GroupMissingError
 from bus.groups import ensure_group
 from bus.inflight import InFlight
 from bus.reclaim import Entry
@@ -49,6 +50,7 @@ class GroupKeeper:
         start_id: str,
         stopping: asyncio.Event,
         log: Any,
+        on_missing: Callable[[Sequence[str], str], None] | None = None,
     ) -> None:
         self._redis = redis
         self._group = group
@@ -56,6 +58,7 @@ class GroupKeeper:
         self._start_id = start_id
         self._stopping = stopping
         self._log = log
+        self._on_missing = on_missing
         self._quitters: set[asyncio.Task[Any]] = set()
         self._last_regroup = 0.0
 
@@ -68,10 +71,24 @@ class GroupKeeper:
         """Create the group on every stream it reads (idempotent, creating missing streams).
 
         Existing groups are looked up first: Redis at ``maxmemory`` refuses XGROUP CREATE
-        even for a group that exists, and a restarted bot must still start then.
+        even for a group that exists, and a restarted bot must still start then. Where this
+        client may not create a group (a bot's Redis user), the streams missing it go to
+        ``on_missing`` (the manager creates it) and :class:`GroupMissingError` is raised, so
+        :meth:`call` backs off and looks again.
         """
+        start_id = start_id or self._start_id
+        missing: list[str] = []
+        error: GroupMissingError | None = None
         for stream in self._streams:
-            await ensure_group(self._redis, stream, self._group, start_id or self._start_id)
+            try:
+                await ensure_group(self._redis, stream, self._group, start_id)
+            except GroupMissingError as exc:
+                missing.append(stream)
+                error = exc
+        if error is not None:
+            if self._on_missing is not None:
+                self._on_missing(missing, start_id)
+            raise error
 
     async def call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         """Call Redis until it answers: back off while it is away, recreate a lost group."""
@@ -81,16 +98,16 @@ class GroupKeeper:
             try:
                 result = await func(*args, **kwargs)
                 raise_swallowed_cancel()
-            except UNAVAILABLE as exc:
-                if not failing:
-                    self._log.warning("redis unavailable; backing off", error=str(exc))
-                failing = True
             except Exception as exc:
-                if not is_nogroup(exc):
-                    self._log.exception("unexpected redis error; backing off")
-                else:
-                    await self._regroup()
-                    continue
+                failure: Exception = exc
+                try:
+                    if is_nogroup(exc):
+                        await self._regroup()
+                        continue
+                except GroupMissingError as missing:
+                    failure = missing
+                self._report(failure, first=not failing)
+                failing = True
             else:
                 if failing:
                     self._log.info("redis reachable again; resuming")
@@ -98,6 +115,17 @@ class GroupKeeper:
             if self._stopping.is_set() and asyncio.current_task() in self._quitters:
                 raise Stopping  # the reader does not wait for Redis to come back to stop
             await asyncio.sleep(next(waits))
+
+    def _report(self, exc: Exception, *, first: bool) -> None:
+        """Log a failed call: an outage or a missing group once, anything else every time."""
+        if isinstance(exc, UNAVAILABLE):
+            if first:
+                self._log.warning("redis unavailable; backing off", error=str(exc))
+        elif isinstance(exc, GroupMissingError):
+            if first:
+                self._log.warning("consumer group missing", error=str(exc))
+        else:
+            self._log.error("unexpected redis error; backing off", exc_info=exc)
 
     async def _regroup(self) -> None:
         """The group vanished (Redis flushed or restarted empty): recreate it from the start."""
@@ -149,24 +177,17 @@ class Reader:
         self._stopping = stopping
         self._stats = stats
         self._conn: Redis | None = None
-        self._client_id: int | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def connect(self) -> bool:
-        """Open the reader's own connection (so CLIENT UNBLOCK can wake it); False if the
+        """Open the reader's own connection (its blocking reads hold it); False if the
         consumer stopped before Redis could be reached."""
         self._conn = conn = self._redis.client()
         with suppress(Stopping):
             await self._keeper.call(conn.initialize)
-        if self._stopping.is_set():
-            return False
-        # After a reconnect (Redis restarted) the reader is a new client with a new id;
-        # redis-py calls this back on every (re)connect of the connection (untyped API).
-        connection: Any = conn.connection
-        connection.register_connect_callback(self._remember_client_id)
-        return True
+        return not self._stopping.is_set()
 
     async def close(self) -> None:
         """Close the reader's connection."""
@@ -181,27 +202,19 @@ class Reader:
         return task
 
     async def stop(self) -> None:
-        """End the read loop: wake its blocking XREADGROUP rather than cancel it mid-command.
+        """End the read loop, cancelling its blocking XREADGROUP.
 
-        The unblock is repeated because one sent before Redis blocked the read does nothing.
+        A bot's Redis user may not run CLIENT UNBLOCK (it would wake any client), so the read
+        is cancelled: redis-py then drops the connection. An entry Redis handed this consumer
+        at that very moment stays pending under its name, where the next start of this
+        consumer (or another replica's reclaim) takes it: nothing is lost. Entries already
+        read are dispatched before the loop awaits again, so none is half taken.
         """
         reader = self._task
-        if reader is None:
+        if reader is None or reader.done():
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.block_ms / 1000 + 1
-        while not reader.done() and loop.time() < deadline:
-            if self._client_id is not None:
-                with suppress(*UNAVAILABLE):
-                    await self._redis.client_unblock(self._client_id)
-            await asyncio.wait({reader}, timeout=0.1)
-        if not reader.done():
-            reader.cancel()
-
-    async def _remember_client_id(self, connection: Any) -> None:
-        """Connect callback of the reader's connection: note its client id for CLIENT UNBLOCK."""
-        await connection.send_command("CLIENT", "ID")
-        self._client_id = int(await connection.read_response())
+        reader.cancel()
+        await asyncio.wait({reader}, timeout=self._settings.block_ms / 1000 + 1)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -217,20 +230,14 @@ class Reader:
             await inflight.wait_for_room()
             if self._stopping.is_set():
                 break
-            if self._client_id is None:
-                self._client_id = await keeper.call(conn.client_id)
-            try:
-                response = await keeper.call(
-                    conn.xreadgroup,
-                    self._group,
-                    self._consumer,
-                    streams,
-                    count=max(1, min(self._settings.read_count, inflight.free)),
-                    block=self._settings.block_ms,
-                )
-            except BaseException:
-                self._client_id = None
-                raise
+            response = await keeper.call(
+                conn.xreadgroup,
+                self._group,
+                self._consumer,
+                streams,
+                count=max(1, min(self._settings.read_count, inflight.free)),
+                block=self._settings.block_ms,
+            )
             for stream, entries in response or []:
                 for entry_id, fields in entries:
                     dispatcher.dispatch(stream, entry_id, fields)
@@ -281,6 +288,5 @@ class Reader:
 
     def __repr__(self) -> str:
         return (
-            f"<Reader group={self._group} consumer={self._consumer} "
-            f"streams={len(self._streams)} client_id={self._client_id}>"
+            f"<Reader group={self._group} consumer={self._consumer} streams={len(self._streams)}>"
         )

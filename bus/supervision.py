@@ -78,6 +78,9 @@ class Status(enum.StrEnum):
     FINISHED = "-"
     #: The bus metrics snapshot.
     METRICS = "m"
+    #: The bot's group is missing on these streams: the manager, which alone may create
+    #: groups, creates it at the start id given (the bot's consumer waits for it).
+    GROUPS = "groups"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +88,9 @@ class StatusLine:
     """One parsed status line."""
 
     kind: Status
+    #: The stream of a ``+``/``-`` line; the start id (``$`` or ``0``) of a ``groups`` line.
     stream: str = ""
+    #: Entry ids of a ``+``/``-`` line; the stream keys of a ``groups`` line.
     entry_ids: tuple[str, ...] = ()
     token: int | None = None
     #: The metrics snapshot of a ``m`` line.
@@ -96,6 +101,8 @@ class StatusLine:
         if self.kind is Status.METRICS:
             return b"m " + orjson.dumps(self.data) + b"\n"
         if self.kind in (Status.STARTED, Status.FINISHED):
+            return f"{self.kind} {self.stream} {' '.join(self.entry_ids)}\n".encode()
+        if self.kind is Status.GROUPS:
             return f"{self.kind} {self.stream} {' '.join(self.entry_ids)}\n".encode()
         if self.kind is Status.ACTIVE:
             return f"{self.kind} {self.token}\n".encode()
@@ -123,6 +130,8 @@ class StatusLine:
             if len(parts) < 3:
                 return None
             return cls(kind, parts[1], tuple(parts[2:]))
+        if kind is Status.GROUPS:
+            return cls(kind, parts[1], tuple(parts[2:])) if len(parts) > 2 else None
         if kind is Status.ACTIVE:
             return (
                 cls(kind, token=int(parts[1])) if len(parts) == 2 and parts[1].isdigit() else None

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bus.settings import BusSettings
@@ -29,6 +29,7 @@ from manager.config_sections import (
     BusOptions,
     CoordinatorSettings,
     MemorySettings,
+    RedisTlsSettings,
     Scope,
     SupervisorSettings,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "CoordinatorSettings",
     "ManagerSettings",
     "MemorySettings",
+    "RedisTlsSettings",
     "RestartPolicy",
     "Scope",
     "SubscriptionConfig",
@@ -92,6 +94,7 @@ class ManagerSettings(BaseSettings):
     coordinator: CoordinatorSettings = CoordinatorSettings()
     archive: ArchiveSettings = ArchiveSettings()
     api: ApiSettings = ApiSettings()
+    redis_tls: RedisTlsSettings = RedisTlsSettings()
     bots: list[BotConfig] = Field(default_factory=list)
 
     @classmethod
@@ -125,10 +128,22 @@ class ManagerSettings(BaseSettings):
             raise ValueError("must start with postgresql://")
         return value or None
 
+    @field_validator("redis_tls")
+    @classmethod
+    def _tls(cls, value: RedisTlsSettings, info: ValidationInfo) -> RedisTlsSettings:
+        if info.data.get("redis_url") is not None and value.embedded:
+            raise ValueError(
+                "cert_file, key_file, ca_file and client_certs set up the embedded "
+                "redis-server, which does not run when redis_url is set: put TLS in redis_url "
+                "instead (rediss://…?ssl_ca_certs=CA&ssl_certfile=CERT&ssl_keyfile=KEY)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _bots(self) -> ManagerSettings:
         if errors := _duplicate_ids([bot.id for bot in self.bots]):
             raise ValueError("; ".join(errors))
+
         BusSettings.model_validate(self.bus_settings(redis_url="redis://localhost"))
         return self
 
@@ -192,8 +207,8 @@ def _messages(exc: ValidationError) -> list[str]:
 
 
 def _resolve_paths(document: dict[str, Any], base: Path) -> dict[str, Any]:
-    """``data_dir`` (also the default, so every command finds it) and the API's token
-    files, relative to the file."""
+    """``data_dir`` (also the default, so every command finds it), the API's token files and
+    the files of ``redis_tls``, relative to the file."""
 
     def resolved(value: str) -> str:
         path = Path(value).expanduser()
@@ -211,6 +226,12 @@ def _resolve_paths(document: dict[str, Any], base: Path) -> dict[str, Any]:
             for t in api["tokens"]
         ]
         document = {**document, "api": {**api, "tokens": tokens}}
+    tls = document.get("redis_tls")
+    if isinstance(tls, dict):
+        files = {
+            k: resolved(v) for k, v in tls.items() if k.endswith("_file") and isinstance(v, str)
+        }
+        document = {**document, "redis_tls": {**tls, **files}}
     return document
 
 

@@ -12,7 +12,7 @@ from bus.conditions import Where
 from bus.errors import SubscriptionError
 from bus.patterns import Pattern
 from bus.settings import ConsumerSettings
-from manager.config_sections import ConfigModel
+from manager.config_sections import OS_NAME_PATTERN, ConfigModel
 
 _BOT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ENTRY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*(:[A-Za-z_][\w]*)?$")
@@ -85,6 +85,17 @@ class BotConfig(ConfigModel):
     )
     environment: dict[str, str] = Field(default_factory=dict)
     stop_timeout: float = Field(10.0, gt=0, description="seconds to finish in-flight events")
+    user: str | None = Field(
+        None,
+        pattern=OS_NAME_PATTERN,
+        description="OS user its processes run as (needs a manager that can switch users); "
+        "unset: supervisor.bot_user",
+    )
+    group: str | None = Field(
+        None,
+        pattern=OS_NAME_PATTERN,
+        description="OS group its processes run with; unset: the user's primary group",
+    )
     consumer: ConsumerSettings | None = Field(None, description="overrides [bus.consumer]")
 
     @field_validator("id")

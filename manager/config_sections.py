@@ -1,5 +1,6 @@
 """The sections of the manager's config file besides its bots: ``[bus]``, ``[supervisor]``,
-``[coordinator]`` (with its memory budget), ``[archive]`` and ``[api]`` (with its tokens).
+``[coordinator]`` (with its memory budget), ``[archive]``, ``[api]`` (with its tokens) and
+``[redis_tls]``.
 
 Each is a frozen model that refuses unknown keys; :mod:`manager.config` puts them together
 and loads the file.
@@ -7,13 +8,18 @@ and loads the file.
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from bus.settings import ConsumerSettings
+
+#: An OS user or group name, as useradd and groupadd accept them.
+OS_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9._-]{0,31}\$?$"
 
 
 class ConfigModel(BaseModel):
@@ -36,7 +42,7 @@ class BusOptions(ConfigModel):
 
 
 class SupervisorSettings(ConfigModel):
-    """Heartbeats, start-up and failover timing."""
+    """Heartbeats, start-up and failover timing, and the OS user bots run as."""
 
     heartbeat_interval: float = Field(1.0, gt=0, description="seconds between a bot's beats")
     heartbeat_timeout: float = Field(
@@ -50,6 +56,12 @@ class SupervisorSettings(ConfigModel):
     lease_ttl: float = Field(5.0, gt=0, description="leader lease of an active/standby bot")
     crash_poison_after: int = Field(
         3, ge=1, description="consecutive crashes with an entry in flight that dead-letter it"
+    )
+    bot_user: str = Field(
+        "multibot-bot",
+        pattern=f"^$|{OS_NAME_PATTERN}",
+        description="OS user bots run as when the manager can switch users (root, or "
+        "CAP_SETUID+CAP_SETGID+CAP_KILL) and a bot names none; '': the manager's own",
     )
 
     @model_validator(mode="after")
@@ -193,3 +205,91 @@ class ApiSettings(ConfigModel):
         if "admin" in names:
             raise ValueError("'admin' is the generated token's name: pick another")
         return tokens
+
+
+class RedisTlsSettings(ConfigModel):
+    """TLS of the embedded redis-server (used when ``redis_url`` is unset), and the client
+    certificate bots present to a Redis that requires one. Files are PEM."""
+
+    cert_file: Path | None = Field(
+        None, description="the embedded server's certificate; set: it listens on TLS only"
+    )
+    key_file: Path | None = Field(None, description="the key of cert_file")
+    ca_file: Path | None = Field(
+        None, description="the CA that signed cert_file (and, with client_certs, clients')"
+    )
+    client_certs: bool = Field(
+        False,
+        description="clients must present a certificate signed by ca_file; the manager and "
+        "the CLI present cert_file, bots bot_cert_file",
+    )
+    bot_cert_file: Path | None = Field(
+        None,
+        description="the certificate every bot presents (never the manager's); bots' OS "
+        "users must be able to read it and bot_key_file",
+    )
+    bot_key_file: Path | None = Field(None, description="the key of bot_cert_file")
+
+    @field_validator("cert_file", "key_file", "ca_file", "bot_cert_file", "bot_key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value.is_file() and os.access(value, os.R_OK)):
+            raise ValueError(f"{value} is not a file we can read: fix the path or its mode")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> RedisTlsSettings:
+        server = {"cert_file": self.cert_file, "key_file": self.key_file, "ca_file": self.ca_file}
+        if any(server.values()) and not all(server.values()):
+            missing = ", ".join(name for name, path in server.items() if path is None)
+            raise ValueError(
+                f"give cert_file, key_file and ca_file together for the embedded redis-server "
+                f"on TLS ({missing} missing)"
+            )
+        if (self.bot_cert_file is None) != (self.bot_key_file is None):
+            raise ValueError("give bot_cert_file and bot_key_file together")
+        if self.client_certs and self.cert_file is None:
+            raise ValueError("client_certs needs cert_file, key_file and ca_file")
+        if self.client_certs and self.bot_cert_file is None:
+            raise ValueError(
+                "client_certs needs bot_cert_file and bot_key_file: bots must present a "
+                "certificate too, and never get the manager's (give them one of their own, "
+                "signed by ca_file)"
+            )
+        _check_pair(self.cert_file, self.key_file, "cert_file and key_file")
+        _check_pair(self.bot_cert_file, self.bot_key_file, "bot_cert_file and bot_key_file")
+        if self.ca_file is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=self.ca_file)
+            except (ssl.SSLError, ValueError) as exc:
+                raise ValueError(
+                    f"ca_file {self.ca_file} holds no PEM certificate ({exc})"
+                ) from None
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the embedded redis-server is to listen on TLS."""
+        return self.cert_file is not None
+
+    @property
+    def bot_cert(self) -> tuple[Path, Path] | None:
+        """The ``(certificate, key)`` bots present, when configured."""
+        if self.bot_cert_file is None or self.bot_key_file is None:
+            return None
+        return self.bot_cert_file, self.bot_key_file
+
+
+def _check_pair(cert: Path | None, key: Path | None, names: str) -> None:
+    """Refuse a certificate and key that do not load as a pair (PEM, the key matching)."""
+    if cert is None or key is None:
+        return
+    try:
+        # A password callback: an encrypted key fails here instead of OpenSSL asking for its
+        # password on the terminal.
+        ssl.create_default_context().load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(
+            f"{names} do not load as a certificate and its key ({exc}): both must be PEM "
+            "files, the key unencrypted and matching the certificate"
+        ) from None

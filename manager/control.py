@@ -2,7 +2,9 @@
 
 A unix socket in the data directory (mode 0600: only the manager's user may use it), one JSON
 request per connection and one JSON answer: ``{"command": "status"}`` →
-``{"ok": true, "result": …}`` or ``{"ok": false, "error": "…"}``. This module is the
+``{"ok": true, "result": …}`` or ``{"ok": false, "error": "…"}``. Whoever connects is
+checked first (:mod:`manager.control_peer`): a process of another user than the manager's
+or root, and a bot or anything a bot started, gets only a refusal. This module is the
 server; the client (:func:`call`) is in :mod:`manager.control_client`, which the command
 line imports without this module's logging.
 """
@@ -20,11 +22,15 @@ import orjson
 import structlog
 
 from manager.control_client import ControlError, call, control_path
+from manager.control_peer import PeerCheck
 from manager.errors import ManagerError
 
 log = structlog.get_logger("manager.control")
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 MAX_REQUEST = 64 * 1024
+#: Seconds a refused peer has to send its request line (read so that it gets the refusal,
+#: not a reset connection).
+REFUSED_READ_TIMEOUT = 2.0
 
 
 class CommandError(Exception):
@@ -32,11 +38,22 @@ class CommandError(Exception):
 
 
 class ControlServer:
-    """Serves commands on ``path`` with ``handlers`` (command name → coroutine)."""
+    """Serves commands on ``path`` with ``handlers`` (command name → coroutine).
 
-    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+    ``is_bot(pid)`` says whether ``pid`` is a running bot process: such a peer, and any
+    process it started, is refused (as is a peer of another user than ours or root).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        handlers: Mapping[str, Handler],
+        *,
+        is_bot: Callable[[int], bool] = lambda pid: False,
+    ) -> None:
         self.path = path
         self._handlers = dict(handlers)
+        self._peers = PeerCheck(is_bot)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -68,7 +85,13 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            answer = await self._answer(await reader.readline())
+            refusal = self._refusal(writer)
+            if refusal is None:
+                answer = await self._answer(await reader.readline())
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.readline(), REFUSED_READ_TIMEOUT)
+                answer = {"ok": False, "error": refusal}
             writer.write(orjson.dumps(answer, default=str) + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -77,6 +100,18 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
+        """Why the peer on ``writer`` must not be answered (logged), or None to answer it."""
+        peer, refusal = self._peers.refusal(writer.get_extra_info("socket"))
+        if refusal is not None:
+            log.warning(
+                "control connection refused",
+                peer_pid=peer.pid if peer else None,
+                peer_uid=peer.uid if peer else None,
+                reason=refusal,
+            )
+        return refusal
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:

@@ -154,6 +154,19 @@ class ManagerInfo(_Status):
     maintenance: bool
     ready: bool | None = Field(None, description="whether the bots are up; None when unknown")
     api: str | None = None
+    bot_users: list[str] | None = Field(
+        None,
+        description="the OS users the bots run as; empty: the manager's own (isolation is "
+        "Redis-only); None: unknown",
+    )
+    memory_limits: str | None = Field(
+        None,
+        description="who enforces memory_action = 'restart' limits: 'cgroup v2' or "
+        "'cgroup v1' (the kernel), 'polling' (the manager); None: unknown",
+    )
+    memory_limits_reason: str | None = Field(
+        None, description="with 'polling': why the kernel cannot enforce them here"
+    )
 
 
 class ManagerStatus(_Status):

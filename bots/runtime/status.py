@@ -99,6 +99,12 @@ class StatusChannel:
                 chunk = tuple(ids[start : start + IDS_PER_LINE])
                 self.send(StatusLine(Status.FINISHED, stream, chunk), now=False)
 
+    def groups_missing(self, streams: Sequence[str], start_id: str) -> None:
+        """Ask the manager to create the bot's group on ``streams`` at ``start_id`` (the
+        bot's Redis user may not)."""
+        if streams:
+            self.send(StatusLine(Status.GROUPS, start_id, tuple(streams)))
+
     def send_metrics(self, metrics: BusMetrics) -> None:
         """Report ``metrics``'s snapshot, unless it is the same as the last one reported."""
         if self._fd is None:

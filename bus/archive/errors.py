@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg  # type: ignore[import-untyped]  # ships no type hints
 
 from bus.errors import BusError
+from bus.tls import POSTGRES_TLS, tls_problem
 
 
 class ArchiveError(BusError):
@@ -91,8 +92,9 @@ def describe_dsn(dsn: str) -> str:
 
 
 @contextlib.contextmanager
-def unavailable_on_failure(where: str) -> Iterator[None]:
-    """Turn asyncpg's connection errors raised inside into :class:`ArchiveUnavailableError`."""
+def unavailable_on_failure(where: str, dsn: str | None = None) -> Iterator[None]:
+    """Turn asyncpg's connection errors raised inside into :class:`ArchiveUnavailableError`;
+    with ``dsn``, a failed TLS handshake says which of its TLS options to check."""
     try:
         yield
     except ArchiveError:
@@ -104,6 +106,10 @@ def unavailable_on_failure(where: str) -> Iterator[None]:
             "Redis meanwhile"
         ) from exc
     except CONNECTION_ERRORS as exc:
+        if dsn is not None and (problem := tls_problem(exc, dsn, POSTGRES_TLS)):
+            raise ArchiveUnavailableError(
+                f"{problem}; events stay in Redis until the archive is back"
+            ) from exc
         raise ArchiveUnavailableError(
             f"PostgreSQL at {where} is unavailable ({type(exc).__name__}: {exc}): check that it "
             "is running and that the DSN's host, port, user, password and database are right; "

@@ -95,7 +95,7 @@ class ArchiveStore:
     ) -> ArchiveStore:
         """Open a pool to ``dsn``; ``keys`` maps stream keys to names (default namespace)."""
         where = describe_dsn(dsn)
-        with unavailable_on_failure(where):
+        with unavailable_on_failure(where, dsn):
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=min_size,

@@ -62,6 +62,12 @@ from manager.logs import configure_cli_logging
     "--warmup", default=1.0, help="Seconds of publishing before the measurement starts."
 )
 @click.option("--no-baseline", is_flag=True, help="Skip the bare redis-py baseline phase.")
+@click.option(
+    "--as-admin",
+    is_flag=True,
+    help="Run the bus clients as the URL's own user instead of a bot's ACL user (as the "
+    "manager's bots run): compare both to see what the ACL checks cost.",
+)
 @json_flag("Print one JSON line instead of a table.")
 def bench(
     *,
@@ -76,6 +82,7 @@ def bench(
     processes: int,
     warmup: float,
     no_baseline: bool,
+    as_admin: bool,
     as_json: bool,
 ) -> None:
     """Benchmark the event bus: throughput, end-to-end latency, losses, duplicates, RSS.
@@ -95,6 +102,7 @@ def bench(
             read_count=read_count,
             processes=processes,
             baseline=not no_baseline,
+            bot_user=not as_admin,
             warmup=warmup,
         )
     except BenchError as exc:

@@ -48,7 +48,9 @@ class ManagerRun:
 
     def __init__(self, work: Path, env: Mapping[str, str] | None = None) -> None:
         self.work = work
-        self.env = dict(env or {})
+        # Its bots run as the tool's own user: it measures the manager, not the isolation,
+        # and its bots write into the run's directory (the soak's records).
+        self.env = {"MULTIBOT_SUPERVISOR__BOT_USER": "", **(env or {})}
         self.data_dir = work / "data"
         self.socket_path = work / "notify.sock"
         self.log_path = work / "manager.log"

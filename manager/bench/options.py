@@ -71,6 +71,9 @@ class BenchOptions:
     read_count: int | None = None
     processes: int = 2
     baseline: bool = True
+    #: Whether the bus clients log in as a bot's Redis ACL user, as bots run by the manager
+    #: do (False: the admin URL as given, to measure what the ACL checks cost).
+    bot_user: bool = True
     warmup: float = 1.0
     #: After the producers stop, wait for the consumers to catch up until they make no
     #: progress for this many seconds (and never longer than ``DRAIN_CAP_FACTOR`` times it).

@@ -169,6 +169,7 @@ class BenchReport:
             "warmup_s": opts.warmup,
             "redis_version": self.redis_version,
             "private_redis": self.private_redis,
+            "bot_user": opts.bot_user,
         }
 
     def table(self) -> str:
@@ -180,7 +181,8 @@ class BenchReport:
             f"{len(opts.layout())} processes, {rate}, batch {opts.batch_size}, "
             f"read count {opts.read_size}, "
             f"{opts.duration:g} s (+{opts.warmup:g} s warmup), redis {self.redis_version}"
-            + (" (private, no persistence)" if self.private_redis else ""),
+            + (" (private, no persistence)" if self.private_redis else "")
+            + (", bus as a bot's ACL user" if opts.bot_user else ", bus as the URL's user"),
             "",
             f"{'':28}{'bus':>12}{'baseline':>12}",
         ]

@@ -30,10 +30,13 @@ from redis.exceptions import RedisError
 
 from bus.connection import redact
 from bus.groups import ensure_group
+from bus.keys import Keys, group_name
 from manager.bench.child import ENTRY
 from manager.bench.options import (
+    CONSUMER_BOT,
     DRAIN_CAP_FACTOR,
     RAW_GROUP,
+    ROUTES,
     BenchError,
     BenchOptions,
     IdleSpec,
@@ -43,6 +46,12 @@ from manager.bench.options import (
 )
 from manager.bench.recording import Tally, WorkerResult, receive
 from manager.bench.report import BenchReport, PhaseResult, summarize
+from manager.daemon.redis_acl import (
+    bot_redis_url,
+    delete_bot_user,
+    ensure_bot_user,
+    generate_password,
+)
 from manager.embedded.redis_server import RedisServer
 
 log = structlog.get_logger("manager.bench")
@@ -72,7 +81,8 @@ async def run_bench(options: BenchOptions) -> BenchReport:
             ) from exc
         try:
             idle_rss = await _idle_rss(url, namespace)
-            bus = await _phase("bus", options, url, namespace)
+            bus_url = await _bot_user(admin, url, namespace) if options.bot_user else url
+            bus = await _phase("bus", options, bus_url, namespace)
             await _delete_namespace(admin, namespace)  # the baseline starts on an empty Redis
             baseline = None
             if options.baseline:
@@ -80,6 +90,8 @@ async def run_bench(options: BenchOptions) -> BenchReport:
                 baseline = await _phase("raw", options, url, namespace)
         finally:
             await _delete_namespace(admin, namespace)
+            if options.bot_user:
+                await delete_bot_user(admin, Keys(namespace), CONSUMER_BOT)
             await admin.aclose()
     return BenchReport(
         options=options,
@@ -89,6 +101,15 @@ async def run_bench(options: BenchOptions) -> BenchReport:
         redis_version=str(server.get("redis_version", "?")),
         private_redis=options.redis_url is None,
     )
+
+
+async def _bot_user(admin: Redis, url: str, namespace: str) -> str:
+    """The URL of a bot's ACL user for the bus phase (producers and consumers alike), with
+    the consumers' group created as the manager creates it (a bot's user may not)."""
+    keys, password = Keys(namespace), generate_password()
+    username = await ensure_bot_user(admin, keys, CONSUMER_BOT, password)
+    await ensure_group(admin, keys.stream(ROUTES["bench"]), group_name(CONSUMER_BOT), "$")
+    return bot_redis_url(url, username, password)
 
 
 @contextlib.asynccontextmanager

@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from bus.connection import connect, redact
 from bus.errors import BusConnectionError
 from bus.settings import BusSettings
+from bus.tls import REDIS_TLS, tls_problem
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -171,6 +172,8 @@ def run(settings: BusSettings, coro: Coroutine[Any, Any, T]) -> T:
             "--redis-url or MULTIBOT_REDIS_URL (redis://:PASSWORD@host:port/db)."
         ) from None
     except (BusConnectionError, RedisConnectionError, RedisTimeoutError) as exc:
+        if problem := tls_problem(exc, settings.redis_url, REDIS_TLS):
+            raise click.ClickException(problem) from None
         cause = exc.__cause__ if isinstance(exc, BusConnectionError) and exc.__cause__ else exc
         raise click.ClickException(
             f"cannot reach Redis at {url} ({cause}). Start Redis there, or point "

@@ -94,7 +94,8 @@ class _View:
         return name if self.colour else ""
 
     def header(self, manager: ManagerInfo) -> Text:
-        """Who and where: version, pid, uptime, readiness, maintenance, endpoints."""
+        """Who and where: version, pid, uptime, readiness, maintenance, endpoints, and the
+        OS users the bots run as."""
         if manager.ready is None:
             readiness: tuple[str, str] = (f"ready {MISSING}", "")
         else:
@@ -117,6 +118,16 @@ class _View:
         lines = [first, second]
         if manager.api:
             lines.append(Text(f"api {manager.api}  (status page, /docs, /metrics)"))
+        if manager.bot_users:
+            lines.append(Text(f"bots run as OS users {', '.join(manager.bot_users)}"))
+        elif manager.bot_users is not None:
+            shared = "bots share the manager's user: isolation is Redis-only"
+            lines.append(Text(shared, self.style("yellow")))
+        if manager.memory_limits:
+            enforced = f"bots' memory limits enforced by {manager.memory_limits}"
+            if manager.memory_limits_reason:
+                enforced += f" ({manager.memory_limits_reason})"
+            lines.append(Text(enforced))
         return Text("\n").join(lines)
 
     def memory(self, memory: MemoryStatus | None) -> Text:

@@ -25,6 +25,7 @@ from manager.api.server import ApiServer
 from manager.archive.archiver import Archiver
 from manager.config import ConfigError
 from manager.control import CommandError, Handler
+from manager.daemon.isolation import OsUserError
 from manager.embedded.services import Services
 from manager.status import ManagerInfo, ManagerStatus
 from manager.supervision.coordinator import Coordinator
@@ -72,6 +73,10 @@ class Commands:
         self.api: ApiServer | None = None
         #: Whether an operator declared maintenance (``multibot maintenance on``).
         self.maintenance = False
+        #: The OS users the bots run as (empty: the manager's), once known.
+        self.bot_users: Callable[[], list[str]] | None = None
+        #: Who enforces the bots' memory limits, and why not the kernel (from cgroup_detect).
+        self.memory_limits: tuple[str, str | None] | None = None
 
     def __repr__(self) -> str:
         started = "running" if self.running else "starting"
@@ -104,6 +109,9 @@ class Commands:
             maintenance=self.maintenance,
             ready=self._ready(),
             api=self.api.url if self.api else None,
+            bot_users=self.bot_users() if self.bot_users else None,
+            memory_limits=self.memory_limits[0] if self.memory_limits else None,
+            memory_limits_reason=self.memory_limits[1] if self.memory_limits else None,
         )
         if running is None:
             return ManagerStatus(manager=manager)
@@ -159,5 +167,5 @@ class Commands:
     async def _reload_command(self, _: Mapping[str, Any]) -> dict[str, list[str]]:
         try:
             return await self._reload()
-        except ConfigError as exc:
+        except (ConfigError, OsUserError) as exc:
             raise CommandError(str(exc)) from None

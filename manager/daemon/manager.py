@@ -1,12 +1,13 @@
 """``multibot start``: the manager daemon, from embedded services to a clean exit.
 
-Start: data directory, embedded Redis/PostgreSQL when not configured, a Redis ACL user per
-bot, the consumer groups of every declared subscription, then the bots; READY=1 to systemd
-once they are all up. Running: supervisor, coordinator, the manager's event publisher, the
-control socket and the watchdog pings share one event loop and one task group. SIGHUP
-reloads the config (a task of that group; one reload at a time, shared with the control
-socket's ``reload``); SIGTERM/SIGINT publish ``system.shutdown``, stop the bots (in-flight
-events finish within each bot's stop timeout), then the embedded services, and exit 0.
+Start: umask 077 and a private data directory, embedded Redis/PostgreSQL when not
+configured, each bot's OS user, a Redis ACL user per bot, the consumer groups of every
+declared subscription, then the bots; READY=1 to systemd once they are all up. Running:
+supervisor, coordinator, the manager's event publisher, the control socket and the
+watchdog pings share one event loop and one task group. SIGHUP reloads the config (a task
+of that group; one reload at a time, shared with the control socket's ``reload``);
+SIGTERM/SIGINT publish ``system.shutdown``, stop the bots (in-flight events finish within
+each bot's stop timeout), then the embedded services, and exit 0.
 
 This module wires the parts; :mod:`~manager.daemon.provision` provisions the bots,
 :mod:`~manager.daemon.parts` builds what runs, :mod:`~manager.daemon.redis_repair` repairs
@@ -44,14 +45,20 @@ from manager.archive.retention import run_retention
 from manager.config import BotConfig, ManagerSettings
 from manager.control import ControlServer, control_path
 from manager.daemon.commands import Commands, Running
+from manager.daemon.isolation import BotUsers, log_sharing, switch_blockers
 from manager.daemon.parts import Clients, Context, Parts, build_parts
+from manager.daemon.private_files import PRIVATE_UMASK, secure_data_dir
 from manager.daemon.redis_repair import check_redis
 from manager.daemon.reload import Reloader
 from manager.daemon.tasks import cancel_all, log_tasks
+from manager.embedded.child_process import OsUser
+from manager.embedded.postgres_server import server_user
 from manager.embedded.service_watch import keep_running
 from manager.embedded.services import Services, start_services
-from manager.errors import ManagerError
+from manager.errors import EmbeddedServiceError, ManagerError
 from manager.observe.sd_notify import Notifier
+from manager.supervision.cgroup_detect import detect
+from manager.supervision.cgroups import CgroupLimiter, Unavailable
 from manager.supervision.supervisor import Supervisor
 
 log = structlog.get_logger("manager")
@@ -76,6 +83,7 @@ class Manager:
         self._shutdown = asyncio.Event()
         self._started_at = time.time()
         self._ready = False
+        self._limiter: CgroupLimiter | None = None
         self._reloader = Reloader(
             config_path, notifier=self._notifier, shutdown=self._shutdown, set_bots=self._set_bots
         )
@@ -108,8 +116,10 @@ class Manager:
     async def run(self) -> int:
         """Start everything, run until a stop signal or command, shut down; the exit code."""
         data_dir = self.settings.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
-        control = ControlServer(control_path(data_dir), self._commands.handlers())
+        users = self._isolate()
+        control = ControlServer(
+            control_path(data_dir), self._commands.handlers(), is_bot=self._is_bot
+        )
         await control.start()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -119,9 +129,11 @@ class Manager:
         log.info("manager starting", pid=os.getpid(), data_dir=str(data_dir), version=VERSION)
         try:
             self._notifier.status("starting embedded services")
-            self.services = self._commands.services = await start_services(self.settings)
+            self.services = self._commands.services = await start_services(
+                self.settings, bots_by_tcp=users.switching
+            )
             try:
-                await self._run_with(self.services)
+                await self._run_with(self.services, users)
             finally:
                 self._notifier.status("stopping embedded services")
                 await self.services.stop()
@@ -142,7 +154,47 @@ class Manager:
         await system_bus.connect()
         return Clients(admin, bus, system_bus, Announcer(system_bus))
 
-    async def _run_with(self, services: Services) -> None:
+    def _is_bot(self, pid: int) -> bool:
+        """Whether ``pid`` is a running bot process (the control socket refuses those)."""
+        parts = self._reloader.parts
+        if parts is None:
+            return False
+        return any(pid in pids.values() for pids in parts.supervisor.pids().values())
+
+    def _isolate(self) -> BotUsers:
+        """Before anything starts: umask 077, a private data directory, and the bots' OS
+        users looked up (a missing one stops the start here, before the services)."""
+        settings = self.settings
+        os.umask(PRIVATE_UMASK)  # inherited by the embedded servers and the bots
+        postgres_user = _embedded_postgres_user(settings)
+        secure_data_dir(
+            settings.data_dir,
+            traversable=postgres_user is not None,
+            others={settings.data_dir / "postgres": postgres_user.uid} if postgres_user else None,
+        )
+        blockers = switch_blockers()
+        reserved = {0: "root"}
+        reserved.setdefault(os.geteuid(), "the manager's own user")
+        if postgres_user is not None:
+            reserved.setdefault(postgres_user.uid, "the embedded PostgreSQL's user")
+        users = BotUsers(
+            settings.supervisor.bot_user,
+            switching=not blockers,
+            reserved=reserved,
+            data_dir=settings.data_dir,
+        )
+        users.resolve(settings.bots)
+        if not users.names() or any(users.user(bot) is None for bot in settings.bots):
+            log_sharing(settings.supervisor.bot_user, blockers)
+        self._commands.bot_users = users.names
+        # Before any child is spawned: under cgroup v2 the manager moves into a leaf first.
+        limits = detect()
+        self._limiter = limits if isinstance(limits, CgroupLimiter) else None
+        reason = limits.reason if isinstance(limits, Unavailable) else None
+        self._commands.memory_limits = (str(limits.mode), reason)
+        return users
+
+    async def _run_with(self, services: Services, users: BotUsers) -> None:
         """Build the parts on ``services``, run them until the shutdown, close them."""
         bus_settings = BusSettings.model_validate(self.settings.bus_settings(services.redis_url))
         admin = connect(bus_settings, client_name="multibot-manager")
@@ -152,7 +204,7 @@ class Manager:
         archive = ArchiveLink(services.postgres_dsn, self._keys)
         context = Context(
             self.settings, services, bus_settings, self._keys, self._router, self._environ,
-            bots=lambda: self.settings.bots,
+            users, self._limiter, bots=lambda: self.settings.bots,
         )  # fmt: skip
         parts = self._reloader.parts = build_parts(context, clients, archive)
         self._commands.running = Running(
@@ -271,6 +323,16 @@ class Manager:
         log.info("manager ready", startup_s=round(started, 2), bots=len(supervisor.bots))
         self._notifier.ready(f"{len(supervisor.bots)} bots running")
         self._reloader.ready()
+
+
+def _embedded_postgres_user(settings: ManagerSettings) -> OsUser | None:
+    """The OS user the embedded PostgreSQL will run as, if not ours (we are root)."""
+    if settings.postgres_dsn is not None:
+        return None
+    try:
+        return server_user(None)
+    except EmbeddedServiceError:
+        return None  # its start says what is missing
 
 
 def _routes(settings: ManagerSettings) -> tuple[dict[str, str], str]:

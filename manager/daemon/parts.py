@@ -18,10 +18,14 @@ from manager.archive.link import ArchiveLink
 from manager.archive.pressure import PressureWatch
 from manager.archive.trimmer import Trimmer
 from manager.config import BotConfig, ManagerSettings
+from manager.daemon.isolation import BotUsers
 from manager.daemon.provision import Provisioner
+from manager.daemon.redis_acl import bots_base_url
 from manager.daemon.redis_repair import RedisRepair
 from manager.embedded.services import Services
+from manager.supervision.cgroups import CgroupLimiter
 from manager.supervision.coordinator import Coordinator
+from manager.supervision.group_grants import GroupGrants
 from manager.supervision.supervisor import Supervisor
 
 
@@ -60,6 +64,10 @@ class Context:
     keys: Keys
     router: Router
     environ: Mapping[str, str]
+    #: The OS users the bots run as.
+    users: BotUsers
+    #: Puts bot processes in memory cgroups of their own; None: RSS polling only.
+    limiter: CgroupLimiter | None
     #: The running config's bots (a reload changes them).
     bots: Callable[[], Sequence[BotConfig]]
 
@@ -77,9 +85,11 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         settings,
         admin=admin,
         keys=keys,
-        redis_url=services.redis_url,
+        # Never the manager's own TLS client certificate: a bot is untrusted code.
+        redis_url=bots_base_url(services.bots_redis_url, settings.redis_tls.bot_cert),
         archive=archive,
         environ=context.environ,
+        users=context.users,
     )
     supervisor = Supervisor(
         settings.supervisor,
@@ -88,6 +98,8 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         redis=admin,
         keys=keys,
         visibility_timeout=context.bus_settings.consumer.visibility_timeout,
+        grants=GroupGrants(admin, keys, context.router),
+        limiter=context.limiter,
     )
     supervisor.metrics.add_local(clients.bus.metrics)
     supervisor.metrics.add_local(clients.system_bus.metrics)

@@ -1,12 +1,16 @@
 """What the bots get from the manager: a Redis user each, their consumer groups, their
-subscriptions recorded in the archive, a read-only archive role, and each process's spec.
+subscriptions recorded in the archive, a read-only archive role, and each process's spec,
+environment and OS user.
 
 The bots' passwords live in this object only (Redis keeps the ACL users in memory, so after a
 Redis restart :meth:`Provisioner.prepare_bots` sets them again with the same passwords).
+A bot's environment is built from an allow-list (:func:`bot_environment`), never from the
+manager's whole environment, which holds its secrets (API tokens given by ``token_env``).
 """
 
 from __future__ import annotations
 
+import pwd
 from collections.abc import Mapping, Sequence
 
 import structlog
@@ -18,6 +22,7 @@ from bus.settings import BusSettings
 from bus.supervision import RuntimeSpec
 from manager.archive.link import ArchiveLink, ensure_reader
 from manager.config import BotConfig, ManagerSettings
+from manager.daemon.isolation import BotUsers
 from manager.daemon.redis_acl import (
     bot_redis_url,
     bot_username,
@@ -26,10 +31,51 @@ from manager.daemon.redis_acl import (
     ensure_bot_user,
     generate_password,
 )
-from manager.observe.sd_notify import NOTIFY_ENV_KEYS
+from manager.embedded.child_process import OsUser
+from manager.supervision.bot_process import Launch
 from manager.supervision.coordinator import Coordinator
 
 log = structlog.get_logger("manager")
+
+#: What a bot process gets of the manager's environment (besides ``LC_*``): what Python
+#: needs to find itself and its modules (``PYTHONPATH``, ``PYTHONHOME``, …) and to read and
+#: write text. ``HOME``, ``USER`` and ``LOGNAME`` are the bot's OS user's; everything else a
+#: bot needs goes in its config's ``environment``.
+PASSED_ENVIRONMENT = frozenset(
+    {
+        "PATH",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSAFEPATH",
+        "PYTHONNOUSERSITE",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONPYCACHEPREFIX",
+        "PYTHONIOENCODING",
+        "PYTHONUTF8",
+        "PYTHONUNBUFFERED",
+    }
+)
+
+
+def bot_environment(
+    environ: Mapping[str, str], user: OsUser, own: Mapping[str, str]
+) -> dict[str, str]:
+    """A bot process's environment: the allowed part of ``environ``, the identity of its
+    OS ``user``, and its config's ``own`` variables (which win)."""
+    environment = {
+        k: v for k, v in environ.items() if k in PASSED_ENVIRONMENT or k.startswith("LC_")
+    }
+    try:
+        home = pwd.getpwuid(user.uid).pw_dir
+    except KeyError:  # a uid with no passwd entry
+        home = "/"
+    environment.update(HOME=home, USER=user.name, LOGNAME=user.name)
+    environment.update(own)
+    return environment
 
 
 class Provisioner:
@@ -44,6 +90,7 @@ class Provisioner:
         redis_url: str,
         archive: ArchiveLink,
         environ: Mapping[str, str],
+        users: BotUsers,
     ) -> None:
         # Only the settings a reload never changes are read here (bus, supervisor timings,
         # log level); the bots come in as arguments.
@@ -53,6 +100,8 @@ class Provisioner:
         self._redis_url = redis_url
         self._archive = archive
         self._environ = dict(environ)
+        self._users = users
+        self._manager_user = OsUser.current()
         self._passwords: dict[str, str] = {}
         self._reader_dsn: str | None = None
 
@@ -61,7 +110,9 @@ class Provisioner:
         return f"<Provisioner bots={len(self._passwords)} archive_reader={reader}>"
 
     async def prepare_bots(self, bots: Sequence[BotConfig], coordinator: Coordinator) -> None:
-        """A Redis user per bot (users of removed bots dropped), and the declared groups."""
+        """The bots' OS users looked up (else OsUserError, before anything changes); a Redis
+        user per bot (users of removed bots dropped), and the declared groups."""
+        self._users.resolve(bots)
         wanted = {bot_username(self._keys.namespace, b.id) for b in bots}
         for username in await bot_users(self._admin, self._keys):
             if username not in wanted:
@@ -105,8 +156,9 @@ class Provisioner:
         except ArchiveUnavailableError as exc:
             log.warning("cannot record the subscriptions in PostgreSQL", error=str(exc))
 
-    def spec(self, bot: BotConfig, index: int) -> tuple[RuntimeSpec, dict[str, str]]:
-        """What the bot's next process gets: its spec (own Redis user) and environment."""
+    def spec(self, bot: BotConfig, index: int) -> Launch:
+        """What the bot's next process gets: its spec (own Redis user), its environment and
+        its OS user."""
         settings = self._settings
         username = bot_username(self._keys.namespace, bot.id)
         url = bot_redis_url(self._redis_url, username, self._passwords[bot.id])
@@ -125,10 +177,6 @@ class Provisioner:
             log_level=settings.log_level,
             subscriptions=[(sub.pattern, sub.where) for sub in bot.subscriptions],
         )
-        environment = {
-            k: v
-            for k, v in self._environ.items()
-            if not k.startswith("MULTIBOT_") and k not in NOTIFY_ENV_KEYS
-        }
-        environment.update(bot.environment)
-        return spec, environment
+        user = self._users.user(bot)
+        environment = bot_environment(self._environ, user or self._manager_user, bot.environment)
+        return Launch(spec, environment, user)

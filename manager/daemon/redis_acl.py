@@ -2,23 +2,29 @@
 
 The manager holds the admin connection. Before it spawns a bot it calls
 :func:`ensure_bot_user` and hands the bot :func:`bot_redis_url`, a URL carrying only that
-user's name and password. The bot then cannot run admin commands, read another namespace
-(deployments may share one Redis by namespace) or touch another bot's own state::
+user's name and password (and, over TLS, no client certificate of the manager's:
+:func:`bots_base_url`). The bot then cannot run admin commands, read another namespace
+(deployments may share one Redis by namespace), touch another bot's own state, switch
+databases, run any script but the project's own (EVALSHA of their SHA1s, never EVAL), touch
+other clients (no CLIENT UNBLOCK/KILL) or create, move or destroy consumer groups (the
+manager creates every declared group before the bot starts)::
 
     password = generate_password()
     username = await ensure_bot_user(admin, keys, "greeter", password)
-    env["MULTIBOT_REDIS_URL"] = bot_redis_url(admin_url, username, password)
+    base = bots_base_url(admin_url, bot_cert=None)
+    env["MULTIBOT_REDIS_URL"] = bot_redis_url(base, username, password)
 
 Users live in the server's memory: a Redis restarted without an ACL file has lost them, so
 the manager ensures them again before (re)starting bots.
 
-Limits of what an ACL can say on Redis 6.2 (no selectors): key patterns cover every command
-alike, so a bot that may DEL/SET its own keys may also DEL, overwrite or EXPIRE a stream of
-the namespace or the dead-letter stream, and stream commands cannot be limited to the bot's
-own group (it could read or ack another bot's group). EVAL lets a bot run a script that
-blocks the server until an admin sends SCRIPT KILL. The user keeps other deployments and
-other bots' own state out of reach; it does not make bots of one deployment distrust each
-other.
+On Redis 7 the user is split by ACL selectors: its own keys take the data-structure
+commands, the streams take only the stream commands the bus calls, the dead-letter stream
+only XADD, and the backpressure flag only GET. So a bot cannot DEL, EXPIRE or overwrite a
+stream there, nor read the dead letters or lower the flag. Redis 6.2 has no selectors: its
+key patterns cover every command alike, so there a bot may also DEL, EXPIRE or overwrite a
+stream, the dead-letter stream or the flag. On both, XADD and the group commands take any
+arguments: a bot can still trim a stream with XADD MAXLEN, give an entry an explicit id, and
+read or ack through another group's name. README "Security" lists what holds where.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -34,6 +41,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, ResponseError
 
 from bus.keys import Keys, group_name
+from bus.lease import SCRIPTS, script_sha
 from manager.errors import ManagerError
 
 log = structlog.get_logger("manager.daemon.redis_acl")
@@ -49,6 +57,8 @@ _BOT_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _URL_SCHEMES = ("redis", "rediss", "unix")
 _CREDENTIAL_PARAMS = ("username", "password")
+#: redis-py's query options naming the client's TLS identity: the manager's stays its own.
+_CLIENT_CERT_PARAMS = ("ssl_certfile", "ssl_keyfile", "ssl_password")
 
 
 class BotUserError(ManagerError, ValueError):
@@ -59,14 +69,12 @@ class RedisAclError(ManagerError):
     """Redis refused an ACL command the manager sent to set up or remove a bot's user."""
 
 
-# Commands of a bot's user, in order (ACL rules apply left to right), each with its reason.
+# Rules of a bot's user, in order (ACL rules apply left to right), each with its reason.
 # Categories are used only where every command in them is checked against the key
 # patterns; @read, @write, @keyspace and @fast are avoided on purpose because they hold
 # SCAN, RANDOMKEY and DBSIZE (which see every key name of every namespace), MOVE and COPY
-# ... DB (other databases) and, on 7.0, FUNCTION LOAD/DELETE/FLUSH. Every rule exists in
-# Redis 6.2 and 7.0 alike; selectors (%R~, %W~) are 7.0-only and not used.
-_COMMAND_RULES: tuple[tuple[str, str], ...] = (
-    ("-@all", "start from nothing: everything below is an allow-list"),
+# ... DB (other databases) and, on 7.0, FUNCTION LOAD/DELETE/FLUSH.
+_STATE_RULES: tuple[tuple[str, str], ...] = (
     # -- the bot's own state (bot_state keys, its lease and fence, its run-once markers) --
     ("+@string", "SET/GET/INCR...: run-once markers (SET NX PX, GET), lease values, counters"),
     ("+@hash", "bot state kept in hashes"),
@@ -81,27 +89,6 @@ _COMMAND_RULES: tuple[tuple[str, str], ...] = (
     # PFDEBUG/PFSELFTEST (admin); drop them, and anything admin, before the exact adds.
     ("-@admin", "no server administration, whatever a category above holds"),
     ("-@dangerous", "no SORT, PFDEBUG, PFSELFTEST: they escape key checks or are admin"),
-    # -- the event bus (bus.publisher, bus.consumer, bus.handling, bus.dlq, bus.replay) ----
-    ("+xadd", "publish (Publisher.publish/publish_many) and dead-letter (DeadLetters.add)"),
-    ("+xreadgroup", "read the bot's group: new entries and its own pending ones after restart"),
-    ("+xack", "ack handled, skipped and dead-lettered entries (AckBatcher)"),
-    ("+xpending", "delivery counts of re-taken entries, to dead-letter poison ones"),
-    ("+xautoclaim", "take over entries idle on a dead consumer of the bot's group"),
-    ("+xclaim", "keep its own long-running entries from being reclaimed (JUSTID)"),
-    ("+xgroup|create", "create the bot's group on each stream it reads (MKSTREAM)"),
-    ("+xrange", "replay and DeadLetters.list/get"),
-    ("+xlen", "DeadLetters.count"),
-    # Read-only and key-checked; not called by the bus today, kept for bots' own tooling.
-    ("+xgroup|createconsumer", "create a consumer explicitly (XREADGROUP also does)"),
-    ("+xrevrange", "read a stream newest first (latest events)"),
-    ("+xinfo|stream", "stream inspection (length, first/last entry)"),
-    ("+xinfo|groups", "group inspection (pending, lag)"),
-    ("+xinfo|consumers", "consumer inspection (idle consumers)"),
-    # Not XDEL, XTRIM, XSETID, XGROUP DESTROY/SETID/DELCONSUMER: no bot needs them, and on
-    # the shared streams they delete other bots' events or groups (DEL below still reaches
-    # those keys: see the module's limits). DLQ retry and purge (XDEL, DEL on the
-    # dead-letter stream) are operator actions through the manager's admin connection.
-    # -- generic key commands, all checked against the key patterns ------------------------
     ("+del", "forget a run-once marker when the handler failed; delete own state"),
     ("+unlink", "delete own state without blocking"),
     ("+exists", "check own state"),
@@ -114,25 +101,45 @@ _COMMAND_RULES: tuple[tuple[str, str], ...] = (
     ("+ttl", "remaining TTL of own state"),
     ("+pttl", "remaining lease time in milliseconds"),
     ("+persist", "drop the TTL of own state"),
-    # -- scripts: Redis checks every key a script touches against these same patterns -----
-    ("+eval", "atomic lease acquire/renew/release scripts on the lease and fence keys"),
-    ("+evalsha", "the same scripts by hash (redis-py's Script tries EVALSHA first)"),
-    ("+script|load", "redis-py's Script loads the script when EVALSHA answers NOSCRIPT"),
-    ("+script|exists", "redis-py checks cached scripts before a pipeline uses them"),
-    # Not SCRIPT FLUSH/KILL, FUNCTION (FUNCTION LOAD/FLUSH are in @write on 7.0), FCALL.
-    # -- the connection (redis-py's handshake, health checks, the consumer's reader) ------
+)
+# The event bus (bus.publisher, bus.consumer, bus.handling, bus.reclaim, bus.replay).
+_STREAM_RULES: tuple[tuple[str, str], ...] = (
+    ("+xadd", "publish (Publisher.publish/publish_many)"),
+    ("+xreadgroup", "read the bot's group: new entries and its own pending ones after restart"),
+    ("+xack", "ack handled, skipped and dead-lettered entries (AckBatcher)"),
+    ("+xpending", "delivery counts of re-taken entries, to dead-letter poison ones"),
+    ("+xautoclaim", "take over entries idle on a dead consumer of the bot's group"),
+    ("+xclaim", "keep its own long-running entries from being reclaimed (JUSTID)"),
+    ("+xrange", "replay"),
+    ("+xrevrange", "read a stream newest first (latest events)"),
+    ("+xlen", "stream length"),
+    ("+xinfo|stream", "stream inspection (length, first/last entry)"),
+    ("+xinfo|groups", "whether the bot's group exists before it reads (bus.groups.has_group)"),
+    ("+xinfo|consumers", "consumer inspection (idle consumers)"),
+    # Not XGROUP (any subcommand): the manager creates every declared group before the bot
+    # starts and recreates them after Redis lost them. Not XDEL, XTRIM, XSETID.
+)
+#: Dead letters: the consumer XADDs failed and malformed events (bus.dlq.DeadLetters.add).
+_DEAD_LETTER_RULES: tuple[tuple[str, str], ...] = (
+    ("+xadd", "dead-letter a failed or malformed event"),
+)
+#: The manager's backpressure flag, read before publishing (bus.backpressure).
+_PRESSURE_RULES: tuple[tuple[str, str], ...] = (("+get", "read the backpressure flag"),)
+# The connection (redis-py's handshake, health checks, connection names).
+_CONNECTION_RULES: tuple[tuple[str, str], ...] = (
     ("+auth", "authenticate (RESP2 handshake) and re-authenticate"),
     ("+hello", "the RESP3 handshake, which authenticates (HELLO 3 AUTH user password)"),
     ("+ping", "redis-py's health check on idle connections"),
-    ("+select", "switch to the database of the URL (redis://host/<db>)"),
     ("+client|setname", "name each connection <bot_id>-<instance> (visible to the operator)"),
-    ("+client|id", "the reader connection's id, for CLIENT UNBLOCK on stop"),
-    # CLIENT UNBLOCK is @admin and @dangerous; the consumer needs exactly this subcommand to
-    # wake its own blocked XREADGROUP when it stops (bus.reader.Reader.stop). Redis cannot
-    # limit it to the bot's own connections: a bot could wake another client's blocking read,
-    # which then reads again (or, with ERROR, gets an error the consumer backs off from).
-    ("+client|unblock", "wake the bot's own blocked reader on stop"),
+    # Not CLIENT ID/UNBLOCK/KILL/LIST: a stopping reader cancels its own blocking read.
+    # redis-py's Script loads a script when EVALSHA answers NOSCRIPT; loading runs nothing.
+    ("+script|load", "load the project's scripts after a Redis restart (bus.lease.run_script)"),
 )
+
+
+def _script_rules() -> list[str]:
+    """EVALSHA of exactly the project's scripts (bus.lease.SCRIPTS), by SHA1; never EVAL."""
+    return [f"+evalsha|{script_sha(source)}" for source in SCRIPTS.values()]
 
 
 def _check_namespace(namespace: str) -> None:
@@ -164,15 +171,10 @@ def generate_password() -> str:
     return secrets.token_urlsafe(PASSWORD_BYTES)
 
 
-def bot_key_patterns(keys: Keys, bot_id: str) -> list[str]:
-    """The key patterns (without ``~``) a bot's user may read and write."""
+def bot_state_patterns(keys: Keys, bot_id: str) -> list[str]:
+    """The key patterns (without ``~``) of the bot's own keys."""
     _check_names(keys.namespace, bot_id)
     return [
-        # Every stream of the namespace: a bot publishes to any stream its routes name and
-        # reads its group on the streams its subscriptions need.
-        f"{keys.stream_prefix()}*",
-        # The dead-letter stream: the consumer writes failed and malformed events there.
-        keys.dead_letters(),
         # Its own run-once markers (idempotent_ttl handlers); the prefix ends in ':' so
         # bot "a" does not match the markers of bot "ab".
         f"{keys.idempotency_prefix(group_name(bot_id))}*",
@@ -181,26 +183,68 @@ def bot_key_patterns(keys: Keys, bot_id: str) -> list[str]:
         # Its leader lease and the fencing counter (exact keys, no glob).
         keys.lease(bot_id),
         keys.fence(bot_id),
-        # The manager's backpressure flag, read before publishing (see bus.backpressure).
+    ]
+
+
+def bot_key_patterns(keys: Keys, bot_id: str) -> list[str]:
+    """Every key pattern (without ``~``) a bot's user reaches, whatever the command."""
+    return [
+        *bot_state_patterns(keys, bot_id),
+        # Every stream of the namespace: a bot publishes to any stream its routes name and
+        # reads its group on the streams its subscriptions need.
+        f"{keys.stream_prefix()}*",
+        keys.dead_letters(),
         keys.pressure(),
     ]
 
 
-def bot_acl_rules(keys: Keys, bot_id: str) -> list[str]:
+def bot_acl_rules(keys: Keys, bot_id: str, *, selectors: bool, db: int = 0) -> list[str]:
     """The ``ACL SETUSER`` rules of a bot's user, without its password.
 
     ``reset`` comes first, so applying the rules replaces whatever the user had; then the
-    user is enabled, gets no pub/sub channels, the key patterns of
-    :func:`bot_key_patterns` and the commands of ``_COMMAND_RULES`` (see each one's reason
-    there). The rules work on Redis 6.2 and 7.x.
+    user is enabled and gets no pub/sub channels. With ``selectors`` (Redis 7 and newer)
+    each kind of key gets only its own commands; without (Redis 6.2) every allowed command
+    reaches every key pattern (see the module's limits). ``db`` is the only database the
+    user may SELECT (the one of its URL).
     """
-    return [
+    # The state rules end in -@admin -@dangerous, which on 6.2 would also drop the exact
+    # adds of CLIENT SETNAME and SCRIPT LOAD: those come after them.
+    common = [
         "reset",  # no passwords, keys, channels or commands: start from nothing
         "on",  # enabled (it still needs the password given with the rules)
         "resetchannels",  # the bus uses no pub/sub; 6.2's reset may allow all channels
-        *(f"~{pattern}" for pattern in bot_key_patterns(keys, bot_id)),
-        *(rule for rule, _ in _COMMAND_RULES),
+        "-@all",  # everything below is an allow-list
+        *(rule for rule, _ in _STATE_RULES),
+        *(rule for rule, _ in _CONNECTION_RULES),
+        f"+select|{int(db)}",  # its URL's database only (redis-py SELECTs it on connect)
+        *_script_rules(),
     ]
+    if not selectors:
+        return [
+            *common,
+            *(f"~{pattern}" for pattern in bot_key_patterns(keys, bot_id)),
+            *(rule for rule, _ in _STREAM_RULES + _PRESSURE_RULES),
+        ]
+    return [
+        *common,
+        *(f"~{pattern}" for pattern in bot_state_patterns(keys, bot_id)),
+        _selector(f"~{keys.stream_prefix()}*", _STREAM_RULES),
+        _selector(f"~{keys.dead_letters()}", _DEAD_LETTER_RULES),
+        _selector(f"%R~{keys.pressure()}", _PRESSURE_RULES),
+    ]
+
+
+def _selector(pattern: str, rules: tuple[tuple[str, str], ...]) -> str:
+    """A Redis 7 selector: ``rules`` on the keys of ``pattern`` only."""
+    return "(" + " ".join([pattern, *(rule for rule, _ in rules)]) + ")"
+
+
+async def uses_selectors(admin: Redis) -> bool:
+    """Whether the server takes ACL selectors (Redis 7.0 and newer)."""
+    info: Any = await admin.info("server")
+    version = str(info.get("redis_version", "0"))
+    major = version.split(".", 1)[0]
+    return major.isdigit() and int(major) >= 7
 
 
 def _password_rule(password: str) -> str:
@@ -237,7 +281,8 @@ async def ensure_bot_user(admin: Redis, keys: Keys, bot_id: str, password: str) 
     open and get the new permissions at once.
     """
     username = bot_username(keys.namespace, bot_id)
-    rules = bot_acl_rules(keys, bot_id)
+    db = int(admin.connection_pool.connection_kwargs.get("db") or 0)
+    rules = bot_acl_rules(keys, bot_id, selectors=await uses_selectors(admin), db=db)
     await _acl(
         admin,
         "SETUSER",
@@ -272,13 +317,40 @@ async def bot_users(admin: Redis, keys: Keys) -> list[str]:
     )
 
 
+def bots_base_url(admin_url: str, bot_cert: tuple[Path, Path] | None) -> str:
+    """The URL bots' URLs are made from: ``admin_url`` without the manager's TLS client
+    certificate, key and key password, with the bots' own ``(certificate, key)`` if given.
+
+    A bot is untrusted code: it must never hold the manager's TLS identity. Without
+    ``bot_cert`` bots present no certificate and log in with their ACL password alone, which
+    a Redis with ``tls-auth-clients yes`` refuses (it is logged here, once).
+    """
+    parts = urlsplit(admin_url)
+    params = [p for p in parts.query.split("&") if p]
+    kept = [p for p in params if unquote(p.partition("=")[0]) not in _CLIENT_CERT_PARAMS]
+    if bot_cert is not None:
+        cert, key = bot_cert
+        kept += [
+            f"ssl_certfile={quote(str(cert), safe='/')}",
+            f"ssl_keyfile={quote(str(key), safe='/')}",
+        ]
+    elif len(kept) < len(params):
+        log.warning(
+            "bots connect to Redis without a client certificate (the manager's stays its "
+            "own); if Redis requires one (tls-auth-clients yes), set redis_tls.bot_cert_file "
+            "and bot_key_file"
+        )
+    return urlunsplit(parts._replace(query="&".join(kept)))
+
+
 def bot_redis_url(admin_url: str, username: str, password: str) -> str:
     """``admin_url`` with the bot's user name and password instead of the admin's.
 
-    Works for ``redis://``, ``rediss://`` and ``unix://`` URLs; host, port, socket path,
-    database and other query options are kept, and ``username``/``password`` query options
-    (which redis-py also reads) are removed. Both values are percent-quoted, so any
-    character is safe.
+    Give it :func:`bots_base_url`'s URL, never the manager's own (which may name the
+    manager's TLS client certificate). Works for ``redis://``, ``rediss://`` and ``unix://``
+    URLs; host, port, socket path, database and other query options are kept, and
+    ``username``/``password`` query options (which redis-py also reads) are removed. Both
+    values are percent-quoted, so any character is safe.
     """
     parts = urlsplit(admin_url)
     if parts.scheme not in _URL_SCHEMES:

@@ -20,11 +20,12 @@ from bus import BusClient, EventType
 from bus.connection import raise_swallowed_cancel, redact
 from bus.keys import Keys, group_name
 from bus.routing import Router
+from bus.tls import REDIS_TLS, tls_problem
 from manager.archive.link import ArchiveLink
 from manager.archive.restore import restore
 from manager.config import ArchiveSettings, BotConfig
 from manager.errors import ManagerError
-from manager.supervision.coordinator import declared_streams
+from manager.supervision.group_grants import declared_streams
 
 log = structlog.get_logger("manager")
 
@@ -41,6 +42,11 @@ async def check_redis(redis: Redis, url: str) -> None:
         ) from None
     except (RedisError, OSError) as exc:
         await redis.aclose()
+        if problem := tls_problem(exc, url, REDIS_TLS):
+            raise ManagerError(
+                f"{problem} (redis_url, or MULTIBOT_REDIS_URL; [redis_tls] for the embedded "
+                "redis-server)"
+            ) from None
         raise ManagerError(
             f"cannot reach Redis at {redact(url)} ({exc}): start it, fix redis_url (or "
             "MULTIBOT_REDIS_URL), or leave it unset to run an embedded redis-server"

@@ -19,6 +19,7 @@ import structlog
 from bus import EventType
 from manager.config import BotConfig, ConfigError, load_config
 from manager.control import CommandError
+from manager.daemon.isolation import OsUserError
 from manager.daemon.parts import Parts
 from manager.observe.sd_notify import Notifier
 
@@ -107,7 +108,7 @@ class Reloader:
         manager running (as the control socket's does), logged with its cause."""
         try:
             await self.reload()
-        except (ConfigError, CommandError) as exc:
+        except (ConfigError, CommandError, OsUserError) as exc:
             log.error("reload refused: keeping the running config", error=str(exc))
         except Exception:
             log.exception("reload failed")

@@ -82,6 +82,22 @@ def die_with_parent(parent_pid: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_PR_CAP_AMBIENT = 47
+_PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+
+def drop_ambient_capabilities() -> None:
+    """Clear this process's ambient capabilities (a no-op off Linux or before Linux 4.3).
+
+    A manager given CAP_SETUID, CAP_SETGID and CAP_KILL as ambient capabilities (the systemd
+    unit does) would hand them to every child across exec: a bot could then become any user
+    again. With the ambient set empty, a child that is not root keeps no capability at exec.
+    """
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
 def switch_user(user: OsUser) -> None:
     """Become ``user``, with its primary group and no supplementary groups (needs root)."""
     os.setgroups([])
@@ -99,6 +115,7 @@ def child_setup(user: OsUser | None = None, umask: int | None = None) -> Callabl
     parent_pid = os.getpid()
 
     def setup() -> None:
+        drop_ambient_capabilities()  # no child keeps the manager's (a bot least of all)
         if user is not None:
             switch_user(user)
         if umask is not None:
@@ -108,22 +125,23 @@ def child_setup(user: OsUser | None = None, umask: int | None = None) -> Callabl
     return setup
 
 
-def first_closed_dir(path: Path, user: OsUser) -> Path | None:
+def first_closed_dir(path: Path, user: OsUser, *, read: bool = False) -> Path | None:
     """The first directory on the way to ``path`` (or path itself) closed to ``user``, or None.
 
-    Judged from the mode bits (search/execute) for a child that ``child_setup`` switched to
-    ``user``: its primary group only, and ACLs are not read.
+    Judged from the mode bits (search/execute; with ``read``, also read on ``path`` itself,
+    as listing a directory needs) for a child that ``child_setup`` switched to ``user``: its
+    primary group only, and ACLs are not read.
     """
     resolved = path.resolve()
     for step in (*reversed(resolved.parents), resolved):
         info = step.stat()
         if info.st_uid == user.uid:
-            bit = stat.S_IXUSR
+            bits = stat.S_IXUSR | (stat.S_IRUSR if read and step == resolved else 0)
         elif info.st_gid == user.gid:
-            bit = stat.S_IXGRP
+            bits = stat.S_IXGRP | (stat.S_IRGRP if read and step == resolved else 0)
         else:
-            bit = stat.S_IXOTH
-        if not info.st_mode & bit:
+            bits = stat.S_IXOTH | (stat.S_IROTH if read and step == resolved else 0)
+        if info.st_mode & bits != bits:
             return step
     return None
 

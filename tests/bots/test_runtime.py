@@ -32,6 +32,7 @@ EVERY_KIND = [
     StatusLine(Status.STARTED, STREAM, ("1700000000000-0",)),
     StatusLine(Status.FINISHED, STREAM, ("1700000000000-0", "1700000000001-3")),
     StatusLine(Status.METRICS, data={"counters": {"published": {"": {"user": 2}}}}),
+    StatusLine(Status.GROUPS, "$", (STREAM, OTHER)),
 ]
 
 
@@ -124,6 +125,7 @@ class TestStatusLine:
             b"+ multibot:stream:{user} 1700000000000-0\n",
             b"- multibot:stream:{user} 1700000000000-0 1700000000001-3\n",
             b'm {"counters":{"published":{"":{"user":2}}}}\n',
+            b"groups $ multibot:stream:{user} multibot:stream:{bot}\n",
         ]
 
     @pytest.mark.parametrize(
@@ -146,6 +148,8 @@ class TestStatusLine:
             b"m\n",
             b"m {not json\n",
             b"m [1, 2]\n",
+            b"groups\n",
+            b"groups $\n",
         ],
     )
     def test_garbage_and_short_lines_are_none(self, line: bytes) -> None:

@@ -87,13 +87,23 @@ class ManagerProcess:
         config: str,
         *,
         environ: Mapping[str, str] | None = None,
+        cwd: Path = REPO,
     ) -> None:
         self.config_path = tmp_path / "multibot.toml"
         self.config_path.write_text(config)
         self.data_dir = Path((environ or {}).get("MULTIBOT_DATA_DIR") or tmp_path / "data")
         self.log_path = tmp_path / "manager.log"
         # Any free port for the HTTP API: managers of parallel or leftover runs never clash.
-        self._environ = {**os.environ, "MULTIBOT_API__PORT": "0", **(environ or {})}
+        # Bots run as the test's own OS user (they import their code from the checkout),
+        # unless a test of bots under their own users sets MULTIBOT_SUPERVISOR__BOT_USER.
+        self._environ = {
+            **os.environ,
+            "MULTIBOT_API__PORT": "0",
+            "MULTIBOT_SUPERVISOR__BOT_USER": "",
+            **(environ or {}),
+        }
+        #: The manager's working directory, where its bots start.
+        self.cwd = cwd
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self, *, wait_ready: bool = True) -> None:
@@ -101,7 +111,7 @@ class ManagerProcess:
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "manager.cli", "start", "--config", str(self.config_path),
-                cwd=REPO, env=self._environ, stdin=asyncio.subprocess.DEVNULL,
+                cwd=self.cwd, env=self._environ, stdin=asyncio.subprocess.DEVNULL,
                 stdout=log, stderr=log,
             )  # fmt: skip
         if wait_ready:

@@ -254,7 +254,11 @@ class TestBadConfig:
             'redis_url = "redis://127.0.0.1:1/0"\npostgres_dsn = "postgresql://x@127.0.0.1:1/x"\n'
             + bot_toml("a", "bots.chatbot:main")
         )
-        started = multibot("start", "--config", str(config))
+        # The bots share the test's user: as root, the missing default bot user would
+        # stop the start before Redis is tried.
+        started = multibot(
+            "start", "--config", str(config), env={"MULTIBOT_SUPERVISOR__BOT_USER": ""}
+        )
         assert started.returncode == 1
         assert "cannot reach Redis at redis://127.0.0.1:1/0" in started.stderr
         assert "Traceback" not in started.stderr

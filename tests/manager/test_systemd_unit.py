@@ -176,7 +176,11 @@ class TestContract:
             ("StateDirectory", "multibot"),
             ("ExecStart", f"{PRODUCTION_MULTIBOT} start --config /etc/multibot/multibot.toml"),
             ("ExecReload", "/bin/kill -HUP $MAINPID"),
-            ("CapabilityBoundingSet", ""),
+            # Exactly what switching bots to their own OS users needs, nothing more.
+            ("CapabilityBoundingSet", "CAP_SETUID CAP_SETGID CAP_KILL"),
+            ("AmbientCapabilities", "CAP_SETUID CAP_SETGID CAP_KILL"),
+            ("UMask", "0077"),
+            ("StateDirectoryMode", "0700"),
         ],
     )
     def test_service_setting(
@@ -196,6 +200,15 @@ class TestContract:
         assert self.one(unit, "Service", "User") not in ("root", "0", "")
         assert self.one(unit, "Service", "Group") not in ("root", "0", "")
         assert "DynamicUser" not in unit["Service"]
+
+    @needs_systemd_analyze
+    def test_cgroup_drop_in_is_accepted(self, tmp_path: Path) -> None:
+        """The drop-in that delegates memory cgroups loads on top of the unit."""
+        drop_in = UNIT.parent / "multibot-cgroups.conf"
+        text = drop_in.read_text()
+        assert "Delegate=memory" in text and "ProtectControlGroups=no" in text
+        # A drop-in's keys merge into the unit: verify the unit with them appended.
+        assert verify_findings(runnable_copy(UNIT.read_text() + "\n" + text, tmp_path)) == []
 
     def test_no_memory_deny_write_execute(self, unit: dict[str, dict[str, list[str]]]) -> None:
         """MemoryDenyWriteExecute stays off: ctypes and cffi need writable executable pages."""

@@ -260,3 +260,19 @@ class TestArchiveLine:
             status = ManagerStatus.model_validate(make_status() | {"archive": archive})
             render_status(status, Console(file=out, width=140))
             assert expected in out.getvalue()
+
+
+class TestBotUsersLine:
+    def test_who_the_bots_run_as(self) -> None:
+        """The OS users the bots run as; none: the sharing is said plainly; unknown: nothing."""
+        status = make_status()
+        status["manager"]["bot_users"] = ["multibot-bot", "nobody:nogroup"]
+        text = render(status)
+        assert line_of(text, "OS users") == "bots run as OS users multibot-bot, nobody:nogroup"
+        status["manager"]["bot_users"] = []
+        text = render(status)
+        assert (
+            line_of(text, "isolation") == "bots share the manager's user: isolation is Redis-only"
+        )
+        text = render(make_status())
+        assert "OS users" not in text and "isolation" not in text

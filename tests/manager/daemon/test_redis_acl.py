@@ -6,8 +6,9 @@ import asyncio
 import string
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, Protocol, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from redis.asyncio import Redis
@@ -17,7 +18,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from bus import BusClient, Event
+from bus.dlq import DeadLetters
+from bus.groups import ensure_group
 from bus.keys import Keys, consumer_name, group_name
+from bus.lease import SCRIPTS, Lease, run_script, script_sha
 from bus.settings import BusSettings, RetrySettings
 from manager.daemon.redis_acl import (
     BotUserError,
@@ -25,8 +29,10 @@ from manager.daemon.redis_acl import (
     bot_acl_rules,
     bot_key_patterns,
     bot_redis_url,
+    bot_state_patterns,
     bot_username,
     bot_users,
+    bots_base_url,
     delete_bot_user,
     ensure_bot_user,
     generate_password,
@@ -40,6 +46,8 @@ pytestmark = pytest.mark.redis
 
 KEYS = Keys()
 BOT = "greeter"
+#: Streams the tests' bots read; the manager creates their groups before a bot starts.
+READ_STREAMS = ("user", "system")
 #: Handshake commands redis-py sends on connect and ignores the failure of: CLIENT SETINFO
 #: (library name) and, over RESP3 on TCP, CLIENT MAINT_NOTIFICATIONS. 7.0 knows neither, so
 #: the rules cannot name them; 6.2 takes any subcommand name but refuses these by ACL and
@@ -80,6 +88,8 @@ async def bot_bus(admin: Redis, redis_url: str) -> AsyncIterator[BotBus]:
     async def make(bot_id: str, *, instance: int | str = 0, **consumer: object) -> BusClient:
         if bot_id not in urls:
             urls[bot_id] = await bot_url(admin, redis_url, bot_id)
+            for name in READ_STREAMS:  # as the manager does for declared subscriptions
+                await ensure_group(admin, KEYS.stream(name), group_name(bot_id), "0")
         timings: dict[str, Any] = {"block_ms": 500, "visibility_timeout": 5.0, "start_id": "0"}
         settings = BusSettings.model_validate(
             {"redis_url": urls[bot_id], "consumer": {**timings, **consumer}}
@@ -120,6 +130,12 @@ async def refused(call: Awaitable[Any]) -> None:
         await call
 
 
+@pytest.fixture
+def selectors(redis_binary: RedisBinary) -> bool:
+    """Whether the server takes ACL selectors (7.0+), which split commands by key."""
+    return redis_binary.version >= (7, 0, 0)
+
+
 # -- pure functions ------------------------------------------------------------------------
 
 
@@ -133,7 +149,7 @@ class TestRules:
     def test_refuses_bot_ids_that_widen_patterns(self, bot_id: str) -> None:
         """A bot id with glob characters, a dot or whitespace cannot get a user."""
         with pytest.raises(BotUserError, match="bot id") as info:
-            bot_acl_rules(KEYS, bot_id)
+            bot_acl_rules(KEYS, bot_id, selectors=True)
         assert isinstance(info.value, ManagerError) and isinstance(info.value, ValueError)
         with pytest.raises(BotUserError):
             bot_username("multibot", bot_id)
@@ -142,39 +158,66 @@ class TestRules:
     def test_refuses_namespaces_that_widen_patterns(self, namespace: str) -> None:
         """A namespace with glob characters (or a ':') cannot get users."""
         with pytest.raises(BotUserError, match="namespace"):
-            bot_acl_rules(Keys(namespace), BOT)
+            bot_acl_rules(Keys(namespace), BOT, selectors=False)
 
     def test_key_patterns_are_exactly_the_bots_keys(self) -> None:
-        """Streams, the DLQ, its own markers, state, lease and fence, the backpressure
-        flag; nothing else."""
+        """Its own markers, state, lease and fence, the streams, the DLQ and the
+        backpressure flag; nothing else."""
         assert bot_key_patterns(KEYS, BOT) == [
-            "multibot:stream:*",
-            "multibot:dlq",
             "multibot:idem:bot-group-greeter:*",
             "multibot:bot:greeter:*",
             "multibot:lease:greeter",
             "multibot:lease:greeter:fence",
+            "multibot:stream:*",
+            "multibot:dlq",
             "multibot:pressure",
         ]
 
-    def test_rules_reset_then_allow_list(self) -> None:
+    @pytest.mark.parametrize("with_selectors", [True, False])
+    def test_rules_reset_then_allow_list(self, with_selectors: bool) -> None:
         """Rules start with reset, deny channels and all commands, then add back exactly."""
-        rules = bot_acl_rules(KEYS, BOT)
-        assert rules[:3] == ["reset", "on", "resetchannels"]
-        assert [r for r in rules if r.startswith("~")] == [
-            f"~{p}" for p in bot_key_patterns(KEYS, BOT)
-        ]
-        assert rules.index("-@all") < rules.index("+@string") < rules.index("-@dangerous")
-        assert rules.index("-@dangerous") < rules.index("+client|unblock")
+        rules = bot_acl_rules(KEYS, BOT, selectors=with_selectors)
+        assert rules[:4] == ["reset", "on", "resetchannels", "-@all"]
+        assert rules.index("+@string") < rules.index("-@dangerous")
+        assert rules.index("-@dangerous") < rules.index("+client|setname")
+        assert "+select|0" in rules and bot_acl_rules(KEYS, BOT, selectors=True, db=3)
+        assert "+select|3" in bot_acl_rules(KEYS, BOT, selectors=with_selectors, db=3)
+        shas = {f"+evalsha|{script_sha(source)}" for source in SCRIPTS.values()}
+        assert shas <= set(rules) and len(shas) == 3
+        forbidden = ("+eval", "+client|unblock", "+client|id", "+xgroup", "+xdel", "+xtrim")
+        assert not [r for r in rules if r.startswith(forbidden) and not r.startswith("+evalsha")]
         assert not [r for r in rules if r.startswith(("%", "&", "allkeys", "+@all", ">", "#"))]
         assert not {"+@read", "+@write", "+@keyspace", "+@fast", "+@admin"} & set(rules)
 
+    def test_selectors_split_commands_by_key(self) -> None:
+        """On Redis 7 the user's own keys, the streams, the DLQ and the flag each get their
+        own commands; on 6.2 every pattern is one list."""
+        rules = bot_acl_rules(KEYS, BOT, selectors=True)
+        assert [r for r in rules if r.startswith("~")] == [
+            f"~{p}" for p in bot_state_patterns(KEYS, BOT)
+        ]
+        selectors = [r for r in rules if r.startswith("(")]
+        assert [s.split()[0] for s in selectors] == [
+            "(~multibot:stream:*",
+            "(~multibot:dlq",
+            "(%R~multibot:pressure",
+        ]
+        assert "+xadd" in selectors[0] and "+del" not in selectors[0]
+        assert selectors[1] == "(~multibot:dlq +xadd)"
+        assert selectors[2] == "(%R~multibot:pressure +get)"
+        flat = bot_acl_rules(KEYS, BOT, selectors=False)
+        assert [r for r in flat if r.startswith("~")] == [
+            f"~{p}" for p in bot_key_patterns(KEYS, BOT)
+        ]
+        assert not [r for r in flat if r.startswith("(")]
+
     def test_rules_are_pure(self) -> None:
         """The same input gives the same rules; another bot differs only in its own keys."""
-        assert bot_acl_rules(KEYS, BOT) == bot_acl_rules(Keys("multibot"), BOT)
-        other = bot_acl_rules(KEYS, "other")
+        rules = bot_acl_rules(KEYS, BOT, selectors=True)
+        assert rules == bot_acl_rules(Keys("multibot"), BOT, selectors=True)
+        other = bot_acl_rules(KEYS, "other", selectors=True)
         assert [r for r in other if not r.startswith("~")] == [
-            r for r in bot_acl_rules(KEYS, BOT) if not r.startswith("~")
+            r for r in rules if not r.startswith("~")
         ]
 
     def test_generated_passwords(self) -> None:
@@ -236,6 +279,45 @@ class TestBotRedisUrl:
             bot_redis_url("redis://h:1/0", "u", "")
 
 
+class TestBotsBaseUrl:
+    MANAGER = (
+        "rediss://admin:secret@redis.example:6380/1?ssl_ca_certs=/etc/multibot/ca.crt"
+        "&ssl_certfile=/etc/multibot/manager.crt&ssl_keyfile=/etc/multibot/manager.key"
+        "&ssl_password=keypass&socket_timeout=5"
+    )
+
+    def test_manager_client_certificate_never_reaches_bots(self) -> None:
+        """The manager's certificate, key and key password are dropped; the CA, host and
+        other options stay, so a bot still verifies the server."""
+        with capture_logs() as logs:
+            url = bots_base_url(self.MANAGER, None)
+        assert "manager" not in url and "keypass" not in url
+        parts = urlsplit(url)
+        assert parts.netloc == "admin:secret@redis.example:6380"  # bot_redis_url replaces it
+        assert parse_qsl(parts.query) == [
+            ("ssl_ca_certs", "/etc/multibot/ca.crt"),
+            ("socket_timeout", "5"),
+        ]
+        assert [e["log_level"] for e in logs if "client certificate" in e["event"]] == ["warning"]
+
+    def test_bots_get_their_own_certificate(self) -> None:
+        """With the bots' certificate and key configured, the bot URL presents those."""
+        cert, key = Path("/etc/multibot/bots.crt"), Path("/etc/multibot/bots.key")
+        url = bot_redis_url(bots_base_url(self.MANAGER, (cert, key)), "multibot.bot.a", "pw")
+        kwargs: Any = parse_url(url)  # what redis-py will connect with
+        assert (kwargs["ssl_certfile"], kwargs["ssl_keyfile"]) == (str(cert), str(key))
+        assert kwargs["ssl_ca_certs"] == "/etc/multibot/ca.crt"
+        assert "ssl_password" not in kwargs
+        assert (kwargs["username"], kwargs["password"]) == ("multibot.bot.a", "pw")
+
+    def test_url_without_client_certificate_is_unchanged(self) -> None:
+        """Plain and CA-only URLs pass as they are, with nothing logged."""
+        for admin_url in ("redis://127.0.0.1:6379/0", "rediss://h:1/0?ssl_ca_certs=/ca.crt"):
+            with capture_logs() as logs:
+                assert bots_base_url(admin_url, None) == admin_url
+            assert logs == []
+
+
 # -- what a bot's user can do ---------------------------------------------------------------
 
 
@@ -257,8 +339,11 @@ class TestBotCan:
             await wait_until(lambda: _no_pending(admin, stream, group_name(BOT)), what="acks")
         assert await denials(admin) == []
 
-    async def test_failing_handler_is_dead_lettered(self, bot_bus: BotBus, admin: Redis) -> None:
-        """A handler failing every attempt gets its event into the DLQ, readable by the bot."""
+    async def test_failing_handler_is_dead_lettered(
+        self, bot_bus: BotBus, admin: Redis, selectors: bool
+    ) -> None:
+        """A handler failing every attempt gets its event into the DLQ; on Redis 7 the bot
+        may only add to the DLQ, not read the letters of others."""
         consumer = await bot_bus(BOT)
 
         @consumer.subscribe("user.test.*", retry=RetrySettings(max_attempts=2, jitter=0))
@@ -269,11 +354,15 @@ class TestBotCan:
             event_id = await consumer.publish("user.test.ping", {})
             await wait_until(lambda: _has_dead_letters(admin), what="a dead letter")
             await wait_until(lambda: _no_pending(admin, KEYS.stream("user"), group_name(BOT)))
-        assert await consumer.dlq.count() == 1
-        (letter,) = await consumer.dlq.list()
+        letters = DeadLetters(admin, KEYS, consumer.router)
+        assert await letters.count() == 1
+        (letter,) = await letters.list()
         assert letter.event_id == event_id and letter.error == "RuntimeError: boom"
-        assert (await consumer.dlq.get(letter.id)).group == group_name(BOT)
+        assert (await letters.get(letter.id)).group == group_name(BOT)
         assert await denials(admin) == []
+        if selectors:
+            await refused(consumer.dlq.count())
+            await refused(consumer.dlq.list())
 
     async def test_idempotent_handler(self, bot_bus: BotBus, admin: Redis) -> None:
         """Run-once markers are written under the bot's group, and a duplicate is skipped."""
@@ -297,7 +386,6 @@ class TestBotCan:
         """Entries another (dead) instance took are reclaimed, kept while running, acked."""
         dead = await bot_bus(BOT, instance="dead")
         stream = KEYS.stream("user")
-        await dead.redis.xgroup_create(stream, group_name(BOT), id="0", mkstream=True)
         event_id = await dead.publish("user.test.ping", {})
         taken: Any = await dead.redis.xreadgroup(
             group_name(BOT), consumer_name(BOT, "dead"), {stream: ">"}
@@ -332,8 +420,11 @@ class TestBotCan:
         assert replayed == ids
         assert await denials(admin) == []
 
-    async def test_stop_unblocks_the_reader(self, bot_bus: BotBus, admin: Redis) -> None:
-        """Stop wakes the blocked XREADGROUP with CLIENT UNBLOCK instead of waiting it out."""
+    async def test_stop_ends_the_blocked_read(
+        self, bot_bus: BotBus, admin: Redis, selectors: bool
+    ) -> None:
+        """Stop ends the reader's blocked XREADGROUP at once, without CLIENT UNBLOCK (which a
+        bot may not run: it would wake any client)."""
         client = await bot_bus(BOT, block_ms=5000)
 
         @client.subscribe("user.test.*")
@@ -343,17 +434,22 @@ class TestBotCan:
         with capture_logs() as logs:
             task = asyncio.create_task(client.run())
             await client.wait_ready()
-            await asyncio.sleep(0.3)  # the reader is now blocked in XREADGROUP BLOCK 5000
+            await wait_until(
+                lambda: _blocked_clients(admin, 1), what="the reader blocked in XREADGROUP"
+            )
             started = time.monotonic()
             await client.stop(timeout=5)
             await task
         assert time.monotonic() - started < 2.0
-        assert await command_calls(admin, "client|unblock") >= 1
+        if selectors:  # 6.2 counts CLIENT calls as one; there the ACL log shows no attempt
+            assert await command_calls(admin, "client|unblock") == 0
         assert await denials(admin) == []
         assert not [e for e in logs if e["log_level"] in ("error", "critical")]
+        await wait_until(lambda: _blocked_clients(admin, 0), what="no client left blocked")
 
     async def test_own_state_and_lease(self, bot_redis: Redis, admin: Redis) -> None:
-        """The bot reads and writes its state, lease and fence, also from a script."""
+        """The bot reads and writes its state, lease and fence, and runs the project's lease
+        scripts (by SHA1, loading them when Redis has none, as after a restart)."""
         state, lease, fence = KEYS.bot_state(BOT, "role", 1), KEYS.lease(BOT), KEYS.fence(BOT)
         assert await bot_redis.set(state, "leader") and await bot_redis.get(state) == "leader"
         assert await bot_redis.hset(KEYS.bot_state(BOT, "h"), "f", "v") == 1
@@ -361,34 +457,39 @@ class TestBotCan:
         assert await bot_redis.set(lease, "0 1", nx=True, px=5000)
         assert await bot_redis.pexpire(lease, 10000)
         assert 0 < await bot_redis.pttl(lease) <= 10000
-        # KEYS[1] lease, KEYS[2] fence, ARGV[1] holder, ARGV[2] ttl ms; returns the token.
-        acquire = """
-            if redis.call('get', KEYS[1]) then return 0 end
-            local token = redis.call('incr', KEYS[2])
-            redis.call('set', KEYS[1], ARGV[1] .. ' ' .. token, 'px', ARGV[2])
-            return token
-        """
         await bot_redis.delete(lease)
-        assert await bot_redis.eval(acquire, 2, lease, fence, "0", "5000") == 2
-        script = bot_redis.register_script(acquire + "-- not cached yet: SCRIPT LOAD")
-        await bot_redis.delete(lease)
-        assert await script(keys=[lease, fence], args=["1", "5000"]) == 3
+        await admin.script_flush()
+        holder = Lease(bot_redis, KEYS, BOT, "0", ttl=5.0)
+        assert await holder.try_acquire() and holder.token == 2
+        assert await holder.renew()
+        assert not await Lease(bot_redis, KEYS, BOT, "1", ttl=5.0).try_acquire()
+        await holder.release()
+        assert await bot_redis.get(lease) is None
         async with bot_redis.pipeline(transaction=True) as pipe:
             pipe.set(state, "follower")
             pipe.expire(state, 60)
             assert await pipe.execute() == [True, True]
-        assert await bot_redis.delete(state, lease, fence) == 3
+        assert await bot_redis.delete(state, fence) == 2
         assert await denials(admin) == []
 
-    async def test_database_of_the_url(self, admin: Redis, redis_url: str) -> None:
-        """A URL naming database 1 works (SELECT on connect) and keeps the same limits."""
-        url = (await bot_url(admin, redis_url, BOT)).rpartition("/")[0] + "/1"
-        async with Redis.from_url(url, decode_responses=True) as bot:
-            assert await bot.set(KEYS.bot_state(BOT, "x"), "1")
-            await refused(bot.get("other:x"))
+    async def test_database_of_the_url(self, redis_url: str) -> None:
+        """The bot's database is the manager's (SELECT on connect); another one is refused."""
         db1_url = redis_url.rpartition("/")[0] + "/1"
-        async with Redis.from_url(db1_url, decode_responses=True) as db1:
-            assert await db1.get(KEYS.bot_state(BOT, "x")) == "1"
+        async with Redis.from_url(db1_url, decode_responses=True) as admin_db1:
+            url = await bot_url(admin_db1, db1_url, BOT)
+            async with Redis.from_url(url, decode_responses=True) as bot:
+                assert await bot.set(KEYS.bot_state(BOT, "x"), "1")
+                await refused(bot.get("other:x"))
+                await refused(bot.select(0))
+            assert await admin_db1.get(KEYS.bot_state(BOT, "x")) == "1"
+        with pytest.raises(NoPermissionError):
+            async with Redis.from_url(url.rpartition("/")[0] + "/2") as elsewhere:
+                await elsewhere.ping()  # the connect's SELECT 2 is refused
+
+
+async def _blocked_clients(admin: Redis, count: int) -> bool:
+    clients: Any = await admin.info("clients")
+    return int(clients["blocked_clients"]) == count
 
 
 async def _no_pending(admin: Redis, stream: str, group: str) -> bool:
@@ -431,10 +532,9 @@ class TestBotCannot:
         await refused(bot_redis.set(key, "x"))
         await refused(bot_redis.delete(key))
         await refused(bot_redis.exists(key))
-        await refused(bot_redis.eval("return redis.call('get', KEYS[1])", 1, key))
-        # A script cannot reach keys it did not declare either.
-        with pytest.raises(ResponseError, match="can't access"):
-            await bot_redis.eval(f"return redis.call('get', '{key}')", 0)
+        # The project's own scripts are no way around it either.
+        with pytest.raises(ResponseError, match=r"(?i)permission|can.t access"):
+            await run_script(bot_redis, SCRIPTS["release"], [key], ["secret"])
         assert await admin.get(key) == "secret"
 
     @pytest.mark.parametrize(
@@ -477,8 +577,11 @@ class TestBotCannot:
         await refused(bot_redis.xreadgroup(group_name(BOT), "c", {stream: ">"}))
         assert await admin.xlen(stream) == 1
 
-    async def test_cannot_break_shared_streams(self, bot_redis: Redis, admin: Redis) -> None:
-        """No deleting, trimming or destroying groups on the streams every bot shares."""
+    async def test_cannot_break_shared_streams(
+        self, bot_redis: Redis, admin: Redis, selectors: bool
+    ) -> None:
+        """No deleting, trimming, or creating, moving and destroying groups on the streams
+        every bot shares; on Redis 7 no DEL, EXPIRE or overwrite either."""
         stream = KEYS.stream("user")
         entry = await admin.xadd(stream, {"a": "1"})
         await admin.xgroup_create(stream, group_name("other"), id="0")
@@ -486,9 +589,26 @@ class TestBotCannot:
         await refused(bot_redis.xtrim(stream, maxlen=0))
         await refused(bot_redis.xgroup_destroy(stream, group_name("other")))
         await refused(bot_redis.xgroup_setid(stream, group_name("other"), "$"))
+        await refused(bot_redis.xgroup_create(stream, group_name("evil"), id="$"))
+        await refused(bot_redis.xgroup_create(KEYS.stream("new"), group_name(BOT), mkstream=True))
+        await refused(bot_redis.xgroup_createconsumer(stream, group_name("other"), "evil"))
+        await refused(bot_redis.xgroup_delconsumer(stream, group_name("other"), "x"))
         execute = cast(Callable[..., Awaitable[Any]], bot_redis.execute_command)
         await refused(execute("XSETID", stream, "9999999999999-0"))
+        if selectors:
+            await refused(bot_redis.delete(stream))
+            await refused(bot_redis.unlink(stream))
+            await refused(bot_redis.expire(stream, 1))
+            await refused(bot_redis.persist(stream))
+            await refused(bot_redis.set(KEYS.stream("fresh"), "x"))
+            await refused(bot_redis.delete(KEYS.dead_letters()))
+            await refused(bot_redis.xrange(KEYS.dead_letters()))
+            await refused(bot_redis.set(KEYS.pressure(), "lowered"))
+            await refused(bot_redis.delete(KEYS.pressure()))
+            assert await bot_redis.get(KEYS.pressure()) is None
         assert await admin.xlen(stream) == 1
+        assert [g["name"] for g in await admin.xinfo_groups(stream)] == [group_name("other")]
+        assert await admin.exists(KEYS.stream("new"), KEYS.stream("fresh")) == 0
 
     async def test_cannot_see_key_names(self, bot_redis: Redis) -> None:
         """Commands listing or sampling key names across namespaces are refused."""
@@ -553,6 +673,15 @@ class TestBotCannot:
             ("WAIT", "0", "0"),
             ("PUBLISH", "c", "x"),
             ("PFDEBUG", "GETREG", "multibot:bot:greeter:x"),
+            ("EVAL", "return 1", "0"),
+            ("EVAL_RO", "return 1", "0"),
+            ("EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0"),  # return 1
+            ("SCRIPT", "EXISTS", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db"),
+            ("SELECT", "1"),
+            ("CLIENT", "UNBLOCK", "1"),
+            ("CLIENT", "ID"),
+            ("XGROUP", "CREATE", "multibot:stream:{user}", "g", "$", "MKSTREAM"),
+            ("XGROUP", "SETID", "multibot:stream:{user}", "g", "$"),
         ],
         ids=lambda c: " ".join(c[:2]),
     )
@@ -570,7 +699,7 @@ class TestBotCannot:
             verdict = await dryrun("ACL", "DRYRUN", username, *command)
             assert "no permissions" in verdict
         execute = cast(Callable[..., Awaitable[Any]], bot_redis.execute_command)
-        if command[0] in ("FUNCTION", "FCALL") and redis_binary.version < (7, 0, 0):
+        if command[0] in ("FUNCTION", "FCALL", "EVAL_RO") and redis_binary.version < (7, 0, 0):
             with pytest.raises(ResponseError, match="unknown command"):
                 await execute(*command)
         elif command[0] == "DEBUG" and redis_binary.version >= (7, 0, 0):
@@ -580,12 +709,13 @@ class TestBotCannot:
             await refused(execute(*command))
 
     async def test_client_subcommands(self, bot_redis: Redis) -> None:
-        """Of CLIENT, the bot may name itself, see its id and unblock, nothing more."""
+        """Of CLIENT, the bot may name its connection, nothing more: no client's id, no
+        unblocking or killing other clients."""
         assert await bot_redis.client_setname("me")
-        own_id = await bot_redis.client_id()
-        assert await bot_redis.client_unblock(own_id) is False  # not blocked: nothing to do
+        await refused(bot_redis.client_id())
+        await refused(bot_redis.client_unblock(1))
         await refused(bot_redis.client_list())
-        await refused(bot_redis.client_kill_filter(_id=str(own_id)))
+        await refused(bot_redis.client_kill_filter(_id="1"))
         await refused(bot_redis.client_no_evict("on"))
         await refused(bot_redis.client_getname())
         await refused(bot_redis.client_info())

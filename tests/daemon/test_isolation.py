@@ -1,0 +1,92 @@
+"""The boundary between a bot and everything else, tried by a hostile bot under a real manager.
+
+``tests/daemon/probe_bot.py`` runs as a bot of the fleet, through the Redis user the manager
+gives it, and reports what each of its attempts did. Every attempt must be refused, except
+the few this release does not close yet on that Redis version (``STILL_OPEN``): those must
+still succeed, so that closing one fails this test until the README's Security section and
+this list say so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from bus.keys import Keys
+from manager.embedded.redis_server import RedisBinary
+from tests.daemon.conftest import ManagerFactory
+from tests.daemon.manager_process import bot_toml
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+PROBE = "tests.daemon.probe_bot:main"
+STEADY = "tests.daemon.sample_bots:steady"
+#: Holes a bot can still use on every Redis version: XADD and the group commands take any
+#: arguments, so only separate keys per group and a relay for publishing can close them.
+OPEN_EVERYWHERE = {
+    "trim a stream (XADD MAXLEN)",
+    "exhaust a stream's ids",
+    "read through the archiver's group",
+    "ack through the archiver's group",
+    "read through another bot's group",
+}
+#: Holes Redis 6.2 leaves besides: without ACL selectors, every command the bot may run on
+#: its own keys reaches the streams, the DLQ and the backpressure flag too.
+OPEN_ON_6_2 = {
+    "delete a stream",
+    "unlink a stream",
+    "expire a stream",
+    "overwrite a stream",
+    "read the dead letters",
+    "lower the backpressure flag",
+}
+#: What a command unknown to the server answers (6.2 has no FUNCTION): no permission needed.
+UNKNOWN = "failed: unknown command"
+
+
+def still_open(binary: RedisBinary) -> set[str]:
+    return OPEN_EVERYWHERE | (OPEN_ON_6_2 if binary.version < (7, 0, 0) else set())
+
+
+async def entries_of(redis: Redis, stream: str, type_: str) -> list[dict[str, str]]:
+    rows: Any = await redis.xrange(stream)
+    return [fields for _, fields in rows if fields.get("type") == type_]
+
+
+class TestProbeBot:
+    async def test_every_may_not_is_refused(
+        self,
+        manager_factory: ManagerFactory,
+        redis_url: str,
+        redis_binary: RedisBinary,
+        keys: Keys,
+    ) -> None:
+        """The probe's every attempt is refused by Redis, but the known open ones."""
+        routes = '[bus.routes]\nprobe = "probe"\n'
+        bots = bot_toml("victim", STEADY) + bot_toml("probe", PROBE)
+        manager = await manager_factory(bots, extra=routes)
+        async with Redis.from_url(redis_url, decode_responses=True) as admin:
+
+            async def reported() -> bool:
+                return bool(await entries_of(admin, keys.stream("bot"), "test.probe.report"))
+
+            await wait_until(reported, 30, f"the probe's report; manager log:\n{manager.log()}")
+            (report,) = await entries_of(admin, keys.stream("bot"), "test.probe.report")
+            forged = await entries_of(admin, keys.stream("bot"), "test.probe.forged")
+        outcomes: dict[str, str] = orjson.loads(report["data"])
+        outcomes["publish as the manager"] = (
+            "succeeded" if forged and forged[0]["source"] == "manager" else "refused"
+        )
+        open_now = still_open(redis_binary) | {"publish as the manager"}
+        got = {
+            name: outcome
+            for name, outcome in outcomes.items()
+            if outcome != ("succeeded" if name in open_now else "refused")
+            and not (name == "load a function" and outcome.startswith(UNKNOWN))
+        }
+        assert got == {}, "attempts whose outcome differs from the documented boundary"
+        assert len(outcomes) == 29
