@@ -110,6 +110,7 @@ class BusClient:
                 self._source,
                 self.metrics,
                 backpressure=self._backpressure,
+                outbox=self._outbox,
             )
         return self
 
@@ -145,7 +146,12 @@ class BusClient:
     @property
     def dlq(self) -> DeadLetters:
         """The namespace's dead-letter stream."""
-        return DeadLetters(self.redis, self.keys, self.router)
+        return DeadLetters(self.redis, self.keys, self.router, outbox=self._outbox)
+
+    @property
+    def _outbox(self) -> str | None:
+        """The bot's outbox when it publishes through one (a bot run by the manager)."""
+        return self.keys.outbox(self.bot_id) if self.settings.outbox else None
 
     # -- publishing ----------------------------------------------------------------------
 

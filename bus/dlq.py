@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from bus.errors import DeadLetterNotFoundError, DeadLetterRetryError, WireFormatError
 from bus.event import TYPE_RE, Event
 from bus.keys import Keys
+from bus.outbox import DEAD_LETTER_MARK
 from bus.routing import Router
 from bus.wire import (
     DLQ_LINK_FIELD,
@@ -86,6 +87,11 @@ class DeadLetter:
     fields: Mapping[str, str]
     #: The entry's exact bytes (``[name, value, …]``, base64) when it was not UTF-8, else ().
     raw: tuple[str, ...] = ()
+    #: For a letter a bot wrote through its outbox: ``found`` when its stream held the entry
+    #: it names as the letter was relayed, else ``missing``; None for other letters.
+    origin: str | None = None
+    #: The event's publisher as its stream held it (``origin`` found); None without one.
+    source: str | None = None
 
     @property
     def event(self) -> Event | None:
@@ -123,6 +129,8 @@ class DeadLetter:
             "failed_at": self.failed_at,
             "fields": dict(self.fields),
             "raw": list(self.raw),
+            "origin": self.origin,
+            "source": self.source,
         }
 
 
@@ -159,6 +167,8 @@ def parse_dead_letter(entry_id: str, f: Mapping[str, str]) -> DeadLetter:
         failed_at=text("failed_at"),
         fields={str(k): str(v) for k, v in original.items()} if isinstance(original, dict) else {},
         raw=_raw(text(RAW_FIELD)),
+        origin=text("origin") if "origin" in f else None,
+        source=text("source") if "source" in f else None,
     )
 
 
@@ -178,12 +188,16 @@ def _raw(value: str | None) -> tuple[str, ...]:
 class DeadLetters:
     """List, inspect, retry and purge the namespace's dead-letter stream."""
 
-    def __init__(self, redis: Redis, keys: Keys, router: Router | None = None) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, router: Router | None = None, *, outbox: str | None = None
+    ) -> None:
         """``router``, the namespace's routing table, says where :meth:`retry` may write
-        (without one, retry refuses)."""
+        (without one, retry refuses). With ``outbox`` (a bot run by the manager),
+        :meth:`add` writes there and the manager's relay moves the letter here."""
         self._redis = redis
         self._keys = keys
         self._router = router
+        self._outbox = outbox
         self.key = keys.dead_letters()
 
     async def add(
@@ -200,7 +214,8 @@ class DeadLetters:
         attempts: int = 0,
         traceback: str = "",
     ) -> str:
-        """Write one dead letter; return its id. The caller acks the source entry after this.
+        """Write one dead letter; return its id (of its outbox entry, through an outbox).
+        The caller acks the source entry after this.
 
         Fields that were not UTF-8 are written readable (U+FFFD for the bad bytes), and the
         entry's exact bytes go in ``raw`` (base64), so nothing of it is lost.
@@ -225,7 +240,9 @@ class DeadLetters:
         }
         if not text:
             entry[RAW_FIELD] = orjson.dumps(raw_fields(fields)).decode()
-        dlq_id: Any = await self._redis.xadd(self.key, entry)  # type: ignore[arg-type]
+        if self._outbox is not None:
+            entry[DEAD_LETTER_MARK] = "1"
+        dlq_id: Any = await self._redis.xadd(self._outbox or self.key, entry)  # type: ignore[arg-type]
         return str(dlq_id)
 
     async def list(self, count: int = 100, after: str = "-") -> builtins.list[DeadLetter]:
@@ -257,11 +274,25 @@ class DeadLetters:
         so a retry is never lost or doubled (two retries at once: one wins, the other gets
         :class:`DeadLetterNotFoundError`). The letter's ``stream`` must be where the routing
         table sends its event type, and a stream (or absent): otherwise
-        :class:`DeadLetterRetryError`, nothing is written and the letter is kept.
+        :class:`DeadLetterRetryError`, nothing is written and the letter is kept. A letter a
+        bot wrote through its outbox is retried with the ``source`` the stream held (see
+        :mod:`bus.outbox`), and refused when that is unknown.
         """
         letter = await self.get(dlq_id)
         self._check_route(letter)
         fields: dict[Any, str | bytes] = dict(letter.raw_entry() or letter.fields)
+        if letter.origin is not None:  # a bot's letter: its copy's source is only its word
+            if letter.origin != "found":
+                raise DeadLetterRetryError(
+                    f"dead letter {dlq_id} came from a bot, and its event ({letter.stream} "
+                    f"{letter.entry_id}) was not in that stream when it was written, so who "
+                    "published it is unknown: not retried, the letter is kept. Publish the "
+                    f"event again, or delete the letter with `multibot dlq purge {dlq_id}`"
+                )
+            for name in [n for n in fields if n in ("source", b"source")]:
+                del fields[name]
+            if letter.source is not None:
+                fields["source"] = letter.source
         target = letter.group + (f"/{letter.handler}" if letter.handler else "")
         fields[TARGET_FIELD] = target
         fields[DLQ_LINK_FIELD] = dlq_id

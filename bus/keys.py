@@ -44,6 +44,11 @@ class Keys:
         """Inverse of :meth:`stream`: ``multibot:stream:{user}`` → ``user``."""
         return key.removeprefix(self.stream_prefix()).strip("{}")
 
+    def outbox(self, bot_id: str) -> str:
+        """A bot's outbox: what it publishes (and dead-letters) when the manager runs it. The
+        manager's relay moves each entry to its stream and stamps its ``source``."""
+        return f"{self.namespace}:outbox:{{{bot_id}}}"
+
     def dead_letters(self) -> str:
         """The dead-letter stream of the namespace."""
         return f"{self.namespace}:dlq"

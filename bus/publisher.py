@@ -34,7 +34,7 @@ class Publisher:
     """Turns drafts into stream entries. One per bus client; ``metrics`` counts what Redis
     confirmed. With ``backpressure`` (the default) a publish first waits while the manager
     says Redis is nearly full (see :mod:`bus.backpressure`); the manager's own events skip
-    that wait."""
+    that wait. With ``outbox`` every entry goes to that key instead of its stream."""
 
     def __init__(
         self,
@@ -45,6 +45,7 @@ class Publisher:
         metrics: BusMetrics | None = None,
         *,
         backpressure: bool = True,
+        outbox: str | None = None,
     ) -> None:
         self._redis = redis
         self._metrics = metrics or BusMetrics()
@@ -53,6 +54,9 @@ class Publisher:
         self._router = Router(settings.routes, settings.default_stream)
         self._schemas = schemas
         self.source = validate_source(source)
+        #: Where this publisher writes instead of the streams: the bot's outbox, which the
+        #: manager relays (see :mod:`bus.outbox`).
+        self._outbox = outbox
         self._pressure = (
             Backpressure(redis, self._keys, settings.backpressure_wait) if backpressure else None
         )
@@ -97,7 +101,7 @@ class Publisher:
                 f"{self._settings.max_event_bytes} bytes (max_event_bytes): store large "
                 "payloads elsewhere and publish a reference",
             )
-        stream = self._keys.stream(self._router.route(event.type))
+        stream = self._outbox or self._keys.stream(self._router.route(event.type))
         return stream, encode(event, data_json), event
 
     def stream_key(self, type_: str) -> str:
@@ -105,7 +109,8 @@ class Publisher:
         return self._keys.stream(self._router.route(type_))
 
     async def publish(self, event: Event) -> str:
-        """XADD one event; return the stream entry id once Redis confirmed it."""
+        """XADD one event; return the entry id once Redis confirmed it (of the outbox entry,
+        when publishing through the outbox)."""
         stream, fields, _ = self.prepare(event)
         try:
             if self._pressure is not None:

@@ -82,6 +82,11 @@ class BusSettings(_Model):
         "BusBackpressureError; 0: raise at once",
     )
     consumer: ConsumerSettings = ConsumerSettings()
+    outbox: bool = Field(
+        False,
+        description="publish and dead-letter through the bot's outbox, which the manager "
+        "relays to the streams with the bot as source (set by the manager for its bots)",
+    )
     archive_dsn: str | None = Field(
         None, description="PostgreSQL archive (read-only) for replays older than Redis holds"
     )

@@ -63,6 +63,12 @@ class SupervisorSettings(ConfigModel):
         description="OS user bots run as when the manager can switch users (root, or "
         "CAP_SETUID+CAP_SETGID+CAP_KILL) and a bot names none; '': the manager's own",
     )
+    bot_outbox: bool = Field(
+        True,
+        description="bots publish through an outbox the manager relays with the bot as "
+        "source (bots cannot write streams); false: bots XADD to the streams themselves, "
+        "a hop less of latency, but source, trimming and entry ids are then up to them",
+    )
 
     @model_validator(mode="after")
     def _beats(self) -> SupervisorSettings:

@@ -147,6 +147,14 @@ class DeadLetterOut(BaseModel):
         default_factory=list,
         description="the entry's exact bytes when it was not UTF-8: [name, value, ...], base64",
     )
+    origin: str | None = Field(
+        None,
+        description="for a bot's letter: 'found' when its stream held the entry it names "
+        "(retry then writes that entry's source, not the copy's), 'missing' (retry refuses)",
+    )
+    source: str | None = Field(
+        None, description="with origin 'found': the entry's source as its stream held it"
+    )
 
 
 class DeadLetterPage(BaseModel):

@@ -33,13 +33,16 @@ SEND_ERRORS: tuple[type[Exception], ...] = (BusError, RedisError, OSError)
 IDLE_SECONDS = 1.0
 
 
-def bench_settings(url: str, namespace: str, read_count: int) -> BusSettings:
+def bench_settings(
+    url: str, namespace: str, read_count: int, *, outbox: bool = False
+) -> BusSettings:
     """Settings of every bench client: the bench namespace and routes, reads of ``read_count``."""
     return BusSettings(
         redis_url=url,
         namespace=namespace,
         routes=ROUTES,
         consumer=ConsumerSettings(read_count=read_count),
+        outbox=outbox,
     )
 
 
@@ -49,7 +52,7 @@ async def consumers(spec: WorkerSpec, recorder: Recorder) -> AsyncIterator[None]
     if not spec.roles.consumers:
         yield
         return
-    settings = bench_settings(spec.url, spec.namespace, spec.options.read_size)
+    settings = bench_settings(spec.url, spec.namespace, spec.options.read_size, outbox=spec.outbox)
     record = recorder.record
 
     async def handle(event: Event) -> None:
@@ -76,12 +79,14 @@ async def consumers(spec: WorkerSpec, recorder: Recorder) -> AsyncIterator[None]
 @contextlib.asynccontextmanager
 async def producers(spec: WorkerSpec) -> AsyncIterator[list[tuple[int, Send]]]:
     """Connected bus clients of this worker's producers, as send functions."""
-    settings = bench_settings(spec.url, spec.namespace, spec.options.read_size)
+    url = spec.producer_url or spec.url
+    settings = bench_settings(url, spec.namespace, spec.options.read_size, outbox=spec.outbox)
     batch = spec.options.batch_size
     async with contextlib.AsyncExitStack() as stack:
         sends: list[tuple[int, Send]] = []
         for index in spec.roles.producers:
-            client = BusClient(f"{PRODUCER_BOT}-{index}", settings=settings)
+            # Replicas of one producer bot: one outbox, relayed as the manager relays a bot's.
+            client = BusClient(PRODUCER_BOT, settings=settings, instance=index)
             await stack.enter_async_context(client)
             await client.redis.ping()  # open the connection before the clock starts
             sends.append((index, _send(client, index, batch)))

@@ -146,6 +146,10 @@ class WorkerSpec:
     options: BenchOptions
     url: str
     namespace: str
+    #: The producers' URL when it differs from ``url`` (a bot user of their own).
+    producer_url: str | None = None
+    #: Whether the bus clients publish through their outbox (relayed by the parent).
+    outbox: bool = False
 
     @property
     def label(self) -> str:

@@ -31,10 +31,13 @@ from redis.exceptions import RedisError
 from bus.connection import redact
 from bus.groups import ensure_group
 from bus.keys import Keys, group_name
+from bus.outbox import OutboxRelay
+from bus.routing import DEFAULT_STREAM, Router
 from manager.bench.child import ENTRY
 from manager.bench.options import (
     CONSUMER_BOT,
     DRAIN_CAP_FACTOR,
+    PRODUCER_BOT,
     RAW_GROUP,
     ROUTES,
     BenchError,
@@ -81,17 +84,18 @@ async def run_bench(options: BenchOptions) -> BenchReport:
             ) from exc
         try:
             idle_rss = await _idle_rss(url, namespace)
-            bus_url = await _bot_user(admin, url, namespace) if options.bot_user else url
-            bus = await _phase("bus", options, bus_url, namespace)
+            if options.bot_user:
+                async with _as_bots(admin, url, namespace) as urls:
+                    bus = await _phase("bus", options, urls, namespace)
+            else:
+                bus = await _phase("bus", options, _Urls(url, url), namespace)
             await _delete_namespace(admin, namespace)  # the baseline starts on an empty Redis
             baseline = None
             if options.baseline:
                 await ensure_group(admin, raw_stream(namespace), RAW_GROUP, "$")
-                baseline = await _phase("raw", options, url, namespace)
+                baseline = await _phase("raw", options, _Urls(url, url), namespace)
         finally:
             await _delete_namespace(admin, namespace)
-            if options.bot_user:
-                await delete_bot_user(admin, Keys(namespace), CONSUMER_BOT)
             await admin.aclose()
     return BenchReport(
         options=options,
@@ -103,13 +107,38 @@ async def run_bench(options: BenchOptions) -> BenchReport:
     )
 
 
-async def _bot_user(admin: Redis, url: str, namespace: str) -> str:
-    """The URL of a bot's ACL user for the bus phase (producers and consumers alike), with
-    the consumers' group created as the manager creates it (a bot's user may not)."""
-    keys, password = Keys(namespace), generate_password()
-    username = await ensure_bot_user(admin, keys, CONSUMER_BOT, password)
+@dataclass(frozen=True, slots=True)
+class _Urls:
+    """The Redis URLs of a phase's consumers and producers."""
+
+    consumers: str
+    producers: str
+    #: Whether the bus clients publish through their outbox (as the manager's bots do).
+    outbox: bool = False
+
+
+@contextlib.asynccontextmanager
+async def _as_bots(admin: Redis, url: str, namespace: str) -> AsyncIterator[_Urls]:
+    """Run the bus phase as the manager runs bots: the consumers and the producers each
+    with a bot's ACL user, the consumers' group created by the manager's side (a bot's user
+    may not), the producers publishing through their outbox and a relay moving it, in this
+    process as in the manager's."""
+    keys = Keys(namespace)
+    urls = []
+    for bot in (CONSUMER_BOT, PRODUCER_BOT):
+        password = generate_password()
+        username = await ensure_bot_user(admin, keys, bot, password)
+        urls.append(bot_redis_url(url, username, password))
     await ensure_group(admin, keys.stream(ROUTES["bench"]), group_name(CONSUMER_BOT), "$")
-    return bot_redis_url(url, username, password)
+    relay = OutboxRelay(admin, keys, Router(ROUTES, DEFAULT_STREAM), lambda: [PRODUCER_BOT])
+    relaying = asyncio.create_task(relay.run())
+    try:
+        yield _Urls(urls[0], urls[1], outbox=True)
+    finally:
+        relaying.cancel()
+        await asyncio.gather(relaying, return_exceptions=True)
+        for bot in (CONSUMER_BOT, PRODUCER_BOT):
+            await delete_bot_user(admin, keys, bot)
 
 
 @contextlib.asynccontextmanager
@@ -228,7 +257,7 @@ async def _all(children: list[_Child], kind: str, timeout: float) -> list[Any]: 
         await asyncio.gather(*waits, return_exceptions=True)
 
 
-async def _phase(mode: Mode, options: BenchOptions, url: str, namespace: str) -> PhaseResult:
+async def _phase(mode: Mode, options: BenchOptions, urls: _Urls, namespace: str) -> PhaseResult:
     """Run one phase (bus or baseline) and summarize it."""
     layout = options.layout()
     children: list[_Child] = []
@@ -238,7 +267,16 @@ async def _phase(mode: Mode, options: BenchOptions, url: str, namespace: str) ->
             progress = memoryview(shared).cast("q")
             try:
                 for index, roles in enumerate(layout):
-                    spec = WorkerSpec(mode, index, roles, options, url, namespace)
+                    spec = WorkerSpec(
+                        mode,
+                        index,
+                        roles,
+                        options,
+                        urls.consumers,
+                        namespace,
+                        producer_url=urls.producers,
+                        outbox=urls.outbox,
+                    )
                     children.append(await _spawn(spec, file.fileno()))
                 results, drain_s = await _run_phase(children, options, progress)
             finally:

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from bus import BusClient
 from bus.keys import Keys
+from bus.outbox import OutboxRelay
 from bus.routing import Router
 from bus.settings import BusSettings
 from manager.announcer import Announcer
@@ -52,6 +53,7 @@ class Parts:
     trimmer: Trimmer
     pressure: PressureWatch
     repair: RedisRepair
+    relay: OutboxRelay
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,18 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         bots=context.bots,
         provision=lambda: provisioner.prepare_bots(context.bots(), coordinator),
     )
+    relay = OutboxRelay(admin, keys, context.router, lambda: [b.id for b in context.bots()])
     return Parts(
-        clients, archive, provisioner, supervisor, coordinator, archiver, trimmer, pressure, repair
+        clients,
+        archive,
+        provisioner,
+        supervisor,
+        coordinator,
+        archiver,
+        trimmer,
+        pressure,
+        repair,
+        relay,
     )
 
 

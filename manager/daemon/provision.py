@@ -30,6 +30,7 @@ from manager.daemon.redis_acl import (
     delete_bot_user,
     ensure_bot_user,
     generate_password,
+    uses_selectors,
 )
 from manager.embedded.child_process import OsUser
 from manager.supervision.bot_process import Launch
@@ -104,6 +105,7 @@ class Provisioner:
         self._manager_user = OsUser.current()
         self._passwords: dict[str, str] = {}
         self._reader_dsn: str | None = None
+        self._warned_6_2 = False
 
     def __repr__(self) -> str:
         reader = "yes" if self._reader_dsn else "no"
@@ -121,7 +123,20 @@ class Provisioner:
         for bot in bots:
             if bot.id not in self._passwords:
                 self._passwords[bot.id] = generate_password()
-            await ensure_bot_user(self._admin, self._keys, bot.id, self._passwords[bot.id])
+            await ensure_bot_user(
+                self._admin,
+                self._keys,
+                bot.id,
+                self._passwords[bot.id],
+                outbox=self._settings.supervisor.bot_outbox,
+            )
+        if bots and not self._warned_6_2 and not await uses_selectors(self._admin):
+            self._warned_6_2 = True
+            log.warning(
+                "Redis before 7.0 has no ACL selectors: bots can still XADD to, delete or "
+                "expire the shared streams and lower the backpressure flag; run Redis 7 to "
+                "keep them out (README: Security)"
+            )
         created = await coordinator.ensure_groups(bots)
         await self._record_subscriptions(bots)
         log.info("bots prepared", bots=len(bots), groups_created=created)
@@ -164,6 +179,8 @@ class Provisioner:
         url = bot_redis_url(self._redis_url, username, self._passwords[bot.id])
         options = settings.bus_settings(url)
         options["archive_dsn"] = self._reader_dsn
+        # Unless the operator chose direct publishing, its Redis user may not write streams.
+        options["outbox"] = settings.supervisor.bot_outbox
         if bot.consumer is not None:
             options["consumer"] = bot.consumer
         spec = RuntimeSpec(

@@ -17,14 +17,18 @@ manager creates every declared group before the bot starts)::
 Users live in the server's memory: a Redis restarted without an ACL file has lost them, so
 the manager ensures them again before (re)starting bots.
 
+A bot never writes to a stream or the dead-letter stream: it appends to its own outbox
+(``Keys.outbox``), which the manager relays (:mod:`bus.outbox`), so it cannot trim a stream,
+set an entry id or claim another source.
+
 On Redis 7 the user is split by ACL selectors: its own keys take the data-structure
-commands, the streams take only the stream commands the bus calls, the dead-letter stream
-only XADD, and the backpressure flag only GET. So a bot cannot DEL, EXPIRE or overwrite a
+commands, its outbox only XADD, the streams only the stream commands a consumer calls (no
+XADD), and the backpressure flag only GET. So a bot cannot write, DEL, EXPIRE or overwrite a
 stream there, nor read the dead letters or lower the flag. Redis 6.2 has no selectors: its
-key patterns cover every command alike, so there a bot may also DEL, EXPIRE or overwrite a
-stream, the dead-letter stream or the flag. On both, XADD and the group commands take any
-arguments: a bot can still trim a stream with XADD MAXLEN, give an entry an explicit id, and
-read or ack through another group's name. README "Security" lists what holds where.
+key patterns cover every command alike, so there a bot may also XADD to, DEL, EXPIRE or
+overwrite a stream, or lower the flag. On both, the group commands take any group name: a
+bot can still read or ack through another group's name. README "Security" lists what holds
+where.
 """
 
 from __future__ import annotations
@@ -103,8 +107,8 @@ _STATE_RULES: tuple[tuple[str, str], ...] = (
     ("+persist", "drop the TTL of own state"),
 )
 # The event bus (bus.publisher, bus.consumer, bus.handling, bus.reclaim, bus.replay).
+# Not XADD: a bot publishes to its outbox (_OUTBOX_RULES), which the manager relays.
 _STREAM_RULES: tuple[tuple[str, str], ...] = (
-    ("+xadd", "publish (Publisher.publish/publish_many)"),
     ("+xreadgroup", "read the bot's group: new entries and its own pending ones after restart"),
     ("+xack", "ack handled, skipped and dead-lettered entries (AckBatcher)"),
     ("+xpending", "delivery counts of re-taken entries, to dead-letter poison ones"),
@@ -119,9 +123,10 @@ _STREAM_RULES: tuple[tuple[str, str], ...] = (
     # Not XGROUP (any subcommand): the manager creates every declared group before the bot
     # starts and recreates them after Redis lost them. Not XDEL, XTRIM, XSETID.
 )
-#: Dead letters: the consumer XADDs failed and malformed events (bus.dlq.DeadLetters.add).
-_DEAD_LETTER_RULES: tuple[tuple[str, str], ...] = (
-    ("+xadd", "dead-letter a failed or malformed event"),
+#: The bot's outbox: events it publishes and dead letters it writes (bus.outbox), both
+#: relayed by the manager with the bot as their source.
+_OUTBOX_RULES: tuple[tuple[str, str], ...] = (
+    ("+xadd", "publish an event or dead-letter an entry, through the outbox"),
 )
 #: The manager's backpressure flag, read before publishing (bus.backpressure).
 _PRESSURE_RULES: tuple[tuple[str, str], ...] = (("+get", "read the backpressure flag"),)
@@ -190,22 +195,33 @@ def bot_key_patterns(keys: Keys, bot_id: str) -> list[str]:
     """Every key pattern (without ``~``) a bot's user reaches, whatever the command."""
     return [
         *bot_state_patterns(keys, bot_id),
-        # Every stream of the namespace: a bot publishes to any stream its routes name and
-        # reads its group on the streams its subscriptions need.
+        keys.outbox(bot_id),
+        # Every stream of the namespace: a bot reads its group on the streams its
+        # subscriptions need.
         f"{keys.stream_prefix()}*",
-        keys.dead_letters(),
         keys.pressure(),
     ]
 
 
-def bot_acl_rules(keys: Keys, bot_id: str, *, selectors: bool, db: int = 0) -> list[str]:
+#: What a bot's user gets when it publishes to the streams itself (``outbox=False``): the
+#: streams' XADD, and the dead-letter stream's.
+_DIRECT_RULES: tuple[tuple[str, str], ...] = (
+    ("+xadd", "publish (Publisher.publish/publish_many) and dead-letter, directly"),
+)
+
+
+def bot_acl_rules(
+    keys: Keys, bot_id: str, *, selectors: bool, db: int = 0, outbox: bool = True
+) -> list[str]:
     """The ``ACL SETUSER`` rules of a bot's user, without its password.
 
     ``reset`` comes first, so applying the rules replaces whatever the user had; then the
     user is enabled and gets no pub/sub channels. With ``selectors`` (Redis 7 and newer)
     each kind of key gets only its own commands; without (Redis 6.2) every allowed command
     reaches every key pattern (see the module's limits). ``db`` is the only database the
-    user may SELECT (the one of its URL).
+    user may SELECT (the one of its URL). Without ``outbox`` the bot publishes and
+    dead-letters to the streams directly (``supervisor.bot_outbox = false``), so it gets XADD
+    on them and on the dead-letter stream.
     """
     # The state rules end in -@admin -@dangerous, which on 6.2 would also drop the exact
     # adds of CLIENT SETNAME and SCRIPT LOAD: those come after them.
@@ -220,16 +236,21 @@ def bot_acl_rules(keys: Keys, bot_id: str, *, selectors: bool, db: int = 0) -> l
         *_script_rules(),
     ]
     if not selectors:
+        direct = [] if outbox else [f"~{keys.dead_letters()}"]
         return [
             *common,
             *(f"~{pattern}" for pattern in bot_key_patterns(keys, bot_id)),
-            *(rule for rule, _ in _STREAM_RULES + _PRESSURE_RULES),
+            *direct,
+            *(rule for rule, _ in _STREAM_RULES + _OUTBOX_RULES + _PRESSURE_RULES),
         ]
+    streams = _STREAM_RULES if outbox else _DIRECT_RULES + _STREAM_RULES
+    direct = [] if outbox else [_selector(f"~{keys.dead_letters()}", _DIRECT_RULES)]
     return [
         *common,
         *(f"~{pattern}" for pattern in bot_state_patterns(keys, bot_id)),
-        _selector(f"~{keys.stream_prefix()}*", _STREAM_RULES),
-        _selector(f"~{keys.dead_letters()}", _DEAD_LETTER_RULES),
+        _selector(f"~{keys.outbox(bot_id)}", _OUTBOX_RULES),
+        _selector(f"~{keys.stream_prefix()}*", streams),
+        *direct,
         _selector(f"%R~{keys.pressure()}", _PRESSURE_RULES),
     ]
 
@@ -273,7 +294,9 @@ async def _acl(admin: Redis, *args: str, doing: str) -> Any:
         ) from exc
 
 
-async def ensure_bot_user(admin: Redis, keys: Keys, bot_id: str, password: str) -> str:
+async def ensure_bot_user(
+    admin: Redis, keys: Keys, bot_id: str, password: str, *, outbox: bool = True
+) -> str:
     """Create or replace the bot's ACL user with :func:`bot_acl_rules`; return its name.
 
     Idempotent. The rules start with ``reset``, so a changed rule set or a new password
@@ -282,7 +305,8 @@ async def ensure_bot_user(admin: Redis, keys: Keys, bot_id: str, password: str) 
     """
     username = bot_username(keys.namespace, bot_id)
     db = int(admin.connection_pool.connection_kwargs.get("db") or 0)
-    rules = bot_acl_rules(keys, bot_id, selectors=await uses_selectors(admin), db=db)
+    selectors = await uses_selectors(admin)
+    rules = bot_acl_rules(keys, bot_id, selectors=selectors, db=db, outbox=outbox)
     await _acl(
         admin,
         "SETUSER",

@@ -46,6 +46,12 @@ def _attempts(bus: BusClient) -> dict[str, Callable[[Redis], Awaitable[Any]]]:
         "delete an entry": run("XDEL", probe, "0-1"),
         "exhaust a stream's ids": run("XADD", probe, LAST_ID, "type", "x.y"),
         "move a stream's last id": run("XSETID", probe, LAST_ID),
+        # -- publishing: only through its own outbox, which the manager relays -------------
+        "write a stream directly": run(
+            "XADD", keys.stream("direct"), "*", "type", "probe.x", "source", "manager"
+        ),
+        "write another bot's outbox": run("XADD", keys.outbox(VICTIM), "*", "type", "probe.x"),
+        "write the dead letters": run("XADD", keys.dead_letters(), "*", "reason", "forged"),
         # -- groups: only its own, and never created, moved or destroyed by the bot -------
         "read through the archiver's group": run(
             "XREADGROUP", "GROUP", ARCHIVER_GROUP, "probe", "STREAMS", shared, ">"
@@ -104,7 +110,7 @@ async def main(bus: BusClient) -> None:
     """Try every attempt, publish the outcomes, then publish under a forged source."""
     await _groups_ready(bus)
     outcomes = {name: await _outcome(act(bus.redis)) for name, act in _attempts(bus).items()}
-    # The test checks what consumers see as the source of this one.
+    # The test checks what consumers see as the source of this one (sent through the outbox).
     await bus.publish_many([bus.event("test.probe.forged", {}, source="manager")])
     await bus.publish("test.probe.report", outcomes)
     await asyncio.Event().wait()  # until the manager stops it

@@ -22,6 +22,8 @@ from bus.dlq import DeadLetters
 from bus.groups import ensure_group
 from bus.keys import Keys, consumer_name, group_name
 from bus.lease import SCRIPTS, Lease, run_script, script_sha
+from bus.outbox import OutboxRelay
+from bus.routing import DEFAULT_ROUTES, DEFAULT_STREAM, Router
 from bus.settings import BusSettings, RetrySettings
 from manager.daemon.redis_acl import (
     BotUserError,
@@ -81,9 +83,12 @@ async def bot_url(admin: Redis, redis_url: str, bot_id: str, keys: Keys = KEYS) 
 
 @pytest.fixture
 async def bot_bus(admin: Redis, redis_url: str) -> AsyncIterator[BotBus]:
-    """Bus clients each logged in as its bot's ACL user, with fast test timings."""
+    """Bus clients each logged in as its bot's ACL user, with fast test timings, publishing
+    through their outboxes and a relay moving them, as under the manager."""
     clients: list[BusClient] = []
     urls: dict[str, str] = {}
+    relay = OutboxRelay(admin, KEYS, Router(DEFAULT_ROUTES, DEFAULT_STREAM), lambda: list(urls))
+    relaying = asyncio.create_task(relay.run())
 
     async def make(bot_id: str, *, instance: int | str = 0, **consumer: object) -> BusClient:
         if bot_id not in urls:
@@ -92,7 +97,7 @@ async def bot_bus(admin: Redis, redis_url: str) -> AsyncIterator[BotBus]:
                 await ensure_group(admin, KEYS.stream(name), group_name(bot_id), "0")
         timings: dict[str, Any] = {"block_ms": 500, "visibility_timeout": 5.0, "start_id": "0"}
         settings = BusSettings.model_validate(
-            {"redis_url": urls[bot_id], "consumer": {**timings, **consumer}}
+            {"redis_url": urls[bot_id], "consumer": {**timings, **consumer}, "outbox": True}
         )
         client = BusClient(bot_id, settings=settings, instance=instance)
         clients.append(client)
@@ -101,6 +106,8 @@ async def bot_bus(admin: Redis, redis_url: str) -> AsyncIterator[BotBus]:
     yield make
     for client in clients:
         await client.close()
+    relaying.cancel()
+    await asyncio.gather(relaying, return_exceptions=True)
 
 
 @pytest.fixture
@@ -161,15 +168,15 @@ class TestRules:
             bot_acl_rules(Keys(namespace), BOT, selectors=False)
 
     def test_key_patterns_are_exactly_the_bots_keys(self) -> None:
-        """Its own markers, state, lease and fence, the streams, the DLQ and the
-        backpressure flag; nothing else."""
+        """Its own markers, state, lease, fence and outbox, the streams and the
+        backpressure flag; nothing else (not the dead letters)."""
         assert bot_key_patterns(KEYS, BOT) == [
             "multibot:idem:bot-group-greeter:*",
             "multibot:bot:greeter:*",
             "multibot:lease:greeter",
             "multibot:lease:greeter:fence",
+            "multibot:outbox:{greeter}",
             "multibot:stream:*",
-            "multibot:dlq",
             "multibot:pressure",
         ]
 
@@ -190,20 +197,21 @@ class TestRules:
         assert not {"+@read", "+@write", "+@keyspace", "+@fast", "+@admin"} & set(rules)
 
     def test_selectors_split_commands_by_key(self) -> None:
-        """On Redis 7 the user's own keys, the streams, the DLQ and the flag each get their
-        own commands; on 6.2 every pattern is one list."""
+        """On Redis 7 the user's own keys, its outbox, the streams and the flag each get
+        their own commands (XADD on the outbox only); on 6.2 every pattern is one list."""
         rules = bot_acl_rules(KEYS, BOT, selectors=True)
         assert [r for r in rules if r.startswith("~")] == [
             f"~{p}" for p in bot_state_patterns(KEYS, BOT)
         ]
         selectors = [r for r in rules if r.startswith("(")]
         assert [s.split()[0] for s in selectors] == [
+            "(~multibot:outbox:{greeter}",
             "(~multibot:stream:*",
-            "(~multibot:dlq",
             "(%R~multibot:pressure",
         ]
-        assert "+xadd" in selectors[0] and "+del" not in selectors[0]
-        assert selectors[1] == "(~multibot:dlq +xadd)"
+        assert selectors[0] == "(~multibot:outbox:{greeter} +xadd)"
+        assert "+xreadgroup" in selectors[1]
+        assert "+xadd" not in selectors[1] and "+del" not in selectors[1]
         assert selectors[2] == "(%R~multibot:pressure +get)"
         flat = bot_acl_rules(KEYS, BOT, selectors=False)
         assert [r for r in flat if r.startswith("~")] == [
@@ -216,9 +224,12 @@ class TestRules:
         rules = bot_acl_rules(KEYS, BOT, selectors=True)
         assert rules == bot_acl_rules(Keys("multibot"), BOT, selectors=True)
         other = bot_acl_rules(KEYS, "other", selectors=True)
-        assert [r for r in other if not r.startswith("~")] == [
-            r for r in rules if not r.startswith("~")
-        ]
+
+        def shared(rules: list[str]) -> list[str]:
+            return [r for r in rules if not r.startswith(("~", "(~multibot:outbox:"))]
+
+        assert shared(other) == shared(rules)
+        assert "(~multibot:outbox:{other} +xadd)" in other
 
     def test_generated_passwords(self) -> None:
         """Passwords are URL-safe, at least 43 characters (32 bytes) and never repeat."""
@@ -387,6 +398,7 @@ class TestBotCan:
         dead = await bot_bus(BOT, instance="dead")
         stream = KEYS.stream("user")
         event_id = await dead.publish("user.test.ping", {})
+        await wait_until(lambda: _relayed(admin, stream, 1), what="the event relayed")
         taken: Any = await dead.redis.xreadgroup(
             group_name(BOT), consumer_name(BOT, "dead"), {stream: ">"}
         )
@@ -416,6 +428,8 @@ class TestBotCan:
             await client.publish("system.test.done", {"n": 2}),
             await client.publish("user.test.pong", {"n": 3}),
         ]
+        await wait_until(lambda: _relayed(admin, KEYS.stream("user"), 2), what="relayed")
+        await wait_until(lambda: _relayed(admin, KEYS.stream("system"), 1), what="relayed")
         replayed = [e.id async for e in client.replay(["user.#", "system.#"])]
         assert replayed == ids
         assert await denials(admin) == []
@@ -497,11 +511,39 @@ async def _no_pending(admin: Redis, stream: str, group: str) -> bool:
     return int(summary["pending"]) == 0
 
 
+async def _relayed(admin: Redis, stream: str, count: int) -> bool:
+    return int(await admin.xlen(stream)) == count
+
+
 async def _has_dead_letters(admin: Redis) -> bool:
     return int(await admin.xlen(KEYS.dead_letters())) > 0
 
 
 # -- what a bot's user cannot do ------------------------------------------------------------
+
+
+class TestDirectPublishing:
+    """``supervisor.bot_outbox = false``: the operator trusts the bots with the streams."""
+
+    def test_rules_add_xadd_on_streams_and_dead_letters(self) -> None:
+        """The stream selector gains XADD, and the dead-letter stream an XADD selector; on
+        6.2 the dead-letter stream joins the patterns."""
+        rules = bot_acl_rules(KEYS, BOT, selectors=True, outbox=False)
+        selectors = [r for r in rules if r.startswith("(")]
+        assert "+xadd" in selectors[1] and selectors[1].startswith("(~multibot:stream:*")
+        assert "(~multibot:dlq +xadd)" in selectors
+        flat = bot_acl_rules(KEYS, BOT, selectors=False, outbox=False)
+        assert "~multibot:dlq" in flat and "~multibot:dlq" not in bot_acl_rules(
+            KEYS, BOT, selectors=False
+        )
+
+    async def test_bot_publishes_to_the_stream_itself(self, admin: Redis, redis_url: str) -> None:
+        """Its XADD reaches the stream and the dead-letter stream, its source unchecked."""
+        username = await ensure_bot_user(admin, KEYS, BOT, "pw", outbox=False)
+        async with Redis.from_url(bot_redis_url(redis_url, username, "pw")) as bot:
+            assert await bot.xadd(KEYS.stream("user"), {"source": "manager"})
+            assert await bot.xadd(KEYS.dead_letters(), {"reason": "x"})
+        assert await admin.xlen(KEYS.stream("user")) == 1
 
 
 class TestBotCannot:
@@ -609,6 +651,20 @@ class TestBotCannot:
         assert await admin.xlen(stream) == 1
         assert [g["name"] for g in await admin.xinfo_groups(stream)] == [group_name("other")]
         assert await admin.exists(KEYS.stream("new"), KEYS.stream("fresh")) == 0
+
+    async def test_writes_only_its_outbox(
+        self, bot_redis: Redis, admin: Redis, selectors: bool
+    ) -> None:
+        """A bot appends to its own outbox only: not to another bot's, not to the dead
+        letters and, on Redis 7, not to a stream (6.2's XADD reaches every pattern)."""
+        assert await bot_redis.xadd(KEYS.outbox(BOT), {"type": "user.test.ping"})
+        await refused(bot_redis.xadd(KEYS.outbox("other"), {"type": "user.test.ping"}))
+        await refused(bot_redis.xadd(KEYS.dead_letters(), {"reason": "forged"}))
+        if selectors:
+            await refused(bot_redis.xadd(KEYS.stream("user"), {"source": "manager"}))
+            await refused(bot_redis.xrange(KEYS.outbox(BOT)))  # append only
+            await refused(bot_redis.delete(KEYS.outbox(BOT)))
+        assert await admin.exists(KEYS.outbox("other"), KEYS.dead_letters()) == 0
 
     async def test_cannot_see_key_names(self, bot_redis: Redis) -> None:
         """Commands listing or sampling key names across namespaces are refused."""
@@ -758,7 +814,7 @@ class TestUserLifecycle:
             await ensure_bot_user(admin, KEYS, BOT, "pw")
             await refused(bot.get("other:x"))  # the open connection is narrowed at once
             await refused(bot.flushall())
-            assert await bot.xadd(KEYS.stream("user"), {"a": "1"})
+            assert await bot.xadd(KEYS.outbox(BOT), {"a": "1"})
 
     async def test_delete(self, admin: Redis, redis_url: str) -> None:
         """A deleted bot's user can no longer log in, and its open connections are closed."""

@@ -1,0 +1,259 @@
+"""Bots' outboxes, and the manager's relay that moves them to the streams.
+
+A bot run by the manager may not write to a stream: its Redis user may only append to its
+own outbox (``Keys.outbox``). The relay takes each outbox entry and, in one script per
+batch, appends it to the stream the manager's routing table names for its type (never one
+the bot chose), with ``source`` set to the bot the outbox belongs to, then deletes it from
+the outbox. So what consumers and the archive see as ``source`` is established by the
+system, and a bot cannot trim a stream, set entry ids or write to another bot's stream.
+
+Dead letters take the same path, marked by :data:`DEAD_LETTER_MARK`: the relay appends them
+to the dead-letter stream with ``group`` set to the bot's group.
+
+An entry is moved exactly once: the append and the delete happen in one script, and an entry
+still in the outbox after a crash is simply moved by the next relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
+from redis.exceptions import RedisError, ResponseError
+
+from bus.backoff import REDIS_RETRY
+from bus.keys import Keys, group_name
+from bus.lease import run_script
+from bus.redis_errors import UNAVAILABLE
+from bus.routing import Router
+
+log = structlog.get_logger("bus.outbox")
+
+#: Field of an outbox entry that is a dead letter, not an event (dropped by the relay).
+DEAD_LETTER_MARK = "outbox.dead_letter"
+#: Most fields an outbox entry may have; a bigger one (a hostile bot's) is dead-lettered
+#: without its content, since Lua cannot pass it on in one call.
+MAX_FIELDS = 2000
+
+_STREAM_OR_NONE = ("stream", b"stream", "none", b"none")
+
+#: KEYS: the outbox, the dead-letter stream, then every stream of the routing table.
+#: ARGV: the bot id (the source), its group, the batch size, the KEYS index of the default
+#: stream, the mark, the field limit, the namespace's stream key prefix, then pairs of route
+#: prefix and KEYS index. Returns how many entries it moved.
+#:
+#: A dead letter gets ``origin``: ``found`` when the stream it names holds the entry it
+#: names, then with that entry's ``source`` (if it has one), else ``missing``. A letter's
+#: copy of the event is the bot's word; ``dlq retry`` writes the stream's source instead,
+#: and refuses a ``missing`` one.
+_RELAY = """
+local routes = {}
+for i = 8, #ARGV, 2 do routes[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local source, group, mark, prefix = ARGV[1], ARGV[2], ARGV[5], ARGV[7]
+local function origin(stream, id)
+  if not stream or not id or string.sub(stream, 1, #prefix) ~= prefix then return nil end
+  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
+  if not ms or #ms > 19 or #seq > 19 then return nil end
+  if redis.call('TYPE', stream)['ok'] ~= 'stream' then return nil end
+  local found = redis.call('XRANGE', stream, id, id)
+  if #found == 0 then return nil end
+  local f = found[1][2]
+  for i = 1, #f, 2 do
+    if f[i] == 'source' then return f[i + 1] end
+  end
+  return false
+end
+local cache = {}
+local function route(type_)
+  local target = type_ and cache[type_]
+  if target then return target end
+  target = tonumber(ARGV[4])
+  local t = type_
+  while t do
+    local hit = routes[t]
+    if hit then target = hit; break end
+    local cut = string.find(t, '%.[^%.]*$')
+    if cut then t = string.sub(t, 1, cut - 1) else t = nil end
+  end
+  if type_ then cache[type_] = target end
+  return target
+end
+local function dead_letter(f)
+  local out, named, entry_id = {}, nil, nil
+  for i = 1, #f, 2 do
+    local name = f[i]
+    if name ~= mark and name ~= 'source' and name ~= 'group' and name ~= 'origin' then
+      if name == 'stream' then named = f[i + 1] end
+      if name == 'entry_id' then entry_id = f[i + 1] end
+      out[#out + 1] = name
+      out[#out + 1] = f[i + 1]
+    end
+  end
+  local held = origin(named, entry_id)
+  out[#out + 1] = 'group'
+  out[#out + 1] = group
+  out[#out + 1] = 'origin'
+  if held == nil then out[#out + 1] = 'missing' else out[#out + 1] = 'found' end
+  if held then
+    out[#out + 1] = 'source'
+    out[#out + 1] = held
+  end
+  redis.call('XADD', KEYS[2], '*', unpack(out))
+end
+local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[3]))
+for _, row in ipairs(rows) do
+  local id, f = row[1], row[2]
+  if #f > tonumber(ARGV[6]) then
+    redis.call('XADD', KEYS[2], '*', 'reason', 'malformed', 'group', group,
+      'error', 'outbox entry with ' .. (#f / 2) .. ' fields: dropped, too many to relay',
+      'stream', '', 'entry_id', id, 'entry', '{}', 'origin', 'missing')
+  else
+    -- An event is stamped in place (every 'source' field, or one added) and sent on.
+    local type_, letter, stamped = nil, false, false
+    for i = 1, #f, 2 do
+      local name = f[i]
+      if name == 'source' then
+        f[i + 1] = source
+        stamped = true
+      elseif name == 'type' then type_ = f[i + 1]
+      elseif name == mark then letter = true
+      end
+    end
+    if letter then
+      dead_letter(f)
+    else
+      if not stamped then
+        f[#f + 1] = 'source'
+        f[#f + 1] = source
+      end
+      redis.call('XADD', KEYS[route(type_)], '*', unpack(f))
+    end
+  end
+end
+if #rows > 0 then  -- everything up to the last row moved: one trim, not a delete per entry
+  local last = rows[#rows][1]
+  redis.call('XTRIM', KEYS[1], 'MINID', last)
+  redis.call('XDEL', KEYS[1], last)
+end
+return #rows
+"""
+
+
+class OutboxRelay:
+    """Moves every bot's outbox entries to the streams (runs in the manager, as admin)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        router: Router,
+        bots: Callable[[], Iterable[str]],
+        *,
+        batch: int = 500,
+        block: float = 1.0,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._bots = bots
+        self._batch = batch
+        self._block_ms = max(1, int(block * 1000))
+        streams = sorted(router.streams())
+        self._stream_keys = [keys.stream(s) for s in streams]
+        index = {s: n + 3 for n, s in enumerate(streams)}  # KEYS[1], KEYS[2] come first
+        self._route_args: list[str | int] = [index[router.default]]
+        self._routes: list[str | int] = []
+        for prefix, stream in sorted(router.routes.items()):
+            self._routes += [prefix, index[stream]]
+        #: Outboxes whose key is not a stream (a bot wrote something else there), skipped.
+        self._broken: set[str] = set()
+        #: Entries moved since the relay was made, for status and tests.
+        self.moved = 0
+
+    async def run(self) -> None:
+        """Relay until cancelled; back off while Redis is unreachable or refuses."""
+        waits = REDIS_RETRY.waits()
+        while True:
+            try:
+                ready = await self._wait()
+                for bot in ready:
+                    await self.drain(bot)
+                waits = REDIS_RETRY.waits()
+            except UNAVAILABLE as exc:
+                log.warning("outbox relay: Redis unreachable; retrying", error=str(exc))
+                await asyncio.sleep(next(waits))
+            except RedisError as exc:
+                log.warning(
+                    "outbox relay: Redis refused; bots' events wait in their outboxes",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                await asyncio.sleep(next(waits))
+            except Exception:  # a bug here must not end the manager: the events wait
+                log.exception("outbox relay failed; retrying")
+                await asyncio.sleep(next(waits))
+
+    async def drain(self, bot_id: str) -> int:
+        """Move everything waiting in ``bot_id``'s outbox; how many entries that was."""
+        outbox = self._keys.outbox(bot_id)
+        keys = [outbox, self._keys.dead_letters(), *self._stream_keys]
+        args = [bot_id, group_name(bot_id), self._batch, *self._route_args]
+        args += [DEAD_LETTER_MARK, MAX_FIELDS * 2, self._keys.stream_prefix(), *self._routes]
+        moved = 0
+        while True:
+            try:
+                count = int(await run_script(self._redis, _RELAY, keys, args))
+            except ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise
+                self._broken_outbox(bot_id, outbox)
+                return moved
+            moved += count
+            self.moved += count
+            if count < self._batch:
+                return moved
+
+    async def _wait(self) -> list[str]:
+        """The bots with entries in their outbox, waiting up to ``block`` for one."""
+        for key in list(self._broken):  # deleted since (or made a stream): relay it again
+            if (await self._redis.type(key)) in _STREAM_OR_NONE:
+                self._broken.discard(key)
+        outboxes = {
+            self._keys.outbox(b): b
+            for b in self._bots()
+            if self._keys.outbox(b) not in self._broken
+        }
+        if not outboxes:
+            await asyncio.sleep(self._block_ms / 1000)
+            return []
+        args = ["COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *outboxes, *["0-0"] * len(outboxes)]
+        try:
+            # Never decoded: an entry a bot wrote need not be UTF-8.
+            rows: Any = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                "XREAD", *args, **{NEVER_DECODE: True}
+            )
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            for key, bot in outboxes.items():
+                if (await self._redis.type(key)) not in _STREAM_OR_NONE:
+                    self._broken_outbox(bot, key)
+            return []
+        ready = rows.keys() if isinstance(rows, dict) else [key for key, _ in rows or []]
+        return [outboxes[_text(key)] for key in ready]  # RESP3 answers a map
+
+    def _broken_outbox(self, bot_id: str, key: str) -> None:
+        if key not in self._broken:
+            self._broken.add(key)
+            log.error(
+                "a bot's outbox is not a stream: a bot's code wrote it, and nothing of it is "
+                f"relayed until the key is deleted (redis-cli DEL {key})",
+                bot_id=bot_id,
+                key=key,
+            )
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
