@@ -176,8 +176,12 @@ class OutboxRelay:
     async def run(self) -> None:
         """Relay until cancelled; back off while Redis is unreachable or refuses."""
         waits = REDIS_RETRY.waits()
+        leftovers = True
         while True:
             try:
+                if leftovers:
+                    await self.drain_leftovers()
+                    leftovers = False
                 ready = await self._wait()
                 for bot in ready:
                     await self.drain(bot)
@@ -194,6 +198,21 @@ class OutboxRelay:
             except Exception:  # a bug here must not end the manager: the events wait
                 log.exception("outbox relay failed; retrying")
                 await asyncio.sleep(next(waits))
+
+    async def drain_leftovers(self) -> int:
+        """Move what waits in the outbox of a bot no longer configured (removed while the
+        manager was down, its events published before): they are still the bot's events."""
+        prefix = f"{self._keys.namespace}:outbox:"
+        configured = set(self._bots())
+        moved = 0
+        async for key in self._redis.scan_iter(match=f"{prefix}*", count=500, _type="stream"):
+            name = _text(key).removeprefix(prefix)
+            bot_id = name[1:-1] if name.startswith("{") and name.endswith("}") else ""
+            if bot_id and bot_id not in configured:
+                moved += await self.drain(bot_id)
+        if moved:
+            log.info("relayed the outbox of bots no longer configured", entries=moved)
+        return moved
 
     async def drain(self, bot_id: str) -> int:
         """Move everything waiting in ``bot_id``'s outbox; how many entries that was."""

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from manager.observe.metrics import MetricsInput, archive_lag, gather_streams, render
+from manager.observe.metrics import (
+    MetricsInput,
+    archive_lag,
+    gather_streams,
+    outbox_backlog,
+    render,
+)
 
 if TYPE_CHECKING:
     from manager.api.view import DaemonView
@@ -19,10 +25,12 @@ async def render_metrics(view: DaemonView) -> bytes:
     if view.archiver is not None:
         archive, behind = view.archiver.status(), await archive_lag(bus.redis, bus.keys)
     coordinator = view.coordinator
+    bots = view.supervisor.status()
+    outboxes = await outbox_backlog(bus.redis, bus.keys, [b.id for b in bots])
     return render(
         MetricsInput(
             fleet=view.supervisor.metrics.snapshot(),
-            bots=view.supervisor.status(),
+            bots=bots,
             memory=coordinator.memory_status(),
             groups=coordinator.group_status(),
             redis_memory=coordinator.redis_memory_status(),
@@ -31,5 +39,6 @@ async def render_metrics(view: DaemonView) -> bytes:
             archive_lag=behind,
             dead_letters=await bus.dlq.count(),
             api_requests=dict(view.requests),
+            outboxes=outboxes,
         )
     )

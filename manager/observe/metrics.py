@@ -13,7 +13,7 @@ whose value is unknown is left out rather than reported as 0).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -76,6 +76,7 @@ METRIC_NAMES = frozenset(
         "multibot_archive_lag",
         "multibot_archive_up",
         "multibot_dead_letters",
+        "multibot_outbox_entries",
         "multibot_bot_up",
         "multibot_bot_failed",
         "multibot_bot_rss_bytes",
@@ -113,6 +114,8 @@ class MetricsInput:
     dead_letters: int
     #: HTTP API requests: (method, route template, status code) → count.
     api_requests: Mapping[tuple[str, str, str], int]
+    #: :func:`outbox_backlog`: entries each bot published that the relay has not moved.
+    outboxes: Mapping[str, int] = field(default_factory=dict)
 
 
 def render(data: MetricsInput) -> bytes:
@@ -139,6 +142,15 @@ class _Snapshot(Collector):
             "multibot_dead_letters", "Entries in the dead-letter stream.", data.dead_letters
         )
         yield from _bots(data.bots)
+        outbox = GaugeMetricFamily(
+            "multibot_outbox_entries",
+            "Events (and dead letters) a bot published that the manager has not relayed to "
+            "their stream yet.",
+            labels=["bot"],
+        )
+        for bot, entries in sorted(data.outboxes.items()):
+            outbox.add_metric([bot], entries)
+        yield outbox
         yield from _memory(data.memory)
         yield from _pressure(data.redis_memory)
         requests = CounterMetricFamily(
@@ -348,6 +360,20 @@ async def gather_streams(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
             }
         )
     return found
+
+
+async def outbox_backlog(redis: Redis, keys: Keys, bots: Sequence[str]) -> dict[str, int]:
+    """Entries waiting in each bot's outbox (XLEN, one pipeline); 0 for a missing one,
+    and a key that is no stream (a bot wrote something else there) is left out."""
+    if not bots:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for bot in bots:
+            pipe.xlen(keys.outbox(bot))
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    return {
+        bot: int(n) for bot, n in zip(bots, replies, strict=True) if not isinstance(n, Exception)
+    }
 
 
 async def archive_lag(redis: Redis, keys: Keys, cap: int = DEFAULT_CAP) -> dict[str, int]:

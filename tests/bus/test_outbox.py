@@ -167,6 +167,24 @@ class TestRelay:
         assert await relay.drain("alice") == 0
         assert [e["id"] for e in await entries(redis, "user")] == ids
 
+    async def test_a_removed_bots_outbox_is_relayed_at_start(
+        self, redis: Redis, bus_factory: BusFactory
+    ) -> None:
+        """Events a bot published before it left the config (the manager down meanwhile)
+        still reach their stream, as that bot's, when the relay starts."""
+        carol = await bus_factory("carol", outbox=True)
+        event_id = await carol.publish("user.login.done", {})
+        relay = relay_for(redis, "alice")
+        task = asyncio.create_task(relay.run())
+        try:
+            await wait_until(lambda: empty(redis, "carol"), what="carol's outbox relayed")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert [(e["id"], e["source"]) for e in await entries(redis, "user")] == [
+            (event_id, "carol")
+        ]
+
     async def test_any_bytes_are_relayed_and_a_huge_entry_is_dead_lettered(
         self, raw: Redis, redis: Redis, relaying: OutboxRelay
     ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from manager.observe.metrics import (
     MetricsInput,
     archive_lag,
     gather_streams,
+    outbox_backlog,
     render,
 )
 from manager.status import (
@@ -336,6 +338,19 @@ class TestRedisReads:
         assert [(s["stream"], s["length"]) for s in found] == [("bot", 1), ("user", 3)]
         assert all(isinstance(s["memory_bytes"], int) and s["memory_bytes"] > 0 for s in found)
         assert await gather_streams(redis, Keys("empty")) == []
+
+    async def test_outbox_backlog(self, redis: Redis) -> None:
+        """Entries waiting in each bot's outbox; none for a bot that published nothing, and
+        an outbox a bot turned into a string is left out, not an error."""
+        keys = Keys("ns")
+        for n in range(3):
+            await redis.xadd(keys.outbox("greeter"), {"n": str(n)})
+        await redis.set(keys.outbox("broken"), "x")
+        found = await outbox_backlog(redis, keys, ["greeter", "idle", "broken"])
+        assert found == {"greeter": 3, "idle": 0}
+        assert await outbox_backlog(redis, keys, []) == {}
+        text = render(dataclasses.replace(realistic(), outboxes=found))
+        assert value(samples(text), "multibot_outbox_entries", bot="greeter") == 3
 
     async def test_archive_lag(self, redis: Redis) -> None:
         """The archiver group's unread plus pending entries per stream (also on Redis 6.2,
