@@ -161,6 +161,7 @@ class TestCatchUp:
         assert await manager.terminate() == 0
 
 
+@pytest.mark.one_redis  # PostgreSQL's fault: the same on every Redis
 class TestEmbeddedPostgres:
     async def test_killed_embedded_postgres_comes_back_and_archiving_goes_on(
         self, reachable_dir: Path, redis_server: RedisServer

@@ -53,6 +53,7 @@ class TestDescribe:
 
 
 @pytest.mark.redis
+@pytest.mark.one_redis  # the demo's output does not differ between Redis versions
 class TestRunDemo:
     async def test_prints_messages_replies_and_coordination(self, redis_url: str) -> None:
         """Two seconds of demo show messages, replies, a shared user and the roles taken."""
