@@ -17,7 +17,7 @@ still in the outbox after a crash is simply moved by the next relay.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -272,6 +272,20 @@ class OutboxRelay:
                 bot_id=bot_id,
                 key=key,
             )
+
+
+async def outbox_backlog(redis: Redis, keys: Keys, bots: Sequence[str]) -> dict[str, int]:
+    """Entries waiting in each bot's outbox (XLEN, one pipeline); 0 for a missing one,
+    and a key that is no stream (a bot wrote something else there) is left out."""
+    if not bots:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for bot in bots:
+            pipe.xlen(keys.outbox(bot))
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    return {
+        bot: int(n) for bot, n in zip(bots, replies, strict=True) if not isinstance(n, Exception)
+    }
 
 
 def _text(value: str | bytes) -> str:

@@ -80,6 +80,11 @@ class BotStatus(_Status):
     replicas: int
     standby: bool
     instances: list[InstanceStatus]
+    outbox: int | None = Field(
+        None,
+        description="events (and dead letters) it published that the manager has not "
+        "relayed to their stream yet; None when Redis did not say",
+    )
 
     @property
     def failed(self) -> bool:

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from manager.observe.metrics import (
-    MetricsInput,
-    archive_lag,
-    gather_streams,
-    outbox_backlog,
-    render,
-)
+from bus.outbox import outbox_backlog
+from manager.observe.metrics import MetricsInput, archive_lag, gather_streams, render
 
 if TYPE_CHECKING:
     from manager.api.view import DaemonView

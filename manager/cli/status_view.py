@@ -57,6 +57,8 @@ def render_status(
     console.print()
     if status.bots:
         console.print(view.bots_table(status.bots, stale_after))
+        if waiting := view.outboxes(status.bots):
+            console.print(waiting)
     else:
         console.print(Text("bots: none"))
     if status.groups:
@@ -215,6 +217,15 @@ class _View:
                     style=self.style("red" if failed else ""),
                 )
         return table
+
+    def outboxes(self, bots: Sequence[BotStatus]) -> Text | None:
+        """ "not relayed yet: greeter 1200, matcher 3" for the outboxes that are not empty
+        (usually none: the manager relays within milliseconds)."""
+        waiting = [f"{b.id} {b.outbox}" for b in bots if b.outbox]
+        if not waiting:
+            return None
+        line = "published, not relayed to their streams yet: " + ", ".join(waiting)
+        return Text(line, self.style("yellow"))
 
     def groups_table(self, groups: Sequence[GroupStatus]) -> Table:
         """One row per consumer group and stream; a capped lag reads "100000+"."""

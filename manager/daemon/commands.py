@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from redis.exceptions import RedisError
 
 from bus import BusClient, EventType
 from bus.connection import redact
+from bus.outbox import outbox_backlog
 from manager import __version__
 from manager.api.server import ApiServer
 from manager.archive.archiver import Archiver
@@ -27,7 +29,7 @@ from manager.config import ConfigError
 from manager.control import CommandError, Handler
 from manager.daemon.isolation import OsUserError
 from manager.embedded.services import Services
-from manager.status import ManagerInfo, ManagerStatus
+from manager.status import BotStatus, ManagerInfo, ManagerStatus
 from manager.supervision.coordinator import Coordinator
 from manager.supervision.supervisor import Supervisor
 
@@ -121,7 +123,7 @@ class Commands:
             memory=coordinator.memory_status(),
             redis_memory=coordinator.redis_memory_status(),
             archive=running.archiver.status(),
-            bots=running.supervisor.status(),
+            bots=await _with_outboxes(running.bus, running.supervisor.status()),
             groups=coordinator.group_status(),
             metrics=running.supervisor.metrics.snapshot(),
         )
@@ -169,3 +171,12 @@ class Commands:
             return await self._reload()
         except (ConfigError, OsUserError) as exc:
             raise CommandError(str(exc)) from None
+
+
+async def _with_outboxes(bus: BusClient, bots: list[BotStatus]) -> list[BotStatus]:
+    """``bots`` with what waits in their outboxes (unchanged when Redis does not say)."""
+    try:
+        waiting = await outbox_backlog(bus.redis, bus.keys, [b.id for b in bots])
+    except (RedisError, OSError):
+        return bots
+    return [b.model_copy(update={"outbox": waiting.get(b.id)}) for b in bots]

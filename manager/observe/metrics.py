@@ -114,7 +114,7 @@ class MetricsInput:
     dead_letters: int
     #: HTTP API requests: (method, route template, status code) → count.
     api_requests: Mapping[tuple[str, str, str], int]
-    #: :func:`outbox_backlog`: entries each bot published that the relay has not moved.
+    #: :func:`bus.outbox.outbox_backlog`: entries each bot published, not relayed yet.
     outboxes: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -360,20 +360,6 @@ async def gather_streams(redis: Redis, keys: Keys) -> list[dict[str, Any]]:
             }
         )
     return found
-
-
-async def outbox_backlog(redis: Redis, keys: Keys, bots: Sequence[str]) -> dict[str, int]:
-    """Entries waiting in each bot's outbox (XLEN, one pipeline); 0 for a missing one,
-    and a key that is no stream (a bot wrote something else there) is left out."""
-    if not bots:
-        return {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for bot in bots:
-            pipe.xlen(keys.outbox(bot))
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
-    return {
-        bot: int(n) for bot, n in zip(bots, replies, strict=True) if not isinstance(n, Exception)
-    }
 
 
 async def archive_lag(redis: Redis, keys: Keys, cap: int = DEFAULT_CAP) -> dict[str, int]:

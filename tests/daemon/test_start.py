@@ -210,6 +210,7 @@ class TestNotify:
             await wait_until(lambda: any("READY=1" in m for m in messages), 60, "READY=1")
             status = await manager.status()
             assert status["bots"][0]["state"] == "running"
+            assert status["bots"][0]["outbox"] == 0  # Redis answered: nothing waits
             await wait_until(
                 lambda: sum("WATCHDOG=1" in m for m in messages) >= 3, 10, "watchdog pings"
             )

@@ -184,6 +184,16 @@ class TestRenderStatus:
         """A bot with no instances still gets a row with its own state."""
         assert line_of(render(make_status()), "idle").split()[:4] == ["idle", "-", "-", "stopped"]
 
+    def test_outboxes_not_relayed_are_named(self) -> None:
+        """Bots whose outbox holds events get one line naming them and how many; none when
+        every outbox is empty or Redis did not say."""
+        status = make_status()
+        assert "not relayed" not in render(status)
+        status["bots"][0]["outbox"] = 1200
+        status["bots"][1]["outbox"] = 0
+        line = line_of(render(status), "not relayed")
+        assert line == "published, not relayed to their streams yet: greeter 1200"
+
     def test_groups(self) -> None:
         """Each group shows its stream, lag, pending and consumers; a capped lag ends in +."""
         text = render(make_status())

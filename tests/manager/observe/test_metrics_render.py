@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from bus.keys import ARCHIVER_GROUP, Keys
 from bus.metrics import BusMetrics, empty_snapshot, merge_snapshot
+from bus.outbox import outbox_backlog
 from manager.observe.fleet_metrics import FleetMetrics
 from manager.observe.metrics import (
     CONTENT_TYPE,
@@ -22,7 +23,6 @@ from manager.observe.metrics import (
     MetricsInput,
     archive_lag,
     gather_streams,
-    outbox_backlog,
     render,
 )
 from manager.status import (
