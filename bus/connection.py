@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import (
@@ -114,11 +114,18 @@ def raise_swallowed_cancel() -> None:
 
 
 def redact(url: str) -> str:
-    """The URL with its password hidden, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL with its secrets hidden, for logs and error messages: the password, and the
+    value of any query option naming one (``?password=``, ``ssl_password=``)."""
+    head, sep, query = url.partition("?")
+    if sep:
+        query = "&".join(_redact_option(option) for option in query.split("&"))
+    parts = urlsplit(head)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        head = urlunsplit(parts._replace(netloc=netloc))
+    return head + sep + query
+
+
+def _redact_option(option: str) -> str:
+    name, sep, _ = option.partition("=")
+    return f"{name}=***" if sep and "password" in unquote(name).lower() else option
