@@ -57,9 +57,12 @@ def switch_blockers() -> list[str]:
         return list(NEEDED_CAPABILITIES)
 
 
-def log_sharing(default_user: str, blockers: Sequence[str]) -> None:
-    """Say at start that bots share the manager's user, and what would give them their own."""
-    if blockers:
+def log_sharing(default_user: str, blockers: Sequence[str], fallback: str | None = None) -> None:
+    """Say at start that bots share the manager's user, and what would give them their own
+    (``fallback``: why the unset default ``bot_user`` could not be used)."""
+    if fallback is not None:
+        todo = fallback
+    elif blockers:
         todo = (
             "run the manager as root, or with "
             f"{', '.join(blockers)} in its effective capabilities (systemd: "
@@ -74,12 +77,18 @@ def log_sharing(default_user: str, blockers: Sequence[str]) -> None:
     log.warning(SHARED, todo=todo, missing=list(blockers) or None, bot_user=default_user or None)
 
 
+_UNSET = "supervisor.bot_user is not set: bots share the manager's user"
+
+
 class BotUsers:
     """The OS user each bot's processes run as, resolved at start and at every reload.
 
     ``switching``: whether the manager can run processes as other users. ``reserved``: uids
     a bot must never run as (root, the manager's own, the embedded PostgreSQL's), each with
-    what it is. ``data_dir``: where bots must not start.
+    what it is. ``data_dir``: where bots must not start. ``explicit``: whether the operator
+    set ``default_user``; the built-in default is only a preference: when that user does not
+    exist or cannot start Python here (a developer's first ``multibot start`` as root), bots
+    share the manager's user and :attr:`fallback` says why and what to do.
     """
 
     def __init__(
@@ -89,8 +98,11 @@ class BotUsers:
         switching: bool,
         reserved: Mapping[int, str],
         data_dir: Path,
+        explicit: bool = True,
     ) -> None:
         self._default = default_user
+        self._explicit = explicit
+        self.fallback: str | None = None
         self._switching = switching
         self._reserved = dict(reserved)
         self._data_dir = data_dir
@@ -109,7 +121,8 @@ class BotUsers:
         """The OS users bots run as (``user:group`` where a group is set; with no bots, the
         fleet's default); empty: they share the manager's."""
         if not self._users:
-            return [self._default] if self._switching and self._default else []
+            usable = self._switching and self._default and self.fallback is None
+            return [self._default] if usable else []
         return sorted({_label(u) for u in self._users.values() if u is not None})
 
     def user(self, bot: BotConfig) -> OsUser | None:
@@ -121,15 +134,26 @@ class BotUsers:
         (and nothing changes)."""
         users: dict[str, OsUser | None] = {}
         errors: list[str] = []
+        fallback: str | None = None
         for index, bot in enumerate(bots):
             try:
                 users[bot.id] = self._resolve(bot, index)
             except OsUserError as exc:
-                errors.append(str(exc))
+                if bot.user or self._explicit:
+                    errors.append(str(exc))
+                else:  # the built-in default, unusable here: share, and say so
+                    users[bot.id] = None
+                    fallback = f"{exc} ({_UNSET})"
+        if not bots and self._switching and self._default and not self._explicit:
+            try:  # no bot yet: whether the built-in default would serve the first one
+                self._resolve(BotConfig.model_construct(id="-", entry="-", user="", group=""), 0)
+            except OsUserError as exc:
+                fallback = f"{exc} ({_UNSET})"
         if errors:
             listed = "\n  ".join(dict.fromkeys(errors))  # the default's, once
             raise OsUserError(f"cannot run the bots as their OS users:\n  {listed}")
         self._users = users
+        self.fallback = fallback
 
     def _resolve(self, bot: BotConfig, index: int) -> OsUser | None:
         where = f"bots[{index}].user" if bot.user else "supervisor.bot_user"

@@ -182,10 +182,11 @@ class Manager:
             switching=not blockers,
             reserved=reserved,
             data_dir=settings.data_dir,
+            explicit="bot_user" in settings.supervisor.model_fields_set,
         )
         users.resolve(settings.bots)
         if not users.names() or any(users.user(bot) is None for bot in settings.bots):
-            log_sharing(settings.supervisor.bot_user, blockers)
+            log_sharing(settings.supervisor.bot_user, blockers, users.fallback)
         self._commands.bot_users = users.names
         # Before any child is spawned: under cgroup v2 the manager moves into a leaf first.
         limits = detect()

@@ -96,6 +96,24 @@ class TestBotUsers:
         with pytest.raises(OsUserError, match=r"bots\[1\]\.user: there is no OS user"):
             users(ME.name).resolve([bot(0), bot(1, user="multibot-no-such-user")])
 
+    def test_the_built_in_default_falls_back_to_sharing_with_the_reason(self) -> None:
+        """bot_user left at its built-in default and missing here (a first start as root):
+        bots share the manager's user, and ``fallback`` says why and names useradd; a bot
+        that names its own missing user is still refused."""
+        implicit = BotUsers(
+            "multibot-no-such-user", switching=True, reserved={}, data_dir=Path("/nonexistent"),
+            explicit=False,
+        )  # fmt: skip
+        implicit.resolve([bot(0), bot(1)])
+        assert implicit.user(bot(0)) is None and implicit.names() == []
+        assert implicit.fallback is not None
+        assert "there is no OS user 'multibot-no-such-user'" in implicit.fallback
+        assert "useradd --system" in implicit.fallback
+        implicit.resolve([])  # no bot yet: the default is checked all the same
+        assert implicit.names() == [] and implicit.fallback is not None
+        with pytest.raises(OsUserError, match=r"bots\[1\]\.user: there is no OS user"):
+            implicit.resolve([bot(0), bot(1, user="multibot-no-such-user")])
+
     def test_a_named_user_without_switching_is_refused(self) -> None:
         """A bot that names a user when the manager cannot switch: refused, not ignored."""
         with pytest.raises(OsUserError, match=r"bots\[0\]\.user: .* needs a manager that can"):
