@@ -30,7 +30,7 @@ async def _own_group(client: BusClient, stream: str) -> None:
     waits = REDIS_RETRY.waits()
     while True:
         try:
-            await ensure_group(client.redis, stream, client.group, "$")
+            await ensure_group(client.streams, stream, client.group, "$")
             return
         except GroupMissingError:
             if client.observer is None or time.monotonic() > deadline:
@@ -42,7 +42,7 @@ async def _own_group(client: BusClient, stream: str) -> None:
 async def _position(client: BusClient, stream: str) -> str:
     """The group's last delivered id on ``stream``; the group is created at the end if new."""
     await _own_group(client, stream)
-    groups: Any = await client.redis.xinfo_groups(stream)
+    groups: Any = await client.streams.xinfo_groups(stream)
     return next(str(g["last-delivered-id"]) for g in groups if g["name"] == client.group)
 
 
@@ -66,7 +66,7 @@ async def catch_up(
         name = client.keys.stream_name(stream)
         routed = [p.text for p in compiled if name in client.router.streams_for(p)]
         async for event in replay(
-            client.redis, client.keys, client.router, routed, since, until, store=store
+            client.streams, client.keys, client.router, routed, since, until, store=store
         ):
             if event.stream == stream:
                 await handler(event)

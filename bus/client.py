@@ -82,6 +82,7 @@ class BusClient:
         self._source = source or bot_id
         self._given_redis = redis
         self._redis: Redis | None = None
+        self._streams: Redis | None = None
         self._publisher: Publisher | None = None
         self._subscriptions = SubscriptionRegistry(self.settings.consumer, self.router, self.keys)
         self._consumer: Consumer | None = None
@@ -103,14 +104,21 @@ class BusClient:
         if self._redis is None:
             name = consumer_name(self.bot_id, self.instance)
             self._redis = self._given_redis or connect(self.settings, client_name=name)
+            separate = self._given_redis is None and self.settings.streams_url is not None
+            self._streams = (
+                connect(self.settings, client_name=name, url=self.settings.streams_url)
+                if separate
+                else self._redis
+            )
             self._publisher = Publisher(
-                self._redis,
+                self._redis if self._outbox else self._streams,
                 self.settings,
                 self.schemas,
                 self._source,
                 self.metrics,
                 backpressure=self._backpressure,
                 outbox=self._outbox,
+                pressure=self._streams,
             )
         return self
 
@@ -121,9 +129,11 @@ class BusClient:
         if self._archive is not None:
             await self._archive.close()
             self._archive = None
+        if self._streams is not None and self._streams is not self._redis:
+            await self._streams.aclose()
         if self._redis is not None and self._given_redis is None:
             await self._redis.aclose()
-        self._redis = self._publisher = None
+        self._redis = self._streams = self._publisher = None
 
     async def __aenter__(self) -> BusClient:
         return await self.connect()
@@ -133,10 +143,20 @@ class BusClient:
 
     @property
     def redis(self) -> Redis:
-        """The underlying redis-py client (for the coordinator and tools)."""
+        """The underlying redis-py client (for the coordinator and tools); in a bot run by
+        the manager, the one of its own keys (state, leases, run-once markers, outbox)."""
         if self._redis is None:
             raise BusError("the bus client is not connected: use `async with BusClient(...)`")
         return self._redis
+
+    @property
+    def streams(self) -> Redis:
+        """The client of the stream commands: reading, acking and claiming the bot's group,
+        replays, the backpressure flag. :attr:`redis` itself unless ``settings.streams_url``
+        names another Redis user (as the manager does for its bots)."""
+        if self._streams is None:
+            raise BusError("the bus client is not connected: use `async with BusClient(...)`")
+        return self._streams
 
     @property
     def group(self) -> str:
@@ -146,7 +166,8 @@ class BusClient:
     @property
     def dlq(self) -> DeadLetters:
         """The namespace's dead-letter stream."""
-        return DeadLetters(self.redis, self.keys, self.router, outbox=self._outbox)
+        writer = self.redis if self._outbox else self.streams
+        return DeadLetters(writer, self.keys, self.router, outbox=self._outbox)
 
     @property
     def _outbox(self) -> str | None:
@@ -303,7 +324,8 @@ class BusClient:
             await self._stopped.wait()
             return
         self._consumer = Consumer(
-            redis=self.redis,
+            redis=self.streams,
+            state=self.redis,
             keys=self.keys,
             settings=self.settings.consumer,
             bot_id=self.bot_id,
@@ -381,7 +403,7 @@ class BusClient:
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
         store = archive or await self.archive()
         async for event in replay(
-            self.redis, self.keys, self.router, pats, since, until, store=store
+            self.streams, self.keys, self.router, pats, since, until, store=store
         ):
             yield event
 

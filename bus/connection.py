@@ -71,8 +71,11 @@ _FAST: dict[type[Any], type[Any]] = {
 }
 
 
-def connect(settings: BusSettings, client_name: str | None = None) -> Redis:
-    """A client for ``settings.redis_url`` (``redis://``, ``rediss://`` TLS, ``unix://``).
+def connect(
+    settings: BusSettings, client_name: str | None = None, *, url: str | None = None
+) -> Redis:
+    """A client for ``url`` or ``settings.redis_url`` (``redis://``, ``rediss://`` TLS,
+    ``unix://``).
 
     A command that meets a lost connection is retried ``connect_retries`` times with
     exponential backoff (capped at ``retry_cap``), then raises; it never hangs forever.
@@ -83,7 +86,7 @@ def connect(settings: BusSettings, client_name: str | None = None) -> Redis:
         (RedisConnectionError, RedisTimeoutError, BusyLoadingError),
     )
     pool = ConnectionPool.from_url(
-        settings.redis_url,
+        url or settings.redis_url,
         decode_responses=True,
         # Any bytes can sit in a stream (redis-cli writes them): a reply that is not UTF-8
         # must not raise in the parser. Bad bytes come through as lone surrogates, which

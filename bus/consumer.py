@@ -61,7 +61,10 @@ class Consumer:
         metrics: BusMetrics | None = None,
         fence: Fence | None = None,
         max_data_bytes: int | None = None,
+        state: Redis | None = None,
     ) -> None:
+        """``redis`` runs the stream commands; ``state``, when given, the run-once markers
+        (a bot's own keys, which the manager gives another Redis user)."""
         self.group = group_name(bot_id)
         self.name = consumer_name(bot_id, instance)
         subs = list(subscriptions)
@@ -101,6 +104,7 @@ class Consumer:
             allowed=allowed,
             fence=fence,
             max_data_bytes=max_data_bytes,
+            state=state,
         )
         self._reader, self._reclaimer = self._reading(redis, settings)
 

@@ -65,6 +65,7 @@ class Dispatcher:
         allowed: Allowed | None = None,
         fence: Fence | None = None,
         max_data_bytes: int | None = None,
+        state: Redis | None = None,
     ) -> None:
         self._group = group
         self._allowed = allowed
@@ -75,7 +76,7 @@ class Dispatcher:
         self._stats = stats
         self._log = log
         self._runner = Runner(
-            redis=redis,
+            redis=state or redis,  # run-once markers: the bot's own keys
             keys=keys,
             dlq=dlq,
             schemas=schemas,

@@ -34,7 +34,8 @@ class Publisher:
     """Turns drafts into stream entries. One per bus client; ``metrics`` counts what Redis
     confirmed. With ``backpressure`` (the default) a publish first waits while the manager
     says Redis is nearly full (see :mod:`bus.backpressure`); the manager's own events skip
-    that wait. With ``outbox`` every entry goes to that key instead of its stream."""
+    that wait. With ``outbox`` every entry goes to that key instead of its stream.
+    ``pressure``: the client that reads the flag, when not ``redis`` (a bot's stream user)."""
 
     def __init__(
         self,
@@ -46,6 +47,7 @@ class Publisher:
         *,
         backpressure: bool = True,
         outbox: str | None = None,
+        pressure: Redis | None = None,
     ) -> None:
         self._redis = redis
         self._metrics = metrics or BusMetrics()
@@ -58,7 +60,9 @@ class Publisher:
         #: manager relays (see :mod:`bus.outbox`).
         self._outbox = outbox
         self._pressure = (
-            Backpressure(redis, self._keys, settings.backpressure_wait) if backpressure else None
+            Backpressure(pressure or redis, self._keys, settings.backpressure_wait)
+            if backpressure
+            else None
         )
 
     def event(

@@ -64,6 +64,13 @@ class BusSettings(_Model):
     """Everything a bus client needs; the manager builds it for each bot."""
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis://, rediss://, unix://")
+    streams_url: str | None = Field(
+        None,
+        description="URL of the stream commands (read, ack and claim the bot's group, read "
+        "the backpressure flag) when they go through another Redis user than redis_url's "
+        "(the manager gives each bot two: one for its own keys, one for the streams); "
+        "None: redis_url",
+    )
     namespace: str = Field("multibot", description="prefix of every key")
     routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
     default_stream: str = DEFAULT_STREAM
@@ -98,10 +105,10 @@ class BusSettings(_Model):
             raise ValueError("use letters, digits, '_', '.' and '-' only")
         return value
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "streams_url")
     @classmethod
-    def _url(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 

@@ -34,11 +34,17 @@ IDLE_SECONDS = 1.0
 
 
 def bench_settings(
-    url: str, namespace: str, read_count: int, *, outbox: bool = False
+    url: str,
+    namespace: str,
+    read_count: int,
+    *,
+    outbox: bool = False,
+    streams_url: str | None = None,
 ) -> BusSettings:
     """Settings of every bench client: the bench namespace and routes, reads of ``read_count``."""
     return BusSettings(
         redis_url=url,
+        streams_url=streams_url,
         namespace=namespace,
         routes=ROUTES,
         consumer=ConsumerSettings(read_count=read_count),
@@ -52,7 +58,13 @@ async def consumers(spec: WorkerSpec, recorder: Recorder) -> AsyncIterator[None]
     if not spec.roles.consumers:
         yield
         return
-    settings = bench_settings(spec.url, spec.namespace, spec.options.read_size, outbox=spec.outbox)
+    settings = bench_settings(
+        spec.url,
+        spec.namespace,
+        spec.options.read_size,
+        outbox=spec.outbox,
+        streams_url=spec.streams_url,
+    )
     record = recorder.record
 
     async def handle(event: Event) -> None:
@@ -80,7 +92,13 @@ async def consumers(spec: WorkerSpec, recorder: Recorder) -> AsyncIterator[None]
 async def producers(spec: WorkerSpec) -> AsyncIterator[list[tuple[int, Send]]]:
     """Connected bus clients of this worker's producers, as send functions."""
     url = spec.producer_url or spec.url
-    settings = bench_settings(url, spec.namespace, spec.options.read_size, outbox=spec.outbox)
+    settings = bench_settings(
+        url,
+        spec.namespace,
+        spec.options.read_size,
+        outbox=spec.outbox,
+        streams_url=spec.producer_streams_url,
+    )
     batch = spec.options.batch_size
     async with contextlib.AsyncExitStack() as stack:
         sends: list[tuple[int, Send]] = []

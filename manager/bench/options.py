@@ -148,6 +148,10 @@ class WorkerSpec:
     namespace: str
     #: The producers' URL when it differs from ``url`` (a bot user of their own).
     producer_url: str | None = None
+    #: The stream users' URLs of the consumers and the producers (a bot's second Redis
+    #: user, as the manager gives its bots); None: ``url``/``producer_url`` for everything.
+    streams_url: str | None = None
+    producer_streams_url: str | None = None
     #: Whether the bus clients publish through their outbox (relayed by the parent).
     outbox: bool = False
 

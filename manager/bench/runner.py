@@ -54,6 +54,7 @@ from manager.daemon.redis_acl import (
     delete_bot_user,
     ensure_bot_user,
     generate_password,
+    streams_username,
 )
 from manager.embedded.redis_server import RedisServer
 
@@ -115,6 +116,9 @@ class _Urls:
     producers: str
     #: Whether the bus clients publish through their outbox (as the manager's bots do).
     outbox: bool = False
+    #: Their stream users' URLs (bots' second Redis users); None: the URLs above.
+    consumers_streams: str | None = None
+    producers_streams: str | None = None
 
 
 @contextlib.asynccontextmanager
@@ -129,11 +133,12 @@ async def _as_bots(admin: Redis, url: str, namespace: str) -> AsyncIterator[_Url
         password = generate_password()
         username = await ensure_bot_user(admin, keys, bot, password)
         urls.append(bot_redis_url(url, username, password))
+        urls.append(bot_redis_url(url, streams_username(namespace, bot), password))
     await ensure_group(admin, keys.stream(ROUTES["bench"]), group_name(CONSUMER_BOT), "$")
     relay = OutboxRelay(admin, keys, Router(ROUTES, DEFAULT_STREAM), lambda: [PRODUCER_BOT])
     relaying = asyncio.create_task(relay.run())
     try:
-        yield _Urls(urls[0], urls[1], outbox=True)
+        yield _Urls(urls[0], urls[2], True, consumers_streams=urls[1], producers_streams=urls[3])
     finally:
         relaying.cancel()
         await asyncio.gather(relaying, return_exceptions=True)
@@ -276,6 +281,8 @@ async def _phase(mode: Mode, options: BenchOptions, urls: _Urls, namespace: str)
                         namespace,
                         producer_url=urls.producers,
                         outbox=urls.outbox,
+                        streams_url=urls.consumers_streams,
+                        producer_streams_url=urls.producers_streams,
                     )
                     children.append(await _spawn(spec, file.fileno()))
                 results, drain_s = await _run_phase(children, options, progress)

@@ -24,13 +24,14 @@ from manager.archive.link import ArchiveLink, ensure_reader
 from manager.config import BotConfig, ManagerSettings
 from manager.daemon.isolation import BotUsers
 from manager.daemon.redis_acl import (
+    bot_id_of,
     bot_redis_url,
     bot_username,
     bot_users,
     delete_bot_user,
     ensure_bot_user,
     generate_password,
-    uses_selectors,
+    streams_username,
 )
 from manager.embedded.child_process import OsUser
 from manager.supervision.bot_process import Launch
@@ -105,7 +106,6 @@ class Provisioner:
         self._manager_user = OsUser.current()
         self._passwords: dict[str, str] = {}
         self._reader_dsn: str | None = None
-        self._warned_6_2 = False
 
     def __repr__(self) -> str:
         reader = "yes" if self._reader_dsn else "no"
@@ -115,11 +115,12 @@ class Provisioner:
         """The bots' OS users looked up (else OsUserError, before anything changes); a Redis
         user per bot (users of removed bots dropped), and the declared groups."""
         self._users.resolve(bots)
-        wanted = {bot_username(self._keys.namespace, b.id) for b in bots}
-        for username in await bot_users(self._admin, self._keys):
-            if username not in wanted:
-                bot_id = username.rpartition(".")[2]
-                await delete_bot_user(self._admin, self._keys, bot_id)
+        wanted = {b.id for b in bots}
+        listed = [
+            bot_id_of(self._keys.namespace, u) for u in await bot_users(self._admin, self._keys)
+        ]
+        for bot_id in sorted({b for b in listed if b is not None} - wanted):
+            await delete_bot_user(self._admin, self._keys, bot_id)
         for bot in bots:
             if bot.id not in self._passwords:
                 self._passwords[bot.id] = generate_password()
@@ -129,13 +130,6 @@ class Provisioner:
                 bot.id,
                 self._passwords[bot.id],
                 outbox=self._settings.supervisor.bot_outbox,
-            )
-        if bots and not self._warned_6_2 and not await uses_selectors(self._admin):
-            self._warned_6_2 = True
-            log.warning(
-                "Redis before 7.0 has no ACL selectors: bots can still XADD to, delete or "
-                "expire the shared streams and lower the backpressure flag; run Redis 7 to "
-                "keep them out (README: Security)"
             )
         created = await coordinator.ensure_groups(bots)
         await self._record_subscriptions(bots)
@@ -176,8 +170,11 @@ class Provisioner:
         its OS user."""
         settings = self._settings
         username = bot_username(self._keys.namespace, bot.id)
-        url = bot_redis_url(self._redis_url, username, self._passwords[bot.id])
+        password = self._passwords[bot.id]
+        url = bot_redis_url(self._redis_url, username, password)
         options = settings.bus_settings(url)
+        streams_user = streams_username(self._keys.namespace, bot.id)
+        options["streams_url"] = bot_redis_url(self._redis_url, streams_user, password)
         options["archive_dsn"] = self._reader_dsn
         # Unless the operator chose direct publishing, its Redis user may not write streams.
         options["outbox"] = settings.supervisor.bot_outbox

@@ -21,14 +21,14 @@ A bot never writes to a stream or the dead-letter stream: it appends to its own 
 (``Keys.outbox``), which the manager relays (:mod:`bus.outbox`), so it cannot trim a stream,
 set an entry id or claim another source.
 
-On Redis 7 the user is split by ACL selectors: its own keys take the data-structure
-commands, its outbox only XADD, the streams only the stream commands a consumer calls (no
-XADD), and the backpressure flag only GET. So a bot cannot write, DEL, EXPIRE or overwrite a
-stream there, nor read the dead letters or lower the flag. Redis 6.2 has no selectors: its
-key patterns cover every command alike, so there a bot may also XADD to, DEL, EXPIRE or
-overwrite a stream, or lower the flag. On both, the group commands take any group name: a
-bot can still read or ack through another group's name. README "Security" lists what holds
-where.
+Each bot has two users, one password: ``<ns>.bot.<id>`` for its own keys (state, leases,
+run-once markers: the data-structure commands; its outbox: XADD) and
+``<ns>.bot.<id>.streams`` for the streams (only the commands a consumer calls, no XADD)
+and the backpressure flag (only GET). An ACL user's commands reach all its key patterns
+alike on Redis 6.2, so splitting by user is what keeps DEL, EXPIRE, SET or XADD off the
+streams and the flag on every version (Redis 7's selectors would do it within one user,
+6.2 has none). The group commands take any group name: a bot can still read or ack
+through another group's name on the streams. README "Security" lists what holds.
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ log = structlog.get_logger("manager.daemon.redis_acl")
 
 #: Separates the namespace from the bot id in a bot's user name.
 USER_INFIX = ".bot."
+#: Ends the name of a bot's second user, the one of its stream commands.
+STREAMS_SUFFIX = ".streams"
 #: Bytes of randomness in a generated password (43 URL-safe characters).
 PASSWORD_BYTES = 32
 
@@ -166,9 +168,23 @@ def _check_names(namespace: str, bot_id: str) -> None:
 
 
 def bot_username(namespace: str, bot_id: str) -> str:
-    """The ACL user name of a bot, e.g. ``multibot.bot.greeter``."""
+    """The ACL user name of a bot's own keys, e.g. ``multibot.bot.greeter``."""
     _check_names(namespace, bot_id)
     return f"{namespace}{USER_INFIX}{bot_id}"
+
+
+def streams_username(namespace: str, bot_id: str) -> str:
+    """The ACL user name of a bot's stream commands, e.g. ``multibot.bot.greeter.streams``."""
+    return f"{bot_username(namespace, bot_id)}{STREAMS_SUFFIX}"
+
+
+def bot_id_of(namespace: str, username: str) -> str | None:
+    """The bot id in either user name of a bot of ``namespace``; None: not one."""
+    prefix = f"{namespace}{USER_INFIX}"
+    if not username.startswith(prefix):
+        return None
+    bot_id = username[len(prefix) :].removesuffix(STREAMS_SUFFIX)
+    return bot_id if _BOT_ID_RE.fullmatch(bot_id) else None
 
 
 def generate_password() -> str:
@@ -192,80 +208,68 @@ def bot_state_patterns(keys: Keys, bot_id: str) -> list[str]:
 
 
 def bot_key_patterns(keys: Keys, bot_id: str) -> list[str]:
-    """Every key pattern (without ``~``) a bot's user reaches, whatever the command."""
-    return [
-        *bot_state_patterns(keys, bot_id),
-        keys.outbox(bot_id),
-        # Every stream of the namespace: a bot reads its group on the streams its
-        # subscriptions need.
-        f"{keys.stream_prefix()}*",
-        keys.pressure(),
-    ]
+    """Every key pattern (without ``~``) either of a bot's users reaches."""
+    return [*bot_state_patterns(keys, bot_id), keys.outbox(bot_id), *streams_patterns(keys)]
 
 
-#: What a bot's user gets when it publishes to the streams itself (``outbox=False``): the
-#: streams' XADD, and the dead-letter stream's.
+def streams_patterns(keys: Keys) -> list[str]:
+    """The key patterns of a bot's stream user: every stream of the namespace (a bot
+    reads its group on the streams its subscriptions need) and the backpressure flag."""
+    return [f"{keys.stream_prefix()}*", keys.pressure()]
+
+
+#: What a bot's stream user gets when the bot publishes to the streams itself
+#: (``outbox=False``): the streams' XADD, and the dead-letter stream's.
 _DIRECT_RULES: tuple[tuple[str, str], ...] = (
     ("+xadd", "publish (Publisher.publish/publish_many) and dead-letter, directly"),
 )
 
 
-def bot_acl_rules(
-    keys: Keys, bot_id: str, *, selectors: bool, db: int = 0, outbox: bool = True
-) -> list[str]:
-    """The ``ACL SETUSER`` rules of a bot's user, without its password.
-
-    ``reset`` comes first, so applying the rules replaces whatever the user had; then the
-    user is enabled and gets no pub/sub channels. With ``selectors`` (Redis 7 and newer)
-    each kind of key gets only its own commands; without (Redis 6.2) every allowed command
-    reaches every key pattern (see the module's limits). ``db`` is the only database the
-    user may SELECT (the one of its URL). Without ``outbox`` the bot publishes and
-    dead-letters to the streams directly (``supervisor.bot_outbox = false``), so it gets XADD
-    on them and on the dead-letter stream.
-    """
-    # The state rules end in -@admin -@dangerous, which on 6.2 would also drop the exact
-    # adds of CLIENT SETNAME and SCRIPT LOAD: those come after them.
-    common = [
+def _base_rules() -> list[str]:
+    return [
         "reset",  # no passwords, keys, channels or commands: start from nothing
         "on",  # enabled (it still needs the password given with the rules)
         "resetchannels",  # the bus uses no pub/sub; 6.2's reset may allow all channels
         "-@all",  # everything below is an allow-list
+    ]
+
+
+def bot_acl_rules(keys: Keys, bot_id: str, *, db: int = 0, outbox: bool = True) -> list[str]:
+    """The ``ACL SETUSER`` rules of a bot's own-keys user, without its password.
+
+    ``reset`` comes first, so applying the rules replaces whatever the user had; then the
+    user is enabled and gets no pub/sub channels. ``db`` is the only database the user may
+    SELECT (the one of its URL). With ``outbox`` it may XADD to the bot's outbox (without,
+    the bot publishes through its stream user: :func:`streams_acl_rules`).
+    """
+    # The state rules end in -@admin -@dangerous, which on 6.2 would also drop the exact
+    # adds of CLIENT SETNAME and SCRIPT LOAD: those come after them.
+    return [
+        *_base_rules(),
         *(rule for rule, _ in _STATE_RULES),
         *(rule for rule, _ in _CONNECTION_RULES),
         f"+select|{int(db)}",  # its URL's database only (redis-py SELECTs it on connect)
         *_script_rules(),
-    ]
-    if not selectors:
-        direct = [] if outbox else [f"~{keys.dead_letters()}"]
-        return [
-            *common,
-            *(f"~{pattern}" for pattern in bot_key_patterns(keys, bot_id)),
-            *direct,
-            *(rule for rule, _ in _STREAM_RULES + _OUTBOX_RULES + _PRESSURE_RULES),
-        ]
-    streams = _STREAM_RULES if outbox else _DIRECT_RULES + _STREAM_RULES
-    direct = [] if outbox else [_selector(f"~{keys.dead_letters()}", _DIRECT_RULES)]
-    return [
-        *common,
         *(f"~{pattern}" for pattern in bot_state_patterns(keys, bot_id)),
-        _selector(f"~{keys.outbox(bot_id)}", _OUTBOX_RULES),
-        _selector(f"~{keys.stream_prefix()}*", streams),
-        *direct,
-        _selector(f"%R~{keys.pressure()}", _PRESSURE_RULES),
+        *([f"~{keys.outbox(bot_id)}", *(rule for rule, _ in _OUTBOX_RULES)] if outbox else []),
     ]
 
 
-def _selector(pattern: str, rules: tuple[tuple[str, str], ...]) -> str:
-    """A Redis 7 selector: ``rules`` on the keys of ``pattern`` only."""
-    return "(" + " ".join([pattern, *(rule for rule, _ in rules)]) + ")"
-
-
-async def uses_selectors(admin: Redis) -> bool:
-    """Whether the server takes ACL selectors (Redis 7.0 and newer)."""
-    info: Any = await admin.info("server")
-    version = str(info.get("redis_version", "0"))
-    major = version.split(".", 1)[0]
-    return major.isdigit() and int(major) >= 7
+def streams_acl_rules(keys: Keys, *, db: int = 0, outbox: bool = True) -> list[str]:
+    """The ``ACL SETUSER`` rules of a bot's stream user, without its password: the stream
+    commands of a consumer on the streams and GET on the backpressure flag, nothing that
+    writes, deletes or expires a key (the same for every bot: no key of its own). Without
+    ``outbox`` it also XADDs to the streams and the dead-letter stream."""
+    connection = [rule for rule, _ in _CONNECTION_RULES if not rule.startswith("+script")]
+    direct = [f"~{keys.dead_letters()}", *(r for r, _ in _DIRECT_RULES)] if not outbox else []
+    return [
+        *_base_rules(),
+        *connection,
+        f"+select|{int(db)}",
+        *(f"~{pattern}" for pattern in streams_patterns(keys)),
+        *(rule for rule, _ in _STREAM_RULES + _PRESSURE_RULES),
+        *direct,
+    ]
 
 
 def _password_rule(password: str) -> str:
@@ -297,48 +301,50 @@ async def _acl(admin: Redis, *args: str, doing: str) -> Any:
 async def ensure_bot_user(
     admin: Redis, keys: Keys, bot_id: str, password: str, *, outbox: bool = True
 ) -> str:
-    """Create or replace the bot's ACL user with :func:`bot_acl_rules`; return its name.
+    """Create or replace the bot's two ACL users (:func:`bot_acl_rules`,
+    :func:`streams_acl_rules`), both with ``password``; return the own-keys user's name
+    (:func:`streams_username` names the other).
 
     Idempotent. The rules start with ``reset``, so a changed rule set or a new password
-    replaces the old one in one atomic ``ACL SETUSER``; connections the bot already has stay
-    open and get the new permissions at once.
+    replaces the old one in one atomic ``ACL SETUSER`` per user; connections the bot already
+    has stay open and get the new permissions at once.
     """
-    username = bot_username(keys.namespace, bot_id)
     db = int(admin.connection_pool.connection_kwargs.get("db") or 0)
-    selectors = await uses_selectors(admin)
-    rules = bot_acl_rules(keys, bot_id, selectors=selectors, db=db, outbox=outbox)
-    await _acl(
-        admin,
-        "SETUSER",
-        username,
-        *rules,
-        _password_rule(password),
-        doing=f"setting up the Redis user {username} of bot {bot_id}",
-    )
-    log.info("redis_acl.user_ensured", user=username, bot_id=bot_id, rules=len(rules))
-    return username
+    users = {
+        bot_username(keys.namespace, bot_id): bot_acl_rules(keys, bot_id, db=db, outbox=outbox),
+        streams_username(keys.namespace, bot_id): streams_acl_rules(keys, db=db, outbox=outbox),
+    }
+    for username, rules in users.items():
+        await _acl(
+            admin,
+            "SETUSER",
+            username,
+            *rules,
+            _password_rule(password),
+            doing=f"setting up the Redis user {username} of bot {bot_id}",
+        )
+        log.info("redis_acl.user_ensured", user=username, bot_id=bot_id, rules=len(rules))
+    return bot_username(keys.namespace, bot_id)
 
 
 async def delete_bot_user(admin: Redis, keys: Keys, bot_id: str) -> bool:
-    """Delete the bot's user (Redis also disconnects it); whether it existed."""
-    username = bot_username(keys.namespace, bot_id)
+    """Delete the bot's two users (Redis also disconnects them); whether any existed."""
+    names = [bot_username(keys.namespace, bot_id), streams_username(keys.namespace, bot_id)]
     deleted: Any = await _acl(
-        admin, "DELUSER", username, doing=f"deleting the Redis user {username} of bot {bot_id}"
+        admin, "DELUSER", *names, doing=f"deleting the Redis users of bot {bot_id}"
     )
     if deleted:
-        log.info("redis_acl.user_deleted", user=username, bot_id=bot_id)
+        log.info("redis_acl.user_deleted", users=names, bot_id=bot_id)
     return bool(deleted)
 
 
 async def bot_users(admin: Redis, keys: Keys) -> list[str]:
-    """Names of the namespace's bot users, sorted (to drop those of removed bots)."""
+    """Names of the namespace's bot users (both of each bot), sorted (to drop those of
+    removed bots: :func:`bot_id_of`)."""
     _check_namespace(keys.namespace)
     names: Any = await _acl(admin, "USERS", doing=f"listing the bot users of {keys.namespace}")
-    prefix = f"{keys.namespace}{USER_INFIX}"
     found = (n.decode() if isinstance(n, bytes) else str(n) for n in names)
-    return sorted(
-        n for n in found if n.startswith(prefix) and _BOT_ID_RE.fullmatch(n[len(prefix) :])
-    )
+    return sorted(n for n in found if bot_id_of(keys.namespace, n) is not None)
 
 
 def bots_base_url(admin_url: str, bot_cert: tuple[Path, Path] | None) -> str:

@@ -1,9 +1,10 @@
-"""A hostile bot: it tries, through its own Redis user, every thing a bot may not do.
+"""A hostile bot: it tries, through both its Redis users, every thing a bot may not do.
 
 It reads as the boundary's documentation: each attempt below is one "may not" of the
 README's Security section. The bot publishes one ``test.probe.report`` event naming each
-attempt's outcome: ``refused`` (Redis said no for lack of permission), ``succeeded``, or
-``failed: …`` (it failed for another reason, which proves nothing). The test decides what
+attempt's outcome: ``refused`` (Redis said no for lack of permission, to both users: its own
+keys' and its streams'), ``succeeded`` (through either), or ``failed: …`` (it failed for
+another reason, which proves nothing). The test decides what
 each outcome means. Destructive attempts aim at the ``probe`` stream only (the test's
 config routes ``probe.*`` there), so a hole found does not take the test's fleet down.
 """
@@ -82,7 +83,13 @@ def _attempts(bus: BusClient) -> dict[str, Callable[[Redis], Awaitable[Any]]]:
     }
 
 
-async def _outcome(attempt: Awaitable[Any]) -> str:
+async def _outcome(act: Callable[[Redis], Awaitable[Any]], users: list[Redis]) -> str:
+    """``succeeded`` if any user could, else the first user's refusal or failure."""
+    outcomes = [await _try(act(user)) for user in users]
+    return "succeeded" if "succeeded" in outcomes else outcomes[0]
+
+
+async def _try(attempt: Awaitable[Any]) -> str:
     try:
         await attempt
     except NoPermissionError:
@@ -100,7 +107,7 @@ async def _groups_ready(bus: BusClient) -> None:
     async with asyncio.timeout(20):
         while True:
             with contextlib.suppress(ResponseError):  # no stream yet
-                groups: Any = await bus.redis.xinfo_groups(bus.keys.stream("bot"))
+                groups: Any = await bus.streams.xinfo_groups(bus.keys.stream("bot"))
                 if wanted <= {g["name"] for g in groups}:
                     return
             await asyncio.sleep(0.1)
@@ -109,7 +116,9 @@ async def _groups_ready(bus: BusClient) -> None:
 async def main(bus: BusClient) -> None:
     """Try every attempt, publish the outcomes, then publish under a forged source."""
     await _groups_ready(bus)
-    outcomes = {name: await _outcome(act(bus.redis)) for name, act in _attempts(bus).items()}
+    users = [bus.redis, bus.streams]
+    assert bus.streams is not bus.redis  # the manager gave the bot two users
+    outcomes = {name: await _outcome(act, users) for name, act in _attempts(bus).items()}
     # The test checks what consumers see as the source of this one (sent through the outbox).
     await bus.publish_many([bus.event("test.probe.forged", {}, source="manager")])
     await bus.publish("test.probe.report", outcomes)

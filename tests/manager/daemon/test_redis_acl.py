@@ -29,6 +29,7 @@ from manager.daemon.redis_acl import (
     BotUserError,
     RedisAclError,
     bot_acl_rules,
+    bot_id_of,
     bot_key_patterns,
     bot_redis_url,
     bot_state_patterns,
@@ -38,6 +39,8 @@ from manager.daemon.redis_acl import (
     delete_bot_user,
     ensure_bot_user,
     generate_password,
+    streams_acl_rules,
+    streams_username,
 )
 from manager.embedded.redis_server import RedisBinary
 from manager.errors import ManagerError
@@ -74,11 +77,18 @@ async def admin(redis_url: str) -> AsyncIterator[Redis]:
         yield client
 
 
-async def bot_url(admin: Redis, redis_url: str, bot_id: str, keys: Keys = KEYS) -> str:
-    """Create ``bot_id``'s user with a fresh password; return the URL the bot would get."""
+async def bot_urls(admin: Redis, redis_url: str, bot_id: str, keys: Keys = KEYS) -> tuple[str, str]:
+    """Create ``bot_id``'s users with a fresh password; return the URLs the bot would get:
+    its own keys' and its streams'."""
     password = generate_password()
     username = await ensure_bot_user(admin, keys, bot_id, password)
-    return bot_redis_url(redis_url, username, password)
+    streams = streams_username(keys.namespace, bot_id)
+    return bot_redis_url(redis_url, username, password), bot_redis_url(redis_url, streams, password)
+
+
+async def bot_url(admin: Redis, redis_url: str, bot_id: str, keys: Keys = KEYS) -> str:
+    """The URL of ``bot_id``'s own keys' user (:func:`bot_urls`)."""
+    return (await bot_urls(admin, redis_url, bot_id, keys))[0]
 
 
 @pytest.fixture
@@ -86,18 +96,24 @@ async def bot_bus(admin: Redis, redis_url: str) -> AsyncIterator[BotBus]:
     """Bus clients each logged in as its bot's ACL user, with fast test timings, publishing
     through their outboxes and a relay moving them, as under the manager."""
     clients: list[BusClient] = []
-    urls: dict[str, str] = {}
+    urls: dict[str, tuple[str, str]] = {}
     relay = OutboxRelay(admin, KEYS, Router(DEFAULT_ROUTES, DEFAULT_STREAM), lambda: list(urls))
     relaying = asyncio.create_task(relay.run())
 
     async def make(bot_id: str, *, instance: int | str = 0, **consumer: object) -> BusClient:
         if bot_id not in urls:
-            urls[bot_id] = await bot_url(admin, redis_url, bot_id)
+            urls[bot_id] = await bot_urls(admin, redis_url, bot_id)
             for name in READ_STREAMS:  # as the manager does for declared subscriptions
                 await ensure_group(admin, KEYS.stream(name), group_name(bot_id), "0")
         timings: dict[str, Any] = {"block_ms": 500, "visibility_timeout": 5.0, "start_id": "0"}
+        own, streams = urls[bot_id]
         settings = BusSettings.model_validate(
-            {"redis_url": urls[bot_id], "consumer": {**timings, **consumer}, "outbox": True}
+            {
+                "redis_url": own,
+                "streams_url": streams,
+                "consumer": {**timings, **consumer},
+                "outbox": True,
+            }
         )
         client = BusClient(bot_id, settings=settings, instance=instance)
         clients.append(client)
@@ -111,10 +127,26 @@ async def bot_bus(admin: Redis, redis_url: str) -> AsyncIterator[BotBus]:
 
 
 @pytest.fixture
-async def bot_redis(admin: Redis, redis_url: str) -> AsyncIterator[Redis]:
-    """A plain connection logged in as BOT's ACL user."""
-    async with Redis.from_url(await bot_url(admin, redis_url, BOT), decode_responses=True) as r:
-        yield r
+async def bot_logins(admin: Redis, redis_url: str) -> AsyncIterator[tuple[Redis, Redis]]:
+    """Plain connections logged in as BOT's two ACL users: its own keys', its streams'."""
+    own, streams = await bot_urls(admin, redis_url, BOT)
+    async with (
+        Redis.from_url(own, decode_responses=True) as mine,
+        Redis.from_url(streams, decode_responses=True) as reader,
+    ):
+        yield mine, reader
+
+
+@pytest.fixture
+def bot_redis(bot_logins: tuple[Redis, Redis]) -> Redis:
+    """A plain connection logged in as BOT's own keys' user."""
+    return bot_logins[0]
+
+
+@pytest.fixture
+def bot_streams(bot_logins: tuple[Redis, Redis]) -> Redis:
+    """A plain connection logged in as BOT's stream user."""
+    return bot_logins[1]
 
 
 async def denials(admin: Redis) -> list[dict[str, Any]]:
@@ -148,24 +180,32 @@ def selectors(redis_binary: RedisBinary) -> bool:
 
 class TestRules:
     def test_username(self) -> None:
-        """The user name joins namespace and bot id with ``.bot.``."""
+        """The user names join namespace and bot id with ``.bot.``; the stream user's ends
+        in ``.streams``, and either gives the bot id back."""
         assert bot_username("multibot", "greeter") == "multibot.bot.greeter"
         assert bot_username("team-a.prod", "x_1") == "team-a.prod.bot.x_1"
+        assert streams_username("multibot", "greeter") == "multibot.bot.greeter.streams"
+        assert bot_id_of("multibot", "multibot.bot.greeter.streams") == "greeter"
+        assert bot_id_of("multibot", "multibot.bot.greeter") == "greeter"
+        assert bot_id_of("multibot", "multibot.bot.a.b") is None
+        assert bot_id_of("multibot", "other.bot.greeter") is None
 
     @pytest.mark.parametrize("bot_id", ["*", "a*", "a?", "a[b]", "a\\b", "a.b", "", "a b", "a\n"])
     def test_refuses_bot_ids_that_widen_patterns(self, bot_id: str) -> None:
         """A bot id with glob characters, a dot or whitespace cannot get a user."""
         with pytest.raises(BotUserError, match="bot id") as info:
-            bot_acl_rules(KEYS, bot_id, selectors=True)
+            bot_acl_rules(KEYS, bot_id)
         assert isinstance(info.value, ManagerError) and isinstance(info.value, ValueError)
         with pytest.raises(BotUserError):
             bot_username("multibot", bot_id)
+        with pytest.raises(BotUserError):
+            streams_username("multibot", bot_id)
 
     @pytest.mark.parametrize("namespace", ["*", "m*", "m?", "m[x]", "", "m:x"])
     def test_refuses_namespaces_that_widen_patterns(self, namespace: str) -> None:
         """A namespace with glob characters (or a ':') cannot get users."""
         with pytest.raises(BotUserError, match="namespace"):
-            bot_acl_rules(Keys(namespace), BOT, selectors=False)
+            bot_acl_rules(Keys(namespace), BOT)
 
     def test_key_patterns_are_exactly_the_bots_keys(self) -> None:
         """Its own markers, state, lease, fence and outbox, the streams and the
@@ -180,56 +220,61 @@ class TestRules:
             "multibot:pressure",
         ]
 
-    @pytest.mark.parametrize("with_selectors", [True, False])
-    def test_rules_reset_then_allow_list(self, with_selectors: bool) -> None:
-        """Rules start with reset, deny channels and all commands, then add back exactly."""
-        rules = bot_acl_rules(KEYS, BOT, selectors=with_selectors)
-        assert rules[:4] == ["reset", "on", "resetchannels", "-@all"]
+    def test_rules_reset_then_allow_list(self) -> None:
+        """Both users' rules start with reset, deny channels and all commands, then add
+        back exactly; only the own-keys user runs scripts."""
+        for rules in (bot_acl_rules(KEYS, BOT), streams_acl_rules(KEYS)):
+            assert rules[:4] == ["reset", "on", "resetchannels", "-@all"]
+            assert "+select|0" in rules
+            forbidden = ("+eval", "+client|unblock", "+client|id", "+xgroup", "+xdel", "+xtrim")
+            assert not [
+                r for r in rules if r.startswith(forbidden) and not r.startswith("+evalsha")
+            ]
+            assert not [
+                r for r in rules if r.startswith(("%", "&", "allkeys", "+@all", ">", "#", "("))
+            ]
+            assert not {"+@read", "+@write", "+@keyspace", "+@fast", "+@admin"} & set(rules)
+        rules = bot_acl_rules(KEYS, BOT)
         assert rules.index("+@string") < rules.index("-@dangerous")
         assert rules.index("-@dangerous") < rules.index("+client|setname")
-        assert "+select|0" in rules and bot_acl_rules(KEYS, BOT, selectors=True, db=3)
-        assert "+select|3" in bot_acl_rules(KEYS, BOT, selectors=with_selectors, db=3)
+        assert "+select|3" in bot_acl_rules(KEYS, BOT, db=3)
+        assert "+select|3" in streams_acl_rules(KEYS, db=3)
         shas = {f"+evalsha|{script_sha(source)}" for source in SCRIPTS.values()}
         assert shas <= set(rules) and len(shas) == 3
-        forbidden = ("+eval", "+client|unblock", "+client|id", "+xgroup", "+xdel", "+xtrim")
-        assert not [r for r in rules if r.startswith(forbidden) and not r.startswith("+evalsha")]
-        assert not [r for r in rules if r.startswith(("%", "&", "allkeys", "+@all", ">", "#"))]
-        assert not {"+@read", "+@write", "+@keyspace", "+@fast", "+@admin"} & set(rules)
+        assert not [r for r in streams_acl_rules(KEYS) if r.startswith(("+evalsha", "+script"))]
 
-    def test_selectors_split_commands_by_key(self) -> None:
-        """On Redis 7 the user's own keys, its outbox, the streams and the flag each get
-        their own commands (XADD on the outbox only); on 6.2 every pattern is one list."""
-        rules = bot_acl_rules(KEYS, BOT, selectors=True)
-        assert [r for r in rules if r.startswith("~")] == [
-            f"~{p}" for p in bot_state_patterns(KEYS, BOT)
+    def test_two_users_split_commands_by_key(self) -> None:
+        """The own-keys user: data commands on its own keys, XADD for its outbox, no
+        stream; the stream user: a consumer's stream commands and GET, on the streams and the
+        flag only, nothing that writes, deletes or expires."""
+        own = bot_acl_rules(KEYS, BOT)
+        assert [r for r in own if r.startswith("~")] == [
+            *(f"~{p}" for p in bot_state_patterns(KEYS, BOT)),
+            "~multibot:outbox:{greeter}",
         ]
-        selectors = [r for r in rules if r.startswith("(")]
-        assert [s.split()[0] for s in selectors] == [
-            "(~multibot:outbox:{greeter}",
-            "(~multibot:stream:*",
-            "(%R~multibot:pressure",
+        assert "+xadd" in own and "+xreadgroup" not in own
+        streams = streams_acl_rules(KEYS)
+        assert [r for r in streams if r.startswith("~")] == [
+            "~multibot:stream:*",
+            "~multibot:pressure",
         ]
-        assert selectors[0] == "(~multibot:outbox:{greeter} +xadd)"
-        assert "+xreadgroup" in selectors[1]
-        assert "+xadd" not in selectors[1] and "+del" not in selectors[1]
-        assert selectors[2] == "(%R~multibot:pressure +get)"
-        flat = bot_acl_rules(KEYS, BOT, selectors=False)
-        assert [r for r in flat if r.startswith("~")] == [
-            f"~{p}" for p in bot_key_patterns(KEYS, BOT)
-        ]
-        assert not [r for r in flat if r.startswith("(")]
+        assert "+xreadgroup" in streams and "+get" in streams
+        writes = ("+xadd", "+del", "+unlink", "+set", "+expire", "+pexpire", "+@")
+        assert not [r for r in streams if r.startswith(writes)]
 
     def test_rules_are_pure(self) -> None:
-        """The same input gives the same rules; another bot differs only in its own keys."""
-        rules = bot_acl_rules(KEYS, BOT, selectors=True)
-        assert rules == bot_acl_rules(Keys("multibot"), BOT, selectors=True)
-        other = bot_acl_rules(KEYS, "other", selectors=True)
+        """The same input gives the same rules; another bot differs only in its own keys,
+        and the stream user is the same for every bot."""
+        rules = bot_acl_rules(KEYS, BOT)
+        assert rules == bot_acl_rules(Keys("multibot"), BOT)
+        other = bot_acl_rules(KEYS, "other")
 
         def shared(rules: list[str]) -> list[str]:
-            return [r for r in rules if not r.startswith(("~", "(~multibot:outbox:"))]
+            return [r for r in rules if not r.startswith("~")]
 
         assert shared(other) == shared(rules)
-        assert "(~multibot:outbox:{other} +xadd)" in other
+        assert "~multibot:outbox:{other}" in other
+        assert streams_acl_rules(KEYS) == streams_acl_rules(Keys("multibot"))
 
     def test_generated_passwords(self) -> None:
         """Passwords are URL-safe, at least 43 characters (32 bytes) and never repeat."""
@@ -350,11 +395,9 @@ class TestBotCan:
             await wait_until(lambda: _no_pending(admin, stream, group_name(BOT)), what="acks")
         assert await denials(admin) == []
 
-    async def test_failing_handler_is_dead_lettered(
-        self, bot_bus: BotBus, admin: Redis, selectors: bool
-    ) -> None:
-        """A handler failing every attempt gets its event into the DLQ; on Redis 7 the bot
-        may only add to the DLQ, not read the letters of others."""
+    async def test_failing_handler_is_dead_lettered(self, bot_bus: BotBus, admin: Redis) -> None:
+        """A handler failing every attempt gets its event into the DLQ; the bot may only
+        add to the DLQ (through its outbox), not read the letters of others."""
         consumer = await bot_bus(BOT)
 
         @consumer.subscribe("user.test.*", retry=RetrySettings(max_attempts=2, jitter=0))
@@ -371,9 +414,8 @@ class TestBotCan:
         assert letter.event_id == event_id and letter.error == "RuntimeError: boom"
         assert (await letters.get(letter.id)).group == group_name(BOT)
         assert await denials(admin) == []
-        if selectors:
-            await refused(consumer.dlq.count())
-            await refused(consumer.dlq.list())
+        await refused(consumer.dlq.count())
+        await refused(consumer.dlq.list())
 
     async def test_idempotent_handler(self, bot_bus: BotBus, admin: Redis) -> None:
         """Run-once markers are written under the bot's group, and a duplicate is skipped."""
@@ -399,7 +441,7 @@ class TestBotCan:
         stream = KEYS.stream("user")
         event_id = await dead.publish("user.test.ping", {})
         await wait_until(lambda: _relayed(admin, stream, 1), what="the event relayed")
-        taken: Any = await dead.redis.xreadgroup(
+        taken: Any = await dead.streams.xreadgroup(
             group_name(BOT), consumer_name(BOT, "dead"), {stream: ">"}
         )
         assert taken[0][1][0][1]["id"] == event_id  # pending on "dead", which never acks
@@ -526,21 +568,19 @@ class TestDirectPublishing:
     """``supervisor.bot_outbox = false``: the operator trusts the bots with the streams."""
 
     def test_rules_add_xadd_on_streams_and_dead_letters(self) -> None:
-        """The stream selector gains XADD, and the dead-letter stream an XADD selector; on
-        6.2 the dead-letter stream joins the patterns."""
-        rules = bot_acl_rules(KEYS, BOT, selectors=True, outbox=False)
-        selectors = [r for r in rules if r.startswith("(")]
-        assert "+xadd" in selectors[1] and selectors[1].startswith("(~multibot:stream:*")
-        assert "(~multibot:dlq +xadd)" in selectors
-        flat = bot_acl_rules(KEYS, BOT, selectors=False, outbox=False)
-        assert "~multibot:dlq" in flat and "~multibot:dlq" not in bot_acl_rules(
-            KEYS, BOT, selectors=False
-        )
+        """The stream user gains XADD and the dead-letter stream; the own-keys user loses
+        the outbox."""
+        streams = streams_acl_rules(KEYS, outbox=False)
+        assert "+xadd" in streams and "~multibot:dlq" in streams
+        assert "~multibot:dlq" not in streams_acl_rules(KEYS)
+        own = bot_acl_rules(KEYS, BOT, outbox=False)
+        assert "+xadd" not in own and "~multibot:outbox:{greeter}" not in own
 
     async def test_bot_publishes_to_the_stream_itself(self, admin: Redis, redis_url: str) -> None:
         """Its XADD reaches the stream and the dead-letter stream, its source unchecked."""
-        username = await ensure_bot_user(admin, KEYS, BOT, "pw", outbox=False)
-        async with Redis.from_url(bot_redis_url(redis_url, username, "pw")) as bot:
+        await ensure_bot_user(admin, KEYS, BOT, "pw", outbox=False)
+        url = bot_redis_url(redis_url, streams_username(KEYS.namespace, BOT), "pw")
+        async with Redis.from_url(url) as bot:
             assert await bot.xadd(KEYS.stream("user"), {"source": "manager"})
             assert await bot.xadd(KEYS.dead_letters(), {"reason": "x"})
         assert await admin.xlen(KEYS.stream("user")) == 1
@@ -567,13 +607,17 @@ class TestBotCannot:
             "multibotx:stream:{user}",
         ],
     )
-    async def test_foreign_keys(self, bot_redis: Redis, admin: Redis, key: str) -> None:
+    async def test_foreign_keys(
+        self, bot_logins: tuple[Redis, Redis], admin: Redis, key: str
+    ) -> None:
         """Keys of other namespaces and other bots are neither read nor written."""
         await admin.set(key, "secret")
-        await refused(bot_redis.get(key))
-        await refused(bot_redis.set(key, "x"))
-        await refused(bot_redis.delete(key))
-        await refused(bot_redis.exists(key))
+        bot_redis = bot_logins[0]
+        for user in bot_logins:
+            await refused(user.get(key))
+            await refused(user.set(key, "x"))
+            await refused(user.delete(key))
+            await refused(user.exists(key))
         # The project's own scripts are no way around it either.
         with pytest.raises(ResponseError, match=r"(?i)permission|can.t access"):
             await run_script(bot_redis, SCRIPTS["release"], [key], ["secret"])
@@ -596,10 +640,13 @@ class TestBotCannot:
         ],
         ids=lambda c: c[0],
     )
-    async def test_multi_key_commands(self, bot_redis: Redis, command: tuple[str, ...]) -> None:
+    async def test_multi_key_commands(
+        self, bot_logins: tuple[Redis, Redis], command: tuple[str, ...]
+    ) -> None:
         """A command naming one own and one foreign key is refused as a whole."""
-        execute = cast(Callable[..., Awaitable[Any]], bot_redis.execute_command)
-        await refused(execute(*command))
+        for user in bot_logins:
+            execute = cast(Callable[..., Awaitable[Any]], user.execute_command)
+            await refused(execute(*command))
 
     async def test_stralgo_on_6_2(self, bot_redis: Redis, redis_binary: RedisBinary) -> None:
         """6.2's STRALGO LCS (in @string) checks the keys it reads."""
@@ -609,77 +656,80 @@ class TestBotCannot:
         await refused(execute("STRALGO", "LCS", "KEYS", "multibot:bot:greeter:a", "other:a"))
         assert await execute("STRALGO", "LCS", "STRINGS", "ab", "b") == "b"
 
-    async def test_foreign_streams(self, bot_redis: Redis, admin: Redis) -> None:
+    async def test_foreign_streams(self, bot_logins: tuple[Redis, Redis], admin: Redis) -> None:
         """Another namespace's stream can be neither published to, read nor grouped."""
         stream = "other:stream:{user}"
         await admin.xadd(stream, {"a": "1"})
-        await refused(bot_redis.xadd(stream, {"a": "2"}))
-        await refused(bot_redis.xrange(stream))
-        await refused(bot_redis.xgroup_create(stream, group_name(BOT), mkstream=True))
-        await refused(bot_redis.xreadgroup(group_name(BOT), "c", {stream: ">"}))
+        for user in bot_logins:
+            await refused(user.xadd(stream, {"a": "2"}))
+            await refused(user.xrange(stream))
+            await refused(user.xgroup_create(stream, group_name(BOT), mkstream=True))
+            await refused(user.xreadgroup(group_name(BOT), "c", {stream: ">"}))
         assert await admin.xlen(stream) == 1
 
     async def test_cannot_break_shared_streams(
-        self, bot_redis: Redis, admin: Redis, selectors: bool
+        self, bot_logins: tuple[Redis, Redis], admin: Redis
     ) -> None:
-        """No deleting, trimming, or creating, moving and destroying groups on the streams
-        every bot shares; on Redis 7 no DEL, EXPIRE or overwrite either."""
+        """Neither user deletes, trims, expires or overwrites a stream, reads the dead
+        letters, lowers the flag, or creates, moves and destroys groups, on any version."""
         stream = KEYS.stream("user")
         entry = await admin.xadd(stream, {"a": "1"})
         await admin.xgroup_create(stream, group_name("other"), id="0")
-        await refused(bot_redis.xdel(stream, entry))
-        await refused(bot_redis.xtrim(stream, maxlen=0))
-        await refused(bot_redis.xgroup_destroy(stream, group_name("other")))
-        await refused(bot_redis.xgroup_setid(stream, group_name("other"), "$"))
-        await refused(bot_redis.xgroup_create(stream, group_name("evil"), id="$"))
-        await refused(bot_redis.xgroup_create(KEYS.stream("new"), group_name(BOT), mkstream=True))
-        await refused(bot_redis.xgroup_createconsumer(stream, group_name("other"), "evil"))
-        await refused(bot_redis.xgroup_delconsumer(stream, group_name("other"), "x"))
-        execute = cast(Callable[..., Awaitable[Any]], bot_redis.execute_command)
-        await refused(execute("XSETID", stream, "9999999999999-0"))
-        if selectors:
-            await refused(bot_redis.delete(stream))
-            await refused(bot_redis.unlink(stream))
-            await refused(bot_redis.expire(stream, 1))
-            await refused(bot_redis.persist(stream))
-            await refused(bot_redis.set(KEYS.stream("fresh"), "x"))
-            await refused(bot_redis.delete(KEYS.dead_letters()))
-            await refused(bot_redis.xrange(KEYS.dead_letters()))
-            await refused(bot_redis.set(KEYS.pressure(), "lowered"))
-            await refused(bot_redis.delete(KEYS.pressure()))
-            assert await bot_redis.get(KEYS.pressure()) is None
+        for user in bot_logins:
+            await refused(user.xdel(stream, entry))
+            await refused(user.xtrim(stream, maxlen=0))
+            await refused(user.xgroup_destroy(stream, group_name("other")))
+            await refused(user.xgroup_setid(stream, group_name("other"), "$"))
+            await refused(user.xgroup_create(stream, group_name("evil"), id="$"))
+            await refused(user.xgroup_create(KEYS.stream("new"), group_name(BOT), mkstream=True))
+            await refused(user.xgroup_createconsumer(stream, group_name("other"), "evil"))
+            await refused(user.xgroup_delconsumer(stream, group_name("other"), "x"))
+            execute = cast(Callable[..., Awaitable[Any]], user.execute_command)
+            await refused(execute("XSETID", stream, "9999999999999-0"))
+            await refused(user.delete(stream))
+            await refused(user.unlink(stream))
+            await refused(user.expire(stream, 1))
+            await refused(user.persist(stream))
+            await refused(user.set(KEYS.stream("fresh"), "x"))
+            await refused(user.delete(KEYS.dead_letters()))
+            await refused(user.xrange(KEYS.dead_letters()))
+            await refused(user.set(KEYS.pressure(), "lowered"))
+            await refused(user.delete(KEYS.pressure()))
+        assert await bot_logins[1].get(KEYS.pressure()) is None  # the flag: read only
         assert await admin.xlen(stream) == 1
         assert [g["name"] for g in await admin.xinfo_groups(stream)] == [group_name("other")]
         assert await admin.exists(KEYS.stream("new"), KEYS.stream("fresh")) == 0
 
     async def test_writes_only_its_outbox(
-        self, bot_redis: Redis, admin: Redis, selectors: bool
+        self, bot_redis: Redis, bot_streams: Redis, admin: Redis
     ) -> None:
         """A bot appends to its own outbox only: not to another bot's, not to the dead
-        letters and, on Redis 7, not to a stream (6.2's XADD reaches every pattern)."""
+        letters, not to a stream, whichever of its users it tries."""
         assert await bot_redis.xadd(KEYS.outbox(BOT), {"type": "user.test.ping"})
-        await refused(bot_redis.xadd(KEYS.outbox("other"), {"type": "user.test.ping"}))
-        await refused(bot_redis.xadd(KEYS.dead_letters(), {"reason": "forged"}))
-        if selectors:
-            await refused(bot_redis.xadd(KEYS.stream("user"), {"source": "manager"}))
-            await refused(bot_redis.xrange(KEYS.outbox(BOT)))  # append only
-            await refused(bot_redis.delete(KEYS.outbox(BOT)))
+        for user in (bot_redis, bot_streams):
+            await refused(user.xadd(KEYS.outbox("other"), {"type": "user.test.ping"}))
+            await refused(user.xadd(KEYS.dead_letters(), {"reason": "forged"}))
+            await refused(user.xadd(KEYS.stream("user"), {"source": "manager"}))
+        await refused(bot_streams.xadd(KEYS.outbox(BOT), {"type": "user.test.ping"}))
         assert await admin.exists(KEYS.outbox("other"), KEYS.dead_letters()) == 0
+        assert await admin.exists(KEYS.stream("user")) == 0
 
-    async def test_cannot_see_key_names(self, bot_redis: Redis) -> None:
+    async def test_cannot_see_key_names(self, bot_logins: tuple[Redis, Redis]) -> None:
         """Commands listing or sampling key names across namespaces are refused."""
-        await refused(bot_redis.keys("*"))
-        await refused(bot_redis.scan(0))
-        await refused(bot_redis.randomkey())
-        await refused(bot_redis.dbsize())
-        await refused(bot_redis.sort(KEYS.bot_state(BOT, "list")))
+        for user in bot_logins:
+            await refused(user.keys("*"))
+            await refused(user.scan(0))
+            await refused(user.randomkey())
+            await refused(user.dbsize())
+            await refused(user.sort(KEYS.bot_state(BOT, "list")))
 
-    async def test_no_pub_sub(self, bot_redis: Redis) -> None:
+    async def test_no_pub_sub(self, bot_logins: tuple[Redis, Redis]) -> None:
         """No channel can be published to or subscribed."""
-        await refused(bot_redis.publish("multibot:events", "x"))
-        execute = cast(Callable[..., Awaitable[Any]], bot_redis.execute_command)
-        await refused(execute("SUBSCRIBE", "multibot:events"))
-        await refused(execute("PSUBSCRIBE", "*"))
+        for user in bot_logins:
+            await refused(user.publish("multibot:events", "x"))
+            execute = cast(Callable[..., Awaitable[Any]], user.execute_command)
+            await refused(execute("SUBSCRIBE", "multibot:events"))
+            await refused(execute("PSUBSCRIBE", "*"))
 
     @pytest.mark.parametrize(
         "command",
@@ -743,38 +793,41 @@ class TestBotCannot:
     )
     async def test_admin_commands(
         self,
-        bot_redis: Redis,
+        bot_logins: tuple[Redis, Redis],
         admin: Redis,
         redis_binary: RedisBinary,
         command: tuple[str, ...],
     ) -> None:
         """Administration, key-escaping and unneeded commands are refused by the ACL."""
-        if redis_binary.version >= (7, 0, 0):  # ask the ACL itself, whatever else blocks it
-            username = bot_username(KEYS.namespace, BOT)
-            dryrun = cast(Callable[..., Awaitable[Any]], admin.execute_command)
-            verdict = await dryrun("ACL", "DRYRUN", username, *command)
-            assert "no permissions" in verdict
-        execute = cast(Callable[..., Awaitable[Any]], bot_redis.execute_command)
-        if command[0] in ("FUNCTION", "FCALL", "EVAL_RO") and redis_binary.version < (7, 0, 0):
-            with pytest.raises(ResponseError, match="unknown command"):
-                await execute(*command)
-        elif command[0] == "DEBUG" and redis_binary.version >= (7, 0, 0):
-            with pytest.raises(ResponseError):  # 7.0 also has enable-debug-command no
-                await execute(*command)
-        else:
-            await refused(execute(*command))
+        names = (bot_username(KEYS.namespace, BOT), streams_username(KEYS.namespace, BOT))
+        for username, user in zip(names, bot_logins, strict=True):
+            if redis_binary.version >= (7, 0, 0):  # ask the ACL itself, whatever else blocks it
+                dryrun = cast(Callable[..., Awaitable[Any]], admin.execute_command)
+                verdict = await dryrun("ACL", "DRYRUN", username, *command)
+                assert "no permissions" in verdict
+            execute = cast(Callable[..., Awaitable[Any]], user.execute_command)
+            unknown = command[0] in ("FUNCTION", "FCALL", "EVAL_RO")
+            if unknown and redis_binary.version < (7, 0, 0):
+                with pytest.raises(ResponseError, match="unknown command"):
+                    await execute(*command)
+            elif command[0] == "DEBUG" and redis_binary.version >= (7, 0, 0):
+                with pytest.raises(ResponseError):  # 7.0 also has enable-debug-command no
+                    await execute(*command)
+            else:
+                await refused(execute(*command))
 
-    async def test_client_subcommands(self, bot_redis: Redis) -> None:
+    async def test_client_subcommands(self, bot_logins: tuple[Redis, Redis]) -> None:
         """Of CLIENT, the bot may name its connection, nothing more: no client's id, no
         unblocking or killing other clients."""
-        assert await bot_redis.client_setname("me")
-        await refused(bot_redis.client_id())
-        await refused(bot_redis.client_unblock(1))
-        await refused(bot_redis.client_list())
-        await refused(bot_redis.client_kill_filter(_id="1"))
-        await refused(bot_redis.client_no_evict("on"))
-        await refused(bot_redis.client_getname())
-        await refused(bot_redis.client_info())
+        for user in bot_logins:
+            assert await user.client_setname("me")
+            await refused(user.client_id())
+            await refused(user.client_unblock(1))
+            await refused(user.client_list())
+            await refused(user.client_kill_filter(_id="1"))
+            await refused(user.client_no_evict("on"))
+            await refused(user.client_getname())
+            await refused(user.client_info())
 
 
 # -- managing users ------------------------------------------------------------------------
@@ -792,7 +845,10 @@ class TestUserLifecycle:
         # The same rules; redis-py parses them into a list whose order can vary.
         assert sorted(before.pop("commands")) == sorted(after.pop("commands"))
         assert before == after
-        assert await bot_users(admin, KEYS) == ["multibot.bot.greeter"]
+        assert await bot_users(admin, KEYS) == [
+            "multibot.bot.greeter",
+            "multibot.bot.greeter.streams",
+        ]
 
     async def test_password_change(self, admin: Redis, redis_url: str) -> None:
         """Ensuring with a new password makes the old one fail to log in."""
@@ -838,8 +894,13 @@ class TestUserLifecycle:
         await admin.execute_command("ACL", "SETUSER", "alice", "on")  # type: ignore[no-untyped-call]
         ambiguous = "multibot.bot.x.bot.y"  # would be namespace "multibot.bot.x", bot "y"
         await admin.execute_command("ACL", "SETUSER", ambiguous)  # type: ignore[no-untyped-call]
-        assert await bot_users(admin, KEYS) == ["multibot.bot.a", "multibot.bot.b"]
-        assert await bot_users(admin, Keys("other")) == ["other.bot.a"]
+        assert await bot_users(admin, KEYS) == [
+            "multibot.bot.a",
+            "multibot.bot.a.streams",
+            "multibot.bot.b",
+            "multibot.bot.b.streams",
+        ]
+        assert await bot_users(admin, Keys("other")) == ["other.bot.a", "other.bot.a.streams"]
         assert await bot_users(admin, Keys("multibot.bot.x")) == [ambiguous]
 
     async def test_ensure_logs_without_the_password(self, admin: Redis) -> None:
@@ -848,7 +909,8 @@ class TestUserLifecycle:
         with capture_logs() as logs:
             await ensure_bot_user(admin, KEYS, BOT, password)
         assert [(e["event"], e["user"], e["bot_id"]) for e in logs] == [
-            ("redis_acl.user_ensured", "multibot.bot.greeter", BOT)
+            ("redis_acl.user_ensured", "multibot.bot.greeter", BOT),
+            ("redis_acl.user_ensured", "multibot.bot.greeter.streams", BOT),
         ]
         assert password not in repr(logs)
         described: Any = await admin.execute_command("ACL", "LIST")  # type: ignore[no-untyped-call]
