@@ -17,6 +17,7 @@ still in the outbox after a crash is simply moved by the next relay.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -40,6 +41,14 @@ DEAD_LETTER_MARK = "outbox.dead_letter"
 MAX_FIELDS = 2000
 
 _STREAM_OR_NONE = ("stream", b"stream", "none", b"none")
+
+#: Deletes a removed bot's outbox once the relay emptied it (KEYS[1]); 1: deleted.
+_DROP_EMPTY = """
+if redis.call('TYPE', KEYS[1]).ok == 'stream' and redis.call('XLEN', KEYS[1]) == 0 then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 #: KEYS: the outbox, the dead-letter stream, then every stream of the routing table.
 #: ARGV: the bot id (the source), its group, the batch size, the KEYS index of the default
@@ -155,11 +164,17 @@ class OutboxRelay:
         *,
         batch: int = 500,
         block: float = 1.0,
+        departed_grace: float = 60.0,
     ) -> None:
         self._redis = redis
         self._keys = keys
         self._bots = bots
         self._batch = batch
+        self._departed_grace = departed_grace
+        #: Bots that left the config while the relay ran → when: their outbox is still
+        #: drained for ``departed_grace`` seconds (a stopping process may publish a last
+        #: event), then deleted once empty.
+        self._departed: dict[str, float] = {}
         self._block_ms = max(1, int(block * 1000))
         streams = sorted(router.streams())
         self._stream_keys = [keys.stream(s) for s in streams]
@@ -176,12 +191,17 @@ class OutboxRelay:
     async def run(self) -> None:
         """Relay until cancelled; back off while Redis is unreachable or refuses."""
         waits = REDIS_RETRY.waits()
-        leftovers = True
+        known: frozenset[str] | None = None  # the configured bots, as last seen
         while True:
             try:
-                if leftovers:
+                bots = frozenset(self._bots())
+                if known is None:
                     await self.drain_leftovers()
-                    leftovers = False
+                else:
+                    now = time.monotonic()
+                    self._departed.update((bot, now) for bot in known - bots)
+                known = bots
+                await self._drain_departed(bots)
                 ready = await self._wait()
                 for bot in ready:
                     await self.drain(bot)
@@ -201,7 +221,8 @@ class OutboxRelay:
 
     async def drain_leftovers(self) -> int:
         """Move what waits in the outbox of a bot no longer configured (removed while the
-        manager was down, its events published before): they are still the bot's events."""
+        manager was down, its events published before): they are still the bot's events.
+        Its emptied outbox is then deleted."""
         prefix = f"{self._keys.namespace}:outbox:"
         configured = set(self._bots())
         moved = 0
@@ -210,9 +231,20 @@ class OutboxRelay:
             bot_id = name[1:-1] if name.startswith("{") and name.endswith("}") else ""
             if bot_id and bot_id not in configured:
                 moved += await self.drain(bot_id)
+                await run_script(self._redis, _DROP_EMPTY, [self._keys.outbox(bot_id)], [])
         if moved:
             log.info("relayed the outbox of bots no longer configured", entries=moved)
         return moved
+
+    async def _drain_departed(self, configured: frozenset[str]) -> None:
+        for bot, left in list(self._departed.items()):
+            if bot in configured:  # back in the config: relayed as any bot
+                del self._departed[bot]
+                continue
+            await self.drain(bot)
+            if time.monotonic() - left >= self._departed_grace:
+                await run_script(self._redis, _DROP_EMPTY, [self._keys.outbox(bot)], [])
+                del self._departed[bot]
 
     async def drain(self, bot_id: str) -> int:
         """Move everything waiting in ``bot_id``'s outbox; how many entries that was."""

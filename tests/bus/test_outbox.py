@@ -184,6 +184,36 @@ class TestRelay:
         assert [(e["id"], e["source"]) for e in await entries(redis, "user")] == [
             (event_id, "carol")
         ]
+        await wait_until(
+            lambda: _gone(redis, KEYS.outbox("carol")), what="carol's emptied outbox deleted"
+        )
+        assert await redis.exists(KEYS.outbox("alice")) == 0 or await empty(redis, "alice")
+
+    async def test_a_bot_removed_while_relaying_gets_its_outbox_drained(
+        self, redis: Redis, bus_factory: BusFactory
+    ) -> None:
+        """A bot a reload removes: what it publishes while it stops is relayed without a
+        restart, and its outbox key goes after the grace; a configured bot's outbox stays."""
+        configured = {"alice", "dave"}
+        relay = OutboxRelay(
+            redis, KEYS, ROUTER, lambda: sorted(configured), block=0.1, departed_grace=0.5
+        )
+        task = asyncio.create_task(relay.run())
+        dave, alice = (
+            await bus_factory("dave", outbox=True),
+            await bus_factory("alice", outbox=True),
+        )
+        try:
+            await alice.publish("user.login.done", {})
+            await wait_until(lambda: empty(redis, "alice"), what="alice's outbox relayed")
+            configured.discard("dave")  # the reload: dave's process stopped, after a last word
+            last = await dave.publish("user.login.done", {"last": True})
+            await wait_until(lambda: _gone(redis, KEYS.outbox("dave")), what="dave's outbox")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert last in [e["id"] for e in await entries(redis, "user")]
+        assert await redis.exists(KEYS.outbox("alice")) == 1  # configured: kept, if empty
 
     async def test_any_bytes_are_relayed_and_a_huge_entry_is_dead_lettered(
         self, raw: Redis, redis: Redis, relaying: OutboxRelay
@@ -246,3 +276,7 @@ def _logged(logs: list[MutableMapping[str, Any]], bot: str) -> bool:
 
 async def _count(redis: Redis, stream: str, count: int) -> bool:
     return int(await redis.xlen(KEYS.stream(stream))) == count
+
+
+async def _gone(redis: Redis, key: str) -> bool:
+    return int(await redis.exists(key)) == 0
