@@ -156,7 +156,7 @@ class Runner:
         assert event is not None
         await self._wait_breaker(sub)
         if sub.idempotent_ttl is not None:
-            claimed = await self._once.claim(sub.name, event.id, delivery.stream, delivery.entry_id)
+            claimed = await self._once.claim(sub.name, event, delivery.stream, delivery.entry_id)
             if claimed is None:
                 return False
             if not claimed:
@@ -185,12 +185,12 @@ class Runner:
             self._meter.retried(event.type)  # held, not dead-lettered: try after cool-down
             await self._wait_breaker(sub)
         if sub.idempotent_ttl is not None:  # handled: acked even if this failed
-            await self._once.mark_done(sub.name, event.id, delivery.entry_id, sub.idempotent_ttl)
+            await self._once.mark_done(sub.name, event, delivery.entry_id, sub.idempotent_ttl)
         return True
 
     async def _forget_once(self, sub: Subscription, delivery: Delivery) -> None:
         if sub.idempotent_ttl is not None and delivery.event is not None:
-            await self._once.forget(sub.name, delivery.event.id, delivery.entry_id)
+            await self._once.forget(sub.name, delivery.event, delivery.entry_id)
 
     async def run_batch(self, sub: Subscription, deliveries: Sequence[Delivery]) -> None:
         """Handle a batch with a batch subscription; on final failure dead-letter each event

@@ -57,9 +57,12 @@ class Keys:
         """The manager's backpressure flag: set while Redis is near its ``maxmemory``."""
         return f"{self.namespace}:pressure"
 
-    def idempotency(self, group: str, handler: str, event_id: str) -> str:
-        """Run-once marker of an event for one handler of a group."""
-        return f"{self.namespace}:idem:{group}:{handler}:{event_id}"
+    def idempotency(self, group: str, handler: str, event_id: str, source: str) -> str:
+        """Run-once marker of an event for one handler of a group. Keyed by the event's id
+        *and* its source: a publisher's retries (same source, same id) are duplicates, but
+        a bot reusing another's event id (the relay stamps its own source) cannot make a
+        handler skip the real event."""
+        return f"{self.namespace}:idem:{group}:{handler}:{event_id}:{source}"
 
     def idempotency_prefix(self, group: str) -> str:
         """Prefix of every run-once marker of a group (what a bot's ACL user may touch)."""

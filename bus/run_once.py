@@ -1,4 +1,5 @@
-"""Run-once markers of idempotent handlers: one run per event id per group and handler.
+"""Run-once markers of idempotent handlers: one run per event (id and source) per group and
+handler.
 
 The marker is ``"running:<stream>:<entry id>"`` while a handler runs (it expires like the
 visibility timeout) and ``"done"`` once it succeeded (kept for ``idempotent_ttl``). A
@@ -13,6 +14,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bus.event import Event
 from bus.keys import Keys
 
 
@@ -27,9 +29,9 @@ class RunOnce:
         self._visibility_ms = visibility_ms
         self._log = log
 
-    async def claim(self, handler: str, event_id: str, stream: str, entry_id: str) -> bool | None:
+    async def claim(self, handler: str, event: Event, stream: str, entry_id: str) -> bool | None:
         """Whether this delivery may run the handler (False: a duplicate, already run)."""
-        key = self._keys.idempotency(self._group, handler, event_id)
+        key = self._keys.idempotency(self._group, handler, event.id, event.source)
         mine = f"running:{stream}:{entry_id}"
         try:
             if await self._redis.set(key, mine, nx=True, px=self._visibility_ms):
@@ -43,11 +45,9 @@ class RunOnce:
             return None
         return False
 
-    async def mark_done(
-        self, handler: str, event_id: str, entry_id: str, ttl: float
-    ) -> bool | None:
+    async def mark_done(self, handler: str, event: Event, entry_id: str, ttl: float) -> bool | None:
         """Remember for ``ttl`` seconds that the handler ran on this event."""
-        key = self._keys.idempotency(self._group, handler, event_id)
+        key = self._keys.idempotency(self._group, handler, event.id, event.source)
         try:
             await self._redis.set(key, "done", px=int(ttl * 1000))
         except (RedisError, OSError) as exc:
@@ -55,10 +55,11 @@ class RunOnce:
             return None
         return True
 
-    async def forget(self, handler: str, event_id: str, entry_id: str) -> bool | None:
+    async def forget(self, handler: str, event: Event, entry_id: str) -> bool | None:
         """Drop the marker (the handler failed for good: a retried dead letter runs again)."""
+        key = self._keys.idempotency(self._group, handler, event.id, event.source)
         try:
-            await self._redis.delete(self._keys.idempotency(self._group, handler, event_id))
+            await self._redis.delete(key)
         except (RedisError, OSError) as exc:
             self._failed("forget", handler, entry_id, exc)
             return None

@@ -4,6 +4,7 @@ table names, with the bot as its source, exactly once, whatever bytes the bot wr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
@@ -92,6 +93,34 @@ class TestRelay:
             await alice.publish_many([alice.event("user.login.done", {}, source="cli")])
             await wait_until(lambda: len(seen) == 1, what="bob handled it")
         assert seen[0].source == "alice"
+
+    async def test_a_reused_event_id_cannot_make_an_idempotent_handler_skip_the_real_one(
+        self, relaying: OutboxRelay, bus_factory: BusFactory
+    ) -> None:
+        """Bob copies the id of an event Alice is about to send and publishes first: both
+        are handled, since run-once markers are keyed by the id and the relayed source; a
+        publisher's own retry of an id is still skipped."""
+        alice = await bus_factory("alice", outbox=True)
+        bob = await bus_factory("bob", outbox=True)
+        victim = await bus_factory("victim")
+        seen: list[tuple[str, str]] = []
+
+        @victim.subscribe("user.#", idempotent_ttl=60)
+        async def handle(event: Event) -> None:
+            seen.append((event.id, event.source))
+
+        real = alice.event("user.login.done", {"real": True})
+        forged = bob.event("user.login.done", {"real": False})
+        forged = dataclasses.replace(forged, id=real.id)
+        async with running(victim):
+            await bob.publish_many([forged])
+            await alice.publish_many([real, real])  # the second: a retry, a duplicate
+            await wait_until(lambda: len(seen) >= 2, what="both events handled")
+            await wait_until(
+                lambda: victim.stats()["counters"].get("skipped_duplicates") == 1,
+                what="alice's retry skipped",
+            )
+        assert seen == [(real.id, "bob"), (real.id, "alice")]
 
     async def test_dead_letters_reach_the_dead_letter_stream_as_the_bots_group(
         self, redis: Redis, relaying: OutboxRelay, bus_factory: BusFactory
@@ -280,3 +309,4 @@ async def _count(redis: Redis, stream: str, count: int) -> bool:
 
 async def _gone(redis: Redis, key: str) -> bool:
     return int(await redis.exists(key)) == 0
+

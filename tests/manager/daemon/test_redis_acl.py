@@ -431,7 +431,7 @@ class TestBotCan:
             await consumer.publish_many([event, event])  # the same event id twice
             await wait_until(lambda: consumer.stats()["counters"].get("skipped_duplicates") == 1)
         assert calls == [event.id]
-        marker = KEYS.idempotency(group_name(BOT), "handle", event.id)
+        marker = KEYS.idempotency(group_name(BOT), "handle", event.id, BOT)
         assert await admin.get(marker) == "done"
         assert await denials(admin) == []
 
