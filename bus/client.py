@@ -278,8 +278,8 @@ class BusClient:
 
         ``where`` filters on data (see :mod:`bus.conditions`). ``model`` parses data and
         passes it as the handler's second argument. ``batch=N`` hands the handler lists of up
-        to N events. ``idempotent_ttl`` runs the handler once per event id for that many
-        seconds. ``retry`` and ``breaker`` override the consumer defaults. ``timeout``
+        to N events. ``idempotent_ttl`` runs the handler once per event (id and source) for
+        that many seconds. ``retry`` and ``breaker`` override the consumer defaults. ``timeout``
         (seconds, or None for no limit; default ``consumer.handler_timeout``) cancels a
         handler call that runs longer: a failed attempt, retried, then dead-lettered with
         reason ``timeout``, while events of other keys go on.

@@ -118,6 +118,8 @@ async def check_fleet(page: Page) -> None:
     await expect(page.locator('#bots tr.instance[data-bot="broken"] td').last).to_have_text(
         "exit 3"
     )
+    # What each bot published that the relay has not moved yet: nothing, here.
+    await expect(steady.locator("td.outbox")).to_have_text("0")
     # A running bot is green, a failed one red.
     colours = [
         await row.locator("td.state .badge").evaluate("e => getComputedStyle(e).backgroundColor")
