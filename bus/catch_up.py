@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 GROUP_WAIT = 30.0
 
 
+def _group_key(client: BusClient, stream: str) -> str:
+    """Where the bot's group reads ``stream``: its inbox under the manager, else the stream."""
+    return client.keys.inbox(client.group, stream) if client.settings.inboxes else stream
+
+
 async def _own_group(client: BusClient, stream: str) -> None:
     """Make sure the bot's group exists on ``stream`` (at its end if new). A bot's Redis user
     may not create groups: it asks the manager through its observer and waits, bounded."""
@@ -30,7 +35,7 @@ async def _own_group(client: BusClient, stream: str) -> None:
     waits = REDIS_RETRY.waits()
     while True:
         try:
-            await ensure_group(client.streams, stream, client.group, "$")
+            await ensure_group(client.streams, _group_key(client, stream), client.group, "$")
             return
         except GroupMissingError:
             if client.observer is None or time.monotonic() > deadline:
@@ -42,7 +47,7 @@ async def _own_group(client: BusClient, stream: str) -> None:
 async def _position(client: BusClient, stream: str) -> str:
     """The group's last delivered id on ``stream``; the group is created at the end if new."""
     await _own_group(client, stream)
-    groups: Any = await client.streams.xinfo_groups(stream)
+    groups: Any = await client.streams.xinfo_groups(_group_key(client, stream))
     return next(str(g["last-delivered-id"]) for g in groups if g["name"] == client.group)
 
 
@@ -66,7 +71,7 @@ async def catch_up(
         name = client.keys.stream_name(stream)
         routed = [p.text for p in compiled if name in client.router.streams_for(p)]
         async for event in replay(
-            client.streams, client.keys, client.router, routed, since, until, store=store
+            client.replays, client.keys, client.router, routed, since, until, store=store
         ):
             if event.stream == stream:
                 await handler(event)

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from bus.catch_up import catch_up
 from bus.conditions import Predicate
-from bus.connection import connect
+from bus.connection import Connections
 from bus.consumer import Consumer
 from bus.dlq import DeadLetters
 from bus.errors import BusError, SubscriptionError
@@ -81,8 +81,7 @@ class BusClient:
         self.router = Router(self.settings.routes, self.settings.default_stream)
         self._source = source or bot_id
         self._given_redis = redis
-        self._redis: Redis | None = None
-        self._streams: Redis | None = None
+        self._links: Connections | None = None
         self._publisher: Publisher | None = None
         self._subscriptions = SubscriptionRegistry(self.settings.consumer, self.router, self.keys)
         self._consumer: Consumer | None = None
@@ -101,24 +100,18 @@ class BusClient:
 
     async def connect(self) -> BusClient:
         """Open the Redis connection pool (lazy: no round trip until the first command)."""
-        if self._redis is None:
+        if self._links is None:
             name = consumer_name(self.bot_id, self.instance)
-            self._redis = self._given_redis or connect(self.settings, client_name=name)
-            separate = self._given_redis is None and self.settings.streams_url is not None
-            self._streams = (
-                connect(self.settings, client_name=name, url=self.settings.streams_url)
-                if separate
-                else self._redis
-            )
+            self._links = links = Connections(self.settings, name, given=self._given_redis)
             self._publisher = Publisher(
-                self._redis if self._outbox else self._streams,
+                links.redis if self._outbox else links.replays,  # replays: direct publishing
                 self.settings,
                 self.schemas,
                 self._source,
                 self.metrics,
                 backpressure=self._backpressure,
                 outbox=self._outbox,
-                pressure=self._streams,
+                pressure=links.streams,
             )
         return self
 
@@ -129,11 +122,9 @@ class BusClient:
         if self._archive is not None:
             await self._archive.close()
             self._archive = None
-        if self._streams is not None and self._streams is not self._redis:
-            await self._streams.aclose()
-        if self._redis is not None and self._given_redis is None:
-            await self._redis.aclose()
-        self._redis = self._streams = self._publisher = None
+        if self._links is not None:
+            await self._links.aclose()
+        self._links = self._publisher = None
 
     async def __aenter__(self) -> BusClient:
         return await self.connect()
@@ -145,18 +136,26 @@ class BusClient:
     def redis(self) -> Redis:
         """The underlying redis-py client (for the coordinator and tools); in a bot run by
         the manager, the one of its own keys (state, leases, run-once markers, outbox)."""
-        if self._redis is None:
-            raise BusError("the bus client is not connected: use `async with BusClient(...)`")
-        return self._redis
+        return self._connected().redis
 
     @property
     def streams(self) -> Redis:
-        """The client of the stream commands: reading, acking and claiming the bot's group,
-        replays, the backpressure flag. :attr:`redis` itself unless ``settings.streams_url``
-        names another Redis user (as the manager does for its bots)."""
-        if self._streams is None:
+        """The client of the group's commands (read, ack, claim) and the backpressure flag:
+        :attr:`redis` itself unless ``settings.streams_url`` names another Redis user (as
+        the manager does for its bots, whose group lives in their inboxes)."""
+        return self._connected().streams
+
+    @property
+    def replays(self) -> Redis:
+        """The client replays read the streams with (``XRANGE``), and that publishes to them
+        without an outbox: :attr:`streams` unless ``settings.replay_url`` names another
+        Redis user (as the manager does for its bots)."""
+        return self._connected().replays
+
+    def _connected(self) -> Connections:
+        if self._links is None:
             raise BusError("the bus client is not connected: use `async with BusClient(...)`")
-        return self._streams
+        return self._links
 
     @property
     def group(self) -> str:
@@ -166,7 +165,7 @@ class BusClient:
     @property
     def dlq(self) -> DeadLetters:
         """The namespace's dead-letter stream."""
-        writer = self.redis if self._outbox else self.streams
+        writer = self.redis if self._outbox else self.replays
         return DeadLetters(writer, self.keys, self.router, outbox=self._outbox)
 
     @property
@@ -339,6 +338,7 @@ class BusClient:
             allowed=self._allowed,
             metrics=self.metrics,
             max_data_bytes=self.settings.max_event_bytes,
+            inboxes=self.settings.inboxes,
         )
         try:
             await self._consumer.run()
@@ -403,7 +403,7 @@ class BusClient:
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
         store = archive or await self.archive()
         async for event in replay(
-            self.streams, self.keys, self.router, pats, since, until, store=store
+            self.replays, self.keys, self.router, pats, since, until, store=store
         ):
             yield event
 
@@ -424,5 +424,5 @@ class BusClient:
         return await catch_up(self, pats, handler, since)
 
     def __repr__(self) -> str:
-        state = "running" if self._consumer else ("connected" if self._redis else "idle")
+        state = "running" if self._consumer else ("connected" if self._links else "idle")
         return f"<BusClient bot={self.bot_id} instance={self.instance} {state}>"

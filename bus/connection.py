@@ -104,6 +104,40 @@ def connect(
     return Redis.from_pool(pool)
 
 
+class Connections:
+    """The Redis clients of one bus client: ``redis`` (a bot's own keys, its outbox),
+    ``streams`` (its group and the backpressure flag) and ``replays`` (reading the streams),
+    each its own pool when the settings name another URL (another Redis user) for it, else
+    the one before. ``given``: one client for all three, which stays open at :meth:`aclose`.
+    Lazy: no round trip until the first command."""
+
+    def __init__(self, settings: BusSettings, client_name: str, given: Redis | None = None):
+        self._owned: list[Redis] = []
+        self.redis = given or self._open(settings, client_name, settings.redis_url)
+        self.streams = self.redis
+        self.replays = self.redis
+        if given is None:
+            if settings.streams_url is not None:
+                self.streams = self._open(settings, client_name, settings.streams_url)
+            self.replays = self.streams
+            if settings.replay_url is not None:
+                self.replays = self._open(settings, client_name, settings.replay_url)
+
+    def _open(self, settings: BusSettings, client_name: str, url: str) -> Redis:
+        client = connect(settings, client_name, url=url)
+        self._owned.append(client)
+        return client
+
+    async def aclose(self) -> None:
+        """Close the pools this object opened."""
+        for client in self._owned:
+            await client.aclose()
+        self._owned.clear()
+
+    def __repr__(self) -> str:
+        return f"<Connections pools={len(self._owned)}>"
+
+
 def raise_swallowed_cancel() -> None:
     """Re-raise a cancel that redis-py swallowed.
 

@@ -62,13 +62,18 @@ class Consumer:
         fence: Fence | None = None,
         max_data_bytes: int | None = None,
         state: Redis | None = None,
+        inboxes: bool = False,
     ) -> None:
         """``redis`` runs the stream commands; ``state``, when given, the run-once markers
-        (a bot's own keys, which the manager gives another Redis user)."""
+        (a bot's own keys, which the manager gives another Redis user). With ``inboxes``
+        (a bot run by the manager) the group is read in its inboxes, which the manager's
+        fanout fills from the streams (see :mod:`bus.fanout`), not on the streams."""
         self.group = group_name(bot_id)
         self.name = consumer_name(bot_id, instance)
         subs = list(subscriptions)
-        self.streams = sorted({s for sub in subs for s in sub.streams})
+        routed = sorted({s for sub in subs for s in sub.streams})
+        #: The keys the group is read on: the streams, or its inboxes of them.
+        self.streams = [keys.inbox(self.group, s) for s in routed] if inboxes else routed
         self._subscriptions = len(subs)
         self._log = log.bind(bot_id=bot_id, group=self.group, consumer=self.name)
         self.stats: dict[str, int] = defaultdict(int)
@@ -84,6 +89,7 @@ class Consumer:
             stopping=self._stopping,
             log=self._log,
             on_missing=observer.groups_missing if observer is not None else None,
+            keys=keys,
         )
         self._dispatcher = Dispatcher(
             redis=redis,

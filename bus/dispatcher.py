@@ -70,7 +70,11 @@ class Dispatcher:
         self._group = group
         self._allowed = allowed
         self._max_data_bytes = max_data_bytes
-        self._by_stream = {s: [sub for sub in subscriptions if s in sub.streams] for s in streams}
+        # The keys read are the streams, or (under the manager) the group's inboxes of them.
+        self._routed = {s: keys.routed_stream(s) for s in streams}
+        self._by_stream = {
+            s: [sub for sub in subscriptions if self._routed[s] in sub.streams] for s in streams
+        }
         self._inflight = inflight
         self._with_redis = with_redis
         self._stats = stats
@@ -147,7 +151,8 @@ class Dispatcher:
                 self._acks.add(stream, entry_id)
                 return
         try:
-            event = decode(fields, stream, entry_id, max_data_bytes=self._max_data_bytes)
+            routed = self._routed.get(stream, stream)
+            event = decode(fields, routed, entry_id, max_data_bytes=self._max_data_bytes)
         except WireFormatError as exc:
             self.reject(
                 stream, entry_id, fields, None, f"{DeadLetterReason.MALFORMED}:{exc.reason}"

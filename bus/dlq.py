@@ -196,6 +196,8 @@ class DeadLetters:
         :meth:`add` writes there and the manager's relay moves the letter here."""
         self._redis = redis
         self._keys = keys
+        #: The key names of the namespace (an inbox's letter names its stream).
+        self.keys = keys
         self._router = router
         self._outbox = outbox
         self.key = keys.dead_letters()

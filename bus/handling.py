@@ -121,6 +121,7 @@ class Runner:
         self._group = group
         self._consumer = consumer
         self._once = RunOnce(redis, keys, group, int(visibility_timeout * 1000), log)
+        self._keys = keys
         self._on_done = on_done
         self._stats = stats
         self._log = log
@@ -377,7 +378,7 @@ class Runner:
                     fields=delivery.fields,
                     reason=reason,
                     error=error,
-                    stream=delivery.stream,
+                    stream=self._keys.routed_stream(delivery.stream),  # an inbox's: its stream
                     entry_id=delivery.entry_id,
                     group=self._group,
                     consumer=self._consumer,

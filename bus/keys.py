@@ -14,6 +14,11 @@ GROUP_PREFIX = "bot-group-"
 ARCHIVER_GROUP = "archiver"
 #: Its consumer name: stable, so a restarted manager finds the batch it had taken.
 ARCHIVER_CONSUMER = "archiver-0"
+#: The manager's group on every routed stream that copies each entry into the inbox of
+#: every group subscribed to the stream (see :mod:`bus.fanout`).
+FANOUT_GROUP = "fanout"
+#: Its consumer name.
+FANOUT_CONSUMER = "fanout-0"
 
 
 def group_name(bot_id: str) -> str:
@@ -43,6 +48,35 @@ class Keys:
     def stream_name(self, key: str) -> str:
         """Inverse of :meth:`stream`: ``multibot:stream:{user}`` → ``user``."""
         return key.removeprefix(self.stream_prefix()).strip("{}")
+
+    def inbox(self, group: str, stream: str) -> str:
+        """A group's inbox for a routed stream key: the copies the manager's fanout makes of
+        the stream's entries, same ids, e.g. ``multibot:inbox:bot-group-a:{user}``. Only that
+        group exists on it, so a bot's Redis user reaches its own group and no other. The
+        hash tag is the stream's: under Redis Cluster a stream and its inboxes share a slot.
+        """
+        return f"{self.inbox_prefix(group)}{stream.removeprefix(self.stream_prefix())}"
+
+    def inbox_prefix(self, group: str) -> str:
+        """Prefix of every inbox of a group (what a bot's stream user may touch)."""
+        return f"{self.namespace}:inbox:{group}:"
+
+    def routed_stream(self, key: str) -> str:
+        """The routed stream an inbox key copies (any other key: itself)."""
+        prefix = f"{self.namespace}:inbox:"
+        if not key.startswith(prefix):
+            return key
+        _group, _, rest = key.removeprefix(prefix).partition(":")
+        return f"{self.stream_prefix()}{rest}" if rest else key
+
+    def group_key(self, stream: str, group: str) -> str:
+        """Where ``group`` reads ``stream`` under the manager: a bot's group in its inbox,
+        the manager's own groups (archiver, fanout) on the stream itself."""
+        return self.inbox(group, stream) if group.startswith(GROUP_PREFIX) else stream
+
+    def subscribers(self, stream: str) -> str:
+        """The set of groups whose inboxes the fanout fills from ``stream`` (same slot)."""
+        return f"{self.namespace}:subscribers:{stream.removeprefix(self.stream_prefix())}"
 
     def outbox(self, bot_id: str) -> str:
         """A bot's outbox: what it publishes (and dead-letters) when the manager runs it. The

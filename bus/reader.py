@@ -23,6 +23,7 @@ from bus.dlq import DeadLetterReason
 from bus.errors import GroupMissingError
 from bus.groups import ensure_group
 from bus.inflight import InFlight
+from bus.keys import Keys
 from bus.reclaim import Entry
 from bus.redis_errors import UNAVAILABLE, is_nogroup
 from bus.settings import ConsumerSettings
@@ -51,8 +52,10 @@ class GroupKeeper:
         stopping: asyncio.Event,
         log: Any,
         on_missing: Callable[[Sequence[str], str], None] | None = None,
+        keys: Keys | None = None,
     ) -> None:
         self._redis = redis
+        self._keys = keys
         self._group = group
         self._streams = streams
         self._start_id = start_id
@@ -86,8 +89,9 @@ class GroupKeeper:
                 missing.append(stream)
                 error = exc
         if error is not None:
-            if self._on_missing is not None:
-                self._on_missing(missing, start_id)
+            if self._on_missing is not None:  # the manager subscribes inboxes by stream
+                routed = [self._keys.routed_stream(s) for s in missing] if self._keys else missing
+                self._on_missing(routed, start_id)
             raise error
 
     async def call(self, func: Any, *args: Any, **kwargs: Any) -> Any:

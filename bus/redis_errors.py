@@ -14,7 +14,11 @@ def is_nogroup(exc: BaseException) -> bool:
     """The consumer group (or its stream) does not exist, or the stream was deleted while a
     read blocked on it (Redis 7 answers that read with UNBLOCKED instead of NOGROUP)."""
     return isinstance(exc, ResponseError) and str(exc).startswith(
-        ("NOGROUP", "UNBLOCKED the stream key no longer exists")
+        (
+            "NOGROUP",
+            "UNBLOCKED the stream key no longer exists",
+            "The XGROUP subcommand requires the key to exist",  # XGROUP on no stream
+        )
     )
 
 

@@ -71,6 +71,17 @@ class BusSettings(_Model):
         "(the manager gives each bot two: one for its own keys, one for the streams); "
         "None: redis_url",
     )
+    replay_url: str | None = Field(
+        None,
+        description="URL of replays' reads of the streams (XRANGE), when they go through "
+        "another Redis user than streams_url's (the manager's bots: one that reads the "
+        "streams and does nothing else); None: streams_url",
+    )
+    inboxes: bool = Field(
+        False,
+        description="read the bot's group in its inboxes, which the manager's fanout fills "
+        "from the streams (set by the manager for its bots; see bus.fanout)",
+    )
     namespace: str = Field("multibot", description="prefix of every key")
     routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
     default_stream: str = DEFAULT_STREAM
@@ -105,7 +116,7 @@ class BusSettings(_Model):
             raise ValueError("use letters, digits, '_', '.' and '-' only")
         return value
 
-    @field_validator("redis_url", "streams_url")
+    @field_validator("redis_url", "streams_url", "replay_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):

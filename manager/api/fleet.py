@@ -73,9 +73,10 @@ async def groups(request: Request, _: Reader) -> list[GroupOut]:
     view = view_of(request)
     redis = view.bus.redis
     out = []
-    for lag in await group_lags(redis, await _streams(view)):
+    for lag in await group_lags(redis, await _streams(view), keys=view.bus.keys):
         try:
-            raw: Any = await redis.xinfo_consumers(lag.stream, lag.group)
+            key = view.bus.keys.group_key(lag.stream, lag.group)
+            raw: Any = await redis.xinfo_consumers(key, lag.group)
         except ResponseError:
             raw = []  # the group went away since
         consumers = [

@@ -47,7 +47,8 @@ from bus.archive.errors import ArchiveUnavailableError
 from bus.archive.group_positions import clamp
 from bus.archive.store import ArchiveStore
 from bus.entry_id import EntryId
-from bus.keys import ARCHIVER_GROUP, Keys
+from bus.fanout import subscribers
+from bus.keys import ARCHIVER_GROUP, FANOUT_GROUP, Keys
 from bus.periodic import REDIS_UNAVAILABLE, Outage, Periodic
 from manager.archive.restore import lost_streams
 from manager.config import CoordinatorSettings
@@ -119,21 +120,30 @@ class PositionRecorder:
         return seen
 
     async def _positions(self, stream: str) -> dict[tuple[str, str], EntryId]:
-        """The position of every group of ``stream`` but the archiver's ({} if it is gone)."""
+        """The position of every group reading ``stream`` (on it, or in its inbox of it) but
+        the manager's own ({} if it is gone)."""
+        found = await self._positions_on(stream, stream)
+        for group in await subscribers(self._redis, self._keys, stream):
+            found.update(await self._positions_on(self._keys.inbox(group, stream), stream))
+        return found
+
+    async def _positions_on(self, key: str, stream: str) -> dict[tuple[str, str], EntryId]:
+        """The positions of the groups on ``key``, recorded under ``stream``: an inbox's
+        entries have the stream's ids."""
         try:
-            groups: Any = await self._redis.xinfo_groups(stream)
+            groups: Any = await self._redis.xinfo_groups(key)
         except ResponseError:
-            if not await self._redis.exists(stream):
+            if not await self._redis.exists(key):
                 return {}  # deleted since the scan
             raise
         found = {}
         for group in groups:
             name = str(group["name"])
-            if name == ARCHIVER_GROUP:
+            if name in (ARCHIVER_GROUP, FANOUT_GROUP):
                 continue
             oldest = None
             if int(group["pending"]) > 0:
-                summary: Any = await self._redis.xpending(stream, name)
+                summary: Any = await self._redis.xpending(key, name)
                 oldest = EntryId.parse(str(summary["min"])) if summary.get("min") else None
             last = EntryId.parse(str(group["last-delivered-id"]))
             position = clamp(acked_position(last, oldest))

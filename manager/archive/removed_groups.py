@@ -23,6 +23,7 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import EventType
+from bus.fanout import unsubscribe
 from bus.keys import GROUP_PREFIX, Keys
 from manager.announcer import Announcer
 
@@ -62,8 +63,9 @@ class RemovedGroups:
             return False
         return group.removeprefix(GROUP_PREFIX) not in self._bots
 
-    async def expired(self, stream: str, group: dict[str, Any]) -> bool:
-        """Whether ``group`` (an XINFO GROUPS item of ``stream``) was destroyed just now."""
+    async def expired(self, stream: str, group: dict[str, Any], *, inbox: bool = False) -> bool:
+        """Whether ``group`` (an XINFO GROUPS item of ``stream``, or with ``inbox`` of its
+        inbox of it) was destroyed just now (an inbox: unsubscribed and deleted)."""
         name = str(group["name"])
         if not self._orphan(name):
             return False
@@ -79,7 +81,10 @@ class RemovedGroups:
             )
         if now - since < self._grace:
             return False
-        await self._redis.xgroup_destroy(stream, name)
+        if inbox:
+            await unsubscribe(self._redis, self._keys, stream, name)
+        else:
+            await self._redis.xgroup_destroy(stream, name)
         del self._absent_since[key]
         self.destroyed.append(key)
         log.warning(

@@ -4,7 +4,10 @@ A stream whose last entry is older than what the archive stored from it (or that
 lost data: Redis restarted without its AOF, or from an old backup. For each such stream the
 manager
 
-1. points each consumer group at the entry it starts after:
+1. points each consumer group at the entry it starts after (a bot's group in its inbox: it
+   is subscribed again, its inbox filled from the stream after its position once the
+   events are written back, and the fanout's group starts after the last archived entry,
+   so nothing written back is copied twice; see :mod:`bus.fanout`):
 
    - each bot's declared group at its own recorded position (``group_positions``, kept by
      :mod:`manager.archive.group_positions`: the group had acked every entry at or below it), so it
@@ -43,8 +46,9 @@ from redis.asyncio import Redis
 
 from bus.archive.store import ArchiveStore
 from bus.entry_id import EntryId
+from bus.fanout import Fanout
 from bus.groups import ensure_group
-from bus.keys import ARCHIVER_GROUP, Keys
+from bus.keys import ARCHIVER_GROUP, FANOUT_GROUP, GROUP_PREFIX, Keys
 from bus.wire import encode
 
 log = structlog.get_logger("manager.archive.restore")
@@ -110,11 +114,15 @@ async def restore(
     groups_for: Callable[[str], Iterable[str]],
     hot_window_ms: int,
     now_ms: int,
+    fanout: Fanout | None = None,
 ) -> Restored:
     """Repair every stream that lost data (see the module); what was done.
 
     ``groups_for`` names the declared groups of a stream (the archiver's aside); their
-    recorded positions are read from ``store``.
+    recorded positions are read from ``store``. With ``fanout`` (the manager's), the bots'
+    groups are subscribed again, their inboxes filled from their positions, and the fanout
+    group starts after the last archived entry; without, every group is pointed on the
+    stream itself.
     """
     done = Restored()
     lost = await lost_streams(redis, store)
@@ -122,10 +130,18 @@ async def restore(
     window_start = EntryId(max(0, now_ms - hot_window_ms), 0)
     for stream, archived in lost.items():
         starts, unrecorded = _starts(stream, archived, groups_for(stream), recorded)
-        await _point_groups(redis, stream, starts)  # first: see the module
+        inboxed = {g: p for g, p in starts.items() if fanout and g.startswith(GROUP_PREFIX)}
+        on_stream = {g: p for g, p in starts.items() if g not in inboxed}
+        if fanout is not None:  # what is written back is copied by the subscriptions
+            on_stream[FANOUT_GROUP] = archived
+        await _point_groups(redis, stream, on_stream)  # first: see the module
         lowest = min([window_start, *map(EntryId.parse, starts.values())])
         done.events[stream] = await _write_back(redis, store, stream, archived, after=lowest)
         await _lift_last_id(redis, stream, archived)
+        if fanout is not None:
+            for group, position in inboxed.items():
+                await fanout.unsubscribe(stream, group)
+                await fanout.subscribe(stream, group, position)
         done.positions[stream] = archived
         done.groups[stream] = starts
         done.unrecorded[stream] = unrecorded

@@ -22,6 +22,12 @@ of the cutoff: what an operator must fix to free memory.
 
 The dead-letter stream keeps its letters ``dlq_retention`` seconds, and never drops one the
 archiver has not stored in PostgreSQL yet.
+
+The groups on a stream are the archiver's and the fanout's (and, until they are moved, bots'
+groups of the former layout). A bot's group reads its inbox of the stream (see
+:mod:`bus.fanout`), which holds copies only: each inbox is trimmed to its group's floor at
+every round, whatever the entries' age, and an idle group released by policy has its inbox
+trimmed as if it had read everything.
 """
 
 from __future__ import annotations
@@ -33,10 +39,12 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from bus import EventType
 from bus.entry_id import EntryId
-from bus.keys import ARCHIVER_GROUP, Keys
+from bus.fanout import subscribers
+from bus.keys import ARCHIVER_GROUP, FANOUT_GROUP, Keys
 from bus.periodic import every
 from manager.announcer import Announcer
 from manager.archive.removed_groups import RemovedGroups
@@ -113,6 +121,7 @@ class Trimmer:
         streams = await stream_keys(self._redis, self._keys)
         for stream in streams:
             total += await self.trim(stream, cutoff)
+            total += await self.trim_inboxes(stream, now_ms)
         self.holders = {s: h for s, h in self.holders.items() if s in streams}
         dlq = self._keys.dead_letters()
         if await self._redis.exists(dlq):
@@ -145,6 +154,31 @@ class Trimmer:
             log.debug("stream trimmed", stream=stream, entries=trimmed, minid=minid)
         return int(trimmed)
 
+    async def trim_inboxes(self, stream: str, now_ms: int) -> int:
+        """Trim the inbox of each group subscribed to ``stream`` to its group's floor."""
+        total = 0
+        for name in await subscribers(self._redis, self._keys, stream):
+            inbox = self._keys.inbox(name, stream)
+            try:
+                groups: Any = await self._redis.xinfo_groups(inbox)
+            except ResponseError:
+                continue  # not there (yet), or not a stream: nothing to trim
+            for group in groups:
+                if str(group["name"]) != name:
+                    continue
+                if await self.removed.expired(stream, group, inbox=True):
+                    break
+                floor = await self._floor(inbox, group)
+                info: Any = await self._redis.xinfo_stream(inbox)
+                last = EntryId.parse(str(info["last-generated-id"]))
+                held = await self._holds(stream, group, lagging=floor <= last, key=inbox)
+                point = floor if held else EntryId(now_ms + 1, 0)
+                if point <= (0, 1):
+                    continue
+                trimmed: Any = await self._redis.xtrim(inbox, minid=str(point), approximate=False)
+                total += int(trimmed)
+        return total
+
     def _note_holder(
         self, stream: str, floors: list[tuple[EntryId, dict[str, Any]]], cutoff: tuple[int, int]
     ) -> None:
@@ -170,21 +204,30 @@ class Trimmer:
                 floor = min(floor, EntryId.parse(str(summary["min"])))
         return floor
 
-    async def _holds(self, stream: str, group: dict[str, Any], *, lagging: bool) -> bool:
-        """Whether this group's floor counts: not an idle group released by policy."""
+    async def _holds(
+        self, stream: str, group: dict[str, Any], *, lagging: bool, key: str | None = None
+    ) -> bool:
+        """Whether this group's floor counts: not an idle group released by policy.
+        ``key``: where the group reads (its inbox), when not on ``stream``."""
         name = str(group["name"])
-        if name == ARCHIVER_GROUP:
-            return True  # never released: it is what makes trimming safe
-        key = (stream, name)
-        consumers: Any = await self._redis.xinfo_consumers(stream, name)
+        if name in (ARCHIVER_GROUP, FANOUT_GROUP):
+            return True  # never released: they are what makes trimming safe
+        consumers: Any = await self._redis.xinfo_consumers(key or stream, name)
+        key_ = (stream, name)
         if consumers:
-            self._unread_since.pop(key, None)
+            self._unread_since.pop(key_, None)
             idle_ms = min(int(c["idle"]) for c in consumers)
         else:  # nobody ever read (or all were deleted): count from when we first saw it
-            since = self._unread_since.setdefault(key, time.monotonic())
+            since = self._unread_since.setdefault(key_, time.monotonic())
             idle_ms = int((time.monotonic() - since) * 1000)
-        idle = lagging and idle_ms > self._settings.idle_group_after * 1000
+        return self._idle_verdict(stream, name, group, lagging=lagging, idle_ms=idle_ms)
+
+    def _idle_verdict(
+        self, stream: str, name: str, group: dict[str, Any], *, lagging: bool, idle_ms: int
+    ) -> bool:
+        """Whether an idle group (reported once) still holds the floor."""
         key = (stream, name)
+        idle = lagging and idle_ms > self._settings.idle_group_after * 1000
         if not idle:
             self._idle.discard(key)
             return True

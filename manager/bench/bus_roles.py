@@ -41,10 +41,12 @@ def bench_settings(
     outbox: bool = False,
     streams_url: str | None = None,
 ) -> BusSettings:
-    """Settings of every bench client: the bench namespace and routes, reads of ``read_count``."""
+    """Settings of every bench client: the bench namespace and routes, reads of ``read_count``.
+    As a bot run by the manager (``outbox``), its group is read in its inbox."""
     return BusSettings(
         redis_url=url,
         streams_url=streams_url,
+        inboxes=outbox,
         namespace=namespace,
         routes=ROUTES,
         consumer=ConsumerSettings(read_count=read_count),

@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bus.connection import redact
+from bus.fanout import Fanout
 from bus.groups import ensure_group
 from bus.keys import Keys, group_name
 from bus.outbox import OutboxRelay
@@ -124,9 +125,9 @@ class _Urls:
 @contextlib.asynccontextmanager
 async def _as_bots(admin: Redis, url: str, namespace: str) -> AsyncIterator[_Urls]:
     """Run the bus phase as the manager runs bots: the consumers and the producers each
-    with a bot's ACL user, the consumers' group created by the manager's side (a bot's user
-    may not), the producers publishing through their outbox and a relay moving it, in this
-    process as in the manager's."""
+    with a bot's ACL users, the consumers' group subscribed by the manager's side (a bot's
+    user may not) and read in its inbox, the producers publishing through their outbox, and
+    a relay and a fanout moving the events, in this process as in the manager's."""
     keys = Keys(namespace)
     urls = []
     for bot in (CONSUMER_BOT, PRODUCER_BOT):
@@ -134,14 +135,17 @@ async def _as_bots(admin: Redis, url: str, namespace: str) -> AsyncIterator[_Url
         username = await ensure_bot_user(admin, keys, bot, password)
         urls.append(bot_redis_url(url, username, password))
         urls.append(bot_redis_url(url, streams_username(namespace, bot), password))
-    await ensure_group(admin, keys.stream(ROUTES["bench"]), group_name(CONSUMER_BOT), "$")
+    stream = keys.stream(ROUTES["bench"])
+    fanout = Fanout(admin, keys, lambda: [stream])
+    await fanout.subscribe(stream, group_name(CONSUMER_BOT), "$")
     relay = OutboxRelay(admin, keys, Router(ROUTES, DEFAULT_STREAM), lambda: [PRODUCER_BOT])
-    relaying = asyncio.create_task(relay.run())
+    moving = [asyncio.create_task(relay.run()), asyncio.create_task(fanout.run())]
     try:
         yield _Urls(urls[0], urls[2], True, consumers_streams=urls[1], producers_streams=urls[3])
     finally:
-        relaying.cancel()
-        await asyncio.gather(relaying, return_exceptions=True)
+        for task in moving:
+            task.cancel()
+        await asyncio.gather(*moving, return_exceptions=True)
         for bot in (CONSUMER_BOT, PRODUCER_BOT):
             await delete_bot_user(admin, keys, bot)
 

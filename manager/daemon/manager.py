@@ -268,6 +268,7 @@ class Manager:
             tg.create_task(self._notifier.watchdog_loop()),
             tg.create_task(self._announce_ready(parts.supervisor)),
             tg.create_task(parts.relay.run()),
+            tg.create_task(parts.fanout.run()),
             tg.create_task(parts.archiver.run()),
             tg.create_task(parts.trimmer.run()),
             tg.create_task(positions),

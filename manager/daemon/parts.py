@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from bus import BusClient
+from bus.fanout import Fanout
 from bus.keys import Keys
 from bus.outbox import OutboxRelay
 from bus.routing import Router
@@ -54,6 +55,7 @@ class Parts:
     pressure: PressureWatch
     repair: RedisRepair
     relay: OutboxRelay
+    fanout: Fanout
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         clients.announcer,
     )
     services = context.services
+    # Copies each routed stream's entries into its subscribers' inboxes (bus.fanout).
+    fanout = Fanout(admin, keys, lambda: [keys.stream(s) for s in context.router.streams()])
     provisioner = Provisioner(
         settings,
         admin=admin,
@@ -100,7 +104,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         redis=admin,
         keys=keys,
         visibility_timeout=context.bus_settings.consumer.visibility_timeout,
-        grants=GroupGrants(admin, keys, context.router),
+        grants=GroupGrants(admin, keys, context.router, fanout),
         limiter=context.limiter,
     )
     supervisor.metrics.add_local(clients.bus.metrics)
@@ -112,6 +116,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         router=context.router,
         announcer=announcer,
         supervisor=supervisor,
+        fanout=fanout,
         extra_pids=lambda: services.memory_pids,
     )
     archiver = Archiver(
@@ -133,6 +138,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         interval=settings.coordinator.interval,
         bots=context.bots,
         provision=lambda: provisioner.prepare_bots(context.bots(), coordinator),
+        fanout=fanout,
     )
     relay = OutboxRelay(admin, keys, context.router, lambda: [b.id for b in context.bots()])
     return Parts(
@@ -146,6 +152,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         pressure,
         repair,
         relay,
+        fanout,
     )
 
 

@@ -31,6 +31,7 @@ from manager.daemon.redis_acl import (
     delete_bot_user,
     ensure_bot_user,
     generate_password,
+    replay_username,
     streams_username,
 )
 from manager.embedded.child_process import OsUser
@@ -175,6 +176,10 @@ class Provisioner:
         options = settings.bus_settings(url)
         streams_user = streams_username(self._keys.namespace, bot.id)
         options["streams_url"] = bot_redis_url(self._redis_url, streams_user, password)
+        replay_user = replay_username(self._keys.namespace, bot.id)
+        options["replay_url"] = bot_redis_url(self._redis_url, replay_user, password)
+        # Its group lives in its inboxes, which the manager's fanout fills (bus.fanout).
+        options["inboxes"] = True
         options["archive_dsn"] = self._reader_dsn
         # Unless the operator chose direct publishing, its Redis user may not write streams.
         options["outbox"] = settings.supervisor.bot_outbox

@@ -1,4 +1,4 @@
-"""A Redis ACL user per bot, allowed only the bot's keys and the commands the bus needs.
+"""Redis ACL users per bot, allowed only the bot's keys and the commands the bus needs.
 
 The manager holds the admin connection. Before it spawns a bot it calls
 :func:`ensure_bot_user` and hands the bot :func:`bot_redis_url`, a URL carrying only that
@@ -21,14 +21,21 @@ A bot never writes to a stream or the dead-letter stream: it appends to its own 
 (``Keys.outbox``), which the manager relays (:mod:`bus.outbox`), so it cannot trim a stream,
 set an entry id or claim another source.
 
-Each bot has two users, one password: ``<ns>.bot.<id>`` for its own keys (state, leases,
-run-once markers: the data-structure commands; its outbox: XADD) and
-``<ns>.bot.<id>.streams`` for the streams (only the commands a consumer calls, no XADD)
-and the backpressure flag (only GET). An ACL user's commands reach all its key patterns
-alike on Redis 6.2, so splitting by user is what keeps DEL, EXPIRE, SET or XADD off the
-streams and the flag on every version (Redis 7's selectors would do it within one user,
-6.2 has none). The group commands take any group name: a bot can still read or ack
-through another group's name on the streams. README "Security" lists what holds.
+Each bot has three users, one password, each with the commands of one kind of key (an ACL
+user's commands reach all its key patterns alike, and Redis 6.2 has no selectors to split
+them, so the split is by user and holds on every version):
+
+- ``<ns>.bot.<id>``, its own keys: the data-structure commands on its state, lease, fence
+  and run-once markers, XADD to its outbox;
+- ``<ns>.bot.<id>.streams``, its group: the consumer's stream commands on its inboxes
+  (``Keys.inbox``: the manager's fanout copies each routed stream's entries there, and its
+  group is the only one on them; see :mod:`bus.fanout`), and GET of the backpressure flag;
+- ``<ns>.bot.<id>.replay``, the history: XRANGE, XREVRANGE, XLEN and XINFO STREAM on the
+  routed streams, for replays; no group command.
+
+So no user of a bot can write, delete, expire or trim a stream, lower the flag, or read or
+ack through another group's name: no group but its own is on a key it may use a group
+command on. README "Security" lists what holds.
 """
 
 from __future__ import annotations
@@ -52,8 +59,10 @@ log = structlog.get_logger("manager.daemon.redis_acl")
 
 #: Separates the namespace from the bot id in a bot's user name.
 USER_INFIX = ".bot."
-#: Ends the name of a bot's second user, the one of its stream commands.
+#: Ends the name of a bot's second user, the one of its group (in its inboxes).
 STREAMS_SUFFIX = ".streams"
+#: Ends the name of a bot's third user, the one reading the routed streams for replays.
+REPLAY_SUFFIX = ".replay"
 #: Bytes of randomness in a generated password (43 URL-safe characters).
 PASSWORD_BYTES = 32
 
@@ -116,14 +125,20 @@ _STREAM_RULES: tuple[tuple[str, str], ...] = (
     ("+xpending", "delivery counts of re-taken entries, to dead-letter poison ones"),
     ("+xautoclaim", "take over entries idle on a dead consumer of the bot's group"),
     ("+xclaim", "keep its own long-running entries from being reclaimed (JUSTID)"),
-    ("+xrange", "replay"),
+    ("+xrange", "an entry of its inbox by id"),
+    ("+xlen", "inbox length"),
+    ("+xinfo|stream", "inbox inspection (length, first/last entry)"),
+    ("+xinfo|groups", "whether the bot's group exists, and its position (catch_up)"),
+    ("+xinfo|consumers", "consumer inspection (idle consumers)"),
+    # Not XGROUP (any subcommand): the manager subscribes every declared group before the
+    # bot starts and again after Redis lost them. Not XADD, XDEL, XTRIM, XSETID.
+)
+#: Replays and catch-up read the routed streams (bus.replay); nothing else.
+_REPLAY_RULES: tuple[tuple[str, str], ...] = (
+    ("+xrange", "replay: the events still in Redis, in order"),
     ("+xrevrange", "read a stream newest first (latest events)"),
     ("+xlen", "stream length"),
     ("+xinfo|stream", "stream inspection (length, first/last entry)"),
-    ("+xinfo|groups", "whether the bot's group exists before it reads (bus.groups.has_group)"),
-    ("+xinfo|consumers", "consumer inspection (idle consumers)"),
-    # Not XGROUP (any subcommand): the manager creates every declared group before the bot
-    # starts and recreates them after Redis lost them. Not XDEL, XTRIM, XSETID.
 )
 #: The bot's outbox: events it publishes and dead letters it writes (bus.outbox), both
 #: relayed by the manager with the bot as their source.
@@ -178,12 +193,17 @@ def streams_username(namespace: str, bot_id: str) -> str:
     return f"{bot_username(namespace, bot_id)}{STREAMS_SUFFIX}"
 
 
+def replay_username(namespace: str, bot_id: str) -> str:
+    """The ACL user name of a bot's replays, e.g. ``multibot.bot.greeter.replay``."""
+    return f"{bot_username(namespace, bot_id)}{REPLAY_SUFFIX}"
+
+
 def bot_id_of(namespace: str, username: str) -> str | None:
-    """The bot id in either user name of a bot of ``namespace``; None: not one."""
+    """The bot id in any user name of a bot of ``namespace``; None: not one."""
     prefix = f"{namespace}{USER_INFIX}"
     if not username.startswith(prefix):
         return None
-    bot_id = username[len(prefix) :].removesuffix(STREAMS_SUFFIX)
+    bot_id = username[len(prefix) :].removesuffix(STREAMS_SUFFIX).removesuffix(REPLAY_SUFFIX)
     return bot_id if _BOT_ID_RE.fullmatch(bot_id) else None
 
 
@@ -208,17 +228,28 @@ def bot_state_patterns(keys: Keys, bot_id: str) -> list[str]:
 
 
 def bot_key_patterns(keys: Keys, bot_id: str) -> list[str]:
-    """Every key pattern (without ``~``) either of a bot's users reaches."""
-    return [*bot_state_patterns(keys, bot_id), keys.outbox(bot_id), *streams_patterns(keys)]
+    """Every key pattern (without ``~``) any of a bot's users reaches."""
+    return [
+        *bot_state_patterns(keys, bot_id),
+        keys.outbox(bot_id),
+        *streams_patterns(keys, bot_id),
+        *replay_patterns(keys),
+    ]
 
 
-def streams_patterns(keys: Keys) -> list[str]:
-    """The key patterns of a bot's stream user: every stream of the namespace (a bot
-    reads its group on the streams its subscriptions need) and the backpressure flag."""
-    return [f"{keys.stream_prefix()}*", keys.pressure()]
+def streams_patterns(keys: Keys, bot_id: str) -> list[str]:
+    """The key patterns of a bot's stream user: its group's inboxes (one per stream its
+    subscriptions read) and the backpressure flag."""
+    _check_names(keys.namespace, bot_id)
+    return [f"{keys.inbox_prefix(group_name(bot_id))}*", keys.pressure()]
 
 
-#: What a bot's stream user gets when the bot publishes to the streams itself
+def replay_patterns(keys: Keys) -> list[str]:
+    """The key patterns of a bot's replay user: every routed stream of the namespace."""
+    return [f"{keys.stream_prefix()}*"]
+
+
+#: What a bot's replay user gets when the bot publishes to the streams itself
 #: (``outbox=False``): the streams' XADD, and the dead-letter stream's.
 _DIRECT_RULES: tuple[tuple[str, str], ...] = (
     ("+xadd", "publish (Publisher.publish/publish_many) and dead-letter, directly"),
@@ -255,21 +286,35 @@ def bot_acl_rules(keys: Keys, bot_id: str, *, db: int = 0, outbox: bool = True) 
     ]
 
 
-def streams_acl_rules(keys: Keys, *, db: int = 0, outbox: bool = True) -> list[str]:
-    """The ``ACL SETUSER`` rules of a bot's stream user, without its password: the stream
-    commands of a consumer on the streams and GET on the backpressure flag, nothing that
-    writes, deletes or expires a key (the same for every bot: no key of its own). Without
-    ``outbox`` it also XADDs to the streams and the dead-letter stream."""
-    connection = [rule for rule, _ in _CONNECTION_RULES if not rule.startswith("+script")]
+def streams_acl_rules(keys: Keys, bot_id: str, *, db: int = 0) -> list[str]:
+    """The ``ACL SETUSER`` rules of a bot's stream user, without its password: a consumer's
+    stream commands on its group's inboxes and GET on the backpressure flag, nothing that
+    writes, deletes or expires a key."""
+    return [
+        *_base_rules(),
+        *_connection_rules(db),
+        *(f"~{pattern}" for pattern in streams_patterns(keys, bot_id)),
+        *(rule for rule, _ in _STREAM_RULES + _PRESSURE_RULES),
+    ]
+
+
+def replay_acl_rules(keys: Keys, *, db: int = 0, outbox: bool = True) -> list[str]:
+    """The ``ACL SETUSER`` rules of a bot's replay user, without its password: reading the
+    routed streams, no group command (the same for every bot). Without ``outbox`` it also
+    XADDs to the streams and the dead-letter stream (the bot publishes directly)."""
     direct = [f"~{keys.dead_letters()}", *(r for r, _ in _DIRECT_RULES)] if not outbox else []
     return [
         *_base_rules(),
-        *connection,
-        f"+select|{int(db)}",
-        *(f"~{pattern}" for pattern in streams_patterns(keys)),
-        *(rule for rule, _ in _STREAM_RULES + _PRESSURE_RULES),
+        *_connection_rules(db),
+        *(f"~{pattern}" for pattern in replay_patterns(keys)),
+        *(rule for rule, _ in _REPLAY_RULES),
         *direct,
     ]
+
+
+def _connection_rules(db: int) -> list[str]:
+    connection = [rule for rule, _ in _CONNECTION_RULES if not rule.startswith("+script")]
+    return [*connection, f"+select|{int(db)}"]
 
 
 def _password_rule(password: str) -> str:
@@ -301,9 +346,10 @@ async def _acl(admin: Redis, *args: str, doing: str) -> Any:
 async def ensure_bot_user(
     admin: Redis, keys: Keys, bot_id: str, password: str, *, outbox: bool = True
 ) -> str:
-    """Create or replace the bot's two ACL users (:func:`bot_acl_rules`,
-    :func:`streams_acl_rules`), both with ``password``; return the own-keys user's name
-    (:func:`streams_username` names the other).
+    """Create or replace the bot's three ACL users (:func:`bot_acl_rules`,
+    :func:`streams_acl_rules`, :func:`replay_acl_rules`), all with ``password``; return the
+    own-keys user's name (:func:`streams_username` and :func:`replay_username` name the
+    others).
 
     Idempotent. The rules start with ``reset``, so a changed rule set or a new password
     replaces the old one in one atomic ``ACL SETUSER`` per user; connections the bot already
@@ -312,7 +358,8 @@ async def ensure_bot_user(
     db = int(admin.connection_pool.connection_kwargs.get("db") or 0)
     users = {
         bot_username(keys.namespace, bot_id): bot_acl_rules(keys, bot_id, db=db, outbox=outbox),
-        streams_username(keys.namespace, bot_id): streams_acl_rules(keys, db=db, outbox=outbox),
+        streams_username(keys.namespace, bot_id): streams_acl_rules(keys, bot_id, db=db),
+        replay_username(keys.namespace, bot_id): replay_acl_rules(keys, db=db, outbox=outbox),
     }
     for username, rules in users.items():
         await _acl(
@@ -328,8 +375,12 @@ async def ensure_bot_user(
 
 
 async def delete_bot_user(admin: Redis, keys: Keys, bot_id: str) -> bool:
-    """Delete the bot's two users (Redis also disconnects them); whether any existed."""
-    names = [bot_username(keys.namespace, bot_id), streams_username(keys.namespace, bot_id)]
+    """Delete the bot's users (Redis also disconnects them); whether any existed."""
+    names = [
+        bot_username(keys.namespace, bot_id),
+        streams_username(keys.namespace, bot_id),
+        replay_username(keys.namespace, bot_id),
+    ]
     deleted: Any = await _acl(
         admin, "DELUSER", *names, doing=f"deleting the Redis users of bot {bot_id}"
     )

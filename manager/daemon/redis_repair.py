@@ -18,6 +18,7 @@ from redis.exceptions import AuthenticationError, RedisError
 
 from bus import BusClient, EventType
 from bus.connection import raise_swallowed_cancel, redact
+from bus.fanout import Fanout
 from bus.keys import Keys, group_name
 from bus.routing import Router
 from bus.tls import REDIS_TLS, tls_problem
@@ -68,6 +69,7 @@ class RedisRepair:
         interval: float,
         bots: Callable[[], Sequence[BotConfig]],
         provision: Callable[[], Awaitable[None]],
+        fanout: Fanout | None = None,
     ) -> None:
         """``system_bus`` publishes past backpressure; ``bots`` gives the running config's
         bots; ``provision`` sets their Redis users and groups again; ``interval`` is how
@@ -81,6 +83,7 @@ class RedisRepair:
         self._interval = interval
         self._bots = bots
         self._provision = provision
+        self._fanout = fanout
 
     def __repr__(self) -> str:
         return f"<RedisRepair namespace={self._keys.namespace} interval={self._interval}>"
@@ -108,6 +111,7 @@ class RedisRepair:
             groups_for=lambda stream: groups_of.get(stream, []),
             hot_window_ms=int(self._settings.hot_window * 1000),
             now_ms=int(time.time() * 1000),
+            fanout=self._fanout,
         )
         if done:
             await self._system_bus.publish(

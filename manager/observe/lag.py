@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bus.entry_id import EntryId
+from bus.fanout import subscribers
 from bus.keys import Keys
 
 #: Default ceiling on the entries read to count one group's lag.
@@ -52,10 +53,16 @@ class GroupLag:
 
 
 async def group_lags(
-    redis: Redis, streams: Iterable[str], cap: int = DEFAULT_CAP, *, only: str | None = None
+    redis: Redis,
+    streams: Iterable[str],
+    cap: int = DEFAULT_CAP,
+    *,
+    only: str | None = None,
+    keys: Keys | None = None,
 ) -> list[GroupLag]:
     """The lag of every consumer group (or only of group ``only``) of each stream key in
-    ``streams``, in that order.
+    ``streams``, in that order. With ``keys``, also of each group subscribed to a stream,
+    read in its inbox (:mod:`bus.fanout`), reported under the stream's key.
 
     A stream that does not exist (or vanishes while it is being read) is skipped; a key that
     holds something other than a stream raises Redis's WRONGTYPE error.
@@ -64,40 +71,55 @@ async def group_lags(
         raise ValueError(f"cap must be at least 1 entry, got {cap}")
     lags: list[GroupLag] = []
     for stream in streams:
-        info = await _StreamInfo.read(redis, stream)
-        if info is None:
+        lags += await _lags_of(redis, stream, stream, cap, only)
+        if keys is None:
             continue
-        try:
-            groups: Any = await redis.xinfo_groups(stream)
-        except ResponseError:
-            if not await redis.exists(stream):
-                continue  # deleted since XINFO STREAM
-            raise
-        for raw in groups:
-            group = {_text(k): v for k, v in raw.items()}
-            if only is not None and _text(group["name"]) != only:
-                continue
-            last_id = _text(group["last-delivered-id"])
-            reported = group.get("lag")
-            lag, capped = await _lag(
-                redis,
-                stream,
-                last_id=last_id,
-                reported=None if reported is None else int(reported),
-                info=info,
-                cap=cap,
+        for group in await subscribers(redis, keys, stream):
+            if only is None or group == only:
+                lags += await _lags_of(redis, keys.inbox(group, stream), stream, cap, group)
+    return lags
+
+
+async def _lags_of(
+    redis: Redis, key: str, stream: str, cap: int, only: str | None
+) -> list[GroupLag]:
+    """The lags of the groups on ``key`` (a stream, or an inbox of it), reported under
+    ``stream``."""
+    info = await _StreamInfo.read(redis, key)
+    if info is None:
+        return []
+    try:
+        groups: Any = await redis.xinfo_groups(key)
+    except ResponseError:
+        if not await redis.exists(key):
+            return []  # deleted since XINFO STREAM
+        raise
+    lags: list[GroupLag] = []
+    for raw in groups:
+        group = {_text(k): v for k, v in raw.items()}
+        if only is not None and _text(group["name"]) != only:
+            continue
+        last_id = _text(group["last-delivered-id"])
+        reported = group.get("lag")
+        lag, capped = await _lag(
+            redis,
+            key,
+            last_id=last_id,
+            reported=None if reported is None else int(reported),
+            info=info,
+            cap=cap,
+        )
+        lags.append(
+            GroupLag(
+                stream=stream,
+                group=_text(group["name"]),
+                lag=lag,
+                pending=int(group["pending"]),
+                consumers=int(group["consumers"]),
+                last_delivered_id=last_id,
+                lag_capped=capped,
             )
-            lags.append(
-                GroupLag(
-                    stream=stream,
-                    group=_text(group["name"]),
-                    lag=lag,
-                    pending=int(group["pending"]),
-                    consumers=int(group["consumers"]),
-                    last_delivered_id=last_id,
-                    lag_capped=capped,
-                )
-            )
+        )
     return lags
 
 

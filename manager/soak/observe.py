@@ -19,7 +19,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bus.keys import ARCHIVER_GROUP
+from bus.keys import ARCHIVER_GROUP, FANOUT_GROUP, Keys
 from manager.observe.lag import group_lags
 
 log = structlog.get_logger("manager.soak")
@@ -70,11 +70,14 @@ class MemorySampler:
         return 0
 
 
-async def group_backlog(redis: Redis, stream: str, groups: Sequence[str]) -> dict[str, int]:
-    """Per group of ``groups`` on ``stream``: entries pending plus entries not yet delivered
-    (:func:`manager.observe.lag.group_lags`: Redis's own lag field goes wrong after restarts); a
-    missing group counts as one, so it is never taken as caught up."""
-    found = {g.group: g for g in await group_lags(redis, [stream])}
+async def group_backlog(
+    redis: Redis, stream: str, groups: Sequence[str], keys: Keys | None = None
+) -> dict[str, int]:
+    """Per group of ``groups`` on ``stream`` (with ``keys``, also in their inboxes):
+    entries pending plus entries not yet delivered (:func:`manager.observe.lag.group_lags`:
+    Redis's own lag field goes wrong after restarts); a missing group counts as one, so it
+    is never taken as caught up."""
+    found = {g.group: g for g in await group_lags(redis, [stream], keys=keys)}
     backlog: dict[str, int] = {}
     for group in groups:
         row = found.get(group)
@@ -85,18 +88,21 @@ async def group_backlog(redis: Redis, stream: str, groups: Sequence[str]) -> dic
 async def caught_up(
     redis: Redis,
     stream: str,
-    dlq: str,
+    keys: Keys,
     groups: Sequence[str],
     timeout: float,  # noqa: ASYNC109
 ) -> dict[str, int]:
-    """Wait until the soak groups and the archiver have handled everything on ``stream`` and
-    the archiver everything on ``dlq``, at most ``timeout`` seconds; the backlog left
-    (all zero when caught up). Redis errors while it restarts are waited through."""
+    """Wait until the fanout has copied everything on ``stream``, the soak groups (in their
+    inboxes) and the archiver have handled it, and the archiver everything on the dead
+    letters, at most ``timeout`` seconds; the backlog left (all zero when caught up). Redis
+    errors while it restarts are waited through."""
+    dlq = keys.dead_letters()
     deadline = time.monotonic() + timeout
     left: dict[str, int] = {}
     while True:
         try:
-            left = await group_backlog(redis, stream, [*groups, ARCHIVER_GROUP])
+            wanted = [*groups, ARCHIVER_GROUP, FANOUT_GROUP]
+            left = await group_backlog(redis, stream, wanted, keys)
             dlq_left = (
                 await group_backlog(redis, dlq, [ARCHIVER_GROUP]) if await redis.exists(dlq) else {}
             )

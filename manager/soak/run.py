@@ -148,9 +148,7 @@ async def _run(
             await asyncio.sleep(max(0.0, started + options.duration - time.time()))
             await _stop_load(loaders)
             echo("load stopped; waiting for every group and the archiver to catch up ...")
-            backlog = await caught_up(
-                redis, stream, keys.dead_letters(), soak_groups(), options.catch_up_timeout
-            )
+            backlog = await caught_up(redis, stream, keys, soak_groups(), options.catch_up_timeout)
             evidence = Evidence(
                 started=started, ended=time.time(), work=work, redis=redis,
                 dsn=(await keeper.connection()).get("postgres_dsn"), dlq=keys.dead_letters(),

@@ -19,8 +19,8 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import EventType
-from bus.groups import ensure_group
-from bus.keys import ARCHIVER_GROUP, GROUP_PREFIX, Keys, group_name
+from bus.fanout import Fanout
+from bus.keys import ARCHIVER_GROUP, FANOUT_GROUP, GROUP_PREFIX, Keys, group_name
 from bus.periodic import every
 from bus.routing import Router
 from manager.announcer import PUBLISHED_BY, Announcer
@@ -56,8 +56,10 @@ class Coordinator:
         router: Router,
         announcer: Announcer,
         supervisor: Supervisor,
+        fanout: Fanout,
         extra_pids: Callable[[], Sequence[int]] = tuple,
     ) -> None:
+        self._fanout = fanout
         self._settings = settings
         self._redis = redis
         self._keys = keys
@@ -90,11 +92,12 @@ class Coordinator:
         self._budget = MemoryBudget(int(memory.budget), memory.high, memory.low, limits)
 
     async def ensure_groups(self, bots: Sequence[BotConfig]) -> int:
-        """Create every declared subscription's group (at new events, idempotent); how many new."""
+        """Subscribe every declared subscription's group (its inbox, at new events;
+        idempotent); how many new."""
         created = 0
         for bot in bots:
             for stream in declared_streams(bot, self._router, self._keys):
-                if await ensure_group(self._redis, stream, group_name(bot.id), "$"):
+                if await self._fanout.subscribe(stream, group_name(bot.id), "$"):
                     created += 1
                     log.info("consumer group created", group=group_name(bot.id), stream=stream)
         return created
@@ -105,7 +108,8 @@ class Coordinator:
 
     async def check(self) -> None:
         """One round: lag, then memory."""
-        self.lags = await group_lags(self._redis, await stream_keys(self._redis, self._keys))
+        streams = await stream_keys(self._redis, self._keys)
+        self.lags = await group_lags(self._redis, streams, keys=self._keys)
         for lag in self.lags:
             self._check_lag(lag)
         self.memory = await self._sample()
@@ -114,7 +118,7 @@ class Coordinator:
         await self._supervisor.clean_consumers()
 
     def _check_lag(self, lag: GroupLag) -> None:
-        if lag.lag is None or lag.group == ARCHIVER_GROUP:
+        if lag.lag is None or lag.group in (ARCHIVER_GROUP, FANOUT_GROUP):
             return  # the archive's lag is the archiver's to report, not the bots' to share
         crossing = self._lag.update((lag.stream, lag.group), lag.lag)
         if crossing is None:

@@ -4,9 +4,9 @@ A bot's Redis user may not create groups: it could create them under any name an
 id. The manager creates the group of every subscription a bot's config declares before the
 bot starts; a bot that subscribes in code to streams its config does not name, or whose
 group Redis lost, asks for it on the status pipe (``groups <start id> <stream>…``). The
-manager then creates it, but only under the bot's own group name, only on routed streams
-(and, when the config declares subscriptions, only on the streams they read), and only at
-``$`` or ``0``, never at an id the bot chose.
+manager then subscribes it (its inbox of the stream: :mod:`bus.fanout`), but only under the
+bot's own group name, only on routed streams (and, when the config declares subscriptions,
+only on the streams they read), and only at ``$`` or ``0``, never at an id the bot chose.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import structlog
 from redis.asyncio import Redis
 
-from bus.groups import ensure_group
+from bus.fanout import Fanout
 from bus.keys import Keys, group_name
 from bus.patterns import Pattern
 from bus.routing import Router
@@ -38,7 +38,8 @@ def declared_streams(bot: BotConfig, router: Router, keys: Keys) -> list[str]:
 class GroupGrants:
     """Checks a bot's request for its groups and creates those it may have."""
 
-    def __init__(self, redis: Redis, keys: Keys, router: Router) -> None:
+    def __init__(self, redis: Redis, keys: Keys, router: Router, fanout: Fanout) -> None:
+        self._fanout = fanout
         self._redis = redis
         self._keys = keys
         self._router = router
@@ -98,7 +99,7 @@ class GroupGrants:
                     reason=reason,
                 )
                 continue
-            if await ensure_group(self._redis, stream, group, start_id):
+            if await self._fanout.subscribe(stream, group, start_id):
                 log.info(
                     "consumer group created at the bot's request",
                     bot_id=bot.id,

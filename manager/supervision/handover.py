@@ -66,10 +66,11 @@ async def dead_letter_crashed(
     exits: list[str],
 ) -> bool:
     """Move one entry that keeps crashing its bot to the dead-letter stream and ack it."""
-    stream, entry_id = entry
-    if entry_id not in await pending_of(redis, stream, group, consumer):
+    stream, entry_id = entry  # as the bot reports it: the stream, which its group reads in
+    key = dlq.keys.group_key(stream, group)  # its inbox (only its own group's is reachable)
+    if entry_id not in await pending_of(redis, key, group, consumer):
         return False  # acked or handed over meanwhile: nothing to dead-letter
-    rows: Any = await redis.xrange(stream, entry_id, entry_id)
+    rows: Any = await redis.xrange(key, entry_id, entry_id)
     fields = dict(rows[0][1]) if rows else {}
     if fields:
         await dlq.add(
@@ -85,7 +86,7 @@ async def dead_letter_crashed(
             consumer=consumer,
             attempts=len(exits),
         )
-    acked: Any = await redis.xack(stream, group, entry_id)
+    acked: Any = await redis.xack(key, group, entry_id)
     log.error(
         "entry crashed its bot repeatedly: dead-lettered",
         group=group,

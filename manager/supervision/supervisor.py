@@ -178,8 +178,11 @@ class Supervisor:
         pending on them (a live replica takes what is; until then they are kept)."""
         for bot_id, consumer in sorted(self._leftover):
             streams = await stream_keys(self._redis, self._keys)
+            group = group_name(bot_id)
             results = [
-                await retire_consumer(self._redis, stream, group_name(bot_id), consumer)
+                await retire_consumer(
+                    self._redis, self._keys.group_key(stream, group), group, consumer
+                )
                 for stream in streams
             ]
             if all(results):
@@ -324,7 +327,11 @@ class Supervisor:
         visibility_ms = int(consumer.visibility_timeout * 1000) if consumer else self._visibility_ms
         for stream in await stream_keys(self._redis, self._keys):
             released += await release_pending(
-                self._redis, stream, group, instance.name, visibility_ms + 1000
+                self._redis,
+                self._keys.group_key(stream, group),
+                group,
+                instance.name,
+                visibility_ms + 1000,
             )
         if released and bot is not None:
             live = [

@@ -309,4 +309,3 @@ async def _count(redis: Redis, stream: str, count: int) -> bool:
 
 async def _gone(redis: Redis, key: str) -> bool:
     return int(await redis.exists(key)) == 0
-

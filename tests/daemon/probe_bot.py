@@ -1,10 +1,10 @@
-"""A hostile bot: it tries, through both its Redis users, every thing a bot may not do.
+"""A hostile bot: it tries, through each of its Redis users, every thing a bot may not do.
 
 It reads as the boundary's documentation: each attempt below is one "may not" of the
 README's Security section. The bot publishes one ``test.probe.report`` event naming each
-attempt's outcome: ``refused`` (Redis said no for lack of permission, to both users: its own
-keys' and its streams'), ``succeeded`` (through either), or ``failed: …`` (it failed for
-another reason, which proves nothing). The test decides what
+attempt's outcome: ``refused`` (Redis said no for lack of permission, to every user: its own
+keys', its group's and its replays'), ``succeeded`` (through any), or ``failed: …`` (it
+failed for another reason, which proves nothing). The test decides what
 each outcome means. Destructive attempts aim at the ``probe`` stream only (the test's
 config routes ``probe.*`` there), so a hole found does not take the test's fleet down.
 """
@@ -12,7 +12,6 @@ config routes ``probe.*`` there), so a hole found does not take the test's fleet
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ def _attempts(bus: BusClient) -> dict[str, Callable[[Redis], Awaitable[Any]]]:
     """Attempt name → what it does with the bot's own connection."""
     keys = bus.keys
     probe, shared = keys.stream("probe"), keys.stream("bot")
+    victim_inbox = keys.inbox(group_name(VICTIM), shared)
 
     def run(*args: Any) -> Callable[[Redis], Awaitable[Any]]:
         return lambda r: r.execute_command(*args)  # type: ignore[no-untyped-call]
@@ -61,6 +61,11 @@ def _attempts(bus: BusClient) -> dict[str, Callable[[Redis], Awaitable[Any]]]:
         "read through another bot's group": run(
             "XREADGROUP", "GROUP", group_name(VICTIM), "probe", "STREAMS", shared, ">"
         ),
+        "read through another bot's group in its inbox": run(
+            "XREADGROUP", "GROUP", group_name(VICTIM), "probe", "STREAMS", victim_inbox, ">"
+        ),
+        "ack in another bot's inbox": run("XACK", victim_inbox, group_name(VICTIM), "0-1"),
+        "read another bot's inbox": run("XRANGE", victim_inbox, "-", "+"),
         "create a group": run("XGROUP", "CREATE", shared, "bot-group-evil", "$"),
         "move a group": run("XGROUP", "SETID", shared, group_name(VICTIM), "$"),
         "destroy a group": run("XGROUP", "DESTROY", shared, group_name(VICTIM)),
@@ -101,23 +106,10 @@ async def _try(attempt: Awaitable[Any]) -> str:
     return "succeeded"
 
 
-async def _groups_ready(bus: BusClient) -> None:
-    """Wait (bounded) until the groups the probe reaches for exist on the shared stream."""
-    wanted = {ARCHIVER_GROUP, group_name(VICTIM)}
-    async with asyncio.timeout(20):
-        while True:
-            with contextlib.suppress(ResponseError):  # no stream yet
-                groups: Any = await bus.streams.xinfo_groups(bus.keys.stream("bot"))
-                if wanted <= {g["name"] for g in groups}:
-                    return
-            await asyncio.sleep(0.1)
-
-
 async def main(bus: BusClient) -> None:
     """Try every attempt, publish the outcomes, then publish under a forged source."""
-    await _groups_ready(bus)
-    users = [bus.redis, bus.streams]
-    assert bus.streams is not bus.redis  # the manager gave the bot two users
+    users = [bus.redis, bus.streams, bus.replays]
+    assert len({id(u) for u in users}) == 3  # the manager gave the bot three users
     outcomes = {name: await _outcome(act, users) for name, act in _attempts(bus).items()}
     # The test checks what consumers see as the source of this one (sent through the outbox).
     await bus.publish_many([bus.event("test.probe.forged", {}, source="manager")])

@@ -296,12 +296,16 @@ class TestNothingLost:
             event_id = await bus.publish("test.slow", {"sleep": 2.0})
 
         async def taken() -> bool:
-            info: Any = await redis.xpending(keys.stream("bot"), "bot-group-slow")
+            info: Any = await redis.xpending(
+                keys.inbox("bot-group-slow", keys.stream("bot")), "bot-group-slow"
+            )
             return bool(info["pending"])
 
         await wait_until(taken, 10, "the slow event to be taken")
         assert await manager.terminate() == 0
-        info: Any = await redis.xpending(keys.stream("bot"), "bot-group-slow")
+        info: Any = await redis.xpending(
+            keys.inbox("bot-group-slow", keys.stream("bot")), "bot-group-slow"
+        )
         assert info["pending"] == 1  # cut off, not acked, not lost
         await manager.start()
         handled = keys.bot_state("slow", "handled")

@@ -318,12 +318,12 @@ class TestHandover:
         await manager.pid("pair", 1)
         async with BusClient("tester", settings=BusSettings(redis_url=redis_url)) as bus:
             ids = [await bus.publish("test.slow", {"sleep": 1.5}) for _ in range(8)]
-        stream = keys.stream("test") if await redis.exists(keys.stream("test")) else None
-        stream = stream or next(iter(await _streams(redis, keys)))
+            stream = keys.stream(bus.router.route("test.slow"))
         holders: dict[str, int] = {}
 
         async def both_hold() -> bool:
-            rows: Any = await redis.xpending_range(stream, "bot-group-pair", "-", "+", 100)
+            inbox = keys.inbox("bot-group-pair", stream)
+            rows: Any = await redis.xpending_range(inbox, "bot-group-pair", "-", "+", 100)
             holders.clear()
             for row in rows:
                 holders[row["consumer"]] = holders.get(row["consumer"], 0) + 1
@@ -346,10 +346,6 @@ class TestHandover:
         rows = (await manager.instances("pair"))[index]
         assert rows["state"] == "stopped"  # restart policy "never": nobody but the live one
         assert await manager.terminate() == 0
-
-
-async def _streams(redis: Redis, keys: Keys) -> list[str]:
-    return [k async for k in redis.scan_iter(match=keys.stream_prefix() + "*", _type="stream")]
 
 
 class TestCannotStart:

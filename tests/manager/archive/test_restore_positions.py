@@ -22,7 +22,8 @@ from bus.archive import ArchiveStore
 from bus.archive.errors import ArchiveUnavailableError
 from bus.archive.group_positions import clamp
 from bus.entry_id import EntryId
-from bus.keys import ARCHIVER_GROUP, Keys, group_name
+from bus.fanout import Fanout
+from bus.keys import ARCHIVER_GROUP, FANOUT_GROUP, Keys, group_name
 from bus.wire import decode
 from manager.archive.group_positions import PositionRecorder, acked_position
 from manager.archive.link import ArchiveLink
@@ -253,6 +254,23 @@ class TestPositionRecorder:
         assert (
             EntryId.parse(history.entries[12]) <= below_pending < EntryId.parse(history.entries[13])
         )
+
+    async def test_a_group_in_its_inbox_is_recorded_under_the_stream(
+        self, history: History, redis: Redis, store: ArchiveStore
+    ) -> None:
+        """Under the manager a bot's group reads its inbox (same entry ids): its position
+        is recorded under the stream, the fanout's group is not."""
+        fanout = Fanout(redis, KEYS, lambda: [STREAM])
+        inboxed = group_name("inboxed")
+        await fanout.subscribe(STREAM, inboxed, history.entries[49])
+        inbox = KEYS.inbox(inboxed, STREAM)
+        reply: Any = await redis.xreadgroup(inboxed, "c", {inbox: ">"}, count=5)
+        taken = [entry_id for _, rows in reply for entry_id, _ in rows]
+        await redis.xack(inbox, inboxed, *taken)
+        await PositionRecorder(redis, KEYS, stored(store), 1.0).record()
+        recorded = await store.group_positions.load()
+        assert recorded[(STREAM, inboxed)] == EntryId.parse(history.entries[54])
+        assert (STREAM, FANOUT_GROUP) not in recorded
 
     async def test_positions_never_move_backwards_across_an_empty_redis(
         self, history: History, redis: Redis, store: ArchiveStore

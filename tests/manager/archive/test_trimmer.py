@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from bus import BusClient, Event, EventType
 from bus.entry_id import EntryId
+from bus.fanout import Fanout, subscribers
 from bus.keys import ARCHIVER_GROUP, Keys
 from bus.wire import decode, encode
 from manager.announcer import Announcer
@@ -364,6 +365,60 @@ class TestRemovedBots:
         await trimmer.trim_all(now_ms=after(ids))
         assert "bot-group-back" in await group_names(bus.redis)
         assert await left(bus.redis) == ids
+
+
+class TestInboxes:
+    async def test_an_inbox_keeps_what_its_group_did_not_ack_the_stream_what_was_not_copied(
+        self, bus: BusClient, announcer: Announcer
+    ) -> None:
+        """Whatever the hot window, an inbox is cut to its group's floor; the stream keeps
+        the hot window and everything the fanout has not copied yet."""
+        redis = bus.redis
+        fanout = Fanout(redis, KEYS, lambda: [STREAM])
+        await fanout.subscribe(STREAM, BOT_GROUP, "0")
+        ids = await publish(bus, 4)
+        assert await archived(redis) == ids
+        await fanout.pump(STREAM)
+        inbox = KEYS.inbox(BOT_GROUP, STREAM)
+        assert await read(redis, BOT_GROUP, 2, inbox) == ids[:2]
+        await ack(redis, BOT_GROUP, ids[:1], inbox)
+        trimmer = make_trimmer(bus, announcer, hot_window=3600)
+        await trimmer.trim_all(now_ms=after(ids))
+        assert await left(redis, inbox) == ids[1:]  # the pending one and the unread
+        assert await left(redis) == ids  # the hot window keeps the stream's
+        more = await bus.publish_many([("user.note.added", {"n": 9})])
+        assert await archived(redis) == [await _id_of(redis, more[0])]
+        await make_trimmer(bus, announcer).trim_all(now_ms=after(ids, 3600))
+        assert await left(redis) == [await _id_of(redis, more[0])]  # not copied yet: kept
+
+    async def test_a_removed_bots_subscription_goes_after_the_grace_period(
+        self, bus: BusClient, announcer: Announcer
+    ) -> None:
+        """The inbox of a bot the config no longer names is unsubscribed and deleted."""
+        redis = bus.redis
+        fanout = Fanout(redis, KEYS, lambda: [STREAM])
+        await fanout.subscribe(STREAM, "bot-group-gone", "0")
+        await fanout.subscribe(STREAM, "bot-group-kept", "0")
+        ids = await publish(bus, 2)
+        await fanout.pump(STREAM)
+        trimmer = make_trimmer(bus, announcer, removed_group_grace=0.2)
+        trimmer.removed.configure(["kept"])
+
+        async def gone() -> bool:
+            await trimmer.trim_all(now_ms=after(ids))
+            return await subscribers(redis, KEYS, STREAM) == ["bot-group-kept"]
+
+        await wait_until(gone, timeout=5, what="the removed bot's inbox unsubscribed")
+        assert await redis.exists(KEYS.inbox("bot-group-gone", STREAM)) == 0
+        assert await left(redis, KEYS.inbox("bot-group-kept", STREAM)) == ids
+
+
+async def _id_of(redis: Redis, event_id: str) -> str:
+    """The entry id of the event ``event_id`` on the user stream."""
+    for entry_id, fields in await entries(redis, STREAM):
+        if fields.get("id") == event_id:
+            return entry_id
+    raise AssertionError(f"no entry of event {event_id}")
 
 
 class TestDeadLetterRetention:

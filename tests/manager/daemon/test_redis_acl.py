@@ -19,8 +19,8 @@ from structlog.testing import capture_logs
 
 from bus import BusClient, Event
 from bus.dlq import DeadLetters
-from bus.groups import ensure_group
-from bus.keys import Keys, consumer_name, group_name
+from bus.fanout import Fanout
+from bus.keys import ARCHIVER_GROUP, Keys, consumer_name, group_name
 from bus.lease import SCRIPTS, Lease, run_script, script_sha
 from bus.outbox import OutboxRelay
 from bus.routing import DEFAULT_ROUTES, DEFAULT_STREAM, Router
@@ -39,6 +39,8 @@ from manager.daemon.redis_acl import (
     delete_bot_user,
     ensure_bot_user,
     generate_password,
+    replay_acl_rules,
+    replay_username,
     streams_acl_rules,
     streams_username,
 )
@@ -77,13 +79,20 @@ async def admin(redis_url: str) -> AsyncIterator[Redis]:
         yield client
 
 
-async def bot_urls(admin: Redis, redis_url: str, bot_id: str, keys: Keys = KEYS) -> tuple[str, str]:
+async def bot_urls(
+    admin: Redis, redis_url: str, bot_id: str, keys: Keys = KEYS
+) -> tuple[str, str, str]:
     """Create ``bot_id``'s users with a fresh password; return the URLs the bot would get:
-    its own keys' and its streams'."""
+    its own keys', its group's (inboxes) and its replays'."""
     password = generate_password()
     username = await ensure_bot_user(admin, keys, bot_id, password)
     streams = streams_username(keys.namespace, bot_id)
-    return bot_redis_url(redis_url, username, password), bot_redis_url(redis_url, streams, password)
+    replay = replay_username(keys.namespace, bot_id)
+    return (
+        bot_redis_url(redis_url, username, password),
+        bot_redis_url(redis_url, streams, password),
+        bot_redis_url(redis_url, replay, password),
+    )
 
 
 async def bot_url(admin: Redis, redis_url: str, bot_id: str, keys: Keys = KEYS) -> str:
@@ -93,24 +102,28 @@ async def bot_url(admin: Redis, redis_url: str, bot_id: str, keys: Keys = KEYS) 
 
 @pytest.fixture
 async def bot_bus(admin: Redis, redis_url: str) -> AsyncIterator[BotBus]:
-    """Bus clients each logged in as its bot's ACL user, with fast test timings, publishing
-    through their outboxes and a relay moving them, as under the manager."""
+    """Bus clients each logged in as its bot's ACL users, with fast test timings, publishing
+    through their outboxes and reading their inboxes, a relay and a fanout moving the
+    events, as under the manager."""
     clients: list[BusClient] = []
-    urls: dict[str, tuple[str, str]] = {}
+    urls: dict[str, tuple[str, str, str]] = {}
     relay = OutboxRelay(admin, KEYS, Router(DEFAULT_ROUTES, DEFAULT_STREAM), lambda: list(urls))
-    relaying = asyncio.create_task(relay.run())
+    fanout = Fanout(admin, KEYS, lambda: [KEYS.stream(name) for name in READ_STREAMS], block=0.1)
+    moving = [asyncio.create_task(relay.run()), asyncio.create_task(fanout.run())]
 
     async def make(bot_id: str, *, instance: int | str = 0, **consumer: object) -> BusClient:
         if bot_id not in urls:
             urls[bot_id] = await bot_urls(admin, redis_url, bot_id)
             for name in READ_STREAMS:  # as the manager does for declared subscriptions
-                await ensure_group(admin, KEYS.stream(name), group_name(bot_id), "0")
+                await fanout.subscribe(KEYS.stream(name), group_name(bot_id), "0")
         timings: dict[str, Any] = {"block_ms": 500, "visibility_timeout": 5.0, "start_id": "0"}
-        own, streams = urls[bot_id]
+        own, streams, replay = urls[bot_id]
         settings = BusSettings.model_validate(
             {
                 "redis_url": own,
                 "streams_url": streams,
+                "replay_url": replay,
+                "inboxes": True,
                 "consumer": {**timings, **consumer},
                 "outbox": True,
             }
@@ -122,31 +135,40 @@ async def bot_bus(admin: Redis, redis_url: str) -> AsyncIterator[BotBus]:
     yield make
     for client in clients:
         await client.close()
-    relaying.cancel()
-    await asyncio.gather(relaying, return_exceptions=True)
+    for task in moving:
+        task.cancel()
+    await asyncio.gather(*moving, return_exceptions=True)
 
 
 @pytest.fixture
-async def bot_logins(admin: Redis, redis_url: str) -> AsyncIterator[tuple[Redis, Redis]]:
-    """Plain connections logged in as BOT's two ACL users: its own keys', its streams'."""
-    own, streams = await bot_urls(admin, redis_url, BOT)
+async def bot_logins(admin: Redis, redis_url: str) -> AsyncIterator[tuple[Redis, Redis, Redis]]:
+    """Plain connections logged in as BOT's three ACL users: its own keys', its group's,
+    its replays'."""
+    own, streams, replay = await bot_urls(admin, redis_url, BOT)
     async with (
         Redis.from_url(own, decode_responses=True) as mine,
         Redis.from_url(streams, decode_responses=True) as reader,
+        Redis.from_url(replay, decode_responses=True) as history,
     ):
-        yield mine, reader
+        yield mine, reader, history
 
 
 @pytest.fixture
-def bot_redis(bot_logins: tuple[Redis, Redis]) -> Redis:
+def bot_redis(bot_logins: tuple[Redis, Redis, Redis]) -> Redis:
     """A plain connection logged in as BOT's own keys' user."""
     return bot_logins[0]
 
 
 @pytest.fixture
-def bot_streams(bot_logins: tuple[Redis, Redis]) -> Redis:
-    """A plain connection logged in as BOT's stream user."""
+def bot_streams(bot_logins: tuple[Redis, Redis, Redis]) -> Redis:
+    """A plain connection logged in as BOT's group's user (its inboxes)."""
     return bot_logins[1]
+
+
+@pytest.fixture
+def bot_replay(bot_logins: tuple[Redis, Redis, Redis]) -> Redis:
+    """A plain connection logged in as BOT's replay user."""
+    return bot_logins[2]
 
 
 async def denials(admin: Redis) -> list[dict[str, Any]]:
@@ -185,6 +207,8 @@ class TestRules:
         assert bot_username("multibot", "greeter") == "multibot.bot.greeter"
         assert bot_username("team-a.prod", "x_1") == "team-a.prod.bot.x_1"
         assert streams_username("multibot", "greeter") == "multibot.bot.greeter.streams"
+        assert replay_username("multibot", "greeter") == "multibot.bot.greeter.replay"
+        assert bot_id_of("multibot", "multibot.bot.greeter.replay") == "greeter"
         assert bot_id_of("multibot", "multibot.bot.greeter.streams") == "greeter"
         assert bot_id_of("multibot", "multibot.bot.greeter") == "greeter"
         assert bot_id_of("multibot", "multibot.bot.a.b") is None
@@ -200,6 +224,8 @@ class TestRules:
             bot_username("multibot", bot_id)
         with pytest.raises(BotUserError):
             streams_username("multibot", bot_id)
+        with pytest.raises(BotUserError):
+            streams_acl_rules(KEYS, bot_id)
 
     @pytest.mark.parametrize("namespace", ["*", "m*", "m?", "m[x]", "", "m:x"])
     def test_refuses_namespaces_that_widen_patterns(self, namespace: str) -> None:
@@ -216,14 +242,19 @@ class TestRules:
             "multibot:lease:greeter",
             "multibot:lease:greeter:fence",
             "multibot:outbox:{greeter}",
-            "multibot:stream:*",
+            "multibot:inbox:bot-group-greeter:*",
             "multibot:pressure",
+            "multibot:stream:*",
         ]
 
     def test_rules_reset_then_allow_list(self) -> None:
         """Both users' rules start with reset, deny channels and all commands, then add
         back exactly; only the own-keys user runs scripts."""
-        for rules in (bot_acl_rules(KEYS, BOT), streams_acl_rules(KEYS)):
+        for rules in (
+            bot_acl_rules(KEYS, BOT),
+            streams_acl_rules(KEYS, BOT),
+            replay_acl_rules(KEYS),
+        ):
             assert rules[:4] == ["reset", "on", "resetchannels", "-@all"]
             assert "+select|0" in rules
             forbidden = ("+eval", "+client|unblock", "+client|id", "+xgroup", "+xdel", "+xtrim")
@@ -238,29 +269,37 @@ class TestRules:
         assert rules.index("+@string") < rules.index("-@dangerous")
         assert rules.index("-@dangerous") < rules.index("+client|setname")
         assert "+select|3" in bot_acl_rules(KEYS, BOT, db=3)
-        assert "+select|3" in streams_acl_rules(KEYS, db=3)
+        assert "+select|3" in streams_acl_rules(KEYS, BOT, db=3)
+        assert "+select|3" in replay_acl_rules(KEYS, db=3)
         shas = {f"+evalsha|{script_sha(source)}" for source in SCRIPTS.values()}
         assert shas <= set(rules) and len(shas) == 3
-        assert not [r for r in streams_acl_rules(KEYS) if r.startswith(("+evalsha", "+script"))]
+        for other in (streams_acl_rules(KEYS, BOT), replay_acl_rules(KEYS)):
+            assert not [r for r in other if r.startswith(("+evalsha", "+script"))]
 
-    def test_two_users_split_commands_by_key(self) -> None:
-        """The own-keys user: data commands on its own keys, XADD for its outbox, no
-        stream; the stream user: a consumer's stream commands and GET, on the streams and the
-        flag only, nothing that writes, deletes or expires."""
+    def test_three_users_split_commands_by_key(self) -> None:
+        """The own-keys user: data commands on its own keys, XADD for its outbox, no stream;
+        the group's user: a consumer's commands on its inboxes and GET of the flag; the
+        replay user: reading the routed streams, no group command. None of the last two
+        writes, deletes or expires anything."""
         own = bot_acl_rules(KEYS, BOT)
         assert [r for r in own if r.startswith("~")] == [
             *(f"~{p}" for p in bot_state_patterns(KEYS, BOT)),
             "~multibot:outbox:{greeter}",
         ]
         assert "+xadd" in own and "+xreadgroup" not in own
-        streams = streams_acl_rules(KEYS)
+        streams = streams_acl_rules(KEYS, BOT)
         assert [r for r in streams if r.startswith("~")] == [
-            "~multibot:stream:*",
+            "~multibot:inbox:bot-group-greeter:*",
             "~multibot:pressure",
         ]
         assert "+xreadgroup" in streams and "+get" in streams
+        replay = replay_acl_rules(KEYS)
+        assert [r for r in replay if r.startswith("~")] == ["~multibot:stream:*"]
+        assert "+xrange" in replay
+        group_commands = ("+xreadgroup", "+xack", "+xautoclaim", "+xclaim", "+xpending")
+        assert not [r for r in replay if r.startswith(group_commands)]
         writes = ("+xadd", "+del", "+unlink", "+set", "+expire", "+pexpire", "+@")
-        assert not [r for r in streams if r.startswith(writes)]
+        assert not [r for r in streams + replay if r.startswith(writes)]
 
     def test_rules_are_pure(self) -> None:
         """The same input gives the same rules; another bot differs only in its own keys,
@@ -274,7 +313,10 @@ class TestRules:
 
         assert shared(other) == shared(rules)
         assert "~multibot:outbox:{other}" in other
-        assert streams_acl_rules(KEYS) == streams_acl_rules(Keys("multibot"))
+        assert replay_acl_rules(KEYS) == replay_acl_rules(Keys("multibot"))
+        assert streams_acl_rules(KEYS, "other") == [
+            r.replace("bot-group-greeter", "bot-group-other") for r in streams_acl_rules(KEYS, BOT)
+        ]
 
     def test_generated_passwords(self) -> None:
         """Passwords are URL-safe, at least 43 characters (32 bytes) and never repeat."""
@@ -441,8 +483,10 @@ class TestBotCan:
         stream = KEYS.stream("user")
         event_id = await dead.publish("user.test.ping", {})
         await wait_until(lambda: _relayed(admin, stream, 1), what="the event relayed")
+        inbox = KEYS.inbox(group_name(BOT), stream)
+        await wait_until(lambda: _relayed(admin, inbox, 1), what="the event in the inbox")
         taken: Any = await dead.streams.xreadgroup(
-            group_name(BOT), consumer_name(BOT, "dead"), {stream: ">"}
+            group_name(BOT), consumer_name(BOT, "dead"), {inbox: ">"}
         )
         assert taken[0][1][0][1]["id"] == event_id  # pending on "dead", which never acks
         alive = await bot_bus(BOT, instance=0, visibility_timeout=0.4)
@@ -491,7 +535,7 @@ class TestBotCan:
             task = asyncio.create_task(client.run())
             await client.wait_ready()
             await wait_until(
-                lambda: _blocked_clients(admin, 1), what="the reader blocked in XREADGROUP"
+                lambda: _blocked_readers(admin, 1), what="the reader blocked in XREADGROUP"
             )
             started = time.monotonic()
             await client.stop(timeout=5)
@@ -501,7 +545,7 @@ class TestBotCan:
             assert await command_calls(admin, "client|unblock") == 0
         assert await denials(admin) == []
         assert not [e for e in logs if e["log_level"] in ("error", "critical")]
-        await wait_until(lambda: _blocked_clients(admin, 0), what="no client left blocked")
+        await wait_until(lambda: _blocked_readers(admin, 0), what="no reader left blocked")
 
     async def test_own_state_and_lease(self, bot_redis: Redis, admin: Redis) -> None:
         """The bot reads and writes its state, lease and fence, and runs the project's lease
@@ -543,13 +587,16 @@ class TestBotCan:
                 await elsewhere.ping()  # the connect's SELECT 2 is refused
 
 
-async def _blocked_clients(admin: Redis, count: int) -> bool:
-    clients: Any = await admin.info("clients")
-    return int(clients["blocked_clients"]) == count
+async def _blocked_readers(admin: Redis, count: int) -> bool:
+    """Whether ``count`` clients are blocked in XREADGROUP (the fanout's XREAD aside)."""
+    clients: Any = await admin.client_list()
+    blocked = [c for c in clients if "b" in c["flags"] and c["cmd"] == "xreadgroup"]
+    return len(blocked) == count
 
 
 async def _no_pending(admin: Redis, stream: str, group: str) -> bool:
-    summary: Any = await admin.xpending(stream, group)
+    """Nothing pending in the group, in its inbox of ``stream``."""
+    summary: Any = await admin.xpending(KEYS.inbox(group, stream), group)
     return int(summary["pending"]) == 0
 
 
@@ -568,18 +615,19 @@ class TestDirectPublishing:
     """``supervisor.bot_outbox = false``: the operator trusts the bots with the streams."""
 
     def test_rules_add_xadd_on_streams_and_dead_letters(self) -> None:
-        """The stream user gains XADD and the dead-letter stream; the own-keys user loses
-        the outbox."""
-        streams = streams_acl_rules(KEYS, outbox=False)
-        assert "+xadd" in streams and "~multibot:dlq" in streams
-        assert "~multibot:dlq" not in streams_acl_rules(KEYS)
+        """The replay user gains XADD and the dead-letter stream; the own-keys user loses
+        the outbox; the group's user never writes."""
+        replay = replay_acl_rules(KEYS, outbox=False)
+        assert "+xadd" in replay and "~multibot:dlq" in replay
+        assert "~multibot:dlq" not in replay_acl_rules(KEYS)
+        assert "+xadd" not in streams_acl_rules(KEYS, BOT)
         own = bot_acl_rules(KEYS, BOT, outbox=False)
         assert "+xadd" not in own and "~multibot:outbox:{greeter}" not in own
 
     async def test_bot_publishes_to_the_stream_itself(self, admin: Redis, redis_url: str) -> None:
         """Its XADD reaches the stream and the dead-letter stream, its source unchecked."""
         await ensure_bot_user(admin, KEYS, BOT, "pw", outbox=False)
-        url = bot_redis_url(redis_url, streams_username(KEYS.namespace, BOT), "pw")
+        url = bot_redis_url(redis_url, replay_username(KEYS.namespace, BOT), "pw")
         async with Redis.from_url(url) as bot:
             assert await bot.xadd(KEYS.stream("user"), {"source": "manager"})
             assert await bot.xadd(KEYS.dead_letters(), {"reason": "x"})
@@ -608,7 +656,7 @@ class TestBotCannot:
         ],
     )
     async def test_foreign_keys(
-        self, bot_logins: tuple[Redis, Redis], admin: Redis, key: str
+        self, bot_logins: tuple[Redis, Redis, Redis], admin: Redis, key: str
     ) -> None:
         """Keys of other namespaces and other bots are neither read nor written."""
         await admin.set(key, "secret")
@@ -641,7 +689,7 @@ class TestBotCannot:
         ids=lambda c: c[0],
     )
     async def test_multi_key_commands(
-        self, bot_logins: tuple[Redis, Redis], command: tuple[str, ...]
+        self, bot_logins: tuple[Redis, Redis, Redis], command: tuple[str, ...]
     ) -> None:
         """A command naming one own and one foreign key is refused as a whole."""
         for user in bot_logins:
@@ -656,7 +704,9 @@ class TestBotCannot:
         await refused(execute("STRALGO", "LCS", "KEYS", "multibot:bot:greeter:a", "other:a"))
         assert await execute("STRALGO", "LCS", "STRINGS", "ab", "b") == "b"
 
-    async def test_foreign_streams(self, bot_logins: tuple[Redis, Redis], admin: Redis) -> None:
+    async def test_foreign_streams(
+        self, bot_logins: tuple[Redis, Redis, Redis], admin: Redis
+    ) -> None:
         """Another namespace's stream can be neither published to, read nor grouped."""
         stream = "other:stream:{user}"
         await admin.xadd(stream, {"a": "1"})
@@ -668,7 +718,7 @@ class TestBotCannot:
         assert await admin.xlen(stream) == 1
 
     async def test_cannot_break_shared_streams(
-        self, bot_logins: tuple[Redis, Redis], admin: Redis
+        self, bot_logins: tuple[Redis, Redis, Redis], admin: Redis
     ) -> None:
         """Neither user deletes, trims, expires or overwrites a stream, reads the dead
         letters, lowers the flag, or creates, moves and destroys groups, on any version."""
@@ -700,21 +750,48 @@ class TestBotCannot:
         assert [g["name"] for g in await admin.xinfo_groups(stream)] == [group_name("other")]
         assert await admin.exists(KEYS.stream("new"), KEYS.stream("fresh")) == 0
 
+    async def test_group_commands_reach_only_its_own_inboxes(
+        self, bot_logins: tuple[Redis, Redis, Redis], admin: Redis
+    ) -> None:
+        """No user of the bot reads, acks or claims through the archiver's group on a shared
+        stream, or through another bot's group in that bot's inbox; its group user reads
+        its own inbox."""
+        stream = KEYS.stream("user")
+        await admin.xadd(stream, {"a": "1"})
+        await admin.xgroup_create(stream, ARCHIVER_GROUP, id="0")
+        other = KEYS.inbox(group_name("other"), stream)
+        await admin.xgroup_create(other, group_name("other"), id="0", mkstream=True)
+        for user in bot_logins:
+            await refused(user.xreadgroup(ARCHIVER_GROUP, "c", {stream: ">"}))
+            await refused(user.xack(stream, ARCHIVER_GROUP, "0-1"))
+            await refused(user.xautoclaim(stream, ARCHIVER_GROUP, "c", 0))
+            await refused(user.xreadgroup(group_name("other"), "c", {other: ">"}))
+            await refused(user.xrange(other))
+        mine = KEYS.inbox(group_name(BOT), stream)
+        await admin.xgroup_create(mine, group_name(BOT), id="0", mkstream=True)
+        assert not await bot_logins[1].xreadgroup(group_name(BOT), "c", {mine: ">"})
+        groups: Any = await admin.xinfo_groups(stream)
+        assert [g["pending"] for g in groups] == [0]
+
     async def test_writes_only_its_outbox(
-        self, bot_redis: Redis, bot_streams: Redis, admin: Redis
+        self, bot_logins: tuple[Redis, Redis, Redis], admin: Redis
     ) -> None:
         """A bot appends to its own outbox only: not to another bot's, not to the dead
-        letters, not to a stream, whichever of its users it tries."""
+        letters, not to a stream or its own inbox, whichever of its users it tries."""
+        bot_redis, bot_streams, bot_replay = bot_logins
         assert await bot_redis.xadd(KEYS.outbox(BOT), {"type": "user.test.ping"})
-        for user in (bot_redis, bot_streams):
+        own_inbox = KEYS.inbox(group_name(BOT), KEYS.stream("user"))
+        for user in bot_logins:
+            await refused(user.xadd(own_inbox, {"a": "1"}))
             await refused(user.xadd(KEYS.outbox("other"), {"type": "user.test.ping"}))
             await refused(user.xadd(KEYS.dead_letters(), {"reason": "forged"}))
             await refused(user.xadd(KEYS.stream("user"), {"source": "manager"}))
-        await refused(bot_streams.xadd(KEYS.outbox(BOT), {"type": "user.test.ping"}))
+        for user in (bot_streams, bot_replay):
+            await refused(user.xadd(KEYS.outbox(BOT), {"type": "user.test.ping"}))
         assert await admin.exists(KEYS.outbox("other"), KEYS.dead_letters()) == 0
         assert await admin.exists(KEYS.stream("user")) == 0
 
-    async def test_cannot_see_key_names(self, bot_logins: tuple[Redis, Redis]) -> None:
+    async def test_cannot_see_key_names(self, bot_logins: tuple[Redis, Redis, Redis]) -> None:
         """Commands listing or sampling key names across namespaces are refused."""
         for user in bot_logins:
             await refused(user.keys("*"))
@@ -723,7 +800,7 @@ class TestBotCannot:
             await refused(user.dbsize())
             await refused(user.sort(KEYS.bot_state(BOT, "list")))
 
-    async def test_no_pub_sub(self, bot_logins: tuple[Redis, Redis]) -> None:
+    async def test_no_pub_sub(self, bot_logins: tuple[Redis, Redis, Redis]) -> None:
         """No channel can be published to or subscribed."""
         for user in bot_logins:
             await refused(user.publish("multibot:events", "x"))
@@ -793,13 +870,17 @@ class TestBotCannot:
     )
     async def test_admin_commands(
         self,
-        bot_logins: tuple[Redis, Redis],
+        bot_logins: tuple[Redis, Redis, Redis],
         admin: Redis,
         redis_binary: RedisBinary,
         command: tuple[str, ...],
     ) -> None:
         """Administration, key-escaping and unneeded commands are refused by the ACL."""
-        names = (bot_username(KEYS.namespace, BOT), streams_username(KEYS.namespace, BOT))
+        names = (
+            bot_username(KEYS.namespace, BOT),
+            streams_username(KEYS.namespace, BOT),
+            replay_username(KEYS.namespace, BOT),
+        )
         for username, user in zip(names, bot_logins, strict=True):
             if redis_binary.version >= (7, 0, 0):  # ask the ACL itself, whatever else blocks it
                 dryrun = cast(Callable[..., Awaitable[Any]], admin.execute_command)
@@ -816,7 +897,7 @@ class TestBotCannot:
             else:
                 await refused(execute(*command))
 
-    async def test_client_subcommands(self, bot_logins: tuple[Redis, Redis]) -> None:
+    async def test_client_subcommands(self, bot_logins: tuple[Redis, Redis, Redis]) -> None:
         """Of CLIENT, the bot may name its connection, nothing more: no client's id, no
         unblocking or killing other clients."""
         for user in bot_logins:
@@ -847,6 +928,7 @@ class TestUserLifecycle:
         assert before == after
         assert await bot_users(admin, KEYS) == [
             "multibot.bot.greeter",
+            "multibot.bot.greeter.replay",
             "multibot.bot.greeter.streams",
         ]
 
@@ -896,11 +978,17 @@ class TestUserLifecycle:
         await admin.execute_command("ACL", "SETUSER", ambiguous)  # type: ignore[no-untyped-call]
         assert await bot_users(admin, KEYS) == [
             "multibot.bot.a",
+            "multibot.bot.a.replay",
             "multibot.bot.a.streams",
             "multibot.bot.b",
+            "multibot.bot.b.replay",
             "multibot.bot.b.streams",
         ]
-        assert await bot_users(admin, Keys("other")) == ["other.bot.a", "other.bot.a.streams"]
+        assert await bot_users(admin, Keys("other")) == [
+            "other.bot.a",
+            "other.bot.a.replay",
+            "other.bot.a.streams",
+        ]
         assert await bot_users(admin, Keys("multibot.bot.x")) == [ambiguous]
 
     async def test_ensure_logs_without_the_password(self, admin: Redis) -> None:
@@ -911,6 +999,7 @@ class TestUserLifecycle:
         assert [(e["event"], e["user"], e["bot_id"]) for e in logs] == [
             ("redis_acl.user_ensured", "multibot.bot.greeter", BOT),
             ("redis_acl.user_ensured", "multibot.bot.greeter.streams", BOT),
+            ("redis_acl.user_ensured", "multibot.bot.greeter.replay", BOT),
         ]
         assert password not in repr(logs)
         described: Any = await admin.execute_command("ACL", "LIST")  # type: ignore[no-untyped-call]

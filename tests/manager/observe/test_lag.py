@@ -8,7 +8,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bus.keys import Keys
+from bus.fanout import Fanout
+from bus.keys import FANOUT_GROUP, Keys
 from manager.observe.lag import GroupLag, group_lags, stream_keys
 
 pytestmark = pytest.mark.redis
@@ -181,3 +182,23 @@ class TestStreamKeys:
     async def test_empty(self, redis: Redis) -> None:
         """No streams: an empty list."""
         assert await stream_keys(redis, KEYS) == []
+
+
+class TestInboxes:
+    async def test_a_subscribed_group_is_reported_under_its_stream_from_its_inbox(
+        self, redis: Redis
+    ) -> None:
+        """With the keys, a group read in its inbox is counted there and named under the
+        stream; the fanout's own group shows what it has not copied yet."""
+        fanout = Fanout(redis, KEYS, lambda: [STREAM])
+        await fanout.subscribe(STREAM, "bot-group-a", "0")
+        await publish(redis, 5)
+        await fanout.pump(STREAM)
+        inbox = KEYS.inbox("bot-group-a", STREAM)
+        await consume(redis, 2, "bot-group-a", stream=inbox)
+        await publish(redis, 1)  # not copied yet
+        lags = {lag.group: lag for lag in await group_lags(redis, [STREAM], keys=KEYS)}
+        assert set(lags) == {FANOUT_GROUP, "bot-group-a"}
+        assert (lags["bot-group-a"].stream, lags["bot-group-a"].lag) == (STREAM, 3)
+        assert lags[FANOUT_GROUP].lag == 1
+        assert [lag.group for lag in await group_lags(redis, [STREAM])] == [FANOUT_GROUP]

@@ -8,6 +8,7 @@ import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
+from bus.fanout import Fanout, subscribers
 from bus.keys import Keys, group_name
 from bus.routing import DEFAULT_ROUTES, DEFAULT_STREAM, Router
 from manager.config import BotConfig
@@ -25,7 +26,8 @@ def bot(**extra: Any) -> BotConfig:
 
 @pytest.fixture
 def grants(redis: Redis) -> GroupGrants:
-    return GroupGrants(redis, KEYS, Router(DEFAULT_ROUTES, DEFAULT_STREAM))
+    fanout = Fanout(redis, KEYS, lambda: [USER, SYSTEM])
+    return GroupGrants(redis, KEYS, Router(DEFAULT_ROUTES, DEFAULT_STREAM), fanout)
 
 
 async def groups(redis: Redis, stream: str) -> dict[str, str]:
@@ -41,16 +43,23 @@ def _text(value: Any) -> str:
 
 
 class TestGrant:
-    async def test_creates_the_bots_own_group_at_the_asked_start(
+    async def test_subscribes_the_bots_own_group_at_the_asked_start(
         self, grants: GroupGrants, redis: Redis
     ) -> None:
-        """On routed streams the bot's own group is created at '$' or '0', idempotently."""
-        last = await redis.xadd(USER, {"a": "1"})
+        """On routed streams the bot's own group is subscribed (its inbox: only it is
+        there) at '$' or '0', idempotently; nothing of the bot's is on the stream."""
+        group = group_name("greeter")
+        last = _text(await redis.xadd(USER, {"a": "1"}))
         assert await grants.grant(bot(), [USER, SYSTEM], "$") == [USER, SYSTEM]
-        assert await groups(redis, USER) == {group_name("greeter"): _text(last)}
-        assert await groups(redis, SYSTEM) == {group_name("greeter"): "0-0"}
-        assert await grants.grant(bot(), [USER, USER], "0") == [USER]  # exists: left as is
-        assert await groups(redis, USER) == {group_name("greeter"): _text(last)}
+        for stream, start in ((USER, last), (SYSTEM, "0-0")):
+            assert await subscribers(redis, KEYS, stream) == [group]
+            assert await groups(redis, KEYS.inbox(group, stream)) == {group: start}
+            assert group not in await groups(redis, stream)
+        assert await redis.xlen(KEYS.inbox(group, USER)) == 0  # at new events only
+        assert await grants.grant(bot(), [USER, USER], "0") == [USER]  # subscribed: as is
+        assert await redis.xlen(KEYS.inbox(group, USER)) == 0
+        assert await grants.grant(bot(id="other"), [USER], "0") == [USER]
+        assert await redis.xlen(KEYS.inbox(group_name("other"), USER)) == 1  # from the start
 
     @pytest.mark.parametrize(
         ("stream", "start_id", "reason"),

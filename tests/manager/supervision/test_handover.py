@@ -22,6 +22,8 @@ KEYS = Keys()
 STREAM = KEYS.stream("user")
 OTHER = KEYS.stream("bot")
 GROUP = "bot-group-a"
+#: Where GROUP reads STREAM under the manager.
+INBOX = KEYS.inbox(GROUP, STREAM)
 DEAD = "a-0"
 LIVE = "a-1"
 A = (STREAM, "1-0")
@@ -196,9 +198,11 @@ class TestRetireConsumer:
 
 @pytest.mark.redis
 class TestDeadLetterCrashed:
+    """The bot reports the stream of an entry; the group read it in its inbox of it."""
+
     async def test_writes_a_dead_letter_and_acks(self, redis: Redis) -> None:
         """The entry goes to the DLQ with reason "crashed", the exits and its fields; acked."""
-        ids = await deliver(redis, 2)
+        ids = await deliver(redis, 2, stream=INBOX)
         dlq = DeadLetters(redis, KEYS)
         exits = ["exit 1", "killed by SIGKILL", "exit 1"]
         assert await dead_letter_crashed(
@@ -213,23 +217,23 @@ class TestDeadLetterCrashed:
         assert (letter.group, letter.consumer) == (GROUP, DEAD)
         assert letter.event_id == "event-0"
         assert letter.fields == {"id": "event-0", "type": "user.message.received", "n": "0"}
-        assert await pending_of(redis, STREAM, GROUP, DEAD) == ids[1:]
+        assert await pending_of(redis, INBOX, GROUP, DEAD) == ids[1:]
 
     async def test_entry_gone_from_the_stream_is_only_acked(self, redis: Redis) -> None:
         """An entry deleted from the stream meanwhile writes no dead letter but is acked."""
-        ids = await deliver(redis, 1)
-        await redis.xdel(STREAM, ids[0])
+        ids = await deliver(redis, 1, stream=INBOX)
+        await redis.xdel(INBOX, ids[0])
         dlq = DeadLetters(redis, KEYS)
         await dead_letter_crashed(
             redis, dlq, group=GROUP, consumer=DEAD, entry=(STREAM, ids[0]), exits=["exit 1"]
         )
         assert await dlq.list() == []
-        assert await pending_of(redis, STREAM, GROUP, DEAD) == []
+        assert await pending_of(redis, INBOX, GROUP, DEAD) == []
 
     async def test_already_acked_entry_returns_false(self, redis: Redis) -> None:
         """An entry no longer pending (acked meanwhile) reports that nothing was acked."""
-        ids = await deliver(redis, 1)
-        await redis.xack(STREAM, GROUP, ids[0])
+        ids = await deliver(redis, 1, stream=INBOX)
+        await redis.xack(INBOX, GROUP, ids[0])
         dlq = DeadLetters(redis, KEYS)
         assert not await dead_letter_crashed(
             redis, dlq, group=GROUP, consumer=DEAD, entry=(STREAM, ids[0]), exits=["exit 1"]

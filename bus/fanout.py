@@ -1,0 +1,392 @@
+"""The fanout: each routed stream's entries copied into the inbox of every group subscribed.
+
+The group commands take any group name, so a bot that could read a shared stream could read
+or ack through another group's name (the archiver's included). So a bot's group never lives
+on a shared stream: the manager keeps, per routed stream, the set of groups subscribed to it
+(``Keys.subscribers``) and copies each entry, under the same entry id, into each one's inbox
+(``Keys.inbox``), where that group is the only one. A bot's Redis user reaches its inboxes
+and nothing else of the bus.
+
+One script per batch reads the batch with the manager's ``fanout`` group on the stream, adds
+each entry to every subscribed inbox and acks it: an entry reaches all of them or, until the
+next try, none. So the fanout group's last delivered id is the *pump's position*: every entry
+at or below it is in every inbox that was subscribed then. Copies keep the stream's ids, and
+XADD refuses an id an inbox already has, so copying again is harmless.
+
+Subscribing a group backfills its fresh inbox from the stream (after ``$``: the pump's
+position, ``0``: all the stream holds, or an entry id, as a restore does) up to the pump's
+position, in chunks of one script each, and joins the set in the script of the last chunk;
+the pump copies the rest. Nothing twice, nothing missed. A group of the former layout, read
+on the stream itself, is moved: its inbox starts where it had acked everything, and the old
+group is destroyed.
+
+An entry with more fields than a script call can pass on (only a hostile writer makes one) is
+not copied, and counted; it is still archived. An inbox that is not a stream any more gets
+nothing (counted and logged). Any other refusal (Redis out of memory) stops the batch before
+the entry's ack: it stays pending in the fanout group, and the next round copies it where it
+is not yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.client import NEVER_DECODE
+from redis.exceptions import RedisError, ResponseError
+
+from bus.backoff import REDIS_RETRY
+from bus.entry_id import EntryId
+from bus.keys import FANOUT_CONSUMER, FANOUT_GROUP, Keys
+from bus.lease import run_script
+from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
+
+log = structlog.get_logger("bus.fanout")
+
+#: Most values (fields and their values) of an entry the scripts copy; Lua's unpack takes
+#: at most about 8000.
+MOST_VALUES = 4000
+
+#: KEYS: the stream, its subscribers. ARGV: the fanout group, its consumer, the batch size,
+#: the inbox key prefix (``<ns>:inbox:``), the stream key's tail (``{user}``), MOST_VALUES.
+#: Returns {entries read, copied, too big to copy, inbox writes refused, last id or ''}.
+_PUMP = """
+local stream, subs = KEYS[1], KEYS[2]
+local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local base, tail, most = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local inboxes = {}
+for i, g in ipairs(redis.call('SMEMBERS', subs)) do inboxes[i] = base .. g .. ':' .. tail end
+local function take(from, n)
+  local rows = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n,
+    'STREAMS', stream, from)
+  if not rows then return {} end
+  return rows[1][2]
+end
+local entries = take('0', count)
+if #entries < count then
+  for _, e in ipairs(take('>', count - #entries)) do entries[#entries + 1] = e end
+end
+local copied, big, refused, last = 0, 0, 0, ''
+for _, e in ipairs(entries) do
+  local id, fields = e[1], e[2]
+  if type(fields) == 'table' and #fields > 0 then
+    if #fields > most then
+      big = big + 1
+    else
+      for _, inbox in ipairs(inboxes) do
+        local r = redis.pcall('XADD', inbox, id, unpack(fields))
+        if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller') then
+          if not string.find(r.err, 'WRONGTYPE') then
+            -- out of memory, say: stop before the ack; the entry stays pending and is
+            -- copied again (where it is not yet) next time
+            return redis.error_reply('fanout stopped at ' .. id .. ': ' .. r.err)
+          end
+          refused = refused + 1
+        end
+      end
+      copied = copied + 1
+    end
+  end
+  redis.call('XACK', stream, group, id)
+  last = id
+end
+return {#entries, copied, big, refused, last}
+"""
+
+#: KEYS: the stream, its subscribers, the group's inbox. ARGV: the group, where it starts
+#: after (an id, or '$'), the chunk size, the fanout group, '1' on the first chunk,
+#: MOST_VALUES. Returns {1 when subscribed (0: call again), the id copied up to, copied}.
+_SUBSCRIBE = """
+local stream, subs, inbox = KEYS[1], KEYS[2], KEYS[3]
+local group, after, count, fanout = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local first, most = ARGV[5] == '1', tonumber(ARGV[6])
+if redis.call('SISMEMBER', subs, group) == 1 then
+  redis.pcall('XGROUP', 'CREATE', inbox, group, '0', 'MKSTREAM')
+  return {1, after, 0}
+end
+local position = '0-0'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+if ok then
+  for _, g in ipairs(groups) do
+    local name, last
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] end
+      if g[i] == 'last-delivered-id' then last = g[i + 1] end
+    end
+    if name == fanout then position = last end
+  end
+end
+if after == '$' then after = position end
+if first then
+  redis.call('DEL', inbox)
+  redis.call('XGROUP', 'CREATE', inbox, group, '0', 'MKSTREAM')
+  if after ~= '0' and after ~= '0-0' then
+    -- the group's position reads where it starts (catch_up replays up to it)
+    redis.call('XSETID', inbox, after)
+    redis.call('XGROUP', 'SETID', inbox, group, after)
+  end
+end
+local copied, done = 0, true
+if position ~= '0-0' then
+  local rows = redis.call('XRANGE', stream, '(' .. after, position, 'COUNT', count)
+  for _, e in ipairs(rows) do
+    if type(e[2]) == 'table' and #e[2] > 0 and #e[2] <= most then
+      local r = redis.pcall('XADD', inbox, e[1], unpack(e[2]))
+      if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller') then
+        return redis.error_reply('subscribing stopped at ' .. e[1] .. ': ' .. r.err)
+      end
+      copied = copied + 1
+    end
+    after = e[1]
+  end
+  done = #rows < count
+end
+if done then redis.call('SADD', subs, group) end
+return {done and 1 or 0, after, copied}
+"""
+
+#: KEYS: the subscribers, the inbox. ARGV: the group. Returns 1 if it was subscribed.
+_UNSUBSCRIBE = """
+local n = redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Pumped:
+    """What one pump script did on one stream."""
+
+    read: int
+    copied: int
+    #: Entries with more fields than a script can pass on: not copied.
+    too_big: int
+    #: Inbox writes Redis refused for another reason than "already there".
+    refused: int
+    last: str
+
+
+class Fanout:
+    """Copies the routed streams' entries into their subscribers' inboxes until cancelled,
+    and subscribes and unsubscribes groups. ``streams`` says which stream keys are routed
+    (asked again every round, so a reload's new routes are picked up)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        streams: Callable[[], Iterable[str]],
+        *,
+        batch: int = 500,
+        block: float = 1.0,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._streams = streams
+        self._batch = batch
+        self._block_ms = max(1, int(block * 1000))
+        #: Per stream key, the last entry id pumped (where the next wait reads after).
+        self._positions: dict[str, str] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        #: Entries copied since this fanout was made, and those too big to copy.
+        self.copied = 0
+        self.too_big = 0
+
+    def __repr__(self) -> str:
+        return f"<Fanout streams={len(self._positions)} copied={self.copied}>"
+
+    # -- pumping ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Pump until cancelled; back off while Redis is unreachable or refuses."""
+        waits = REDIS_RETRY.waits()
+        while True:
+            try:
+                for stream in sorted(set(self._streams())):
+                    if stream not in self._positions:
+                        await self.prepare(stream)
+                        await self.pump(stream)
+                for stream in await self._wait():
+                    await self.pump(stream)
+                waits = REDIS_RETRY.waits()
+            except UNAVAILABLE as exc:
+                log.warning("fanout: Redis unreachable; retrying", error=str(exc))
+                await asyncio.sleep(next(waits))
+            except RedisError as exc:
+                log.warning(
+                    "fanout: Redis refused; events wait in their streams",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                self._positions.clear()  # a lost group, say: prepare again
+                await asyncio.sleep(next(waits))
+            except Exception:  # a bug here must not end the manager: the events wait
+                log.exception("fanout failed; retrying")
+                self._positions.clear()
+                await asyncio.sleep(next(waits))
+
+    async def prepare(self, stream: str) -> None:
+        """Make sure the fanout group is on ``stream``, and learn its position. A new one
+        starts where no subscriber misses anything: at the lowest last id of their inboxes
+        (copies above it are refused as already there), or at the stream's end."""
+        groups = await _groups(self._redis, stream)
+        if FANOUT_GROUP not in groups:
+            start = await self._lowest_inbox_id(stream)
+            try:
+                await self._redis.xgroup_create(stream, FANOUT_GROUP, id=start, mkstream=True)
+                log.info("fanout group created", stream=stream, start_after=start)
+            except ResponseError as exc:
+                if not is_busygroup(exc):
+                    raise
+            groups = await _groups(self._redis, stream)
+        self._positions[stream] = str(groups[FANOUT_GROUP]["last-delivered-id"])
+
+    async def _lowest_inbox_id(self, stream: str) -> str:
+        lowest: EntryId | None = None
+        for group in await subscribers(self._redis, self._keys, stream):
+            try:
+                info: Any = await self._redis.xinfo_stream(self._keys.inbox(group, stream))
+            except ResponseError:
+                continue
+            last = EntryId.parse(str(info["last-generated-id"]))
+            lowest = last if lowest is None else min(lowest, last)
+        return "$" if lowest is None else str(lowest)
+
+    async def pump(self, stream: str) -> int:
+        """Copy what ``stream`` has beyond the pump's position; how many entries."""
+        moved = 0
+        while True:
+            done = await self._pump_once(stream)
+            moved += done.copied
+            if done.last:
+                self._positions[stream] = done.last
+            if done.read < self._batch:
+                return moved
+
+    async def _pump_once(self, stream: str) -> Pumped:
+        tail = stream.removeprefix(self._keys.stream_prefix())
+        args = [FANOUT_GROUP, FANOUT_CONSUMER, self._batch, f"{self._keys.namespace}:inbox:"]
+        try:
+            reply: Any = await run_script(
+                self._redis,
+                _PUMP,
+                [stream, self._keys.subscribers(stream)],
+                [*args, tail, MOST_VALUES],
+            )
+        except ResponseError as exc:
+            if not is_nogroup(exc):
+                raise
+            await self.prepare(stream)  # the group was lost (Redis flushed, say)
+            return Pumped(0, 0, 0, 0, "")
+        read, copied, too_big, refused = (int(v) for v in reply[:4])
+        done = Pumped(read, copied, too_big, refused, _text(reply[4]))
+        self.copied += done.copied
+        if done.too_big or done.refused:
+            self.too_big += done.too_big
+            log.error(
+                "fanout: entries not copied to every inbox",
+                stream=stream,
+                too_big=done.too_big,
+                refused=done.refused,
+            )
+        return done
+
+    async def _wait(self) -> list[str]:
+        """The streams with entries beyond the pump's position, waiting up to ``block``."""
+        positions = dict(self._positions)
+        if not positions:
+            await asyncio.sleep(self._block_ms / 1000)
+            return []
+        args = ["COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *positions, *positions.values()]
+        # Never decoded: only the keys are looked at, and an entry need not be UTF-8.
+        rows: Any = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+            "XREAD", *args, **{NEVER_DECODE: True}
+        )
+        ready = rows.keys() if isinstance(rows, dict) else [key for key, _ in rows or []]
+        return [_text(key) for key in ready]  # RESP3 answers a map
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    async def subscribe(
+        self, stream: str, group: str, after: str = "$", *, chunk: int = 1000
+    ) -> bool:
+        """Make ``group`` a subscriber of ``stream``, its inbox starting after ``after``
+        (``$``, ``0`` or an entry id); True if it was not one. Idempotent; an existing
+        subscription stays as it is (its lost inbox group is recreated at the inbox's
+        start)."""
+        if after not in ("$", "0"):
+            after = str(EntryId.parse(after))
+        async with self._lock(stream, group):
+            await self.prepare(stream)
+            if group in await subscribers(self._redis, self._keys, stream):
+                await self._chunk(stream, group, after, first=False, chunk=chunk)
+                return False
+            old = await _groups(self._redis, stream)
+            if group in old:  # the former layout: move it where it had acked everything
+                after = await _acked_position(self._redis, stream, group, old[group])
+            first = True
+            while True:
+                done, after = await self._chunk(stream, group, after, first=first, chunk=chunk)
+                first = False
+                if done:
+                    break
+            if group in old:
+                await self._redis.xgroup_destroy(stream, group)
+                log.info("consumer group moved from the stream to its inbox", group=group,
+                         stream=stream, starts_after=after)  # fmt: skip
+            log.info("group subscribed", group=group, stream=stream)
+            return True
+
+    async def _chunk(
+        self, stream: str, group: str, after: str, *, first: bool, chunk: int
+    ) -> tuple[bool, str]:
+        keys = [stream, self._keys.subscribers(stream), self._keys.inbox(group, stream)]
+        args = [group, after, chunk, FANOUT_GROUP, "1" if first else "0", MOST_VALUES]
+        reply: Any = await run_script(self._redis, _SUBSCRIBE, keys, args)
+        return bool(int(reply[0])), _text(reply[1])
+
+    async def unsubscribe(self, stream: str, group: str) -> bool:
+        """Stop filling ``group``'s inbox of ``stream`` and delete it; whether it was one."""
+        async with self._lock(stream, group):
+            return await unsubscribe(self._redis, self._keys, stream, group)
+
+    def _lock(self, stream: str, group: str) -> asyncio.Lock:
+        return self._locks.setdefault((stream, group), asyncio.Lock())
+
+
+async def unsubscribe(redis: Redis, keys: Keys, stream: str, group: str) -> bool:
+    """Stop filling ``group``'s inbox of ``stream`` and delete it, at once; whether it was
+    subscribed."""
+    targets = [keys.subscribers(stream), keys.inbox(group, stream)]
+    return bool(await run_script(redis, _UNSUBSCRIBE, targets, [group]))
+
+
+async def subscribers(redis: Redis, keys: Keys, stream: str) -> list[str]:
+    """The groups subscribed to ``stream``, sorted."""
+    members: Any = await redis.smembers(keys.subscribers(stream))
+    return sorted(_text(m) for m in members)
+
+
+async def _groups(redis: Redis, key: str) -> dict[str, dict[str, Any]]:
+    try:
+        rows: Any = await redis.xinfo_groups(key)
+    except ResponseError:  # no such key
+        return {}
+    return {_text(row["name"]): row for row in rows}
+
+
+async def _acked_position(redis: Redis, stream: str, group: str, info: dict[str, Any]) -> str:
+    """Where ``group`` on ``stream`` had acked every entry at or below."""
+    last = EntryId.parse(_text(info["last-delivered-id"]))
+    if int(info.get("pending") or 0) > 0:
+        summary: Any = await redis.xpending(stream, group)
+        if summary.get("min"):
+            last = min(last, EntryId.parse(_text(summary["min"])).previous())
+    return str(last)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
