@@ -105,6 +105,19 @@ def verify_findings(unit: Path) -> list[str]:
     return findings
 
 
+def security_score(unit: Path) -> float:
+    """``systemd-analyze security --offline=yes``'s overall exposure of ``unit`` (skips when
+    this systemd cannot score a unit file offline)."""
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", done.stdout)
+    if found is None:
+        pytest.skip(f"systemd-analyze cannot score a unit offline here: {done.stderr.strip()}")
+    return float(found.group(1))
+
+
 needs_systemd_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
 )
@@ -209,6 +222,19 @@ class TestContract:
         assert "Delegate=memory" in text and "ProtectControlGroups=no" in text
         # A drop-in's keys merge into the unit: verify the unit with them appended.
         assert verify_findings(runnable_copy(UNIT.read_text() + "\n" + text, tmp_path)) == []
+
+    @needs_systemd_analyze
+    def test_local_drop_in_is_accepted_and_scores_as_before_bot_users(self, tmp_path: Path) -> None:
+        """The drop-in for a fleet that talks only to this host loads on top of the unit,
+        and brings `systemd-analyze security` back to 1.9 (the unit alone: 2.0, for the
+        capabilities that run bots as their own users)."""
+        text = (UNIT.parent / "multibot-local.conf").read_text()
+        assert "IPAddressDeny=any" in text and "IPAddressAllow=localhost" in text
+        local = runnable_copy(UNIT.read_text() + "\n" + text, tmp_path)
+        assert verify_findings(local) == []
+        alone = tmp_path / "alone"
+        alone.mkdir()
+        assert security_score(local) <= 1.9 < security_score(runnable_copy(UNIT.read_text(), alone))
 
     def test_no_memory_deny_write_execute(self, unit: dict[str, dict[str, list[str]]]) -> None:
         """MemoryDenyWriteExecute stays off: ctypes and cffi need writable executable pages."""
