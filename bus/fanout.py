@@ -37,13 +37,13 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from bus.backoff import REDIS_RETRY
 from bus.entry_id import EntryId
 from bus.keys import FANOUT_CONSUMER, FANOUT_GROUP, Keys
 from bus.lease import run_script
-from bus.redis_errors import UNAVAILABLE, is_busygroup, is_nogroup
+from bus.periodic import forever
+from bus.redis_errors import is_busygroup, is_nogroup
 
 log = structlog.get_logger("bus.fanout")
 
@@ -203,30 +203,21 @@ class Fanout:
 
     async def run(self) -> None:
         """Pump until cancelled; back off while Redis is unreachable or refuses."""
-        waits = REDIS_RETRY.waits()
-        while True:
-            try:
-                for stream in sorted(set(self._streams())):
-                    if stream not in self._positions:
-                        await self.prepare(stream)
-                        await self.pump(stream)
-                for stream in await self._wait():
-                    await self.pump(stream)
-                waits = REDIS_RETRY.waits()
-            except UNAVAILABLE as exc:
-                log.warning("fanout: Redis unreachable; retrying", error=str(exc))
-                await asyncio.sleep(next(waits))
-            except RedisError as exc:
-                log.warning(
-                    "fanout: Redis refused; events wait in their streams",
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                self._positions.clear()  # a lost group, say: prepare again
-                await asyncio.sleep(next(waits))
-            except Exception:  # a bug here must not end the manager: the events wait
-                log.exception("fanout failed; retrying")
-                self._positions.clear()
-                await asyncio.sleep(next(waits))
+        await forever(
+            self._round,
+            log=log,
+            what="fanout",
+            waiting="events wait in their streams",
+            failed=self._positions.clear,  # a lost group, say: prepare again
+        )
+
+    async def _round(self) -> None:
+        for stream in sorted(set(self._streams())):
+            if stream not in self._positions:
+                await self.prepare(stream)
+                await self.pump(stream)
+        for stream in await self._wait():
+            await self.pump(stream)
 
     async def prepare(self, stream: str) -> None:
         """Make sure the fanout group is on ``stream``, and learn its position. A new one

@@ -24,12 +24,11 @@ from typing import Any
 import structlog
 from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
-from bus.backoff import REDIS_RETRY
 from bus.keys import Keys, group_name
 from bus.lease import run_script
-from bus.redis_errors import UNAVAILABLE
+from bus.periodic import forever
 from bus.routing import Router
 
 log = structlog.get_logger("bus.outbox")
@@ -175,6 +174,8 @@ class OutboxRelay:
         #: drained for ``departed_grace`` seconds (a stopping process may publish a last
         #: event), then deleted once empty.
         self._departed: dict[str, float] = {}
+        #: The configured bots as last seen (None: not yet, drain the leftovers first).
+        self._known: frozenset[str] | None = None
         self._block_ms = max(1, int(block * 1000))
         streams = sorted(router.streams())
         self._stream_keys = [keys.stream(s) for s in streams]
@@ -190,34 +191,25 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Relay until cancelled; back off while Redis is unreachable or refuses."""
-        waits = REDIS_RETRY.waits()
-        known: frozenset[str] | None = None  # the configured bots, as last seen
-        while True:
-            try:
-                bots = frozenset(self._bots())
-                if known is None:
-                    await self.drain_leftovers()
-                else:
-                    now = time.monotonic()
-                    self._departed.update((bot, now) for bot in known - bots)
-                known = bots
-                await self._drain_departed(bots)
-                ready = await self._wait()
-                for bot in ready:
-                    await self.drain(bot)
-                waits = REDIS_RETRY.waits()
-            except UNAVAILABLE as exc:
-                log.warning("outbox relay: Redis unreachable; retrying", error=str(exc))
-                await asyncio.sleep(next(waits))
-            except RedisError as exc:
-                log.warning(
-                    "outbox relay: Redis refused; bots' events wait in their outboxes",
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                await asyncio.sleep(next(waits))
-            except Exception:  # a bug here must not end the manager: the events wait
-                log.exception("outbox relay failed; retrying")
-                await asyncio.sleep(next(waits))
+        self._known = None
+        await forever(
+            self._round,
+            log=log,
+            what="outbox relay",
+            waiting="bots' events wait in their outboxes",
+        )
+
+    async def _round(self) -> None:
+        bots = frozenset(self._bots())
+        if self._known is None:
+            await self.drain_leftovers()
+        else:
+            now = time.monotonic()
+            self._departed.update((bot, now) for bot in self._known - bots)
+        self._known = bots
+        await self._drain_departed(bots)
+        for bot in await self._wait():
+            await self.drain(bot)
 
     async def drain_leftovers(self) -> int:
         """Move what waits in the outbox of a bot no longer configured (removed while the

@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
+from redis.exceptions import RedisError
 from structlog.typing import FilteringBoundLogger
 
+from bus.backoff import REDIS_RETRY
 from bus.connection import raise_swallowed_cancel
 from bus.redis_errors import UNAVAILABLE
 
@@ -106,3 +108,33 @@ async def every(
     await Periodic(
         step, interval, log=log, what=what, outages=outages, retry=retry, resumed=resumed
     ).run()
+
+
+async def forever(
+    step: Callable[[], Awaitable[object]],
+    *,
+    log: FilteringBoundLogger,
+    what: str,
+    waiting: str,
+    failed: Callable[[], None] | None = None,
+) -> NoReturn:
+    """Call ``step()`` again and again until cancelled, for loops that wait inside the step
+    (a blocking read). A failure backs off (:data:`bus.backoff.REDIS_RETRY`) and is logged:
+    Redis away or refusing with ``waiting`` (where the work waits meanwhile), anything else
+    with its traceback; ``failed()`` then forgets what the step had learned."""
+    waits = REDIS_RETRY.waits()
+    while True:
+        try:
+            await step()
+        except UNAVAILABLE as exc:
+            log.warning(f"{what}: Redis unreachable; retrying", error=str(exc))
+        except RedisError as exc:
+            log.warning(f"{what}: Redis refused; {waiting}", error=f"{type(exc).__name__}: {exc}")
+        except Exception:  # a bug here must not end the manager: the work waits in Redis
+            log.exception(f"{what} failed; retrying")
+        else:
+            waits = REDIS_RETRY.waits()
+            continue
+        if failed is not None:
+            failed()
+        await asyncio.sleep(next(waits))
