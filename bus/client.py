@@ -5,28 +5,32 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 
 import structlog
-from pydantic import BaseModel
 from redis.asyncio import Redis
 
 from bus.catch_up import catch_up
-from bus.conditions import Predicate
 from bus.connection import Connections
 from bus.consumer import Consumer
 from bus.dlq import DeadLetters
 from bus.errors import BusError, SubscriptionError
 from bus.event import Event
-from bus.handling import Fence, HandlerObserver
+from bus.hooks import Fence, HandlerObserver
 from bus.keys import Keys, consumer_name, group_name
 from bus.metrics import BusMetrics
 from bus.publisher import Draft, Publisher
 from bus.replay import replay
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
-from bus.settings import BreakerSettings, BusSettings, RetrySettings
-from bus.subscription import Allowed, AnyHandler, Subscription, SubscriptionRegistry
+from bus.settings import BusSettings
+from bus.subscription import (
+    Allowed,
+    AnyHandler,
+    SubscribeOptions,
+    Subscription,
+    SubscriptionRegistry,
+)
 
 if TYPE_CHECKING:
     from bus.archive.store import ArchiveStore
@@ -225,60 +229,25 @@ class BusClient:
     # -- subscribing ---------------------------------------------------------------------
 
     @overload
-    def subscribe(
-        self,
-        pattern: str,
-        handler: H,
-        *,
-        where: Mapping[str, Any] | Predicate | None = None,
-        name: str | None = None,
-        model: type[BaseModel] | None = None,
-        retry: RetrySettings | None = None,
-        breaker: BreakerSettings | None = None,
-        batch: int | None = None,
-        batch_wait: float = 0.05,
-        idempotent_ttl: float | None = None,
-        timeout: float | Literal["default"] | None = "default",
-    ) -> H: ...
+    def subscribe(self, pattern: str, handler: H, **options: Unpack[SubscribeOptions]) -> H: ...
 
     @overload
     def subscribe(
-        self,
-        pattern: str,
-        handler: None = None,
-        *,
-        where: Mapping[str, Any] | Predicate | None = None,
-        name: str | None = None,
-        model: type[BaseModel] | None = None,
-        retry: RetrySettings | None = None,
-        breaker: BreakerSettings | None = None,
-        batch: int | None = None,
-        batch_wait: float = 0.05,
-        idempotent_ttl: float | None = None,
-        timeout: float | Literal["default"] | None = "default",
+        self, pattern: str, handler: None = None, **options: Unpack[SubscribeOptions]
     ) -> Callable[[H], H]: ...
 
     def subscribe(
-        self,
-        pattern: str,
-        handler: H | None = None,
-        *,
-        where: Mapping[str, Any] | Predicate | None = None,
-        name: str | None = None,
-        model: type[BaseModel] | None = None,
-        retry: RetrySettings | None = None,
-        breaker: BreakerSettings | None = None,
-        batch: int | None = None,
-        batch_wait: float = 0.05,
-        idempotent_ttl: float | None = None,
-        timeout: float | Literal["default"] | None = "default",
+        self, pattern: str, handler: H | None = None, **options: Unpack[SubscribeOptions]
     ) -> Any:
         """Subscribe ``handler`` to events whose type matches ``pattern``; or use as decorator.
 
-        ``where`` filters on data (see :mod:`bus.conditions`). ``model`` parses data and
-        passes it as the handler's second argument. ``batch=N`` hands the handler lists of up
-        to N events. ``idempotent_ttl`` runs the handler once per event (id and source) for
-        that many seconds. ``retry`` and ``breaker`` override the consumer defaults. ``timeout``
+        Options (all keyword): ``where`` filters on data (a mapping, see
+        :mod:`bus.conditions`, or a callable). ``name`` tells subscriptions apart (dead
+        letters are retried to one by it). ``model`` (a pydantic model) parses data and
+        passes it as the handler's second argument. ``batch=N`` hands the handler lists of
+        up to N events, waiting at most ``batch_wait`` seconds (0.05) to fill one.
+        ``idempotent_ttl`` runs the handler once per event (id and source) for that many
+        seconds. ``retry`` and ``breaker`` override the consumer defaults. ``timeout``
         (seconds, or None for no limit; default ``consumer.handler_timeout``) cancels a
         handler call that runs longer: a failed attempt, retried, then dead-lettered with
         reason ``timeout``, while events of other keys go on.
@@ -287,19 +256,7 @@ class BusClient:
         def register(fn: H) -> H:
             if self._consumer is not None:
                 raise SubscriptionError("subscribe before run(): the consumer is already running")
-            self._subscriptions.add(
-                pattern,
-                fn,
-                where=where,
-                name=name,
-                model=model,
-                retry=retry,
-                breaker=breaker,
-                batch=batch,
-                batch_wait=batch_wait,
-                idempotent_ttl=idempotent_ttl,
-                timeout=timeout,
-            )
+            self._subscriptions.add(pattern, fn, **options)
             return fn
 
         if handler is not None:

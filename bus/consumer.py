@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from bus.dispatcher import Dispatcher
 from bus.dlq import DeadLetters
-from bus.handling import Fence, HandlerObserver
+from bus.hooks import Fence, HandlerObserver
 from bus.inflight import InFlight
 from bus.keys import Keys, consumer_name, group_name
 from bus.metrics import BusMetrics

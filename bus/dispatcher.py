@@ -22,7 +22,8 @@ from bus.batching import Batcher
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
 from bus.event import Event
-from bus.handling import Delivery, Fence, HandlerObserver, Runner
+from bus.handling import Delivery, Runner
+from bus.hooks import Fence, HandlerObserver
 from bus.inflight import InFlight
 from bus.keys import Keys
 from bus.metrics import GroupMetrics

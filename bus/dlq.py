@@ -195,7 +195,6 @@ class DeadLetters:
         (without one, retry refuses). With ``outbox`` (a bot run by the manager),
         :meth:`add` writes there and the manager's relay moves the letter here."""
         self._redis = redis
-        self._keys = keys
         #: The key names of the namespace (an inbox's letter names its stream).
         self.keys = keys
         self._router = router
@@ -319,9 +318,9 @@ class DeadLetters:
             raise DeadLetterRetryError("retry needs the routing table: DeadLetters(router=...)")
         type_ = letter.fields.get("type", "")
         if TYPE_RE.fullmatch(type_):
-            allowed = {self._keys.stream(self._router.route(type_))}
+            allowed = {self.keys.stream(self._router.route(type_))}
         else:  # not an event (malformed): back to any stream of the routing table
-            allowed = {self._keys.stream(name) for name in self._router.streams()}
+            allowed = {self.keys.stream(name) for name in self._router.streams()}
         if letter.stream not in allowed:
             raise DeadLetterRetryError(
                 f"dead letter {letter.id} names stream {letter.stream!r}, but its event "

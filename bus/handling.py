@@ -7,7 +7,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -19,6 +19,7 @@ from bus.deadlines import Deadlines
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import FencedError, HandlerTimeoutError, SchemaError
 from bus.event import Event
+from bus.hooks import Fence, HandlerObserver
 from bus.keys import Keys
 from bus.metrics import GroupMetrics
 from bus.redis_errors import UNAVAILABLE
@@ -26,33 +27,6 @@ from bus.run_once import RunOnce
 from bus.schemas import SchemaRegistry
 from bus.subscription import Subscription
 from bus.wire import readable
-
-
-class HandlerObserver(Protocol):
-    """Told synchronously when a handler starts and ends on events (the bot runtime reports
-    the entries in flight to the manager, so an entry that crashes the process is known)."""
-
-    def started(self, events: Sequence[Event]) -> None:
-        """A handler is about to run on ``events`` (read from a stream: entry ids are set)."""
-
-    def finished(self, events: Sequence[Event]) -> None:
-        """The handler started on ``events`` returned or raised."""
-
-    def groups_missing(self, streams: Sequence[str], start_id: str) -> None:
-        """The consumer's group is missing on ``streams`` and its Redis user may not create
-        it: the bot runtime asks the manager to create it there at ``start_id`` (the
-        consumer waits until it exists)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fence:
-    """Whether this process may still act (an active replica holds its lease), asked before
-    every handler call: ``valid()`` False means another replica may be active already, so
-    no handler runs; ``lost()`` is told (the bot runtime exits there) and the entry stays
-    pending for the new active."""
-
-    valid: Callable[[], bool]
-    lost: Callable[[], None]
 
 
 @dataclass(eq=False, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack
 
 from pydantic import BaseModel
 
@@ -117,6 +117,20 @@ def build_subscription(
     )
 
 
+class SubscribeOptions(TypedDict, total=False):
+    """The options of ``BusClient.subscribe`` (see there), each optional."""
+
+    where: Mapping[str, Any] | Predicate | None
+    name: str | None
+    model: type[BaseModel] | None
+    retry: RetrySettings | None
+    breaker: BreakerSettings | None
+    batch: int | None
+    batch_wait: float
+    idempotent_ttl: float | None
+    timeout: float | Literal["default"] | None
+
+
 class SubscriptionRegistry:
     """The subscriptions one client declared, in order: built with the consumer settings'
     defaults, unique by name, each with the streams its pattern is routed to."""
@@ -128,35 +142,28 @@ class SubscriptionRegistry:
         self._subs: list[Subscription] = []
 
     def add(
-        self,
-        pattern: str,
-        handler: AnyHandler,
-        *,
-        where: Mapping[str, Any] | Predicate | None,
-        name: str | None,
-        model: type[BaseModel] | None,
-        retry: RetrySettings | None,
-        breaker: BreakerSettings | None,
-        batch: int | None,
-        batch_wait: float,
-        idempotent_ttl: float | None,
-        timeout: float | Literal["default"] | None,
+        self, pattern: str, handler: AnyHandler, **options: Unpack[SubscribeOptions]
     ) -> Subscription:
         """Build and declare a subscription (the options of ``BusClient.subscribe``; None
         ``retry`` and ``breaker`` and ``"default"`` ``timeout`` take the settings' values).
 
         Raises :class:`SubscriptionError` for a bad option or a name declared already."""
+        unknown = sorted(set(options) - SubscribeOptions.__optional_keys__)
+        if unknown:
+            known = ", ".join(sorted(SubscribeOptions.__optional_keys__))
+            raise SubscriptionError(f"unknown subscribe option(s) {unknown}: use {known}")
+        timeout = options.get("timeout", "default")
         sub = build_subscription(
             pattern,
             handler,
-            where=where,
-            name=name,
-            model=model,
-            retry=retry or self._settings.retry,
-            breaker=breaker or self._settings.breaker,
-            batch=batch,
-            batch_wait=batch_wait,
-            idempotent_ttl=idempotent_ttl,
+            where=options.get("where"),
+            name=options.get("name"),
+            model=options.get("model"),
+            retry=options.get("retry") or self._settings.retry,
+            breaker=options.get("breaker") or self._settings.breaker,
+            batch=options.get("batch"),
+            batch_wait=options.get("batch_wait", 0.05),
+            idempotent_ttl=options.get("idempotent_ttl"),
             timeout=self._settings.handler_timeout if timeout == "default" else timeout,
         )
         if any(s.name == sub.name for s in self._subs):

@@ -18,7 +18,9 @@ import structlog
 from redis.asyncio import Redis
 
 from bus.dlq import DeadLetterReason, DeadLetters
+from bus.keys import Keys
 from bus.redis_errors import is_nogroup
+from manager.observe.lag import stream_keys
 
 log = structlog.get_logger("manager.supervision.handover")
 Entry = tuple[str, str]  # (stream key, entry id)
@@ -142,3 +144,24 @@ async def retire_consumer(redis: Redis, stream: str, group: str, consumer: str) 
         if not is_nogroup(exc):
             raise
     return True
+
+
+async def release_everywhere(
+    redis: Redis, keys: Keys, group: str, consumer: str, idle_ms: int
+) -> int:
+    """:func:`release_pending` on every stream the group reads (its inboxes of them)."""
+    released = 0
+    for stream in await stream_keys(redis, keys):
+        key = keys.group_key(stream, group)
+        released += await release_pending(redis, key, group, consumer, idle_ms)
+    return released
+
+
+async def retire_everywhere(redis: Redis, keys: Keys, group: str, consumer: str) -> bool:
+    """:func:`retire_consumer` on every stream the group reads; whether it is gone from all."""
+    streams = await stream_keys(redis, keys)
+    results = [
+        await retire_consumer(redis, keys.group_key(stream, group), group, consumer)
+        for stream in streams
+    ]
+    return all(results)

@@ -29,7 +29,6 @@ from bus.supervision import Status, StatusLine
 from manager.announcer import PUBLISHED_BY, Announcer
 from manager.config import BotConfig, SupervisorSettings
 from manager.observe.fleet_metrics import FleetMetrics
-from manager.observe.lag import stream_keys
 from manager.status import UP_STATES, BotStatus, InstanceState
 from manager.supervision.bot_process import BotProcess, HangCheck, Launch
 from manager.supervision.cgroups import CgroupLimiter, SlotCgroups
@@ -37,8 +36,8 @@ from manager.supervision.group_grants import GroupGrants
 from manager.supervision.handover import (
     CrashLedger,
     dead_letter_crashed,
-    release_pending,
-    retire_consumer,
+    release_everywhere,
+    retire_everywhere,
 )
 from manager.supervision.instance import Instance
 from manager.supervision.report import bot_status
@@ -177,15 +176,7 @@ class Supervisor:
         """Delete the consumers of retired instances from their groups once nothing is
         pending on them (a live replica takes what is; until then they are kept)."""
         for bot_id, consumer in sorted(self._leftover):
-            streams = await stream_keys(self._redis, self._keys)
-            group = group_name(bot_id)
-            results = [
-                await retire_consumer(
-                    self._redis, self._keys.group_key(stream, group), group, consumer
-                )
-                for stream in streams
-            ]
-            if all(results):
+            if await retire_everywhere(self._redis, self._keys, group_name(bot_id), consumer):
                 self._leftover.discard((bot_id, consumer))
                 log.info("consumer deleted from its group", bot_id=bot_id, consumer=consumer)
 
@@ -322,17 +313,11 @@ class Supervisor:
                 process.active_token,
             ):
                 await release_for(self._redis, self._keys, bot.config.id, str(instance.index))
-        released = 0
         consumer = instance.bot.consumer
         visibility_ms = int(consumer.visibility_timeout * 1000) if consumer else self._visibility_ms
-        for stream in await stream_keys(self._redis, self._keys):
-            released += await release_pending(
-                self._redis,
-                self._keys.group_key(stream, group),
-                group,
-                instance.name,
-                visibility_ms + 1000,
-            )
+        released = await release_everywhere(
+            self._redis, self._keys, group, instance.name, visibility_ms + 1000
+        )
         if released and bot is not None:
             live = [
                 i.process

@@ -7,6 +7,7 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -172,7 +173,8 @@ class TestSubscriptions:
         assert peak <= 16, "concurrency is bounded"
 
     async def test_duplicate_subscription_names_are_refused(self, bus_factory: BusFactory) -> None:
-        """Two handlers with one name would be ambiguous for dead-letter retries."""
+        """Two handlers with one name would be ambiguous for dead-letter retries; an option
+        subscribe does not know is refused too, not ignored."""
         consumer = await bus_factory("a")
 
         async def handle(event: Event) -> None: ...
@@ -180,6 +182,11 @@ class TestSubscriptions:
         consumer.subscribe("user.#", handle)
         with pytest.raises(SubscriptionError, match="pass name="):
             consumer.subscribe("bot.#", handle)
+        options: Any = {"batch_wiat": 0.1}  # a typo: refused, not ignored
+        with pytest.raises(
+            SubscriptionError, match=r"unknown subscribe option\(s\) \['batch_wiat'\]"
+        ):
+            consumer.subscribe("bot.#", handle, name="other", **options)
 
 
 class ProfileData(BaseModel):
