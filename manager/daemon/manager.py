@@ -159,7 +159,8 @@ class Manager:
         parts = self._reloader.parts
         if parts is None:
             return False
-        return any(pid in pids.values() for pids in parts.supervisor.pids().values())
+        running = parts.supervisor.running().values()
+        return any(p.pid == pid for processes in running for p in processes.values())
 
     def _isolate(self) -> BotUsers:
         """Before anything starts: umask 077, a private data directory, and the bots' OS

@@ -16,31 +16,35 @@ from typing import Any, Literal
 import psutil
 from redis.asyncio import Redis
 
+from manager.observe.proc_access import OsIds, seeing_as
 from manager.observe.thresholds import Threshold, ThresholdWatch
 
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)\s*(?:(?P<unit>[KMGT])(?:I?B)?|B)?", re.I)
 
 
-def tree_rss(pid: int) -> int:
-    """Resident memory in bytes of process ``pid`` and all its descendants.
+def tree_rss(pid: int, owner: OsIds | None = None) -> int | None:
+    """Resident memory in bytes of process ``pid`` and all its descendants, or None when
+    ``pid`` cannot be seen (it exited, or /proc hides it: see :mod:`.proc_access`).
 
-    A process that exits during the walk (or that we may not inspect) counts as 0, and so
-    does a ``pid`` that does not exist. Pages shared between processes (e.g. after fork)
-    are counted once per process, so the sum can exceed what the tree really costs.
+    ``owner`` is the OS user ``pid`` runs as, when that is not ours: the walk then reads
+    /proc as that user. A descendant that exits during the walk (or that we may not
+    inspect) counts as 0. Pages shared between processes (e.g. after fork) are counted
+    once per process, so the sum can exceed what the tree really costs.
     """
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for process in processes:
+    with seeing_as(owner):
         try:
-            total += int(process.memory_info().rss)
-        except psutil.Error:  # gone (NoSuchProcess, ZombieProcess) or not ours (AccessDenied)
-            continue
-    return total
+            root = psutil.Process(pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return None
+        total = 0
+        for process in processes:
+            try:
+                total += int(process.memory_info().rss)
+            except psutil.Error:  # gone (NoSuchProcess, ZombieProcess) or not ours
+                continue
+        return total
 
 
 async def redis_used_memory(redis: Redis) -> int:

@@ -33,6 +33,7 @@ from manager.observe.memory import (
     redis_used_memory,
     tree_rss,
 )
+from manager.observe.proc_access import running_child
 from manager.observe.thresholds import Threshold, ThresholdWatch
 from manager.status import GroupStatus, MemoryStatus, RedisMemoryStatus
 from manager.supervision.group_grants import declared_streams
@@ -79,6 +80,8 @@ class Coordinator:
         self.lags: list[GroupLag] = []
         self.memory = MemorySample(manager=0)
         self._restarts: set[asyncio.Task[None]] = set()
+        #: Pids of bot processes whose memory /proc did not show (warned about once).
+        self._unseen: set[int] = set()
 
     def configure(self, bots: Sequence[BotConfig]) -> None:
         """Take the bots' memory limits (at start and after a reload)."""
@@ -149,12 +152,26 @@ class Coordinator:
         )
 
     async def _sample(self) -> MemorySample:
-        manager = self._process.memory_info().rss + sum(tree_rss(p) for p in self._extra_pids())
-        bots = {
-            f"{bot_id}-{index}": tree_rss(pid)
-            for bot_id, pids in self._supervisor.pids().items()
-            for index, pid in pids.items()
-        }
+        manager = self._process.memory_info().rss
+        manager += sum(tree_rss(p) or 0 for p in self._extra_pids())
+        bots: dict[str, int] = {}
+        for bot_id, processes in self._supervisor.running().items():
+            for index, process in processes.items():
+                assert process.pid is not None  # running() has only spawned ones
+                rss = tree_rss(process.pid, process.user)
+                if rss is not None:
+                    bots[f"{bot_id}-{index}"] = rss
+                elif running_child(process.pid) and process.pid not in self._unseen:
+                    self._unseen.add(process.pid)
+                    log.warning(
+                        "bot hides its memory: /proc does not show its process even to its "
+                        "own user (it made itself non-dumpable); its memory_limit is not "
+                        "checked. Fix the bot, or give bots kernel-enforced limits "
+                        "(systemd/multibot-cgroups.conf)",
+                        bot_id=bot_id,
+                        instance=index,
+                        pid=process.pid,
+                    )
         return MemorySample(manager, bots, await redis_used_memory(self._redis))
 
     def _memory_alert(self, alert: MemoryAlert) -> None:

@@ -54,7 +54,7 @@ def instance_status(
         role=role,
         uptime=wall - process.started_wall,
         restarts=instance.tracker.restarts,
-        rss=tree_rss(process.pid),
+        rss=tree_rss(process.pid, process.user),
         heartbeat_age=now - beat if beat is not None else None,
         last_exit=instance.last_exit,
     )

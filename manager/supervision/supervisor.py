@@ -378,10 +378,10 @@ class Supervisor:
         now, wall = time.monotonic(), time.time()
         return [bot_status(bot, now=now, wall=wall) for bot in self.bots.values()]
 
-    def pids(self) -> dict[str, dict[int, int]]:
-        """Running pids: bot id → instance → pid (for the memory watch)."""
+    def running(self) -> dict[str, dict[int, BotProcess]]:
+        """Spawned processes: bot id → instance → process (for the memory watch)."""
         return {
-            bot_id: {i.index: i.process.pid for i in bot.instances if i.process and i.process.pid}
+            bot_id: {i.index: i.process for i in bot.instances if i.process and i.process.pid}
             for bot_id, bot in self.bots.items()
         }
 
