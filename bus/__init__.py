@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from bus.errors import (
         BusBackpressureError,
         BusConnectionError,
+        BusDurabilityError,
         BusError,
         DeadLetterNotFoundError,
         EventValidationError,
@@ -37,6 +38,7 @@ _HOMES = {
     "BusBackpressureError": "bus.errors",
     "BusClient": "bus.client",
     "BusConnectionError": "bus.errors",
+    "BusDurabilityError": "bus.errors",
     "BusError": "bus.errors",
     "DeadLetter": "bus.dlq",
     "DeadLetterNotFoundError": "bus.errors",
@@ -59,6 +61,7 @@ __all__ = [
     "BusBackpressureError",
     "BusClient",
     "BusConnectionError",
+    "BusDurabilityError",
     "BusError",
     "DeadLetter",
     "DeadLetterNotFoundError",

@@ -15,11 +15,18 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import (
+    Sentinel,
+    SentinelConnectionPool,
+    SentinelManagedConnection,
+    SentinelManagedSSLConnection,
+)
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bus.deployment import RedisTarget, parse_redis_url
 from bus.settings import BusSettings
 
 try:
@@ -64,44 +71,117 @@ class _FastSSLConnection(_HiredisPacking, SSLConnection):
     pass
 
 
+class _SentinelPool(SentinelConnectionPool):
+    """Closes the connections to the sentinels with the pool (the client's ``aclose``);
+    redis-py's leaves them open. A closed client that is used again reopens both."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        for client in self.sentinel_manager.sentinels:
+            await client.connection_pool.disconnect()
+
+
+class _AsksTheSentinels:
+    """Reconnects a dropped connection through ``connect()``, which asks the sentinels where
+    the primary is. redis-py's ``send_packed_command`` reconnects with
+    ``connect_check_health``, which skips ``SentinelManagedConnection.connect`` and goes
+    back to the address the connection had: after a failover, the demoted primary, which
+    answers every write with READONLY, so the client never finds the new one."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        connection: Any = self
+        if not connection.is_connected:
+            await connection.connect()  # SentinelManagedConnection's, later in the MRO
+        await super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+
+class _SentinelConnection(_AsksTheSentinels, SentinelManagedConnection):
+    pass
+
+
+class _SentinelSSLConnection(_AsksTheSentinels, SentinelManagedSSLConnection):
+    pass
+
+
+class _FastSentinelConnection(_HiredisPacking, _SentinelConnection):
+    pass
+
+
+class _FastSentinelSSLConnection(_HiredisPacking, _SentinelSSLConnection):
+    pass
+
+
 _FAST: dict[type[Any], type[Any]] = {
     Connection: _FastConnection,
     UnixDomainSocketConnection: _FastUnixConnection,
     SSLConnection: _FastSSLConnection,
+    _SentinelConnection: _FastSentinelConnection,
+    _SentinelSSLConnection: _FastSentinelSSLConnection,
 }
 
 
 def connect(
     settings: BusSettings, client_name: str | None = None, *, url: str | None = None
 ) -> Redis:
-    """A client for ``url`` or ``settings.redis_url`` (``redis://``, ``rediss://`` TLS,
-    ``unix://``).
+    """A client for ``url`` or ``settings.redis_url``: one node (``redis://``, ``rediss://``
+    TLS, ``unix://``) or the primary a Sentinel set names (``redis+sentinel://``, see
+    :mod:`bus.deployment`), which it follows through a failover.
 
     A command that meets a lost connection is retried ``connect_retries`` times with
     exponential backoff (capped at ``retry_cap``), then raises; it never hangs forever.
+    Raises :class:`~bus.deployment.RedisUrlError` for a URL it cannot use.
     """
     retry = Retry(
         ExponentialWithJitterBackoff(cap=settings.retry_cap, base=0.05),
         settings.connect_retries,
         (RedisConnectionError, RedisTimeoutError, BusyLoadingError),
     )
-    pool = ConnectionPool.from_url(
-        url or settings.redis_url,
-        decode_responses=True,
+    options: dict[str, Any] = {
+        "decode_responses": True,
         # Any bytes can sit in a stream (redis-cli writes them): a reply that is not UTF-8
         # must not raise in the parser. Bad bytes come through as lone surrogates, which
         # bus.wire.is_text detects and raw_bytes turns back into the exact bytes.
-        encoding_errors="surrogateescape",
-        socket_connect_timeout=settings.connect_timeout,
-        socket_timeout=settings.command_timeout,
-        retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, BusyLoadingError],
-        health_check_interval=30,
-        client_name=client_name,
-    )
+        "encoding_errors": "surrogateescape",
+        "socket_connect_timeout": settings.connect_timeout,
+        "socket_timeout": settings.command_timeout,
+        "retry": retry,
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, BusyLoadingError],
+        "health_check_interval": 30,
+        "client_name": client_name,
+    }
+    target = parse_redis_url(url or settings.redis_url)
+    pool: ConnectionPool
+    if target.kind == "sentinel":
+        timeouts = {
+            "socket_connect_timeout": settings.connect_timeout,
+            "socket_timeout": settings.command_timeout,
+        }
+        pool = sentinel_primary(target, timeouts, **options).connection_pool
+    else:
+        pool = ConnectionPool.from_url(target.url, **options)
     if HiredisRespSerializer is not None:
         pool.connection_class = _FAST.get(pool.connection_class, pool.connection_class)
     return Redis.from_pool(pool)
+
+
+def sentinel_primary(
+    target: RedisTarget, sentinel_options: dict[str, Any] | None = None, **options: Any
+) -> Redis:
+    """A client of the primary the sentinels of ``target`` name, following it through a
+    failover; ``options`` for the data nodes' connections (the URL's own win),
+    ``sentinel_options`` for the sentinels'. Closing it closes both."""
+    sentinel = Sentinel(
+        target.sentinels,
+        sentinel_kwargs={**(sentinel_options or {}), **target.sentinel_options},
+    )
+    node_options = {**options, **target.connection_options()}
+    client: Redis = sentinel.master_for(
+        target.service,
+        connection_pool_class=_SentinelPool,
+        connection_class=_SentinelSSLConnection if node_options.get("ssl") else _SentinelConnection,
+        **node_options,
+    )
+    return client
 
 
 class Connections:

@@ -89,3 +89,17 @@ class BusBackpressureError(PublishError):
     def __init__(self, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class BusDurabilityError(PublishError):
+    """The primary has the event(s) but fewer replicas than ``publish_replicas`` confirmed
+    them within ``publish_replicas_timeout``: a failover now could lose them.
+
+    The events were written, and usually reach the replicas moments later. Publishing again
+    is safe for consumers that deduplicate by event id (every handler should); otherwise
+    log it and go on. ``acknowledged`` is how many replicas did confirm.
+    """
+
+    def __init__(self, message: str, acknowledged: int) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged

@@ -13,7 +13,7 @@ from redis.exceptions import ResponseError
 from bus.backpressure import Backpressure, refused
 from bus.connection import raise_swallowed_cancel, redact
 from bus.context import correlation_for
-from bus.errors import BusConnectionError, EventValidationError
+from bus.errors import BusConnectionError, BusDurabilityError, EventValidationError
 from bus.event import Event, validate_data, validate_key, validate_source, validate_type
 from bus.keys import Keys
 from bus.metrics import BusMetrics
@@ -64,6 +64,9 @@ class Publisher:
             if backpressure
             else None
         )
+        #: Replicas that must confirm each publish (WAIT), and how long to wait for them.
+        self._replicas = settings.publish_replicas
+        self._replicas_timeout_ms = round(settings.publish_replicas_timeout * 1000)
 
     def event(
         self,
@@ -119,7 +122,12 @@ class Publisher:
         try:
             if self._pressure is not None:
                 await self._pressure.admit()
-            entry_id: Any = await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
+            if self._replicas:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.xadd(stream, fields)  # type: ignore[arg-type]
+                    entry_id, acknowledged = await self._wait(pipe)
+            else:
+                entry_id = await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, 1) from exc
         except ResponseError as exc:
@@ -128,7 +136,28 @@ class Publisher:
             raise
         raise_swallowed_cancel()
         self._metrics.published(event.type)
+        if self._replicas:
+            self._check_replicas(acknowledged, 1)
         return str(entry_id)
+
+    async def _wait(self, pipe: Any) -> tuple[Any, int]:
+        """Add ``WAIT`` to ``pipe`` (on the connection that wrote), run it: the first reply
+        and how many replicas confirmed everything written before."""
+        pipe.execute_command("WAIT", self._replicas, self._replicas_timeout_ms)
+        replies: list[Any] = await pipe.execute()
+        return replies[0], int(replies[-1])
+
+    def _check_replicas(self, acknowledged: int, count: int) -> None:
+        if acknowledged >= self._replicas:
+            return
+        raise BusDurabilityError(
+            f"{count} event(s) written to the primary, but only {acknowledged} of "
+            f"{self._replicas} replicas confirmed them within "
+            f"{self._settings.publish_replicas_timeout:g}s (publish_replicas): a failover now "
+            "could lose them. Check the replicas (INFO replication: are they connected and "
+            "in sync?); publishing again is safe for consumers that deduplicate by event id",
+            acknowledged,
+        )
 
     async def publish_many(self, drafts: Iterable[Draft]) -> list[Event]:
         """Validate every draft first, then XADD all in one pipeline; return the events.
@@ -143,14 +172,18 @@ class Publisher:
         try:
             if self._pressure is not None:
                 await self._pressure.admit(len(prepared))
-            if len(prepared) == 1:  # one XADD: no pipeline to build
+            acknowledged = 0
+            if len(prepared) == 1 and not self._replicas:  # one XADD: no pipeline to build
                 stream, fields, _ = prepared[0]
                 await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
             else:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for stream, fields, _ in prepared:
                         pipe.xadd(stream, fields)  # type: ignore[arg-type]
-                    await pipe.execute()
+                    if self._replicas:
+                        _, acknowledged = await self._wait(pipe)
+                    else:
+                        await pipe.execute()
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, len(prepared)) from exc
         except ResponseError as exc:
@@ -161,6 +194,8 @@ class Publisher:
         published = self._metrics.published
         for _, _, event in prepared:
             published(event.type)
+        if self._replicas:
+            self._check_replicas(acknowledged, len(prepared))
         return [event for _, _, event in prepared]
 
     def _unavailable(self, exc: BaseException, count: int) -> BusConnectionError:

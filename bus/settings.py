@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bus.deployment import parse_redis_url
 from bus.event import DEFAULT_MAX_EVENT_BYTES
 from bus.routing import DEFAULT_ROUTES, DEFAULT_STREAM
 
@@ -99,6 +100,18 @@ class BusSettings(_Model):
         description="seconds a publish waits while Redis is near its maxmemory, then "
         "BusBackpressureError; 0: raise at once",
     )
+    publish_replicas: int = Field(
+        0,
+        ge=0,
+        description="confirm a publish only once this many replicas have it (WAIT), so a "
+        "primary's failover cannot lose it; 0: once the primary has it",
+    )
+    publish_replicas_timeout: float = Field(
+        1.0,
+        gt=0,
+        description="seconds a publish waits for publish_replicas replicas, then "
+        "BusDurabilityError (the event is on the primary, not yet confirmed on replicas)",
+    )
     consumer: ConsumerSettings = ConsumerSettings()
     outbox: bool = Field(
         False,
@@ -119,8 +132,8 @@ class BusSettings(_Model):
     @field_validator("redis_url", "streams_url", "replay_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if value is not None:
+            parse_redis_url(value)  # RedisUrlError (a ValueError) says what is wrong
         return value
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bus.deployment import parse_redis_url
 from bus.settings import BusSettings
 from manager.config_bots import BotConfig, RestartPolicy, SubscriptionConfig
 from manager.config_sections import (
@@ -117,8 +118,8 @@ class ManagerSettings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if value:
+            parse_redis_url(value)  # RedisUrlError (a ValueError) says what is wrong
         return value or None
 
     @field_validator("postgres_dsn")

@@ -38,6 +38,15 @@ class BusOptions(ConfigModel):
     backpressure_wait: float | None = Field(
         None, ge=0, description="seconds a publish waits while Redis is nearly full (default 5)"
     )
+    publish_replicas: int = Field(
+        0,
+        ge=0,
+        description="replicas that must have each published event before the publish "
+        "returns (WAIT); survives a primary's failover; 0: the primary alone",
+    )
+    publish_replicas_timeout: float | None = Field(
+        None, gt=0, description="seconds to wait for them, then BusDurabilityError (default 1)"
+    )
     consumer: ConsumerSettings = ConsumerSettings()
 
 

@@ -15,6 +15,7 @@ import structlog
 from redis.asyncio import Redis
 
 from bus import BusClient
+from bus.connection import connect
 from bus.settings import BusSettings
 from manager.embedded.redis_server import (
     MIN_VERSION,
@@ -24,6 +25,7 @@ from manager.embedded.redis_server import (
     find_redis_server,
     system_redis_server,
 )
+from tests.sentinel_support import sentinel_set
 
 pytest_plugins = ["tests.postgres_fixtures"]
 _BINARY_CHOICES = ("all", "system", "bundled")
@@ -68,6 +70,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         binaries = redis_binaries(metafunc.config.getoption("--redis-binary"))
         if metafunc.definition.get_closest_marker("one_redis"):
             binaries = binaries[:1]  # what it tests does not differ between Redis versions
+        if metafunc.definition.get_closest_marker("deployments") and binaries:
+            # Every binary as one node; the newest also as a Sentinel-watched primary.
+            label, newest = binaries[0]
+            metafunc.parametrize(
+                ["redis_binary", "redis_deployment"],
+                [*((binary, "single") for _, binary in binaries), (newest, "sentinel")],
+                ids=[*(label for label, _ in binaries), f"{label}-sentinel"],
+                indirect=True,
+            )
+            return
         metafunc.parametrize(
             "redis_binary",
             [binary for _, binary in binaries],
@@ -115,15 +127,30 @@ async def redis_server(tmp_path: Path, redis_binary: RedisBinary) -> AsyncIterat
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The URL of this test's private redis-server."""
-    return redis_server.url
+def redis_deployment(request: pytest.FixtureRequest) -> str:
+    """How this test reaches its Redis: "single" (the redis-server itself) or "sentinel"
+    (that server as the primary of a Sentinel set; tests marked ``deployments`` run both)."""
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+async def redis_url(
+    redis_server: RedisServer, redis_deployment: str, tmp_path: Path
+) -> AsyncIterator[str]:
+    """The URL of this test's private Redis deployment."""
+    if redis_deployment == "single":
+        yield redis_server.url
+        return
+    binary = redis_server.binary
+    assert binary is not None
+    async with sentinel_set(redis_server, tmp_path / "sentinels", binary, None) as deployment:
+        yield deployment.url
 
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
     """A client on the test's private Redis (decoded responses), closed at teardown."""
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = connect(BusSettings(redis_url=redis_url), "tests")
     try:
         yield client
     finally:

@@ -11,8 +11,19 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 
 from bus import BusClient
+from bus.connection import sentinel_primary
+from bus.deployment import parse_redis_url
 
 T = TypeVar("T")
+
+
+def redis_client(url: str, **options: Any) -> Redis:
+    """A plain redis-py client for any URL the bus takes (a Sentinel URL: its primary), with
+    redis-py's defaults (bytes replies unless ``decode_responses=True``)."""
+    target = parse_redis_url(url)
+    if target.kind == "single":
+        return Redis.from_url(url, **options)
+    return sentinel_primary(target, **options)
 
 
 async def entries(

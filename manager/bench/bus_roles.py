@@ -40,6 +40,7 @@ def bench_settings(
     *,
     outbox: bool = False,
     streams_url: str | None = None,
+    publish_replicas: int = 0,
 ) -> BusSettings:
     """Settings of every bench client: the bench namespace and routes, reads of ``read_count``.
     As a bot run by the manager (``outbox``), its group is read in its inbox."""
@@ -51,6 +52,7 @@ def bench_settings(
         routes=ROUTES,
         consumer=ConsumerSettings(read_count=read_count),
         outbox=outbox,
+        publish_replicas=publish_replicas,
     )
 
 
@@ -100,6 +102,7 @@ async def producers(spec: WorkerSpec) -> AsyncIterator[list[tuple[int, Send]]]:
         spec.options.read_size,
         outbox=spec.outbox,
         streams_url=spec.producer_streams_url,
+        publish_replicas=spec.options.publish_replicas,
     )
     batch = spec.options.batch_size
     async with contextlib.AsyncExitStack() as stack:

@@ -63,6 +63,14 @@ from manager.logs import configure_cli_logging
 )
 @click.option("--no-baseline", is_flag=True, help="Skip the bare redis-py baseline phase.")
 @click.option(
+    "--publish-replicas",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Replicas that must confirm each bus publish (WAIT), as bus.publish_replicas: "
+    "measures what the durability option costs. The baseline never waits.",
+)
+@click.option(
     "--as-admin",
     is_flag=True,
     help="Run the bus clients as the URL's own user instead of a bot's ACL user (as the "
@@ -82,6 +90,7 @@ def bench(
     processes: int,
     warmup: float,
     no_baseline: bool,
+    publish_replicas: int,
     as_admin: bool,
     as_json: bool,
 ) -> None:
@@ -103,6 +112,7 @@ def bench(
             processes=processes,
             baseline=not no_baseline,
             bot_user=not as_admin,
+            publish_replicas=publish_replicas,
             warmup=warmup,
         )
     except BenchError as exc:

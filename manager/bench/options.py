@@ -74,6 +74,8 @@ class BenchOptions:
     #: Whether the bus clients log in as a bot's Redis ACL user, as bots run by the manager
     #: do (False: the admin URL as given, to measure what the ACL checks cost).
     bot_user: bool = True
+    #: Replicas that must confirm each publish (the bus's publish_replicas; 0: none).
+    publish_replicas: int = 0
     warmup: float = 1.0
     #: After the producers stop, wait for the consumers to catch up until they make no
     #: progress for this many seconds (and never longer than ``DRAIN_CAP_FACTOR`` times it).
@@ -88,6 +90,7 @@ class BenchOptions:
             (self.batch is None or self.batch >= 1, "--batch must be at least 1"),
             (self.read_count is None or self.read_count >= 1, "--read-count must be >= 1"),
             (self.processes >= 1, "--processes must be at least 1"),
+            (self.publish_replicas >= 0, "--publish-replicas must be >= 0"),
             (self.warmup >= 0, "--warmup must be >= 0"),
             (self.drain > 0, "drain must be positive"),
         ]

@@ -17,6 +17,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bus.connection import sentinel_primary
+from bus.deployment import parse_redis_url
 from manager.bench.options import CONSUMER_BOT, RAW_GROUP, WorkerSpec, raw_stream
 from manager.bench.recording import Recorder
 from manager.bench.workers import Send
@@ -27,6 +29,10 @@ _BLOCK_MS = 100  # BLOCK returns as soon as an entry arrives; this only bounds t
 
 
 def _client(url: str) -> Redis:
+    """One connection of plain redis-py (the primary's, for a Sentinel URL: a pool)."""
+    target = parse_redis_url(url)
+    if target.kind == "sentinel":
+        return sentinel_primary(target)
     return Redis.from_url(url, single_connection_client=True)
 
 

@@ -87,6 +87,8 @@ class Tally:
     measured: int = 0
     first_sent: float = math.inf
     last_sent: float = 0.0
+    #: Seconds each confirmed send inside the measured window took (the publish call).
+    publish_latencies: array[float] = field(default_factory=lambda: array("d"))
 
 
 class Recorder:

@@ -78,6 +78,8 @@ class PhaseResult:
     #: Events handled in the window / (first publish → last handle) in seconds.
     events_per_s: float
     latency: LatencyStats
+    #: How long a publish call (one send: an event, or a batch) took to be confirmed.
+    publish: LatencyStats
     #: Events published in the measured window that were handled.
     events: int
     lost: int
@@ -101,6 +103,7 @@ def summarize(
         published_per_s=sum(r.tally.measured for r in results) / options.duration,
         events_per_s=len(latencies) / span if latencies and span > 0 else 0.0,
         latency=LatencyStats.of(latencies),
+        publish=LatencyStats.of([x for r in results for x in r.tally.publish_latencies]),
         events=len(latencies),
         lost=lost,
         duplicated=duplicated,
@@ -170,6 +173,7 @@ class BenchReport:
             "redis_version": self.redis_version,
             "private_redis": self.private_redis,
             "bot_user": opts.bot_user,
+            "publish_replicas": opts.publish_replicas,
         }
 
     def table(self) -> str:
@@ -182,7 +186,12 @@ class BenchReport:
             f"read count {opts.read_size}, "
             f"{opts.duration:g} s (+{opts.warmup:g} s warmup), redis {self.redis_version}"
             + (" (private, no persistence)" if self.private_redis else "")
-            + (", bus as a bot's ACL user" if opts.bot_user else ", bus as the URL's user"),
+            + (", bus as a bot's ACL user" if opts.bot_user else ", bus as the URL's user")
+            + (
+                f", publishes confirmed on {opts.publish_replicas} replica(s)"
+                if opts.publish_replicas
+                else ""
+            ),
             "",
             f"{'':28}{'bus':>12}{'baseline':>12}",
         ]
@@ -197,6 +206,8 @@ class BenchReport:
         for name, attr in (("p50", "p50_ms"), ("p95", "p95_ms"), ("p99", "p99_ms")):
             row(f"latency {name} ms (2)", lambda p, a=attr: getattr(p.latency, a), ".3f")
         row("latency max ms (2)", lambda p: p.latency.max_ms, ".3f")
+        row("publish call p50 ms", lambda p: p.publish.p50_ms, ".3f")
+        row("publish call p95 ms", lambda p: p.publish.p95_ms, ".3f")
         row("events measured", lambda p: p.events, "d")
         row("lost (3)", lambda p: p.lost, "d")
         row("duplicated", lambda p: p.duplicated, "d")
@@ -230,6 +241,9 @@ def _phase_json(phase: PhaseResult, prefix: str) -> dict[str, Any]:
         "p95_ms": _num(lat.p95_ms, 3),
         "p99_ms": _num(lat.p99_ms, 3),
         "max_ms": _num(lat.max_ms, 3),
+        "publish_p50_ms": _num(phase.publish.p50_ms, 3),
+        "publish_p95_ms": _num(phase.publish.p95_ms, 3),
+        "publish_p99_ms": _num(phase.publish.p99_ms, 3),
         "lost": phase.lost,
         "duplicated": phase.duplicated,
         "rss_mb": round(max(phase.rss_mb.values(), default=0.0), 1),

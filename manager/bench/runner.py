@@ -28,12 +28,13 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bus.connection import redact
+from bus.connection import connect, redact
 from bus.fanout import Fanout
 from bus.groups import ensure_group
 from bus.keys import Keys, group_name
 from bus.outbox import OutboxRelay
 from bus.routing import DEFAULT_STREAM, Router
+from bus.settings import BusSettings
 from manager.bench.child import ENTRY
 from manager.bench.options import (
     CONSUMER_BOT,
@@ -75,7 +76,7 @@ async def run_bench(options: BenchOptions) -> BenchReport:
     """
     async with _redis_url(options.redis_url) as url:
         namespace = f"bench-{secrets.token_hex(4)}"
-        admin = Redis.from_url(url, decode_responses=True)
+        admin = connect(BusSettings(redis_url=url), "multibot-bench")
         try:
             server: dict[str, Any] = await admin.info("server")
         except (RedisError, OSError) as exc:
@@ -87,7 +88,8 @@ async def run_bench(options: BenchOptions) -> BenchReport:
         try:
             idle_rss = await _idle_rss(url, namespace)
             if options.bot_user:
-                async with _as_bots(admin, url, namespace) as urls:
+                durable = options.publish_replicas > 0
+                async with _as_bots(admin, url, namespace, durable=durable) as urls:
                     bus = await _phase("bus", options, urls, namespace)
             else:
                 bus = await _phase("bus", options, _Urls(url, url), namespace)
@@ -123,7 +125,9 @@ class _Urls:
 
 
 @contextlib.asynccontextmanager
-async def _as_bots(admin: Redis, url: str, namespace: str) -> AsyncIterator[_Urls]:
+async def _as_bots(
+    admin: Redis, url: str, namespace: str, *, durable: bool = False
+) -> AsyncIterator[_Urls]:
     """Run the bus phase as the manager runs bots: the consumers and the producers each
     with a bot's ACL users, the consumers' group subscribed by the manager's side (a bot's
     user may not) and read in its inbox, the producers publishing through their outbox, and
@@ -132,7 +136,7 @@ async def _as_bots(admin: Redis, url: str, namespace: str) -> AsyncIterator[_Url
     urls = []
     for bot in (CONSUMER_BOT, PRODUCER_BOT):
         password = generate_password()
-        username = await ensure_bot_user(admin, keys, bot, password)
+        username = await ensure_bot_user(admin, keys, bot, password, durable=durable)
         urls.append(bot_redis_url(url, username, password))
         urls.append(bot_redis_url(url, streams_username(namespace, bot), password))
     stream = keys.stream(ROUTES["bench"])

@@ -126,6 +126,7 @@ async def _pace(
             tally.failed.extend((index, s) for s in range(seq, seq + batch))
         else:
             if t >= measure_from:
+                tally.publish_latencies.append(time.time() - t)
                 tally.measured += batch
                 tally.first_sent = min(tally.first_sent, t)
                 tally.last_sent = max(tally.last_sent, t)

@@ -93,6 +93,10 @@ _REPLAY_RULES: tuple[tuple[str, str], ...] = (
 _OUTBOX_RULES: tuple[tuple[str, str], ...] = (
     ("+xadd", "publish an event or dead-letter an entry, through the outbox"),
 )
+#: Publishing with ``publish_replicas``: confirm the write on replicas.
+_DURABLE_RULES: tuple[tuple[str, str], ...] = (
+    ("+wait", "confirm a publish on replicas (publish_replicas); blocks only its connection"),
+)
 #: The manager's backpressure flag, read before publishing (bus.backpressure).
 _PRESSURE_RULES: tuple[tuple[str, str], ...] = (("+get", "read the backpressure flag"),)
 # The connection (redis-py's handshake, health checks, connection names).
@@ -208,13 +212,16 @@ def _base_rules() -> list[str]:
     ]
 
 
-def bot_acl_rules(keys: Keys, bot_id: str, *, db: int = 0, outbox: bool = True) -> list[str]:
+def bot_acl_rules(
+    keys: Keys, bot_id: str, *, db: int = 0, outbox: bool = True, durable: bool = False
+) -> list[str]:
     """The ``ACL SETUSER`` rules of a bot's own-keys user, without its password.
 
     ``reset`` comes first, so applying the rules replaces whatever the user had; then the
     user is enabled and gets no pub/sub channels. ``db`` is the only database the user may
     SELECT (the one of its URL). With ``outbox`` it may XADD to the bot's outbox (without,
-    the bot publishes through its stream user: :func:`streams_acl_rules`).
+    the bot publishes through its replay user: :func:`replay_acl_rules`). With ``durable``
+    (``publish_replicas`` > 0) it may WAIT for replicas after a publish.
     """
     # The state rules end in -@admin -@dangerous, which on 6.2 would also drop the exact
     # adds of CLIENT SETNAME and SCRIPT LOAD: those come after them.
@@ -226,6 +233,7 @@ def bot_acl_rules(keys: Keys, bot_id: str, *, db: int = 0, outbox: bool = True) 
         *_script_rules(),
         *(f"~{pattern}" for pattern in bot_state_patterns(keys, bot_id)),
         *([f"~{keys.outbox(bot_id)}", *(rule for rule, _ in _OUTBOX_RULES)] if outbox else []),
+        *([rule for rule, _ in _DURABLE_RULES] if durable and outbox else []),
     ]
 
 
@@ -241,11 +249,16 @@ def streams_acl_rules(keys: Keys, bot_id: str, *, db: int = 0) -> list[str]:
     ]
 
 
-def replay_acl_rules(keys: Keys, *, db: int = 0, outbox: bool = True) -> list[str]:
+def replay_acl_rules(
+    keys: Keys, *, db: int = 0, outbox: bool = True, durable: bool = False
+) -> list[str]:
     """The ``ACL SETUSER`` rules of a bot's replay user, without its password: reading the
     routed streams, no group command (the same for every bot). Without ``outbox`` it also
-    XADDs to the streams and the dead-letter stream (the bot publishes directly)."""
+    XADDs to the streams and the dead-letter stream (the bot publishes directly), and WAITs
+    for replicas with ``durable``."""
     direct = [f"~{keys.dead_letters()}", *(r for r, _ in _DIRECT_RULES)] if not outbox else []
+    if durable and not outbox:
+        direct += [rule for rule, _ in _DURABLE_RULES]
     return [
         *_base_rules(),
         *_connection_rules(db),

@@ -90,6 +90,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
     provisioner = Provisioner(
         settings,
         admin=admin,
+        admin_url=services.redis_url,
         keys=keys,
         # Never the manager's own TLS client certificate: a bot is untrusted code.
         redis_url=bots_base_url(services.bots_redis_url, settings.redis_tls.bot_cert),

@@ -34,6 +34,7 @@ from manager.daemon.redis_acl import (
     replay_username,
     streams_username,
 )
+from manager.daemon.redis_replicas import replica_clients
 from manager.embedded.child_process import OsUser
 from manager.supervision.bot_process import Launch
 from manager.supervision.coordinator import Coordinator
@@ -89,6 +90,7 @@ class Provisioner:
         settings: ManagerSettings,
         *,
         admin: Redis,
+        admin_url: str,
         keys: Keys,
         redis_url: str,
         archive: ArchiveLink,
@@ -99,6 +101,7 @@ class Provisioner:
         # log level); the bots come in as arguments.
         self._settings = settings
         self._admin = admin
+        self._admin_url = admin_url
         self._keys = keys
         self._redis_url = redis_url
         self._archive = archive
@@ -120,18 +123,21 @@ class Provisioner:
         listed = [
             bot_id_of(self._keys.namespace, u) for u in await bot_users(self._admin, self._keys)
         ]
-        for bot_id in sorted({b for b in listed if b is not None} - wanted):
-            await delete_bot_user(self._admin, self._keys, bot_id)
-        for bot in bots:
-            if bot.id not in self._passwords:
-                self._passwords[bot.id] = generate_password()
-            await ensure_bot_user(
-                self._admin,
-                self._keys,
-                bot.id,
-                self._passwords[bot.id],
-                outbox=self._settings.supervisor.bot_outbox,
-            )
+        async with replica_clients(self._admin, self._admin_url) as replicas:
+            for bot_id in sorted({b for b in listed if b is not None} - wanted):
+                await delete_bot_user(self._admin, self._keys, bot_id, replicas=replicas)
+            for bot in bots:
+                if bot.id not in self._passwords:
+                    self._passwords[bot.id] = generate_password()
+                await ensure_bot_user(
+                    self._admin,
+                    self._keys,
+                    bot.id,
+                    self._passwords[bot.id],
+                    outbox=self._settings.supervisor.bot_outbox,
+                    durable=self._settings.bus.publish_replicas > 0,
+                    replicas=replicas,
+                )
         created = await coordinator.ensure_groups(bots)
         await self._record_subscriptions(bots)
         log.info("bots prepared", bots=len(bots), groups_created=created)

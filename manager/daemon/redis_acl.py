@@ -42,14 +42,16 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
+from bus.deployment import SCHEMES, SCHEMES_TEXT
 from bus.keys import Keys
 from manager.daemon.acl_rules import (
     REPLAY_SUFFIX,
@@ -67,6 +69,7 @@ from manager.daemon.acl_rules import (
     streams_acl_rules,
     streams_username,
 )
+from manager.daemon.redis_replicas import describe
 from manager.errors import ManagerError
 
 __all__ = [  # the rules and names are re-exported: callers need one module
@@ -97,7 +100,7 @@ log = structlog.get_logger("manager.daemon.redis_acl")
 #: Bytes of randomness in a generated password (43 URL-safe characters).
 PASSWORD_BYTES = 32
 
-_URL_SCHEMES = ("redis", "rediss", "unix")
+_URL_SCHEMES = SCHEMES
 _CREDENTIAL_PARAMS = ("username", "password")
 #: redis-py's query options naming the client's TLS identity: the manager's stays its own.
 _CLIENT_CERT_PARAMS = ("ssl_certfile", "ssl_keyfile", "ssl_password")
@@ -138,8 +141,35 @@ async def _acl(admin: Redis, *args: str, doing: str) -> Any:
         ) from exc
 
 
+async def _acl_everywhere(admin: Redis, replicas: Sequence[Redis], *args: str, doing: str) -> Any:
+    """:func:`_acl` on the primary, then on each replica (ACL users are not replicated); a
+    replica's refusal is logged, not raised: the primary has the user, and a failover to
+    that replica would lock the bots out until the manager sets them there again."""
+    result = await _acl(admin, *args, doing=doing)
+    for replica in replicas:
+        try:
+            await _acl(replica, *args, doing=doing)
+        except (RedisAclError, RedisError) as exc:
+            log.warning(
+                "redis_acl.replica_refused: a failover to this replica would lock the bots "
+                "out; give it the primary's ACL permissions and password (masterauth users "
+                "are the same on every node)",
+                replica=describe(replica),
+                doing=doing,
+                error=str(exc),
+            )
+    return result
+
+
 async def ensure_bot_user(
-    admin: Redis, keys: Keys, bot_id: str, password: str, *, outbox: bool = True
+    admin: Redis,
+    keys: Keys,
+    bot_id: str,
+    password: str,
+    *,
+    outbox: bool = True,
+    durable: bool = False,
+    replicas: Sequence[Redis] = (),
 ) -> str:
     """Create or replace the bot's three ACL users (:func:`bot_acl_rules`,
     :func:`streams_acl_rules`, :func:`replay_acl_rules`), all with ``password``; return the
@@ -148,17 +178,23 @@ async def ensure_bot_user(
 
     Idempotent. The rules start with ``reset``, so a changed rule set or a new password
     replaces the old one in one atomic ``ACL SETUSER`` per user; connections the bot already
-    has stay open and get the new permissions at once.
+    has stay open and get the new permissions at once. The users are set on ``replicas``
+    too (:mod:`.redis_replicas`). ``durable``: the publishing user may WAIT for replicas.
     """
     db = int(admin.connection_pool.connection_kwargs.get("db") or 0)
     users = {
-        bot_username(keys.namespace, bot_id): bot_acl_rules(keys, bot_id, db=db, outbox=outbox),
+        bot_username(keys.namespace, bot_id): bot_acl_rules(
+            keys, bot_id, db=db, outbox=outbox, durable=durable
+        ),
         streams_username(keys.namespace, bot_id): streams_acl_rules(keys, bot_id, db=db),
-        replay_username(keys.namespace, bot_id): replay_acl_rules(keys, db=db, outbox=outbox),
+        replay_username(keys.namespace, bot_id): replay_acl_rules(
+            keys, db=db, outbox=outbox, durable=durable
+        ),
     }
     for username, rules in users.items():
-        await _acl(
+        await _acl_everywhere(
             admin,
+            replicas,
             "SETUSER",
             username,
             *rules,
@@ -169,15 +205,18 @@ async def ensure_bot_user(
     return bot_username(keys.namespace, bot_id)
 
 
-async def delete_bot_user(admin: Redis, keys: Keys, bot_id: str) -> bool:
-    """Delete the bot's users (Redis also disconnects them); whether any existed."""
+async def delete_bot_user(
+    admin: Redis, keys: Keys, bot_id: str, *, replicas: Sequence[Redis] = ()
+) -> bool:
+    """Delete the bot's users (Redis also disconnects them), on ``replicas`` too; whether
+    any existed on the primary."""
     names = [
         bot_username(keys.namespace, bot_id),
         streams_username(keys.namespace, bot_id),
         replay_username(keys.namespace, bot_id),
     ]
-    deleted: Any = await _acl(
-        admin, "DELUSER", *names, doing=f"deleting the Redis users of bot {bot_id}"
+    deleted: Any = await _acl_everywhere(
+        admin, replicas, "DELUSER", *names, doing=f"deleting the Redis users of bot {bot_id}"
     )
     if deleted:
         log.info("redis_acl.user_deleted", users=names, bot_id=bot_id)
@@ -223,8 +262,9 @@ def bot_redis_url(admin_url: str, username: str, password: str) -> str:
     """``admin_url`` with the bot's user name and password instead of the admin's.
 
     Give it :func:`bots_base_url`'s URL, never the manager's own (which may name the
-    manager's TLS client certificate). Works for ``redis://``, ``rediss://`` and ``unix://``
-    URLs; host, port, socket path, database and other query options are kept, and
+    manager's TLS client certificate). Works for every URL :mod:`bus.deployment` reads (for
+    ``redis+sentinel://`` the credentials are the data nodes'); hosts, port, socket path,
+    database and other query options are kept, and
     ``username``/``password`` query options (which redis-py also reads) are removed. Both
     values are percent-quoted, so any character is safe.
     """
@@ -232,7 +272,7 @@ def bot_redis_url(admin_url: str, username: str, password: str) -> str:
     if parts.scheme not in _URL_SCHEMES:
         raise BotUserError(
             f"cannot make a bot URL from a {parts.scheme or 'scheme-less'}:// URL: use "
-            "redis://, rediss:// or unix://"
+            f"{SCHEMES_TEXT}"
         )
     if not username or not password:
         raise BotUserError("a bot URL needs both a user name and a password")

@@ -25,6 +25,7 @@ from bus.tls import REDIS_TLS, tls_problem
 from manager.archive.link import ArchiveLink
 from manager.archive.restore import restore
 from manager.config import ArchiveSettings, BotConfig
+from manager.daemon.redis_replicas import replica_addresses
 from manager.errors import ManagerError
 from manager.supervision.group_grants import declared_streams
 
@@ -128,17 +129,27 @@ class RedisRepair:
             )
 
     async def watch_identity(self) -> None:
-        """Notice a restarted Redis (its run_id changes) and repair what it may have lost."""
+        """Notice a restarted Redis or a new primary (its run_id changes) and repair what it
+        may have lost; set the bots' users on a replica that joined (ACL users are not
+        replicated: see :mod:`.redis_replicas`)."""
         run_id: str | None = None
+        replicas: set[tuple[str, int]] | None = None
         while True:
             raise_swallowed_cancel()
             try:
                 info: Any = await self._admin.info("server")
                 current = str(info.get("run_id"))
+                now_replicas = set(await replica_addresses(self._admin))
                 if run_id is not None and current != run_id:
                     log.warning("Redis restarted (new run_id): checking what it lost")
                     await self.redis_restarted()
-                run_id = current
+                elif replicas is not None and now_replicas - replicas:
+                    log.info(
+                        "a Redis replica joined: setting the bots' users on it",
+                        replicas=sorted(f"{h}:{p}" for h, p in now_replicas - replicas),
+                    )
+                    await self._provision()
+                run_id, replicas = current, now_replicas
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

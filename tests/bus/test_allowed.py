@@ -9,7 +9,7 @@ from bus.settings import BusSettings
 from bus.subscription import Allowed
 from tests.support import running, wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
 
 class TestAllowed:

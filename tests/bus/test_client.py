@@ -19,7 +19,7 @@ from bus.settings import BusSettings
 from tests.conftest import BusFactory, RedisFactory
 from tests.support import entries, running, wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
 
 class TestPublish:

@@ -15,9 +15,9 @@ from bus.breaker import BreakerState
 from bus.errors import DeadLetterRetryError
 from bus.settings import BreakerSettings, RetrySettings
 from tests.conftest import BusFactory
-from tests.support import running, wait_until
+from tests.support import redis_client, running, wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
 FAST_RETRY = RetrySettings(max_attempts=3, backoff_base=0.05, backoff_cap=0.2, jitter=0.0)
 
@@ -239,7 +239,7 @@ class TestMalformed:
         and the consumer goes on with the next event."""
         client, attempts = await failing_bot(bus_factory, "a", fail_on=set())
         stream = client.keys.stream("user")
-        raw = Redis.from_url(redis_url)  # bytes in, bytes out: what a foreign writer does
+        raw = redis_client(redis_url)  # bytes in, bytes out: what a foreign writer does
         hostile = {b"type": b"user.x.y", b"source\xff": b"cli", b"data": b'{"n": "\xfe\xff"}'}
         try:
             async with running(client):

@@ -19,6 +19,7 @@ BOT_AUTHOR_NAMES = {
     "BusBackpressureError",
     "BusClient",
     "BusConnectionError",
+    "BusDurabilityError",
     "BusError",
     "DeadLetter",
     "DeadLetterNotFoundError",

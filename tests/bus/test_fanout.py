@@ -17,7 +17,7 @@ from bus.fanout import MOST_VALUES, Fanout, subscribers
 from bus.keys import FANOUT_GROUP, Keys
 from tests.support import wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
 KEYS = Keys()
 STREAM = KEYS.stream("user")

@@ -11,7 +11,7 @@ from redis.exceptions import ResponseError
 from bus.groups import ensure_group, has_group
 from bus.redis_errors import is_oom
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
 STREAM = "test:groups"
 

@@ -12,9 +12,9 @@ from bus import Event
 from bus.keys import Keys
 from bus.lease import Lease, holder, parse_holder, release_for
 from tests.conftest import BusFactory
-from tests.support import running, wait_until
+from tests.support import redis_client, running, wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
 KEYS = Keys("leasetest")
 BOT = "detector"
@@ -192,7 +192,7 @@ class TestReleaseFor:
 
     async def test_works_on_a_bytes_client(self, redis_url: str) -> None:
         """release_for and holder also work with a client that does not decode replies."""
-        raw = Redis.from_url(redis_url)
+        raw = redis_client(redis_url)
         try:
             assert await lease(raw, "0").try_acquire()
             assert await holder(raw, KEYS, BOT) == ("0", 1)

@@ -20,9 +20,9 @@ from bus.outbox import DEAD_LETTER_MARK, MAX_FIELDS, OutboxRelay
 from bus.routing import Router
 from manager.embedded.redis_server import RedisServer
 from tests.conftest import BusFactory
-from tests.support import running, wait_until
+from tests.support import redis_client, running, wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
 KEYS = Keys()
 #: The manager's table; a bot's own settings may say otherwise, and are not asked.
@@ -33,7 +33,7 @@ ROUTER = Router(ROUTES, "bot")
 @pytest.fixture
 async def raw(redis_url: str) -> AsyncIterator[Redis]:
     """A connection that keeps bytes as bytes (entries need not be UTF-8)."""
-    async with Redis.from_url(redis_url) as client:
+    async with redis_client(redis_url) as client:
         yield client
 
 

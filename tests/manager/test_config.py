@@ -293,7 +293,7 @@ class TestErrors:
         assert errors_of(path) == ["bots[0].restart: backoff_cap must be >= backoff_base"]
 
     def test_bad_redis_url_is_refused(self, tmp_path: Path) -> None:
-        """redis_url must be a redis://, rediss:// or unix:// URL."""
+        """redis_url must be a URL the bus reads (redis://, rediss://, unix://, Sentinel)."""
         (error,) = errors_of(write(tmp_path, 'redis_url = "http://localhost"\n'))
         assert error.startswith("redis_url: must start with redis://")
 

@@ -177,6 +177,7 @@ class TestRunBench:
         assert out["baseline_events_per_s"] > 0
         assert 150 <= out["events"] <= 250
         assert 0 < out["p50_ms"] <= out["p95_ms"] <= out["p99_ms"] <= out["max_ms"]
+        assert 0 < out["publish_p50_ms"] <= out["publish_p95_ms"] <= out["publish_p99_ms"]
         assert 10 < out["rss_mb"] < 500
         assert "bus" in report.table()
         async with Redis.from_url(redis_url) as redis:
@@ -205,6 +206,7 @@ def fake_report(lost: int) -> BenchReport:
         published_per_s=10.0,
         events_per_s=10.0,
         latency=LatencyStats(1.0, 2.0, 3.0, 4.0),
+        publish=LatencyStats(0.5, 1.0, 1.5, 2.0),
         events=10,
         lost=lost,
         duplicated=0,

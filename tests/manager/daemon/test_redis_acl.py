@@ -367,9 +367,17 @@ class TestBotRedisUrl:
 
     @pytest.mark.parametrize("admin_url", ["http://x:1/0", "localhost:6379", "/tmp/r.sock"])
     def test_refuses_other_schemes(self, admin_url: str) -> None:
-        """Only redis://, rediss:// and unix:// URLs can be turned into bot URLs."""
-        with pytest.raises(BotUserError, match="redis://, rediss:// or unix://"):
+        """Only the URLs the bus reads can be turned into bot URLs."""
+        with pytest.raises(BotUserError, match="redis://, rediss://, unix://, redis"):
             bot_redis_url(admin_url, "u", "pw")
+
+    def test_a_sentinel_url_keeps_its_sentinels_service_and_options(self) -> None:
+        """The bot logs in to the data nodes as itself; the sentinels, the service, the
+        database and the sentinels' own login stay."""
+        url = bot_redis_url(
+            "redis+sentinel://:admin@s1:26379,s2:26380/main/2?sentinel_password=sp", "u", "pw"
+        )
+        assert url == "redis+sentinel://u:pw@s1:26379,s2:26380/main/2?sentinel_password=sp"
 
     def test_refuses_empty_credentials(self) -> None:
         """A bot URL always names a user and a password."""

@@ -1,0 +1,140 @@
+"""Which Redis deployment a URL names: one node, or a primary watched by a Sentinel set.
+
+``redis_url`` takes, besides redis-py's own ``redis://``, ``rediss://`` (TLS) and
+``unix://``::
+
+    redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db][?options]
+    rediss+sentinel://...   (TLS to the sentinels and to the data nodes)
+
+The hosts are the sentinels; ``service_name`` is the primary's name in their config
+(``sentinel monitor <service_name> ...``). The user and password, the database and every
+redis-py query option (``ssl_ca_certs=``, ``socket_timeout=``, ...) apply to the data nodes;
+``sentinel_username=`` and ``sentinel_password=`` log in to the sentinels themselves
+(``requirepass`` in sentinel.conf), which by default need no password.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+from redis.asyncio.connection import parse_url
+
+#: Schemes of a single node, as redis-py reads them.
+SINGLE_SCHEMES = ("redis", "rediss", "unix")
+#: Schemes of a Sentinel-watched primary.
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SCHEMES = SINGLE_SCHEMES + SENTINEL_SCHEMES
+#: What a URL must start with, for error messages.
+SCHEMES_TEXT = "redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://"
+#: Query options that log in to the sentinels, not to the data nodes.
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+class RedisUrlError(ValueError):
+    """A Redis URL this bus cannot use; the message says what to write instead."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """A parsed ``redis_url``."""
+
+    kind: Literal["single", "sentinel"]
+    #: The URL as given.
+    url: str
+    #: The sentinels (``sentinel``); empty for a single node.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    #: The primary's name in the sentinels' config (``sentinel``).
+    service: str = ""
+    #: Options for the sentinels' own connections (``sentinel``).
+    sentinel_options: dict[str, Any] = field(default_factory=dict)
+
+    def node_url(self, host: str, port: int) -> str:
+        """A single-node URL for the data node at ``host``:``port``, with this URL's user,
+        password, database, TLS and options (to reach a replica directly, say)."""
+        parts = urlsplit(self.url)
+        if self.kind == "single":
+            userinfo = parts.netloc.rpartition("@")[0]
+            netloc = f"{userinfo}@{_host_port(host, port)}" if userinfo else _host_port(host, port)
+            scheme = "redis" if parts.scheme == "unix" else parts.scheme
+            return parts._replace(scheme=scheme, netloc=netloc).geturl()
+        return _single_node_url(parts, host, port)
+
+    def connection_options(self) -> dict[str, Any]:
+        """redis-py's keyword arguments for the data nodes' connections (no host or port):
+        user, password, database, TLS and the query's options, typed as redis-py types
+        them."""
+        host, port = self.sentinels[0] if self.kind == "sentinel" else ("localhost", 6379)
+        url = self.node_url(host, port) if self.kind == "sentinel" else self.url
+        options = dict(parse_url(url))
+        for name in ("host", "port", "path", "connection_class"):
+            options.pop(name, None)
+        if urlsplit(url).scheme == "rediss":
+            options["ssl"] = True
+        return options
+
+
+def parse_redis_url(url: str) -> RedisTarget:
+    """The deployment ``url`` names; :class:`RedisUrlError` saying what is wrong, else."""
+    parts = urlsplit(url)
+    if parts.scheme in SINGLE_SCHEMES:
+        return RedisTarget("single", url)
+    if parts.scheme not in SENTINEL_SCHEMES:
+        raise RedisUrlError(f"must start with {SCHEMES_TEXT}")
+    hosts = parts.netloc.rpartition("@")[2]
+    sentinels = tuple(_address(item, url) for item in hosts.split(",") if item)
+    if not sentinels:
+        raise RedisUrlError(
+            "a redis+sentinel:// URL names its sentinels: "
+            "redis+sentinel://host:26379,host:26379/service_name"
+        )
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise RedisUrlError(
+            "a redis+sentinel:// URL's path is the primary's service name and optionally a "
+            f"database number (/mymaster or /mymaster/0); got {parts.path or 'none'!r}"
+        )
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    sentinel_options: dict[str, Any] = {
+        name.removeprefix("sentinel_"): query[name] for name in _SENTINEL_OPTIONS if name in query
+    }
+    if parts.scheme.startswith("rediss"):
+        sentinel_options.update(
+            ssl=True, **{k: v for k, v in query.items() if k.startswith("ssl_")}
+        )
+    return RedisTarget("sentinel", url, sentinels, path[0], sentinel_options)
+
+
+def _single_node_url(parts: Any, host: str, port: int) -> str:
+    scheme = parts.scheme.removesuffix("+sentinel")
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@{_host_port(host, port)}" if userinfo else _host_port(host, port)
+    path = [p for p in parts.path.split("/") if p]
+    db = path[1] if len(path) == 2 else "0"
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    kept = urlencode([(k, v) for k, v in query if k not in _SENTINEL_OPTIONS], safe="/")
+    return f"{scheme}://{netloc}/{db}" + (f"?{kept}" if kept else "")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _address(item: str, url: str) -> tuple[str, int]:
+    host, sep, port = item.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise RedisUrlError(
+            f"{item!r} in {url[:60]!r} is not host:port: name each sentinel with its port "
+            "(26379 is Sentinel's usual one)"
+        )
+    return host.strip("[]"), int(port)
+
+
+__all__ = [
+    "SCHEMES",
+    "SCHEMES_TEXT",
+    "RedisTarget",
+    "RedisUrlError",
+    "parse_redis_url",
+]
