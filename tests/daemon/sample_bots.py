@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 
 from bus import BusClient, Event
@@ -135,3 +136,37 @@ async def historian(bus: BusClient) -> None:
     await bus.catch_up("test.#", record, since="0")
     bus.subscribe("test.#", record)
     await bus.run()
+
+
+async def emitter(bus: BusClient) -> None:
+    """Publishes ``test.ok`` events, 10 ms apart, until 600 were confirmed, printing
+    ``confirmed <id>`` for each; an unconfirmed publish is counted, not retried (its event
+    may or may not exist). Then idles."""
+    confirmed = 0
+    while confirmed < 600:
+        try:
+            event_id = await bus.publish("test.ok", {"n": confirmed})
+        except Exception as exc:
+            _say(f"unconfirmed {type(exc).__name__}")
+            await asyncio.sleep(0.05)
+            continue
+        confirmed += 1
+        _say(f"confirmed {event_id}")
+        await asyncio.sleep(0.01)
+    await bus.run()
+
+
+async def collector(bus: BusClient) -> None:
+    """Adds the id of every ``test.ok`` event to its state set ``handled``."""
+
+    async def ok(event: Event) -> None:
+        await bus.redis.sadd(bus.keys.bot_state(bus.bot_id, "handled"), event.id)
+
+    bus.subscribe("test.ok", ok)
+    await bus.run()
+
+
+def _say(line: str) -> None:
+    """A line on stdout, which the manager logs with the bot's id."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -14,7 +14,7 @@ from tests.support import wait_until
 
 # Whole-daemon behaviour; what differs between Redis versions is tested below it (bus,
 # lag, handover, lease) on each version.
-pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.one_redis]
+pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.one_redis, pytest.mark.deployments]
 SUBSCRIPTIONS = [
     {"pattern": "user.message.received"},
     {"pattern": "multibot.user.*"},
