@@ -89,6 +89,21 @@ class SentinelSet:
                     return int(reply[1])
         return None
 
+    async def agreed_primary_port(self) -> int | None:
+        """The primary's port when every sentinel names the same one, else None (a failover
+        is still spreading)."""
+        ports = set()
+        for sentinel in self.sentinels:
+            try:
+                async with _plain(sentinel.url) as client:
+                    reply = await client.execute_command(  # type: ignore[no-untyped-call]
+                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE
+                    )
+                    ports.add(int(reply[1]))
+            except (RedisError, OSError):
+                return None
+        return ports.pop() if len(ports) == 1 else None
+
     async def wait_ready(self, *, sentinels_know_each_other: bool = False) -> None:
         """Until the replica is in sync and every sentinel answers (and, if asked, knows the
         replica and the other sentinels: needed before a failover can be voted, and takes

@@ -141,6 +141,6 @@ class TestFailover:
 
 async def _promoted(deployment: SentinelSet, old_port: int | None) -> bool:
     with contextlib.suppress(Exception):
-        port = await deployment.primary_port()
+        port = await deployment.agreed_primary_port()
         return port is not None and port != old_port
     return False

@@ -80,5 +80,5 @@ async def test_a_primary_failover_loses_no_confirmed_event_under_the_manager(
 
 
 async def _moved(deployment: SentinelSet, old_port: int | None) -> bool:
-    port = await deployment.primary_port()
+    port = await deployment.agreed_primary_port()
     return port is not None and port != old_port
