@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlunsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import (
@@ -26,7 +26,7 @@ from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bus.deployment import RedisTarget, parse_redis_url
+from bus.deployment import RedisTarget, parse_redis_url, split_url
 from bus.settings import BusSettings
 
 try:
@@ -236,7 +236,7 @@ def redact(url: str) -> str:
     head, sep, query = url.partition("?")
     if sep:
         query = "&".join(_redact_option(option) for option in query.split("&"))
-    parts = urlsplit(head)
+    parts = split_url(head)
     if parts.password is not None:
         netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
         head = urlunsplit(parts._replace(netloc=netloc))

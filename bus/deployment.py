@@ -15,9 +15,10 @@ redis-py query option (``ssl_ca_certs=``, ``socket_timeout=``, ...) apply to the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 from redis.asyncio.connection import parse_url
 
@@ -30,6 +31,20 @@ SCHEMES = SINGLE_SCHEMES + SENTINEL_SCHEMES
 SCHEMES_TEXT = "redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://"
 #: Query options that log in to the sentinels, not to the data nodes.
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<netloc>[^/?#]*)(?P<rest>.*)", re.S)
+
+
+def split_url(url: str) -> SplitResult:
+    """``urlsplit`` for every URL here, also a Sentinel URL's host list with an IPv6 host
+    after the first (``h:26379,[::1]:26380``), which newer Pythons' urlsplit refuses."""
+    match = _URL.fullmatch(url)
+    if match is None:
+        return urlsplit(url)
+    head, _, fragment = match["rest"].partition("#")
+    path, _, query = head.partition("?")
+    return SplitResult(match["scheme"].lower(), match["netloc"], path, query, fragment)
 
 
 class RedisUrlError(ValueError):
@@ -53,7 +68,7 @@ class RedisTarget:
     def node_url(self, host: str, port: int) -> str:
         """A single-node URL for the data node at ``host``:``port``, with this URL's user,
         password, database, TLS and options (to reach a replica directly, say)."""
-        parts = urlsplit(self.url)
+        parts = split_url(self.url)
         if self.kind == "single":
             userinfo = parts.netloc.rpartition("@")[0]
             netloc = f"{userinfo}@{_host_port(host, port)}" if userinfo else _host_port(host, port)
@@ -70,14 +85,14 @@ class RedisTarget:
         options = dict(parse_url(url))
         for name in ("host", "port", "path", "connection_class"):
             options.pop(name, None)
-        if urlsplit(url).scheme == "rediss":
+        if split_url(url).scheme == "rediss":
             options["ssl"] = True
         return options
 
 
 def parse_redis_url(url: str) -> RedisTarget:
     """The deployment ``url`` names; :class:`RedisUrlError` saying what is wrong, else."""
-    parts = urlsplit(url)
+    parts = split_url(url)
     if parts.scheme in SINGLE_SCHEMES:
         return RedisTarget("single", url)
     if parts.scheme not in SENTINEL_SCHEMES:
@@ -137,4 +152,5 @@ __all__ = [
     "RedisTarget",
     "RedisUrlError",
     "parse_redis_url",
+    "split_url",
 ]

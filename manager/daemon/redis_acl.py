@@ -45,13 +45,13 @@ import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlunsplit
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
-from bus.deployment import SCHEMES, SCHEMES_TEXT
+from bus.deployment import SCHEMES, SCHEMES_TEXT, split_url
 from bus.keys import Keys
 from manager.daemon.acl_rules import (
     REPLAY_SUFFIX,
@@ -240,7 +240,7 @@ def bots_base_url(admin_url: str, bot_cert: tuple[Path, Path] | None) -> str:
     ``bot_cert`` bots present no certificate and log in with their ACL password alone, which
     a Redis with ``tls-auth-clients yes`` refuses (it is logged here, once).
     """
-    parts = urlsplit(admin_url)
+    parts = split_url(admin_url)
     params = [p for p in parts.query.split("&") if p]
     kept = [p for p in params if unquote(p.partition("=")[0]) not in _CLIENT_CERT_PARAMS]
     if bot_cert is not None:
@@ -268,7 +268,7 @@ def bot_redis_url(admin_url: str, username: str, password: str) -> str:
     ``username``/``password`` query options (which redis-py also reads) are removed. Both
     values are percent-quoted, so any character is safe.
     """
-    parts = urlsplit(admin_url)
+    parts = split_url(admin_url)
     if parts.scheme not in _URL_SCHEMES:
         raise BotUserError(
             f"cannot make a bot URL from a {parts.scheme or 'scheme-less'}:// URL: use "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bus.deployment import RedisUrlError, parse_redis_url
+from bus.deployment import RedisUrlError, parse_redis_url, split_url
 from bus.settings import BusSettings
 
 
@@ -68,3 +68,17 @@ class TestParse:
         with pytest.raises(ValueError, match="names its sentinels"):
             BusSettings(redis_url="redis+sentinel:///main")
         assert BusSettings(redis_url="redis+sentinel://h:26379/main").redis_url
+
+
+class TestHostLists:
+    def test_an_ipv6_sentinel_after_the_first_is_read_redacted_and_rewritten(self) -> None:
+        """A host list with a bracketed IPv6 host after the first (which some Pythons'
+        urlsplit refuses) parses, hides its password in logs, and becomes a bot's URL."""
+        from bus.connection import redact
+        from manager.daemon.redis_acl import bot_redis_url
+
+        url = "redis+sentinel://:pw@10.0.0.1:26379,[::1]:26380/main/0"
+        assert split_url(url).netloc == ":pw@10.0.0.1:26379,[::1]:26380"
+        assert redact(url) == "redis+sentinel://:***@10.0.0.1:26379,[::1]:26380/main/0"
+        bot = bot_redis_url(url, "b", "s")
+        assert bot == "redis+sentinel://b:s@10.0.0.1:26379,[::1]:26380/main/0"
