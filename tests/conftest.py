@@ -25,7 +25,7 @@ from manager.embedded.redis_server import (
     find_redis_server,
     system_redis_server,
 )
-from tests.sentinel_support import sentinel_set
+from tests.sentinel_support import SentinelSet, sentinel_set
 
 pytest_plugins = ["tests.postgres_fixtures"]
 _BINARY_CHOICES = ("all", "system", "bundled")
@@ -70,7 +70,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         binaries = redis_binaries(metafunc.config.getoption("--redis-binary"))
         if metafunc.definition.get_closest_marker("one_redis"):
             binaries = binaries[:1]  # what it tests does not differ between Redis versions
-        if metafunc.definition.get_closest_marker("deployments") and binaries:
+        deployments = metafunc.definition.get_closest_marker("deployments")
+        if deployments and binaries and not metafunc.definition.get_closest_marker("single_node"):
             # Every binary as one node; the newest also as a Sentinel-watched primary.
             label, newest = binaries[0]
             metafunc.parametrize(
@@ -145,6 +146,25 @@ async def redis_url(
     assert binary is not None
     async with sentinel_set(redis_server, tmp_path / "sentinels", binary, None) as deployment:
         yield deployment.url
+
+
+@pytest.fixture
+async def sentinel_deployment(
+    redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[SentinelSet]:
+    """The test's redis-server as the primary of a Sentinel set (a replica, 3 sentinels)."""
+    binary = redis_server.binary
+    assert binary is not None
+    async with sentinel_set(redis_server, tmp_path / "sentinels", binary, None) as found:
+        yield found
+
+
+@pytest.fixture
+async def voting_sentinels(sentinel_deployment: SentinelSet) -> SentinelSet:
+    """:func:`sentinel_deployment` once its sentinels know each other and the replica: a
+    failover can be voted (takes a few seconds: sentinels greet every 2 s)."""
+    await sentinel_deployment.wait_ready(sentinels_know_each_other=True)
+    return sentinel_deployment
 
 
 @pytest.fixture

@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from bus import BusClient, BusConnectionError, BusDurabilityError, Event
 from bus.routing import Router
 from bus.settings import BusSettings
-from manager.embedded.redis_server import RedisServer
-from tests.sentinel_support import SentinelSet, sentinel_set
+from tests.sentinel_support import SentinelSet
 from tests.support import entries, redis_client, running, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.one_redis]
-
-
-@pytest.fixture
-async def deployment(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[SentinelSet]:
-    """The test's redis-server as the primary of a Sentinel set whose sentinels can vote."""
-    binary = redis_server.binary
-    assert binary is not None
-    async with sentinel_set(redis_server, tmp_path / "sentinels", binary, None) as found:
-        await found.wait_ready(sentinels_know_each_other=True)
-        yield found
 
 
 def client(url: str, bot_id: str, **settings: object) -> BusClient:
@@ -47,22 +34,26 @@ def client(url: str, bot_id: str, **settings: object) -> BusClient:
 
 
 class TestDurablePublish:
-    async def test_a_publish_returns_once_the_replica_has_it(self, deployment: SentinelSet) -> None:
+    async def test_a_publish_returns_once_the_replica_has_it(
+        self, voting_sentinels: SentinelSet
+    ) -> None:
         """publish_replicas = 1: the replica holds the entry by the time publish returns."""
-        producer = await client(deployment.url, "p", publish_replicas=1).connect()
+        producer = await client(voting_sentinels.url, "p", publish_replicas=1).connect()
         try:
             await producer.publish("system.backup.completed", {"size_bytes": 1})
-            async with redis_client(deployment.replica.url, decode_responses=True) as replica:
+            async with redis_client(voting_sentinels.replica.url, decode_responses=True) as replica:
                 rows = await entries(replica, producer.keys.stream("system"))
             assert len(rows) == 1
         finally:
             await producer.close()
 
-    async def test_too_few_replicas_raise_after_writing(self, deployment: SentinelSet) -> None:
+    async def test_too_few_replicas_raise_after_writing(
+        self, voting_sentinels: SentinelSet
+    ) -> None:
         """Asking for 2 replicas of a primary that has 1: BusDurabilityError names how many
         confirmed, within the timeout; the event is written (the primary has it)."""
         producer = await client(
-            deployment.url, "p", publish_replicas=2, publish_replicas_timeout=0.2
+            voting_sentinels.url, "p", publish_replicas=2, publish_replicas_timeout=0.2
         ).connect()
         try:
             with pytest.raises(BusDurabilityError, match="only 1 of 2 replicas") as raised:
@@ -81,15 +72,15 @@ class TestDurablePublish:
 class TestFailover:
     @pytest.mark.slow
     async def test_sigkill_of_the_primary_loses_no_confirmed_event(
-        self, deployment: SentinelSet
+        self, voting_sentinels: SentinelSet
     ) -> None:
         """Publishing all along with publish_replicas = 1, the primary is SIGKILLed; the
         sentinels promote the replica, and publisher and consumer follow it. The promoted
         primary has no replica until the old one is back (the sentinels make it a replica):
         meanwhile publishes fail with BusDurabilityError, as they must. Every event whose
         publish returned reaches the consumer."""
-        producer = await client(deployment.url, "p", publish_replicas=1).connect()
-        consumer = await client(deployment.url, "c").connect()
+        producer = await client(voting_sentinels.url, "p", publish_replicas=1).connect()
+        consumer = await client(voting_sentinels.url, "c").connect()
         got: set[str] = set()
 
         @consumer.subscribe("bench.event.*")
@@ -112,16 +103,16 @@ class TestFailover:
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(0.002)
 
-        old_port = deployment.primary.port
+        old_port = voting_sentinels.primary.port
         try:
             async with running(consumer):
                 publisher = asyncio.create_task(publish_all_along())
                 await wait_until(lambda: len(confirmed) >= 200, 20, "events before the kill")
-                await deployment.primary.kill()
+                await voting_sentinels.primary.kill()
                 await wait_until(
-                    lambda: _promoted(deployment, old_port), 30, "the sentinels to promote"
+                    lambda: _promoted(voting_sentinels, old_port), 30, "the sentinels to promote"
                 )
-                await deployment.primary.start()  # back as a replica of the promoted one
+                await voting_sentinels.primary.start()  # back as a replica of the promoted one
                 before = len(confirmed)
                 await wait_until(
                     lambda: len(confirmed) >= before + 200, 30, "publishing after the failover"
@@ -139,8 +130,8 @@ class TestFailover:
         assert len(set(confirmed)) == len(confirmed)
 
 
-async def _promoted(deployment: SentinelSet, old_port: int | None) -> bool:
+async def _promoted(voting_sentinels: SentinelSet, old_port: int | None) -> bool:
     with contextlib.suppress(Exception):
-        port = await deployment.agreed_primary_port()
+        port = await voting_sentinels.agreed_primary_port()
         return port is not None and port != old_port
     return False

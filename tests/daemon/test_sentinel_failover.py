@@ -5,30 +5,19 @@ subscribed bot, through the outbox relay and the fanout, on the promoted replica
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from bus.keys import Keys
 from manager.embedded.postgres_server import PostgresServer
-from manager.embedded.redis_server import RedisServer
 from tests.daemon.manager_process import FAST, ManagerProcess, bot_toml
-from tests.sentinel_support import SentinelSet, sentinel_set
+from tests.sentinel_support import SentinelSet
 from tests.support import redis_client, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow, pytest.mark.one_redis]
 
 CONFIRMED = re.compile(r'"event": "confirmed ([0-9a-f-]+)"')
-
-
-@pytest.fixture
-async def deployment(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[SentinelSet]:
-    binary = redis_server.binary
-    assert binary is not None
-    async with sentinel_set(redis_server, tmp_path / "sentinels", binary, None) as found:
-        await found.wait_ready(sentinels_know_each_other=True)
-        yield found
 
 
 def confirmed(manager: ManagerProcess) -> list[str]:
@@ -37,13 +26,13 @@ def confirmed(manager: ManagerProcess) -> list[str]:
 
 
 async def test_a_primary_failover_loses_no_confirmed_event_under_the_manager(
-    deployment: SentinelSet, postgres_server: PostgresServer, tmp_path: Path
+    voting_sentinels: SentinelSet, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     """The primary is SIGKILLed mid-stream and comes back as a replica; the manager, the
     emitter and the collector follow the promoted replica, the bots' users are there, and
     the collector has handled every event whose publish returned."""
     config = (
-        f'data_dir = "data"\nredis_url = "{deployment.url}"\n'
+        f'data_dir = "data"\nredis_url = "{voting_sentinels.url}"\n'
         f'postgres_dsn = "{postgres_server.dsn}"\n'
         "[bus]\npublish_replicas = 1\n"
         + FAST
@@ -57,15 +46,15 @@ async def test_a_primary_failover_loses_no_confirmed_event_under_the_manager(
     try:
         await manager.start()
         await wait_until(lambda: len(confirmed(manager)) >= 150, 60, "events before the kill")
-        old_port = deployment.primary.port
-        await deployment.primary.kill()
+        old_port = voting_sentinels.primary.port
+        await voting_sentinels.primary.kill()
         await wait_until(
-            lambda: _moved(deployment, old_port), 30, "the sentinels to promote the replica"
+            lambda: _moved(voting_sentinels, old_port), 30, "the sentinels to promote the replica"
         )
-        await deployment.primary.start()  # rejoins as a replica of the promoted one
+        await voting_sentinels.primary.start()  # rejoins as a replica of the promoted one
         await wait_until(lambda: len(confirmed(manager)) >= 600, 90, "the emitter to finish")
         handled_key = Keys().bot_state("collector", "handled")
-        async with redis_client(deployment.url, decode_responses=True) as redis:
+        async with redis_client(voting_sentinels.url, decode_responses=True) as redis:
 
             async def all_handled() -> bool:
                 handled = set(await redis.smembers(handled_key))
@@ -79,6 +68,6 @@ async def test_a_primary_failover_loses_no_confirmed_event_under_the_manager(
         await manager.kill()
 
 
-async def _moved(deployment: SentinelSet, old_port: int | None) -> bool:
-    port = await deployment.agreed_primary_port()
+async def _moved(voting_sentinels: SentinelSet, old_port: int | None) -> bool:
+    port = await voting_sentinels.agreed_primary_port()
     return port is not None and port != old_port

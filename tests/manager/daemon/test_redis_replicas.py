@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,18 +25,10 @@ from manager.daemon.redis_acl import (
 from manager.daemon.redis_repair import RedisRepair
 from manager.daemon.redis_replicas import replica_addresses, replica_clients
 from manager.embedded.redis_server import RedisServer
-from tests.sentinel_support import SentinelSet, sentinel_set
+from tests.sentinel_support import SentinelSet
 from tests.support import redis_client
 
 pytestmark = [pytest.mark.redis, pytest.mark.one_redis]
-
-
-@pytest.fixture
-async def deployment(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[SentinelSet]:
-    binary = redis_server.binary
-    assert binary is not None
-    async with sentinel_set(redis_server, tmp_path / "sentinels", binary, None) as found:
-        yield found
 
 
 async def _users(url: str) -> list[str]:
@@ -46,52 +37,58 @@ async def _users(url: str) -> list[str]:
 
 
 class TestReplicas:
-    async def test_the_primary_lists_its_replica(self, deployment: SentinelSet) -> None:
+    async def test_the_primary_lists_its_replica(self, sentinel_deployment: SentinelSet) -> None:
         """INFO replication of the primary names the replica's address."""
-        async with redis_client(deployment.primary.url, decode_responses=True) as primary:
-            assert await replica_addresses(primary) == [("127.0.0.1", deployment.replica.port)]
-        async with redis_client(deployment.replica.url, decode_responses=True) as replica:
+        async with redis_client(sentinel_deployment.primary.url, decode_responses=True) as primary:
+            assert await replica_addresses(primary) == [
+                ("127.0.0.1", sentinel_deployment.replica.port)
+            ]
+        async with redis_client(sentinel_deployment.replica.url, decode_responses=True) as replica:
             assert await replica_addresses(replica) == []
 
     async def test_bot_users_are_set_and_deleted_on_the_replica_too(
-        self, deployment: SentinelSet
+        self, sentinel_deployment: SentinelSet
     ) -> None:
         """ensure_bot_user with the replicas puts the bot's three users on the replica, the
         bot logs in there (as it would after a failover), and delete_bot_user removes them
         from both."""
         keys = Keys()
         async with (
-            redis_client(deployment.url, decode_responses=True) as admin,
-            replica_clients(admin, deployment.url) as replicas,
+            redis_client(sentinel_deployment.url, decode_responses=True) as admin,
+            replica_clients(admin, sentinel_deployment.url) as replicas,
         ):
             assert len(replicas) == 1
             await ensure_bot_user(admin, keys, "greeter", "pw-greeter", replicas=replicas)
-            on_replica = await _users(deployment.replica.url)
+            on_replica = await _users(sentinel_deployment.replica.url)
             assert bot_username(keys.namespace, "greeter") in on_replica
-            assert set(await _users(deployment.primary.url)) == set(on_replica)
+            assert set(await _users(sentinel_deployment.primary.url)) == set(on_replica)
             bot_url = bot_redis_url(
-                deployment.replica.url, bot_username(keys.namespace, "greeter"), "pw-greeter"
+                sentinel_deployment.replica.url,
+                bot_username(keys.namespace, "greeter"),
+                "pw-greeter",
             )
             async with Redis.from_url(bot_url) as bot:
                 assert await bot.ping()
             assert await delete_bot_user(admin, keys, "greeter", replicas=replicas)
             assert bot_username(keys.namespace, "greeter") not in await _users(
-                deployment.replica.url
+                sentinel_deployment.replica.url
             )
 
     async def test_without_the_replicas_the_replica_has_no_bot_user(
-        self, deployment: SentinelSet
+        self, sentinel_deployment: SentinelSet
     ) -> None:
         """What the fan-out is for: ACL SETUSER on the primary does not reach the replica."""
-        async with redis_client(deployment.url, decode_responses=True) as admin:
+        async with redis_client(sentinel_deployment.url, decode_responses=True) as admin:
             await ensure_bot_user(admin, Keys(), "greeter", "pw")
-        assert bot_username("multibot", "greeter") in await _users(deployment.primary.url)
-        assert bot_username("multibot", "greeter") not in await _users(deployment.replica.url)
+        assert bot_username("multibot", "greeter") in await _users(sentinel_deployment.primary.url)
+        assert bot_username("multibot", "greeter") not in await _users(
+            sentinel_deployment.replica.url
+        )
 
 
 class TestAReplicaJoins:
     async def test_the_manager_sets_the_bots_users_on_a_new_replica(
-        self, deployment: SentinelSet, tmp_path: Path
+        self, sentinel_deployment: SentinelSet, tmp_path: Path
     ) -> None:
         """The identity watch sees a replica join the primary and provisions again (which
         reaches every replica), without a restart of anything."""
@@ -100,7 +97,7 @@ class TestAReplicaJoins:
         async def provision() -> None:
             provisioned.set()
 
-        async with redis_client(deployment.url, decode_responses=True) as admin:
+        async with redis_client(sentinel_deployment.url, decode_responses=True) as admin:
             repair = RedisRepair(
                 admin,
                 keys=Keys(),
@@ -116,13 +113,13 @@ class TestAReplicaJoins:
             try:
                 await asyncio.sleep(0.2)  # a few rounds with the first replica alone
                 assert not provisioned.is_set()
-                binary = deployment.primary.binary
+                binary = sentinel_deployment.primary.binary
                 assert binary is not None
                 second = RedisServer(
                     tmp_path / "second-replica",
                     binary=binary,
                     extra_config={
-                        "replicaof": f"127.0.0.1 {deployment.primary.port}",
+                        "replicaof": f"127.0.0.1 {sentinel_deployment.primary.port}",
                         "appendonly": "no",
                     },
                 )
@@ -137,16 +134,16 @@ class TestAReplicaJoins:
 class TestDurableBots:
     @pytest.mark.parametrize("durable", [True, False])
     async def test_a_bot_may_wait_for_replicas_only_when_the_config_asks(
-        self, deployment: SentinelSet, durable: bool
+        self, sentinel_deployment: SentinelSet, durable: bool
     ) -> None:
         """With publish_replicas the bot's user may WAIT, and its publish through the outbox
         is confirmed on the replica; otherwise WAIT is refused like any command it needs
         not."""
         keys = Keys()
-        async with redis_client(deployment.url, decode_responses=True) as admin:
+        async with redis_client(sentinel_deployment.url, decode_responses=True) as admin:
             username = await ensure_bot_user(admin, keys, "greeter", "pw", durable=durable)
         settings = BusSettings(
-            redis_url=bot_redis_url(deployment.url, username, "pw"),
+            redis_url=bot_redis_url(sentinel_deployment.url, username, "pw"),
             outbox=True,
             publish_replicas=1,
         )
@@ -157,5 +154,5 @@ class TestDurableBots:
                     await publish
                 return
             await publish
-        async with redis_client(deployment.replica.url, decode_responses=True) as replica:
+        async with redis_client(sentinel_deployment.replica.url, decode_responses=True) as replica:
             assert await replica.xlen(keys.outbox("greeter")) == 1  # there when publish returned
