@@ -11,6 +11,7 @@ import structlog
 from redis.asyncio import Redis
 
 from bus.catch_up import catch_up
+from bus.cluster_relay import Durable
 from bus.connection import Connections
 from bus.consumer import Consumer
 from bus.dlq import DeadLetters
@@ -170,7 +171,8 @@ class BusClient:
     def dlq(self) -> DeadLetters:
         """The namespace's dead-letter stream."""
         writer = self.redis if self._outbox else self.replays
-        return DeadLetters(writer, self.keys, self.router, outbox=self._outbox)
+        durable = Durable.of(self.settings)
+        return DeadLetters(writer, self.keys, self.router, outbox=self._outbox, durable=durable)
 
     @property
     def _outbox(self) -> str | None:

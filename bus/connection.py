@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlunsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import (
     Connection,
     ConnectionPool,
@@ -150,6 +152,8 @@ def connect(
         "client_name": client_name,
     }
     target = parse_redis_url(url or settings.redis_url)
+    if target.kind == "cluster":
+        return cluster_client(target, **options)
     pool: ConnectionPool
     if target.kind == "sentinel":
         timeouts = {
@@ -182,6 +186,75 @@ def sentinel_primary(
         **node_options,
     )
     return client
+
+
+def cluster_client(target: RedisTarget, **options: Any) -> Redis:
+    """A Redis Cluster client from ``target``'s seed nodes; ``options`` for every node's
+    connections (the URL's own win).
+
+    Typed as :class:`~redis.asyncio.Redis`: redis-py's ``RedisCluster`` offers the same
+    commands without being its subclass. Code that must differ on a cluster (a script or a
+    read across hash slots) asks :func:`is_cluster`.
+    """
+    node_options = {**options, **target.connection_options()}
+    node_options.pop("db", None)
+    retry_on_error = node_options.pop("retry_on_error", None)
+    cluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.seeds],
+        retry_on_error=retry_on_error,
+        **node_options,
+    )
+    if HiredisRespSerializer is not None:
+        _pack_with_hiredis(cluster)
+    return cast(Redis, cluster)
+
+
+def _pack_with_hiredis(cluster: RedisCluster) -> None:
+    """Give every node's connections the hiredis packer (see :class:`_HiredisPacking`):
+    redis-py's cluster client takes no connection class, so it is set where the client
+    keeps it, for the nodes it knows and those it will learn."""
+    manager: Any = cluster.nodes_manager
+    for kwargs in (cluster.connection_kwargs, manager.connection_kwargs):
+        kwargs["connection_class"] = _FAST.get(
+            kwargs["connection_class"], kwargs["connection_class"]
+        )
+    for node in manager.startup_nodes.values():
+        node.connection_class = _FAST.get(node.connection_class, node.connection_class)
+
+
+#: What a cluster client takes as options: its ``connection_kwargs`` also hold what it
+#: made itself (callbacks, the connection class, notification handlers), which it refuses.
+_CLUSTER_OPTIONS = frozenset(inspect.signature(RedisCluster.__init__).parameters) - {
+    "self",
+    "host",
+    "port",
+    "startup_nodes",
+    "retry",
+    "maint_notifications_config",
+}
+
+
+def separate_client(redis: Redis) -> tuple[Redis, bool]:
+    """A client of the same Redis whose response callbacks can be changed without changing
+    ``redis``'s, and whether it is a new one to close: on one node a client on ``redis``'s
+    own pool; on a cluster (whose nodes share their client's callbacks) a new cluster
+    client with the same options, seeded with the nodes ``redis`` knows."""
+    if not isinstance(redis, RedisCluster):
+        return Redis(connection_pool=redis.connection_pool), False
+    options = {k: v for k, v in redis.connection_kwargs.items() if k in _CLUSTER_OPTIONS}
+    if issubclass(redis.connection_kwargs["connection_class"], SSLConnection):
+        options["ssl"] = True
+    known = redis.get_nodes() or redis.nodes_manager.startup_nodes.values()  # not yet met
+    nodes = [ClusterNode(node.host, node.port) for node in known]
+    twin = RedisCluster(startup_nodes=nodes, retry=redis.retry, **options)
+    if HiredisRespSerializer is not None:
+        _pack_with_hiredis(twin)
+    return cast(Redis, twin), True
+
+
+def is_cluster(redis: object) -> bool:
+    """Whether ``redis`` is a Redis Cluster client (see :func:`cluster_client`)."""
+    return isinstance(redis, RedisCluster)
 
 
 class Connections:

@@ -1,10 +1,16 @@
-"""Which Redis deployment a URL names: one node, or a primary watched by a Sentinel set.
+"""Which Redis deployment a URL names: one node, a primary watched by a Sentinel set, or a
+Redis Cluster.
 
 ``redis_url`` takes, besides redis-py's own ``redis://``, ``rediss://`` (TLS) and
 ``unix://``::
 
     redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db][?options]
     rediss+sentinel://...   (TLS to the sentinels and to the data nodes)
+    redis+cluster://[user:password@]host:port[,host:port...][/0][?options]
+    rediss+cluster://...    (TLS to every node)
+
+A cluster URL's hosts are seeds: any few nodes of the cluster; the client learns the rest
+(and every move of a slot or failover) from them. A cluster has database 0 only.
 
 The hosts are the sentinels; ``service_name`` is the primary's name in their config
 (``sentinel monitor <service_name> ...``). The user and password, the database and every
@@ -26,9 +32,14 @@ from redis.asyncio.connection import parse_url
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 #: Schemes of a Sentinel-watched primary.
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
-SCHEMES = SINGLE_SCHEMES + SENTINEL_SCHEMES
+#: Schemes of a Redis Cluster.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+SCHEMES = SINGLE_SCHEMES + SENTINEL_SCHEMES + CLUSTER_SCHEMES
 #: What a URL must start with, for error messages.
-SCHEMES_TEXT = "redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://"
+SCHEMES_TEXT = (
+    "redis://, rediss://, unix://, redis+sentinel://, rediss+sentinel://, redis+cluster:// "
+    "or rediss+cluster://"
+)
 #: Query options that log in to the sentinels, not to the data nodes.
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
@@ -55,10 +66,10 @@ class RedisUrlError(ValueError):
 class RedisTarget:
     """A parsed ``redis_url``."""
 
-    kind: Literal["single", "sentinel"]
+    kind: Literal["single", "sentinel", "cluster"]
     #: The URL as given.
     url: str
-    #: The sentinels (``sentinel``); empty for a single node.
+    #: The sentinels (``sentinel``) or the seed nodes (``cluster``); empty for a single node.
     sentinels: tuple[tuple[str, int], ...] = ()
     #: The primary's name in the sentinels' config (``sentinel``).
     service: str = ""
@@ -76,12 +87,17 @@ class RedisTarget:
             return parts._replace(scheme=scheme, netloc=netloc).geturl()
         return _single_node_url(parts, host, port)
 
+    @property
+    def seeds(self) -> tuple[tuple[str, int], ...]:
+        """A cluster's seed nodes (``cluster``)."""
+        return self.sentinels if self.kind == "cluster" else ()
+
     def connection_options(self) -> dict[str, Any]:
         """redis-py's keyword arguments for the data nodes' connections (no host or port):
         user, password, database, TLS and the query's options, typed as redis-py types
         them."""
-        host, port = self.sentinels[0] if self.kind == "sentinel" else ("localhost", 6379)
-        url = self.node_url(host, port) if self.kind == "sentinel" else self.url
+        host, port = self.sentinels[0] if self.sentinels else ("localhost", 6379)
+        url = self.node_url(host, port) if self.sentinels else self.url
         options = dict(parse_url(url))
         for name in ("host", "port", "path", "connection_class"):
             options.pop(name, None)
@@ -95,6 +111,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     parts = split_url(url)
     if parts.scheme in SINGLE_SCHEMES:
         return RedisTarget("single", url)
+    if parts.scheme in CLUSTER_SCHEMES:
+        return _cluster(url, parts)
     if parts.scheme not in SENTINEL_SCHEMES:
         raise RedisUrlError(f"must start with {SCHEMES_TEXT}")
     hosts = parts.netloc.rpartition("@")[2]
@@ -121,8 +139,24 @@ def parse_redis_url(url: str) -> RedisTarget:
     return RedisTarget("sentinel", url, sentinels, path[0], sentinel_options)
 
 
+def _cluster(url: str, parts: SplitResult) -> RedisTarget:
+    hosts = parts.netloc.rpartition("@")[2]
+    seeds = tuple(_address(item, url, "node") for item in hosts.split(",") if item)
+    if not seeds:
+        raise RedisUrlError(
+            "a redis+cluster:// URL names some of the cluster's nodes: "
+            "redis+cluster://host:7000,host:7001"
+        )
+    if parts.path.strip("/") not in ("", "0"):
+        raise RedisUrlError(
+            f"a Redis Cluster has database 0 only: drop {parts.path!r} from the URL "
+            "(use the namespace setting to share one cluster between deployments)"
+        )
+    return RedisTarget("cluster", url, seeds)
+
+
 def _single_node_url(parts: Any, host: str, port: int) -> str:
-    scheme = parts.scheme.removesuffix("+sentinel")
+    scheme = parts.scheme.removesuffix("+sentinel").removesuffix("+cluster")
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = f"{userinfo}@{_host_port(host, port)}" if userinfo else _host_port(host, port)
     path = [p for p in parts.path.split("/") if p]
@@ -136,12 +170,12 @@ def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _address(item: str, url: str) -> tuple[str, int]:
+def _address(item: str, url: str, what: str = "sentinel") -> tuple[str, int]:
     host, sep, port = item.rpartition(":")
     if not sep or not port.isdigit() or not host:
+        usual = "26379 is Sentinel's usual one" if what == "sentinel" else "say 7000"
         raise RedisUrlError(
-            f"{item!r} in {url[:60]!r} is not host:port: name each sentinel with its port "
-            "(26379 is Sentinel's usual one)"
+            f"{item!r} in {url[:60]!r} is not host:port: name each {what} with its port ({usual})"
         )
     return host.strip("[]"), int(port)
 

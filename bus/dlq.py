@@ -14,6 +14,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from bus.cluster_relay import NO_WAIT, Durable, TargetNotAStreamError, retry_once
+from bus.connection import is_cluster
 from bus.errors import DeadLetterNotFoundError, DeadLetterRetryError, WireFormatError
 from bus.event import TYPE_RE, Event
 from bus.keys import Keys
@@ -189,17 +191,26 @@ class DeadLetters:
     """List, inspect, retry and purge the namespace's dead-letter stream."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, router: Router | None = None, *, outbox: str | None = None
+        self,
+        redis: Redis,
+        keys: Keys,
+        router: Router | None = None,
+        *,
+        outbox: str | None = None,
+        durable: Durable = NO_WAIT,
     ) -> None:
         """``router``, the namespace's routing table, says where :meth:`retry` may write
         (without one, retry refuses). With ``outbox`` (a bot run by the manager),
-        :meth:`add` writes there and the manager's relay moves the letter here."""
+        :meth:`add` writes there and the manager's relay moves the letter here.
+        ``durable``: on a cluster, the replicas a retried entry must reach before its
+        letter is deleted (``publish_replicas``)."""
         self._redis = redis
         #: The key names of the namespace (an inbox's letter names its stream).
         self.keys = keys
         self._router = router
         self._outbox = outbox
         self.key = keys.dead_letters()
+        self._durable = durable
 
     async def add(
         self,
@@ -277,7 +288,9 @@ class DeadLetters:
         table sends its event type, and a stream (or absent): otherwise
         :class:`DeadLetterRetryError`, nothing is written and the letter is kept. A letter a
         bot wrote through its outbox is retried with the ``source`` the stream held (see
-        :mod:`bus.outbox`), and refused when that is unknown.
+        :mod:`bus.outbox`), and refused when that is unknown. On a Redis Cluster the
+        re-add and the delete are two steps that a repeated retry completes without
+        re-adding (:func:`bus.cluster_relay.retry_once`).
         """
         letter = await self.get(dlq_id)
         self._check_route(letter)
@@ -297,9 +310,22 @@ class DeadLetters:
         target = letter.group + (f"/{letter.handler}" if letter.handler else "")
         fields[TARGET_FIELD] = target
         fields[DLQ_LINK_FIELD] = dlq_id
-        args = [dlq_id, *(part for pair in fields.items() for part in pair)]
-        result: Any = await self._redis.eval(_RETRY, 2, self.key, letter.stream, *args)
-        reply = result.decode() if isinstance(result, bytes) else str(result)
+        parts = [part for pair in fields.items() for part in pair]
+        if is_cluster(self._redis):  # the letter and its stream are in two slots
+            try:
+                return await retry_once(
+                    self._redis, self.keys, self.key, dlq_id, stream=letter.stream,
+                    fields=parts, durable=self._durable,
+                )  # fmt: skip
+            except TargetNotAStreamError:
+                reply = "wrongtype"
+            except LookupError as done:
+                raise DeadLetterNotFoundError(
+                    f"dead letter {dlq_id} was retried already, as entry {done} of {letter.stream}"
+                ) from None
+        else:
+            result: Any = await self._redis.eval(_RETRY, 2, self.key, letter.stream, dlq_id, *parts)
+            reply = result.decode() if isinstance(result, bytes) else str(result)
         if reply == "gone":
             raise DeadLetterNotFoundError(
                 f"dead letter {dlq_id} not found: it was retried or purged meanwhile"

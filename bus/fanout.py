@@ -39,11 +39,13 @@ from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
+from bus.connection import is_cluster
 from bus.entry_id import EntryId
 from bus.keys import FANOUT_CONSUMER, FANOUT_GROUP, Keys
 from bus.lease import run_script
 from bus.periodic import forever
 from bus.redis_errors import is_busygroup, is_nogroup
+from bus.stream_watch import StreamWatch
 
 log = structlog.get_logger("bus.fanout")
 
@@ -192,6 +194,8 @@ class Fanout:
         #: Per stream key, the last entry id pumped (where the next wait reads after).
         self._positions: dict[str, str] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        #: On a cluster: each stream's blocking XREAD, kept across rounds.
+        self._watch = StreamWatch(redis, self._block_ms) if is_cluster(redis) else None
         #: Entries copied since this fanout was made, and those too big to copy.
         self.copied = 0
         self.too_big = 0
@@ -203,13 +207,17 @@ class Fanout:
 
     async def run(self) -> None:
         """Pump until cancelled; back off while Redis is unreachable or refuses."""
-        await forever(
-            self._round,
-            log=log,
-            what="fanout",
-            waiting="events wait in their streams",
-            failed=self._positions.clear,  # a lost group, say: prepare again
-        )
+        try:
+            await forever(
+                self._round,
+                log=log,
+                what="fanout",
+                waiting="events wait in their streams",
+                failed=self._positions.clear,  # a lost group, say: prepare again
+            )
+        finally:
+            if self._watch is not None:
+                self._watch.close()
 
     async def _round(self) -> None:
         for stream in sorted(set(self._streams())):
@@ -291,6 +299,11 @@ class Fanout:
         if not positions:
             await asyncio.sleep(self._block_ms / 1000)
             return []
+        if self._watch is not None:  # a cluster: one read per stream (one slot each)
+            found, failed = await self._watch.ready(positions)
+            if failed:
+                raise next(iter(failed.values()))
+            return found
         args = ["COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *positions, *positions.values()]
         # Never decoded: only the keys are looked at, and an entry need not be UTF-8.
         rows: Any = await self._redis.execute_command(  # type: ignore[no-untyped-call]

@@ -31,6 +31,18 @@ def consumer_name(bot_id: str, instance: int | str) -> str:
     return f"{bot_id}-{instance}"
 
 
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes of ``key``: the text between its first ``{`` and the next
+    ``}`` when that is not empty, else the whole key. A key named ``...{<hash_tag(k)>}`` is
+    in ``k``'s slot."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key builder for one namespace."""
@@ -83,6 +95,18 @@ class Keys:
         manager's relay moves each entry to its stream and stamps its ``source``."""
         return f"{self.namespace}:outbox:{{{bot_id}}}"
 
+    def relay_cursor(self, target: str) -> str:
+        """A hash in ``target``'s slot: per bot, the last outbox entry the relay appended
+        to ``target`` on a cluster (where the append and the outbox's trim cannot be one
+        script), so a relay round repeated after a crash appends nothing twice."""
+        return f"{self.namespace}:relayed:{{{hash_tag(target)}}}"
+
+    def retry_marker(self, stream: str, dlq_id: str) -> str:
+        """Set in ``stream``'s slot when a dead letter was re-added there on a cluster (the
+        re-add and the letter's delete are two steps there): its value is the new entry's
+        id, so a retry repeated after a crash adds nothing twice."""
+        return f"{self.namespace}:retried:{{{hash_tag(stream)}}}:{dlq_id}"
+
     def dead_letters(self) -> str:
         """The dead-letter stream of the namespace."""
         return f"{self.namespace}:dlq"
@@ -111,9 +135,15 @@ class Keys:
         return ":".join([f"{self.namespace}:bot:{bot_id}", *map(str, parts)])
 
     def lease(self, bot_id: str) -> str:
-        """Leader lease of an active/standby bot: ``<instance> <fencing token>``, with a TTL."""
-        return f"{self.namespace}:lease:{bot_id}"
+        """Leader lease of an active/standby bot: ``<instance> <fencing token>``, with a TTL.
+        Its hash tag is the bot's, so the lease and its fence share a slot on a cluster."""
+        return f"{self.namespace}:lease:{{{bot_id}}}"
 
     def fence(self, bot_id: str) -> str:
         """Counter of the bot's lease holders: each new holder gets the next fencing token."""
+        return f"{self.namespace}:lease:{{{bot_id}}}:fence"
+
+    def untagged_fence(self, bot_id: str) -> str:
+        """Where releases before hash-tagged lease keys kept the fence counter (moved to
+        :meth:`fence` by :func:`bus.lease.carry_fence_over`)."""
         return f"{self.namespace}:lease:{bot_id}:fence"

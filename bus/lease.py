@@ -19,6 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from bus.connection import is_cluster
 from bus.keys import Keys
 
 # KEYS[1] lease, KEYS[2] fence counter; ARGV[1] instance, ARGV[2] ttl in ms.
@@ -158,6 +159,25 @@ async def release_for(redis: Redis, keys: Keys, bot_id: str, instance: str) -> b
         return False
     released: Any = await redis.eval(_RELEASE, 1, keys.lease(bot_id), f"{instance} {holder[1]}")
     return int(released) == 1
+
+
+#: KEYS[1] the old fence counter, KEYS[2] the new one: the new one is at least the old.
+_CARRY_FENCE = """
+local old = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local new = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if old > new then redis.call('SET', KEYS[2], old) end
+return redis.call('DEL', KEYS[1])
+"""
+
+
+async def carry_fence_over(redis: Redis, keys: Keys, bot_id: str) -> bool:
+    """Move a fence counter from its key before hash tags (``lease:<bot>:fence``) to
+    :meth:`~bus.keys.Keys.fence`, so fencing tokens never go back across an upgrade; whether
+    there was one. A cluster never had the old keys (the two slots differ): nothing to do."""
+    if is_cluster(redis):
+        return False
+    moved: Any = await redis.eval(_CARRY_FENCE, 2, keys.untagged_fence(bot_id), keys.fence(bot_id))
+    return int(moved) == 1
 
 
 async def holder(redis: Redis, keys: Keys, bot_id: str) -> tuple[str, int] | None:

@@ -26,10 +26,13 @@ from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
+from bus.cluster_relay import NO_WAIT, Durable, relay_planned
+from bus.connection import is_cluster
 from bus.keys import Keys, group_name
 from bus.lease import run_script
 from bus.periodic import forever
 from bus.routing import Router
+from bus.stream_watch import StreamWatch
 
 log = structlog.get_logger("bus.outbox")
 
@@ -58,7 +61,21 @@ return 0
 #: names, then with that entry's ``source`` (if it has one), else ``missing``. A letter's
 #: copy of the event is the bot's word; ``dlq retry`` writes the stream's source instead,
 #: and refuses a ``missing`` one.
+#:
+#: Given the outbox alone (KEYS[1], on a Redis Cluster, where the streams live in other
+#: slots) it writes nothing and plans: it returns ``{count, last id, {{KEYS index, outbox
+#: id, fields, named stream, named entry id}...}}``, a letter without its ``origin``, for
+#: :mod:`bus.cluster_relay` to append and look up.
 _RELAY = """
+local plan = #KEYS == 1
+local planned = {}
+local function emit(k, id, f, named, entry_id)
+  if plan then
+    planned[#planned + 1] = {k, id, f, named or '', entry_id or ''}
+  else
+    redis.call('XADD', KEYS[k], '*', unpack(f))
+  end
+end
 local routes = {}
 for i = 8, #ARGV, 2 do routes[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local source, group, mark, prefix = ARGV[1], ARGV[2], ARGV[5], ARGV[7]
@@ -90,7 +107,7 @@ local function route(type_)
   if type_ then cache[type_] = target end
   return target
 end
-local function dead_letter(f)
+local function dead_letter(id, f)
   local out, named, entry_id = {}, nil, nil
   for i = 1, #f, 2 do
     local name = f[i]
@@ -101,24 +118,28 @@ local function dead_letter(f)
       out[#out + 1] = f[i + 1]
     end
   end
-  local held = origin(named, entry_id)
   out[#out + 1] = 'group'
   out[#out + 1] = group
+  if plan then  -- the stream it names may be on another node: the caller looks
+    emit(2, id, out, named or '', entry_id or '')
+    return
+  end
+  local held = origin(named, entry_id)
   out[#out + 1] = 'origin'
   if held == nil then out[#out + 1] = 'missing' else out[#out + 1] = 'found' end
   if held then
     out[#out + 1] = 'source'
     out[#out + 1] = held
   end
-  redis.call('XADD', KEYS[2], '*', unpack(out))
+  emit(2, id, out)
 end
 local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[3]))
 for _, row in ipairs(rows) do
   local id, f = row[1], row[2]
   if #f > tonumber(ARGV[6]) then
-    redis.call('XADD', KEYS[2], '*', 'reason', 'malformed', 'group', group,
+    emit(2, id, {'reason', 'malformed', 'group', group,
       'error', 'outbox entry with ' .. (#f / 2) .. ' fields: dropped, too many to relay',
-      'stream', '', 'entry_id', id, 'entry', '{}', 'origin', 'missing')
+      'stream', '', 'entry_id', id, 'entry', '{}', 'origin', 'missing'})
   else
     -- An event is stamped in place (every 'source' field, or one added) and sent on.
     local type_, letter, stamped = nil, false, false
@@ -132,15 +153,18 @@ for _, row in ipairs(rows) do
       end
     end
     if letter then
-      dead_letter(f)
+      dead_letter(id, f)
     else
       if not stamped then
         f[#f + 1] = 'source'
         f[#f + 1] = source
       end
-      redis.call('XADD', KEYS[route(type_)], '*', unpack(f))
+      emit(route(type_), id, f)
     end
   end
+end
+if plan then
+  return {#rows, #rows > 0 and rows[#rows][1] or '', planned}
 end
 if #rows > 0 then  -- everything up to the last row moved: one trim, not a delete per entry
   local last = rows[#rows][1]
@@ -164,8 +188,11 @@ class OutboxRelay:
         batch: int = 500,
         block: float = 1.0,
         departed_grace: float = 60.0,
+        durable: Durable = NO_WAIT,
     ) -> None:
         self._redis = redis
+        #: On a cluster: the replicas a relayed entry must reach before it leaves its outbox.
+        self._durable = durable
         self._keys = keys
         self._bots = bots
         self._batch = batch
@@ -188,16 +215,22 @@ class OutboxRelay:
         self._broken: set[str] = set()
         #: Entries moved since the relay was made, for status and tests.
         self.moved = 0
+        self._cluster = is_cluster(redis)
+        #: On a cluster: each outbox's blocking XREAD, kept across rounds.
+        self._watch = StreamWatch(redis, self._block_ms)
 
     async def run(self) -> None:
         """Relay until cancelled; back off while Redis is unreachable or refuses."""
         self._known = None
-        await forever(
-            self._round,
-            log=log,
-            what="outbox relay",
-            waiting="bots' events wait in their outboxes",
-        )
+        try:
+            await forever(
+                self._round,
+                log=log,
+                what="outbox relay",
+                waiting="bots' events wait in their outboxes",
+            )
+        finally:
+            self.close()
 
     async def _round(self) -> None:
         bots = frozenset(self._bots())
@@ -241,13 +274,20 @@ class OutboxRelay:
     async def drain(self, bot_id: str) -> int:
         """Move everything waiting in ``bot_id``'s outbox; how many entries that was."""
         outbox = self._keys.outbox(bot_id)
-        keys = [outbox, self._keys.dead_letters(), *self._stream_keys]
+        targets = [outbox, self._keys.dead_letters(), *self._stream_keys]
+        keys = [outbox] if self._cluster else targets
         args = [bot_id, group_name(bot_id), self._batch, *self._route_args]
         args += [DEAD_LETTER_MARK, MAX_FIELDS * 2, self._keys.stream_prefix(), *self._routes]
         moved = 0
         while True:
             try:
-                count = int(await run_script(self._redis, _RELAY, keys, args))
+                reply = await run_script(self._redis, _RELAY, keys, args)
+                if self._cluster:
+                    count = await relay_planned(
+                        self._redis, self._keys, bot_id, targets, reply, durable=self._durable
+                    )
+                else:
+                    count = int(reply)
             except ResponseError as exc:
                 if not str(exc).startswith("WRONGTYPE"):
                     raise
@@ -271,6 +311,8 @@ class OutboxRelay:
         if not outboxes:
             await asyncio.sleep(self._block_ms / 1000)
             return []
+        if self._cluster:
+            return await self._wait_each(outboxes)
         args = ["COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *outboxes, *["0-0"] * len(outboxes)]
         try:
             # Never decoded: an entry a bot wrote need not be UTF-8.
@@ -286,6 +328,19 @@ class OutboxRelay:
             return []
         ready = rows.keys() if isinstance(rows, dict) else [key for key, _ in rows or []]
         return [outboxes[_text(key)] for key in ready]  # RESP3 answers a map
+
+    async def _wait_each(self, outboxes: dict[str, str]) -> list[str]:
+        """:meth:`_wait` on a cluster, where one XREAD cannot span the outboxes' slots."""
+        ready, failed = await self._watch.ready(dict.fromkeys(outboxes, "0-0"))
+        for key, error in failed.items():
+            if not (isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE")):
+                raise error
+            self._broken_outbox(outboxes[key], key)
+        return [outboxes[key] for key in ready]
+
+    def close(self) -> None:
+        """Cancel the reads a cluster relay keeps between rounds."""
+        self._watch.close()
 
     def _broken_outbox(self, bot_id: str, key: str) -> None:
         if key not in self._broken:

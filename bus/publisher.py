@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bus.backpressure import Backpressure, refused
-from bus.connection import raise_swallowed_cancel, redact
+from bus.connection import is_cluster, raise_swallowed_cancel, redact
 from bus.context import correlation_for
 from bus.errors import BusConnectionError, BusDurabilityError, EventValidationError
 from bus.event import Event, validate_data, validate_key, validate_source, validate_type
@@ -125,7 +125,7 @@ class Publisher:
             if self._replicas:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.xadd(stream, fields)  # type: ignore[arg-type]
-                    entry_id, acknowledged = await self._wait(pipe)
+                    entry_id, acknowledged = await self._wait(pipe, [stream])
             else:
                 entry_id = await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
         except UNAVAILABLE as exc:
@@ -140,12 +140,21 @@ class Publisher:
             self._check_replicas(acknowledged, 1)
         return str(entry_id)
 
-    async def _wait(self, pipe: Any) -> tuple[Any, int]:
+    async def _wait(self, pipe: Any, streams: list[str]) -> tuple[Any, int]:
         """Add ``WAIT`` to ``pipe`` (on the connection that wrote), run it: the first reply
-        and how many replicas confirmed everything written before."""
-        pipe.execute_command("WAIT", self._replicas, self._replicas_timeout_ms)
+        and how many replicas confirmed everything written before. On a cluster the
+        pipeline writes to each stream's primary on one connection: a ``WAIT`` for each of
+        those primaries, and the fewest replicas any confirmed."""
+        nodes: list[Any] = [None]
+        if is_cluster(self._redis):
+            cluster: Any = self._redis
+            await cluster.initialize()  # at once when it knows the slots already
+            nodes = list({n.name: n for n in map(cluster.get_node_from_key, streams)}.values())
+        for node in nodes:
+            target = {} if node is None else {"target_nodes": node}
+            pipe.execute_command("WAIT", self._replicas, self._replicas_timeout_ms, **target)
         replies: list[Any] = await pipe.execute()
-        return replies[0], int(replies[-1])
+        return replies[0], min(int(n) for n in replies[len(replies) - len(nodes) :])
 
     def _check_replicas(self, acknowledged: int, count: int) -> None:
         if acknowledged >= self._replicas:
@@ -181,7 +190,8 @@ class Publisher:
                     for stream, fields, _ in prepared:
                         pipe.xadd(stream, fields)  # type: ignore[arg-type]
                     if self._replicas:
-                        _, acknowledged = await self._wait(pipe)
+                        streams = [stream for stream, _, _ in prepared]
+                        _, acknowledged = await self._wait(pipe, streams)
                     else:
                         await pipe.execute()
         except UNAVAILABLE as exc:

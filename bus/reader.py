@@ -17,7 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bus.backoff import REDIS_RETRY
-from bus.connection import raise_swallowed_cancel
+from bus.connection import is_cluster, raise_swallowed_cancel
 from bus.dispatcher import Dispatcher
 from bus.dlq import DeadLetterReason
 from bus.errors import GroupMissingError
@@ -181,29 +181,44 @@ class Reader:
         self._stopping = stopping
         self._stats = stats
         self._conn: Redis | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def connect(self) -> bool:
         """Open the reader's own connection (its blocking reads hold it); False if the
-        consumer stopped before Redis could be reached."""
-        self._conn = conn = self._redis.client()
+        consumer stopped before Redis could be reached.
+
+        On a Redis Cluster there is no connection of its own: each stream has its own hash
+        slot and one XREADGROUP may not span two, so each stream gets its own read loop, and
+        the cluster client gives each blocking read a connection to the stream's node.
+        """
+        if is_cluster(self._redis):
+            self._conn = self._redis
+            initialize: Any = getattr(self._redis, "initialize")  # noqa: B009 - RedisCluster's
+        else:
+            self._conn = self._redis.client()
+            initialize = self._conn.initialize
         with suppress(Stopping):
-            await self._keeper.call(conn.initialize)
+            await self._keeper.call(initialize)
         return not self._stopping.is_set()
 
     async def close(self) -> None:
         """Close the reader's connection."""
-        if self._conn is not None:
+        if self._conn is not None and self._conn is not self._redis:
             await self._conn.aclose()
 
     def start(self, tg: asyncio.TaskGroup) -> asyncio.Task[None]:
-        """Start the read loop in ``tg`` (after :meth:`connect`); it ends at :meth:`stop`."""
+        """Start the read loop in ``tg`` (after :meth:`connect`); it ends at :meth:`stop`.
+        On a cluster, one loop per stream; the task returned is the first."""
         assert self._conn is not None
-        self._task = task = tg.create_task(self._read_loop(self._conn))
-        self._keeper.quit_on_stop(task)
-        return task
+        conn = self._conn
+        groups = [[s] for s in self._streams] if conn is self._redis else [list(self._streams)]
+        for streams in groups:
+            task = tg.create_task(self._read_loop(conn, streams))
+            self._keeper.quit_on_stop(task)
+            self._tasks.append(task)
+        return self._tasks[0]
 
     async def stop(self) -> None:
         """End the read loop, cancelling its blocking XREADGROUP.
@@ -214,22 +229,23 @@ class Reader:
         consumer (or another replica's reclaim) takes it: nothing is lost. Entries already
         read are dispatched before the loop awaits again, so none is half taken.
         """
-        reader = self._task
-        if reader is None or reader.done():
+        running = [task for task in self._tasks if not task.done()]
+        if not running:
             return
-        reader.cancel()
-        await asyncio.wait({reader}, timeout=self._settings.block_ms / 1000 + 1)
+        for task in running:
+            task.cancel()
+        await asyncio.wait(running, timeout=self._settings.block_ms / 1000 + 1)
 
     # -- reading -------------------------------------------------------------------------
 
-    async def _read_loop(self, conn: Redis) -> None:
+    async def _read_loop(self, conn: Redis, streams: Sequence[str]) -> None:
         with suppress(Stopping):
-            await self._read_entries(conn)
+            await self._read_entries(conn, streams)
 
-    async def _read_entries(self, conn: Redis) -> None:
+    async def _read_entries(self, conn: Redis, read: Sequence[str]) -> None:
         keeper, inflight, dispatcher = self._keeper, self._inflight, self._dispatcher
-        await keeper.call(self._drain_own_pending, conn)
-        streams = dict.fromkeys(self._streams, ">")
+        await keeper.call(self._drain_own_pending, conn, read)
+        streams = dict.fromkeys(read, ">")
         while not self._stopping.is_set():
             await inflight.wait_for_room()
             if self._stopping.is_set():
@@ -247,9 +263,9 @@ class Reader:
                     dispatcher.dispatch(stream, entry_id, fields)
             dispatcher.hand_out()
 
-    async def _drain_own_pending(self, conn: Redis) -> None:
+    async def _drain_own_pending(self, conn: Redis, streams: Sequence[str]) -> None:
         """Re-take entries this consumer name had taken before a restart."""
-        for stream in self._streams:
+        for stream in streams:
             last = "0"
             while not self._stopping.is_set():
                 await self._inflight.wait_for_room()

@@ -120,6 +120,11 @@ class RedisMemoryStatus(_Status):
     policy: str = Field("", description="maxmemory-policy (noeviction is the safe one)")
     backpressure: bool
     holders: list[TrimHolderStatus] = Field(default_factory=list)
+    shard: str = Field(
+        "", description="on a Redis Cluster: the primary (host:port) these figures are of, "
+        "the fullest shard; empty for one node"
+    )  # fmt: skip
+    shards: int = Field(1, description="primaries: 1, or a cluster's shard count")
 
 
 class GroupStatus(_Status):

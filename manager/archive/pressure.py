@@ -34,6 +34,7 @@ from bus.periodic import every
 from manager.announcer import Announcer
 from manager.archive.trimmer import Holder, Trimmer
 from manager.config import MemorySettings
+from manager.observe.redis_info import shard_memory
 from manager.status import RedisMemoryStatus, TrimHolderStatus
 
 log = structlog.get_logger("manager.archive.pressure")
@@ -53,6 +54,9 @@ class PressureState:
     policy: str = ""
     backpressure: bool = False
     holders: list[Holder] = field(default_factory=list)
+    #: On a cluster: the shard the figures are of (the fullest), and how many there are.
+    shard: str = ""
+    shards: int = 1
 
     def status(self, keys: Keys) -> RedisMemoryStatus:
         """Its part of the status document."""
@@ -62,6 +66,8 @@ class PressureState:
             policy=self.policy,
             backpressure=self.backpressure,
             holders=[_holder(keys, h) for h in self.holders],
+            shard=self.shard,
+            shards=self.shards,
         )
 
 
@@ -124,22 +130,24 @@ class PressureWatch:
 
     async def _measure(self) -> bool:
         """Read used memory and the limit; False when Redis has no limit to watch."""
-        info: Any = await self._redis.info("memory")
+        shards = await shard_memory(self._redis)  # the fullest first
+        bounded = [s for s in shards if s.maxmemory > 0]
+        unsafe = [s for s in shards if s.maxmemory <= 0 or s.policy != "noeviction"]
+        fullest = (bounded or shards)[0]
         state = self.state
-        state.used = int(info["used_memory"])
-        state.maxmemory = int(info.get("maxmemory") or 0)
-        state.policy = str(info.get("maxmemory_policy") or "")
-        unbounded = state.maxmemory <= 0 or state.policy != "noeviction"
-        if unbounded and not self._warned_unbounded:
+        state.used, state.maxmemory, state.policy = fullest.used, fullest.maxmemory, fullest.policy
+        state.shard, state.shards = fullest.node, len(shards)
+        if unsafe and not self._warned_unbounded:
             log.error(
                 "Redis's memory is not bounded safely: set maxmemory and "
                 "maxmemory-policy noeviction (see config/redis.conf). Without a limit it "
                 "grows until the kernel kills it; with an evicting policy it deletes events",
-                maxmemory=state.maxmemory,
-                policy=state.policy,
+                maxmemory=unsafe[0].maxmemory,
+                policy=unsafe[0].policy,
+                **({"shard": unsafe[0].node} if unsafe[0].node else {}),
             )
             self._warned_unbounded = True
-        return state.maxmemory > 0
+        return bool(bounded)
 
     async def _raise(self) -> None:
         state = self.state

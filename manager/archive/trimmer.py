@@ -50,7 +50,7 @@ from manager.announcer import Announcer
 from manager.archive.removed_groups import RemovedGroups
 from manager.config import ArchiveSettings
 from manager.observe.lag import stream_keys
-from manager.observe.memory import redis_used_memory
+from manager.observe.redis_info import shard_memory
 
 log = structlog.get_logger("manager.archive.trimmer")
 
@@ -107,7 +107,7 @@ class Trimmer:
         limit = self._settings.hot_window_max_memory
         if self.urgent:
             cutoff = EntryId(now_ms + 1, 0)
-        elif limit is not None and await redis_used_memory(self._redis) > limit:
+        elif limit is not None and (await shard_memory(self._redis))[0].used > limit:
             # Over the memory share of the hot window: keep only what is not yet safe to
             # drop (unarchived or unacked), whatever its age.
             cutoff = EntryId(now_ms + 1, 0)

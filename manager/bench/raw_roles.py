@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 
 from bus.connection import sentinel_primary
@@ -29,10 +30,15 @@ _BLOCK_MS = 100  # BLOCK returns as soon as an entry arrives; this only bounds t
 
 
 def _client(url: str) -> Redis:
-    """One connection of plain redis-py (the primary's, for a Sentinel URL: a pool)."""
+    """One connection of plain redis-py (the primary's, for a Sentinel URL: a pool; for a
+    cluster, redis-py's own cluster client with its defaults)."""
     target = parse_redis_url(url)
     if target.kind == "sentinel":
         return sentinel_primary(target)
+    if target.kind == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in target.seeds]
+        options = {k: v for k, v in target.connection_options().items() if k != "db"}
+        return cast(Redis, RedisCluster(startup_nodes=nodes, **options))
     return Redis.from_url(url, single_connection_client=True)
 
 

@@ -58,6 +58,7 @@ from manager.daemon.redis_acl import (
     generate_password,
     streams_username,
 )
+from manager.daemon.redis_replicas import replica_clients
 from manager.embedded.redis_server import RedisServer
 
 log = structlog.get_logger("manager.bench")
@@ -134,11 +135,16 @@ async def _as_bots(
     a relay and a fanout moving the events, in this process as in the manager's."""
     keys = Keys(namespace)
     urls = []
-    for bot in (CONSUMER_BOT, PRODUCER_BOT):
-        password = generate_password()
-        username = await ensure_bot_user(admin, keys, bot, password, durable=durable)
-        urls.append(bot_redis_url(url, username, password))
-        urls.append(bot_redis_url(url, streams_username(namespace, bot), password))
+    # As the manager does: the users on every node that may serve them (a replica, or
+    # every node of a cluster), since Redis keeps ACL users per node.
+    async with replica_clients(admin, url) as replicas:
+        for bot in (CONSUMER_BOT, PRODUCER_BOT):
+            password = generate_password()
+            username = await ensure_bot_user(
+                admin, keys, bot, password, durable=durable, replicas=replicas
+            )
+            urls.append(bot_redis_url(url, username, password))
+            urls.append(bot_redis_url(url, streams_username(namespace, bot), password))
     stream = keys.stream(ROUTES["bench"])
     fanout = Fanout(admin, keys, lambda: [stream])
     await fanout.subscribe(stream, group_name(CONSUMER_BOT), "$")
@@ -150,8 +156,9 @@ async def _as_bots(
         for task in moving:
             task.cancel()
         await asyncio.gather(*moving, return_exceptions=True)
-        for bot in (CONSUMER_BOT, PRODUCER_BOT):
-            await delete_bot_user(admin, keys, bot)
+        async with replica_clients(admin, url) as replicas:
+            for bot in (CONSUMER_BOT, PRODUCER_BOT):
+                await delete_bot_user(admin, keys, bot, replicas=replicas)
 
 
 @contextlib.asynccontextmanager

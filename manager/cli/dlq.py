@@ -8,6 +8,7 @@ from typing import Any
 import click
 from redis.asyncio import Redis
 
+from bus.cluster_relay import Durable
 from bus.dlq import DeadLetter, DeadLetterReason, DeadLetters
 from bus.entry_id import EntryId
 from bus.errors import DeadLetterNotFoundError, DeadLetterRetryError
@@ -33,7 +34,8 @@ def dlq() -> None:
 
 def _dead_letters(redis: Redis, settings: BusSettings) -> DeadLetters:
     router = Router(settings.routes, settings.default_stream)
-    return DeadLetters(redis, Keys(settings.namespace), router)
+    durable = Durable.of(settings)
+    return DeadLetters(redis, Keys(settings.namespace), router, durable=durable)
 
 
 def _not_found(ids: Sequence[str]) -> click.ClickException:

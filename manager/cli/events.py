@@ -15,7 +15,7 @@ import structlog
 from redis.asyncio import Redis
 
 from bus.conditions import Where
-from bus.connection import raise_swallowed_cancel
+from bus.connection import is_cluster, raise_swallowed_cancel
 from bus.entry_id import MAX_PART, EntryId
 from bus.errors import (
     EntryIdRangeError,
@@ -31,6 +31,7 @@ from bus.replay import replay, stream_id_at
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
 from bus.settings import BusSettings
+from bus.stream_watch import StreamWatch
 from bus.wire import decode, format_timestamp
 from manager.cli.lazy import LazyGroup
 from manager.cli.output import echo_json
@@ -275,6 +276,8 @@ class _Tail:
         self.streams = sorted(self.keys.stream(s) for s in self.router.streams_for(pattern))
         #: Set by Ctrl-C.
         self.interrupted = False
+        #: On a cluster: the blocking reads per stream, kept between rounds.
+        self._watch: StreamWatch | None = None
 
     async def run(self) -> None:
         """Print history (with ``since``), then new events, until ``count`` were printed or
@@ -317,9 +320,13 @@ class _Tail:
             )
             if self.since is not None:
                 await self._history(redis, self.since, positions)
-            while self.left != 0 and not self.interrupted:
-                await self._follow(redis, positions)
-                raise_swallowed_cancel()
+            try:
+                while self.left != 0 and not self.interrupted:
+                    await self._follow(redis, positions)
+                    raise_swallowed_cancel()
+            finally:
+                if self._watch is not None:
+                    self._watch.close()
 
     async def _history(self, redis: Redis, since: str, positions: dict[str, str]) -> None:
         history = replay(redis, self.keys, self.router, [self.pattern.text], since=since)
@@ -335,8 +342,18 @@ class _Tail:
     async def _follow(self, redis: Redis, positions: dict[str, str]) -> None:
         block_ms = self.settings.consumer.block_ms
         read_count = self.settings.consumer.read_count
-        reply: Any = await redis.xread(positions, count=read_count, block=block_ms)  # type: ignore[arg-type]
-        batches = reply.items() if isinstance(reply, dict) else reply or []
+        if is_cluster(redis):  # one XREAD per stream (slot); the watch blocks for them
+            self._watch = self._watch or StreamWatch(redis, block_ms)
+            ready, failed = await self._watch.ready(positions)
+            if failed:
+                raise next(iter(failed.values()))
+            batches: Any = []
+            for stream in ready:
+                reply: Any = await redis.xread({stream: positions[stream]}, count=read_count)
+                batches += reply.items() if isinstance(reply, dict) else reply or []
+        else:
+            reply = await redis.xread(positions, count=read_count, block=block_ms)  # type: ignore[arg-type]
+            batches = reply.items() if isinstance(reply, dict) else reply or []
         got: list[Event] = []
         floor = EntryId.parse(self.since) if self.since is not None else (0, 0)
         for stream, entries in batches:

@@ -105,6 +105,11 @@ _CONNECTION_RULES: tuple[tuple[str, str], ...] = (
     ("+hello", "the RESP3 handshake, which authenticates (HELLO 3 AUTH user password)"),
     ("+ping", "redis-py's health check on idle connections"),
     ("+client|setname", "name each connection <bot_id>-<instance> (visible to the operator)"),
+    # A Redis Cluster client learns the slot map and the commands' key positions; both
+    # are the same for every user and name no key. A single node refuses CLUSTER SLOTS.
+    ("+cluster|slots", "a cluster client's slot map: which node serves which keys"),
+    ("+cluster|shards", "a cluster client's slot map (newer redis-py)"),
+    ("+command", "a cluster client's table of where each command's keys are"),
     # Not CLIENT ID/UNBLOCK/KILL/LIST: a stopping reader cancels its own blocking read.
     # redis-py's Script loads a script when EVALSHA answers NOSCRIPT; loading runs nothing.
     ("+script|load", "load the project's scripts after a Redis restart (bus.lease.run_script)"),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from bus import BusClient
+from bus.cluster_relay import Durable
 from bus.fanout import Fanout
 from bus.keys import Keys
 from bus.outbox import OutboxRelay
@@ -141,7 +142,10 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         provision=lambda: provisioner.prepare_bots(context.bots(), coordinator),
         fanout=fanout,
     )
-    relay = OutboxRelay(admin, keys, context.router, lambda: [b.id for b in context.bots()])
+    relay = OutboxRelay(
+        admin, keys, context.router, lambda: [b.id for b in context.bots()],
+        durable=Durable.of(context.bus_settings),
+    )  # fmt: skip
     return Parts(
         clients,
         archive,

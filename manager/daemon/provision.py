@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from bus.archive.errors import ArchiveUnavailableError
 from bus.keys import Keys
+from bus.lease import carry_fence_over
 from bus.settings import BusSettings
 from bus.supervision import RuntimeSpec
 from manager.archive.link import ArchiveLink, ensure_reader
@@ -138,6 +139,9 @@ class Provisioner:
                     durable=self._settings.bus.publish_replicas > 0,
                     replicas=replicas,
                 )
+        for bot in bots:
+            if bot.standby and await carry_fence_over(self._admin, self._keys, bot.id):
+                log.info("lease fence counter moved to its hash-tagged key", bot_id=bot.id)
         created = await coordinator.ensure_groups(bots)
         await self._record_subscriptions(bots)
         log.info("bots prepared", bots=len(bots), groups_created=created)

@@ -51,6 +51,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
+from bus.connection import is_cluster
 from bus.deployment import SCHEMES, SCHEMES_TEXT, split_url
 from bus.keys import Keys
 from manager.daemon.acl_rules import (
@@ -181,7 +182,7 @@ async def ensure_bot_user(
     has stay open and get the new permissions at once. The users are set on ``replicas``
     too (:mod:`.redis_replicas`). ``durable``: the publishing user may WAIT for replicas.
     """
-    db = int(admin.connection_pool.connection_kwargs.get("db") or 0)
+    db = 0 if is_cluster(admin) else int(admin.connection_pool.connection_kwargs.get("db") or 0)
     users = {
         bot_username(keys.namespace, bot_id): bot_acl_rules(
             keys, bot_id, db=db, outbox=outbox, durable=durable

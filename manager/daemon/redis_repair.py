@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import structlog
 from redis.asyncio import Redis
@@ -25,8 +24,9 @@ from bus.tls import REDIS_TLS, tls_problem
 from manager.archive.link import ArchiveLink
 from manager.archive.restore import restore
 from manager.config import ArchiveSettings, BotConfig
-from manager.daemon.redis_replicas import replica_addresses
+from manager.daemon.redis_replicas import other_nodes
 from manager.errors import ManagerError
+from manager.observe.redis_info import primaries_info
 from manager.supervision.group_grants import declared_streams
 
 log = structlog.get_logger("manager")
@@ -129,19 +129,24 @@ class RedisRepair:
             )
 
     async def watch_identity(self) -> None:
-        """Notice a restarted Redis or a new primary (its run_id changes) and repair what it
-        may have lost; set the bots' users on a replica that joined (ACL users are not
-        replicated: see :mod:`.redis_replicas`)."""
-        run_id: str | None = None
+        """Notice a restarted Redis or a new primary (its run_id changes; on a cluster, any
+        primary's) and repair what it may have lost; set the bots' users on a replica or
+        cluster node that joined (ACL users are not replicated: see
+        :mod:`.redis_replicas`)."""
+        run_ids: dict[str, str] | None = None
         replicas: set[tuple[str, int]] | None = None
         while True:
             raise_swallowed_cancel()
             try:
-                info: Any = await self._admin.info("server")
-                current = str(info.get("run_id"))
-                now_replicas = set(await replica_addresses(self._admin))
-                if run_id is not None and current != run_id:
-                    log.warning("Redis restarted (new run_id): checking what it lost")
+                infos = await primaries_info(self._admin, "server")
+                current = {node: str(info.get("run_id")) for node, info in infos.items()}
+                now_replicas = set(await other_nodes(self._admin))
+                if run_ids is not None and set(current.values()) - set(run_ids.values()):
+                    changed = sorted(n for n, r in current.items() if run_ids.get(n) != r)
+                    log.warning(
+                        "Redis restarted or failed over (new run_id): checking what it lost",
+                        **({"primaries": changed} if changed != [""] else {}),
+                    )
                     await self.redis_restarted()
                 elif replicas is not None and now_replicas - replicas:
                     log.info(
@@ -149,7 +154,7 @@ class RedisRepair:
                         replicas=sorted(f"{h}:{p}" for h, p in now_replicas - replicas),
                     )
                     await self._provision()
-                run_id, replicas = current, now_replicas
+                run_ids, replicas = current, now_replicas
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

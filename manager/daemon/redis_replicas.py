@@ -7,6 +7,9 @@ locked out of the new primary. The manager therefore sets them on the primary an
 replica the primary lists (``INFO replication``), with the primary's login; it does so
 again whenever the primary changes (a failover gives a new ``run_id``, and the manager
 prepares the bots again, see ``redis_repair``).
+
+On a Redis Cluster, every node keeps its own users too: there the "replicas" are every node
+of the cluster, primaries and replicas, as the cluster client last learned them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bus.connection import redact
+from bus.connection import is_cluster, redact
 from bus.deployment import parse_redis_url
 
 log = structlog.get_logger("manager")
@@ -36,6 +39,23 @@ async def replica_addresses(primary: Redis) -> list[tuple[str, int]]:
     return found
 
 
+async def cluster_addresses(cluster: Redis) -> list[tuple[str, int]]:
+    """``(host, port)`` of every node of a Redis Cluster (primaries first), as it names
+    them now."""
+    client: Any = cluster
+    await client.initialize()
+    nodes = [*client.get_primaries(), *client.get_replicas()]
+    return [(str(node.host), int(node.port)) for node in nodes]
+
+
+async def other_nodes(redis: Redis) -> list[tuple[str, int]]:
+    """The nodes besides the one ``redis`` writes to that keep users of their own: the
+    primary's replicas, or every node of a cluster."""
+    if is_cluster(redis):
+        return await cluster_addresses(redis)
+    return await replica_addresses(redis)
+
+
 @contextlib.asynccontextmanager
 async def replica_clients(primary: Redis, primary_url: str) -> AsyncIterator[list[Redis]]:
     """A client for each replica of ``primary``, logged in as ``primary_url`` logs in (its
@@ -43,7 +63,7 @@ async def replica_clients(primary: Redis, primary_url: str) -> AsyncIterator[lis
     lists but that cannot be listed (the primary went away) gives none."""
     target = parse_redis_url(primary_url)
     try:
-        addresses = await replica_addresses(primary)
+        addresses = await other_nodes(primary)
     except RedisError as exc:
         log.warning("cannot list the Redis replicas", error=str(exc), url=redact(primary_url))
         addresses = []

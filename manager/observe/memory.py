@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import psutil
 from redis.asyncio import Redis
 
 from manager.observe.proc_access import OsIds, seeing_as
+from manager.observe.redis_info import shard_memory
 from manager.observe.thresholds import Threshold, ThresholdWatch
 
 _UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
@@ -48,9 +49,9 @@ def tree_rss(pid: int, owner: OsIds | None = None) -> int | None:
 
 
 async def redis_used_memory(redis: Redis) -> int:
-    """Bytes Redis has allocated for its data (INFO memory ``used_memory``)."""
-    info: Any = await redis.info("memory")
-    return int(info["used_memory"])
+    """Bytes Redis has allocated for its data (INFO memory ``used_memory``); on a cluster,
+    the sum over its primaries (each shard's own figure: :func:`shard_memory`)."""
+    return sum(shard.used for shard in await shard_memory(redis))
 
 
 def parse_size(text: str | int) -> int:

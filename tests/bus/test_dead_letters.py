@@ -15,7 +15,7 @@ from bus.breaker import BreakerState
 from bus.errors import DeadLetterRetryError
 from bus.settings import BreakerSettings, RetrySettings
 from tests.conftest import BusFactory
-from tests.support import redis_client, running, wait_until
+from tests.support import config_set, redis_client, running, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
@@ -275,8 +275,8 @@ class TestMalformed:
         stream = client.keys.stream("user")
         await producer.publish("user.x.y", {"n": 1})
         await redis.xgroup_create(stream, "bot-group-a", id="0")  # XGROUP CREATE needs memory
-        await redis.config_set("maxmemory-policy", "noeviction")
-        await redis.config_set("maxmemory", "1")  # every XADD (the dead letter) refused: OOM
+        await config_set(redis, "maxmemory-policy", "noeviction")
+        await config_set(redis, "maxmemory", "1")  # every XADD (the dead letter) refused: OOM
         try:
             with capture_logs() as logs:
                 async with running(client):
@@ -285,10 +285,10 @@ class TestMalformed:
                     )
                     pending = await redis.xpending(stream, "bot-group-a")
                     assert pending["pending"] == 1 and await client.dlq.count() == 0
-                    await redis.config_set("maxmemory", "0")
+                    await config_set(redis, "maxmemory", "0")
                     await wait_until(lambda: client.stats()["counters"].get("acked") == 1, 20)
         finally:
-            await redis.config_set("maxmemory", "0")
+            await config_set(redis, "maxmemory", "0")
         assert any(e["event"].startswith("Redis refuses the dead letter") for e in logs)
         (letter,) = await client.dlq.list()
         assert letter.reason in ("handler_error", "poison")

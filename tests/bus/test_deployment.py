@@ -1,4 +1,4 @@
-"""Reading a redis_url: one node, or a primary named by a Sentinel set."""
+"""Reading a redis_url: one node, a primary named by a Sentinel set, or a Redis Cluster."""
 
 from __future__ import annotations
 
@@ -32,6 +32,20 @@ class TestParse:
         assert (options["username"], options["password"], options["db"]) == ("app", "secret", 3)
         assert options["socket_timeout"] == 2.0 and "sentinel_password" not in options
 
+    def test_a_cluster_url_names_seed_nodes_with_one_login(self) -> None:
+        """Hosts are seeds (any few nodes); user, password and options reach every node;
+        the database is 0, whether the path says /0 or nothing."""
+        target = parse_redis_url(
+            "rediss+cluster://app:pw@10.0.0.1:7000,[::1]:7001/0?ssl_ca_certs=/ca"
+        )
+        assert target.kind == "cluster"
+        assert target.seeds == (("10.0.0.1", 7000), ("::1", 7001))
+        options = target.connection_options()
+        assert (options["username"], options["password"], options["db"]) == ("app", "pw", 0)
+        assert options["ssl"] is True and options["ssl_ca_certs"] == "/ca"
+        assert parse_redis_url("redis+cluster://h:7000").seeds == (("h", 7000),)
+        assert parse_redis_url("redis://h:1/0").seeds == ()
+
     def test_tls_reaches_sentinels_and_data_nodes(self) -> None:
         """rediss+sentinel:// speaks TLS to both, with the URL's CA."""
         target = parse_redis_url("rediss+sentinel://h:26379/main?ssl_ca_certs=/etc/ca.crt")
@@ -56,6 +70,9 @@ class TestParse:
             ("redis+sentinel://h:26379", "path is the primary's service name"),
             ("redis+sentinel://h:26379/main/x", "path is the primary's service name"),
             ("redis+sentinel://h:26379/a/1/2", "path is the primary's service name"),
+            ("redis+cluster:///", "names some of the cluster's nodes"),
+            ("redis+cluster://h/", "is not host:port"),
+            ("redis+cluster://h:7000/3", "database 0 only"),
         ],
     )
     def test_bad_urls_say_what_to_write(self, url: str, says: str) -> None:

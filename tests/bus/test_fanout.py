@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from bus.fanout import MOST_VALUES, Fanout, subscribers
 from bus.keys import FANOUT_GROUP, Keys
-from tests.support import wait_until
+from tests.support import config_set, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
@@ -135,13 +135,13 @@ class TestFaults:
         fanout = Fanout(redis, KEYS, lambda: [STREAM])  # pumped by hand here
         await fanout.subscribe(STREAM, A)
         written = await add(redis, 2)
-        await redis.config_set("maxmemory", 1)  # far below what it holds: writes refused
+        await config_set(redis, "maxmemory", 1)  # far below what it holds: writes refused
         try:
             with pytest.raises(ResponseError):
                 await redis.xadd(STREAM, {"n": "refused"})
             assert await fanout.pump(STREAM) == 2
         finally:
-            await redis.config_set("maxmemory", 0)
+            await config_set(redis, "maxmemory", 0)
         assert await ids(redis, KEYS.inbox(A, STREAM)) == written
         assert await fanout.pump(STREAM) == 0
 

@@ -10,6 +10,7 @@ from redis.exceptions import ResponseError
 
 from bus.groups import ensure_group, has_group
 from bus.redis_errors import is_oom
+from tests.support import config_set
 
 pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
@@ -70,15 +71,15 @@ class TestEnsureGroup:
         """At ``maxmemory`` Redis refuses XGROUP CREATE, but an existing group is found
         first, so nothing is asked of it."""
         await ensure_group(redis, STREAM, "g", "0")
-        await redis.config_set("maxmemory-policy", "noeviction")
-        await redis.config_set("maxmemory", "1")
+        await config_set(redis, "maxmemory-policy", "noeviction")
+        await config_set(redis, "maxmemory", "1")
         try:
             with pytest.raises(ResponseError) as refused:
                 await redis.xgroup_create(STREAM, "g", id="0", mkstream=True)
             assert is_oom(refused.value)
             assert await ensure_group(redis, STREAM, "g", "0") is False
         finally:
-            await redis.config_set("maxmemory", "0")
+            await config_set(redis, "maxmemory", "0")
 
     async def test_a_key_of_another_type_is_an_error(self, redis: Redis) -> None:
         """A key that is not a stream raises Redis's error, not a silent success."""

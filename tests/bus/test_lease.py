@@ -165,9 +165,9 @@ class TestHeld:
     async def test_repr_says_whether_held(self, redis: Redis) -> None:
         """repr names the key, the instance and the token while held."""
         first = lease(redis, "0")
-        assert repr(first) == "<Lease leasetest:lease:detector instance=0 not held>"
+        assert repr(first) == "<Lease leasetest:lease:{detector} instance=0 not held>"
         assert await first.try_acquire()
-        assert repr(first) == "<Lease leasetest:lease:detector instance=0 held token=1>"
+        assert repr(first) == "<Lease leasetest:lease:{detector} instance=0 held token=1>"
 
 
 class TestReleaseFor:

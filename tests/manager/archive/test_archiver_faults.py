@@ -35,7 +35,7 @@ from tests.manager.archive.archive_support import (
     publish,
     running,
 )
-from tests.support import wait_until
+from tests.support import redis_client, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -70,7 +70,7 @@ class TestHostileBytes:
         producer = await bus_factory("producer")
         good = await publish(producer, 5)
         hostile = {b"type": b"user.note.added", b"so\xffurce": b"x", b"data": b'{"a": "\xfe"}'}
-        raw = Redis.from_url(redis_url)
+        raw = redis_client(redis_url)
         try:
             added: Any = await raw.xadd(KEYS.stream("user"), hostile)  # type: ignore[arg-type]
             hostile_id = added.decode()

@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from bus import BusBackpressureError, BusClient, EventType
+from bus.connection import is_cluster
 from bus.keys import ARCHIVER_GROUP
 from bus.settings import BusSettings
 from manager.announcer import Announcer
@@ -31,9 +32,9 @@ from tests.manager.archive.test_trimmer import (
     read,
     system_events,
 )
-from tests.support import in_background, wait_until
+from tests.support import config_set, in_background, wait_until
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.deployments]
 
 PAYLOAD = "x" * 2000
 
@@ -61,16 +62,26 @@ async def announcer(manager_bus: BusClient) -> AsyncIterator[Announcer]:
 
 
 async def used(redis: Redis) -> int:
-    """Redis's used_memory."""
-    info: Any = await redis.info("memory")
+    """Redis's used_memory (on a cluster: the node holding the user stream's)."""
+    info: Any = await redis.info("memory", **await _stream_node(redis))
     return int(info["used_memory"])
 
 
+async def _stream_node(redis: Redis) -> dict[str, Any]:
+    """On a cluster: the node the events of these tests go to, as redis-py's target."""
+    if not is_cluster(redis):
+        return {}
+    cluster: Any = redis
+    await cluster.initialize()
+    return {"target_nodes": cluster.get_node_from_key(STREAM)}
+
+
 async def limit_memory(redis: Redis, headroom: int) -> int:
-    """Set maxmemory to what is used now plus ``headroom``, noeviction; the limit."""
+    """Set maxmemory to what is used now plus ``headroom``, noeviction, on the node of the
+    user stream (its shard's limit, on a cluster); the limit."""
     limit = await used(redis) + headroom
-    await redis.config_set("maxmemory-policy", "noeviction")
-    await redis.config_set("maxmemory", str(limit))
+    await redis.config_set("maxmemory-policy", "noeviction", **await _stream_node(redis))
+    await redis.config_set("maxmemory", str(limit), **await _stream_node(redis))
     return limit
 
 
@@ -127,12 +138,12 @@ class TestPublisher:
         BusBackpressureError, one event or many, and can publish again once it has room."""
         await fill(bus, 10)
         await limit_memory(redis, 0)
-        await redis.config_set("maxmemory", "1")
+        await redis.config_set("maxmemory", "1", **await _stream_node(redis))
         with pytest.raises(BusBackpressureError, match="maxmemory"):
             await bus.publish("user.note.added", {"n": 1})
         with pytest.raises(BusBackpressureError, match="maxmemory"):
             await bus.publish_many([("user.note.added", {"n": i}) for i in range(3)])
-        await redis.config_set("maxmemory", "0")
+        await redis.config_set("maxmemory", "0", **await _stream_node(redis))
         assert await bus.publish("user.note.added", {"n": 2})
 
 
@@ -208,7 +219,7 @@ class TestPressureWatch:
         self, bus: BusClient, redis: Redis, announcer: Announcer
     ) -> None:
         """A Redis without maxmemory is reported (state says 0) and nobody is held back."""
-        await redis.config_set("maxmemory", "0")
+        await config_set(redis, "maxmemory", "0")
         watch = PressureWatch(redis, KEYS, make_trimmer(bus, announcer), announcer,
                               MemorySettings())  # fmt: skip
         await watch.check()

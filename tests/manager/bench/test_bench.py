@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import pytest
 import structlog
 from click.testing import CliRunner
-from redis.asyncio import Redis
 
 from manager.bench.command import bench
 from manager.bench.options import BenchError, BenchOptions, Roles
@@ -23,6 +22,7 @@ from manager.bench.report import (
 )
 from manager.bench.runner import _drain, run_bench
 from manager.embedded.redis_server import free_port
+from tests.support import redis_client
 
 #: Keys the issue promises scripts in the --json line.
 PROMISED_KEYS = {
@@ -180,7 +180,7 @@ class TestRunBench:
         assert 0 < out["publish_p50_ms"] <= out["publish_p95_ms"] <= out["publish_p99_ms"]
         assert 10 < out["rss_mb"] < 500
         assert "bus" in report.table()
-        async with Redis.from_url(redis_url) as redis:
+        async with redis_client(redis_url) as redis:
             assert [k async for k in redis.scan_iter(match="bench-*")] == []
 
 

@@ -39,6 +39,7 @@ from manager.cli.events import _since_id
 from manager.embedded.redis_server import free_port
 from tests.conftest import RedisFactory
 from tests.daemon.manager_process import FAST, ManagerProcess, events
+from tests.support import redis_client, sync_redis_client
 
 ROOT = Path(__file__).resolve().parents[3]
 KEYS = Keys("multibot")
@@ -49,7 +50,7 @@ BOT_STREAM = KEYS.stream("bot")
 @pytest.fixture
 def sync_redis(redis_url: str) -> Iterator[Redis]:
     """A sync client of the test's Redis, for setup and checks around the commands."""
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = sync_redis_client(redis_url, decode_responses=True)
     yield client
     client.close()
 
@@ -545,7 +546,7 @@ async def add_letters(url: str) -> list[Letter]:
         ("user.note.added", "bot-group-a", DeadLetterReason.POISON),
     ]
     letters = []
-    async with AsyncRedis.from_url(url, decode_responses=True) as client:
+    async with redis_client(url, decode_responses=True) as client:
         dead = DeadLetters(client, KEYS)
         for n, (type_, group, reason) in enumerate(specs):
             event = Event(type=type_, data={"n": n}, source="test")
@@ -670,7 +671,7 @@ class TestDlqRetry:
         """--all retries the genuine letters; one planted with another bot's key as its
         stream is refused with the reason, stays, and nothing is written there (exit 1)."""
         state = f"{KEYS.namespace}:state:{{b}}"
-        async with AsyncRedis.from_url(redis_url, decode_responses=True) as client:
+        async with redis_client(redis_url, decode_responses=True) as client:
             forged = await DeadLetters(client, KEYS).add(
                 fields={"id": "e9", "type": "user.note.added", "data": "{}"},
                 reason=DeadLetterReason.HANDLER_ERROR, error="planted", stream=state,

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bots import chatbot
@@ -21,6 +20,7 @@ from bots.runtime.entry import load_main
 from bus import Event
 from manager.cli.demo import DEMO_NAMESPACE, demo, describe, run_demo
 from manager.embedded.redis_server import free_port
+from tests.support import redis_client
 
 SEED = 2  # with 2 users, the second message already makes a shared user
 
@@ -87,8 +87,8 @@ class TestRunDemo:
     async def test_keys_stay_in_the_demo_namespace(self, redis_url: str) -> None:
         """Every key the demo writes carries its own namespace, apart from a deployment's."""
         await run_demo(redis_url, 1.0, 2, lambda line: None, seed=SEED, rate=10)
-        async with Redis.from_url(redis_url, decode_responses=True) as redis:
-            keys: Any = await redis.keys("*")
+        async with redis_client(redis_url, decode_responses=True) as redis:
+            keys: Any = [k async for k in redis.scan_iter(match="*")]
         assert keys and all(key.startswith(f"{DEMO_NAMESPACE}:") for key in keys)
 
 

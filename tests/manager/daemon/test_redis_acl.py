@@ -239,8 +239,8 @@ class TestRules:
         assert bot_key_patterns(KEYS, BOT) == [
             "multibot:idem:bot-group-greeter:*",
             "multibot:bot:greeter:*",
-            "multibot:lease:greeter",
-            "multibot:lease:greeter:fence",
+            "multibot:lease:{greeter}",
+            "multibot:lease:{greeter}:fence",
             "multibot:outbox:{greeter}",
             "multibot:inbox:bot-group-greeter:*",
             "multibot:pressure",
@@ -649,16 +649,16 @@ class TestBotCannot:
             "other:stream:{user}",  # another namespace's stream
             "other:dlq",
             "other:bot:greeter:x",  # the same bot id in another namespace
-            "other:lease:greeter",
+            "other:lease:{greeter}",
             "multibot:bot:other:x",  # another bot's state
             "multibot:bot:greeter2:x",  # a bot whose id starts like ours
             "multibot:bot:greeter",  # the bare prefix is no key of ours
             "multibot:idem:bot-group-other:h:1",  # another bot's run-once markers
             "multibot:idem:bot-group-greeter2:h:1",
-            "multibot:lease:other",  # another bot's lease and fence
-            "multibot:lease:other:fence",
-            "multibot:lease:greeter2",
-            "multibot:lease:greeter:x",
+            "multibot:lease:{other}",  # another bot's lease and fence
+            "multibot:lease:{other}:fence",
+            "multibot:lease:{greeter2}",
+            "multibot:lease:{greeter}:x",
             "multibot:other",  # anything else of the namespace
             "multibotx:stream:{user}",
         ],
