@@ -30,8 +30,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Three workers (pytest-xdist): each test starts its own servers on free ports.
+TEST_WORKERS ?= 3
+
 test: lint
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses $(TEST_WORKERS)
 
 # Every dependency at its newest release that pyproject.toml allows; then run `make test`
 # and commit requirements.lock only if it passes. `make lock PACKAGE=redis` moves one only.

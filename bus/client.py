@@ -83,7 +83,7 @@ class BusClient:
         self.settings = settings or BusSettings()
         self.schemas = schemas or SchemaRegistry(strict=self.settings.strict_schemas)
         self.keys = Keys(self.settings.namespace)
-        self.router = Router(self.settings.routes, self.settings.default_stream)
+        self.router = Router.of(self.settings)
         self._source = source or bot_id
         self._given_redis = redis
         self._links: Connections | None = None
@@ -298,6 +298,7 @@ class BusClient:
             metrics=self.metrics,
             max_data_bytes=self.settings.max_event_bytes,
             inboxes=self.settings.inboxes,
+            partitions=self.router.partitions,
         )
         try:
             await self._consumer.run()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 from redis.asyncio import Redis
@@ -24,6 +24,8 @@ from bus.hooks import Fence, HandlerObserver
 from bus.inflight import InFlight
 from bus.keys import Keys, consumer_name, group_name
 from bus.metrics import BusMetrics
+from bus.partition_owner import PartitionOwner
+from bus.partitions import split_partition
 from bus.reader import GroupKeeper, Reader, Stopping
 from bus.reclaim import Reclaimer
 from bus.schemas import SchemaRegistry
@@ -39,6 +41,11 @@ async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=1.0)
+
+
+def _partition_of(stream: str, partitions: Mapping[str, int]) -> bool:
+    split = split_partition(stream)
+    return split is not None and partitions.get(split[0], 1) > 1
 
 
 class Consumer:
@@ -63,20 +70,31 @@ class Consumer:
         max_data_bytes: int | None = None,
         state: Redis | None = None,
         inboxes: bool = False,
+        partitions: Mapping[str, int] | None = None,
+        only: Sequence[str] | None = None,
+        stats: dict[str, int] | None = None,
     ) -> None:
         """``redis`` runs the stream commands; ``state``, when given, the run-once markers
         (a bot's own keys, which the manager gives another Redis user). With ``inboxes``
         (a bot run by the manager) the group is read in its inboxes, which the manager's
-        fanout fills from the streams (see :mod:`bus.fanout`), not on the streams."""
+        fanout fills from the streams (see :mod:`bus.fanout`), not on the streams.
+
+        ``partitions`` (stream name → N): the partitions of those routes are read one
+        replica at a time, each by a consumer of its own that a
+        :class:`~bus.partition_owner.PartitionOwner` starts while this replica holds it;
+        ``only`` (stream names) is what such a consumer reads."""
         self.group = group_name(bot_id)
         self.name = consumer_name(bot_id, instance)
         subs = list(subscriptions)
-        routed = sorted({s for sub in subs for s in sub.streams})
+        routed = sorted({s for sub in subs for s in sub.streams})  # stream keys
+        parted = [k for k in routed if _partition_of(keys.stream_name(k), partitions or {})]
+        routed = list(only) if only is not None else [k for k in routed if k not in parted]
+        read_on = (lambda key: keys.inbox(self.group, key)) if inboxes else (lambda key: key)
         #: The keys the group is read on: the streams, or its inboxes of them.
-        self.streams = [keys.inbox(self.group, s) for s in routed] if inboxes else routed
+        self.streams = [read_on(k) for k in routed]
         self._subscriptions = len(subs)
         self._log = log.bind(bot_id=bot_id, group=self.group, consumer=self.name)
-        self.stats: dict[str, int] = defaultdict(int)
+        self.stats: dict[str, int] = stats if stats is not None else defaultdict(int)
         self._stopping = asyncio.Event()
         self._stop_timeout = 10.0
         self._ready = ready or asyncio.Event()
@@ -113,6 +131,32 @@ class Consumer:
             state=state,
         )
         self._reader, self._reclaimer = self._reading(redis, settings)
+        self._owner: PartitionOwner | None = None
+        if parted:
+
+            def make(name: str, valid: Callable[[], bool], lost: Callable[[], None]) -> Consumer:
+                def still() -> bool:
+                    return valid() and (fence is None or fence.valid())
+
+                def gone() -> None:
+                    lost()
+                    if fence is not None and not fence.valid():
+                        fence.lost()
+
+                return Consumer(
+                    redis=redis, keys=keys, settings=settings, bot_id=bot_id, instance=instance,
+                    subscriptions=subs, schemas=schemas, dlq=dlq, observer=observer,
+                    allowed=allowed, metrics=metrics, fence=Fence(still, gone),
+                    max_data_bytes=max_data_bytes, state=state, inboxes=inboxes,
+                    only=[keys.stream(name)], stats=self.stats,
+                )  # fmt: skip
+
+            self._owner = PartitionOwner(
+                redis=state or redis, streams=redis, keys=keys, bot_id=bot_id, member=self.name,
+                group=self.group, partitions=[keys.stream_name(k) for k in parted],
+                read_keys=lambda name: read_on(keys.stream(name)), make_consumer=make,
+                ttl=settings.partition_ttl,
+            )  # fmt: skip
 
     def _reading(self, redis: Redis, settings: ConsumerSettings) -> tuple[Reader, Reclaimer]:
         """The reader and the reclaimer: they take entries from Redis into the dispatcher."""
@@ -148,6 +192,22 @@ class Consumer:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; then let in-flight handlers finish (bounded) and ack."""
+        if self._owner is None:
+            await self._run()
+            return
+        owner = asyncio.create_task(self._owner.run())
+        try:
+            if self.streams:
+                await self._run()
+            else:
+                self._ready.set()
+                self._log.info("consumer started", partitions=True)
+                await self._stopping.wait()
+        finally:
+            self._owner.stop()
+            await asyncio.gather(owner, return_exceptions=True)
+
+    async def _run(self) -> None:
         self._keeper.quit_on_stop(asyncio.current_task())
         try:
             await self._keeper.call(self._keeper.ensure_groups)

@@ -344,7 +344,13 @@ class DeadLetters:
             raise DeadLetterRetryError("retry needs the routing table: DeadLetters(router=...)")
         type_ = letter.fields.get("type", "")
         if TYPE_RE.fullmatch(type_):
-            allowed = {self.keys.stream(self._router.route(type_))}
+            key = letter.fields.get("key") or None
+            names = (
+                [self._router.target(type_, key)]  # a key's partition, on a partitioned route
+                if key
+                else self._router.expand(self._router.route(type_))
+            )
+            allowed = {self.keys.stream(name) for name in names}
         else:  # not an event (malformed): back to any stream of the routing table
             allowed = {self.keys.stream(name) for name in self._router.streams()}
         if letter.stream not in allowed:

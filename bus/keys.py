@@ -143,6 +143,20 @@ class Keys:
         """Counter of the bot's lease holders: each new holder gets the next fencing token."""
         return f"{self.namespace}:lease:{{{bot_id}}}:fence"
 
+    def partition_lease(self, bot_id: str, stream: str) -> str:
+        """The lease of one partition stream (by name, ``user.p3``) among the bot's
+        replicas: its holder alone reads that partition. In the bot's slot."""
+        return f"{self.namespace}:lease:{{{bot_id}}}:part:{stream}"
+
+    def partition_lease_prefix(self, bot_id: str) -> str:
+        """Prefix of the bot's partition leases and their fences (for its ACL pattern)."""
+        return f"{self.namespace}:lease:{{{bot_id}}}:part:"
+
+    def members(self, bot_id: str) -> str:
+        """The bot's live replicas that read partitions: a sorted set, consumer name →
+        the Redis time (ms) its membership lapses unless renewed."""
+        return f"{self.namespace}:members:{{{bot_id}}}"
+
     def untagged_fence(self, bot_id: str) -> str:
         """Where releases before hash-tagged lease keys kept the fence counter (moved to
         :meth:`fence` by :func:`bus.lease.carry_fence_over`)."""

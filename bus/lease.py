@@ -56,7 +56,31 @@ return 0
 
 #: The scripts a bot runs, by name. A bot's Redis user may run exactly these (EVALSHA with
 #: their SHA1), never EVAL: see ``manager.daemon.redis_acl``.
-SCRIPTS: dict[str, str] = {"acquire": _ACQUIRE, "renew": _RENEW, "release": _RELEASE}
+# KEYS[1] the bot's members set; ARGV[1] a consumer name, ARGV[2] its ttl in ms, ARGV[3]
+# "1" to (re)join, "0" to leave. Drops the lapsed (by the server's clock, one for all
+# hosts); returns the live members, sorted.
+_MEMBERS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[3] == '1' then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 10)
+else
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.sort(live)
+return live
+"""
+
+
+SCRIPTS: dict[str, str] = {
+    "acquire": _ACQUIRE,
+    "renew": _RENEW,
+    "release": _RELEASE,
+    "members": _MEMBERS,
+}
 _SHAS = {source: hashlib.sha1(source.encode()).hexdigest() for source in SCRIPTS.values()}
 
 
@@ -90,10 +114,21 @@ def parse_holder(value: str | None) -> tuple[str, int] | None:
 class Lease:
     """One instance's handle on its bot's leader lease."""
 
-    def __init__(self, redis: Redis, keys: Keys, bot_id: str, instance: str, ttl: float) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        bot_id: str,
+        instance: str,
+        ttl: float,
+        *,
+        key: str | None = None,
+    ) -> None:
+        """The bot's leader lease, or with ``key`` another lease of the bot's (a
+        partition's, :meth:`~bus.keys.Keys.partition_lease`), fenced by ``<key>:fence``."""
         self._redis = redis
-        self._key = keys.lease(bot_id)
-        self._fence = keys.fence(bot_id)
+        self._key = key or keys.lease(bot_id)
+        self._fence = f"{key}:fence" if key else keys.fence(bot_id)
         self.instance = instance
         self.ttl = ttl
         #: The fencing token while held, else None.
@@ -146,6 +181,16 @@ class Lease:
     def __repr__(self) -> str:
         state = f"held token={self.token}" if self.held else "not held"
         return f"<Lease {self._key} instance={self.instance} {state}>"
+
+
+async def members(redis: Redis, keys: Keys, bot_id: str, member: str, ttl: float,
+                  *, join: bool = True) -> list[str]:  # fmt: skip
+    """Renew ``member``'s place among the bot's live replicas (or leave, ``join=False``);
+    the live members' names, sorted."""
+    live: Any = await run_script(
+        redis, _MEMBERS, [keys.members(bot_id)], [member, int(ttl * 1000), "1" if join else "0"]
+    )
+    return [m.decode() if isinstance(m, bytes) else str(m) for m in live]
 
 
 async def release_for(redis: Redis, keys: Keys, bot_id: str, instance: str) -> bool:

@@ -54,8 +54,11 @@ return 0
 
 #: KEYS: the outbox, the dead-letter stream, then every stream of the routing table.
 #: ARGV: the bot id (the source), its group, the batch size, the KEYS index of the default
-#: stream, the mark, the field limit, the namespace's stream key prefix, then pairs of route
-#: prefix and KEYS index. Returns how many entries it moved.
+#: stream, the mark, the field limit, the namespace's stream key prefix, the default's
+#: partition count, then per route its prefix, KEYS index and partition count. A route of
+#: N > 1 partitions is N streams from its index on: an event goes to the one its key hashes
+#: to (:func:`bus.partitions.partition_of`), an unkeyed one by its outbox id's
+#: millisecond. Returns how many entries it moved.
 #:
 #: A dead letter gets ``origin``: ``found`` when the stream it names holds the entry it
 #: names, then with that entry's ``source`` (if it has one), else ``missing``. A letter's
@@ -76,8 +79,20 @@ local function emit(k, id, f, named, entry_id)
     redis.call('XADD', KEYS[k], '*', unpack(f))
   end
 end
-local routes = {}
-for i = 8, #ARGV, 2 do routes[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local routes, parts = {}, {}
+parts[tonumber(ARGV[4])] = tonumber(ARGV[8])
+for i = 9, #ARGV, 3 do
+  routes[ARGV[i]] = tonumber(ARGV[i + 1])
+  parts[tonumber(ARGV[i + 1])] = tonumber(ARGV[i + 2])
+end
+local function partition(k, key, id)
+  local n = parts[k] or 1
+  if n <= 1 then return k end
+  if key and key ~= '' then
+    return k + tonumber(string.sub(redis.sha1hex(key), 1, 8), 16) % n
+  end
+  return k + tonumber(string.match(id, '^(%d+)')) % n
+end
 local source, group, mark, prefix = ARGV[1], ARGV[2], ARGV[5], ARGV[7]
 local function origin(stream, id)
   if not stream or not id or string.sub(stream, 1, #prefix) ~= prefix then return nil end
@@ -142,13 +157,14 @@ for _, row in ipairs(rows) do
       'stream', '', 'entry_id', id, 'entry', '{}', 'origin', 'missing'})
   else
     -- An event is stamped in place (every 'source' field, or one added) and sent on.
-    local type_, letter, stamped = nil, false, false
+    local type_, key, letter, stamped = nil, nil, false, false
     for i = 1, #f, 2 do
       local name = f[i]
       if name == 'source' then
         f[i + 1] = source
         stamped = true
       elseif name == 'type' then type_ = f[i + 1]
+      elseif name == 'key' then key = f[i + 1]
       elseif name == mark then letter = true
       end
     end
@@ -159,7 +175,7 @@ for _, row in ipairs(rows) do
         f[#f + 1] = 'source'
         f[#f + 1] = source
       end
-      emit(route(type_), id, f)
+      emit(partition(route(type_), key, id), id, f)
     end
   end
 end
@@ -204,13 +220,20 @@ class OutboxRelay:
         #: The configured bots as last seen (None: not yet, drain the leftovers first).
         self._known: frozenset[str] | None = None
         self._block_ms = max(1, int(block * 1000))
-        streams = sorted(router.streams())
+        # Each routed name's streams in a row (its partitions in order): a route is the
+        # KEYS index of the first and how many there are.
+        named = sorted({*router.routes.values(), router.default})
+        streams = [s for name in named for s in router.expand(name)]
         self._stream_keys = [keys.stream(s) for s in streams]
-        index = {s: n + 3 for n, s in enumerate(streams)}  # KEYS[1], KEYS[2] come first
-        self._route_args: list[str | int] = [index[router.default]]
+        index = {s: streams.index(router.expand(s)[0]) + 3 for s in named}  # after KEYS 1, 2
+
+        def route(stream: str) -> list[str | int]:
+            return [index[stream], len(router.expand(stream))]
+
+        self._route_args: list[str | int] = route(router.default)
         self._routes: list[str | int] = []
         for prefix, stream in sorted(router.routes.items()):
-            self._routes += [prefix, index[stream]]
+            self._routes += [prefix, *route(stream)]
         #: Outboxes whose key is not a stream (a bot wrote something else there), skipped.
         self._broken: set[str] = set()
         #: Entries moved since the relay was made, for status and tests.
@@ -276,8 +299,9 @@ class OutboxRelay:
         outbox = self._keys.outbox(bot_id)
         targets = [outbox, self._keys.dead_letters(), *self._stream_keys]
         keys = [outbox] if self._cluster else targets
-        args = [bot_id, group_name(bot_id), self._batch, *self._route_args]
-        args += [DEAD_LETTER_MARK, MAX_FIELDS * 2, self._keys.stream_prefix(), *self._routes]
+        args = [bot_id, group_name(bot_id), self._batch, self._route_args[0]]
+        args += [DEAD_LETTER_MARK, MAX_FIELDS * 2, self._keys.stream_prefix()]
+        args += [self._route_args[1], *self._routes]
         moved = 0
         while True:
             try:

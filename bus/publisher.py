@@ -53,7 +53,7 @@ class Publisher:
         self._metrics = metrics or BusMetrics()
         self._settings = settings
         self._keys = Keys(settings.namespace)
-        self._router = Router(settings.routes, settings.default_stream)
+        self._router = Router.of(settings)
         self._schemas = schemas
         self.source = validate_source(source)
         #: Where this publisher writes instead of the streams: the bot's outbox, which the
@@ -108,12 +108,12 @@ class Publisher:
                 f"{self._settings.max_event_bytes} bytes (max_event_bytes): store large "
                 "payloads elsewhere and publish a reference",
             )
-        stream = self._outbox or self._keys.stream(self._router.route(event.type))
+        stream = self._outbox or self._keys.stream(self._router.target(event.type, event.key))
         return stream, encode(event, data_json), event
 
-    def stream_key(self, type_: str) -> str:
-        """The stream key an event type is published to."""
-        return self._keys.stream(self._router.route(type_))
+    def stream_key(self, type_: str, key: str | None = None) -> str:
+        """The stream key an event type (with ``key``: on a partitioned route) goes to."""
+        return self._keys.stream(self._router.target(type_, key))
 
     async def publish(self, event: Event) -> str:
         """XADD one event; return the entry id once Redis confirmed it (of the outbox entry,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bus.deployment import parse_redis_url
 from bus.event import DEFAULT_MAX_EVENT_BYTES
+from bus.partitions import MAX_PARTITIONS, split_partition
 from bus.routing import DEFAULT_ROUTES, DEFAULT_STREAM
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -59,6 +60,12 @@ class ConsumerSettings(_Model):
     )
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
+    partition_ttl: float = Field(
+        10.0,
+        gt=0,
+        description="lease of a partition a replica reads: a dead replica's partitions "
+        "move to the others within this, plus a third of it",
+    )
 
 
 class BusSettings(_Model):
@@ -86,6 +93,12 @@ class BusSettings(_Model):
     namespace: str = Field("multibot", description="prefix of every key")
     routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
     default_stream: str = DEFAULT_STREAM
+    partitions: dict[str, int] = Field(
+        default_factory=dict,
+        description="stream name -> N: that route is N partition streams (<name>.p0 ...), "
+        "an event going to hash(key) mod N; each partition is handled by one replica of a "
+        "group at a time, so per-key order holds across replicas",
+    )
     max_event_bytes: int = Field(DEFAULT_MAX_EVENT_BYTES, ge=256)
     strict_schemas: bool = Field(False, description="refuse to publish types with no schema")
     connect_timeout: float = Field(5.0, gt=0)
@@ -143,6 +156,21 @@ class BusSettings(_Model):
                 raise ValueError(f"routes: {prefix!r} is not a dotted lowercase type prefix")
             if not _NAME_RE.match(stream):
                 raise ValueError(f"routes.{prefix}: stream name {stream!r} has bad characters")
+        named = {*self.routes.values(), self.default_stream}
+        for stream, count in self.partitions.items():
+            if stream not in named:
+                raise ValueError(
+                    f"partitions.{stream}: no route names that stream (routes name "
+                    f"{', '.join(sorted(named))})"
+                )
+            if not 1 <= count <= MAX_PARTITIONS:
+                raise ValueError(f"partitions.{stream}: {count} is not within 1..{MAX_PARTITIONS}")
+        for stream in named:
+            if (split := split_partition(stream)) and split[0] in self.partitions:
+                raise ValueError(
+                    f"stream name {stream!r} is the name of a partition of {split[0]!r}: "
+                    "rename the route"
+                )
         if self.consumer.block_ms / 1000 >= self.command_timeout:
             raise ValueError("consumer.block_ms must be shorter than command_timeout")
         return self

@@ -33,6 +33,11 @@ class BusOptions(ConfigModel):
 
     routes: dict[str, str] | None = None
     default_stream: str | None = None
+    partitions: dict[str, int] | None = Field(
+        None,
+        description="stream name -> N: split that route into N partition streams, each "
+        "handled by one replica of a group at a time (README: Partitions)",
+    )
     max_event_bytes: int | None = None
     strict_schemas: bool = False
     backpressure_wait: float | None = Field(

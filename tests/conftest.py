@@ -93,11 +93,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             label, newest = binaries[0]
             no_cli = pytest.mark.skip(reason="no redis-cli to create a cluster with")
             marks = [no_cli] if redis_cli(newest) is None else []
-            metafunc.parametrize(
-                ["redis_binary", "redis_deployment"],
-                [pytest.param(newest, "cluster", marks=marks, id=f"{label}-cluster")],
-                indirect=True,
-            )
+            if "redis_deployment" in metafunc.fixturenames:
+                metafunc.parametrize(
+                    ["redis_binary", "redis_deployment"],
+                    [pytest.param(newest, "cluster", marks=marks, id=f"{label}-cluster")],
+                    indirect=True,
+                )
+            else:  # a cluster of its own (cluster_deployment)
+                param = pytest.param(newest, marks=marks, id=f"{label}-cluster")
+                metafunc.parametrize("redis_binary", [param], indirect=True)
             return
         deployments = metafunc.definition.get_closest_marker("deployments")
         if deployments and binaries and not metafunc.definition.get_closest_marker("single_node"):

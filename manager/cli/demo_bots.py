@@ -105,7 +105,7 @@ class DemoBots:
             ) from None
 
     async def _ready(self, redis: Redis) -> None:
-        router = Router(self.settings.routes, self.settings.default_stream)
+        router = Router.of(self.settings)
         stream = Keys(self.settings.namespace).stream(router.route(EventType.MESSAGE_RECEIVED))
         waiting = {group_name(bot.bot_id) for bot in self.bots}
         while waiting:

@@ -33,7 +33,7 @@ def dlq() -> None:
 
 
 def _dead_letters(redis: Redis, settings: BusSettings) -> DeadLetters:
-    router = Router(settings.routes, settings.default_stream)
+    router = Router.of(settings)
     durable = Durable.of(settings)
     return DeadLetters(redis, Keys(settings.namespace), router, durable=durable)
 

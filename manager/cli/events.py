@@ -134,7 +134,7 @@ async def _publish(  # noqa: PLR0917 - the command's options, passed straight th
         publisher = Publisher(redis, settings, schemas, source)
         event = publisher.event(type_, data, key=key, correlation_id=correlation_id)
         entry_id = await publisher.publish(event)
-        return publisher.stream_key(event.type), entry_id, event
+        return publisher.stream_key(event.type, event.key), entry_id, event
 
 
 # -- tail ----------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class _Tail:
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.router = Router(settings.routes, settings.default_stream)
+        self.router = Router.of(settings)
         self.pattern = pattern
         self.where = where
         self.since_text = since

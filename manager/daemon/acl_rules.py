@@ -64,6 +64,7 @@ _STATE_RULES: tuple[tuple[str, str], ...] = (
     ("+ttl", "remaining TTL of own state"),
     ("+pttl", "remaining lease time in milliseconds"),
     ("+persist", "drop the TTL of own state"),
+    ("+time", "the server's clock, read by the partition membership script (bus.lease)"),
 )
 # The event bus (bus.publisher, bus.consumer, bus.handling, bus.reclaim, bus.replay).
 # Not XADD: a bot publishes to its outbox (_OUTBOX_RULES), which the manager relays.
@@ -176,6 +177,9 @@ def bot_state_patterns(keys: Keys, bot_id: str) -> list[str]:
         # Its leader lease and the fencing counter (exact keys, no glob).
         keys.lease(bot_id),
         keys.fence(bot_id),
+        # Its partition leases (and their fences) and its replicas' membership set.
+        f"{keys.partition_lease_prefix(bot_id)}*",
+        keys.members(bot_id),
     ]
 
 

@@ -46,6 +46,7 @@ from manager.config import BotConfig, ManagerSettings
 from manager.control import ControlServer, control_path
 from manager.daemon.commands import Commands, Running
 from manager.daemon.isolation import BotUsers, log_sharing, switch_blockers
+from manager.daemon.partition_guard import check_partition_change
 from manager.daemon.parts import Clients, Context, Parts, build_parts
 from manager.daemon.private_files import PRIVATE_UMASK, secure_data_dir
 from manager.daemon.redis_repair import check_redis
@@ -217,6 +218,7 @@ class Manager:
                 await archive.try_at_start()
             except SchemaTooNewError as exc:
                 raise ManagerError(str(exc)) from None
+            await check_partition_change(admin, self._keys, self._router)
             await self._prepare(parts, services.postgres_dsn)
             await self._serve(parts, services)
         finally:
@@ -339,9 +341,9 @@ def _embedded_postgres_user(settings: ManagerSettings) -> OsUser | None:
         return None  # its start says what is missing
 
 
-def _routes(settings: ManagerSettings) -> tuple[dict[str, str], str]:
+def _routes(settings: ManagerSettings) -> tuple[dict[str, str], str, dict[str, int]]:
     bus = BusSettings.model_validate(settings.bus_settings("redis://localhost"))
-    return dict(bus.routes), bus.default_stream
+    return dict(bus.routes), bus.default_stream, dict(bus.partitions)
 
 
 async def run_manager(settings: ManagerSettings, config_path: Path | None) -> int:

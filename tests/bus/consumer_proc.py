@@ -5,7 +5,10 @@ It subscribes to ``--pattern`` and appends one line per step to ``--out``, flush
 the test sees progress: ``ready`` once its groups exist, ``taken <event id>`` when a handler
 starts, ``handled <event id>`` when it returns. ``--hang-on TYPE`` makes the handler block
 forever on that event type; ``--die-on TYPE`` makes it SIGKILL its own process on it (a
-crash no ``finally`` survives, like the OOM killer).
+crash no ``finally`` survives, like the OOM killer). ``--partitions user=4`` reads that
+route as partitions; ``--record`` pushes each handled event's ``seq`` onto the Redis list
+``test:order:<key>`` (one order for all processes) after ``--handle-ms`` (at most, at
+random) of work.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import signal
 from typing import TextIO
 
@@ -32,6 +36,10 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--visibility-timeout", type=float, default=60.0)
     parser.add_argument("--max-deliveries", type=int, default=10)
     parser.add_argument("--block-ms", type=int, default=500)
+    parser.add_argument("--partitions", action="append", default=[], metavar="STREAM=N")
+    parser.add_argument("--partition-ttl", type=float, default=10.0)
+    parser.add_argument("--record", action="store_true")
+    parser.add_argument("--handle-ms", type=float, default=0.0)
     return parser.parse_args(argv)
 
 
@@ -41,12 +49,16 @@ def _note(out: TextIO, line: str) -> None:
 
 
 async def _consume(args: argparse.Namespace, out: TextIO) -> None:
+    partitions = {name: int(n) for name, _, n in (p.partition("=") for p in args.partitions)}
     settings = BusSettings(
         redis_url=args.redis_url,
+        partitions=partitions,
         consumer=ConsumerSettings(
             visibility_timeout=args.visibility_timeout,
             max_deliveries=args.max_deliveries,
             block_ms=args.block_ms,
+            partition_ttl=args.partition_ttl,
+            start_id="0",
         ),
     )
     async with BusClient(args.bot, settings=settings, instance=args.instance) as bus:
@@ -58,6 +70,8 @@ async def _consume(args: argparse.Namespace, out: TextIO) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if event.type == args.hang_on:
                 await asyncio.Event().wait()
+            if args.record:
+                await record(bus, event, args.handle_ms)
             _note(out, f"handled {event.id}")
 
         run = asyncio.create_task(bus.run())
@@ -69,6 +83,12 @@ async def _consume(args: argparse.Namespace, out: TextIO) -> None:
         await ready
         _note(out, "ready")
         await run
+
+
+async def record(bus: BusClient, event: Event, handle_ms: float) -> None:
+    """Some work, then the event's ``seq`` onto its key's list (see the module)."""
+    await asyncio.sleep(random.uniform(0, handle_ms) / 1000)
+    await bus.redis.rpush(f"test:order:{event.key}", event.data["seq"])
 
 
 def main(argv: list[str] | None = None) -> None:

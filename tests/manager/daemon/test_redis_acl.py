@@ -234,13 +234,16 @@ class TestRules:
             bot_acl_rules(Keys(namespace), BOT)
 
     def test_key_patterns_are_exactly_the_bots_keys(self) -> None:
-        """Its own markers, state, lease, fence and outbox, the streams and the
-        backpressure flag; nothing else (not the dead letters)."""
+        """Its own markers, state, lease, fence, partition leases, membership set and
+        outbox, the streams and the backpressure flag; nothing else (not the dead
+        letters)."""
         assert bot_key_patterns(KEYS, BOT) == [
             "multibot:idem:bot-group-greeter:*",
             "multibot:bot:greeter:*",
             "multibot:lease:{greeter}",
             "multibot:lease:{greeter}:fence",
+            "multibot:lease:{greeter}:part:*",
+            "multibot:members:{greeter}",
             "multibot:outbox:{greeter}",
             "multibot:inbox:bot-group-greeter:*",
             "multibot:pressure",
@@ -272,7 +275,7 @@ class TestRules:
         assert "+select|3" in streams_acl_rules(KEYS, BOT, db=3)
         assert "+select|3" in replay_acl_rules(KEYS, db=3)
         shas = {f"+evalsha|{script_sha(source)}" for source in SCRIPTS.values()}
-        assert shas <= set(rules) and len(shas) == 3
+        assert shas <= set(rules) and len(shas) == len(SCRIPTS) == 4
         for other in (streams_acl_rules(KEYS, BOT), replay_acl_rules(KEYS)):
             assert not [r for r in other if r.startswith(("+evalsha", "+script"))]
 

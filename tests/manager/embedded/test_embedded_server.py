@@ -20,6 +20,7 @@ from manager.embedded.child_process import child_setup
 from manager.embedded.server import EmbeddedServer
 from manager.errors import EmbeddedServiceError
 from tests.postgres_fixtures import gone
+from tests.support import wait_until
 
 #: A stand-in server: prints ``lines`` log lines, starts a child if asked (one that outlives
 #: the script), writes its own pid to ``ready`` unless told not to, then sleeps until stopped.
@@ -111,7 +112,8 @@ class TestStart:
             await server.start(timeout=0.5)
         assert str(info.value).endswith(f"(dir {tmp_path}); its log says:\nline 0")
         assert not server.running
-        assert gone(server.child_pid)
+        # SIGKILLed, the child is gone once the kernel is done with it (a moment, at most)
+        await wait_until(lambda: gone(server.child_pid), 5, "the server's child to be gone")
 
     async def test_error_quotes_the_last_lines_of_this_start_only(self, tmp_path: Path) -> None:
         """The log tail in an error holds this start's last 20 lines, not an earlier run's."""
