@@ -23,6 +23,7 @@ from manager.bench.options import (
     ROUTES,
     IdleSpec,
     WorkerSpec,
+    bench_partitions,
 )
 from manager.bench.recording import Recorder, rss_mb
 from manager.bench.workers import Send
@@ -41,6 +42,7 @@ def bench_settings(
     outbox: bool = False,
     streams_url: str | None = None,
     publish_replicas: int = 0,
+    partitions: dict[str, int] | None = None,
 ) -> BusSettings:
     """Settings of every bench client: the bench namespace and routes, reads of ``read_count``.
     As a bot run by the manager (``outbox``), its group is read in its inbox."""
@@ -53,6 +55,7 @@ def bench_settings(
         consumer=ConsumerSettings(read_count=read_count),
         outbox=outbox,
         publish_replicas=publish_replicas,
+        partitions=partitions or {},
     )
 
 
@@ -68,6 +71,7 @@ async def consumers(spec: WorkerSpec, recorder: Recorder) -> AsyncIterator[None]
         spec.options.read_size,
         outbox=spec.outbox,
         streams_url=spec.streams_url,
+        partitions=bench_partitions(spec.options),
     )
     record = recorder.record
 
@@ -103,6 +107,7 @@ async def producers(spec: WorkerSpec) -> AsyncIterator[list[tuple[int, Send]]]:
         outbox=spec.outbox,
         streams_url=spec.producer_streams_url,
         publish_replicas=spec.options.publish_replicas,
+        partitions=bench_partitions(spec.options),
     )
     batch = spec.options.batch_size
     async with contextlib.AsyncExitStack() as stack:
@@ -120,14 +125,19 @@ def _send(client: BusClient, producer: int, batch: int) -> Send:
     if batch == 1:
 
         def one(seq: int, t: float) -> Awaitable[str]:
-            return client.publish(EVENT_TYPE, {"seq": seq, "producer": producer, "t": t})
+            data = {"seq": seq, "producer": producer, "t": t}
+            return client.publish(EVENT_TYPE, data, key=f"{producer}:{seq % 1024}")
 
         return one
 
     def many(seq: int, t: float) -> Awaitable[list[str]]:
         return client.publish_many(
             [
-                (EVENT_TYPE, {"seq": s, "producer": producer, "t": t})
+                client.event(
+                    EVENT_TYPE,
+                    {"seq": s, "producer": producer, "t": t},
+                    key=f"{producer}:{s % 1024}",
+                )
                 for s in range(seq, seq + batch)
             ]
         )

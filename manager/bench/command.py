@@ -71,6 +71,15 @@ from manager.logs import configure_cli_logging
     "measures what the durability option costs. The baseline never waits.",
 )
 @click.option(
+    "--partitions",
+    type=click.IntRange(min=1, max=256),
+    default=1,
+    show_default=True,
+    help="Split the bench route into N partition streams (bus.partitions), the events "
+    "keyed by producer and sequence: on a Redis Cluster they spread over the shards. The "
+    "baseline keeps one stream.",
+)
+@click.option(
     "--as-admin",
     is_flag=True,
     help="Run the bus clients as the URL's own user instead of a bot's ACL user (as the "
@@ -91,6 +100,7 @@ def bench(
     warmup: float,
     no_baseline: bool,
     publish_replicas: int,
+    partitions: int,
     as_admin: bool,
     as_json: bool,
 ) -> None:
@@ -113,6 +123,7 @@ def bench(
             baseline=not no_baseline,
             bot_user=not as_admin,
             publish_replicas=publish_replicas,
+            partitions=partitions,
             warmup=warmup,
         )
     except BenchError as exc:

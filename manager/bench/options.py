@@ -22,6 +22,11 @@ DRAIN_CAP_FACTOR = 6
 RAW_GROUP = "bench-raw"
 
 
+def bench_partitions(options: BenchOptions) -> dict[str, int]:
+    """The bus's ``partitions`` setting of a run: the bench route's, when split."""
+    return {ROUTES["bench"]: options.partitions} if options.partitions > 1 else {}
+
+
 def raw_stream(namespace: str) -> str:
     """The baseline's stream key, inside the bench namespace (shaped like a bus stream key)."""
     return f"{namespace}:stream:{{bench-raw}}"
@@ -76,6 +81,8 @@ class BenchOptions:
     bot_user: bool = True
     #: Replicas that must confirm each publish (the bus's publish_replicas; 0: none).
     publish_replicas: int = 0
+    #: Partition streams of the bench route (1: one stream, as before).
+    partitions: int = 1
     warmup: float = 1.0
     #: After the producers stop, wait for the consumers to catch up until they make no
     #: progress for this many seconds (and never longer than ``DRAIN_CAP_FACTOR`` times it).
@@ -91,6 +98,7 @@ class BenchOptions:
             (self.read_count is None or self.read_count >= 1, "--read-count must be >= 1"),
             (self.processes >= 1, "--processes must be at least 1"),
             (self.publish_replicas >= 0, "--publish-replicas must be >= 0"),
+            (1 <= self.partitions <= 256, "--partitions must be within 1..256"),
             (self.warmup >= 0, "--warmup must be >= 0"),
             (self.drain > 0, "drain must be positive"),
         ]

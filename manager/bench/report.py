@@ -174,6 +174,7 @@ class BenchReport:
             "private_redis": self.private_redis,
             "bot_user": opts.bot_user,
             "publish_replicas": opts.publish_replicas,
+            "partitions": opts.partitions,
         }
 
     def table(self) -> str:
@@ -187,6 +188,7 @@ class BenchReport:
             f"{opts.duration:g} s (+{opts.warmup:g} s warmup), redis {self.redis_version}"
             + (" (private, no persistence)" if self.private_redis else "")
             + (", bus as a bot's ACL user" if opts.bot_user else ", bus as the URL's user")
+            + (f", {opts.partitions} partitions" if opts.partitions > 1 else "")
             + (
                 f", publishes confirmed on {opts.publish_replicas} replica(s)"
                 if opts.publish_replicas

@@ -47,6 +47,7 @@ from manager.bench.options import (
     IdleSpec,
     Mode,
     WorkerSpec,
+    bench_partitions,
     raw_stream,
 )
 from manager.bench.recording import Tally, WorkerResult, receive
@@ -90,7 +91,8 @@ async def run_bench(options: BenchOptions) -> BenchReport:
             idle_rss = await _idle_rss(url, namespace)
             if options.bot_user:
                 durable = options.publish_replicas > 0
-                async with _as_bots(admin, url, namespace, durable=durable) as urls:
+                router = Router(ROUTES, DEFAULT_STREAM, bench_partitions(options))
+                async with _as_bots(admin, url, namespace, router, durable=durable) as urls:
                     bus = await _phase("bus", options, urls, namespace)
             else:
                 bus = await _phase("bus", options, _Urls(url, url), namespace)
@@ -127,7 +129,7 @@ class _Urls:
 
 @contextlib.asynccontextmanager
 async def _as_bots(
-    admin: Redis, url: str, namespace: str, *, durable: bool = False
+    admin: Redis, url: str, namespace: str, router: Router, *, durable: bool = False
 ) -> AsyncIterator[_Urls]:
     """Run the bus phase as the manager runs bots: the consumers and the producers each
     with a bot's ACL users, the consumers' group subscribed by the manager's side (a bot's
@@ -145,10 +147,11 @@ async def _as_bots(
             )
             urls.append(bot_redis_url(url, username, password))
             urls.append(bot_redis_url(url, streams_username(namespace, bot), password))
-    stream = keys.stream(ROUTES["bench"])
-    fanout = Fanout(admin, keys, lambda: [stream])
-    await fanout.subscribe(stream, group_name(CONSUMER_BOT), "$")
-    relay = OutboxRelay(admin, keys, Router(ROUTES, DEFAULT_STREAM), lambda: [PRODUCER_BOT])
+    streams = [keys.stream(s) for s in router.expand(ROUTES["bench"])]
+    fanout = Fanout(admin, keys, lambda: streams)
+    for stream in streams:
+        await fanout.subscribe(stream, group_name(CONSUMER_BOT), "$")
+    relay = OutboxRelay(admin, keys, router, lambda: [PRODUCER_BOT])
     moving = [asyncio.create_task(relay.run()), asyncio.create_task(fanout.run())]
     try:
         yield _Urls(urls[0], urls[2], True, consumers_streams=urls[1], producers_streams=urls[3])

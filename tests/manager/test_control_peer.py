@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -177,7 +178,8 @@ class TestBots:
             process.stdin.write(b"go\n")
             line = await asyncio.wait_for(process.stdout.readline(), 20)
         finally:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have exited already
+                process.kill()
             await process.wait()
         answer: dict[str, Any] = json.loads(line)
         return answer

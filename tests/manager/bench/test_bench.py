@@ -183,6 +183,17 @@ class TestRunBench:
         async with redis_client(redis_url) as redis:
             assert [k async for k in redis.scan_iter(match="bench-*")] == []
 
+    async def test_partitions_split_the_route_and_lose_nothing(self, redis_url: str) -> None:
+        """--partitions 4: the bus phase publishes keyed events to 4 partition streams,
+        which 2 consumer replicas share, and every event is handled once."""
+        options = BenchOptions(
+            redis_url=redis_url, producers=2, consumers=2, rate=200, duration=1.0,
+            warmup=0.2, partitions=4, baseline=False,
+        )  # fmt: skip
+        out = (await run_bench(options)).to_json()
+        assert (out["lost"], out["duplicated"], out["partitions"]) == (0, 0, 4)
+        assert 150 <= out["events"] <= 250
+
 
 class TestUnreachable:
     async def test_unreachable_redis_is_a_clear_error(self) -> None:
