@@ -141,8 +141,11 @@ class LoadBalanceRequired(_Schema):
 
 
 class FailoverTriggered(_Schema):
-    """``multibot.failover.triggered``: a standby took over from the active instance."""
+    """``multibot.failover.triggered``: a standby took over from the active instance, or
+    (``role: coordinator``) a manager took over the deployment's coordinator duties from
+    another (``old_instance`` and ``new_instance`` are then the hosts)."""
 
+    role: Literal["bot", "coordinator"] = "bot"
     bot_id: str
     old_instance: str | None
     new_instance: str

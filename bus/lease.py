@@ -141,6 +141,11 @@ class Lease:
         """Whether this instance holds the lease and its own deadline has not passed."""
         return self.token is not None and time.monotonic() < self.valid_until
 
+    def held_until_now(self) -> bool:
+        """Whether the last holding's deadline has not passed (even if a renew just found
+        the lease gone): no other holder can have acted since."""
+        return time.monotonic() < self.valid_until
+
     @property
     def _value(self) -> str:
         return f"{self.instance} {self.token}"

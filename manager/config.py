@@ -12,6 +12,7 @@ are importable from here too.
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,6 +88,14 @@ class ManagerSettings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="embedded servers' data, control socket")
     namespace: str = Field("multibot", description="prefix of every Redis key")
+    host: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="this manager's name among the managers of one deployment (bots' "
+        "hosts = [...] name it); default: the machine's host name",
+    )
     redis_url: str | None = Field(None, description="unset: run an embedded redis-server")
     postgres_dsn: str | None = Field(None, description="unset: run an embedded PostgreSQL")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -152,6 +161,12 @@ class ManagerSettings(BaseSettings):
         """The ``BusSettings`` fields every bot and the coordinator share."""
         options = self.bus.model_dump(exclude_none=True)
         return {"redis_url": redis_url, "namespace": self.namespace, **options}
+
+    @property
+    def local_bots(self) -> list[BotConfig]:
+        """The bots this manager runs: those placed on its host, or on no host in
+        particular."""
+        return [bot for bot in self.bots if not bot.hosts or self.host in bot.hosts]
 
     def bot(self, bot_id: str) -> BotConfig:
         """The bot with this id; KeyError if there is none."""

@@ -74,6 +74,11 @@ class BotConfig(ConfigModel):
     id: str = Field(description="lowercase letters, digits, '-' and '_'; names its group")
     entry: str = Field(description="'package.module:function' called with the bus client")
     replicas: int = Field(1, ge=1, le=64, description="processes sharing the bot's group")
+    hosts: list[str] | None = Field(
+        None,
+        description="the managers (by their host setting) that run this bot; unset: "
+        "every manager of the deployment that has it in its config",
+    )
     standby: bool = Field(
         False, description="one active replica holds a leader lease, the others wait"
     )

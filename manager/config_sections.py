@@ -130,6 +130,12 @@ class CoordinatorSettings(ConfigModel):
     interval: float = Field(5.0, gt=0, description="seconds between lag and memory checks")
     lag_threshold: int = Field(1000, ge=1, description="entries behind that ask for help")
     memory: MemorySettings = MemorySettings()
+    lease_ttl: float = Field(
+        10.0,
+        gt=0,
+        description="the coordinator lease among the managers of one deployment: when the "
+        "coordinating manager dies, another takes its duties within this",
+    )
 
 
 class ArchiveSettings(ConfigModel):

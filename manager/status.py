@@ -179,10 +179,33 @@ class ManagerInfo(_Status):
     )
 
 
+class HostStatus(_Status):
+    """One manager of the deployment, as its last entry in Redis says."""
+
+    host: str
+    pid: int
+    version: str
+    bots: list[str] = Field(description="the bots it runs")
+    seen_ago: float = Field(description="seconds since it last wrote its entry")
+    live: bool = Field(description="false: not heard from for three coordinator intervals")
+    coordinator: bool = Field(description="whether it holds the coordinator lease")
+
+
+class DeploymentStatus(_Status):
+    """The managers of one deployment (one Redis, one config), seen from any of them."""
+
+    host: str = Field(description="this manager's host")
+    coordinator: str | None = Field(
+        description="the host holding the coordinator lease (lag, archiver, trimmer, ...)"
+    )
+    hosts: list[HostStatus] = Field(default_factory=list)
+
+
 class ManagerStatus(_Status):
     """Everything ``multibot status`` shows."""
 
     manager: ManagerInfo
+    deployment: DeploymentStatus | None = None
     memory: MemoryStatus | None = None
     redis_memory: RedisMemoryStatus | None = None
     archive: ArchiveStatus | None = None

@@ -24,6 +24,7 @@ from manager.status import (
     TROUBLE_STATES,
     ArchiveStatus,
     BotStatus,
+    DeploymentStatus,
     GroupStatus,
     InstanceState,
     ManagerInfo,
@@ -49,6 +50,8 @@ def render_status(
     """
     view = _View(colour=console.is_terminal)
     console.print(view.header(status.manager))
+    if status.deployment and len(status.deployment.hosts) > 1:
+        console.print(view.deployment(status.deployment))
     console.print(view.memory(status.memory))
     if status.redis_memory:
         console.print(view.redis_memory(status.redis_memory))
@@ -130,6 +133,22 @@ class _View:
             if manager.memory_limits_reason:
                 enforced += f" ({manager.memory_limits_reason})"
             lines.append(Text(enforced))
+        return Text("\n").join(lines)
+
+    def deployment(self, deployment: DeploymentStatus) -> Text:
+        """The deployment's managers, one line each: host, the coordinator, its bots."""
+        lines = [Text(f"deployment: this is {deployment.host}")]
+        for host in deployment.hosts:
+            state = "coordinator" if host.coordinator else "live" if host.live else "gone"
+            style = "bold" if host.coordinator else "" if host.live else "red"
+            bots = ", ".join(host.bots) or "no bots"
+            lines.append(
+                Text.assemble(
+                    f"  {host.host}  ",
+                    (state, self.style(style)),
+                    f"  pid {host.pid}  seen {format_duration(host.seen_ago)} ago  {bots}",
+                )
+            )
         return Text("\n").join(lines)
 
     def memory(self, memory: MemoryStatus | None) -> Text:

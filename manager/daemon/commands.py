@@ -27,9 +27,17 @@ from manager.api.server import ApiServer
 from manager.archive.archiver import Archiver
 from manager.config import ConfigError
 from manager.control import CommandError, Handler
+from manager.daemon.hosts import HostRegistry
 from manager.daemon.isolation import OsUserError
+from manager.daemon.leadership import Leadership
 from manager.embedded.services import Services
-from manager.status import BotStatus, ManagerInfo, ManagerStatus
+from manager.status import (
+    BotStatus,
+    DeploymentStatus,
+    HostStatus,
+    ManagerInfo,
+    ManagerStatus,
+)
 from manager.supervision.coordinator import Coordinator
 from manager.supervision.supervisor import Supervisor
 
@@ -79,6 +87,9 @@ class Commands:
         self.bot_users: Callable[[], list[str]] | None = None
         #: Who enforces the bots' memory limits, and why not the kernel (from cgroup_detect).
         self.memory_limits: tuple[str, str | None] | None = None
+        #: The deployment's managers and its coordinator election (set once Redis is up).
+        self.registry: HostRegistry | None = None
+        self.leadership: Leadership | None = None
 
     def __repr__(self) -> str:
         started = "running" if self.running else "starting"
@@ -94,6 +105,25 @@ class Commands:
             "reload": self._reload_command,
             "connection": self._connection,
         }
+
+    async def _deployment(self) -> DeploymentStatus | None:
+        """The deployment's managers as the registry has them, and who coordinates."""
+        if self.registry is None or self.leadership is None:
+            return None
+        try:
+            entries = await self.registry.entries()
+        except Exception:  # Redis away: the rest of the status still answers
+            entries = []
+        leader = self.leadership.host if self.leadership.leading else self.leadership.holder
+        return DeploymentStatus(
+            host=self.registry.host,
+            coordinator=leader,
+            hosts=[
+                HostStatus(host=e.host, pid=e.pid, version=e.version, bots=list(e.bots),
+                           seen_ago=e.age, live=e.live, coordinator=e.host == leader)
+                for e in entries
+            ],
+        )  # fmt: skip
 
     async def status(self) -> ManagerStatus:
         """The status document of ``multibot status`` and the HTTP API."""
@@ -120,6 +150,7 @@ class Commands:
         coordinator = running.coordinator
         return ManagerStatus(
             manager=manager,
+            deployment=await self._deployment(),
             memory=coordinator.memory_status(),
             redis_memory=coordinator.redis_memory_status(),
             archive=running.archiver.status(),

@@ -45,7 +45,9 @@ from manager.archive.retention import run_retention
 from manager.config import BotConfig, ManagerSettings
 from manager.control import ControlServer, control_path
 from manager.daemon.commands import Commands, Running
+from manager.daemon.hosts import HostRegistry
 from manager.daemon.isolation import BotUsers, log_sharing, switch_blockers
+from manager.daemon.leadership import Leadership
 from manager.daemon.partition_guard import check_partition_change
 from manager.daemon.parts import Clients, Context, Parts, build_parts
 from manager.daemon.private_files import PRIVATE_UMASK, secure_data_dir
@@ -86,8 +88,9 @@ class Manager:
         self._ready = False
         self._limiter: CgroupLimiter | None = None
         self._reloader = Reloader(
-            config_path, notifier=self._notifier, shutdown=self._shutdown, set_bots=self._set_bots
-        )
+            config_path, notifier=self._notifier, shutdown=self._shutdown,
+            set_bots=self._set_bots, host=settings.host,
+        )  # fmt: skip
         self._commands = Commands(
             data_dir=settings.data_dir,
             namespace=settings.namespace,
@@ -98,6 +101,9 @@ class Manager:
         )
         self.services: Services | None = None
         self._coordinating: asyncio.Task[None] | None = None
+        #: The coordinator election and the managers' registry (set once Redis is up).
+        self._leadership: Leadership | None = None
+        self._registry: HostRegistry | None = None
 
     def __repr__(self) -> str:
         state = "stopping" if self._shutdown.is_set() else "ready" if self._ready else "starting"
@@ -186,8 +192,8 @@ class Manager:
             data_dir=settings.data_dir,
             explicit="bot_user" in settings.supervisor.model_fields_set,
         )
-        users.resolve(settings.bots)
-        if not users.names() or any(users.user(bot) is None for bot in settings.bots):
+        users.resolve(settings.local_bots)
+        if not users.names() or any(users.user(bot) is None for bot in settings.local_bots):
             log_sharing(settings.supervisor.bot_user, blockers, users.fallback)
         self._commands.bot_users = users.names
         # Before any child is spawned: under cgroup v2 the manager moves into a leaf first.
@@ -208,6 +214,7 @@ class Manager:
         context = Context(
             self.settings, services, bus_settings, self._keys, self._router, self._environ,
             users, self._limiter, bots=lambda: self.settings.bots,
+            local_bots=lambda: self.settings.local_bots,
         )  # fmt: skip
         parts = self._reloader.parts = build_parts(context, clients, archive)
         self._commands.running = Running(
@@ -219,6 +226,7 @@ class Manager:
             except SchemaTooNewError as exc:
                 raise ManagerError(str(exc)) from None
             await check_partition_change(admin, self._keys, self._router)
+            await self._join_deployment(admin)
             await self._prepare(parts, services.postgres_dsn)
             await self._serve(parts, services)
         finally:
@@ -229,14 +237,34 @@ class Manager:
             await clients.bus.close()
             await admin.aclose()
 
+    async def _join_deployment(self, admin: Redis) -> None:
+        """Register this manager among the deployment's; refuse to run a bot another live
+        manager runs (one bot, one host)."""
+        settings = self.settings
+        registry = HostRegistry(
+            admin, self._keys, settings.host, settings.coordinator.interval,
+            lambda: [b.id for b in self.settings.local_bots],
+        )  # fmt: skip
+        taken = await registry.taken_elsewhere(b.id for b in settings.local_bots)
+        if taken:
+            where = ", ".join(f"{bot} (on {host})" for bot, host in sorted(taken.items()))
+            raise ManagerError(
+                f"another manager of this deployment runs {where}, and this one "
+                f"(host {settings.host!r}) would too: give each bot hosts = [...] naming "
+                "one host, or stop the other manager first"
+            )
+        await registry.write()
+        self._registry = self._commands.registry = registry
+
     async def _prepare(self, parts: Parts, postgres_dsn: str) -> None:
         """Before the bots start: lost streams restored, the bots provisioned, the API up."""
-        bots = self.settings.bots
+        bots = self.settings.local_bots
         await parts.repair.restore()
         await parts.provisioner.prepare_reader(postgres_dsn)
-        await parts.provisioner.prepare_bots(bots, parts.coordinator)
+        deployment = self.settings.bots
+        await parts.provisioner.prepare_bots(bots, parts.coordinator, deployment=deployment)
         parts.coordinator.configure(bots)
-        parts.trimmer.removed.configure(b.id for b in bots)
+        parts.trimmer.removed.configure(b.id for b in deployment)
         view = self._view(parts)
         self._commands.api = await start_api(self.settings.api, self.settings.data_dir, view)
 
@@ -247,38 +275,71 @@ class Manager:
             self._reloader.tasks = tg
             try:
                 publishing = tg.create_task(announcer.run())
-                supervising = tg.create_task(parts.supervisor.run(self.settings.bots))
+                supervising = tg.create_task(parts.supervisor.run(self.settings.local_bots))
+                leadership = self._lead(tg, parts)
+                await leadership.settle()  # coordinating from the first round, if free
                 helpers = self._helpers(tg, parts, services)
                 await self._shutdown.wait()
                 await self._stop(parts, supervising)
                 log.info("bots stopped; stopping the coordinator and archiver")
                 await cancel_all([*helpers, *self._reloader.running])
+                if self._leadership is not None:  # its duties, should its stop be cut short
+                    await cancel_all(self._leadership.duties)
+                if self._registry is not None:
+                    with contextlib.suppress(Exception):
+                        await self._registry.leave()
                 await announcer.flush(5.0)
                 await cancel_all([publishing])
             finally:
                 self._reloader.tasks = None
 
+    def _lead(self, tg: asyncio.TaskGroup, parts: Parts) -> Leadership:
+        """The coordinator election; the deployment-wide duties run in ``tg`` while this
+        manager holds the lease (see :mod:`.leadership`)."""
+        settings = self.settings
+
+        def duties(took_over: bool) -> list[asyncio.Task[Any]]:
+            """The deployment-wide work, run by the coordinating manager only. Taking
+            over from a dead coordinator, first what it may have left: streams Redis lost
+            while nobody watched are restored (this manager's own start did it already)."""
+            positions = record_positions(
+                parts.clients.admin, self._keys, parts.archive.get, settings.coordinator
+            )
+            first = [tg.create_task(parts.repair.restore())] if took_over else []
+            return [
+                *first,
+                tg.create_task(parts.relay.run()),
+                tg.create_task(parts.fanout.run()),
+                tg.create_task(parts.archiver.run()),
+                tg.create_task(parts.trimmer.run()),
+                tg.create_task(positions),
+                tg.create_task(parts.pressure.run()),
+                tg.create_task(run_retention(parts.archive.get, settings.archive)),
+                tg.create_task(parts.repair.watch_identity()),
+            ]
+
+        leadership = self._leadership = self._commands.leadership = Leadership(
+            parts.clients.admin, self._keys, settings.host, settings.coordinator.lease_ttl,
+            start=duties, announcer=parts.clients.announcer,
+        )  # fmt: skip
+        return leadership
+
     def _helpers(
         self, tg: asyncio.TaskGroup, parts: Parts, services: Services
     ) -> list[asyncio.Task[Any]]:
         """Start the tasks that run beside the bots until the shutdown cancels them."""
-        positions = record_positions(
-            parts.clients.admin, self._keys, parts.archive.get, self.settings.coordinator
-        )
+        leadership = self._leadership
+        assert leadership is not None
+        parts.coordinator.leading = lambda: leadership.leading
         self._coordinating = tg.create_task(parts.coordinator.run())
         helpers = [
             self._coordinating,
             tg.create_task(self._notifier.watchdog_loop()),
             tg.create_task(self._announce_ready(parts.supervisor)),
-            tg.create_task(parts.relay.run()),
-            tg.create_task(parts.fanout.run()),
-            tg.create_task(parts.archiver.run()),
-            tg.create_task(parts.trimmer.run()),
-            tg.create_task(positions),
-            tg.create_task(parts.pressure.run()),
-            tg.create_task(run_retention(parts.archive.get, self.settings.archive)),
-            tg.create_task(parts.repair.watch_identity()),
+            tg.create_task(leadership.run()),
         ]
+        if self._registry is not None:
+            helpers.append(tg.create_task(self._registry.run()))
         if services.redis is not None:
             restarted = parts.repair.redis_restarted
             watch = keep_running("redis", services.redis, on_restart=restarted)
@@ -312,7 +373,7 @@ class Manager:
         # A reload under way finishes first (the bots it started stop with the rest); a
         # later one sees the shutdown and refuses.
         async with self._reloader.held():
-            longest = max((b.stop_timeout for b in self.settings.bots), default=0)
+            longest = max((b.stop_timeout for b in self.settings.local_bots), default=0)
             self._notifier.extend_timeout(longest + 30)
             await parts.supervisor.stop()
         await supervising

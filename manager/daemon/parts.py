@@ -73,8 +73,10 @@ class Context:
     users: BotUsers
     #: Puts bot processes in memory cgroups of their own; None: RSS polling only.
     limiter: CgroupLimiter | None
-    #: The running config's bots (a reload changes them).
+    #: The running config's bots (a reload changes them): the whole deployment's.
     bots: Callable[[], Sequence[BotConfig]]
+    #: Of those, the ones this manager runs (placed on its host).
+    local_bots: Callable[[], Sequence[BotConfig]]
 
 
 def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Parts:
@@ -139,7 +141,9 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         settings=settings.archive,
         interval=settings.coordinator.interval,
         bots=context.bots,
-        provision=lambda: provisioner.prepare_bots(context.bots(), coordinator),
+        provision=lambda: provisioner.prepare_bots(
+            context.local_bots(), coordinator, deployment=context.bots()
+        ),
         fanout=fanout,
     )
     relay = OutboxRelay(

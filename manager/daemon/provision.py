@@ -116,11 +116,19 @@ class Provisioner:
         reader = "yes" if self._reader_dsn else "no"
         return f"<Provisioner bots={len(self._passwords)} archive_reader={reader}>"
 
-    async def prepare_bots(self, bots: Sequence[BotConfig], coordinator: Coordinator) -> None:
+    async def prepare_bots(
+        self,
+        bots: Sequence[BotConfig],
+        coordinator: Coordinator,
+        *,
+        deployment: Sequence[BotConfig] | None = None,
+    ) -> None:
         """The bots' OS users looked up (else OsUserError, before anything changes); a Redis
-        user per bot (users of removed bots dropped), and the declared groups."""
+        user per bot (users of removed bots dropped), and the declared groups. ``bots``
+        are this manager's; ``deployment`` every bot of the config, whose users stay
+        (another host's manager keeps them)."""
         self._users.resolve(bots)
-        wanted = {b.id for b in bots}
+        wanted = {b.id for b in (bots if deployment is None else deployment)}
         listed = [
             bot_id_of(self._keys.namespace, u) for u in await bot_users(self._admin, self._keys)
         ]

@@ -36,9 +36,12 @@ class Reloader:
         notifier: Notifier,
         shutdown: asyncio.Event,
         set_bots: Callable[[Sequence[BotConfig]], None],
+        host: str,
     ) -> None:
-        """``set_bots`` takes the reloaded bots into the manager's running settings."""
+        """``set_bots`` takes the reloaded bots into the manager's running settings; a
+        reload applies those placed on ``host`` (this manager's, fixed at its start)."""
         self._config_path = config_path
+        self._host = host
         self._notifier = notifier
         self._shutdown = shutdown
         self._set_bots = set_bots
@@ -117,11 +120,12 @@ class Reloader:
         settings = load_config(config_path)
         self._notifier.reloading()
         try:
-            await parts.provisioner.prepare_bots(settings.bots, parts.coordinator)
-            parts.coordinator.configure(settings.bots)
+            local = settings.model_copy(update={"host": self._host}).local_bots
+            await parts.provisioner.prepare_bots(local, parts.coordinator, deployment=settings.bots)
+            parts.coordinator.configure(local)
             parts.trimmer.removed.configure(b.id for b in settings.bots)
             self._set_bots(settings.bots)
-            added, removed, changed = await parts.supervisor.apply(settings.bots)
+            added, removed, changed = await parts.supervisor.apply(local)
         finally:
             self._notifier.ready()
         result = {"added": added, "removed": removed, "changed": changed}

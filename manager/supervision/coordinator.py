@@ -74,6 +74,9 @@ class Coordinator:
         self._budget = MemoryBudget(1)
         #: The pressure watch's state, when one runs (set by the daemon).
         self.pressure: PressureState | None = None
+        #: Whether this manager coordinates the deployment (set by the daemon): the lag of
+        #: the groups is watched there only; each manager watches its own host's memory.
+        self.leading: Callable[[], bool] = lambda: True
         self.configure([])
         self._process = psutil.Process(os.getpid())
         #: The last measurements (for status).
@@ -111,10 +114,13 @@ class Coordinator:
 
     async def check(self) -> None:
         """One round: lag, then memory."""
-        streams = await stream_keys(self._redis, self._keys)
-        self.lags = await group_lags(self._redis, streams, keys=self._keys)
-        for lag in self.lags:
-            self._check_lag(lag)
+        if self.leading():
+            streams = await stream_keys(self._redis, self._keys)
+            self.lags = await group_lags(self._redis, streams, keys=self._keys)
+            for lag in self.lags:
+                self._check_lag(lag)
+        else:
+            self.lags = []
         self.memory = await self._sample()
         for alert in self._budget.check(self.memory):
             self._memory_alert(alert)

@@ -31,6 +31,7 @@ lease_ttl = 1.5
 [coordinator]
 interval = 0.3
 lag_threshold = 5
+lease_ttl = 2.0
 
 [bus.consumer]
 block_ms = 500

@@ -137,6 +137,23 @@ class TestRenderStatus:
         assert "postgres postgresql://multibot@127.0.0.1:5432/multibot" in endpoints
         assert line_of(text, "api ").startswith("api http://127.0.0.1:8080")
 
+    def test_a_deployment_of_several_managers_lists_each(self) -> None:
+        """With more than one manager: each host, which coordinates, which is gone, and
+        its bots; with one, no such lines."""
+        hosts = [
+            {"host": "a", "pid": 1, "version": "0.1.0", "bots": ["idler"], "seen_ago": 9.0,
+             "live": False, "coordinator": False},
+            {"host": "b", "pid": 2, "version": "0.1.0", "bots": ["collector", "emitter"],
+             "seen_ago": 0.2, "live": True, "coordinator": True},
+        ]  # fmt: skip
+        status = {**make_status(), "deployment": {"host": "b", "coordinator": "b", "hosts": hosts}}
+        text = render(status)
+        assert "deployment: this is b" in text
+        assert line_of(text, "  a  ").split()[:2] == ["a", "gone"]
+        assert "coordinator" in line_of(text, "  b  ") and "collector, emitter" in text
+        alone = {**status, "deployment": {"host": "b", "coordinator": "b", "hosts": hosts[1:]}}
+        assert "deployment:" not in render(alone)
+
     def test_budget_line(self) -> None:
         """Memory use reads as used / budget (share), broken down into its parts."""
         line = line_of(render(make_status()), "memory")

@@ -1,0 +1,130 @@
+"""The managers of one deployment, as each sees the others: who runs, where, which bots.
+
+Every manager writes its entry in ``<ns>:hosts`` (a hash, host → JSON) each interval: its
+pid, version, the bots it runs and the Redis server's time of the write. An entry not
+rewritten for three intervals is a manager that is gone. ``multibot status`` and the API
+show the list from any host, with the coordinator lease's holder; a manager refuses to
+start a bot another live host already runs (one bot, one host: its Redis users and
+consumer names are per bot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+
+from bus.keys import Keys
+from manager import __version__
+
+log = structlog.get_logger("manager")
+
+#: Intervals without a write after which a manager counts as gone.
+GONE_AFTER = 3
+
+
+def hosts_key(keys: Keys) -> str:
+    """The hash of the deployment's managers."""
+    return f"{keys.namespace}:hosts"
+
+
+@dataclass(frozen=True, slots=True)
+class HostEntry:
+    """One manager, as its last write says."""
+
+    host: str
+    pid: int
+    version: str
+    bots: tuple[str, ...]
+    #: Seconds since its last write (by the Redis server's clock).
+    age: float
+    live: bool
+
+
+async def _now_ms(redis: Redis) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+class HostRegistry:
+    """This manager's entry, kept fresh, and the others' as read."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        host: str,
+        interval: float,
+        bots: Callable[[], Iterable[str]],
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self.host = host
+        self._interval = interval
+        self._bots = bots
+
+    def __repr__(self) -> str:
+        return f"<HostRegistry {self.host}>"
+
+    async def write(self) -> None:
+        """Write this manager's entry now."""
+        entry = {
+            "pid": os.getpid(),
+            "version": __version__,
+            "bots": sorted(self._bots()),
+            "at": await _now_ms(self._redis),
+        }
+        await self._redis.hset(hosts_key(self._keys), self.host, orjson.dumps(entry))
+
+    async def run(self) -> None:
+        """Write every interval until cancelled (a failed write is logged)."""
+        while True:
+            try:
+                await self.write()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot write this manager's entry", error=str(exc))
+            await asyncio.sleep(self._interval)
+
+    async def entries(self) -> list[HostEntry]:
+        """Every manager's entry, this one's first, then by host."""
+        raw: Any = await self._redis.hgetall(hosts_key(self._keys))
+        now = await _now_ms(self._redis)
+        found = []
+        for host, value in raw.items():
+            try:
+                entry = orjson.loads(value)
+                age = max(0.0, (now - int(entry["at"])) / 1000)
+                found.append(
+                    HostEntry(
+                        host=host.decode() if isinstance(host, bytes) else str(host),
+                        pid=int(entry["pid"]),
+                        version=str(entry["version"]),
+                        bots=tuple(str(b) for b in entry["bots"]),
+                        age=round(age, 1),
+                        live=age < self._interval * GONE_AFTER,
+                    )
+                )
+            except (ValueError, KeyError, TypeError):  # not ours: a hand-written value
+                continue
+        return sorted(found, key=lambda e: (e.host != self.host, e.host))
+
+    async def taken_elsewhere(self, bots: Iterable[str]) -> dict[str, str]:
+        """Of ``bots``, those a live manager on another host runs: bot → host."""
+        wanted = set(bots)
+        taken = {}
+        for entry in await self.entries():
+            if entry.live and entry.host != self.host:
+                taken.update(dict.fromkeys(wanted & set(entry.bots), entry.host))
+        return taken
+
+    async def leave(self) -> None:
+        """Delete this manager's entry (a clean stop)."""
+        await self._redis.hdel(hosts_key(self._keys), self.host)
