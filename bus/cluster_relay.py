@@ -145,26 +145,9 @@ async def relay_planned(
     """Carry out a plan of the relay's script (see :data:`bus.outbox._RELAY`): append each
     entry to its target once, then trim the outbox; how many outbox entries it covered.
     ``targets`` are the relay's KEYS (outbox, dead-letter stream, then the streams)."""
-    count, last = await append_planned(redis, keys, bot_id, targets, reply, durable=durable)
-    if count:
-        await run_script(redis, _TRIM, [keys.outbox(bot_id)], [last])
-    return count
-
-
-async def append_planned(
-    redis: Redis,
-    keys: Keys,
-    bot_id: str,
-    targets: Sequence[str],
-    reply: Any,
-    *,
-    durable: Durable = NO_WAIT,
-) -> tuple[int, str]:
-    """Steps 1 and 2 of :func:`relay_planned`: the appends, not the trim; how many outbox
-    entries the plan covered and the last one's id (where the trim goes)."""
     count, last, planned = int(reply[0]), _text(reply[1]), reply[2]
     if not count:
-        return 0, last
+        return 0
     appends: dict[str, list[Any]] = defaultdict(list)
     for index, outbox_id, planned_fields, named, entry_id in planned:
         fields = list(planned_fields)
@@ -177,7 +160,8 @@ async def append_planned(
         )
         if _text(added) == "wrongtype":
             raise TargetNotAStreamError(target)
-    return count, last
+    await run_script(redis, _TRIM, [keys.outbox(bot_id)], [last])
+    return count
 
 
 async def run_durably(

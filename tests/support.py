@@ -13,7 +13,7 @@ import redis.cluster
 import redis.sentinel
 from redis.asyncio import Redis
 
-from bus import BusClient
+from bus import BusClient, BusConnectionError, BusDurabilityError, Event
 from bus.connection import cluster_client, is_cluster, sentinel_primary
 from bus.deployment import parse_redis_url
 
@@ -111,3 +111,53 @@ async def running(*clients: BusClient) -> AsyncIterator[None]:
         for client in clients:
             await client.stop(timeout=5)
         await asyncio.gather(*tasks)
+
+
+async def failover_under_load(
+    producer: BusClient, consumer: BusClient, fail_over: Callable[[], Awaitable[None]]
+) -> None:
+    """The failover tests' load: ``producer`` publishes all along (a publish that raises
+    is not confirmed: a publisher would publish it again) while ``consumer`` records what
+    it gets; after 200 confirmed events ``fail_over`` kills a primary and waits for the
+    promotion, then 200 more are confirmed. Every confirmed event must reach the
+    consumer, none confirmed twice. Closes both clients."""
+
+    got: set[str] = set()
+
+    @consumer.subscribe("bench.event.*")
+    async def handle(event: Event) -> None:
+        got.add(event.id)
+
+    confirmed: list[str] = []
+    stop = asyncio.Event()
+
+    async def publish_all_along() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                confirmed.append(await producer.publish("bench.event.sent", {"n": n}))
+            except (BusConnectionError, BusDurabilityError):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.002)
+
+    try:
+        async with running(consumer):
+            publisher = asyncio.create_task(publish_all_along())
+            await wait_until(lambda: len(confirmed) >= 200, 20, "events before the kill")
+            await fail_over()
+            before = len(confirmed)
+            await wait_until(
+                lambda: len(confirmed) >= before + 200, 30, "publishing after the failover"
+            )
+            stop.set()
+            await publisher
+            await wait_until(
+                lambda: set(confirmed) <= got, 30, "the consumer to get every confirmed one"
+            )
+    finally:
+        stop.set()
+        await producer.close()
+        await consumer.close()
+    assert set(confirmed) <= got
+    assert len(set(confirmed)) == len(confirmed)

@@ -11,11 +11,11 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bus import BusClient, Event
+from bus import BusClient
 from bus.cluster_relay import _RETRY_ONCE, RETRY_MARKER_TTL, Durable
 from bus.connection import is_cluster
 from bus.dlq import DeadLetterReason, DeadLetters
-from bus.errors import BusConnectionError, BusDurabilityError, DeadLetterNotFoundError
+from bus.errors import BusDurabilityError, DeadLetterNotFoundError
 from bus.keys import Keys
 from bus.lease import run_script
 from bus.outbox import OutboxRelay
@@ -23,7 +23,7 @@ from bus.routing import Router
 from bus.settings import BusSettings
 from tests.cluster_support import LocalCluster
 from tests.conftest import BusFactory
-from tests.support import redis_client, running, wait_until
+from tests.support import failover_under_load, redis_client, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.cluster_only]
 
@@ -195,54 +195,20 @@ class TestFailover:
                 {"redis_url": url, "consumer": {"block_ms": 200, "start_id": "0"}}
             ),
         )  # fmt: skip
-        got: set[str] = set()
-
-        @consumer.subscribe("bench.event.*")
-        async def handle(event: Event) -> None:
-            got.add(event.id)
-
-        confirmed: list[str] = []
-        stop = asyncio.Event()
-
-        async def publish_all_along() -> None:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    confirmed.append(await producer.publish("bench.event.sent", {"n": n}))
-                except (BusConnectionError, BusDurabilityError):
-                    await asyncio.sleep(0.05)  # not confirmed: it would be published again
-                await asyncio.sleep(0.002)
-
         await producer.connect()
         routes = Router(producer.settings.routes, producer.settings.default_stream)
         stream = producer.keys.stream(routes.route("bench.event.sent"))
-        try:
-            async with running(consumer):
-                publisher = asyncio.create_task(publish_all_along())
-                await wait_until(lambda: len(confirmed) >= 200, 20, "events before the kill")
-                old = cluster_deployment.node_for(stream)
-                old.kill()
-                await wait_until(
-                    lambda: _promoted(cluster_deployment, stream, old.port), 30,
-                    "the replica to be promoted",
-                )  # fmt: skip
-                cluster_deployment.restart(old)  # back, as a replica of the promoted one
-                before = len(confirmed)
-                await wait_until(
-                    lambda: len(confirmed) >= before + 200, 30, "publishing after the failover"
-                )
-                stop.set()
-                await publisher
-                await wait_until(
-                    lambda: set(confirmed) <= got, 30, "the consumer to get every confirmed one"
-                )
-        finally:
-            stop.set()
-            await producer.close()
-            await consumer.close()
-        assert set(confirmed) <= got
-        assert len(set(confirmed)) == len(confirmed)
+
+        async def fail_over() -> None:
+            old = cluster_deployment.node_for(stream)
+            old.kill()
+            await wait_until(
+                lambda: _promoted(cluster_deployment, stream, old.port), 30,
+                "the replica to be promoted",
+            )  # fmt: skip
+            cluster_deployment.restart(old)  # back, as a replica of the promoted one
+
+        await failover_under_load(producer, consumer, fail_over)
 
 
 async def _promoted(cluster: LocalCluster, key: str, old_port: int) -> bool:

@@ -3,16 +3,15 @@ bus follows the promoted replica without a restart."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 
 import pytest
 
-from bus import BusClient, BusConnectionError, BusDurabilityError, Event
+from bus import BusClient, BusDurabilityError
 from bus.routing import Router
 from bus.settings import BusSettings
 from tests.sentinel_support import SentinelSet
-from tests.support import entries, redis_client, running, wait_until
+from tests.support import entries, failover_under_load, redis_client, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.one_redis]
 
@@ -81,53 +80,16 @@ class TestFailover:
         publish returned reaches the consumer."""
         producer = await client(voting_sentinels.url, "p", publish_replicas=1).connect()
         consumer = await client(voting_sentinels.url, "c").connect()
-        got: set[str] = set()
-
-        @consumer.subscribe("bench.event.*")
-        async def handle(event: Event) -> None:
-            got.add(event.id)
-
-        confirmed: list[str] = []
-        failed = 0
-        stop = asyncio.Event()
-
-        async def publish_all_along() -> None:
-            nonlocal failed
-            n = 0
-            while not stop.is_set():
-                n += 1
-                try:
-                    confirmed.append(await producer.publish("bench.event.sent", {"n": n}))
-                except (BusConnectionError, BusDurabilityError):
-                    failed += 1  # not confirmed: the publisher would publish it again
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(0.002)
-
         old_port = voting_sentinels.primary.port
-        try:
-            async with running(consumer):
-                publisher = asyncio.create_task(publish_all_along())
-                await wait_until(lambda: len(confirmed) >= 200, 20, "events before the kill")
-                await voting_sentinels.primary.kill()
-                await wait_until(
-                    lambda: _promoted(voting_sentinels, old_port), 30, "the sentinels to promote"
-                )
-                await voting_sentinels.primary.start()  # back as a replica of the promoted one
-                before = len(confirmed)
-                await wait_until(
-                    lambda: len(confirmed) >= before + 200, 30, "publishing after the failover"
-                )
-                stop.set()
-                await publisher
-                await wait_until(
-                    lambda: set(confirmed) <= got, 30, "the consumer to get every confirmed one"
-                )
-        finally:
-            stop.set()
-            await producer.close()
-            await consumer.close()
-        assert set(confirmed) <= got
-        assert len(set(confirmed)) == len(confirmed)
+
+        async def fail_over() -> None:
+            await voting_sentinels.primary.kill()
+            await wait_until(
+                lambda: _promoted(voting_sentinels, old_port), 30, "the sentinels to promote"
+            )
+            await voting_sentinels.primary.start()  # back as a replica of the promoted one
+
+        await failover_under_load(producer, consumer, fail_over)
 
 
 async def _promoted(voting_sentinels: SentinelSet, old_port: int | None) -> bool:
