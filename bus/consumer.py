@@ -239,6 +239,8 @@ class Consumer:
     def reclaim_now(self) -> None:
         """Look for idle entries now instead of at the next tick (a replica just died)."""
         self._reclaimer.wake()
+        if self._owner is not None:
+            self._owner.reclaim_now()
 
     def __repr__(self) -> str:
         return (

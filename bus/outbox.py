@@ -279,7 +279,7 @@ class OutboxRelay:
             bot_id = name[1:-1] if name.startswith("{") and name.endswith("}") else ""
             if bot_id and bot_id not in configured:
                 moved += await self.drain(bot_id)
-                await run_script(self._redis, _DROP_EMPTY, [self._keys.outbox(bot_id)], [])
+                await self._drop_empty(bot_id)
         if moved:
             log.info("relayed the outbox of bots no longer configured", entries=moved)
         return moved
@@ -291,8 +291,16 @@ class OutboxRelay:
                 continue
             await self.drain(bot)
             if time.monotonic() - left >= self._departed_grace:
-                await run_script(self._redis, _DROP_EMPTY, [self._keys.outbox(bot)], [])
+                await self._drop_empty(bot)
                 del self._departed[bot]
+
+    async def _drop_empty(self, bot_id: str) -> None:
+        """Delete a departed bot's emptied outbox; on a cluster, forget its relay cursors
+        too (its outbox is gone: a new one starts afresh, whatever its ids)."""
+        dropped: Any = await run_script(self._redis, _DROP_EMPTY, [self._keys.outbox(bot_id)], [])
+        if int(dropped) and self._cluster:
+            for target in [self._keys.dead_letters(), *self._stream_keys]:
+                await self._redis.hdel(self._keys.relay_cursor(target), bot_id)
 
     async def drain(self, bot_id: str) -> int:
         """Move everything waiting in ``bot_id``'s outbox; how many entries that was."""

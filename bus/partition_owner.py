@@ -48,6 +48,8 @@ class PartitionConsumer(Protocol):
 
     def stop(self, timeout: float = 10.0) -> None: ...
 
+    def reclaim_now(self) -> None: ...
+
 
 #: Makes the consumer of one partition (by stream name) with the given fence check.
 MakeConsumer = Callable[[str, Callable[[], bool], Callable[[], None]], PartitionConsumer]
@@ -141,6 +143,11 @@ class PartitionOwner:
     def stop(self) -> None:
         """End the rounds (the run then stops the consumers, releases and leaves)."""
         self._stopping.set()
+
+    def reclaim_now(self) -> None:
+        """Ask each partition's consumer to look for idle entries now."""
+        for reading in self._reading.values():
+            reading.consumer.reclaim_now()
 
     async def _round(self) -> None:
         live = await members(self._redis, self._keys, self._bot_id, self._member, self._ttl)

@@ -78,6 +78,23 @@ async def test_outbox_ids_of_any_size_are_relayed_in_order(redis: Redis, raw_url
     assert await ids_in(redis, KEYS.stream("user")) == ["e0", "e1", "e2", "e3"]
 
 
+async def test_a_removed_bots_relay_cursors_go_with_its_outbox(
+    redis: Redis, bus_factory: BusFactory
+) -> None:
+    """A bot no longer configured: its outbox is relayed, deleted once empty, and its
+    cursor in each stream's slot forgotten (a later outbox of that name starts afresh)."""
+    carol = await bus_factory("carol", outbox=True)
+    event_id = await carol.publish("user.login.done", {})
+    cursor = KEYS.relay_cursor(KEYS.stream("user"))
+    relay = OutboxRelay(redis, KEYS, ROUTER, lambda: ["alice"], block=0.1)
+    assert await relay.drain("carol") == 1
+    assert await redis.hget(cursor, "carol") is not None  # relayed: its cursor is kept
+    assert await relay.drain_leftovers() == 0  # emptied: the outbox goes, and the cursor
+    assert await redis.exists(KEYS.outbox("carol")) == 0
+    assert await redis.hget(cursor, "carol") is None
+    assert await ids_in(redis, KEYS.stream("user")) == [event_id]
+
+
 @pytest.fixture
 def raw_url(redis_url: str) -> str:
     return redis_url
