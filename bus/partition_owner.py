@@ -153,8 +153,10 @@ class PartitionOwner:
         live = await members(self._redis, self._keys, self._bot_id, self._member, self._ttl)
         share = set(deal(self._partitions, live, self._member))
         for stream, reading in list(self._reading.items()):
-            if reading.task.done() and not reading.lost:
-                await self._drop(stream)  # its consumer ended (an error it logged)
+            if reading.task.done():  # stopped after its lease was lost, or it failed
+                await self._drop(stream)
+            elif reading.lost:
+                continue  # stopping: dropped once its consumer ended
             elif not await reading.lease.renew():
                 self._lose(stream, reading)
             elif stream not in share:

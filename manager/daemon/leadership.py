@@ -155,8 +155,8 @@ class Leadership:
     async def _step_down(self, why: str, *, release: bool = False) -> None:
         if self._duties:
             log.warning("no longer coordinating: duties stopped", host=self.host, reason=why)
-            duties, self._duties = self._duties, []
-            await cancel_all(duties)
+            await cancel_all(self._duties)  # listed until they ended: see duties
+            self._duties = []
             self.since = None
         if release:
             with contextlib.suppress(Exception):

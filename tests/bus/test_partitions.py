@@ -5,13 +5,15 @@ replica's SIGKILL and a new replica's arrival."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
-from bus import BusClient
+from bus import BusClient, Event
 from bus.keys import Keys
 from bus.outbox import OutboxRelay
 from bus.partition_owner import deal
@@ -20,7 +22,7 @@ from bus.routing import Router
 from bus.settings import BusSettings
 from tests.bus.conftest import ConsumerProcs
 from tests.conftest import BusFactory
-from tests.support import wait_until
+from tests.support import running, wait_until
 
 KEYS = Keys()
 PARTS = {"user": 4}
@@ -193,3 +195,46 @@ async def _handled_at_least(redis: Redis, keys: int, count: int) -> bool:
 
 async def _all_handled(redis: Redis, keys: int, per_key: int) -> bool:
     return all(set(v) >= set(range(per_key)) for v in (await order_of(redis, keys)).values())
+
+
+@pytest.mark.redis
+@pytest.mark.one_redis
+class TestLostLease:
+    async def test_a_partition_whose_lease_is_taken_is_not_read_until_it_is_back(
+        self, redis: Redis, bus_factory: BusFactory
+    ) -> None:
+        """Another holder has a partition's lease (as when this replica was paused past
+        the TTL and another took it): at its next renewal this replica stops reading the
+        partition, and reads it again once the lease is free. An event published
+        meanwhile waits, and is handled then, under this replica's lease."""
+        parts = {"user": 2}
+        worker = await bus_factory(
+            "worker", partitions=parts, consumer={"partition_ttl": 0.6, "block_ms": 100}
+        )
+        seen_under: list[str] = []
+        key = next(k for k in (f"k{n}" for n in range(50)) if partition_of(k, 2) == 0)
+        lease = KEYS.partition_lease("worker", partition_name("user", 0))
+
+        @worker.subscribe("user.#")
+        async def handle(event: Event) -> None:
+            seen_under.append(str(await redis.get(lease)))
+
+        async with running(worker):
+            await wait_until(lambda: _held_by(redis, lease, "worker-0"), 10, "the lease taken")
+            with capture_logs() as logs:
+                await redis.set(lease, "intruder 999", px=2000)
+                await wait_until(lambda: _logged(logs, "partition lease lost"), 5, "it noticed")
+            producer = await bus_factory("producer", partitions=parts)
+            await producer.publish("user.job.run", {}, key=key)
+            await wait_until(lambda: _held_by(redis, lease, "worker-0"), 10, "the lease back")
+            await wait_until(lambda: len(seen_under) == 1, 10, "the event handled")
+        assert seen_under[0].startswith("worker-0 ")
+
+
+def _logged(logs: list[MutableMapping[str, Any]], text: str) -> bool:
+    return any(text in str(entry.get("event")) for entry in logs)
+
+
+async def _held_by(redis: Redis, key: str, member: str) -> bool:
+    value = await redis.get(key)
+    return bool(value) and str(value).startswith(member + " ")
