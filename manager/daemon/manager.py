@@ -50,6 +50,7 @@ from manager.daemon.isolation import BotUsers, log_sharing, switch_blockers
 from manager.daemon.leadership import Leadership
 from manager.daemon.partition_guard import check_partition_change
 from manager.daemon.parts import Clients, Context, Parts, build_parts
+from manager.daemon.placement import Placement
 from manager.daemon.private_files import PRIVATE_UMASK, secure_data_dir
 from manager.daemon.redis_repair import check_redis
 from manager.daemon.reload import Reloader
@@ -89,7 +90,7 @@ class Manager:
         self._limiter: CgroupLimiter | None = None
         self._reloader = Reloader(
             config_path, notifier=self._notifier, shutdown=self._shutdown,
-            set_bots=self._set_bots, host=settings.host,
+            set_bots=self._set_bots, place=self._place_reloaded,
         )  # fmt: skip
         self._commands = Commands(
             data_dir=settings.data_dir,
@@ -104,6 +105,7 @@ class Manager:
         #: The coordinator election and the managers' registry (set once Redis is up).
         self._leadership: Leadership | None = None
         self._registry: HostRegistry | None = None
+        self._placement: Placement | None = None
 
     def __repr__(self) -> str:
         state = "stopping" if self._shutdown.is_set() else "ready" if self._ready else "starting"
@@ -114,6 +116,20 @@ class Manager:
         """Re-read the config file and apply bot additions, removals and changes (after any
         reload under way: SIGHUP's and the control socket's never interleave)."""
         return await self._reloader.reload()
+
+    def _place(self, bots: Sequence[BotConfig]) -> list[BotConfig]:
+        """Of ``bots``, those this manager runs (see :mod:`.placement`)."""
+        if self._placement is None:  # before Redis is up: those it may run
+            host = self.settings.host
+            return [b for b in bots if not b.hosts or host in b.hosts]
+        return self._placement.place(bots)
+
+    async def _place_reloaded(self, bots: Sequence[BotConfig]) -> list[BotConfig]:
+        """:meth:`_place` for a reloaded config: its new unplaced bots that are free are
+        taken first."""
+        if self._placement is not None:
+            await self._placement.round(bots)
+        return self._place(bots)
 
     def _set_bots(self, bots: Sequence[BotConfig]) -> None:
         self.settings = self.settings.model_copy(update={"bots": list(bots)})
@@ -214,7 +230,7 @@ class Manager:
         context = Context(
             self.settings, services, bus_settings, self._keys, self._router, self._environ,
             users, self._limiter, bots=lambda: self.settings.bots,
-            local_bots=lambda: self.settings.local_bots,
+            local_bots=lambda: self._place(self.settings.bots),
         )  # fmt: skip
         parts = self._reloader.parts = build_parts(context, clients, archive)
         self._commands.running = Running(
@@ -243,22 +259,28 @@ class Manager:
         settings = self.settings
         registry = HostRegistry(
             admin, self._keys, settings.host, settings.coordinator.interval,
-            lambda: [b.id for b in self.settings.local_bots],
+            lambda: [b.id for b in self._place(self.settings.bots)],
         )  # fmt: skip
-        taken = await registry.taken_elsewhere(b.id for b in settings.local_bots)
+        placed_here = [b.id for b in settings.bots if b.hosts and settings.host in b.hosts]
+        taken = await registry.taken_elsewhere(placed_here)
         if taken:
             where = ", ".join(f"{bot} (on {host})" for bot, host in sorted(taken.items()))
             raise ManagerError(
                 f"another manager of this deployment runs {where}, and this one "
-                f"(host {settings.host!r}) would too: give each bot hosts = [...] naming "
-                "one host, or stop the other manager first"
+                f"(host {settings.host!r}) would too: name one host in each bot's hosts "
+                "= [...] (or none: one manager runs it), or stop the other manager first"
             )
+        placement = self._placement = Placement(
+            admin, self._keys, settings.host, settings.coordinator.lease_ttl,
+            lambda: self.settings.bots,
+        )  # fmt: skip
+        await placement.round()  # the unplaced bots free now are this manager's
         await registry.write()
         self._registry = self._commands.registry = registry
 
     async def _prepare(self, parts: Parts, postgres_dsn: str) -> None:
         """Before the bots start: lost streams restored, the bots provisioned, the API up."""
-        bots = self.settings.local_bots
+        bots = self._place(self.settings.bots)
         await parts.repair.restore()
         await parts.provisioner.prepare_reader(postgres_dsn)
         deployment = self.settings.bots
@@ -275,7 +297,7 @@ class Manager:
             self._reloader.tasks = tg
             try:
                 publishing = tg.create_task(announcer.run())
-                supervising = tg.create_task(parts.supervisor.run(self.settings.local_bots))
+                supervising = tg.create_task(parts.supervisor.run(self._place(self.settings.bots)))
                 leadership = self._lead(tg, parts)
                 await leadership.settle()  # coordinating from the first round, if free
                 helpers = self._helpers(tg, parts, services)
@@ -288,6 +310,9 @@ class Manager:
                 if self._registry is not None:
                     with contextlib.suppress(Exception):
                         await self._registry.leave()
+                if self._placement is not None:  # its bots stopped: another may run them
+                    with contextlib.suppress(Exception):
+                        await self._placement.release_all()
                 await announcer.flush(5.0)
                 await cancel_all([publishing])
             finally:
@@ -340,6 +365,8 @@ class Manager:
         ]
         if self._registry is not None:
             helpers.append(tg.create_task(self._registry.run()))
+        if self._placement is not None:
+            helpers.append(tg.create_task(self._follow_placement(self._placement, parts)))
         if services.redis is not None:
             restarted = parts.repair.redis_restarted
             watch = keep_running("redis", services.redis, on_restart=restarted)
@@ -347,6 +374,29 @@ class Manager:
         if services.postgres is not None:  # the archive's pool reconnects by itself
             helpers.append(tg.create_task(keep_running("postgres", services.postgres)))
         return helpers
+
+    async def _follow_placement(self, placement: Placement, parts: Parts) -> None:
+        """Each round, take unplaced bots that are free (their manager died) and drop
+        those another manager took; start and stop them as a reload would."""
+        while True:
+            await asyncio.sleep(self.settings.coordinator.lease_ttl / 3)
+            try:
+                if not await placement.round():
+                    continue
+                async with self._reloader.held():
+                    if self._shutdown.is_set():
+                        return
+                    bots = self._place(self.settings.bots)
+                    await parts.provisioner.prepare_bots(
+                        bots, parts.coordinator, deployment=self.settings.bots
+                    )
+                    parts.coordinator.configure(bots)
+                    added, removed, _ = await parts.supervisor.apply(bots)
+                log.info("bots placed here changed", added=added, removed=removed)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot follow the placement of unplaced bots", error=str(exc))
 
     def _view(self, parts: Parts) -> DaemonView:
         def coordinating() -> bool:
@@ -373,7 +423,7 @@ class Manager:
         # A reload under way finishes first (the bots it started stop with the rest); a
         # later one sees the shutdown and refuses.
         async with self._reloader.held():
-            longest = max((b.stop_timeout for b in self.settings.local_bots), default=0)
+            longest = max((b.stop_timeout for b in self._place(self.settings.bots)), default=0)
             self._notifier.extend_timeout(longest + 30)
             await parts.supervisor.stop()
         await supervising

@@ -10,7 +10,7 @@ under way finishes first and any later one is refused.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,12 +36,13 @@ class Reloader:
         notifier: Notifier,
         shutdown: asyncio.Event,
         set_bots: Callable[[Sequence[BotConfig]], None],
-        host: str,
+        place: Callable[[Sequence[BotConfig]], Awaitable[list[BotConfig]]],
     ) -> None:
         """``set_bots`` takes the reloaded bots into the manager's running settings; a
-        reload applies those placed on ``host`` (this manager's, fixed at its start)."""
+        reload applies those ``place`` says this manager runs (taking unplaced new bots
+        that are free)."""
         self._config_path = config_path
-        self._host = host
+        self._place = place
         self._notifier = notifier
         self._shutdown = shutdown
         self._set_bots = set_bots
@@ -120,7 +121,7 @@ class Reloader:
         settings = load_config(config_path)
         self._notifier.reloading()
         try:
-            local = settings.model_copy(update={"host": self._host}).local_bots
+            local = await self._place(settings.bots)
             await parts.provisioner.prepare_bots(local, parts.coordinator, deployment=settings.bots)
             parts.coordinator.configure(local)
             parts.trimmer.removed.configure(b.id for b in settings.bots)

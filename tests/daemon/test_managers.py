@@ -27,6 +27,7 @@ BOTS = (
         subscriptions=[{"pattern": "test.#"}],
     )
     + bot_toml("idler", "tests.daemon.sample_bots:idle", hosts=["a"])
+    + bot_toml("roamer", "tests.daemon.sample_bots:idle")  # placed nowhere
 )
 
 
@@ -43,23 +44,26 @@ async def deployment(manager: ManagerProcess) -> dict[str, Any]:
 async def test_the_coordinator_moves_when_its_manager_dies_and_nothing_is_lost(
     manager_factory: ManagerFactory, redis: Redis, keys: Keys
 ) -> None:
-    """Manager a starts first and coordinates; b runs the emitter and the collector.
-    Both show the whole deployment. a is SIGKILLed while the emitter publishes: b takes
-    the coordinator lease, announces the failover, relays and fans out from then on, and
-    the collector handles every event whose publish returned."""
+    """Manager a starts first: it coordinates and runs the bot placed nowhere; b runs
+    the emitter and the collector. Both show the whole deployment. a is SIGKILLed while
+    the emitter publishes: b takes the coordinator lease, announces the failover, relays
+    and fans out from then on, starts the unplaced bot, and the collector handles every
+    event whose publish returned."""
     first = await manager_factory(BOTS, extra='host = "a"\n')
     second = await manager_factory(BOTS, extra='host = "b"\n')
     seen = await deployment(second)
     assert (seen["host"], seen["coordinator"]) == ("b", "a")
     assert {h["host"]: h["bots"] for h in seen["hosts"]} == {
-        "a": ["idler"],
+        "a": ["idler", "roamer"],  # roamer is placed nowhere: the first manager took it
         "b": ["collector", "emitter"],
     }
-    assert [b["id"] for b in (await first.status())["bots"]] == ["idler"]
+    assert [b["id"] for b in (await first.status())["bots"]] == ["idler", "roamer"]
     await wait_until(lambda: len(confirmed(second)) >= 100, 60, "events before the kill")
     await first.kill()
     moved = await _wait_coordinator(second, "b")
     assert moved
+    await wait_until(lambda: _runs(second, "roamer"), 20, "b to take the unplaced bot")
+    await second.pid("roamer")  # and start it
     await wait_until(lambda: len(confirmed(second)) >= 600, 90, "the emitter to finish")
     handled_key = keys.bot_state("collector", "handled")
 
@@ -84,3 +88,7 @@ async def _wait_coordinator(manager: ManagerProcess, host: str) -> bool:
 
     await wait_until(coordinating, 20, f"{host} to coordinate")
     return True
+
+
+async def _runs(manager: ManagerProcess, bot_id: str) -> bool:
+    return bot_id in [b["id"] for b in (await manager.status())["bots"]]
