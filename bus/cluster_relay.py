@@ -142,7 +142,7 @@ async def relay_planned(
     *,
     durable: Durable = NO_WAIT,
 ) -> int:
-    """Carry out a plan of the relay's script (see :data:`bus.outbox._RELAY`): append each
+    """Carry out a plan of the relay's script (see :data:`bus.relay_script.RELAY`): append each
     entry to its target once, then trim the outbox; how many outbox entries it covered.
     ``targets`` are the relay's KEYS (outbox, dead-letter stream, then the streams)."""
     count, last, planned = int(reply[0]), _text(reply[1]), reply[2]

@@ -31,6 +31,7 @@ from bus.connection import is_cluster
 from bus.keys import Keys, group_name
 from bus.lease import run_script
 from bus.periodic import forever
+from bus.relay_script import RELAY
 from bus.routing import Router
 from bus.stream_watch import StreamWatch
 
@@ -50,144 +51,6 @@ if redis.call('TYPE', KEYS[1]).ok == 'stream' and redis.call('XLEN', KEYS[1]) ==
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
-
-#: KEYS: the outbox, the dead-letter stream, then every stream of the routing table.
-#: ARGV: the bot id (the source), its group, the batch size, the KEYS index of the default
-#: stream, the mark, the field limit, the namespace's stream key prefix, the default's
-#: partition count, then per route its prefix, KEYS index and partition count. A route of
-#: N > 1 partitions is N streams from its index on: an event goes to the one its key hashes
-#: to (:func:`bus.partitions.partition_of`), an unkeyed one by its outbox id's
-#: millisecond. Returns how many entries it moved.
-#:
-#: A dead letter gets ``origin``: ``found`` when the stream it names holds the entry it
-#: names, then with that entry's ``source`` (if it has one), else ``missing``. A letter's
-#: copy of the event is the bot's word; ``dlq retry`` writes the stream's source instead,
-#: and refuses a ``missing`` one.
-#:
-#: Given the outbox alone (KEYS[1], on a Redis Cluster, where the streams live in other
-#: slots) it writes nothing and plans: it returns ``{count, last id, {{KEYS index, outbox
-#: id, fields, named stream, named entry id}...}}``, a letter without its ``origin``, for
-#: :mod:`bus.cluster_relay` to append and look up.
-_RELAY = """
-local plan = #KEYS == 1
-local planned = {}
-local function emit(k, id, f, named, entry_id)
-  if plan then
-    planned[#planned + 1] = {k, id, f, named or '', entry_id or ''}
-  else
-    redis.call('XADD', KEYS[k], '*', unpack(f))
-  end
-end
-local routes, parts = {}, {}
-parts[tonumber(ARGV[4])] = tonumber(ARGV[8])
-for i = 9, #ARGV, 3 do
-  routes[ARGV[i]] = tonumber(ARGV[i + 1])
-  parts[tonumber(ARGV[i + 1])] = tonumber(ARGV[i + 2])
-end
-local function partition(k, key, id)
-  local n = parts[k] or 1
-  if n <= 1 then return k end
-  if key and key ~= '' then
-    return k + tonumber(string.sub(redis.sha1hex(key), 1, 8), 16) % n
-  end
-  return k + tonumber(string.match(id, '^(%d+)')) % n
-end
-local source, group, mark, prefix = ARGV[1], ARGV[2], ARGV[5], ARGV[7]
-local function origin(stream, id)
-  if not stream or not id or string.sub(stream, 1, #prefix) ~= prefix then return nil end
-  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
-  if not ms or #ms > 19 or #seq > 19 then return nil end
-  if redis.call('TYPE', stream)['ok'] ~= 'stream' then return nil end
-  local found = redis.call('XRANGE', stream, id, id)
-  if #found == 0 then return nil end
-  local f = found[1][2]
-  for i = 1, #f, 2 do
-    if f[i] == 'source' then return f[i + 1] end
-  end
-  return false
-end
-local cache = {}
-local function route(type_)
-  local target = type_ and cache[type_]
-  if target then return target end
-  target = tonumber(ARGV[4])
-  local t = type_
-  while t do
-    local hit = routes[t]
-    if hit then target = hit; break end
-    local cut = string.find(t, '%.[^%.]*$')
-    if cut then t = string.sub(t, 1, cut - 1) else t = nil end
-  end
-  if type_ then cache[type_] = target end
-  return target
-end
-local function dead_letter(id, f)
-  local out, named, entry_id = {}, nil, nil
-  for i = 1, #f, 2 do
-    local name = f[i]
-    if name ~= mark and name ~= 'source' and name ~= 'group' and name ~= 'origin' then
-      if name == 'stream' then named = f[i + 1] end
-      if name == 'entry_id' then entry_id = f[i + 1] end
-      out[#out + 1] = name
-      out[#out + 1] = f[i + 1]
-    end
-  end
-  out[#out + 1] = 'group'
-  out[#out + 1] = group
-  if plan then  -- the stream it names may be on another node: the caller looks
-    emit(2, id, out, named or '', entry_id or '')
-    return
-  end
-  local held = origin(named, entry_id)
-  out[#out + 1] = 'origin'
-  if held == nil then out[#out + 1] = 'missing' else out[#out + 1] = 'found' end
-  if held then
-    out[#out + 1] = 'source'
-    out[#out + 1] = held
-  end
-  emit(2, id, out)
-end
-local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[3]))
-for _, row in ipairs(rows) do
-  local id, f = row[1], row[2]
-  if #f > tonumber(ARGV[6]) then
-    emit(2, id, {'reason', 'malformed', 'group', group,
-      'error', 'outbox entry with ' .. (#f / 2) .. ' fields: dropped, too many to relay',
-      'stream', '', 'entry_id', id, 'entry', '{}', 'origin', 'missing'})
-  else
-    -- An event is stamped in place (every 'source' field, or one added) and sent on.
-    local type_, key, letter, stamped = nil, nil, false, false
-    for i = 1, #f, 2 do
-      local name = f[i]
-      if name == 'source' then
-        f[i + 1] = source
-        stamped = true
-      elseif name == 'type' then type_ = f[i + 1]
-      elseif name == 'key' then key = f[i + 1]
-      elseif name == mark then letter = true
-      end
-    end
-    if letter then
-      dead_letter(id, f)
-    else
-      if not stamped then
-        f[#f + 1] = 'source'
-        f[#f + 1] = source
-      end
-      emit(partition(route(type_), key, id), id, f)
-    end
-  end
-end
-if plan then
-  return {#rows, #rows > 0 and rows[#rows][1] or '', planned}
-end
-if #rows > 0 then  -- everything up to the last row moved: one trim, not a delete per entry
-  local last = rows[#rows][1]
-  redis.call('XTRIM', KEYS[1], 'MINID', last)
-  redis.call('XDEL', KEYS[1], last)
-end
-return #rows
 """
 
 
@@ -313,7 +176,7 @@ class OutboxRelay:
         moved = 0
         while True:
             try:
-                reply = await run_script(self._redis, _RELAY, keys, args)
+                reply = await run_script(self._redis, RELAY, keys, args)
                 if self._cluster:
                     count = await relay_planned(
                         self._redis, self._keys, bot_id, targets, reply, durable=self._durable

@@ -25,11 +25,10 @@ from bus import EventType
 from bus.archive.errors import ArchiveDataError, ArchiveError, ArchiveUnavailableError
 from bus.archive.store import ArchiveStore
 from bus.backoff import REDIS_RETRY, Backoff
-from bus.connection import is_cluster, raise_swallowed_cancel, separate_client
+from bus.connection import raise_swallowed_cancel
 from bus.dlq import DeadLetterReason, DeadLetters
-from bus.groups import ensure_group
 from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
-from bus.redis_errors import UNAVAILABLE, is_nogroup
+from bus.redis_errors import UNAVAILABLE
 from manager.archive.batch import (
     Batch,
     Entries,
@@ -38,14 +37,13 @@ from manager.archive.batch import (
     refusal,
     set_aside_too_old,
 )
+from manager.archive.group_reader import GroupReader
 from manager.archive.retention import cutoff_day
 from manager.config import ArchiveSettings
-from manager.observe.lag import stream_keys
 from manager.status import ArchiveStatus
 
 log = structlog.get_logger("manager.archive.archiver")
 StoreFactory = Callable[[], Awaitable[ArchiveStore]]
-_DISCOVER_EVERY = 5.0  # seconds between looks for new streams
 _AHEAD = 2  # batches read ahead of the one being written
 #: Seconds of failing writes before system.archive.stalled is published.
 STALL_AFTER = 10.0
@@ -67,17 +65,11 @@ class Archiver:
         self._announce = announce
         self._max_data_bytes = max_data_bytes
         self._redis = redis
-        # XREADGROUP replies as they come (no dict per entry): the fields go straight into
-        # rows. A client of its own, so no one else's replies change.
-        self._reader, self._owns_reader = separate_client(redis)
-        self._reader.set_response_callback("XREADGROUP", _as_sent)
-        self._cluster = is_cluster(redis)
+        self._reader = GroupReader(redis, keys, settings)
         self._keys = keys
         self._dlq = DeadLetters(redis, keys)
         self._settings = settings
         self._store_factory = store
-        self._streams: list[str] = []
-        self._discovered = 0.0
         self._backoff = Backoff(0.2, 30.0)
         self._failing_since = 0.0
         self._announced = False
@@ -102,8 +94,7 @@ class Archiver:
         try:
             await self._run_forever()
         finally:
-            if self._owns_reader:
-                await self._reader.aclose()
+            await self._reader.close()
 
     async def _run_forever(self) -> None:
         failures = 0
@@ -120,7 +111,7 @@ class Archiver:
                     retry_in_s=round(delay, 1),
                     exc_info=not isinstance(exc, RedisError | OSError),
                 )
-                self._streams = []
+                self._reader.forget()
                 await asyncio.sleep(delay)
 
     async def _run(self) -> None:
@@ -134,8 +125,8 @@ class Archiver:
             tg.create_task(self._write_loop(batches))
             while True:
                 raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
-                await self._discover()
-                entries = await self._read()
+                await self._reader.discover()
+                entries = await self._reader.read()
                 if entries:
                     await batches.put(decode_batch(entries, self._keys, self._max_data_bytes))
 
@@ -144,87 +135,11 @@ class Archiver:
             raise_swallowed_cancel()  # its acks are redis-py calls, which can drop a cancel
             await self._archive(await batches.get())
 
-    async def _discover(self, force: bool = False) -> None:
-        """Find the namespace's streams (new routes appear) and join each with our group."""
-        now = time.monotonic()
-        if not force and now - self._discovered < _DISCOVER_EVERY and self._streams:
-            return
-        self._discovered = now
-        streams = [*await stream_keys(self._redis, self._keys), self._keys.dead_letters()]
-        for stream in streams:
-            if stream not in self._streams:
-                await self._join(stream)
-        self._streams = streams
-
-    async def _join(self, stream: str) -> None:
-        # From the start: what is in Redis when the archiver first comes is archived.
-        if await ensure_group(self._redis, stream, ARCHIVER_GROUP, "0"):
-            log.info("archiving a new stream", stream=stream)
-
-    async def _read(self, ids: dict[str, str] | None = None) -> Entries:
-        """One batch: new entries (up to batch_size, waiting at most batch_wait for the
-        first), or with ``ids`` our pending ones after those ids, per stream."""
-        if not self._streams:
-            await self._discover(force=True)
-        positions: Any = ids if ids is not None else dict.fromkeys(self._streams, ">")
-        response: Any
-        try:
-            if self._cluster:
-                response = await self._read_each(positions, waiting=ids is None)
-            else:
-                response = await self._reader.xreadgroup(
-                    ARCHIVER_GROUP,
-                    ARCHIVER_CONSUMER,
-                    positions,
-                    count=self._settings.batch_size,
-                    block=None if ids is not None else int(self._settings.batch_wait * 1000),
-                )
-        except Exception as exc:
-            if is_nogroup(exc):  # Redis lost a stream or our group: join again
-                self._streams = []
-                return []
-            if isinstance(exc, UNAVAILABLE):
-                log.warning("redis unavailable; the archiver waits", error=str(exc))
-                await asyncio.sleep(1.0)
-                return []
-            raise
-        streams = response.items() if isinstance(response, dict) else response or []  # RESP3/2
-        return [
-            (stream, [(entry_id, fields or []) for entry_id, fields in rows])
-            for stream, rows in streams
-            if rows
-        ]
-
-    async def _read_each(self, positions: dict[str, str], *, waiting: bool) -> list[Any]:
-        """:meth:`_read` on a cluster, where one XREADGROUP cannot span the streams' slots:
-        one per stream, all at once, none blocking (a blocked one would hold the batch back
-        from the others); when all come back empty, it waits ``batch_wait`` before the
-        next round, as a blocking read would."""
-        count = max(1, self._settings.batch_size // max(1, len(positions)))
-        replies = await asyncio.gather(
-            *(
-                self._reader.xreadgroup(
-                    ARCHIVER_GROUP, ARCHIVER_CONSUMER, {stream: position}, count=count
-                )
-                for stream, position in positions.items()
-            ),
-            return_exceptions=True,
-        )
-        found: list[Any] = []
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-            streams: Any = reply.items() if isinstance(reply, dict) else reply or []
-            found += [(stream, rows) for stream, rows in streams if rows]
-        if not found and waiting:
-            await asyncio.sleep(self._settings.batch_wait)
-        return found
-
     async def _drain_pending(self) -> None:
         """Archive what a previous run had read but not acked (its batch in flight)."""
-        await self._discover(force=True)
-        after = dict.fromkeys(self._streams, "0")
-        while after and (entries := await self._read(after)):
+        await self._reader.discover(force=True)
+        after = dict.fromkeys(self._reader.streams, "0")
+        while after and (entries := await self._reader.read(after)):
             raise_swallowed_cancel()
             after = {stream: rows[-1][0] for stream, rows in entries}
             await self._archive(decode_batch(entries, self._keys, self._max_data_bytes))
@@ -417,8 +332,5 @@ class Archiver:
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else f"failing ({self.last_error})"
-        return f"<Archiver streams={len(self._streams)} {state} archived={self.stats['archived']}>"
-
-
-def _as_sent(response: Any, **_: Any) -> Any:
-    return response
+        streams = len(self._reader.streams)
+        return f"<Archiver streams={streams} {state} archived={self.stats['archived']}>"

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import structlog
 
-from manager.config import BotConfig
+from manager.config import BotConfig, ManagerSettings
+from manager.daemon.private_files import PRIVATE_UMASK, secure_data_dir
 from manager.embedded.child_process import OsUser, first_closed_dir
-from manager.errors import ManagerError
+from manager.embedded.postgres_server import server_user
+from manager.errors import EmbeddedServiceError, ManagerError
 
 log = structlog.get_logger("manager")
 
@@ -241,3 +243,42 @@ def _label(user: OsUser) -> str:
         return f"{user.name}:{grp.getgrgid(user.gid).gr_name}"
     except KeyError:
         return f"{user.name}:{user.gid}"
+
+
+def secure_and_resolve(settings: ManagerSettings) -> BotUsers:
+    """Before anything starts: umask 077, a private data directory, and the OS users of
+    the bots that may run here looked up (a missing one stops the start here, before the
+    services); bots sharing the manager's user are logged, saying why."""
+    os.umask(PRIVATE_UMASK)  # inherited by the embedded servers and the bots
+    postgres_user = _embedded_postgres_user(settings)
+    secure_data_dir(
+        settings.data_dir,
+        traversable=postgres_user is not None,
+        others={settings.data_dir / "postgres": postgres_user.uid} if postgres_user else None,
+    )
+    blockers = switch_blockers()
+    reserved = {0: "root"}
+    reserved.setdefault(os.geteuid(), "the manager's own user")
+    if postgres_user is not None:
+        reserved.setdefault(postgres_user.uid, "the embedded PostgreSQL's user")
+    users = BotUsers(
+        settings.supervisor.bot_user,
+        switching=not blockers,
+        reserved=reserved,
+        data_dir=settings.data_dir,
+        explicit="bot_user" in settings.supervisor.model_fields_set,
+    )
+    users.resolve(settings.local_bots)
+    if not users.names() or any(users.user(bot) is None for bot in settings.local_bots):
+        log_sharing(settings.supervisor.bot_user, blockers, users.fallback)
+    return users
+
+
+def _embedded_postgres_user(settings: ManagerSettings) -> OsUser | None:
+    """The OS user the embedded PostgreSQL will run as, if not ours (we are root)."""
+    if settings.postgres_dsn is not None:
+        return None
+    try:
+        return server_user(None)
+    except EmbeddedServiceError:
+        return None  # its start says what is missing

@@ -39,27 +39,28 @@ from manager import __version__
 from manager.announcer import Announcer
 from manager.api.metrics_sources import render_metrics
 from manager.api.view import DaemonView, start_api
-from manager.archive.group_positions import record_positions
 from manager.archive.link import ArchiveLink
-from manager.archive.retention import run_retention
 from manager.config import BotConfig, ManagerSettings
 from manager.control import ControlServer, control_path
 from manager.daemon.commands import Commands, Running
 from manager.daemon.hosts import HostRegistry
-from manager.daemon.isolation import BotUsers, log_sharing, switch_blockers
+from manager.daemon.isolation import BotUsers, secure_and_resolve
 from manager.daemon.leadership import Leadership
+from manager.daemon.membership import (
+    coordinator_duties,
+    follow_placement,
+    join_deployment,
+    leave_deployment,
+)
 from manager.daemon.partition_guard import check_partition_change
 from manager.daemon.parts import Clients, Context, Parts, build_parts
 from manager.daemon.placement import Placement
-from manager.daemon.private_files import PRIVATE_UMASK, secure_data_dir
 from manager.daemon.redis_repair import check_redis
 from manager.daemon.reload import Reloader
 from manager.daemon.tasks import cancel_all, log_tasks
-from manager.embedded.child_process import OsUser
-from manager.embedded.postgres_server import server_user
 from manager.embedded.service_watch import keep_running
 from manager.embedded.services import Services, start_services
-from manager.errors import EmbeddedServiceError, ManagerError
+from manager.errors import ManagerError
 from manager.observe.sd_notify import Notifier
 from manager.supervision.cgroup_detect import detect
 from manager.supervision.cgroups import CgroupLimiter, Unavailable
@@ -188,29 +189,7 @@ class Manager:
     def _isolate(self) -> BotUsers:
         """Before anything starts: umask 077, a private data directory, and the bots' OS
         users looked up (a missing one stops the start here, before the services)."""
-        settings = self.settings
-        os.umask(PRIVATE_UMASK)  # inherited by the embedded servers and the bots
-        postgres_user = _embedded_postgres_user(settings)
-        secure_data_dir(
-            settings.data_dir,
-            traversable=postgres_user is not None,
-            others={settings.data_dir / "postgres": postgres_user.uid} if postgres_user else None,
-        )
-        blockers = switch_blockers()
-        reserved = {0: "root"}
-        reserved.setdefault(os.geteuid(), "the manager's own user")
-        if postgres_user is not None:
-            reserved.setdefault(postgres_user.uid, "the embedded PostgreSQL's user")
-        users = BotUsers(
-            settings.supervisor.bot_user,
-            switching=not blockers,
-            reserved=reserved,
-            data_dir=settings.data_dir,
-            explicit="bot_user" in settings.supervisor.model_fields_set,
-        )
-        users.resolve(settings.local_bots)
-        if not users.names() or any(users.user(bot) is None for bot in settings.local_bots):
-            log_sharing(settings.supervisor.bot_user, blockers, users.fallback)
+        users = secure_and_resolve(self.settings)
         self._commands.bot_users = users.names
         # Before any child is spawned: under cgroup v2 the manager moves into a leaf first.
         limits = detect()
@@ -254,28 +233,10 @@ class Manager:
             await admin.aclose()
 
     async def _join_deployment(self, admin: Redis) -> None:
-        """Register this manager among the deployment's; refuse to run a bot another live
-        manager runs (one bot, one host)."""
-        settings = self.settings
-        registry = HostRegistry(
-            admin, self._keys, settings.host, settings.coordinator.interval,
+        registry, self._placement = await join_deployment(
+            admin, self._keys, self.settings, lambda: self.settings.bots,
             lambda: [b.id for b in self._place(self.settings.bots)],
         )  # fmt: skip
-        placed_here = [b.id for b in settings.bots if b.hosts and settings.host in b.hosts]
-        taken = await registry.taken_elsewhere(placed_here)
-        if taken:
-            where = ", ".join(f"{bot} (on {host})" for bot, host in sorted(taken.items()))
-            raise ManagerError(
-                f"another manager of this deployment runs {where}, and this one "
-                f"(host {settings.host!r}) would too: name one host in each bot's hosts "
-                "= [...] (or none: one manager runs it), or stop the other manager first"
-            )
-        placement = self._placement = Placement(
-            admin, self._keys, settings.host, settings.coordinator.lease_ttl,
-            lambda: self.settings.bots,
-        )  # fmt: skip
-        await placement.round()  # the unplaced bots free now are this manager's
-        await registry.write()
         self._registry = self._commands.registry = registry
 
     async def _prepare(self, parts: Parts, postgres_dsn: str) -> None:
@@ -307,12 +268,7 @@ class Manager:
                 await cancel_all([*helpers, *self._reloader.running])
                 if self._leadership is not None:  # its duties, should its stop be cut short
                     await cancel_all(self._leadership.duties)
-                if self._registry is not None:
-                    with contextlib.suppress(Exception):
-                        await self._registry.leave()
-                if self._placement is not None:  # its bots stopped: another may run them
-                    with contextlib.suppress(Exception):
-                        await self._placement.release_all()
+                await leave_deployment(self._registry, self._placement)
                 await announcer.flush(5.0)
                 await cancel_all([publishing])
             finally:
@@ -322,30 +278,10 @@ class Manager:
         """The coordinator election; the deployment-wide duties run in ``tg`` while this
         manager holds the lease (see :mod:`.leadership`)."""
         settings = self.settings
-
-        def duties(took_over: bool) -> list[asyncio.Task[Any]]:
-            """The deployment-wide work, run by the coordinating manager only. Taking
-            over from a dead coordinator, first what it may have left: streams Redis lost
-            while nobody watched are restored (this manager's own start did it already)."""
-            positions = record_positions(
-                parts.clients.admin, self._keys, parts.archive.get, settings.coordinator
-            )
-            first = [tg.create_task(parts.repair.restore())] if took_over else []
-            return [
-                *first,
-                tg.create_task(parts.relay.run()),
-                tg.create_task(parts.fanout.run()),
-                tg.create_task(parts.archiver.run()),
-                tg.create_task(parts.trimmer.run()),
-                tg.create_task(positions),
-                tg.create_task(parts.pressure.run()),
-                tg.create_task(run_retention(parts.archive.get, settings.archive)),
-                tg.create_task(parts.repair.watch_identity()),
-            ]
-
         leadership = self._leadership = self._commands.leadership = Leadership(
             parts.clients.admin, self._keys, settings.host, settings.coordinator.lease_ttl,
-            start=duties, announcer=parts.clients.announcer,
+            start=coordinator_duties(tg, parts, self._keys, settings),
+            announcer=parts.clients.announcer,
         )  # fmt: skip
         return leadership
 
@@ -366,7 +302,11 @@ class Manager:
         if self._registry is not None:
             helpers.append(tg.create_task(self._registry.run()))
         if self._placement is not None:
-            helpers.append(tg.create_task(self._follow_placement(self._placement, parts)))
+            interval = self.settings.coordinator.lease_ttl / 3
+            follow = follow_placement(
+                self._placement, interval, lambda: self._apply_placement(parts)
+            )
+            helpers.append(tg.create_task(follow))
         if services.redis is not None:
             restarted = parts.repair.redis_restarted
             watch = keep_running("redis", services.redis, on_restart=restarted)
@@ -375,28 +315,18 @@ class Manager:
             helpers.append(tg.create_task(keep_running("postgres", services.postgres)))
         return helpers
 
-    async def _follow_placement(self, placement: Placement, parts: Parts) -> None:
-        """Each round, take unplaced bots that are free (their manager died) and drop
-        those another manager took; start and stop them as a reload would."""
-        while True:
-            await asyncio.sleep(self.settings.coordinator.lease_ttl / 3)
-            try:
-                if not await placement.round():
-                    continue
-                async with self._reloader.held():
-                    if self._shutdown.is_set():
-                        return
-                    bots = self._place(self.settings.bots)
-                    await parts.provisioner.prepare_bots(
-                        bots, parts.coordinator, deployment=self.settings.bots
-                    )
-                    parts.coordinator.configure(bots)
-                    added, removed, _ = await parts.supervisor.apply(bots)
-                log.info("bots placed here changed", added=added, removed=removed)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("cannot follow the placement of unplaced bots", error=str(exc))
+    async def _apply_placement(self, parts: Parts) -> None:
+        """Start and stop the unplaced bots this manager took or lost, as a reload would."""
+        async with self._reloader.held():
+            if self._shutdown.is_set():
+                return
+            bots = self._place(self.settings.bots)
+            await parts.provisioner.prepare_bots(
+                bots, parts.coordinator, deployment=self.settings.bots
+            )
+            parts.coordinator.configure(bots)
+            added, removed, _ = await parts.supervisor.apply(bots)
+        log.info("bots placed here changed", added=added, removed=removed)
 
     def _view(self, parts: Parts) -> DaemonView:
         def coordinating() -> bool:
@@ -440,16 +370,6 @@ class Manager:
         log.info("manager ready", startup_s=round(started, 2), bots=len(supervisor.bots))
         self._notifier.ready(f"{len(supervisor.bots)} bots running")
         self._reloader.ready()
-
-
-def _embedded_postgres_user(settings: ManagerSettings) -> OsUser | None:
-    """The OS user the embedded PostgreSQL will run as, if not ours (we are root)."""
-    if settings.postgres_dsn is not None:
-        return None
-    try:
-        return server_user(None)
-    except EmbeddedServiceError:
-        return None  # its start says what is missing
 
 
 def _routes(settings: ManagerSettings) -> tuple[dict[str, str], str, dict[str, int]]:
