@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 import structlog
@@ -67,27 +67,58 @@ def coordinator_duties(
     tg: asyncio.TaskGroup, parts: Parts, keys: Keys, settings: ManagerSettings
 ) -> StartDuties:
     """The deployment-wide work, started in ``tg`` by the coordinating manager only.
-    Taking over from a dead coordinator, first what it may have left: streams Redis lost
-    while nobody watched are restored (a manager's own start did that already)."""
+
+    Any start but the manager's first (its own start restored already) puts back first
+    what Redis may have lost while nobody here watched: taking over from a dead
+    coordinator, or leading again after the lease ran out while Redis was away (it may
+    be back empty). The other duties wait for that restore, so the relay and the fanout
+    do not write new entries into a stream before its archived ones are back (a restore
+    cannot put entries under their ids below newer ones)."""
+    first = True
 
     def start(took_over: bool) -> list[asyncio.Task[Any]]:
+        nonlocal first
+        gate = None if first and not took_over else tg.create_task(_restore(parts))
+        first = False
         positions = record_positions(
             parts.clients.admin, keys, parts.archive.get, settings.coordinator
         )
-        first = [tg.create_task(parts.repair.restore())] if took_over else []
+        duties: list[Coroutine[Any, Any, None]] = [
+            parts.relay.run(),
+            parts.fanout.run(),
+            parts.archiver.run(),
+            parts.trimmer.run(),
+            positions,
+            parts.pressure.run(),
+            run_retention(parts.archive.get, settings.archive),
+            parts.repair.watch_identity(),
+        ]
         return [
-            *first,
-            tg.create_task(parts.relay.run()),
-            tg.create_task(parts.fanout.run()),
-            tg.create_task(parts.archiver.run()),
-            tg.create_task(parts.trimmer.run()),
-            tg.create_task(positions),
-            tg.create_task(parts.pressure.run()),
-            tg.create_task(run_retention(parts.archive.get, settings.archive)),
-            tg.create_task(parts.repair.watch_identity()),
+            *([gate] if gate else []),
+            *(tg.create_task(_after(gate, duty)) for duty in duties),
         ]
 
     return start
+
+
+async def _restore(parts: Parts) -> None:
+    try:
+        await parts.repair.restore()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the duties go on; watch_identity tries again on a change
+        log.warning("cannot restore what Redis lost", error=str(exc))
+
+
+async def _after(gate: asyncio.Task[None] | None, duty: Coroutine[Any, Any, None]) -> None:
+    """``duty``, once ``gate`` (the restore) ended, however it ended."""
+    try:
+        if gate is not None:
+            await asyncio.wait([gate])
+    except BaseException:
+        duty.close()
+        raise
+    await duty
 
 
 async def follow_placement(

@@ -6,8 +6,9 @@ exactly one manager of the deployment at a time: the holder of its placement lea
 name, kept by the manager only: no bot's Redis user reaches it). Every manager tries for
 the free ones each round (a third of the TTL); when the manager running such a bot dies,
 its leases lapse and another manager takes the bot over and starts it within the TTL
-plus a round. A manager that cannot renew a lease (it was paused past the TTL, and
-another took it) stops that bot.
+plus a round. A manager that cannot renew a lease because another holds it (it was
+paused past the TTL, and another took it) stops that bot; one Redis lost (restarted
+empty) it takes again, the bot undisturbed.
 """
 
 from __future__ import annotations
@@ -73,7 +74,9 @@ class Placement:
         for bot_id in sorted(unplaced):
             lease = self._leases.get(bot_id)
             if lease is not None:
-                if not await lease.renew():
+                if not await lease.renew() and not await lease.try_acquire():
+                    # try_acquire: a free lease (Redis restarted empty) is this manager's
+                    # again; only one another manager holds means it runs the bot.
                     del self._leases[bot_id]
                     log.warning("bot placement lost: another manager runs it now",
                                 bot_id=bot_id, host=self.host)  # fmt: skip

@@ -85,6 +85,11 @@ class RedisRepair:
         self._bots = bots
         self._provision = provision
         self._fanout = fanout
+        #: The primaries' run_ids and the replicas last seen, kept across restarts of
+        #: :meth:`watch_identity`: duties stopped while Redis was away (the coordinator
+        #: lease ran out) and started again must still see that Redis came back new.
+        self._run_ids: dict[str, str] | None = None
+        self._replicas: set[tuple[str, int]] | None = None
 
     def __repr__(self) -> str:
         return f"<RedisRepair namespace={self._keys.namespace} interval={self._interval}>"
@@ -133,14 +138,13 @@ class RedisRepair:
         primary's) and repair what it may have lost; set the bots' users on a replica or
         cluster node that joined (ACL users are not replicated: see
         :mod:`.redis_replicas`)."""
-        run_ids: dict[str, str] | None = None
-        replicas: set[tuple[str, int]] | None = None
         while True:
             raise_swallowed_cancel()
             try:
                 infos = await primaries_info(self._admin, "server")
                 current = {node: str(info.get("run_id")) for node, info in infos.items()}
                 now_replicas = set(await other_nodes(self._admin))
+                run_ids, replicas = self._run_ids, self._replicas
                 if run_ids is not None and set(current.values()) - set(run_ids.values()):
                     changed = sorted(n for n, r in current.items() if run_ids.get(n) != r)
                     log.warning(
@@ -154,7 +158,7 @@ class RedisRepair:
                         replicas=sorted(f"{h}:{p}" for h, p in now_replicas - replicas),
                     )
                     await self._provision()
-                run_ids, replicas = current, now_replicas
+                self._run_ids, self._replicas = current, now_replicas
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

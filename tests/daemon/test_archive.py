@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -27,8 +28,12 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow]
 
 
 class TestRedisLoss:
+    # away 3 s: longer than the coordinator lease (2 s here), so the manager stops its
+    # duties while Redis is gone and starts them again when it is back, empty.
+    @pytest.mark.parametrize("away", [0.0, 3.0], ids=["back-at-once", "away-past-the-lease"])
     async def test_emptied_redis_gets_the_archive_back_and_nothing_is_handled_twice(
         self,
+        away: float,
         manager_factory: ManagerFactory,
         redis_server: RedisServer,
         postgres_server: PostgresServer,
@@ -44,7 +49,7 @@ class TestRedisLoss:
                 subscriptions=[{"pattern": "test.#"}],
             )
         )
-        await manager.pid("recorder")
+        pid = await manager.pid("recorder")
         handled = keys.bot_state("recorder", "handled")
         async with BusClient("tester", settings=BusSettings(redis_url=redis_server.url)) as bus:
             before = [await bus.publish("test.ok", {"n": n}) for n in range(5)]
@@ -74,6 +79,7 @@ class TestRedisLoss:
         await redis_server.kill()
         shutil.rmtree(redis_server.data_dir / "appendonlydir", ignore_errors=True)
         (redis_server.data_dir / "appendonly.aof").unlink(missing_ok=True)
+        await asyncio.sleep(away)  # the fault's length, not a wait for a condition
         await redis_server.start()
         async with Redis.from_url(redis_server.url, decode_responses=True) as redis:
 
@@ -96,6 +102,8 @@ class TestRedisLoss:
                 await wait_until(new_one_handled, 30, "a new event handled after the loss")
                 items: Any = await bus.redis.lrange(handled, 0, -1)
                 assert list(items) == [after]  # none of the restored events handled again
+        # The bot's placement lease went with Redis's data: taken again, the bot not stopped.
+        assert await manager.pid("recorder") == pid
         assert await manager.terminate() == 0
 
 
