@@ -169,6 +169,17 @@ class ArchiveSettings(ConfigModel):
         gt=0,
         description="seconds dead letters stay in Redis once PostgreSQL stored them",
     )
+    on_every_host: bool = Field(
+        False,
+        description="every manager of the deployment archives (a consumer each); false: "
+        "only the coordinating one",
+    )
+    claim_idle: float = Field(
+        60.0,
+        gt=0,
+        description="seconds an entry another archiver read stays unacked before this one "
+        "takes it over (that archiver died)",
+    )
 
 
 Scope = Literal["publish", "read", "admin"]

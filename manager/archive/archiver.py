@@ -7,6 +7,12 @@ bounded by size and by time. While PostgreSQL is away it holds its batch and ret
 backoff; nothing more is read, so events wait in Redis (and the stream is not trimmed below
 them). A restarted archiver (the same consumer name) re-reads its pending batch first; the
 insert is idempotent on the event id, so nothing is stored twice.
+
+With ``archive.on_every_host`` every manager runs one, each its own consumer of the group
+(``archiver-<host>``), and Redis shares the entries out among them. Each also takes over,
+every ``claim_idle / 2`` seconds, what another had read and left unacked for ``claim_idle``
+(its manager died mid-batch): the idempotent insert makes a claim of a batch that was
+stored after all (a hung archiver, come back) cost a second write, never a second row.
 """
 
 from __future__ import annotations
@@ -61,11 +67,17 @@ class Archiver:
         *,
         announce: Callable[[str, dict[str, Any]], None] | None = None,
         max_data_bytes: int | None = None,
+        consumer: str = ARCHIVER_CONSUMER,
+        leave_on_stop: bool = False,
     ) -> None:
+        """``consumer``: its name in the archiver group; ``leave_on_stop``: delete it from
+        the group when it stops holding nothing (one of several archivers)."""
         self._announce = announce
         self._max_data_bytes = max_data_bytes
         self._redis = redis
-        self._reader = GroupReader(redis, keys, settings)
+        self._reader = GroupReader(redis, keys, settings, consumer)
+        self._leave_on_stop = leave_on_stop
+        self._claimed_at = time.monotonic()
         self._keys = keys
         self._dlq = DeadLetters(redis, keys)
         self._settings = settings
@@ -94,6 +106,8 @@ class Archiver:
         try:
             await self._run_forever()
         finally:
+            if self._leave_on_stop:
+                await asyncio.shield(self._reader.leave())
             await self._reader.close()
 
     async def _run_forever(self) -> None:
@@ -129,6 +143,12 @@ class Archiver:
                 entries = await self._reader.read()
                 if entries:
                     await batches.put(decode_batch(entries, self._keys, self._max_data_bytes))
+                if time.monotonic() - self._claimed_at >= self._settings.claim_idle / 2:
+                    self._claimed_at = time.monotonic()
+                    claimed, gone = await self._reader.claim(self._settings.claim_idle)
+                    await self._ack([(s, [(i, []) for i in ids]) for s, ids in gone], set())
+                    if claimed:
+                        await batches.put(decode_batch(claimed, self._keys, self._max_data_bytes))
 
     async def _write_loop(self, batches: asyncio.Queue[Batch]) -> None:
         while True:
@@ -277,7 +297,7 @@ class Archiver:
                     stream=source.stream,
                     entry_id=source.entry_id,
                     group=ARCHIVER_GROUP,
-                    consumer=ARCHIVER_CONSUMER,
+                    consumer=self._reader.consumer,
                 )
             except UNAVAILABLE as exc:
                 log.warning("dead-letter write failed; retrying", error=str(exc))

@@ -6,6 +6,10 @@ archiver first comes is archived. The entries come as Redis sends them (no dict 
 entry), so their fields go straight into rows; the client is one of the reader's own, so
 no one else's replies change. On a Redis Cluster, where one XREADGROUP cannot span the
 streams' slots, each stream is read on its own.
+
+Several archivers may read one group (``archive.on_every_host``: one per manager, each its
+own consumer name): Redis hands each entry to one of them, and :meth:`GroupReader.claim`
+takes over the entries a dead one had read and never acked.
 """
 
 from __future__ import annotations
@@ -32,10 +36,19 @@ _DISCOVER_EVERY = 5.0  # seconds between looks for new streams
 class GroupReader:
     """Reads the archiver group's entries (see the module)."""
 
-    def __init__(self, redis: Redis, keys: Keys, settings: ArchiveSettings) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        settings: ArchiveSettings,
+        consumer: str = ARCHIVER_CONSUMER,
+    ) -> None:
         self._redis = redis
+        #: This archiver's consumer name in the group.
+        self.consumer = consumer
         self._client, self._owns_client = separate_client(redis)
         self._client.set_response_callback("XREADGROUP", _as_sent)
+        self._client.set_response_callback("XAUTOCLAIM", _as_sent)
         self._cluster = is_cluster(redis)
         self._keys = keys
         self._settings = settings
@@ -86,7 +99,7 @@ class GroupReader:
             else:
                 response = await self._client.xreadgroup(
                     ARCHIVER_GROUP,
-                    ARCHIVER_CONSUMER,
+                    self.consumer,
                     positions,
                     count=self._settings.batch_size,
                     block=None if ids is not None else int(self._settings.batch_wait * 1000),
@@ -116,7 +129,7 @@ class GroupReader:
         replies = await asyncio.gather(
             *(
                 self._client.xreadgroup(
-                    ARCHIVER_GROUP, ARCHIVER_CONSUMER, {stream: position}, count=count
+                    ARCHIVER_GROUP, self.consumer, {stream: position}, count=count
                 )
                 for stream, position in positions.items()
             ),
@@ -131,6 +144,71 @@ class GroupReader:
         if not found and waiting:
             await asyncio.sleep(self._settings.batch_wait)
         return found
+
+    async def claim(self, min_idle: float) -> tuple[Entries, list[tuple[str, list[str]]]]:
+        """Take over entries another consumer of the group read and has not acked for
+        ``min_idle`` seconds (its archiver died, or hangs): up to a batch of them, as
+        :meth:`read` gives entries; and, per stream, the ids of claimed entries no longer
+        in the stream (trimmed or deleted: nothing to archive, only to ack)."""
+        found: Entries = []
+        gone: list[tuple[str, list[str]]] = []
+        budget = self._settings.batch_size
+        for stream in self.streams:
+            cursor: Any = "0-0"
+            while budget > 0:
+                try:
+                    reply: Any = await self._client.xautoclaim(
+                        stream, ARCHIVER_GROUP, self.consumer, int(min_idle * 1000), cursor,
+                        count=budget,
+                    )  # fmt: skip
+                except Exception as exc:
+                    if is_nogroup(exc):  # the stream went away: nothing to claim there
+                        break
+                    raise
+                cursor, rows = _text(reply[0]), reply[1] or []
+                live = [(_text(i), _flat(f)) for i, f in rows if f]
+                dropped = [_text(i) for i, f in rows if not f]  # 6.2 keeps them pending
+                dropped += [_text(i) for i in (reply[2] if len(reply) > 2 else None) or []]
+                if live:
+                    found.append((stream, live))
+                if dropped:
+                    gone.append((stream, dropped))
+                budget -= len(rows)
+                if cursor == "0-0" or not rows:
+                    break
+        if found or gone:
+            log.warning(
+                "took over entries another archiver had read and not acked",
+                consumer=self.consumer,
+                entries=sum(len(rows) for _, rows in found),
+                gone=sum(len(ids) for _, ids in gone),
+            )
+        return found, gone
+
+    async def leave(self) -> None:
+        """Delete this consumer from the group on each stream where it holds nothing (a
+        clean stop of one of several archivers); where it still has pending entries it
+        stays, for another archiver to claim them."""
+        for stream in self.streams:
+            try:
+                consumers: Any = await self._redis.xinfo_consumers(stream, ARCHIVER_GROUP)
+                mine = [c for c in consumers if _text(c.get("name")) == self.consumer]
+                if mine and int(mine[0].get("pending", 0)) == 0:
+                    await self._redis.xgroup_delconsumer(stream, ARCHIVER_GROUP, self.consumer)
+            except Exception as exc:
+                log.warning("cannot leave the archiver group", stream=stream, error=str(exc))
+                return
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _flat(fields: Any) -> list[Any]:
+    """An entry's fields as the flat list XREADGROUP gives (RESP3 may give a map)."""
+    if isinstance(fields, dict):
+        return [item for pair in fields.items() for item in pair]
+    return list(fields)
 
 
 def _as_sent(response: Any, **_: Any) -> Any:

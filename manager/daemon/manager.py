@@ -299,13 +299,13 @@ class Manager:
             tg.create_task(self._announce_ready(parts.supervisor)),
             tg.create_task(leadership.run()),
         ]
+        if self.settings.archive.on_every_host:  # else a duty of the coordinator's
+            helpers.append(tg.create_task(parts.archiver.run()))
         if self._registry is not None:
             helpers.append(tg.create_task(self._registry.run()))
         if self._placement is not None:
             interval = self.settings.coordinator.lease_ttl / 3
-            follow = follow_placement(
-                self._placement, interval, lambda: self._apply_placement(parts)
-            )
+            follow = follow_placement(interval, lambda: self._follow_placement(parts))
             helpers.append(tg.create_task(follow))
         if services.redis is not None:
             restarted = parts.repair.redis_restarted
@@ -315,10 +315,11 @@ class Manager:
             helpers.append(tg.create_task(keep_running("postgres", services.postgres)))
         return helpers
 
-    async def _apply_placement(self, parts: Parts) -> None:
-        """Start and stop the unplaced bots this manager took or lost, as a reload would."""
+    async def _follow_placement(self, parts: Parts) -> None:
+        """Take and give up unplaced bots; start and stop them as a reload would."""
         async with self._reloader.held():
-            if self._shutdown.is_set():
+            assert self._placement is not None
+            if self._shutdown.is_set() or not await self._placement.round():
                 return
             bots = self._place(self.settings.bots)
             await parts.provisioner.prepare_bots(

@@ -86,7 +86,7 @@ def coordinator_duties(
         duties: list[Coroutine[Any, Any, None]] = [
             parts.relay.run(),
             parts.fanout.run(),
-            parts.archiver.run(),
+            *([] if settings.archive.on_every_host else [parts.archiver.run()]),
             parts.trimmer.run(),
             positions,
             parts.pressure.run(),
@@ -121,16 +121,15 @@ async def _after(gate: asyncio.Task[None] | None, duty: Coroutine[Any, Any, None
     await duty
 
 
-async def follow_placement(
-    placement: Placement, interval: float, apply: Callable[[], Awaitable[None]]
-) -> None:
-    """Each ``interval``, take unplaced bots that are free (their manager died) and drop
-    those another manager took; ``apply`` then starts and stops them as a reload would."""
+async def follow_placement(interval: float, step: Callable[[], Awaitable[None]]) -> None:
+    """Each ``interval``, ``step``: take the unplaced bots that are free (their manager
+    died), drop those another manager took, and start and stop them as a reload would
+    (one step under the reload's lock, so a round never judges by a config being
+    replaced)."""
     while True:
         await asyncio.sleep(interval)
         try:
-            if await placement.round():
-                await apply()
+            await step()
         except asyncio.CancelledError:
             raise
         except Exception as exc:

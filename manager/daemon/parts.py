@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -130,6 +131,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         archive.get,
         announce=announcer.announce,
         max_data_bytes=context.bus_settings.max_event_bytes,
+        **_archiver_consumer(settings),
     )
     trimmer, pressure = _memory_keepers(context, admin, coordinator, announcer)
     repair = RedisRepair(
@@ -163,6 +165,14 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         relay,
         fanout,
     )
+
+
+def _archiver_consumer(settings: ManagerSettings) -> dict[str, Any]:
+    """One archiver per deployment keeps one consumer name, whichever manager leads (it
+    finds its batch in flight when the lead moves); one per manager names its host."""
+    if not settings.archive.on_every_host:
+        return {}
+    return {"consumer": f"archiver-{settings.host}", "leave_on_stop": True}
 
 
 def _memory_keepers(

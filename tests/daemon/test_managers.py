@@ -9,10 +9,14 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
-from bus.keys import Keys
+from bus.keys import ARCHIVER_GROUP, Keys
+from manager.embedded.postgres_server import PostgresServer
+from manager.observe.lag import stream_keys
 from tests.daemon.conftest import ManagerFactory
 from tests.daemon.manager_process import ManagerProcess, bot_toml, events
+from tests.manager.archive.archive_support import id_counts
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow, pytest.mark.one_redis]
@@ -92,3 +96,49 @@ async def _wait_coordinator(manager: ManagerProcess, host: str) -> bool:
 
 async def _runs(manager: ManagerProcess, bot_id: str) -> bool:
     return bot_id in [b["id"] for b in (await manager.status())["bots"]]
+
+
+EVERY_HOST = "[archive]\non_every_host = true\nclaim_idle = 1.0\nbatch_size = 20\n"
+
+
+async def test_every_manager_archives_and_what_a_killed_one_held_is_taken_over(
+    manager_factory: ManagerFactory, redis: Redis, keys: Keys, postgres_server: PostgresServer
+) -> None:
+    """With ``archive.on_every_host`` both managers archive, each a consumer of the group;
+    a is SIGKILLed under load, and b takes over what a's archiver had read and not acked:
+    every confirmed event is stored exactly once, and a holds nothing."""
+    first = await manager_factory(BOTS, extra='host = "a"\n' + EVERY_HOST)
+    second = await manager_factory(BOTS, extra='host = "b"\n' + EVERY_HOST)
+
+    async def both_archive() -> bool:
+        return {"archiver-a", "archiver-b"} <= set(await _archiver_pending(redis, keys))
+
+    await wait_until(both_archive, 30, "both managers reading the archiver group")
+    await wait_until(lambda: len(confirmed(second)) >= 100, 60, "events before the kill")
+    await first.kill()
+    await wait_until(lambda: len(confirmed(second)) >= 600, 90, "the emitter to finish")
+
+    async def all_archived() -> bool:
+        return set(confirmed(second)) <= set(await id_counts(postgres_server.dsn))
+
+    await wait_until(all_archived, 60, "every confirmed event archived")
+
+    async def nothing_held_by_a() -> bool:
+        return (await _archiver_pending(redis, keys)).get("archiver-a", 0) == 0
+
+    await wait_until(nothing_held_by_a, 30, "a's unacked entries taken over")
+    counts = await id_counts(postgres_server.dsn)
+    assert [i for i, n in counts.items() if n > 1] == []
+
+
+async def _archiver_pending(redis: Redis, keys: Keys) -> dict[str, int]:
+    """Each consumer of the archiver group and what it holds, over the namespace's streams."""
+    held: dict[str, int] = {}
+    for stream in await stream_keys(redis, keys):
+        try:
+            rows: Any = await redis.xinfo_consumers(stream, ARCHIVER_GROUP)
+        except ResponseError:  # no archiver group there yet
+            continue
+        for row in rows:
+            held[row["name"]] = held.get(row["name"], 0) + int(row["pending"])
+    return held

@@ -1,7 +1,9 @@
 """The manager's archiver in its own process, for tests that SIGKILL it mid-batch.
 
-Run as ``python -m tests.manager.archive.archiver_proc REDIS_URL DSN [BATCH_SIZE]``. It archives the
-default namespace with the default :class:`ArchiveSettings` (but ``BATCH_SIZE``), through an
+Run as ``python -m tests.manager.archive.archiver_proc REDIS_URL DSN [BATCH_SIZE [CONSUMER
+CLAIM_IDLE]]``. It archives the default namespace with the default :class:`ArchiveSettings`
+(but ``BATCH_SIZE``; with ``CONSUMER``, as one of several archivers, taking over what
+another left unacked for ``CLAIM_IDLE`` seconds), through an
 :class:`ArchiveLink` as the daemon does, and writes ``ready`` on stdout once Redis and
 PostgreSQL answered and the archiver runs. SIGTERM stops it cleanly (exit code 0); SIGKILL
 is the crash the tests are about.
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+from typing import Any
 
 from bus.connection import connect
 from bus.keys import Keys
@@ -22,11 +25,16 @@ from manager.archive.link import ArchiveLink
 from manager.config import ArchiveSettings
 
 
-async def _archive(redis_url: str, dsn: str, batch_size: int) -> None:
+async def _archive(redis_url: str, dsn: str, batch_size: int, consumer: list[str]) -> None:
     keys = Keys()
     redis = connect(BusSettings(redis_url=redis_url), client_name="archiver-proc")
     link = ArchiveLink(dsn, keys)
-    archiver = Archiver(redis, keys, ArchiveSettings(batch_size=batch_size), link.get)
+    settings = ArchiveSettings(batch_size=batch_size)
+    named: dict[str, Any] = {}
+    if consumer:
+        settings = ArchiveSettings(batch_size=batch_size, claim_idle=float(consumer[1]))
+        named = {"consumer": consumer[0], "leave_on_stop": True}
+    archiver = Archiver(redis, keys, settings, link.get, **named)
     try:
         await redis.ping()
         await link.get()  # connects and migrates, as the daemon's try_at_start does
@@ -43,10 +51,13 @@ async def _archive(redis_url: str, dsn: str, batch_size: int) -> None:
 
 def main(argv: list[str]) -> None:
     """Archive until SIGTERM (or SIGKILL)."""
-    if len(argv) not in (2, 3):
-        sys.exit("usage: python -m tests.manager.archive.archiver_proc REDIS_URL DSN [BATCH_SIZE]")
-    batch_size = int(argv[2]) if len(argv) == 3 else ArchiveSettings().batch_size
-    asyncio.run(_archive(argv[0], argv[1], batch_size))
+    if len(argv) not in (2, 3, 5):
+        sys.exit(
+            "usage: python -m tests.manager.archive.archiver_proc REDIS_URL DSN "
+            "[BATCH_SIZE [CONSUMER CLAIM_IDLE]]"
+        )
+    batch_size = int(argv[2]) if len(argv) >= 3 else ArchiveSettings().batch_size
+    asyncio.run(_archive(argv[0], argv[1], batch_size, argv[3:]))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,9 @@ archiver runs in this process, except where it must die by SIGKILL: then it runs
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
-import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]  # ships no type hints
 import orjson
@@ -42,11 +37,15 @@ from tests.manager.archive.archive_support import (
     publish,
     running,
 )
+from tests.manager.archive.archiver_procs import (
+    ArchiverProc,
+    ArchiverProcs,
+    producing,
+)
 from tests.support import entries, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
-REPO = Path(__file__).resolve().parents[3]
 #: Entries no producer of ours writes: each fails to decode as an event for its own reason.
 GARBAGE: tuple[dict[str, str], ...] = (
     {"hello": "world"},
@@ -72,119 +71,7 @@ def wire_fields(**changed: str) -> dict[str, str]:
 WIRE_ORDER_GARBAGE = tuple(wire_fields(**fields) for fields in GARBAGE[1:])
 
 
-# -- fixtures -------------------------------------------------------------------------------
-
-
-class ArchiverProc:
-    """An archiver process started by :func:`archiver_procs`."""
-
-    def __init__(self, process: asyncio.subprocess.Process, out: Path, log: Path) -> None:
-        self.process = process
-        self.out = out
-        self.log = log
-
-    def check_alive(self) -> None:
-        """Fail the test, with its stderr, if the process has exited."""
-        if self.process.returncode is not None:
-            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
-            raise AssertionError(f"archiver exited ({self.process.returncode})\n{tail}")
-
-    async def wait_ready(self) -> None:
-        """Wait until it wrote ``ready`` (connected and archiving)."""
-
-        def ready() -> bool:
-            self.check_alive()
-            return "ready" in self.out.read_text().split()
-
-        await wait_until(ready, timeout=15, what="archiver process ready")
-
-    async def kill(self) -> None:
-        """SIGKILL it and reap it (idempotent)."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def kill_mid_batch(self, redis: Redis) -> int:
-        """SIGKILL it while it holds a batch read but not acked; the entries it held.
-
-        It is frozen (SIGSTOP) while the batch is looked for, so the batch cannot be acked
-        between the look and the kill."""
-
-        async def frozen_holding() -> bool:
-            self.check_alive()
-            self.process.send_signal(signal.SIGSTOP)
-            if await holds_a_batch(redis):
-                return True
-            self.process.send_signal(signal.SIGCONT)
-            await asyncio.sleep(0.005)
-            return False
-
-        await wait_until(frozen_holding, what="the archiver holding a batch")
-        held = (await backlog(redis))[0]
-        await self.kill()
-        return held
-
-    async def terminate(self) -> int:
-        """SIGTERM it; its exit code once it stopped."""
-        self.process.send_signal(signal.SIGTERM)
-        return await asyncio.wait_for(self.process.wait(), 15)
-
-
-class ArchiverProcs(Protocol):
-    """Starts an archiver process on the test's Redis and PostgreSQL; returns once ready."""
-
-    async def __call__(self, batch_size: int = ...) -> ArchiverProc: ...
-
-
-@pytest.fixture
-async def archiver_procs(
-    redis_url: str, postgres_server: PostgresServer, tmp_path: Path
-) -> AsyncIterator[ArchiverProcs]:
-    """Start archiver processes; every one still alive is SIGKILLed at teardown."""
-    procs: list[ArchiverProc] = []
-
-    async def start(batch_size: int = 50) -> ArchiverProc:
-        out, log = tmp_path / f"archiver-{len(procs)}.out", tmp_path / f"archiver-{len(procs)}.log"
-        args = [redis_url, postgres_server.dsn, str(batch_size)]
-        with out.open("wb") as out_file, log.open("wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.manager.archive.archiver_proc", *args,
-                cwd=REPO, stdin=asyncio.subprocess.DEVNULL, stdout=out_file, stderr=log_file,
-            )  # fmt: skip
-        proc = ArchiverProc(process, out, log)
-        procs.append(proc)
-        await proc.wait_ready()
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in procs:
-            await proc.kill()
-
-
 # -- helpers --------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def producing(bus: BusClient, published: list[str]) -> AsyncIterator[None]:
-    """Publish batches of events in the background while the block runs; the ids Redis
-    confirmed are appended to ``published``."""
-    stop = asyncio.Event()
-
-    async def produce() -> None:
-        while not stop.is_set():
-            events = await publish(bus, 15, start=len(published))
-            published.extend(e.id for e in events)
-            await asyncio.sleep(0.01)  # a steady load rather than a flood
-
-    task = asyncio.create_task(produce())
-    try:
-        yield
-    finally:
-        stop.set()
-        await task
 
 
 async def all_archived(store: ArchiveStore) -> list[Event]:
@@ -205,11 +92,6 @@ async def dead_letter_rows(dsn: str) -> list[Mapping[str, Any]]:
         return list(await conn.fetch("SELECT * FROM dead_letters ORDER BY id"))
     finally:
         await conn.close()
-
-
-async def holds_a_batch(redis: Redis) -> bool:
-    """Whether the archiver group has entries read but not acked (a batch in flight)."""
-    return (await backlog(redis))[0] > 0
 
 
 async def dead_letter_events(bus: BusClient, events: list[Event]) -> list[str]:

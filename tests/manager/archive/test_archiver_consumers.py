@@ -1,0 +1,147 @@
+"""Several archivers on one group (``archive.on_every_host``): each entry stored once,
+and what a dead one had read and not acked taken over by another."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from bus.archive import ArchiveStore
+from bus.keys import ARCHIVER_GROUP
+from manager.archive.archiver import Archiver
+from manager.archive.link import ArchiveLink
+from manager.config import ArchiveSettings
+from manager.embedded.postgres_server import PostgresServer
+from tests.conftest import BusFactory
+from tests.manager.archive.archive_support import (
+    KEYS,
+    archived,
+    archiver_groups,
+    archiving,
+    caught_up,
+    id_counts,
+    positions,
+    publish,
+    running,
+)
+from tests.manager.archive.archiver_procs import ArchiverProc, ArchiverProcs, producing
+from tests.support import wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+
+
+async def held_by(redis: Redis, consumer: str) -> int:
+    """Entries ``consumer`` has read and not acked, over the archiver group's streams."""
+    held = 0
+    for stream, _ in await archiver_groups(redis):
+        summary: Any = await redis.xpending(stream, ARCHIVER_GROUP)
+        names = (consumer, consumer.encode())
+        held += sum(int(c["pending"]) for c in summary["consumers"] if c["name"] in names)
+    return held
+
+
+async def consumers(redis: Redis) -> set[str]:
+    """The consumer names in the archiver group, over its streams."""
+    names: set[str] = set()
+    for stream, _ in await archiver_groups(redis):
+        rows: Any = await redis.xinfo_consumers(stream, ARCHIVER_GROUP)
+        names |= {str(row["name"]) for row in rows}
+    return names
+
+
+async def kill_holding(proc: ArchiverProc, redis: Redis, consumer: str) -> int:
+    """SIGKILL ``proc`` while its own consumer holds a batch; the entries it held."""
+
+    async def frozen_holding() -> bool:
+        proc.check_alive()
+        proc.process.send_signal(signal.SIGSTOP)
+        if await held_by(redis, consumer):
+            return True
+        proc.process.send_signal(signal.SIGCONT)
+        await asyncio.sleep(0.005)
+        return False
+
+    await wait_until(frozen_holding, what=f"{consumer} holding a batch")
+    held = await held_by(redis, consumer)
+    await proc.kill()
+    return held
+
+
+class TestSeveralArchivers:
+    async def test_entries_a_dead_archiver_left_unacked_are_taken_over_and_stored_once(
+        self,
+        admin: Redis,
+        archive: ArchiveStore,
+        link: ArchiveLink,
+        bus_factory: BusFactory,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """Another consumer read every entry and died: after ``claim_idle`` this archiver
+        claims them, stores each once and acks them; one trimmed meanwhile is only acked.
+        Stopped, it leaves the group (it holds nothing)."""
+        producer = await bus_factory("producer")
+        events = await publish(producer, 120)
+        where = await positions(admin)
+        for stream in {s for s, _ in where.values()} | {KEYS.dead_letters()}:
+            await admin.xgroup_create(stream, ARCHIVER_GROUP, "0", mkstream=True)
+            await admin.xreadgroup(ARCHIVER_GROUP, "archiver-gone", {stream: ">"}, count=1000)
+        assert await held_by(admin, "archiver-gone") == 120
+        stream, entry_id = where[events[0].id]
+        await admin.xdel(stream, entry_id)  # trimmed while it was pending
+
+        archiver = Archiver(
+            admin, KEYS, ArchiveSettings(claim_idle=0.3), link.get,
+            consumer="archiver-b", leave_on_stop=True,
+        )  # fmt: skip
+        async with archiving(archiver) as task:
+            await wait_until(
+                lambda: archived(archive, 119, running(task)), what="the claimed entries stored"
+            )
+            await wait_until(lambda: caught_up(admin), what="every claimed entry acked")
+        counts = await id_counts(postgres_server.dsn)
+        assert counts.keys() == {e.id for e in events[1:]}
+        assert set(counts.values()) == {1}
+        assert "archiver-b" not in await consumers(admin)  # left: it held nothing
+
+    async def test_two_archiver_processes_share_the_load_and_survive_one_killed(
+        self,
+        admin: Redis,
+        archive: ArchiveStore,
+        bus_factory: BusFactory,
+        archiver_procs: ArchiverProcs,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """Two archivers under a steady load both take batches; one SIGKILLed with a batch
+        in flight, the other claims it: every event stored exactly once, nothing pending;
+        the survivor, stopped cleanly, leaves the group."""
+        producer = await bus_factory("producer")
+        published = [e.id for e in await publish(producer, 30)]  # every stream exists
+        async with producing(producer, published):
+            a = await archiver_procs(batch_size=20, consumer="archiver-a", claim_idle=1.0)
+            b = await archiver_procs(batch_size=20, consumer="archiver-b", claim_idle=1.0)
+            await wait_until(
+                lambda: archived(archive, 300, b.check_alive), timeout=20, what="archiving"
+            )
+            assert {"archiver-a", "archiver-b"} <= await consumers(admin)
+            held = await kill_holding(a, admin, "archiver-a")
+            floor = await archive.count()
+            await wait_until(
+                lambda: archived(archive, floor + 200, b.check_alive), timeout=20, what="b alone"
+            )
+        await wait_until(
+            lambda: archived(archive, len(published), b.check_alive),
+            timeout=20,
+            what=f"all {len(published)} archived",
+        )
+        await wait_until(lambda: caught_up(admin), what="every entry acked, a's claimed too")
+        assert held > 0
+        assert await held_by(admin, "archiver-a") == 0
+        assert await b.terminate() == 0
+        assert "archiver-b" not in await consumers(admin)
+        counts = await id_counts(postgres_server.dsn)
+        assert [i for i, n in counts.items() if n > 1] == []
+        assert counts.keys() == set(published)
