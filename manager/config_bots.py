@@ -76,8 +76,9 @@ class BotConfig(ConfigModel):
     replicas: int = Field(1, ge=1, le=64, description="processes sharing the bot's group")
     hosts: list[str] | None = Field(
         None,
-        description="the managers (by their host setting) that run this bot; unset: "
-        "every manager of the deployment that has it in its config",
+        description="the managers (by their host setting) that run this bot: one host runs "
+        "every replica; several, or unset (any manager), share the replicas out among the "
+        "live ones",
     )
     standby: bool = Field(
         False, description="one active replica holds a leader lease, the others wait"

@@ -186,6 +186,9 @@ class HostStatus(_Status):
     pid: int
     version: str
     bots: list[str] = Field(description="the bots it runs")
+    replicas: dict[str, list[int]] = Field(
+        default_factory=dict, description="the replicas (instance indices) it runs, per bot"
+    )
     seen_ago: float = Field(description="seconds since it last wrote its entry")
     live: bool = Field(description="false: not heard from for three coordinator intervals")
     coordinator: bool = Field(description="whether it holds the coordinator lease")

@@ -141,7 +141,8 @@ class _View:
         for host in deployment.hosts:
             state = "coordinator" if host.coordinator else "live" if host.live else "gone"
             style = "bold" if host.coordinator else "" if host.live else "red"
-            bots = ", ".join(host.bots) or "no bots"
+            bots = ", ".join(_with_replicas(b, host.replicas.get(b)) for b in host.bots)
+            bots = bots or "no bots"
             lines.append(
                 Text.assemble(
                     f"  {host.host}  ",
@@ -295,3 +296,8 @@ def _size(value: int | None) -> str:
 def _url(value: str | None) -> str:
     """An endpoint with its password hidden, "-" for None."""
     return MISSING if value is None else redact(value)
+
+
+def _with_replicas(bot: str, indices: list[int] | None) -> str:
+    """``bot``, or ``bot[0,2]`` when the host runs other replicas than just the first."""
+    return bot if indices in (None, [0]) else f"{bot}[{','.join(map(str, indices))}]"

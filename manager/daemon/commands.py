@@ -120,7 +120,8 @@ class Commands:
             coordinator=leader,
             hosts=[
                 HostStatus(host=e.host, pid=e.pid, version=e.version, bots=list(e.bots),
-                           seen_ago=e.age, live=e.live, coordinator=e.host == leader)
+                           replicas=e.replicas, seen_ago=e.age, live=e.live,
+                           coordinator=e.host == leader)
                 for e in entries
             ],
         )  # fmt: skip

@@ -4,15 +4,16 @@ Every manager writes its entry in ``<ns>:hosts`` (a hash, host → JSON) each in
 pid, version, the bots it runs and the Redis server's time of the write. An entry not
 rewritten for three intervals is a manager that is gone. ``multibot status`` and the API
 show the list from any host, with the coordinator lease's holder; a manager refuses to
-start a bot another live host already runs (one bot, one host: its Redis users and
-consumer names are per bot).
+start a bot placed on its host alone that another live host already runs (two managers
+given one host name). The live managers count in the spread of the bots' replicas
+(:mod:`.placement`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ class HostEntry:
     pid: int
     version: str
     bots: tuple[str, ...]
+    #: The replicas (instance indices) it runs of each of its bots.
+    replicas: dict[str, list[int]]
     #: Seconds since its last write (by the Redis server's clock).
     age: float
     live: bool
@@ -61,7 +64,7 @@ class HostRegistry:
         keys: Keys,
         host: str,
         interval: float,
-        bots: Callable[[], Iterable[str]],
+        bots: Callable[[], Mapping[str, Sequence[int]]],
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -74,10 +77,12 @@ class HostRegistry:
 
     async def write(self) -> None:
         """Write this manager's entry now."""
+        running = self._bots()
         entry = {
             "pid": os.getpid(),
             "version": __version__,
-            "bots": sorted(self._bots()),
+            "bots": sorted(running),
+            "replicas": {bot: sorted(indices) for bot, indices in sorted(running.items())},
             "at": await _now_ms(self._redis),
         }
         await self._redis.hset(hosts_key(self._keys), self.host, orjson.dumps(entry))
@@ -108,6 +113,10 @@ class HostRegistry:
                         pid=int(entry["pid"]),
                         version=str(entry["version"]),
                         bots=tuple(str(b) for b in entry["bots"]),
+                        replicas={
+                            str(b): [int(i) for i in indices]
+                            for b, indices in dict(entry.get("replicas", {})).items()
+                        },
                         age=round(age, 1),
                         live=age < self._interval * GONE_AFTER,
                     )
@@ -115,6 +124,10 @@ class HostRegistry:
             except (ValueError, KeyError, TypeError):  # not ours: a hand-written value
                 continue
         return sorted(found, key=lambda e: (e.host != self.host, e.host))
+
+    async def live_hosts(self) -> set[str]:
+        """The hosts of the managers heard from lately (this one's among them)."""
+        return {e.host for e in await self.entries() if e.live} | {self.host}
 
     async def taken_elsewhere(self, bots: Iterable[str]) -> dict[str, str]:
         """Of ``bots``, those a live manager on another host runs: bot → host."""

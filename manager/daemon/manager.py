@@ -118,6 +118,16 @@ class Manager:
         reload under way: SIGHUP's and the control socket's never interleave)."""
         return await self._reloader.reload()
 
+    def _running_replicas(self) -> dict[str, list[int]]:
+        """The replicas this manager runs, per bot."""
+        return {b.id: self._indices(b) for b in self._place(self.settings.bots)}
+
+    def _indices(self, bot: BotConfig) -> list[int]:
+        """The replicas of ``bot`` this manager runs (see :mod:`.placement`)."""
+        if self._placement is None:  # before Redis is up
+            return list(range(bot.replicas))
+        return self._placement.indices(bot)
+
     def _place(self, bots: Sequence[BotConfig]) -> list[BotConfig]:
         """Of ``bots``, those this manager runs (see :mod:`.placement`)."""
         if self._placement is None:  # before Redis is up: those it may run
@@ -212,6 +222,7 @@ class Manager:
             local_bots=lambda: self._place(self.settings.bots),
         )  # fmt: skip
         parts = self._reloader.parts = build_parts(context, clients, archive)
+        parts.supervisor.replica_indices = self._indices
         self._commands.running = Running(
             clients.bus, parts.supervisor, parts.coordinator, parts.archiver
         )
@@ -235,7 +246,7 @@ class Manager:
     async def _join_deployment(self, admin: Redis) -> None:
         registry, self._placement = await join_deployment(
             admin, self._keys, self.settings, lambda: self.settings.bots,
-            lambda: [b.id for b in self._place(self.settings.bots)],
+            self._running_replicas,
         )  # fmt: skip
         self._registry = self._commands.registry = registry
 

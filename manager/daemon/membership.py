@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -30,14 +30,14 @@ async def join_deployment(
     keys: Keys,
     settings: ManagerSettings,
     bots: Callable[[], Sequence[BotConfig]],
-    running: Callable[[], Iterable[str]],
+    running: Callable[[], Mapping[str, Sequence[int]]],
 ) -> tuple[HostRegistry, Placement]:
-    """Register this manager among the deployment's, and take the unplaced bots that are
-    free; refuse (:class:`ManagerError`) to run a bot placed on this host that another
-    live manager runs. ``bots``: the running config's; ``running``: the ids this manager
-    runs, for its entry."""
+    """Register this manager among the deployment's, and take its share of the spread
+    bots' replicas that are free; refuse (:class:`ManagerError`) to run a bot placed on
+    this host alone that another live manager runs. ``bots``: the running config's;
+    ``running``: the replicas this manager runs, per bot, for its entry."""
     registry = HostRegistry(admin, keys, settings.host, settings.coordinator.interval, running)
-    placed_here = [b.id for b in settings.bots if b.hosts and settings.host in b.hosts]
+    placed_here = [b.id for b in settings.bots if b.hosts == [settings.host]]
     taken = await registry.taken_elsewhere(placed_here)
     if taken:
         where = ", ".join(f"{bot} (on {host})" for bot, host in sorted(taken.items()))
@@ -46,8 +46,12 @@ async def join_deployment(
             f"(host {settings.host!r}) would too: name one host in each bot's hosts "
             "= [...] (or none: one manager runs it), or stop the other manager first"
         )
-    placement = Placement(admin, keys, settings.host, settings.coordinator.lease_ttl, bots)
-    await placement.round()  # the unplaced bots free now are this manager's
+    await registry.write()  # first: the others count this manager in their shares
+    placement = Placement(
+        admin, keys, settings.host, settings.coordinator.lease_ttl, bots,
+        live_hosts=registry.live_hosts,
+    )  # fmt: skip
+    await placement.round()  # this manager's share of the free replicas
     await registry.write()
     return registry, placement
 

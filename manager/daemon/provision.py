@@ -2,8 +2,10 @@
 subscriptions recorded in the archive, a read-only archive role, and each process's spec,
 environment and OS user.
 
-The bots' passwords live in this object only (Redis keeps the ACL users in memory, so after a
-Redis restart :meth:`Provisioner.prepare_bots` sets them again with the same passwords).
+The bots' passwords live in this object and, one per bot for every manager of the
+deployment, in Redis (:mod:`.bot_credentials`; Redis keeps the ACL users in memory, so
+after a Redis restart :meth:`Provisioner.prepare_bots` sets them again with the same
+passwords).
 A bot's environment is built from an allow-list (:func:`bot_environment`), never from the
 manager's whole environment, which holds its secrets (API tokens given by ``token_env``).
 """
@@ -23,6 +25,7 @@ from bus.settings import BusSettings
 from bus.supervision import RuntimeSpec
 from manager.archive.link import ArchiveLink, ensure_reader
 from manager.config import BotConfig, ManagerSettings
+from manager.daemon.bot_credentials import forget_password, shared_password
 from manager.daemon.isolation import BotUsers
 from manager.daemon.redis_acl import (
     bot_id_of,
@@ -135,9 +138,12 @@ class Provisioner:
         async with replica_clients(self._admin, self._admin_url) as replicas:
             for bot_id in sorted({b for b in listed if b is not None} - wanted):
                 await delete_bot_user(self._admin, self._keys, bot_id, replicas=replicas)
+                await forget_password(self._admin, self._keys, bot_id)
             for bot in bots:
-                if bot.id not in self._passwords:
-                    self._passwords[bot.id] = generate_password()
+                candidate = self._passwords.get(bot.id) or generate_password()
+                self._passwords[bot.id] = await shared_password(
+                    self._admin, self._keys, bot.id, candidate
+                )
                 await ensure_bot_user(
                     self._admin,
                     self._keys,

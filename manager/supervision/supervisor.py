@@ -109,6 +109,9 @@ class Supervisor:
         self._leftover: set[tuple[str, str]] = set()
         #: The bus metrics of every bot process, kept across their restarts.
         self.metrics = FleetMetrics()
+        #: Which replicas (instance indices) of a bot run here: all, unless the manager
+        #: shares them out among several hosts (manager.daemon.placement).
+        self.replica_indices: Callable[[BotConfig], Sequence[int]] = lambda bot: range(bot.replicas)
 
     # -- running -------------------------------------------------------------------------
 
@@ -144,10 +147,11 @@ class Supervisor:
     def _add(self, config: BotConfig) -> None:
         assert self._tg is not None
         bot = Bot(config, ledger=CrashLedger(self._settings.crash_poison_after))
-        bot.instances = [Instance(self, config, i) for i in range(config.replicas)]
+        bot.instances = [Instance(self, config, i) for i in self.replica_indices(config)]
         bot.tasks = [self._tg.create_task(i.run()) for i in bot.instances]
         self.bots[config.id] = bot
-        log.info("bot added", bot_id=config.id, replicas=config.replicas, entry=config.entry)
+        log.info("bot added", bot_id=config.id, replicas=config.replicas, entry=config.entry,
+                 here=[i.index for i in bot.instances])  # fmt: skip
 
     async def _retire(self, bot: Bot) -> None:
         await asyncio.gather(*(i.retire() for i in bot.instances))
@@ -166,11 +170,36 @@ class Supervisor:
             bot = self.bots.pop(bot_id)
             await self._retire(bot)
             keep = wanted[bot_id].replicas if bot_id in wanted else 0
-            self._leftover |= {(bot_id, i.name) for i in bot.instances[keep:]}
+            self._leftover |= {(bot_id, i.name) for i in bot.instances if i.index >= keep}
         for bot_id in changed + added:
             self._add(wanted[bot_id])
+        for bot_id in wanted.keys() - {*changed, *added}:
+            await self._move_replicas(self.bots[bot_id])
         await self.clean_consumers()
         return added, removed, changed
+
+    async def _move_replicas(self, bot: Bot) -> None:
+        """Start the replicas of an unchanged bot newly placed here, stop those placed
+        elsewhere now; the others run on untouched. A moved replica keeps its consumer
+        (its index names it), so its pending entries go with it."""
+        assert self._tg is not None
+        here = set(self.replica_indices(bot.config))
+        leaving = [i for i in bot.instances if i.index not in here]
+        if leaving:
+            await asyncio.gather(*(i.retire() for i in leaving))
+            log.info("replicas stopped here: placed elsewhere", bot_id=bot.config.id,
+                     instances=[i.index for i in leaving])  # fmt: skip
+        kept = [(i, t) for i, t in zip(bot.instances, bot.tasks, strict=True) if i.index in here]
+        await asyncio.gather(*(t for i, t in zip(bot.instances, bot.tasks, strict=True)
+                               if i.index not in here))  # fmt: skip
+        arriving = sorted(here - {i.index for i, _ in kept})
+        new = [Instance(self, bot.config, index) for index in arriving]
+        kept += [(i, self._tg.create_task(i.run())) for i in new]
+        kept.sort(key=lambda pair: pair[0].index)
+        bot.instances, bot.tasks = [i for i, _ in kept], [t for _, t in kept]
+        if arriving:
+            log.info("replicas started here: placed on this host", bot_id=bot.config.id,
+                     instances=arriving)  # fmt: skip
 
     async def clean_consumers(self) -> None:
         """Delete the consumers of retired instances from their groups once nothing is

@@ -142,3 +142,48 @@ async def _archiver_pending(redis: Redis, keys: Keys) -> dict[str, int]:
         for row in rows:
             held[row["name"]] = held.get(row["name"], 0) + int(row["pending"])
     return held
+
+
+SPREAD = bot_toml("emitter", "tests.daemon.sample_bots:emitter", hosts=["b"]) + bot_toml(
+    "collector",
+    "tests.daemon.sample_bots:collector",
+    replicas=2,
+    subscriptions=[{"pattern": "test.#"}],
+)
+
+
+async def test_a_bots_replicas_spread_over_the_managers_and_move_when_one_dies(
+    manager_factory: ManagerFactory, redis: Redis, keys: Keys
+) -> None:
+    """The collector, placed nowhere with two replicas: a starts alone and runs both, b
+    joins and a gives replica 1 back for b to run (one password for both hosts' logins).
+    a is SIGKILLed under load: b runs both replicas within the lease, and every event
+    whose publish returned is handled."""
+    first = await manager_factory(SPREAD, extra='host = "a"\n')
+    second = await manager_factory(SPREAD, extra='host = "b"\n')
+
+    async def replicas() -> dict[str, list[int]]:
+        return {h["host"]: h["replicas"].get("collector", []) for h in
+                (await deployment(second))["hosts"] if h["live"]}  # fmt: skip
+
+    async def spread_out() -> bool:
+        return await replicas() == {"a": [0], "b": [1]}
+
+    await wait_until(spread_out, 30, "one collector replica on each manager")
+    assert [r["instance"] for r in await first.instances("collector")] == [0]
+    await second.pid("collector")  # its one replica (1) runs
+    await wait_until(lambda: len(confirmed(second)) >= 100, 60, "events before the kill")
+    await first.kill()
+
+    async def moved() -> bool:
+        return await replicas() == {"b": [0, 1]}
+
+    await wait_until(moved, 30, "b to run both replicas")
+    await wait_until(lambda: len(confirmed(second)) >= 600, 90, "the emitter to finish")
+    handled_key = keys.bot_state("collector", "handled")
+
+    async def all_handled() -> bool:
+        handled = set(await redis.smembers(handled_key))
+        return set(confirmed(second)) <= handled
+
+    await wait_until(all_handled, 60, "the collector to handle every confirmed event")

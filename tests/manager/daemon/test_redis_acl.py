@@ -662,6 +662,8 @@ class TestBotCannot:
             "multibot:lease:{other}:fence",
             "multibot:lease:{greeter2}",
             "multibot:lease:{greeter}:x",
+            "multibot:credentials:{greeter}",  # its own password, kept for the managers
+            "multibot:lease:{greeter}:host:0",  # where its replicas run: the managers' say
             "multibot:other",  # anything else of the namespace
             "multibotx:stream:{user}",
         ],
