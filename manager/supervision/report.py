@@ -10,7 +10,7 @@ from manager.status import BotStatus, InstanceStatus, Role
 from manager.supervision.instance import Instance
 
 if TYPE_CHECKING:
-    from manager.supervision.supervisor import Bot
+    from manager.supervision.bot import Bot
 
 
 def bot_status(bot: Bot, *, now: float, wall: float) -> BotStatus:

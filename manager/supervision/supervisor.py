@@ -14,7 +14,6 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -29,7 +28,8 @@ from bus.supervision import Status, StatusLine
 from manager.announcer import PUBLISHED_BY, Announcer
 from manager.config import BotConfig, SupervisorSettings
 from manager.observe.fleet_metrics import FleetMetrics
-from manager.status import UP_STATES, BotStatus, InstanceState
+from manager.status import BotStatus, InstanceState
+from manager.supervision.bot import Bot
 from manager.supervision.bot_process import BotProcess, HangCheck, Launch
 from manager.supervision.cgroups import CgroupLimiter, SlotCgroups
 from manager.supervision.group_grants import GroupGrants
@@ -47,31 +47,6 @@ log = structlog.get_logger("manager.supervision.supervisor")
 #: Slots the hang watch skips: already being restarted, or being stopped.
 _UNWATCHED = (InstanceState.HUNG, InstanceState.STOPPING)
 SpecFactory = Callable[[BotConfig, int], Launch]
-
-
-@dataclass
-class Bot:
-    """A configured bot and its slots."""
-
-    config: BotConfig
-    instances: list[Instance] = field(default_factory=list)
-    ledger: CrashLedger = field(default_factory=lambda: CrashLedger(3))
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    #: (instance, fencing token) of the replica that last took the lease.
-    active: tuple[int, int] | None = None
-
-    @property
-    def state(self) -> InstanceState:
-        """The bot's overall state: the worst of its instances'."""
-        states = {i.state for i in self.instances}
-        for state in (InstanceState.FAILED, InstanceState.HUNG, InstanceState.BACKOFF):
-            if state in states:
-                return state
-        if not states:
-            return InstanceState.STOPPED
-        if states <= UP_STATES:
-            return InstanceState.RUNNING
-        return min(states, key=list(InstanceState).index)
 
 
 class Supervisor:
