@@ -68,14 +68,7 @@ async def test_the_coordinator_moves_when_its_manager_dies_and_nothing_is_lost(
     assert moved
     await wait_until(lambda: _runs(second, "roamer"), 20, "b to take the unplaced bot")
     await second.pid("roamer")  # and start it
-    await wait_until(lambda: len(confirmed(second)) >= 600, 90, "the emitter to finish")
-    handled_key = keys.bot_state("collector", "handled")
-
-    async def all_handled() -> bool:
-        handled = set(await redis.smembers(handled_key))
-        return set(confirmed(second)) <= handled
-
-    await wait_until(all_handled, 60, "the collector to handle every confirmed event")
+    await _every_confirmed_event_handled(second, redis, keys)
     failovers = [
         e
         for e in await events(redis, keys, "multibot.failover")
@@ -84,6 +77,21 @@ async def test_the_coordinator_moves_when_its_manager_dies_and_nothing_is_lost(
     assert [(e.data["old_instance"], e.data["new_instance"]) for e in failovers] == [("a", "b")]
     seen = await deployment(second)
     assert {h["host"]: h["live"] for h in seen["hosts"]}["b"] is True
+
+
+async def _every_confirmed_event_handled(
+    emitting: ManagerProcess, redis: Redis, keys: Keys
+) -> None:
+    """Wait for the emitter to finish, then for the collector to have handled every event
+    whose publish returned."""
+    await wait_until(lambda: len(confirmed(emitting)) >= 600, 90, "the emitter to finish")
+    handled_key = keys.bot_state("collector", "handled")
+
+    async def all_handled() -> bool:
+        handled = set(await redis.smembers(handled_key))
+        return set(confirmed(emitting)) <= handled
+
+    await wait_until(all_handled, 60, "the collector to handle every confirmed event")
 
 
 async def _wait_coordinator(manager: ManagerProcess, host: str) -> bool:
@@ -179,11 +187,4 @@ async def test_a_bots_replicas_spread_over_the_managers_and_move_when_one_dies(
         return await replicas() == {"b": [0, 1]}
 
     await wait_until(moved, 30, "b to run both replicas")
-    await wait_until(lambda: len(confirmed(second)) >= 600, 90, "the emitter to finish")
-    handled_key = keys.bot_state("collector", "handled")
-
-    async def all_handled() -> bool:
-        handled = set(await redis.smembers(handled_key))
-        return set(confirmed(second)) <= handled
-
-    await wait_until(all_handled, 60, "the collector to handle every confirmed event")
+    await _every_confirmed_event_handled(second, redis, keys)
