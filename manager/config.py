@@ -28,6 +28,7 @@ from manager.config_sections import (
     ApiSettings,
     ApiToken,
     ArchiveSettings,
+    AuditSettings,
     BusOptions,
     CoordinatorSettings,
     MemorySettings,
@@ -103,6 +104,7 @@ class ManagerSettings(BaseSettings):
     supervisor: SupervisorSettings = SupervisorSettings()
     coordinator: CoordinatorSettings = CoordinatorSettings()
     archive: ArchiveSettings = ArchiveSettings()
+    audit: AuditSettings = AuditSettings()
     api: ApiSettings = ApiSettings()
     redis_tls: RedisTlsSettings = RedisTlsSettings()
     bots: list[BotConfig] = Field(default_factory=list)

@@ -182,6 +182,14 @@ class ArchiveSettings(ConfigModel):
     )
 
 
+class AuditSettings(ConfigModel):
+    """The record of operator actions (``multibot audit``)."""
+
+    retention_days: int = Field(
+        365, ge=1, description="days operator actions are kept in PostgreSQL (audit_log)"
+    )
+
+
 Scope = Literal["publish", "read", "admin"]
 _TOKEN_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 

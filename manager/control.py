@@ -14,16 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
 from manager.control_client import ControlError, call, control_path
-from manager.control_peer import PeerCheck
+from manager.control_peer import Peer, PeerCheck
 from manager.errors import ManagerError
+
+if TYPE_CHECKING:  # the CLI imports this module; the archive's stays unloaded
+    from bus.archive.audit_log import Outcome
+
+    #: Told of each write command: the peer, the command, the request, its outcome and
+    #: error.
+    AuditHook = Callable[
+        [Peer | None, str, Mapping[str, Any], Outcome, str | None], Awaitable[None]
+    ]
 
 log = structlog.get_logger("manager.control")
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
@@ -50,9 +59,15 @@ class ControlServer:
         handlers: Mapping[str, Handler],
         *,
         is_bot: Callable[[int], bool] = lambda pid: False,
+        writes: Collection[str] = (),
+        audit: AuditHook | None = None,
     ) -> None:
+        """``writes``: the commands that change something, each told to ``audit`` with
+        the peer that sent it and how it ended."""
         self.path = path
         self._handlers = dict(handlers)
+        self._writes = frozenset(writes)
+        self._audit = audit
         self._peers = PeerCheck(is_bot)
         self._server: asyncio.Server | None = None
 
@@ -85,9 +100,9 @@ class ControlServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            refusal = self._refusal(writer)
+            peer, refusal = self._refusal(writer)
             if refusal is None:
-                answer = await self._answer(await reader.readline())
+                answer = await self._answer(await reader.readline(), peer)
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(reader.readline(), REFUSED_READ_TIMEOUT)
@@ -101,8 +116,8 @@ class ControlServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _refusal(self, writer: asyncio.StreamWriter) -> str | None:
-        """Why the peer on ``writer`` must not be answered (logged), or None to answer it."""
+    def _refusal(self, writer: asyncio.StreamWriter) -> tuple[Peer | None, str | None]:
+        """The peer on ``writer``, and why it must not be answered (logged), or None."""
         peer, refusal = self._peers.refusal(writer.get_extra_info("socket"))
         if refusal is not None:
             log.warning(
@@ -111,9 +126,9 @@ class ControlServer:
                 peer_uid=peer.uid if peer else None,
                 reason=refusal,
             )
-        return refusal
+        return peer, refusal
 
-    async def _answer(self, line: bytes) -> dict[str, Any]:
+    async def _answer(self, line: bytes, peer: Peer | None = None) -> dict[str, Any]:
         try:
             request = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -128,12 +143,16 @@ class ControlServer:
             known = ", ".join(sorted(self._handlers))
             return {"ok": False, "error": f"unknown command {command!r}; known: {known}"}
         try:
-            return {"ok": True, "result": await handler(request)}
+            answer = {"ok": True, "result": await handler(request)}
+            outcome: Outcome = "ok"
         except CommandError as exc:
-            return {"ok": False, "error": str(exc)}
+            answer, outcome = {"ok": False, "error": str(exc)}, "refused"
         except Exception as exc:
             log.exception("control command failed", command=command)
-            return {"ok": False, "error": f"{command} failed: {exc}"}
+            answer, outcome = {"ok": False, "error": f"{command} failed: {exc}"}, "failed"
+        if command in self._writes and self._audit is not None:
+            await self._audit(peer, command, request, outcome, answer.get("error"))
+        return answer
 
 
 __all__ = ["CommandError", "ControlError", "ControlServer", "call", "control_path"]

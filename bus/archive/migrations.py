@@ -113,11 +113,29 @@ CREATE TABLE group_positions (
 );
 """
 
+_V4 = """
+-- Operator actions (bus.archive.audit_log): who (token:<name> or user:<name>), through
+-- what (api, socket, cli), what and on what, and how it ended. Deleted by retention.
+CREATE TABLE audit_log (
+    id      uuid        PRIMARY KEY,
+    at      timestamptz NOT NULL,
+    actor   text        NOT NULL,
+    channel text        NOT NULL,
+    action  text        NOT NULL,
+    target  text,
+    detail  jsonb       NOT NULL DEFAULT '{}',
+    outcome text        NOT NULL,
+    error   text
+);
+CREATE INDEX audit_log_at ON audit_log (at, id);
+"""
+
 #: Every migration, in version order. Append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "events by day, dead letters, subscriptions, archive state", _V1),
     Migration(2, "dead letters keep the raw bytes of entries that were not UTF-8", _V2),
     Migration(3, "each consumer group's acked position per stream", _V3),
+    Migration(4, "operator actions", _V4),
 )
 #: The newest schema version this code knows.
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -19,6 +19,7 @@ import asyncpg  # type: ignore[import-untyped]  # ships no type hints
 import structlog
 
 from bus.archive import partitions
+from bus.archive.audit_log import AuditLog
 from bus.archive.errors import ArchiveDataError, describe_dsn, unavailable_on_failure
 from bus.archive.group_positions import GroupPositions
 from bus.archive.inserts import stream_heads, write_dead_letters, write_events
@@ -226,6 +227,11 @@ class ArchiveStore:
         async with self._connection() as conn:
             rows = await conn.fetch(_POSITIONS)
         return {self._keys.stream(row["stream"]): str(row["last_entry_id"]) for row in rows}
+
+    @property
+    def audit(self) -> AuditLog:
+        """Operator actions (see bus.archive.audit_log)."""
+        return AuditLog(self.connection)
 
     @property
     def group_positions(self) -> GroupPositions:

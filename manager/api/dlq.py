@@ -9,6 +9,7 @@ from pydantic import AfterValidator
 
 from bus.entry_id import EntryId
 from bus.errors import DeadLetterNotFoundError, DeadLetterRetryError
+from manager.api.audited import audited
 from manager.api.context import view_of
 from manager.api.errors import ERRORS
 from manager.api.models import DeadLetterOut, DeadLetterPage, Deleted, Retried
@@ -56,13 +57,15 @@ async def list_dead_letters(
     responses=ERRORS,
     summary="Re-deliver a dead letter to the group that failed it",
 )
-async def retry(request: Request, _: Admin, dlq_id: DlqId) -> Retried:
-    try:
-        entry_id = await view_of(request).bus.dlq.retry(dlq_id)
-    except DeadLetterNotFoundError as exc:
-        raise HTTPException(404, str(exc.args[0])) from None
-    except DeadLetterRetryError as exc:
-        raise HTTPException(409, str(exc)) from None
+async def retry(request: Request, caller: Admin, dlq_id: DlqId) -> Retried:
+    async with audited(request, caller, "dlq.retry", dlq_id) as detail:
+        try:
+            entry_id = await view_of(request).bus.dlq.retry(dlq_id)
+        except DeadLetterNotFoundError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        except DeadLetterRetryError as exc:
+            raise HTTPException(409, str(exc)) from None
+        detail["entry_id"] = entry_id
     return Retried(id=dlq_id, entry_id=entry_id)
 
 
@@ -72,8 +75,9 @@ async def retry(request: Request, _: Admin, dlq_id: DlqId) -> Retried:
     responses=ERRORS,
     summary="Delete a dead letter for good",
 )
-async def delete(request: Request, _: Admin, dlq_id: DlqId) -> Deleted:
-    deleted = await view_of(request).bus.dlq.purge([dlq_id])
-    if not deleted:
-        raise HTTPException(404, f"dead letter {dlq_id} not found: it was retried or deleted")
+async def delete(request: Request, caller: Admin, dlq_id: DlqId) -> Deleted:
+    async with audited(request, caller, "dlq.delete", dlq_id):
+        deleted = await view_of(request).bus.dlq.purge([dlq_id])
+        if not deleted:
+            raise HTTPException(404, f"dead letter {dlq_id} not found: it was retried or deleted")
     return Deleted(deleted=deleted)

@@ -13,6 +13,7 @@ from bus import Event
 from bus.archive import ArchiveStore
 from bus.errors import EventValidationError
 from bus.keys import Keys
+from manager.api.audited import audited
 from manager.api.auth import Caller
 from manager.api.context import view_of
 from manager.api.errors import ERRORS
@@ -47,6 +48,10 @@ _BODY = {
 }
 
 
+#: Event ids an audit record of a publish lists (a batch's first ones; the count says all).
+_AUDITED_IDS = 100
+
+
 @router.post(
     "/v1/events",
     status_code=202,
@@ -58,6 +63,14 @@ _BODY = {
 async def publish(request: Request, caller: Publisher) -> Response:
     """Validated as the library validates; a batch is published only if every item is
     valid, else the 422 lists each bad item by its index."""
+    async with audited(request, caller, "events.publish") as detail:
+        ids = await _publish(request, caller)
+        detail.update(count=len(ids), ids=ids[:_AUDITED_IDS])
+    # A Published, written directly: FastAPI's validation of its own answer costs more.
+    return Response(orjson.dumps({"ids": ids}), 202, media_type="application/json")
+
+
+async def _publish(request: Request, caller: Caller) -> list[str]:
     try:
         body = orjson.loads(await request.body())
     except orjson.JSONDecodeError as exc:
@@ -97,9 +110,7 @@ async def publish(request: Request, caller: Publisher) -> Response:
                 "detail": problems,
             },
         )
-    ids = await bus.publish_many(drafts)
-    # A Published, written directly: FastAPI's validation of its own answer costs more.
-    return Response(orjson.dumps({"ids": ids}), 202, media_type="application/json")
+    return await bus.publish_many(drafts)
 
 
 def _draft(build: Any, item: Any, caller: Caller) -> Event:
@@ -116,7 +127,8 @@ def _draft(build: Any, item: Any, caller: Caller) -> Event:
     return draft
 
 
-async def _archive(request: Request) -> ArchiveStore:
+async def archive_of(request: Request) -> ArchiveStore:
+    """The manager's archive store; 503 when it keeps none."""
     store = await view_of(request).archive()
     if store is None:
         raise HTTPException(
@@ -129,7 +141,7 @@ def _out(event: Event, keys: Keys) -> EventOut:
     return EventOut.of(event, keys.stream_name(event.stream) if event.stream else None)
 
 
-def _moment(value: str | None, name: str) -> datetime | None:
+def moment_param(value: str | None, name: str) -> datetime | None:
     """A ``since``/``until``: a time (naive is UTC) or a duration back from now; 422
     saying the accepted forms and ranges otherwise."""
     if value is None:
@@ -146,7 +158,7 @@ def _moment(value: str | None, name: str) -> datetime | None:
         ) from None
 
 
-def _check_id(value: str, name: str) -> None:
+def check_text(value: str, name: str) -> None:
     """422 for an id PostgreSQL cannot hold as text (it would refuse the query)."""
     if "\x00" in value:
         raise HTTPException(
@@ -186,13 +198,13 @@ async def query(
             ) from None
         if not isinstance(conditions, dict):
             raise HTTPException(422, "where must be a JSON object of conditions")
-    store = await _archive(request)
+    store = await archive_of(request)
     try:
         events, next_cursor = await store.query(
             types=type,
             source=source,
-            since=_moment(since, "since"),
-            until=_moment(until, "until"),
+            since=moment_param(since, "since"),
+            until=moment_param(until, "until"),
             where=conditions,
             after=cursor,
             limit=limit,
@@ -207,8 +219,8 @@ async def query(
     "/v1/events/{event_id}", response_model=EventOut, responses=ERRORS, summary="One archived event"
 )
 async def get_event(request: Request, _: Reader, event_id: str) -> EventOut:
-    _check_id(event_id, "the event id")
-    store = await _archive(request)
+    check_text(event_id, "the event id")
+    store = await archive_of(request)
     event = await store.get(event_id)
     if event is None:
         raise HTTPException(
@@ -228,8 +240,8 @@ async def get_event(request: Request, _: Reader, event_id: str) -> EventOut:
 async def trace(request: Request, _: Reader, correlation_id: str) -> Trace:
     """Every event of the chain once, depth-first, each with ``parent_id`` and ``depth``:
     flat, so a chain of any depth is answered."""
-    _check_id(correlation_id, "the correlation id")
-    store = await _archive(request)
+    check_text(correlation_id, "the correlation id")
+    store = await archive_of(request)
     chain = await store.trace(correlation_id)
     if not chain:
         raise HTTPException(404, f"no archived event has correlation id {correlation_id!r}")

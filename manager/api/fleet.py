@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from redis.exceptions import ResponseError
 
+from manager.api.audited import audited
 from manager.api.context import ManagerView, view_of
 from manager.api.errors import ERRORS
 from manager.api.models import ConsumerOut, GroupOut, Restarted, StreamOut
@@ -117,6 +118,7 @@ async def bots(request: Request, _: Reader) -> list[BotStatus]:
     responses=ERRORS,
     summary="Restart every instance of a bot (a failed one too)",
 )
-async def restart(request: Request, _: Admin, bot_id: str) -> Restarted:
-    await view_of(request).restart_bot(bot_id)
+async def restart(request: Request, caller: Admin, bot_id: str) -> Restarted:
+    async with audited(request, caller, "restart", bot_id):
+        await view_of(request).restart_bot(bot_id)
     return Restarted(bot=bot_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -199,3 +199,24 @@ class Readiness(BaseModel):
     ready: bool
     problems: list[str]
     checks: dict[str, str]
+
+
+class AuditEntryOut(BaseModel):
+    """One operator action."""
+
+    id: str
+    at: datetime
+    actor: str = Field(description="token:<name> (API) or user:<OS user> (socket, CLI)")
+    channel: str = Field(description="api, socket or cli")
+    action: str = Field(description="events.publish, restart, dlq.retry, reload, stop, ...")
+    target: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+    outcome: Literal["ok", "refused", "failed"]
+    error: str | None = None
+
+
+class AuditPage(BaseModel):
+    """A page of operator actions, oldest first."""
+
+    actions: list[AuditEntryOut]
+    next_after: str | None = Field(None, description="pass as after= for the next page")

@@ -2,7 +2,8 @@
 
 At start and then every hour: the partitions of today and ``partitions_ahead`` days are
 created (the archiver also creates a missing day on demand), and every partition of a day
-older than ``retention_days`` is dropped in one statement each, never row by row.
+older than ``retention_days`` is dropped in one statement each, never row by row. The
+operator actions older than ``audit.retention_days`` are deleted (few rows: no partitions).
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ def cutoff_day(today: date, retention_days: int) -> date:
     return today - timedelta(days=retention_days)
 
 
-async def maintain(store: ArchiveStore, settings: ArchiveSettings, today: date) -> list[str]:
+async def maintain(
+    store: ArchiveStore, settings: ArchiveSettings, today: date, audit_days: int | None = None
+) -> list[str]:
     """One round; the partitions dropped."""
+    if audit_days is not None:
+        cutoff = datetime.combine(cutoff_day(today, audit_days), datetime.min.time(), UTC)
+        if deleted := await store.audit.delete_before(cutoff):
+            log.info("old operator actions deleted", rows=deleted, retention_days=audit_days)
     await store.create_partitions_ahead(today, settings.partitions_ahead)
     dropped = await store.drop_partitions_before(cutoff_day(today, settings.retention_days))
     if dropped:
@@ -39,13 +46,15 @@ async def maintain(store: ArchiveStore, settings: ArchiveSettings, today: date) 
 
 
 async def run_retention(
-    store: Callable[[], Awaitable[ArchiveStore]], settings: ArchiveSettings
+    store: Callable[[], Awaitable[ArchiveStore]],
+    settings: ArchiveSettings,
+    audit_days: int | None = None,
 ) -> None:
-    """Maintain the partitions every hour until cancelled; a failed round is tried again
-    after a minute."""
+    """Maintain the partitions (and the audit log's age, with ``audit_days``) every hour
+    until cancelled; a failed round is tried again after a minute."""
 
     async def step() -> None:
-        await maintain(await store(), settings, datetime.now(UTC).date())
+        await maintain(await store(), settings, datetime.now(UTC).date(), audit_days)
 
     await every(
         INTERVAL,

@@ -28,6 +28,8 @@ COMMANDS = {
     "events": ("manager.cli.events:events", "Publish events on the bus and watch them go by."),
     "dlq": ("manager.cli.dlq:dlq", "List, show, retry and purge dead letters (events no handler "
             "could take)."),
+    "audit": ("manager.cli.audit:audit", "Operator actions (API, control socket, CLI): who did "
+              "what, when, and how it ended."),
     "demo": ("manager.cli.demo:demo", "Run the example bots and print every event on the bus as it "
              "happens."),
     "bench": ("manager.bench.command:bench", "Benchmark the event bus: throughput, end-to-end "

@@ -29,7 +29,7 @@ from manager.control_client import ControlError, call, control_path
 from manager.times import TimeRangeError, duration_ago, utc_moment
 
 
-def _moment(value: str | None, hint: str) -> datetime | None:
+def moment(value: str | None, hint: str) -> datetime | None:
     """A time from ``--since``/``--until``: ISO 8601 (UTC without an offset) or 30m/2h/7d ago."""
     if value is None:
         return None
@@ -48,7 +48,7 @@ def _moment(value: str | None, hint: str) -> datetime | None:
         ) from None
 
 
-def _dsn(given: str | None) -> str:
+def archive_dsn(given: str | None) -> str:
     """``--postgres-dsn``, else the running manager's (asked through its control socket)."""
     if given:
         return given
@@ -66,7 +66,7 @@ def _dsn(given: str | None) -> str:
     return dsn
 
 
-def _dsn_option(fn: Any) -> Any:
+def dsn_option(fn: Any) -> Any:
     return click.option(
         "--postgres-dsn",
         envvar="MULTIBOT_POSTGRES_DSN",
@@ -97,7 +97,7 @@ async def _query(dsn: str, limit: int, after: str | None, **filters: Any) -> Any
 @click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
 @click.option("--after", metavar="CURSOR", help="Continue after the page that printed CURSOR.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per event.")
-@_dsn_option
+@dsn_option
 def query(
     *,
     types: Sequence[str],
@@ -122,12 +122,12 @@ def query(
     filters = {
         "types": list(types),
         "source": source,
-        "since": _moment(since, "'--since'"),
-        "until": _moment(until, "'--until'"),
+        "since": moment(since, "'--since'"),
+        "until": moment(until, "'--until'"),
         "where": conditions,
     }
     try:
-        found, cursor = uvloop.run(_query(_dsn(postgres_dsn), limit, after, **filters))
+        found, cursor = uvloop.run(_query(archive_dsn(postgres_dsn), limit, after, **filters))
     except ArchiveError as exc:
         raise click.ClickException(str(exc)) from None
     for event in found:
@@ -160,7 +160,7 @@ def _branch(depth: int) -> str:
     is_flag=True,
     help="One JSON line per event, depth-first, with parent_id and depth.",
 )
-@_dsn_option
+@dsn_option
 def trace(correlation_id: str, as_json: bool, postgres_dsn: str | None) -> None:
     """A correlation chain from the archive, as a tree by causation.
 
@@ -170,7 +170,7 @@ def trace(correlation_id: str, as_json: bool, postgres_dsn: str | None) -> None:
     ``depth``, in the same order: no nesting, so any depth prints.
     """
     try:
-        chain = uvloop.run(_trace(_dsn(postgres_dsn), correlation_id))
+        chain = uvloop.run(_trace(archive_dsn(postgres_dsn), correlation_id))
     except ArchiveError as exc:
         raise click.ClickException(str(exc)) from None
     if not chain:

@@ -199,8 +199,8 @@ async def _retry(
     async with open_redis(settings) as redis:
         dead = _dead_letters(redis, settings)
         if ids is None:
-            return await _retry_all(dead, redis, reason, group, refused), missing, refused
-        for dlq_id in ids:
+            done = await _retry_all(dead, redis, reason, group, refused)
+        for dlq_id in ids or ():
             try:
                 letter = await dead.get(dlq_id)
                 done.append((dlq_id, letter.stream, await dead.retry(dlq_id)))
@@ -208,6 +208,10 @@ async def _retry(
                 missing.append(dlq_id)
             except DeadLetterRetryError as exc:
                 refused.append(str(exc))
+        await _audit(
+            redis, settings, "dlq.retry", ids, [d for d, _, _ in done], missing=missing,
+            refused=refused, reason=reason, group=group,
+        )  # fmt: skip
     return done, missing, refused
 
 
@@ -275,11 +279,41 @@ async def _purge(settings: BusSettings, ids: Sequence[str] | None) -> tuple[int,
     async with open_redis(settings) as redis:
         dead = _dead_letters(redis, settings)
         if ids is None:
-            return await dead.purge(), []
+            purged = await dead.purge()
+            await _audit(redis, settings, "dlq.purge", None, [], count=purged)
+            return purged, []
         async with redis.pipeline(transaction=False) as pipe:
             for dlq_id in ids:
                 pipe.xrange(dead.key, dlq_id, dlq_id, count=1)
             found: list[Any] = await pipe.execute()
         present = [dlq_id for dlq_id, rows in zip(ids, found, strict=True) if rows]
         missing = [dlq_id for dlq_id, rows in zip(ids, found, strict=True) if not rows]
-        return await dead.purge(present), missing
+        purged = await dead.purge(present)
+        await _audit(redis, settings, "dlq.purge", ids, present, missing=missing, count=purged)
+        return purged, missing
+
+
+async def _audit(
+    redis: Redis,
+    settings: BusSettings,
+    action: str,
+    ids: Sequence[str] | None,
+    done: Sequence[str],
+    *,
+    missing: Sequence[str] = (),
+    refused: Sequence[str] = (),
+    **more: Any,
+) -> None:
+    """Record the operator's action in the audit log, as the OS user running the CLI."""
+    from manager.audit import os_actor, record  # noqa: PLC0415 - only the writes need it
+
+    problems = [*(f"{m}: not found" for m in missing), *refused]
+    detail = {"done": list(done[:100]), "count": len(done), **more}
+    if problems:
+        detail["problems"] = problems[:100]
+    await record(
+        redis, Keys(settings.namespace), actor=os_actor(), channel="cli", action=action,
+        target="all" if ids is None else ",".join(ids[:20]), detail=detail,
+        outcome="refused" if problems and not done else "ok",
+        error="; ".join(problems[:5]) or None,
+    )  # fmt: skip

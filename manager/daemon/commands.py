@@ -20,13 +20,17 @@ import structlog
 from redis.exceptions import RedisError
 
 from bus import BusClient, EventType
+from bus.archive.audit_log import Outcome
 from bus.connection import redact
+from bus.keys import Keys
 from bus.outbox import outbox_backlog
 from manager import __version__
 from manager.api.server import ApiServer
 from manager.archive.archiver import Archiver
+from manager.audit import os_actor, record
 from manager.config import ConfigError
 from manager.control import CommandError, Handler
+from manager.control_peer import Peer
 from manager.daemon.hosts import HostRegistry
 from manager.daemon.isolation import OsUserError
 from manager.daemon.leadership import Leadership
@@ -94,6 +98,31 @@ class Commands:
     def __repr__(self) -> str:
         started = "running" if self.running else "starting"
         return f"<Commands {started} maintenance={self.maintenance}>"
+
+    #: The control commands that change something: each is recorded in the audit log.
+    WRITES = ("stop", "restart", "maintenance", "reload")
+
+    async def audit_socket(
+        self,
+        peer: Peer | None,
+        command: str,
+        request: Mapping[str, Any],
+        outcome: Outcome,
+        error: str | None,
+    ) -> None:
+        """Record a write command of the control socket: its peer's OS user, and what."""
+        detail = {k: v for k, v in request.items() if k != "command"}
+        if peer is not None:
+            detail["pid"] = peer.pid
+        actor = os_actor(peer.uid) if peer is not None else "user:unknown"
+        target = str(request["bot"]) if command == "restart" and "bot" in request else None
+        fields: dict[str, Any] = {"actor": actor, "channel": "socket", "action": command,
+                                  "target": target, "detail": detail, "outcome": outcome,
+                                  "error": error}  # fmt: skip
+        if self.running is None:  # before Redis is up: the log is all there is
+            log.warning("audit record before Redis is up: it is only in this log", **fields)
+            return
+        await record(self.running.bus.redis, Keys(self._namespace), **fields)
 
     def handlers(self) -> dict[str, Handler]:
         """The control server's handlers, by command name."""

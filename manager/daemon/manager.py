@@ -152,8 +152,9 @@ class Manager:
         data_dir = self.settings.data_dir
         users = self._isolate()
         control = ControlServer(
-            control_path(data_dir), self._commands.handlers(), is_bot=self._is_bot
-        )
+            control_path(data_dir), self._commands.handlers(), is_bot=self._is_bot,
+            writes=Commands.WRITES, audit=self._commands.audit_socket,
+        )  # fmt: skip
         await control.start()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -94,8 +94,9 @@ def coordinator_duties(
             parts.trimmer.run(),
             positions,
             parts.pressure.run(),
-            run_retention(parts.archive.get, settings.archive),
+            run_retention(parts.archive.get, settings.archive, settings.audit.retention_days),
             parts.repair.watch_identity(),
+            parts.audit.run(),
         ]
         return [
             *([gate] if gate else []),

@@ -21,6 +21,7 @@ from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink
 from manager.archive.pressure import PressureWatch
 from manager.archive.trimmer import Trimmer
+from manager.audit import AuditCopier
 from manager.config import BotConfig, ManagerSettings
 from manager.daemon.isolation import BotUsers
 from manager.daemon.provision import Provisioner
@@ -58,6 +59,7 @@ class Parts:
     repair: RedisRepair
     relay: OutboxRelay
     fanout: Fanout
+    audit: AuditCopier
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         repair,
         relay,
         fanout,
+        AuditCopier(admin, keys, archive.get),
     )
 
 

@@ -192,12 +192,14 @@ async def check_bad_queries(client: httpx.AsyncClient, url: str, admin: str) -> 
 
 
 async def check_rate_limit(client: httpx.AsyncClient, url: str) -> None:
-    """The bursty token: 10 at once, then 5/s."""
-    codes = [
-        (await client.get(f"{url}/v1/bots", headers=bearer(BURSTY))).status_code for _ in range(14)
-    ]
-    assert codes[:10] == [200] * 10
-    assert 429 in codes[10:]
+    """The bursty token: 10 at once, then 5/s (14 sent at once, so a loaded machine's slow
+    answers cannot give the bucket time to refill)."""
+    answers = await asyncio.gather(
+        *(client.get(f"{url}/v1/bots", headers=bearer(BURSTY)) for _ in range(14))
+    )
+    codes = sorted(a.status_code for a in answers)
+    assert codes.count(200) >= 10
+    assert 429 in codes
     limited = await client.get(f"{url}/v1/bots", headers=bearer(BURSTY))
     if limited.status_code == 429:
         assert int(limited.headers["retry-after"]) >= 1

@@ -1,0 +1,195 @@
+"""Operator actions on their way to ``audit_log`` (see :mod:`bus.archive.audit_log`).
+
+Whoever takes an action (the API, the control socket, the CLI) appends one record to the
+stream ``<ns>:audit`` (admin only: no bot's Redis user reaches it) with :func:`record`;
+the coordinating manager's :class:`AuditCopier` moves the records into PostgreSQL in
+batches, acking and deleting each only after its commit. So PostgreSQL being away delays
+the log and loses nothing; a record Redis refuses (down, read-only, out of memory) goes to
+the manager's log at error level with every field, so the journal keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import pwd
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bus.archive.audit_log import AuditRecord, Outcome
+from bus.archive.errors import ArchiveDataError
+from bus.archive.store import ArchiveStore
+from bus.backoff import Backoff
+from bus.groups import ensure_group
+from bus.keys import Keys
+from bus.redis_errors import is_nogroup
+
+log = structlog.get_logger("manager.audit")
+
+#: The copier's group and consumer on the audit stream.
+AUDIT_GROUP = "audit-copier"
+_CONSUMER = "copier"
+#: Records the stream keeps at most (about): a PostgreSQL outage of many days of actions.
+MAX_WAITING = 100_000
+_BATCH = 500
+_FIELDS = ("id", "at", "actor", "channel", "action", "target", "detail", "outcome", "error")
+
+
+def audit_key(keys: Keys) -> str:
+    """The stream of records not yet copied into PostgreSQL."""
+    return f"{keys.namespace}:audit"
+
+
+def os_actor(uid: int | None = None) -> str:
+    """``user:<name>`` of ``uid`` (default: this process's user), ``user:<uid>`` unnamed."""
+    uid = os.getuid() if uid is None else uid
+    try:
+        return f"user:{pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"user:{getpass.getuser() if uid == os.getuid() else uid}"
+
+
+async def record(
+    redis: Redis,
+    keys: Keys,
+    *,
+    actor: str,
+    channel: str,
+    action: str,
+    target: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    outcome: Outcome = "ok",
+    error: str | None = None,
+) -> None:
+    """Append one action to the audit stream; never raises (see the module)."""
+    entry = AuditRecord(
+        at=datetime.now(UTC), actor=actor, channel=channel, action=action, target=target,
+        detail=dict(detail or {}), outcome=outcome, error=error,
+    )  # fmt: skip
+    fields: dict[Any, Any] = _encode(entry)
+    try:
+        await redis.xadd(audit_key(keys), fields, maxlen=MAX_WAITING, approximate=True)
+    except (RedisError, OSError) as exc:
+        log.error("audit record not kept in Redis: it is only in this log",
+                  error=str(exc), **entry.as_json())  # fmt: skip
+
+
+def _encode(entry: AuditRecord) -> dict[str, str]:
+    values = entry.as_json()
+    values["detail"] = orjson.dumps(entry.detail).decode()
+    return {k: "" if values[k] is None else str(values[k]) for k in _FIELDS}
+
+
+def decode(fields: Mapping[Any, Any]) -> AuditRecord:
+    """A record from its stream entry; ValueError (or KeyError) for one not ours."""
+    text = {
+        (k.decode() if isinstance(k, bytes) else str(k)): (
+            v.decode() if isinstance(v, bytes) else str(v)
+        )
+        for k, v in fields.items()
+    }
+    outcome = text["outcome"]
+    if outcome not in ("ok", "refused", "failed"):
+        raise ValueError(f"unknown outcome {outcome!r}")
+    if any("\x00" in v for v in text.values()) or "\\u0000" in text.get("detail", ""):
+        raise ValueError("a NUL character, which PostgreSQL text cannot hold")
+    detail = orjson.loads(text.get("detail") or "{}")
+    if not isinstance(detail, dict):
+        raise ValueError("detail is not an object")
+    return AuditRecord(
+        id=str(uuid.UUID(text["id"])),
+        at=datetime.fromisoformat(text["at"]),
+        actor=text["actor"],
+        channel=text["channel"],
+        action=text["action"],
+        target=text.get("target") or None,
+        detail=detail,
+        outcome=outcome,  # type: ignore[arg-type]  # checked above
+        error=text.get("error") or None,
+    )
+
+
+class AuditCopier:
+    """Moves the audit stream into ``audit_log``; :meth:`run` until cancelled."""
+
+    def __init__(
+        self, redis: Redis, keys: Keys, store: Callable[[], Awaitable[ArchiveStore]]
+    ) -> None:
+        self._redis = redis
+        self._key = audit_key(keys)
+        self._store = store
+        self._backoff = Backoff(0.2, 30.0)
+        #: Records stored, and entries dropped as not ours (hand-written, malformed).
+        self.copied = 0
+        self.dropped = 0
+
+    def __repr__(self) -> str:
+        return f"<AuditCopier {self._key} copied={self.copied}>"
+
+    async def run(self) -> None:
+        """Copy, first what a previous run read and did not ack, then new records."""
+        failures = 0
+        while True:
+            try:
+                await ensure_group(self._redis, self._key, AUDIT_GROUP, "0")
+                while await self.copy_once("0"):
+                    pass  # a previous run's pending records first
+                while True:
+                    await self.copy_once(">", block_ms=1000)
+                    failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if not (isinstance(exc, RedisError) and is_nogroup(exc)):
+                    log.warning("cannot copy the audit records; retrying",
+                                error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+                await asyncio.sleep(self._backoff.delay(failures))
+
+    async def copy_once(self, position: str, block_ms: int | None = None) -> int:
+        """Read a batch (``"0"``: this consumer's pending, ``">"``: new), store it, ack and
+        delete it; how many entries it held."""
+        reply: Any = await self._redis.xreadgroup(
+            AUDIT_GROUP, _CONSUMER, {self._key: position}, count=_BATCH, block=block_ms
+        )
+        rows = [row for _, entries in (reply or []) for row in entries]
+        if not rows:
+            return 0
+        records, ids = [], []
+        for entry_id, fields in rows:
+            ids.append(entry_id)
+            try:
+                records.append(decode(fields or {}))
+            except (ValueError, KeyError, TypeError) as exc:
+                self.dropped += 1
+                log.error("audit stream entry is not a record: dropped", entry_id=entry_id,
+                          error=str(exc))  # fmt: skip
+        if records:  # PostgreSQL away: raises, and the batch stays pending for the retry
+            await self._insert(await self._store(), records)
+        await self._redis.xack(self._key, AUDIT_GROUP, *ids)
+        await self._redis.xdel(self._key, *ids)
+        return len(rows)
+
+    async def _insert(self, store: ArchiveStore, records: list[AuditRecord]) -> None:
+        """All at once; if PostgreSQL refuses the data, one by one, logging (in full) and
+        dropping only what it refuses, so one bad record cannot hold the log up."""
+        try:
+            self.copied += await store.audit.insert(records)
+            return
+        except ArchiveDataError:
+            pass
+        for one in records:
+            try:
+                self.copied += await store.audit.insert([one])
+            except ArchiveDataError as exc:
+                self.dropped += 1
+                log.error("PostgreSQL refused an audit record: it is only in this log",
+                          error=str(exc), **one.as_json())  # fmt: skip

@@ -1,0 +1,122 @@
+"""Operator actions on their way to ``audit_log``: through Redis, into PostgreSQL, none
+lost to a PostgreSQL outage or held up by a hostile entry; listed, filtered, paged, aged."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from bus.archive import ArchiveStore
+from manager.archive.link import ArchiveLink
+from manager.audit import AUDIT_GROUP, AuditCopier, audit_key, record
+from manager.embedded.postgres_server import PostgresServer
+from tests.manager.archive.archive_support import KEYS
+from tests.support import in_background, wait_until
+
+pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def stored(dsn: str) -> int:
+    """Rows in audit_log, on a connection of its own (PostgreSQL may have restarted)."""
+    async with await ArchiveStore.connect(dsn) as store:
+        return len(await store.audit.list(EPOCH, limit=1000))
+
+
+async def test_records_reach_the_log_with_every_field_filtered_and_paged(
+    admin: Redis, archive: ArchiveStore, link: ArchiveLink, postgres_server: PostgresServer
+) -> None:
+    """Two actions recorded: each stored with who, through what, what, on what, details
+    and outcome, and gone from Redis; listed by actor, by action prefix, a page at a
+    time, and deleted by age."""
+    await record(admin, KEYS, actor="token:ops", channel="api", action="dlq.retry",
+                 target="5-0", detail={"entry_id": "9-0"})  # fmt: skip
+    await record(admin, KEYS, actor="user:root", channel="socket", action="reload",
+                 outcome="refused", error="the config has an unknown key")  # fmt: skip
+    async with in_background(AuditCopier(admin, KEYS, link.get).run()):
+        await wait_until(lambda: _count_is(postgres_server.dsn, 2), what="both copied")
+        await wait_until(lambda: _empty(admin), what="the stream emptied")
+    rows = await archive.audit.list(EPOCH)
+    assert [(r.actor, r.channel, r.action, r.target, r.outcome, r.error) for r in rows] == [
+        ("token:ops", "api", "dlq.retry", "5-0", "ok", None),
+        ("user:root", "socket", "reload", None, "refused", "the config has an unknown key"),
+    ]
+    assert rows[0].detail == {"entry_id": "9-0"}
+    assert rows[0].at <= rows[1].at <= datetime.now(UTC)
+    assert [r.action for r in await archive.audit.list(EPOCH, actor="user:root")] == ["reload"]
+    assert [r.action for r in await archive.audit.list(EPOCH, action="dlq")] == ["dlq.retry"]
+    first = await archive.audit.list(EPOCH, limit=1)
+    rest = await archive.audit.list(EPOCH, after=(first[0].at, first[0].id))
+    assert [r.id for r in first + rest] == [r.id for r in rows]
+    assert await archive.audit.list(datetime.now(UTC) + timedelta(seconds=1)) == []
+    assert await archive.audit.delete_before(datetime.now(UTC) + timedelta(seconds=1)) == 2
+
+
+async def test_hostile_entries_are_dropped_and_hold_nothing_up(
+    admin: Redis, archive: ArchiveStore, link: ArchiveLink, postgres_server: PostgresServer
+) -> None:
+    """Entries no recorder wrote (anyone with the admin login can XADD): not a record, an
+    id that is no uuid, a NUL that PostgreSQL text refuses, detail that is no object; each
+    is dropped with a log line, and the record behind them is stored."""
+    key = audit_key(KEYS)
+    good = {
+        "at": datetime.now(UTC).isoformat(), "actor": "user:x", "channel": "cli",
+        "action": "dlq.purge", "target": "", "detail": "{}", "outcome": "ok", "error": "",
+    }  # fmt: skip
+    hostile: list[dict[Any, Any]] = [
+        {"hello": "world"},
+        {**good, "id": "not-a-uuid"},
+        {**good, "id": "6f1d5d34-0f38-4b0e-9a43-52b6a2c1f1aa", "actor": "user:\x00root"},
+        {**good, "id": "0b5ad4b3-6c5e-4a4e-8d3a-2f0f5e8c9a10", "detail": "[1, 2]"},
+        {**good, "id": "3c9d7c1e-2b7a-4f0e-8f5e-1d2c3b4a5f60", "outcome": "maybe"},
+        {b"\xff\xfe": b"\x00\x01"},
+    ]
+    for fields in hostile:
+        await admin.xadd(key, fields)
+    await record(admin, KEYS, actor="user:ops", channel="cli", action="dlq.purge")
+    copier = AuditCopier(admin, KEYS, link.get)
+    async with in_background(copier.run()):
+        await wait_until(lambda: _count_is(postgres_server.dsn, 1), what="the good one stored")
+        await wait_until(lambda: _empty(admin), what="every entry acked and deleted")
+    assert copier.dropped == len(hostile)
+    assert [r.actor for r in await archive.audit.list(EPOCH)] == ["user:ops"]
+
+
+async def test_postgres_away_delays_the_records_and_loses_none(
+    admin: Redis, link: ArchiveLink, postgres_server: PostgresServer
+) -> None:
+    """PostgreSQL stops: the records stay in Redis (the batch read kept pending, retried
+    with backoff); once it is back every one is stored, once."""
+    copier = AuditCopier(admin, KEYS, link.get)
+    async with in_background(copier.run()):
+        await record(admin, KEYS, actor="user:ops", channel="socket", action="maintenance")
+        await wait_until(lambda: _count_is(postgres_server.dsn, 1), what="the first stored")
+        await postgres_server.stop()
+        for action in ("restart", "reload", "stop"):
+            await record(admin, KEYS, actor="user:ops", channel="socket", action=action)
+
+        async def held() -> bool:
+            summary: Any = await admin.xpending(audit_key(KEYS), AUDIT_GROUP)
+            return int(summary["pending"]) >= 1 and int(await admin.xlen(audit_key(KEYS))) == 3
+
+        await wait_until(held, what="a batch read and kept pending, all three in Redis")
+        await postgres_server.start()
+        await wait_until(lambda: _count_is(postgres_server.dsn, 4), 30, "all four stored")
+        await wait_until(lambda: _empty(admin), what="the stream emptied")
+    async with await ArchiveStore.connect(postgres_server.dsn) as store:
+        actions = [r.action for r in await store.audit.list(EPOCH)]
+    assert actions == ["maintenance", "restart", "reload", "stop"]
+
+
+async def _count_is(dsn: str, n: int) -> bool:
+    try:
+        return await stored(dsn) == n
+    except Exception:  # PostgreSQL still starting
+        return False
+
+
+async def _empty(admin: Redis) -> bool:
+    return int(await admin.xlen(audit_key(KEYS))) == 0
