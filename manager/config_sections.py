@@ -240,6 +240,10 @@ class ApiSettings(ConfigModel):
     max_body_bytes: ByteSize = Field(ByteSize(1024 * 1024), ge=1024)
     rate_limit: float = Field(200.0, gt=0, description="requests per second per token")
     rate_burst: int = Field(400, ge=1, description="requests a token may make at once")
+    history_window: float = Field(
+        900.0, gt=0, description="seconds of history the status page charts (kept in memory)"
+    )
+    history_interval: float = Field(5.0, gt=0, description="seconds between history samples")
 
     @field_validator("tokens")
     @classmethod

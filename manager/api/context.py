@@ -12,6 +12,7 @@ from manager.status import BotStatus
 
 if TYPE_CHECKING:
     from manager.api.models import ApiStatus, Health
+    from manager.observe.history import History
 
 
 class UnknownBotError(LookupError):
@@ -31,6 +32,10 @@ class ManagerView(Protocol):
 
     async def status(self) -> ApiStatus:
         """What ``multibot status --json`` prints, with the dead letters and throughput."""
+
+    @property
+    def history(self) -> History:
+        """The last quarter of an hour's samples, for the status page's charts."""
 
     def bots(self) -> list[BotStatus]:
         """Every bot and its instances (state, pid, restarts, RSS, heartbeat)."""

@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from manager.api.context import view_of
 from manager.api.errors import ERRORS
-from manager.api.models import ApiStatus, Health, Readiness
+from manager.api.models import ApiStatus, Health, HistoryOut, HistorySampleOut, Readiness
 from manager.api.security import Watcher
 
 router = APIRouter(tags=["health"])
@@ -58,6 +58,30 @@ async def metrics(request: Request, _: Watcher) -> Response:
 )
 async def status(request: Request, _: Watcher) -> ApiStatus:
     return await view_of(request).status()
+
+
+@router.get(
+    "/v1/status/history",
+    response_model=HistoryOut,
+    responses=ERRORS,
+    summary="The last quarter of an hour: throughput, dead letters, memory, lag per group",
+)
+async def history(request: Request, _: Watcher) -> HistoryOut:
+    kept = view_of(request).history
+    groups = kept.charted_groups()
+    return HistoryOut(
+        interval=kept.interval,
+        window=kept.window,
+        groups=groups,
+        samples=[
+            HistorySampleOut(
+                at=s.at, events_per_s=s.events_per_s, dead_letters=s.dead_letters,
+                memory_used=s.memory_used, memory_budget=s.memory_budget,
+                lag={g: s.lag[g] for g in groups if g in s.lag},
+            )
+            for s in kept.samples()
+        ],
+    )  # fmt: skip
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -220,3 +220,23 @@ class AuditPage(BaseModel):
 
     actions: list[AuditEntryOut]
     next_after: str | None = Field(None, description="pass as after= for the next page")
+
+
+class HistorySampleOut(BaseModel):
+    """The fleet at one moment of the history."""
+
+    at: float = Field(description="Unix time, seconds")
+    events_per_s: float | None
+    dead_letters: int | None
+    memory_used: int | None = Field(description="bytes: Redis, the manager and the bots")
+    memory_budget: int | None
+    lag: dict[str, int] = Field(description="stream/group: entries unread plus unacked")
+
+
+class HistoryOut(BaseModel):
+    """Samples of the last ``window`` seconds, oldest first, one each ``interval``."""
+
+    interval: float
+    window: float
+    groups: list[str] = Field(description="the groups charted: furthest behind first")
+    samples: list[HistorySampleOut]

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import structlog
 import uvicorn
@@ -37,6 +38,7 @@ class ApiServer:
         self._server: _InLoopServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
+        self._beside: list[asyncio.Task[None]] = []
 
     @property
     def url(self) -> str:
@@ -81,7 +83,15 @@ class ApiServer:
             await asyncio.sleep(0.01)
         log.info("HTTP API listening", url=self.url)
 
+    def run_beside(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` (the status history's sampling) while serving; cancelled at stop."""
+        self._beside.append(asyncio.get_running_loop().create_task(work))
+
     async def stop(self) -> None:
+        for task in self._beside:
+            task.cancel()
+        await asyncio.gather(*self._beside, return_exceptions=True)
+        self._beside = []
         if self._server is None or self._task is None:
             return
         self._server.should_exit = True

@@ -24,6 +24,7 @@ from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink
 from manager.config import ApiSettings
 from manager.errors import ManagerError
+from manager.observe.history import History
 from manager.observe.lag import stream_keys
 from manager.status import BotStatus, InstanceState, ManagerStatus
 from manager.supervision.coordinator import Coordinator
@@ -64,6 +65,8 @@ class DaemonView:
         #: Requests served, by (method, route template, status code).
         self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        #: The status page's charts (sampled while the API serves).
+        self.history = History()
 
     @property
     def bus(self) -> BusClient:
@@ -172,6 +175,8 @@ async def start_api(settings: ApiSettings, data_dir: Path, view: DaemonView) -> 
         raise ManagerError(str(exc)) from None
     server = ApiServer(create_app(view, settings, tokens), settings.host, settings.port)
     await server.start()
+    view.history = History(settings.history_window, settings.history_interval)
+    server.run_beside(view.history.run(view.status))
     log.info(
         "HTTP API tokens loaded",
         admin_token_file=str(data_dir / ADMIN_TOKEN_FILE),

@@ -68,7 +68,7 @@ class TestStatusPage:
         events are published; a message when the status needs a token; the last data and a
         'connection lost' banner once the manager stops; no JavaScript errors."""
         bots = bot_toml("steady", STEADY) + bot_toml("broken", CRASHER, restart=CRASH_LOOP)
-        manager = await manager_factory(bots)
+        manager = await manager_factory(bots, extra="[api]\nhistory_interval = 0.5\n")
         url, admin = await manager.api()
         errors: list[str] = []
 
@@ -90,6 +90,7 @@ class TestStatusPage:
 
                 await check_fleet(page)
                 await check_live(page, url, admin)
+                await check_history(page)
                 await screenshot(page)
                 await check_narrow(page)
                 assert errors == [], "\n".join(errors)
@@ -154,6 +155,29 @@ async def check_live(page: Page, url: str, admin: str) -> None:
         return archived >= before + 50 and rate > 0
 
     await wait_until(moved, 30, "the page to show the 50 events archived and a throughput")
+
+
+async def check_history(page: Page) -> None:
+    """The charts of the last minutes: every one drawn from several samples, the
+    throughput's rising off its floor for the events just published, the steady bot's
+    group among the lags."""
+
+    async def drawn() -> bool:
+        counts = [
+            int(await page.locator(f'[data-chart="{name}"] svg').get_attribute("data-points")
+                or 0)
+            for name in ("throughput", "dead-letters", "memory", "lag")
+        ]  # fmt: skip
+        return min(counts) >= 3
+
+    await wait_until(drawn, 30, "every chart drawn from three samples or more")
+    heights = await page.locator('[data-chart="throughput"] polyline').evaluate(
+        "line => line.getAttribute('points').split(' ').map(p => Number(p.split(',')[1]))"
+    )
+    assert min(heights) < 50, heights  # some sample above zero events/s (the floor is 58)
+    legend = page.locator('#lag-legend [data-legend="bot/bot-group-steady"]')
+    await expect(legend).to_have_count(1)
+    await expect(page.locator('[data-chart="memory"] .now')).to_have_text(re.compile(r"^\d+\.\d$"))
 
 
 async def number(page: Page, selector: str) -> float:
