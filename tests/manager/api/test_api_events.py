@@ -19,6 +19,7 @@ from manager.api.app import create_app
 from manager.api.auth import SCOPES, Caller, Tokens
 from manager.api.models import ApiStatus, Health
 from manager.config import ApiSettings
+from manager.observe.history import History
 from manager.status import BotStatus
 from tests.conftest import BusFactory
 from tests.manager.cli.test_cli_archive import _chain, deep_chain
@@ -43,6 +44,10 @@ class ArchiveView:
         return self._store
 
     async def status(self) -> ApiStatus:
+        raise AssertionError("not used by the archive routes")
+
+    @property
+    def history(self) -> History:
         raise AssertionError("not used by the archive routes")
 
     def bots(self) -> list[BotStatus]:
