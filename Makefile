@@ -34,7 +34,7 @@ lint: $(STAMP)
 TEST_WORKERS ?= 3
 
 test: lint
-	$(BIN)/pytest --numprocesses $(TEST_WORKERS)
+	$(BIN)/pytest --numprocesses $(TEST_WORKERS) --dist worksteal
 
 # Every dependency at its newest release that pyproject.toml allows; then run `make test`
 # and commit requirements.lock only if it passes. `make lock PACKAGE=redis` moves one only.

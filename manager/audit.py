@@ -28,6 +28,7 @@ from bus.archive.audit_log import AuditRecord, Outcome
 from bus.archive.errors import ArchiveDataError
 from bus.archive.store import ArchiveStore
 from bus.backoff import Backoff
+from bus.connection import raise_swallowed_cancel
 from bus.groups import ensure_group
 from bus.keys import Keys
 from bus.redis_errors import is_nogroup
@@ -138,11 +139,13 @@ class AuditCopier:
         """Copy, first what a previous run read and did not ack, then new records."""
         failures = 0
         while True:
+            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
             try:
                 await ensure_group(self._redis, self._key, AUDIT_GROUP, "0")
                 while await self.copy_once("0"):
-                    pass  # a previous run's pending records first
+                    raise_swallowed_cancel()  # a previous run's pending records first
                 while True:
+                    raise_swallowed_cancel()
                     await self.copy_once(">", block_ms=1000)
                     failures = 0
             except asyncio.CancelledError:

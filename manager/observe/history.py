@@ -18,6 +18,8 @@ from typing import Any
 
 import structlog
 
+from bus.connection import raise_swallowed_cancel
+
 log = structlog.get_logger("manager.observe.history")
 
 #: Groups charted at most (the ones furthest behind in the last sample).
@@ -77,6 +79,7 @@ class History:
     async def run(self, status: Callable[[], Awaitable[Any]]) -> None:
         """Sample every ``interval`` until cancelled (a failed look is skipped, logged)."""
         while True:
+            raise_swallowed_cancel()  # the status reads Redis: redis-py can drop a cancel
             started = time.monotonic()
             try:
                 self.add(await status())
