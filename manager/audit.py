@@ -83,6 +83,51 @@ async def record(
                   error=str(exc), **entry.as_json())  # fmt: skip
 
 
+class AuditBuffer:
+    """Records of the API's publishes, written together every ``interval`` seconds: one
+    stream entry per flush (``batch``: a JSON array of records) instead of one command
+    per request, which cost the publish path a third of its throughput. A manager killed
+    meanwhile loses at most ``interval`` of them; the events themselves carry ``source =
+    api:<token>`` into the archive."""
+
+    def __init__(self, redis: Redis, keys: Keys, interval: float = 0.2) -> None:
+        self._redis = redis
+        self._key = audit_key(keys)
+        self._interval = interval
+        self._waiting: list[dict[str, str]] = []
+
+    def __repr__(self) -> str:
+        return f"<AuditBuffer {len(self._waiting)} waiting>"
+
+    def add(self, **fields: Any) -> None:
+        """Queue one record (``record``'s keyword arguments but the client and keys)."""
+        detail = fields.pop("detail", None)
+        entry = AuditRecord(at=datetime.now(UTC), detail=dict(detail or {}), **fields)
+        self._waiting.append(_encode(entry))
+
+    async def run(self) -> None:
+        """Flush every ``interval`` until cancelled, then once more."""
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                await self.flush()
+        finally:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write what waits as one entry; never raises (see :func:`record`)."""
+        batch, self._waiting = self._waiting, []
+        if not batch:
+            return
+        fields: dict[Any, Any] = {"batch": orjson.dumps(batch)}
+        try:
+            await self._redis.xadd(self._key, fields, maxlen=MAX_WAITING, approximate=True)
+        except (RedisError, OSError) as exc:
+            for one in batch:
+                log.error("audit record not kept in Redis: it is only in this log",
+                          error=str(exc), **one)  # fmt: skip
+
+
 def _encode(entry: AuditRecord) -> dict[str, str]:
     values = entry.as_json()
     values["detail"] = orjson.dumps(entry.detail).decode()
@@ -116,6 +161,19 @@ def decode(fields: Mapping[Any, Any]) -> AuditRecord:
         outcome=outcome,  # type: ignore[arg-type]  # checked above
         error=text.get("error") or None,
     )
+
+
+def _items(fields: Mapping[Any, Any]) -> list[Any]:
+    """The records of one stream entry: itself, or those of its ``batch`` array (an
+    unreadable batch is one bad item, dropped as such)."""
+    batch = fields.get("batch", fields.get(b"batch"))
+    if batch is None:
+        return [fields]
+    try:
+        items = orjson.loads(batch)
+    except orjson.JSONDecodeError:
+        return [{}]
+    return items if isinstance(items, list) else [{}]
 
 
 class AuditCopier:
@@ -169,12 +227,13 @@ class AuditCopier:
         records, ids = [], []
         for entry_id, fields in rows:
             ids.append(entry_id)
-            try:
-                records.append(decode(fields or {}))
-            except (ValueError, KeyError, TypeError) as exc:
-                self.dropped += 1
-                log.error("audit stream entry is not a record: dropped", entry_id=entry_id,
-                          error=str(exc))  # fmt: skip
+            for item in _items(fields or {}):
+                try:
+                    records.append(decode(item))
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    self.dropped += 1
+                    log.error("audit stream entry is not a record: dropped",
+                              entry_id=entry_id, error=str(exc))  # fmt: skip
         if records:  # PostgreSQL away: raises, and the batch stays pending for the retry
             await self._insert(await self._store(), records)
         await self._redis.xack(self._key, AUDIT_GROUP, *ids)

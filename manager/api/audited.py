@@ -17,10 +17,16 @@ from manager.audit import record
 
 @contextlib.asynccontextmanager
 async def audited(
-    request: Request, caller: Caller, action: str, target: str | None = None
+    request: Request,
+    caller: Caller,
+    action: str,
+    target: str | None = None,
+    *,
+    buffered: bool = False,
 ) -> AsyncIterator[dict[str, Any]]:
     """Record ``action`` once the block ended: ``ok``, ``refused`` (an HTTP error the
-    block raised, with its text) or ``failed``; the block may fill the yielded details."""
+    block raised, with its text) or ``failed``; the block may fill the yielded details.
+    ``buffered`` (the publishes): written with others a moment later (see AuditBuffer)."""
     detail: dict[str, Any] = {}
     outcome: Outcome = "ok"
     error: str | None = None
@@ -33,11 +39,15 @@ async def audited(
         outcome, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        bus = view_of(request).bus
-        await record(
-            bus.redis, bus.keys, actor=f"token:{caller.name}", channel="api", action=action,
-            target=target, detail=detail, outcome=outcome, error=error,
-        )  # fmt: skip
+        view = view_of(request)
+        fields: dict[str, Any] = {
+            "actor": f"token:{caller.name}", "channel": "api", "action": action,
+            "target": target, "detail": detail, "outcome": outcome, "error": error,
+        }  # fmt: skip
+        if buffered:
+            view.audit_buffer.add(**fields)
+        else:
+            await record(view.bus.redis, view.bus.keys, **fields)
 
 
 def _text(detail: Any) -> str:

@@ -12,6 +12,7 @@ from manager.status import BotStatus
 
 if TYPE_CHECKING:
     from manager.api.models import ApiStatus, Health
+    from manager.audit import AuditBuffer
     from manager.observe.history import History
 
 
@@ -32,6 +33,10 @@ class ManagerView(Protocol):
 
     async def status(self) -> ApiStatus:
         """What ``multibot status --json`` prints, with the dead letters and throughput."""
+
+    @property
+    def audit_buffer(self) -> AuditBuffer:
+        """Where the publishes' audit records wait to be written together."""
 
     @property
     def history(self) -> History:

@@ -63,7 +63,7 @@ _AUDITED_IDS = 100
 async def publish(request: Request, caller: Publisher) -> Response:
     """Validated as the library validates; a batch is published only if every item is
     valid, else the 422 lists each bad item by its index."""
-    async with audited(request, caller, "events.publish") as detail:
+    async with audited(request, caller, "events.publish", buffered=True) as detail:
         ids = await _publish(request, caller)
         detail.update(count=len(ids), ids=ids[:_AUDITED_IDS])
     # A Published, written directly: FastAPI's validation of its own answer costs more.

@@ -22,6 +22,7 @@ from manager.api.models import ApiStatus, Health, Throughput
 from manager.api.server import ApiServer
 from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink
+from manager.audit import AuditBuffer
 from manager.config import ApiSettings
 from manager.errors import ManagerError
 from manager.observe.history import History
@@ -67,6 +68,8 @@ class DaemonView:
         self._samples: collections.deque[tuple[float, int]] = collections.deque()
         #: The status page's charts (sampled while the API serves).
         self.history = History()
+        #: The publishes' audit records, written every 0.2 s while the API serves.
+        self.audit_buffer = AuditBuffer(bus.redis, bus.keys)
 
     @property
     def bus(self) -> BusClient:
@@ -177,6 +180,7 @@ async def start_api(settings: ApiSettings, data_dir: Path, view: DaemonView) -> 
     await server.start()
     view.history = History(settings.history_window, settings.history_interval)
     server.run_beside(view.history.run(view.status))
+    server.run_beside(view.audit_buffer.run())
     log.info(
         "HTTP API tokens loaded",
         admin_token_file=str(data_dir / ADMIN_TOKEN_FILE),

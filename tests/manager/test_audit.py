@@ -6,12 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
 from bus.archive import ArchiveStore
 from manager.archive.link import ArchiveLink
-from manager.audit import AUDIT_GROUP, AuditCopier, audit_key, record
+from manager.audit import AUDIT_GROUP, AuditBuffer, AuditCopier, audit_key, record
 from manager.embedded.postgres_server import PostgresServer
 from tests.manager.archive.archive_support import KEYS
 from tests.support import in_background, wait_until
@@ -73,16 +74,40 @@ async def test_hostile_entries_are_dropped_and_hold_nothing_up(
         {**good, "id": "0b5ad4b3-6c5e-4a4e-8d3a-2f0f5e8c9a10", "detail": "[1, 2]"},
         {**good, "id": "3c9d7c1e-2b7a-4f0e-8f5e-1d2c3b4a5f60", "outcome": "maybe"},
         {b"\xff\xfe": b"\x00\x01"},
+        {"batch": "not json"},
+        {"batch": '{"not": "a list"}'},
     ]
     for fields in hostile:
         await admin.xadd(key, fields)
+    in_batch = {**good, "id": "9a0e6a53-1c7e-4c1f-9a57-0f3e1b2c4d5e"}
+    await admin.xadd(key, {"batch": orjson.dumps([1, {"x": 1}, in_batch])})  # two bad, one not
     await record(admin, KEYS, actor="user:ops", channel="cli", action="dlq.purge")
     copier = AuditCopier(admin, KEYS, link.get)
     async with in_background(copier.run()):
-        await wait_until(lambda: _count_is(postgres_server.dsn, 1), what="the good one stored")
+        await wait_until(lambda: _count_is(postgres_server.dsn, 2), what="the good ones stored")
         await wait_until(lambda: _empty(admin), what="every entry acked and deleted")
-    assert copier.dropped == len(hostile)
-    assert [r.actor for r in await archive.audit.list(EPOCH)] == ["user:ops"]
+    assert copier.dropped == len(hostile) + 2
+    assert [r.actor for r in await archive.audit.list(EPOCH)] == ["user:x", "user:ops"]
+
+
+async def test_buffered_records_are_written_together_and_flushed_at_the_end(
+    admin: Redis, archive: ArchiveStore, link: ArchiveLink, postgres_server: PostgresServer
+) -> None:
+    """The API's publishes: three records queued are one stream entry at the next flush,
+    and one queued as the buffer stops is flushed on the way out; all four stored."""
+    buffer = AuditBuffer(admin, KEYS, interval=0.05)
+    async with in_background(buffer.run()) as flushing:
+        for n in range(3):
+            buffer.add(actor="token:crm", channel="api", action="events.publish",
+                       detail={"count": n})  # fmt: skip
+        await wait_until(lambda: _length_is(admin, 1), what="one entry for the three")
+        buffer.add(actor="token:crm", channel="api", action="events.publish")
+        flushing.cancel()
+    assert await admin.xlen(audit_key(KEYS)) == 2
+    async with in_background(AuditCopier(admin, KEYS, link.get).run()):
+        await wait_until(lambda: _count_is(postgres_server.dsn, 4), what="all four stored")
+    rows = await archive.audit.list(EPOCH)
+    assert [r.detail.get("count") for r in rows] == [0, 1, 2, None]
 
 
 async def test_postgres_away_delays_the_records_and_loses_none(
@@ -116,6 +141,10 @@ async def _count_is(dsn: str, n: int) -> bool:
         return await stored(dsn) == n
     except Exception:  # PostgreSQL still starting
         return False
+
+
+async def _length_is(admin: Redis, n: int) -> bool:
+    return int(await admin.xlen(audit_key(KEYS))) == n
 
 
 async def _empty(admin: Redis) -> bool:

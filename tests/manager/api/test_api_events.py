@@ -18,6 +18,7 @@ from bus.archive import ArchiveStore
 from manager.api.app import create_app
 from manager.api.auth import SCOPES, Caller, Tokens
 from manager.api.models import ApiStatus, Health
+from manager.audit import AuditBuffer
 from manager.config import ApiSettings
 from manager.observe.history import History
 from manager.status import BotStatus
@@ -35,6 +36,7 @@ class ArchiveView:
     def __init__(self, bus: BusClient, store: ArchiveStore) -> None:
         self._bus = bus
         self._store = store
+        self._audit = AuditBuffer(bus.redis, bus.keys)
 
     @property
     def bus(self) -> BusClient:
@@ -49,6 +51,10 @@ class ArchiveView:
     @property
     def history(self) -> History:
         raise AssertionError("not used by the archive routes")
+
+    @property
+    def audit_buffer(self) -> AuditBuffer:
+        return self._audit
 
     def bots(self) -> list[BotStatus]:
         raise AssertionError("not used by the archive routes")
