@@ -72,6 +72,10 @@ class Leadership:
         self.holder: str | None = None
         #: When this manager last took the lease (monotonic), for status.
         self.since: float | None = None
+        #: The last holder seen (kept when the lease is found free): whether taking it is
+        #: a takeover. The lease can lapse between a failed try and the look at who holds
+        #: it; ``holder`` is then None, and the takeover must still be announced.
+        self._last_seen: str | None = None
 
     def __repr__(self) -> str:
         return f"<Leadership {self.host} leading={self.leading} holder={self.holder}>"
@@ -123,16 +127,17 @@ class Leadership:
                 log.warning("coordinator lease lost by Redis: taken again", host=self.host)
                 return
             await self._step_down("another manager holds the coordinator lease now")
-        before = self.holder
         if await self._lease.try_acquire():
-            self._lead(before)
+            self._lead(self._last_seen)
         else:
             value: Any = await self._redis.get(coordinator_lease_key(self._keys))
             found = parse_holder(value.decode() if isinstance(value, bytes) else value)
             self.holder = found[0] if found else None
+            self._last_seen = self.holder or self._last_seen
 
     def _lead(self, before: str | None) -> None:
         self.holder, self.since = self.host, time.monotonic()
+        self._last_seen = self.host
         took_over = before is not None and before != self.host
         self._duties = list(self._start(took_over))
         log.info("coordinating the deployment", host=self.host, token=self._lease.token)
