@@ -207,7 +207,7 @@ class AuditEntryOut(BaseModel):
     id: str
     at: datetime
     actor: str = Field(description="token:<name> (API) or user:<OS user> (socket, CLI)")
-    channel: str = Field(description="api, socket or cli")
+    channel: str = Field(description="api, socket, cli or signal")
     action: str = Field(description="events.publish, restart, dlq.retry, reload, stop, ...")
     target: str | None = None
     detail: dict[str, Any] = Field(default_factory=dict)

@@ -17,6 +17,8 @@ from pathlib import Path
 import structlog
 
 from bus import EventType
+from bus.archive.audit_log import Outcome
+from manager.audit import record
 from manager.config import BotConfig, ConfigError, load_config
 from manager.control import CommandError
 from manager.daemon.isolation import OsUserError
@@ -109,13 +111,24 @@ class Reloader:
 
     async def _reload_logged(self) -> None:
         """A SIGHUP's reload: a refused or failed reload keeps the running config and the
-        manager running (as the control socket's does), logged with its cause."""
+        manager running (as the control socket's does), logged with its cause, and
+        recorded in the audit log (actor ``signal:SIGHUP``: the kernel does not say who
+        sent it)."""
+        outcome: Outcome = "ok"
+        error: str | None = None
+        detail: dict[str, object] = {}
         try:
-            await self.reload()
+            detail.update(await self.reload())
         except (ConfigError, CommandError, OsUserError) as exc:
             log.error("reload refused: keeping the running config", error=str(exc))
-        except Exception:
+            outcome, error = "refused", str(exc)
+        except Exception as exc:
             log.exception("reload failed")
+            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+        if self.parts is not None:
+            bus = self.parts.clients.bus
+            await record(bus.redis, bus.keys, actor="signal:SIGHUP", channel="signal",
+                         action="reload", detail=detail, outcome=outcome, error=error)  # fmt: skip
 
     async def _apply(self, config_path: Path, parts: Parts) -> dict[str, list[str]]:
         settings = load_config(config_path)

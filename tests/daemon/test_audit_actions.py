@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,8 @@ async def test_api_socket_and_cli_writes_are_recorded_with_their_actors(
     tmp_path: Path,
 ) -> None:
     """A publish with the crm token, a restart and a refused delete with the admin token,
-    a reload and maintenance through the socket, a retry through the CLI: each listed in
-    order with its actor, channel and outcome, by the CLI and the API (admin only); the
+    a reload and maintenance through the socket, a retry through the CLI, a SIGHUP: each
+    listed in order with its actor, channel and outcome, by the CLI and the API (admin only); the
     stop is recorded too."""
     manager = await manager_factory(
         bot_toml("a", "tests.daemon.sample_bots:steady"), extra=api_config(tmp_path)
@@ -64,6 +65,8 @@ async def test_api_socket_and_cli_writes_are_recorded_with_their_actors(
     retried = multibot("dlq", "retry", letter, "--redis-url", redis_server.url,
                        "--namespace", keys.namespace)  # fmt: skip
     assert retried.returncode == 0, retried.stderr
+    assert manager.process is not None
+    manager.process.send_signal(signal.SIGHUP)  # a reload nobody can be named for
     me = os_actor()
     expected = [
         ("token:crm", "api", "events.publish", None, "ok"),
@@ -72,6 +75,7 @@ async def test_api_socket_and_cli_writes_are_recorded_with_their_actors(
         (me, "socket", "reload", None, "ok"),
         (me, "socket", "maintenance", None, "ok"),
         (me, "cli", "dlq.retry", letter, "ok"),
+        ("signal:SIGHUP", "signal", "reload", None, "ok"),
     ]
     listed: list[dict[str, Any]] = []
 
