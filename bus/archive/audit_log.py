@@ -4,10 +4,10 @@ Every write an operator makes through the HTTP API, the control socket or the CL
 (publishing with a token, restarting a bot, retrying, deleting or purging dead letters,
 reloading, maintenance, stopping) is one row: the actor (``token:<name>`` for the API,
 ``user:<name>`` for the OS user of a socket peer or of the CLI, ``signal:SIGHUP``), the
-channel (``api``, ``socket``, ``cli``, ``signal``), the action, its target, details, and the outcome (``ok``,
-``refused``, ``failed``, with the error). The manager takes records through Redis first
-(``manager.audit``), so a PostgreSQL outage delays them and loses none; each record's
-uuid makes a repeated insert a no-op.
+channel (``api``, ``socket``, ``cli``, ``signal``), the action, its target, details,
+and the outcome (``ok``, ``refused``, ``failed``, with the error). The manager takes
+records through Redis first (``manager.audit``), so a PostgreSQL outage delays them and
+loses none; each record's uuid makes a repeated insert a no-op.
 """
 
 from __future__ import annotations
