@@ -124,6 +124,7 @@ async def forever(
     with its traceback; ``failed()`` then forgets what the step had learned."""
     waits = REDIS_RETRY.waits()
     while True:
+        raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
         try:
             await step()
         except UNAVAILABLE as exc:

@@ -11,7 +11,7 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
-from bus.periodic import REDIS_UNAVAILABLE, Outage, Periodic, every
+from bus.periodic import REDIS_UNAVAILABLE, Outage, Periodic, every, forever
 
 log = structlog.get_logger("tests.periodic")
 
@@ -115,3 +115,29 @@ class TestRun:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
+
+class TestForever:
+    async def test_a_cancel_the_step_swallowed_still_ends_the_loop(self) -> None:
+        """redis-py on Python 3.11 can drop a cancel that lands mid-command, and the call
+        returns normally: the loop must still end (a stop once hung on the relay here)."""
+        started = asyncio.Event()
+        give_up = False
+
+        async def swallowing_step() -> None:
+            started.set()
+            if give_up:
+                raise asyncio.CancelledError  # the test's own way out, should the loop not end
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.01)  # as a command the cancel lands in
+
+        task = asyncio.create_task(
+            forever(swallowing_step, log=structlog.get_logger(), what="test", waiting="-")
+        )
+        await started.wait()
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        give_up = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert done == {task}, "the loop ran on after its cancel was swallowed"
