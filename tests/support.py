@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import redis
@@ -161,3 +163,34 @@ async def failover_under_load(
         await consumer.close()
     assert set(confirmed) <= got
     assert len(set(confirmed)) == len(confirmed)
+
+
+class ChildProc:
+    """A helper process a test started (a consumer, an archiver), its stdout in ``out``
+    and its stderr in ``log``; ``name`` says what it is in failure messages."""
+
+    name = "process"
+
+    def __init__(self, process: asyncio.subprocess.Process, out: Path, log: Path) -> None:
+        self.process = process
+        self.out = out
+        self.log = log
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of its log, for failure messages."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        """Fail the test, with its log, if the process has exited."""
+        if self.process.returncode is not None:
+            raise AssertionError(
+                f"{self.name} exited ({self.process.returncode})\n{self.log_tail()}"
+            )
+
+    async def kill(self) -> None:
+        """SIGKILL the process and reap it (idempotent)."""
+        if self.process.returncode is None:
+            with suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()

@@ -4,8 +4,6 @@ them (``tests/bus/consumer_proc.py``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -13,18 +11,15 @@ from typing import Protocol
 
 import pytest
 
-from tests.support import wait_until
+from tests.support import ChildProc, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class ConsumerProc:
+class ConsumerProc(ChildProc):
     """A consumer process started by :func:`consumer_procs`; reads the lines it writes."""
 
-    def __init__(self, process: asyncio.subprocess.Process, out: Path, log: Path) -> None:
-        self.process = process
-        self.out = out
-        self.log = log
+    name = "consumer"
 
     def lines(self) -> list[str]:
         """The progress lines written so far (``ready``, ``taken <id>``, ``handled <id>``)."""
@@ -51,18 +46,6 @@ class ConsumerProc:
             raise AssertionError(
                 f"consumer did not exit in {timeout}s\n{self.log_tail()}"
             ) from None
-
-    async def kill(self) -> None:
-        """SIGKILL the process and reap it (idempotent)."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of its stdout and stderr, for failure messages."""
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
 
     async def _wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:  # noqa: ASYNC109
         def check() -> bool:

@@ -9,32 +9,24 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 from redis.asyncio import Redis
 
 from bus import BusClient
+from bus.keys import ARCHIVER_GROUP
 from manager.embedded.postgres_server import PostgresServer
-from tests.manager.archive.archive_support import backlog, publish
-from tests.support import wait_until
+from tests.manager.archive.archive_support import archiver_groups, backlog, publish
+from tests.support import ChildProc, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 
 
-class ArchiverProc:
+class ArchiverProc(ChildProc):
     """An archiver process started by :func:`archiver_procs`."""
 
-    def __init__(self, process: asyncio.subprocess.Process, out: Path, log: Path) -> None:
-        self.process = process
-        self.out = out
-        self.log = log
-
-    def check_alive(self) -> None:
-        """Fail the test, with its stderr, if the process has exited."""
-        if self.process.returncode is not None:
-            tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
-            raise AssertionError(f"archiver exited ({self.process.returncode})\n{tail}")
+    name = "archiver"
 
     async def wait_ready(self) -> None:
         """Wait until it wrote ``ready`` (connected and archiving)."""
@@ -45,32 +37,29 @@ class ArchiverProc:
 
         await wait_until(ready, timeout=15, what="archiver process ready")
 
-    async def kill(self) -> None:
-        """SIGKILL it and reap it (idempotent)."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def kill_mid_batch(self, redis: Redis) -> int:
+    async def kill_mid_batch(self, redis: Redis, consumer: str | None = None) -> int:
         """SIGKILL it while it holds a batch read but not acked; the entries it held.
+        With ``consumer`` (one of several archivers), what that consumer holds.
 
         It is frozen (SIGSTOP) while the batch is looked for, so the batch cannot be acked
         between the look and the kill."""
 
+        async def held() -> int:
+            return await held_by(redis, consumer) if consumer else (await backlog(redis))[0]
+
         async def frozen_holding() -> bool:
             self.check_alive()
             self.process.send_signal(signal.SIGSTOP)
-            if await holds_a_batch(redis):
+            if await held():
                 return True
             self.process.send_signal(signal.SIGCONT)
             await asyncio.sleep(0.005)
             return False
 
-        await wait_until(frozen_holding, what="the archiver holding a batch")
-        held = (await backlog(redis))[0]
+        await wait_until(frozen_holding, what=f"{consumer or 'the archiver'} holding a batch")
+        entries = await held()
         await self.kill()
-        return held
+        return entries
 
     async def terminate(self) -> int:
         """SIGTERM it; its exit code once it stopped."""
@@ -135,6 +124,16 @@ async def producing(bus: BusClient, published: list[str]) -> AsyncIterator[None]
     finally:
         stop.set()
         await task
+
+
+async def held_by(redis: Redis, consumer: str) -> int:
+    """Entries ``consumer`` has read and not acked, over the archiver group's streams."""
+    held = 0
+    for stream, _ in await archiver_groups(redis):
+        summary: Any = await redis.xpending(stream, ARCHIVER_GROUP)
+        names = (consumer, consumer.encode())
+        held += sum(int(c["pending"]) for c in summary["consumers"] if c["name"] in names)
+    return held
 
 
 async def holds_a_batch(redis: Redis) -> bool:

@@ -3,8 +3,6 @@ and what a dead one had read and not acked taken over by another."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from typing import Any
 
 import pytest
@@ -28,20 +26,10 @@ from tests.manager.archive.archive_support import (
     publish,
     running,
 )
-from tests.manager.archive.archiver_procs import ArchiverProc, ArchiverProcs, producing
+from tests.manager.archive.archiver_procs import ArchiverProcs, held_by, producing
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
-
-
-async def held_by(redis: Redis, consumer: str) -> int:
-    """Entries ``consumer`` has read and not acked, over the archiver group's streams."""
-    held = 0
-    for stream, _ in await archiver_groups(redis):
-        summary: Any = await redis.xpending(stream, ARCHIVER_GROUP)
-        names = (consumer, consumer.encode())
-        held += sum(int(c["pending"]) for c in summary["consumers"] if c["name"] in names)
-    return held
 
 
 async def consumers(redis: Redis) -> set[str]:
@@ -51,24 +39,6 @@ async def consumers(redis: Redis) -> set[str]:
         rows: Any = await redis.xinfo_consumers(stream, ARCHIVER_GROUP)
         names |= {str(row["name"]) for row in rows}
     return names
-
-
-async def kill_holding(proc: ArchiverProc, redis: Redis, consumer: str) -> int:
-    """SIGKILL ``proc`` while its own consumer holds a batch; the entries it held."""
-
-    async def frozen_holding() -> bool:
-        proc.check_alive()
-        proc.process.send_signal(signal.SIGSTOP)
-        if await held_by(redis, consumer):
-            return True
-        proc.process.send_signal(signal.SIGCONT)
-        await asyncio.sleep(0.005)
-        return False
-
-    await wait_until(frozen_holding, what=f"{consumer} holding a batch")
-    held = await held_by(redis, consumer)
-    await proc.kill()
-    return held
 
 
 class TestSeveralArchivers:
@@ -127,7 +97,7 @@ class TestSeveralArchivers:
                 lambda: archived(archive, 300, b.check_alive), timeout=20, what="archiving"
             )
             assert {"archiver-a", "archiver-b"} <= await consumers(admin)
-            held = await kill_holding(a, admin, "archiver-a")
+            held = await a.kill_mid_batch(admin, "archiver-a")
             floor = await archive.count()
             await wait_until(
                 lambda: archived(archive, floor + 200, b.check_alive), timeout=20, what="b alone"
