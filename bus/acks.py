@@ -1,4 +1,5 @@
-"""Acks of one consumer, collected and sent in batches (one XACK per stream per flush)."""
+"""Acks of one consumer, collected and sent in batches (one XACK per stream per flush),
+each flush preceded by the delivery records that wait (:mod:`bus.delivery_records`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections import defaultdict
 
 from redis.asyncio import Redis
 
+from bus.delivery_records import DeliveryRecords
 from bus.metrics import GroupMetrics
 
 
@@ -16,8 +18,15 @@ class AckBatcher:
     Entries added with their event type are counted in ``meter`` once their XACK is sent.
     """
 
-    def __init__(self, redis: Redis, group: str, meter: GroupMetrics | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        group: str,
+        meter: GroupMetrics | None = None,
+        records: DeliveryRecords | None = None,
+    ) -> None:
         self._redis = redis
+        self._records = records
         self._group = group
         self._meter = meter
         self._acks: dict[str, list[str]] = defaultdict(list)
@@ -37,22 +46,25 @@ class AckBatcher:
 
     @property
     def pending(self) -> bool:
-        """Whether some acks wait to be sent."""
-        return bool(self._acks)
+        """Whether some acks (or delivery records) wait to be sent."""
+        return bool(self._acks) or bool(self._records)
 
     async def flush(self) -> None:
-        """Send the queued acks; on failure keep them (in order) for the next flush."""
+        """Send the delivery records, then the queued acks; on failure keep both (in
+        order) for the next flush."""
         self.wakeup.clear()
+        # Taken before the records are written: every ack taken has its record among the
+        # ones waiting now (a record is kept before its entry's ack is queued).
         batch, self._acks = self._acks, defaultdict(list)
-        if not batch:
-            return
         metered_ids, metered_types = self._metered_ids, self._metered_types
         self._metered_ids, self._metered_types = [], []
         try:
+            if self._records:
+                await self._records.flush()  # first: an entry acked always has its record
             if len(batch) == 1:  # the common case: one XACK, no pipeline overhead
                 ((stream, ids),) = batch.items()
                 await self._redis.xack(stream, self._group, *ids)
-            else:
+            elif batch:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for stream, ids in batch.items():
                         pipe.xack(stream, self._group, *ids)

@@ -299,6 +299,7 @@ class BusClient:
             max_data_bytes=self.settings.max_event_bytes,
             inboxes=self.settings.inboxes,
             partitions=self.router.partitions,
+            records=self._outbox if self.settings.delivery_records else None,
         )
         try:
             await self._consumer.run()

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import structlog
 from redis.asyncio import Redis
 
+from bus.delivery_records import DeliveryRecords
 from bus.dispatcher import Dispatcher
 from bus.dlq import DeadLetters
 from bus.hooks import Fence, HandlerObserver
@@ -73,6 +74,7 @@ class Consumer:
         partitions: Mapping[str, int] | None = None,
         only: Sequence[str] | None = None,
         stats: dict[str, int] | None = None,
+        records: str | None = None,
     ) -> None:
         """``redis`` runs the stream commands; ``state``, when given, the run-once markers
         (a bot's own keys, which the manager gives another Redis user). With ``inboxes``
@@ -82,7 +84,10 @@ class Consumer:
         ``partitions`` (stream name → N): the partitions of those routes are read one
         replica at a time, each by a consumer of its own that a
         :class:`~bus.partition_owner.PartitionOwner` starts while this replica holds it;
-        ``only`` (stream names) is what such a consumer reads."""
+        ``only`` (stream names) is what such a consumer reads.
+
+        ``records``: the outbox the delivery records go to (:mod:`bus.delivery_records`),
+        written with ``state``; None: none are kept."""
         self.group = group_name(bot_id)
         self.name = consumer_name(bot_id, instance)
         subs = list(subscriptions)
@@ -129,8 +134,9 @@ class Consumer:
             fence=fence,
             max_data_bytes=max_data_bytes,
             state=state,
+            records=DeliveryRecords(state or redis, records, self.name) if records else None,
         )
-        self._reader, self._reclaimer = self._reading(redis, settings)
+        self._reader, self._reclaimer = self._reading(redis, settings, bool(records))
         self._owner: PartitionOwner | None = None
         if parted:
 
@@ -148,7 +154,7 @@ class Consumer:
                     subscriptions=subs, schemas=schemas, dlq=dlq, observer=observer,
                     allowed=allowed, metrics=metrics, fence=Fence(still, gone),
                     max_data_bytes=max_data_bytes, state=state, inboxes=inboxes,
-                    only=[keys.stream(name)], stats=self.stats,
+                    only=[keys.stream(name)], stats=self.stats, records=records,
                 )  # fmt: skip
 
             self._owner = PartitionOwner(
@@ -158,7 +164,9 @@ class Consumer:
                 ttl=settings.partition_ttl,
             )  # fmt: skip
 
-    def _reading(self, redis: Redis, settings: ConsumerSettings) -> tuple[Reader, Reclaimer]:
+    def _reading(
+        self, redis: Redis, settings: ConsumerSettings, track_owners: bool
+    ) -> tuple[Reader, Reclaimer]:
         """The reader and the reclaimer: they take entries from Redis into the dispatcher."""
         reader = Reader(
             redis=redis,
@@ -183,6 +191,7 @@ class Consumer:
             log=self._log,
             take=reader.take_pending,
             with_redis=self._keeper.call,
+            track_owners=track_owners,
         )
         return reader, reclaimer
 

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from bus.acks import AckBatcher
 from bus.batching import Batcher
+from bus.delivery_records import DeliveryOutcome, DeliveryRecords
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
 from bus.event import Event
@@ -67,8 +68,11 @@ class Dispatcher:
         fence: Fence | None = None,
         max_data_bytes: int | None = None,
         state: Redis | None = None,
+        records: DeliveryRecords | None = None,
     ) -> None:
         self._group = group
+        #: What each entry came to, sent with the acks (None: not recorded).
+        self._records = records
         self._allowed = allowed
         self._max_data_bytes = max_data_bytes
         # The keys read are the streams, or (under the manager) the group's inboxes of them.
@@ -104,7 +108,7 @@ class Dispatcher:
         self._batchers = {
             sub: Batcher(sub, self._runner.run_batch) for sub in subscriptions if sub.batch_size
         }
-        self._acks = AckBatcher(redis, group, meter)
+        self._acks = AckBatcher(redis, group, meter, records)
         # Set when nothing is in flight and no ack waits: a stop may end.
         self._idle = asyncio.Event()
         self._idle.set()
@@ -137,8 +141,18 @@ class Dispatcher:
 
     # -- routing -------------------------------------------------------------------------
 
-    def dispatch(self, stream: str, entry_id: str, fields: Mapping[str, str] | None) -> None:
-        """Route one entry to the workers of the subscriptions that want it, or ack it."""
+    def dispatch(
+        self,
+        stream: str,
+        entry_id: str,
+        fields: Mapping[str, str] | None,
+        attempts: int = 1,
+        previous: str = "",
+    ) -> None:
+        """Route one entry to the workers of the subscriptions that want it, or ack it.
+
+        ``attempts``: how many times Redis delivered it; ``previous``: the consumer it was
+        taken over from."""
         if (stream, entry_id) in self._inflight:
             return
         if not fields:  # deleted from the stream while pending
@@ -173,14 +187,28 @@ class Dispatcher:
         if not matched:
             self._stats["skipped"] += 1
             self._acks.add(stream, entry_id)
+            if self._records is not None and self._wanted_type(stream, event, only_handler):
+                skipped = Delivery(stream, entry_id, fields, event, 0, attempts=attempts)
+                skipped.previous, skipped.retry = previous, bool(target)
+                self._records.add(skipped, DeliveryOutcome.SKIPPED)
             return
         delivery = self._take(stream, entry_id, fields, event, len(matched))
+        delivery.attempts, delivery.previous, delivery.retry = attempts, previous, bool(target)
         for sub in matched:
             batcher = self._batchers.get(sub)
             if batcher is not None:
                 batcher.add(delivery)
             else:
                 self._put(sub, delivery, "")
+
+    def _wanted_type(self, stream: str, event: Event, only_handler: str | None) -> bool:
+        """Whether a subscription (the targeted one, if any) takes ``event``'s type: then
+        skipping it was its ``where`` conditions' doing, and is recorded."""
+        return any(
+            sub.pattern.matches(event.type)
+            for sub in self._by_stream.get(stream, ())
+            if not only_handler or sub.name == only_handler
+        )
 
     def reject(
         self,
@@ -189,9 +217,13 @@ class Dispatcher:
         fields: Mapping[str, str],
         event: Event | None,
         error: str,
+        *,
+        attempts: int = 1,
     ) -> None:
         """Dead-letter an entry no handler runs on; ``error`` is ``"<reason>:<text>"``."""
-        self._put(None, self._take(stream, entry_id, fields, event, 1), error)
+        delivery = self._take(stream, entry_id, fields, event, 1)
+        delivery.attempts = attempts
+        self._put(None, delivery, error)
 
     def hand_out(self) -> None:
         """Give each worker what the entries dispatched since the last call staged for it."""
@@ -249,10 +281,20 @@ class Dispatcher:
                 stream=delivery.stream,
             )
             inflight.finish(delivery)
+            if self._records is not None:
+                self._records.add(delivery, DeliveryOutcome.RETRIED)
+                self._acks.wakeup.set()  # sent with the next acks, or now if none wait
             if not inflight and not self._acks.pending:
                 self._idle.set()
         else:
             event = delivery.event
+            if self._records is not None:
+                outcome = (
+                    DeliveryOutcome.DEAD_LETTERED
+                    if delivery.dead_lettered
+                    else DeliveryOutcome.HANDLED
+                )
+                self._records.add(delivery, outcome)
             self._acks.add(delivery.stream, delivery.entry_id, event.type if event else "")
             inflight.finish(delivery)
 

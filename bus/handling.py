@@ -44,6 +44,16 @@ class Delivery:
     #: Whether some outcome could not be made final (a dead letter not stored, the run-once
     #: marker unreadable, a bug): then it is not acked, and is delivered again later.
     keep: bool = False
+    #: How many times Redis has delivered it to the group (1 for a new entry).
+    attempts: int = 1
+    #: The consumer it was taken over from ("" if none).
+    previous: str = ""
+    #: Seconds its handlers ran, in all.
+    handler_s: float = 0.0
+    #: Whether some handler's dead letter for it was stored.
+    dead_lettered: bool = False
+    #: Whether a dead-letter retry sent it to this group alone.
+    retry: bool = False
 
 
 #: Error replies to a dead-letter write tolerated (with backoff) before the entry is left
@@ -147,6 +157,15 @@ class Runner:
                 delivery, DeadLetterReason.SCHEMA, str(exc), handler=sub.name
             )
         self._consumed(delivery)
+        started = time.perf_counter()
+        try:
+            return await self._handle_one(sub, delivery, args, event)
+        finally:
+            delivery.handler_s += time.perf_counter() - started
+
+    async def _handle_one(
+        self, sub: Subscription, delivery: Delivery, args: tuple[Any, ...], event: Event
+    ) -> bool:
         while (error := await self._attempts(sub, args, event, [event])) is not None:
             if not self._failed(sub):
                 await self._forget_once(sub, delivery)
@@ -175,6 +194,7 @@ class Runner:
             await self._wait_breaker(sub)
             for d in deliveries:
                 self._consumed(d)
+            started = time.perf_counter()
             while (error := await self._attempts(sub, (events,), events[0], events)) is not None:
                 if self._failed(sub):
                     for e in events:
@@ -193,6 +213,8 @@ class Runner:
                     )
                     d.keep = d.keep or not stored
                 break
+            for d in deliveries:
+                d.handler_s += time.perf_counter() - started
         except BaseException as exc:
             for d in deliveries:
                 d.keep = True
@@ -318,6 +340,7 @@ class Runner:
         )
         if dlq_id is None:
             return False
+        delivery.dead_lettered = True
         self._stats["dead_lettered"] += 1
         self._meter.dead_lettered(delivery.event.type if delivery.event is not None else "")
         self._log.error(

@@ -111,6 +111,11 @@ class Keys:
         """The dead-letter stream of the namespace."""
         return f"{self.namespace}:dlq"
 
+    def deliveries(self) -> str:
+        """The stream of delivery records on their way to the archive (written by the
+        outbox relay, copied and deleted by the coordinator)."""
+        return f"{self.namespace}:deliveries"
+
     def pressure(self) -> str:
         """The manager's backpressure flag: set while Redis is near its ``maxmemory``."""
         return f"{self.namespace}:pressure"

@@ -8,7 +8,8 @@ the outbox. So what consumers and the archive see as ``source`` is established b
 system, and a bot cannot trim a stream, set entry ids or write to another bot's stream.
 
 Dead letters take the same path, marked by :data:`DEAD_LETTER_MARK`: the relay appends them
-to the dead-letter stream with ``group`` set to the bot's group.
+to the dead-letter stream with ``group`` set to the bot's group. So do delivery records
+(:data:`~bus.delivery_records.DELIVERIES_MARK`), to the deliveries stream.
 
 An entry is moved exactly once: the append and the delete happen in one script, and an entry
 still in the outbox after a crash is simply moved by the next relay.
@@ -28,6 +29,7 @@ from redis.exceptions import ResponseError
 
 from bus.cluster_relay import NO_WAIT, Durable, relay_planned
 from bus.connection import is_cluster
+from bus.delivery_records import DELIVERIES_MARK
 from bus.keys import Keys, group_name
 from bus.lease import run_script
 from bus.periodic import forever
@@ -88,7 +90,7 @@ class OutboxRelay:
         named = sorted({*router.routes.values(), router.default})
         streams = [s for name in named for s in router.expand(name)]
         self._stream_keys = [keys.stream(s) for s in streams]
-        index = {s: streams.index(router.expand(s)[0]) + 3 for s in named}  # after KEYS 1, 2
+        index = {s: streams.index(router.expand(s)[0]) + 4 for s in named}  # after KEYS 1-3
 
         def route(stream: str) -> list[str | int]:
             return [index[stream], len(router.expand(stream))]
@@ -162,17 +164,17 @@ class OutboxRelay:
         too (its outbox is gone: a new one starts afresh, whatever its ids)."""
         dropped: Any = await run_script(self._redis, _DROP_EMPTY, [self._keys.outbox(bot_id)], [])
         if int(dropped) and self._cluster:
-            for target in [self._keys.dead_letters(), *self._stream_keys]:
+            for target in [self._keys.dead_letters(), self._keys.deliveries(), *self._stream_keys]:
                 await self._redis.hdel(self._keys.relay_cursor(target), bot_id)
 
     async def drain(self, bot_id: str) -> int:
         """Move everything waiting in ``bot_id``'s outbox; how many entries that was."""
         outbox = self._keys.outbox(bot_id)
-        targets = [outbox, self._keys.dead_letters(), *self._stream_keys]
+        targets = [outbox, self._keys.dead_letters(), self._keys.deliveries(), *self._stream_keys]
         keys = [outbox] if self._cluster else targets
         args = [bot_id, group_name(bot_id), self._batch, self._route_args[0]]
         args += [DEAD_LETTER_MARK, MAX_FIELDS * 2, self._keys.stream_prefix()]
-        args += [self._route_args[1], *self._routes]
+        args += [self._route_args[1], DELIVERIES_MARK, *self._routes]
         moved = 0
         while True:
             try:

@@ -43,6 +43,11 @@ class Pattern:
             segments[: next((i for i, s in enumerate(segments) if s in ("*", "#")), len(segments))]
         )
 
+    @property
+    def regex(self) -> str:
+        """The regular expression ``"." + type`` must match (also valid in PostgreSQL)."""
+        return self._regex.pattern
+
     def matches(self, type_: str) -> bool:
         """Whether an event type matches this pattern."""
         hit = self._cache.get(type_)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -280,8 +280,11 @@ class Reader:
                 await self.take_pending(stream, entries)
                 last = entries[-1][0]
 
-    async def take_pending(self, stream: str, entries: Sequence[Entry]) -> None:
-        """Dispatch re-delivered entries, dead-lettering those delivered too many times."""
+    async def take_pending(
+        self, stream: str, entries: Sequence[Entry], previous: Mapping[str, str] | None = None
+    ) -> None:
+        """Dispatch re-delivered entries, dead-lettering those delivered too many times.
+        ``previous``: entry id → the consumer it was taken over from."""
         entries = [e for e in entries if (stream, e[0]) not in self._inflight]
         if not entries:
             return
@@ -295,15 +298,18 @@ class Reader:
         )
         counts = {row["message_id"]: row["times_delivered"] for row in rows}
         most = self._settings.max_deliveries
+        before = previous or {}
         for entry_id, fields in entries:
             delivered = counts.get(entry_id, 1)
             if fields and delivered > most:
                 error = (
                     f"{DeadLetterReason.POISON}:delivered {delivered} times (max_deliveries={most})"
                 )
-                self._dispatcher.reject(stream, entry_id, fields, None, error)
+                self._dispatcher.reject(stream, entry_id, fields, None, error, attempts=delivered)
             else:
-                self._dispatcher.dispatch(stream, entry_id, fields)
+                self._dispatcher.dispatch(
+                    stream, entry_id, fields, delivered, before.get(entry_id, "")
+                )
         self._dispatcher.hand_out()
 
     def __repr__(self) -> str:

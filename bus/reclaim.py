@@ -45,9 +45,14 @@ class Reclaimer:
         inflight: InFlight,
         stats: dict[str, int],
         log: Any,
-        take: Callable[[str, Sequence[Entry]], Awaitable[None]],
+        take: Callable[[str, Sequence[Entry], Mapping[str, str]], Awaitable[None]],
         with_redis: Callable[..., Awaitable[Any]],
+        track_owners: bool = False,
     ) -> None:
+        """``track_owners``: find out whom each entry is taken from (one XPENDING more per
+        takeover round) and pass it to ``take`` (entry id → consumer), for the delivery
+        records."""
+        self._track_owners = track_owners
         self._redis = redis
         self._group = group
         self._consumer = consumer
@@ -87,6 +92,7 @@ class Reclaimer:
             start = "0-0"
             while True:
                 await self._inflight.wait_for_room()
+                owners = await self._owners(stream, start, visibility_ms)
                 response = await self._redis.xautoclaim(
                     stream, self._group, self._consumer, visibility_ms, start,
                     count=self._settings.read_count,
@@ -95,12 +101,30 @@ class Reclaimer:
                 if entries:
                     self._stats["reclaimed"] += len(entries)
                     self._log.warning("reclaimed idle entries", stream=stream, count=len(entries))
-                    await self._take(stream, entries)
+                    await self._take(stream, entries, owners)
                 if start in ("0-0", b"0-0"):
                     break
+
+    async def _owners(self, stream: str, start: str, idle_ms: int) -> dict[str, str]:
+        """Who holds the entries the next XAUTOCLAIM from ``start`` may take (the same
+        idle bound and count): entry id → consumer. Empty unless owners are tracked."""
+        if not self._track_owners:
+            return {}
+        rows: Any = await self._redis.xpending_range(
+            stream, self._group, start, "+", self._settings.read_count, idle=idle_ms
+        )
+        return {
+            _text(row["message_id"]): _text(row["consumer"])
+            for row in rows
+            if _text(row["consumer"]) != self._consumer
+        }
 
     def __repr__(self) -> str:
         return (
             f"<Reclaimer group={self._group} consumer={self._consumer} "
             f"streams={len(self._streams)} woken={self._wakeup.is_set()}>"
         )
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,13 +1,18 @@
 """The outbox relay's script: one batch of a bot's outbox to the streams the manager's
 routing table names, stamped with the bot as source (see :mod:`bus.outbox`)."""
 
-#: KEYS: the outbox, the dead-letter stream, then every stream of the routing table.
+#: KEYS: the outbox, the dead-letter stream, the deliveries stream, then every stream of
+#: the routing table.
 #: ARGV: the bot id (the source), its group, the batch size, the KEYS index of the default
-#: stream, the mark, the field limit, the namespace's stream key prefix, the default's
-#: partition count, then per route its prefix, KEYS index and partition count. A route of
+#: stream, the dead-letter mark, the field limit, the namespace's stream key prefix, the
+#: default's partition count, the delivery records' mark, then per route its prefix, KEYS
+#: index and partition count. A route of
 #: N > 1 partitions is N streams from its index on: an event goes to the one its key hashes
 #: to (:func:`bus.partitions.partition_of`), an unkeyed one by its outbox id's
 #: millisecond. Returns how many entries it moved.
+#:
+#: An entry of delivery records (:mod:`bus.delivery_records`) goes to the deliveries
+#: stream with ``group`` set to the bot's group, whatever the bot wrote there.
 #:
 #: A dead letter gets ``origin``: ``found`` when the stream it names holds the entry it
 #: names, then with that entry's ``source`` (if it has one), else ``missing``. A letter's
@@ -30,7 +35,7 @@ local function emit(k, id, f, named, entry_id)
 end
 local routes, parts = {}, {}
 parts[tonumber(ARGV[4])] = tonumber(ARGV[8])
-for i = 9, #ARGV, 3 do
+for i = 10, #ARGV, 3 do
   routes[ARGV[i]] = tonumber(ARGV[i + 1])
   parts[tonumber(ARGV[i + 1])] = tonumber(ARGV[i + 2])
 end
@@ -42,7 +47,7 @@ local function partition(k, key, id)
   end
   return k + tonumber(string.match(id, '^(%d+)')) % n
 end
-local source, group, mark, prefix = ARGV[1], ARGV[2], ARGV[5], ARGV[7]
+local source, group, mark, prefix, dmark = ARGV[1], ARGV[2], ARGV[5], ARGV[7], ARGV[9]
 local function origin(stream, id)
   if not stream or not id or string.sub(stream, 1, #prefix) ~= prefix then return nil end
   local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
@@ -97,6 +102,19 @@ local function dead_letter(id, f)
   end
   emit(2, id, out)
 end
+local function records(id, f)
+  local out = {}
+  for i = 1, #f, 2 do
+    local name = f[i]
+    if name ~= dmark and name ~= 'group' then
+      out[#out + 1] = name
+      out[#out + 1] = f[i + 1]
+    end
+  end
+  out[#out + 1] = 'group'
+  out[#out + 1] = group
+  emit(3, id, out)
+end
 local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[3]))
 for _, row in ipairs(rows) do
   local id, f = row[1], row[2]
@@ -106,7 +124,7 @@ for _, row in ipairs(rows) do
       'stream', '', 'entry_id', id, 'entry', '{}', 'origin', 'missing'})
   else
     -- An event is stamped in place (every 'source' field, or one added) and sent on.
-    local type_, key, letter, stamped = nil, nil, false, false
+    local type_, key, letter, stamped, recs = nil, nil, false, false, false
     for i = 1, #f, 2 do
       local name = f[i]
       if name == 'source' then
@@ -115,9 +133,12 @@ for _, row in ipairs(rows) do
       elseif name == 'type' then type_ = f[i + 1]
       elseif name == 'key' then key = f[i + 1]
       elseif name == mark then letter = true
+      elseif name == dmark then recs = true
       end
     end
-    if letter then
+    if recs then
+      records(id, f)
+    elseif letter then
       dead_letter(id, f)
     else
       if not stamped then

@@ -131,6 +131,12 @@ class BusSettings(_Model):
         description="publish and dead-letter through the bot's outbox, which the manager "
         "relays to the streams with the bot as source (set by the manager for its bots)",
     )
+    delivery_records: bool = Field(
+        False,
+        description="report what each delivery came to (handled, dead-lettered, skipped, "
+        "retried) through the outbox, with the acks; needs outbox (set by the manager from "
+        "audit.deliveries)",
+    )
     archive_dsn: str | None = Field(
         None, description="PostgreSQL archive (read-only) for replays older than Redis holds"
     )

@@ -15,7 +15,7 @@ import getpass
 import os
 import pwd
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,17 +27,13 @@ from redis.exceptions import RedisError
 from bus.archive.audit_log import AuditRecord, Outcome
 from bus.archive.errors import ArchiveDataError
 from bus.archive.store import ArchiveStore
-from bus.backoff import Backoff
-from bus.connection import raise_swallowed_cancel
-from bus.groups import ensure_group
 from bus.keys import Keys
-from bus.redis_errors import is_nogroup
+from manager.stream_copier import StreamCopier
 
 log = structlog.get_logger("manager.audit")
 
 #: The copier's group and consumer on the audit stream.
 AUDIT_GROUP = "audit-copier"
-_CONSUMER = "copier"
 #: Records the stream keeps at most (about): a PostgreSQL outage of many days of actions.
 MAX_WAITING = 100_000
 _BATCH = 500
@@ -176,71 +172,29 @@ def _items(fields: Mapping[Any, Any]) -> list[Any]:
     return items if isinstance(items, list) else [{}]
 
 
-class AuditCopier:
+class AuditCopier(StreamCopier[AuditRecord]):
     """Moves the audit stream into ``audit_log``; :meth:`run` until cancelled."""
+
+    what = "audit records"
 
     def __init__(
         self, redis: Redis, keys: Keys, store: Callable[[], Awaitable[ArchiveStore]]
     ) -> None:
-        self._redis = redis
-        self._key = audit_key(keys)
-        self._store = store
-        self._backoff = Backoff(0.2, 30.0)
-        #: Records stored, and entries dropped as not ours (hand-written, malformed).
-        self.copied = 0
-        self.dropped = 0
+        super().__init__(redis, audit_key(keys), AUDIT_GROUP, store, batch=_BATCH)
 
-    def __repr__(self) -> str:
-        return f"<AuditCopier {self._key} copied={self.copied}>"
-
-    async def run(self) -> None:
-        """Copy, first what a previous run read and did not ack, then new records."""
-        failures = 0
-        while True:
-            raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
+    def decode(self, entry_id: str, fields: Mapping[Any, Any]) -> list[AuditRecord]:
+        """The entry's records; a bad one among them is dropped alone, with a log line."""
+        records = []
+        for item in _items(fields):
             try:
-                await ensure_group(self._redis, self._key, AUDIT_GROUP, "0")
-                while await self.copy_once("0"):
-                    raise_swallowed_cancel()  # a previous run's pending records first
-                while True:
-                    raise_swallowed_cancel()
-                    await self.copy_once(">", block_ms=1000)
-                    failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                if not (isinstance(exc, RedisError) and is_nogroup(exc)):
-                    log.warning("cannot copy the audit records; retrying",
-                                error=f"{type(exc).__name__}: {exc}")  # fmt: skip
-                await asyncio.sleep(self._backoff.delay(failures))
+                records.append(decode(item))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                self.dropped += 1
+                log.error("audit stream entry is not a record: dropped",
+                          entry_id=entry_id, error=str(exc))  # fmt: skip
+        return records
 
-    async def copy_once(self, position: str, block_ms: int | None = None) -> int:
-        """Read a batch (``"0"``: this consumer's pending, ``">"``: new), store it, ack and
-        delete it; how many entries it held."""
-        reply: Any = await self._redis.xreadgroup(
-            AUDIT_GROUP, _CONSUMER, {self._key: position}, count=_BATCH, block=block_ms
-        )
-        rows = [row for _, entries in (reply or []) for row in entries]
-        if not rows:
-            return 0
-        records, ids = [], []
-        for entry_id, fields in rows:
-            ids.append(entry_id)
-            for item in _items(fields or {}):
-                try:
-                    records.append(decode(item))
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    self.dropped += 1
-                    log.error("audit stream entry is not a record: dropped",
-                              entry_id=entry_id, error=str(exc))  # fmt: skip
-        if records:  # PostgreSQL away: raises, and the batch stays pending for the retry
-            await self._insert(await self._store(), records)
-        await self._redis.xack(self._key, AUDIT_GROUP, *ids)
-        await self._redis.xdel(self._key, *ids)
-        return len(rows)
-
-    async def _insert(self, store: ArchiveStore, records: list[AuditRecord]) -> None:
+    async def store(self, store: ArchiveStore, records: Sequence[AuditRecord]) -> None:
         """All at once; if PostgreSQL refuses the data, one by one, logging (in full) and
         dropping only what it refuses, so one bad record cannot hold the log up."""
         try:

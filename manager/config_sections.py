@@ -183,10 +183,23 @@ class ArchiveSettings(ConfigModel):
 
 
 class AuditSettings(ConfigModel):
-    """The record of operator actions (``multibot audit``)."""
+    """The record of operator actions (``multibot audit``) and of what each group did with
+    each event (``multibot events show``)."""
 
     retention_days: int = Field(
         365, ge=1, description="days operator actions are kept in PostgreSQL (audit_log)"
+    )
+    deliveries: bool = Field(
+        True,
+        description="bots report what each delivery came to (handled, dead-lettered, "
+        "skipped, retried) with their acks, kept in PostgreSQL's deliveries table as long "
+        "as the events; needs supervisor.bot_outbox",
+    )
+    missed_after: float = Field(
+        300.0,
+        gt=0,
+        description="seconds after which an event a group should have handled and has not "
+        "counts as missed (multibot_deliveries_missed_total)",
     )
 
 

@@ -1,9 +1,10 @@
-"""Day partitions of the ``events`` table: ``events_YYYYMMDD`` holds one UTC day.
+"""Day partitions of the ``events`` and ``deliveries`` tables: ``events_YYYYMMDD`` (and
+``deliveries_YYYYMMDD``) holds one UTC day of the events' ``created_at``.
 
-Creating or dropping a partition locks the whole ``events`` table briefly (ACCESS
-EXCLUSIVE), so both take an advisory lock (one creator at a time across managers) and a
-``lock_timeout`` (a long query on ``events`` makes them fail and retry later rather than
-queue every reader and writer behind them).
+Creating or dropping a partition locks the whole table briefly (ACCESS EXCLUSIVE), so both
+take an advisory lock (one creator at a time across managers) and a ``lock_timeout`` (a
+long query makes them fail and retry later rather than queue every reader and writer
+behind them).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import structlog
 
 log = structlog.get_logger("bus.archive")
 
-_NAME_RE = re.compile(r"^events_(\d{8})$")
+#: The tables partitioned by day (their names are also the partitions' prefix).
+TABLES = ("events", "deliveries")
+_NAME_RE = re.compile(r"^(events|deliveries)_(\d{8})$")
 #: Advisory lock key held (per transaction) while creating or dropping partitions: 'mbpart'.
 PARTITION_LOCK = 0x6D_62_70_61_72_74
 #: How long DDL waits for its lock on ``events`` before giving up.
@@ -27,26 +30,26 @@ LOCK_TIMEOUT = "10s"
 _LOCK = "SELECT pg_advisory_xact_lock($1)"
 # No parameters. Returns nothing. Bounds the wait for table locks in this transaction.
 _LOCK_TIMEOUT = f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"
-# No parameters. Returns the names (relname) of the partitions of events.
+# $1: the partitioned table's name (text). Returns the names (relname) of its partitions.
 _LIST = """
 SELECT c.relname
 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-WHERE i.inhparent = 'events'::regclass
+WHERE i.inhparent = $1::regclass
 """
 
 
-def partition_name(day: date) -> str:
-    """Name of the partition holding ``day`` (UTC), e.g. ``events_20260101``."""
-    return f"events_{day.year:04d}{day.month:02d}{day.day:02d}"  # %Y is not padded below 1000
+def partition_name(day: date, table: str = "events") -> str:
+    """Name of the partition of ``table`` holding ``day`` (UTC), e.g. ``events_20260101``."""
+    return f"{table}_{day.year:04d}{day.month:02d}{day.day:02d}"  # %Y is not padded below 1000
 
 
-def partition_day(name: str) -> date | None:
-    """The day a partition name stands for; None for a table not named by us."""
+def partition_day(name: str, table: str = "events") -> date | None:
+    """The day a partition name of ``table`` stands for; None for a table not named by us."""
     match = _NAME_RE.match(name)
-    if match is None:
+    if match is None or match.group(1) != table:
         return None
     try:
-        return datetime.strptime(match.group(1), "%Y%m%d").replace(tzinfo=UTC).date()
+        return datetime.strptime(match.group(2), "%Y%m%d").replace(tzinfo=UTC).date()
     except ValueError:
         return None
 
@@ -58,49 +61,55 @@ def day_of(moment: datetime) -> date:
     return moment.astimezone(UTC).date()
 
 
-def _create_sql(day: date) -> str:
+def _create_sql(day: date, table: str) -> str:
     # DDL takes no bind parameters; both bounds are formatted from a date, never user text.
     # Returns nothing. The range is [day 00:00 UTC, next day 00:00 UTC).
     start = datetime.combine(day, time(), UTC)
     end = start + timedelta(days=1)
     return (
-        f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF events "
+        f"CREATE TABLE IF NOT EXISTS {partition_name(day, table)} PARTITION OF {table} "
         f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
     )
 
 
-async def existing_days(conn: Any) -> set[date]:
-    """The days that have a partition."""
-    rows = await conn.fetch(_LIST)
-    return {d for row in rows if (d := partition_day(row["relname"])) is not None}
+async def existing_days(conn: Any, table: str = "events") -> set[date]:
+    """The days that have a partition of ``table``."""
+    _check(table)
+    rows = await conn.fetch(_LIST, table)
+    return {d for row in rows if (d := partition_day(row["relname"], table)) is not None}
 
 
-async def create_partitions(conn: Any, days: Iterable[date]) -> list[str]:
+async def create_partitions(conn: Any, days: Iterable[date], table: str = "events") -> list[str]:
     """Create the missing partitions of ``days``; return the names created (often none)."""
     wanted = set(days)
-    if not wanted - await existing_days(conn):  # the usual case: no lock, no DDL
+    if not wanted - await existing_days(conn, table):  # the usual case: no lock, no DDL
         return []
     async with conn.transaction():
         await conn.execute(_LOCK, PARTITION_LOCK)
         await conn.execute(_LOCK_TIMEOUT)
-        missing = sorted(wanted - await existing_days(conn))  # another manager may have won
+        missing = sorted(wanted - await existing_days(conn, table))  # another may have won
         for day in missing:
-            await conn.execute(_create_sql(day))
-    names = [partition_name(day) for day in missing]
+            await conn.execute(_create_sql(day, table))
+    names = [partition_name(day, table) for day in missing]
     if names:
         log.info("archive partitions created", partitions=names)
     return names
 
 
-async def drop_partitions_before(conn: Any, day: date) -> list[str]:
+async def drop_partitions_before(conn: Any, day: date, table: str = "events") -> list[str]:
     """DROP every partition of a day before ``day`` (whole tables, no DELETE); return names."""
     async with conn.transaction():
         await conn.execute(_LOCK, PARTITION_LOCK)
         await conn.execute(_LOCK_TIMEOUT)
-        old = sorted(d for d in await existing_days(conn) if d < day)
+        old = sorted(d for d in await existing_days(conn, table) if d < day)
         for old_day in old:
-            await conn.execute(f"DROP TABLE {partition_name(old_day)}")  # returns nothing
-    names = [partition_name(d) for d in old]
+            await conn.execute(f"DROP TABLE {partition_name(old_day, table)}")  # returns nothing
+    names = [partition_name(d, table) for d in old]
     if names:
         log.info("archive partitions dropped", partitions=names, before=day.isoformat())
     return names
+
+
+def _check(table: str) -> None:
+    if table not in TABLES:  # names go into DDL: only ours
+        raise ValueError(f"{table!r} is not a day-partitioned table ({', '.join(TABLES)})")

@@ -20,6 +20,7 @@ import structlog
 
 from bus.archive import partitions
 from bus.archive.audit_log import AuditLog
+from bus.archive.deliveries import Deliveries
 from bus.archive.errors import ArchiveDataError, describe_dsn, unavailable_on_failure
 from bus.archive.group_positions import GroupPositions
 from bus.archive.inserts import stream_heads, write_dead_letters, write_events
@@ -83,6 +84,7 @@ class ArchiveStore:
         self._keys = keys or Keys()
         self._where = where
         self._days: set[date] = set()  # days known to have a partition
+        self._delivery_days: set[date] = set()  # the same, of deliveries
 
     @classmethod
     async def connect(
@@ -162,10 +164,13 @@ class ArchiveStore:
         return await self.ensure_partitions(today + timedelta(days=n) for n in range(days + 1))
 
     async def drop_partitions_before(self, day: date) -> list[str]:
-        """DROP the partitions of every day before ``day``; return their names, oldest first."""
+        """DROP the partitions of every day before ``day`` (events, and the deliveries of
+        those events); return their names, events' first, oldest first."""
         async with self._connection() as conn:
             dropped = await partitions.drop_partitions_before(conn, day)
+            dropped += await partitions.drop_partitions_before(conn, day, "deliveries")
         self._days = {d for d in self._days if d >= day}
+        self._delivery_days -= {d for d in self._delivery_days if d < day}
         return dropped
 
     async def partitions(self) -> list[date]:
@@ -232,6 +237,11 @@ class ArchiveStore:
     def audit(self) -> AuditLog:
         """Operator actions (see bus.archive.audit_log)."""
         return AuditLog(self.connection)
+
+    @property
+    def deliveries(self) -> Deliveries:
+        """What each group did with each event (see bus.archive.deliveries)."""
+        return Deliveries(self.connection, self._delivery_days)
 
     @property
     def group_positions(self) -> GroupPositions:

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bus.archive import ArchiveUnavailableError
 from bus.errors import BusBackpressureError, BusConnectionError, EventValidationError
 from manager import __version__ as VERSION
-from manager.api import audit_routes, dlq, events, fleet, health
+from manager.api import audit_routes, deliveries, dlq, events, fleet, health
 from manager.api.auth import Tokens
 from manager.api.context import ManagerView, UnknownBotError
 from manager.api.docs import add_docs
@@ -52,7 +52,7 @@ def create_app(view: ManagerView, settings: ApiSettings, tokens: Tokens) -> Fast
     app.state.settings = settings
     app.state.tokens = tokens
     app.state.limiter = RateLimiter(settings.rate_limit, settings.rate_burst)
-    for module in (events, fleet, dlq, audit_routes, health):
+    for module in (events, deliveries, fleet, dlq, audit_routes, health):
         app.include_router(module.router)
     add_docs(app)
     _install_error_handlers(app)

@@ -15,6 +15,7 @@ import click
 import orjson
 import uvloop
 
+from bus.archive.deliveries import GroupTrail
 from bus.archive.errors import ArchiveError
 from bus.archive.store import ArchiveStore
 from bus.conditions import Where
@@ -22,6 +23,7 @@ from bus.errors import SubscriptionError
 from bus.event import Event
 from bus.patterns import Pattern
 from manager.archive.trace_tree import chain_tree
+from manager.cli.delivery_table import table
 from manager.cli.demo import describe
 from manager.cli.events import event_json
 from manager.config import ConfigError, config_path, load_config
@@ -136,9 +138,19 @@ def query(
         click.echo(f"more: --after {cursor}", err=True)
 
 
-async def _trace(dsn: str, correlation_id: str) -> list[Event]:
+async def _trace(
+    dsn: str, correlation_id: str, deliveries: bool
+) -> tuple[list[Event], dict[str, list[GroupTrail]]]:
+    """The chain, and (with ``deliveries``) each event's deliveries by event id."""
     async with await ArchiveStore.connect(dsn) as store:
-        return await store.trace(correlation_id)
+        chain = await store.trace(correlation_id)
+        trails = {}
+        if deliveries:
+            for event in chain:
+                trails[event.id] = await store.deliveries.trail(
+                    event.id, event.timestamp, event.type
+                )
+        return chain, trails
 
 
 #: Tree levels the text of ``events trace`` indents; deeper lines say their depth instead.
@@ -160,24 +172,40 @@ def _branch(depth: int) -> str:
     is_flag=True,
     help="One JSON line per event, depth-first, with parent_id and depth.",
 )
+@click.option(
+    "--deliveries/--no-deliveries",
+    default=True,
+    show_default=True,
+    help="Under each event, what each consumer group did with it.",
+)
 @dsn_option
-def trace(correlation_id: str, as_json: bool, postgres_dsn: str | None) -> None:
+def trace(correlation_id: str, as_json: bool, deliveries: bool, postgres_dsn: str | None) -> None:
     """A correlation chain from the archive, as a tree by causation.
 
     Each event is printed under the event that caused it, depth-first; past 20 levels the
     indentation stops growing and each line shows its depth as [N]. With --json each event
     is one JSON line with ``parent_id`` (its cause in the tree, null for a root) and
     ``depth``, in the same order: no nesting, so any depth prints.
+
+    Under each event comes its deliveries table (as ``events show`` prints it), or in JSON
+    its ``groups``; --no-deliveries leaves them out.
     """
     try:
-        chain = uvloop.run(_trace(archive_dsn(postgres_dsn), correlation_id))
+        chain, trails = uvloop.run(_trace(archive_dsn(postgres_dsn), correlation_id, deliveries))
     except ArchiveError as exc:
         raise click.ClickException(str(exc)) from None
     if not chain:
         raise click.ClickException(f"no archived event has correlation id {correlation_id}")
     for node in chain_tree(chain):
+        groups = trails.get(node.event.id)
         if as_json:
             line = {**event_json(node.event), "parent_id": node.parent_id, "depth": node.depth}
+            if groups is not None:
+                line["groups"] = [t.as_json() for t in groups]
             click.echo(orjson.dumps(line).decode())
-        else:
-            click.echo(_branch(node.depth) + describe(node.event))
+            continue
+        click.echo(_branch(node.depth) + describe(node.event))
+        if groups:  # an event no group received nor expected: nothing under it
+            indent = " " * len(_branch(node.depth)) + "   "
+            for row in table(groups, indent):
+                click.echo(row)

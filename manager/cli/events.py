@@ -54,7 +54,11 @@ ARCHIVE_COMMANDS = {
     ),
     "trace": (
         "manager.cli.archive:trace",
-        "A correlation chain from the archive, as a tree by causation.",
+        "A correlation chain from the archive, as a tree by causation, with deliveries.",
+    ),
+    "show": (
+        "manager.cli.event_show:show",
+        "An archived event and what each consumer group did with it.",
     ),
 }
 

@@ -97,6 +97,7 @@ def coordinator_duties(
             run_retention(parts.archive.get, settings.archive, settings.audit.retention_days),
             parts.repair.watch_identity(),
             parts.audit.run(),
+            parts.deliveries.run(),
         ]
         return [
             *([gate] if gate else []),

@@ -27,6 +27,7 @@ from manager.daemon.isolation import BotUsers
 from manager.daemon.provision import Provisioner
 from manager.daemon.redis_acl import bots_base_url
 from manager.daemon.redis_repair import RedisRepair
+from manager.deliveries import DeliveriesCopier
 from manager.embedded.services import Services
 from manager.supervision.cgroups import CgroupLimiter
 from manager.supervision.coordinator import Coordinator
@@ -60,6 +61,7 @@ class Parts:
     relay: OutboxRelay
     fanout: Fanout
     audit: AuditCopier
+    deliveries: DeliveriesCopier
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         relay,
         fanout,
         AuditCopier(admin, keys, archive.get),
+        DeliveriesCopier(admin, keys, archive.get),
     )
 
 

@@ -207,6 +207,8 @@ class Provisioner:
         options["archive_dsn"] = self._reader_dsn
         # Unless the operator chose direct publishing, its Redis user may not write streams.
         options["outbox"] = settings.supervisor.bot_outbox
+        # What each delivery came to, through the outbox (the relay stamps the group).
+        options["delivery_records"] = settings.audit.deliveries and settings.supervisor.bot_outbox
         if bot.consumer is not None:
             options["consumer"] = bot.consumer
         spec = RuntimeSpec(

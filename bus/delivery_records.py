@@ -1,0 +1,130 @@
+"""Delivery records: what one consumer did with each entry it took, sent with its acks.
+
+For each entry whose outcome is final (handled, dead-lettered, skipped by its ``where``
+conditions) or that it leaves pending for another try (retried), a consumer keeps one
+record, and the :class:`~bus.acks.AckBatcher` writes all it holds as **one** outbox entry
+(marked :data:`DELIVERIES_MARK`) just before each XACK: never a write per event. The
+manager's relay moves it to ``<ns>:deliveries`` stamped with the bot's group (a bot can
+only speak for its own group), and the coordinator copies it into PostgreSQL's
+``deliveries`` table (:mod:`bus.archive.deliveries`).
+
+The records go out before the acks: a consumer killed between the two has recorded an
+outcome for an entry still pending, which is delivered again and recorded again (it was
+handled twice). One killed before both leaves no record, and whoever takes the entry over
+records it with the consumer it took it from and the delivery count.
+
+Wire format of the ``records`` field: a JSON array of arrays, one per entry::
+
+    [outcome, event_id, created_at_us, entry_id, attempts, read_at_ms, done_at_ms,
+     handler_ms, previous_consumer, retry]
+
+``created_at_us`` is the event's timestamp in microseconds since the epoch (the archive's
+``created_at``), ``previous_consumer`` the consumer it was reclaimed from ("" if none),
+``retry`` 1 for an entry a dead-letter retry sent to this group alone.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from redis.asyncio import Redis
+
+if TYPE_CHECKING:
+    from bus.handling import Delivery
+
+#: Field of an outbox entry that holds delivery records (the relay moves it to the
+#: deliveries stream).
+DELIVERIES_MARK = "outbox.deliveries"
+#: Most records one outbox entry carries; a bigger flush is split.
+MOST_PER_ENTRY = 2000
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = datetime.resolution
+
+
+class DeliveryOutcome(enum.StrEnum):
+    """What one delivery of an entry to a group came to."""
+
+    #: Every matching handler succeeded (or it was a duplicate run-once skipped).
+    HANDLED = "handled"
+    #: A handler (or the consumer: malformed, poison) dead-lettered it.
+    DEAD_LETTERED = "dead_lettered"
+    #: Its type matched a subscription but no subscription's ``where`` took it.
+    SKIPPED = "skipped"
+    #: Left pending (a dead letter Redis refused, a fenced replica, a bug): delivered again.
+    RETRIED = "retried"
+
+
+def micros(moment: datetime) -> int:
+    """``moment`` in whole microseconds since the epoch (naive taken as UTC)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+class DeliveryRecords:
+    """The records one consumer has not sent yet, and how to send them."""
+
+    __slots__ = ("_consumer", "_key", "_redis", "_waiting", "sent")
+
+    def __init__(self, redis: Redis, outbox: str, consumer: str) -> None:
+        """``redis`` may XADD to ``outbox`` (the bot's own user)."""
+        self._redis = redis
+        self._key = outbox
+        self._consumer = consumer
+        self._waiting: list[list[Any]] = []
+        #: Records written so far.
+        self.sent = 0
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, delivery: Delivery, outcome: DeliveryOutcome) -> None:
+        """Keep the record of ``delivery`` (one decoded as an event; others have no id the
+        archive could join on and are left to the dead-letter archive)."""
+        event = delivery.event
+        if event is None:
+            return
+        now = time.time()
+        read_at = now - (time.monotonic() - delivery.taken_at)
+        self._waiting.append(
+            [
+                outcome.value,
+                event.id,
+                micros(event.timestamp),
+                delivery.entry_id,
+                delivery.attempts,
+                round(read_at * 1000, 3),
+                round(now * 1000, 3),
+                round(delivery.handler_s * 1000, 3),
+                delivery.previous,
+                1 if delivery.retry else 0,
+            ]
+        )
+
+    async def flush(self) -> None:
+        """Write what waits (one outbox entry per :data:`MOST_PER_ENTRY` records); on a
+        failure keep what was not written, in order, for the next flush, and raise."""
+        waiting, self._waiting = self._waiting, []
+        done = 0
+        try:
+            while done < len(waiting):
+                chunk = waiting[done : done + MOST_PER_ENTRY]
+                fields: dict[Any, Any] = {
+                    DELIVERIES_MARK: "1",
+                    "consumer": self._consumer,
+                    "records": orjson.dumps(chunk),
+                }
+                await self._redis.xadd(self._key, fields)
+                done += len(chunk)
+                self.sent += len(chunk)
+        except BaseException:
+            self._waiting[:0] = waiting[done:]
+            raise
+
+    def __repr__(self) -> str:
+        return f"<DeliveryRecords {self._key} waiting={len(self._waiting)} sent={self.sent}>"
