@@ -2,8 +2,10 @@
 
 At start and then every hour: the partitions of today and ``partitions_ahead`` days are
 created (the archiver also creates a missing day on demand), and every partition of a day
-older than ``retention_days`` is dropped in one statement each, never row by row. The
-operator actions older than ``audit.retention_days`` are deleted (few rows: no partitions).
+older than ``retention_days`` is dropped in one statement each, never row by row: the
+events' partitions and their deliveries' (partitioned by the event's day), with the
+subscription history that ended before any event kept. The operator actions older than
+``audit.retention_days`` are deleted (few rows: no partitions).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ async def maintain(
         if deleted := await store.audit.delete_before(cutoff):
             log.info("old operator actions deleted", rows=deleted, retention_days=audit_days)
     await store.create_partitions_ahead(today, settings.partitions_ahead)
-    dropped = await store.drop_partitions_before(cutoff_day(today, settings.retention_days))
+    oldest = cutoff_day(today, settings.retention_days)
+    dropped = await store.drop_partitions_before(oldest)
+    await store.deliveries.forget_history_before(oldest)
     if dropped:
         log.info(
             "old partitions dropped", partitions=dropped, retention_days=settings.retention_days

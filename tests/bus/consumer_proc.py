@@ -8,7 +8,9 @@ forever on that event type; ``--die-on TYPE`` makes it SIGKILL its own process o
 crash no ``finally`` survives, like the OOM killer). ``--partitions user=4`` reads that
 route as partitions; ``--record`` pushes each handled event's ``seq`` onto the Redis list
 ``test:order:<key>`` (one order for all processes) after ``--handle-ms`` (at most, at
-random) of work.
+random) of work. ``--records`` publishes through the bot's outbox and keeps delivery
+records (as a bot the manager runs does); ``--handle-ms`` alone is that much work (at most,
+at random) in each handler.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--partition-ttl", type=float, default=10.0)
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--handle-ms", type=float, default=0.0)
+    parser.add_argument("--records", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -53,6 +56,8 @@ async def _consume(args: argparse.Namespace, out: TextIO) -> None:
     settings = BusSettings(
         redis_url=args.redis_url,
         partitions=partitions,
+        outbox=args.records,
+        delivery_records=args.records,
         consumer=ConsumerSettings(
             visibility_timeout=args.visibility_timeout,
             max_deliveries=args.max_deliveries,
@@ -72,6 +77,8 @@ async def _consume(args: argparse.Namespace, out: TextIO) -> None:
                 await asyncio.Event().wait()
             if args.record:
                 await record(bus, event, args.handle_ms)
+            elif args.handle_ms:
+                await asyncio.sleep(random.uniform(0, args.handle_ms) / 1000)
             _note(out, f"handled {event.id}")
 
         run = asyncio.create_task(bus.run())

@@ -109,6 +109,42 @@ async def test_each_group_s_outcome_is_in_the_trail_and_a_silent_one_is_missed(
     assert missed == {"bot-group-dave": 2}
 
 
+async def test_expected_groups_follow_the_subscriptions_declared_at_the_time(
+    bus_factory: BusFactory, archive: ArchiveStore
+) -> None:
+    """Dave declares order.# and later withdraws it; erin declares it only after the first
+    event: the first event was expected of dave alone, the second of erin alone. Declaring
+    the same again changes no history; changing the conditions starts a new row."""
+    publisher = await bus_factory("shop", outbox=False)
+    await archive.upsert_subscriptions("dave", [("order.#", None)])
+    first = await publisher.publish("order.placed", {})
+    await archive.upsert_subscriptions("dave", [])
+    await archive.upsert_subscriptions("erin", [("order.*", None)])
+    await archive.upsert_subscriptions("erin", [("order.*", None)])
+    second = await publisher.publish("order.placed", {})
+    placed, later = (
+        await archived(archive, publisher, first),
+        await archived(archive, publisher, second),
+    )
+    assert [(t.group, t.expected) for t in (await trail_of(archive, placed)).values()] == [
+        ("bot-group-dave", True)
+    ]
+    assert [(t.group, t.status) for t in (await trail_of(archive, later)).values()] == [
+        ("bot-group-erin", "not handled")
+    ]
+    await archive.upsert_subscriptions("erin", [("order.*", {"total": {"gt": 1}})])
+    async with archive.connection() as conn:
+        rows = await conn.fetch(
+            "SELECT subscriber, valid_to IS NULL AS open FROM subscription_history "
+            "ORDER BY subscriber, valid_from"
+        )
+    assert [(r["subscriber"], r["open"]) for r in rows] == [
+        ("dave", False),
+        ("erin", False),
+        ("erin", True),
+    ]
+
+
 async def test_records_are_stamped_with_the_bot_s_own_group(
     bus_factory: BusFactory, admin: Redis, archive: ArchiveStore, pipeline: DeliveriesCopier
 ) -> None:
@@ -118,7 +154,12 @@ async def test_records_are_stamped_with_the_bot_s_own_group(
                "1-0", 1, 1_733_000_000_000, 1_733_000_000_001, 0.5, "", 0]]  # fmt: skip
     await admin.xadd(
         KEYS.outbox("alice"),
-        {DELIVERIES_MARK: "1", "group": "bot-group-bob", "consumer": "c", "records": orjson.dumps(forged)},
+        {
+            DELIVERIES_MARK: "1",
+            "group": "bot-group-bob",
+            "consumer": "c",
+            "records": orjson.dumps(forged),
+        },
     )
     await wait_until(lambda: _rows(archive, 1), what="the record stored")
     async with archive.connection() as conn:
@@ -148,7 +189,8 @@ async def test_hostile_entries_are_dropped_and_hold_nothing_up(
     ):
         await admin.xadd(key, fields)  # type: ignore[arg-type]
     await admin.xadd(
-        key, {"group": "bot-group-x", "consumer": "x-0", "records": orjson.dumps([*bad_records, good])}
+        key,
+        {"group": "bot-group-x", "consumer": "x-0", "records": orjson.dumps([*bad_records, good])},
     )
     copier = DeliveriesCopier(admin, KEYS, link.get)
     async with in_background(copier.run()):
