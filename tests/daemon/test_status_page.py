@@ -1,5 +1,6 @@
 """The status page (``GET /``), as an operator sees it: a real headless Chromium on a real
-``multibot start`` with a healthy bot and a crash-looping one.
+``multibot start`` with a healthy bot and a crash-looping one; its event view on bots that
+handle, dead-letter and never see an event.
 
 Needs Debian's ``chromium`` (``apt-get install chromium``) and the ``playwright`` package
 (the ``dev`` extra); it is skipped, saying which is missing, without them. Playwright's own
@@ -13,6 +14,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,6 +39,16 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 STEADY = "tests.daemon.sample_bots:steady"
 CRASHER = "tests.daemon.sample_bots:crasher"
+SCRIBE = "tests.daemon.trail_bots:scribe"
+GRUMPY = "tests.daemon.trail_bots:grumpy"
+NOTES = [{"pattern": "note.*"}]
+#: What each group did with each event of the event view's chain.
+TRAIL = {"bot-group-scribe": "handled", "bot-group-grumpy": "dead_lettered",
+         "bot-group-absent": "not handled"}  # fmt: skip
+#: The correlation id of the event view's chain: an id of no event, as a caller may pick.
+CORRELATION = "trail-1"
+#: Written into the page as text it stays text: no element, no script run.
+HOSTILE = "<img src=x onerror=document.title=1><b>bold</b>"
 CRASH_LOOP = {"backoff_base": 0.05, "backoff_cap": 0.1, "crash_loop_restarts": 2,
               "crash_loop_window": 60.0}  # fmt: skip
 #: Long enough for a few 2 s polls of the page.
@@ -224,3 +236,220 @@ async def check_connection_lost(page: Page, stop: Callable[[], Awaitable[int]]) 
     await expect(banner).to_have_attribute("data-kind", "lost", timeout=SEEN)
     await expect(banner).to_contain_text("Connection lost — retrying")
     await expect(page.locator('#bots tr.bot[data-bot="steady"]')).to_be_visible()
+
+
+class TestEventView:
+    async def test_shows_an_event_its_chain_and_what_each_group_did(
+        self, manager_factory: ManagerFactory
+    ) -> None:
+        """An event id typed in shows the event, its chain as an indented tree, and for each
+        group: handled, dead-lettered with its DLQ id, or "not handled" (the bot that never
+        runs) called out; a link to ``#event=<id>`` opens it; a missing token, an unknown id
+        and a manager without an archive each get a message saying what to do."""
+        bots = (
+            bot_toml("scribe", SCRIBE, subscriptions=NOTES)
+            + bot_toml("grumpy", GRUMPY, subscriptions=NOTES)
+            + bot_toml("absent", CRASHER, subscriptions=NOTES, restart=CRASH_LOOP)
+        )
+        manager = await manager_factory(bots)
+        url, admin = await manager.api()
+        root, child = await recorded_trail(url, admin)
+        errors: list[str] = []
+
+        def console(message: ConsoleMessage) -> None:
+            if message.type == "error":
+                errors.append(f"console: {message.text}")
+
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = await browser.new_page(viewport={"width": 1100, "height": 800})
+                page.on("console", console)
+                page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+                answer = await page.goto(f"{url}/")
+                assert answer is not None and answer.ok
+                await page.locator("#event-token").fill(admin)
+                await page.locator("#event-query").fill(root["event"]["id"])
+                await page.locator("#event-query").press("Enter")
+                await check_event(page, root["event"])
+                await check_chain(page, root["event"]["id"], child["event"]["id"])
+                await check_deliveries(page, root)
+                await check_pick_in_chain(page, child)
+                await event_screenshot(page)
+                await check_narrow(page)
+                await check_by_correlation(page, root["event"]["id"])
+                link = await browser.new_page(viewport={"width": 1100, "height": 800})
+                link.on("console", console)
+                link.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+                await check_link(link, url, child["event"]["id"], admin)
+                await check_lookup_failures(page)
+            finally:
+                await browser.close()
+        # The failures checked on purpose are logged as failed loads; nothing else may be.
+        failed_fetch = "console: Failed to load resource: "
+        assert [e for e in errors if not e.startswith(failed_fetch)] == [], "\n".join(errors)
+
+
+async def recorded_trail(url: str, admin: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Publish a note; return the deliveries of it and of the note the scribe filed for
+    it, once every group's part in both is recorded."""
+    auth = {"Authorization": f"Bearer {admin}"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        answer = await client.post(
+            f"{url}/v1/events",
+            headers=auth,
+            json={
+                "type": "note.posted",
+                "data": {"text": HOSTILE, "n": 1},
+                "correlation_id": CORRELATION,
+            },
+        )
+        assert answer.status_code == 202, answer.text
+        [root_id] = answer.json()["ids"]
+        found: dict[str, dict[str, Any]] = {}
+
+        async def recorded() -> bool:
+            trace = await client.get(f"{url}/v1/traces/{CORRELATION}", headers=auth)
+            if trace.status_code != 200 or trace.json()["events"] != 2:
+                return False
+            for node in trace.json()["nodes"]:
+                answer = await client.get(f"{url}/v1/events/{node['id']}/deliveries", headers=auth)
+                assert answer.status_code in (200, 404), answer.text  # 404: not archived yet
+                if answer.status_code == 404:
+                    return False
+                statuses = {g["group"]: g["status"] for g in answer.json()["groups"]}
+                if statuses != TRAIL:
+                    return False
+                found[node["id"]] = answer.json()
+            return True
+
+        await wait_until(recorded, 30, "every group's part in the note and its child recorded")
+    [child_id] = [event_id for event_id in found if event_id != root_id]
+    return found[root_id], found[child_id]
+
+
+async def check_event(page: Page, event: dict[str, Any]) -> None:
+    """The event's fields, and its data as formatted JSON, hostile markup shown as text."""
+    fields = page.locator("#event-fields")
+    await expect(fields.locator('[data-field="id"]')).to_have_text(event["id"], timeout=SEEN)
+    await expect(fields.locator('[data-field="type"]')).to_have_text("note.posted")
+    await expect(fields.locator('[data-field="source"]')).to_have_text("api:admin")
+    await expect(fields.locator('[data-field="correlation id"]')).to_have_text(CORRELATION)
+    await expect(fields.locator('[data-field="time"]')).to_contain_text(event["timestamp"][:19])
+    await expect(page.locator("#event-data")).to_contain_text(f'"text": "{HOSTILE}"')
+    await expect(page.locator("#event-data")).to_contain_text('\n  "n": 1')
+    assert await page.locator("#events img, #events b").count() == 0
+    assert await page.title() != "1"
+    await expect(page.locator("#event-message")).to_be_empty()
+    assert page.url.endswith(f"#event={event['id']}")
+
+
+async def check_chain(page: Page, root_id: str, child_id: str) -> None:
+    """The chain as a tree: the note, and indented under it the note it caused, each with
+    its groups' statuses."""
+    nodes = page.locator("#chain li")
+    await expect(nodes).to_have_count(2)
+    await expect(nodes.nth(0)).to_have_attribute("data-id", root_id)
+    await expect(nodes.nth(0)).to_have_attribute("data-depth", "0")
+    await expect(nodes.nth(0)).to_have_attribute("aria-current", "true")
+    await expect(nodes.nth(1)).to_have_attribute("data-id", child_id)
+    await expect(nodes.nth(1)).to_have_attribute("data-depth", "1")
+    await expect(nodes.nth(1).locator("button")).to_have_text("↳ note.filed")
+    outer = await nodes.nth(0).locator("button").bounding_box()
+    inner = await nodes.nth(1).locator("button").bounding_box()
+    assert outer is not None and inner is not None and inner["x"] > outer["x"] + 10
+    for node in (nodes.nth(0), nodes.nth(1)):
+        await expect(node.locator('[data-group="bot-group-absent"]')).to_contain_text("not handled")
+
+
+async def check_deliveries(page: Page, deliveries: dict[str, Any]) -> None:
+    """A row per group with its status; the dead letter's DLQ id; "not handled" said in
+    words above the table and in red."""
+    table = page.locator("#deliveries tbody")
+    groups = table.locator("tr.group")
+    await expect(groups).to_have_count(3)
+    for group, status in TRAIL.items():
+        row = table.locator(f'tr.group[data-group="{group}"]')
+        await expect(row).to_have_attribute("data-status", status)
+        await expect(row.locator("td.state")).to_have_text(status)
+    handled = table.locator('tr.outcome[data-group="bot-group-scribe"]')
+    await expect(handled).to_have_count(1)
+    await expect(handled.locator("td").nth(1)).to_have_text("handled")
+    [grumpy] = [g for g in deliveries["groups"] if g["group"] == "bot-group-grumpy"]
+    [letter] = grumpy["dead_letters"]
+    dead = table.locator('tr.dead-letter[data-group="bot-group-grumpy"]')
+    await expect(dead).to_have_attribute("data-dlq", letter["dlq_id"])
+    await expect(dead).to_contain_text(f"dead letter {letter['dlq_id']}")
+    await expect(dead).to_contain_text("grumpy refuses note.posted")
+    missed = page.locator("#deliveries-missed")
+    await expect(missed).to_contain_text("Not handled by bot-group-absent")
+    colour = await table.locator('tr[data-status="not handled"] td').first.evaluate(
+        "e => getComputedStyle(e).color"
+    )
+    assert colour == "rgb(207, 34, 46)"
+
+
+async def check_pick_in_chain(page: Page, child: dict[str, Any]) -> None:
+    """Picking the caused note in the tree shows it and its deliveries, and links to it."""
+    child_id = child["event"]["id"]
+    await page.locator(f'#chain li[data-id="{child_id}"] button').click()
+    await expect(page.locator('#event-fields [data-field="id"]')).to_have_text(child_id)
+    await expect(page.locator('#event-fields [data-field="caused by"]')).to_have_text(
+        child["event"]["causation_id"]
+    )
+    await expect(page.locator("#deliveries-note")).to_contain_text(child_id)
+    dead = page.locator('#deliveries tr.dead-letter[data-group="bot-group-grumpy"]')
+    await expect(dead).to_contain_text("grumpy refuses note.filed")
+    assert page.url.endswith(f"#event={child_id}")
+
+
+async def check_by_correlation(page: Page, root_id: str) -> None:
+    """A correlation id typed in (no event has it as id) shows its chain from the root."""
+    await page.locator("#event-query").fill(CORRELATION)
+    await page.locator("#event-query").press("Enter")
+    await expect(page.locator('#event-fields [data-field="id"]')).to_have_text(root_id)
+    await expect(page.locator("#chain li")).to_have_count(2)
+    await expect(page.locator("#chain li").first).to_have_attribute("aria-current", "true")
+    await expect(page.locator("#deliveries tr.group")).to_have_count(3)
+
+
+async def event_screenshot(page: Page) -> None:
+    """The event view, kept as an artifact of the run."""
+    path = artifacts() / "status-page-event.png"
+    await page.locator("#events").screenshot(path=str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def check_link(page: Page, url: str, event_id: str, admin: str) -> None:
+    """A link to ``#event=<id>`` opens the view at once; without a token it says the read
+    scope is needed, and with one typed in it shows the event."""
+    await page.goto(f"{url}/#event={event_id}")
+    await expect(page.locator("#event-query")).to_have_value(event_id)
+    message = page.locator("#event-message")
+    await expect(message).to_have_attribute("data-kind", "error", timeout=SEEN)
+    await expect(message).to_contain_text("needs a token with the read scope")
+    await page.locator("#event-token").fill(admin)
+    await page.locator("#event-form button").click()
+    await expect(page.locator('#event-fields [data-field="id"]')).to_have_text(event_id)
+    await expect(message).to_be_empty()
+
+
+async def check_lookup_failures(page: Page) -> None:
+    """An id nothing has says archiving takes a moment; a manager without an archive says
+    so."""
+    message = page.locator("#event-message")
+    await page.locator("#event-query").fill("no-such-event")
+    await page.locator("#event-query").press("Enter")
+    await expect(message).to_contain_text("Archiving takes a moment", timeout=SEEN)
+    await expect(message).to_have_attribute("data-kind", "error")
+    await expect(page.locator("#event-view")).to_be_hidden()
+
+    async def no_archive(route: Route) -> None:
+        await route.fulfill(status=503, json={"error": "this manager keeps no archive"})
+
+    await page.route("**/v1/events/**", no_archive)
+    await page.locator("#event-query").press("Enter")
+    await expect(message).to_contain_text("this manager keeps none", timeout=SEEN)
+    await page.unroute("**/v1/events/**")
