@@ -29,6 +29,7 @@ REQUIRED_ALERTS = {
     "MultibotConsumerLagHigh",
     "MultibotPendingStuck",
     "MultibotDeadLettersGrowing",
+    "MultibotDeliveriesMissed",
     "MultibotDeliveryDelayHigh",
     "MultibotMemoryHigh",
     "MultibotMemoryCritical",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bus.keys import GROUP_PREFIX
 from bus.outbox import outbox_backlog
 from manager.observe.metrics import MetricsInput, archive_lag, gather_streams, render
 
@@ -22,12 +23,14 @@ async def render_metrics(view: DaemonView) -> bytes:
     coordinator = view.coordinator
     bots = view.supervisor.status()
     outboxes = await outbox_backlog(bus.redis, bus.keys, [b.id for b in bots])
+    groups = coordinator.group_status()  # the coordinator's only: empty elsewhere
+    missed = {g.group: 0 for g in groups if g.group.startswith(GROUP_PREFIX)}
     return render(
         MetricsInput(
             fleet=view.supervisor.metrics.snapshot(),
             bots=bots,
             memory=coordinator.memory_status(),
-            groups=coordinator.group_status(),
+            groups=groups,
             redis_memory=coordinator.redis_memory_status(),
             streams=streams,
             archive=archive,
@@ -35,5 +38,6 @@ async def render_metrics(view: DaemonView) -> bytes:
             dead_letters=await bus.dlq.count(),
             api_requests=dict(view.requests),
             outboxes=outboxes,
+            missed=missed | coordinator.missed_deliveries(),
         )
     )

@@ -98,6 +98,7 @@ def coordinator_duties(
             parts.repair.watch_identity(),
             parts.audit.run(),
             parts.deliveries.run(),
+            parts.missed.run(),
         ]
         return [
             *([gate] if gate else []),

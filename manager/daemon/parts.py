@@ -21,6 +21,7 @@ from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink
 from manager.archive.pressure import PressureWatch
 from manager.archive.trimmer import Trimmer
+from manager.archive_caught_up import archive_caught_up
 from manager.audit import AuditCopier
 from manager.config import BotConfig, ManagerSettings
 from manager.daemon.isolation import BotUsers
@@ -28,6 +29,7 @@ from manager.daemon.provision import Provisioner
 from manager.daemon.redis_acl import bots_base_url
 from manager.daemon.redis_repair import RedisRepair
 from manager.deliveries import DeliveriesCopier
+from manager.deliveries_watch import MissedDeliveries
 from manager.embedded.services import Services
 from manager.supervision.cgroups import CgroupLimiter
 from manager.supervision.coordinator import Coordinator
@@ -62,6 +64,7 @@ class Parts:
     fanout: Fanout
     audit: AuditCopier
     deliveries: DeliveriesCopier
+    missed: MissedDeliveries
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,12 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         admin, keys, context.router, lambda: [b.id for b in context.bots()],
         durable=Durable.of(context.bus_settings),
     )  # fmt: skip
+    missed = MissedDeliveries(
+        archive.get,
+        settings.audit.missed_after,
+        caught_up=lambda until, now: archive_caught_up(admin, keys, until, now),
+    )
+    coordinator.missed_deliveries = missed.totals  # what /metrics reports
     return Parts(
         clients,
         archive,
@@ -170,6 +179,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
         fanout,
         AuditCopier(admin, keys, archive.get),
         DeliveriesCopier(admin, keys, archive.get),
+        missed,
     )
 
 

@@ -77,6 +77,7 @@ METRIC_NAMES = frozenset(
         "multibot_archive_up",
         "multibot_dead_letters",
         "multibot_outbox_entries",
+        "multibot_deliveries_missed",
         "multibot_bot_up",
         "multibot_bot_failed",
         "multibot_bot_rss_bytes",
@@ -116,6 +117,9 @@ class MetricsInput:
     api_requests: Mapping[tuple[str, str, str], int]
     #: :func:`bus.outbox.outbox_backlog`: entries each bot published, not relayed yet.
     outboxes: Mapping[str, int] = field(default_factory=dict)
+    #: :class:`manager.deliveries_watch.MissedDeliveries`' totals, per group (0 for each
+    #: group known to have none yet, so that the first one shows as an increase).
+    missed: Mapping[str, int] = field(default_factory=dict)
 
 
 def render(data: MetricsInput) -> bytes:
@@ -151,6 +155,15 @@ class _Snapshot(Collector):
         for bot, entries in sorted(data.outboxes.items()):
             outbox.add_metric([bot], entries)
         yield outbox
+        missed = CounterMetricFamily(
+            "multibot_deliveries_missed",
+            "Events a group should have received and had no outcome for audit.missed_after "
+            "seconds on (counted by the coordinating manager).",
+            labels=["group"],
+        )
+        for group, count in sorted(data.missed.items()):
+            missed.add_metric([group], count)
+        yield missed
         yield from _memory(data.memory)
         yield from _pressure(data.redis_memory)
         requests = CounterMetricFamily(

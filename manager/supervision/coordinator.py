@@ -74,6 +74,9 @@ class Coordinator:
         self._budget = MemoryBudget(1)
         #: The pressure watch's state, when one runs (set by the daemon).
         self.pressure: PressureState | None = None
+        #: Events that missed each group past the deadline, as counted while this manager
+        #: coordinated (set by the daemon to the missed-deliveries watch's totals).
+        self.missed_deliveries: Callable[[], dict[str, int]] = dict
         #: Whether this manager coordinates the deployment (set by the daemon): the lag of
         #: the groups is watched there only; each manager watches its own host's memory.
         self.leading: Callable[[], bool] = lambda: True

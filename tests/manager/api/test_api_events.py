@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
 from bus import BusClient
 from bus.archive import ArchiveStore
+from bus.archive.deliveries import DeliveryRow
 from manager.api.app import create_app
 from manager.api.auth import SCOPES, Caller, Tokens
 from manager.api.models import ApiStatus, Health
@@ -121,6 +123,44 @@ class TestTrace:
         ]
 
 
+class TestDeliveries:
+    async def test_each_group_s_outcomes_and_an_unknown_event(
+        self, store: ArchiveStore, client: httpx.AsyncClient
+    ) -> None:
+        """An archived event greeter's group handled after taking it over: the group, its
+        status and the outcome with its consumer, delivery count and the consumer it came
+        from; an id no event has is a 404 saying archiving takes a moment."""
+        root, _, _ = await _chain(store)
+        done = datetime.now(UTC)
+        await store.deliveries.copy([
+            DeliveryRow(
+                event_id=root.id, created_at=root.timestamp, group_name="bot-group-greeter",
+                consumer="greeter-1", outcome="handled", attempts=2, entry_id="5-0",
+                read_at=done - timedelta(milliseconds=30), done_at=done, handler_ms=12.5,
+                previous="greeter-0",
+            )
+        ])  # fmt: skip
+        answer = await client.get(f"/v1/events/{root.id}/deliveries")
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["event"]["id"] == root.id
+        (group,) = body["groups"]
+        assert (group["group"], group["expected"], group["status"]) == (
+            "bot-group-greeter",
+            False,
+            "handled",
+        )
+        (outcome,) = group["outcomes"]
+        assert (outcome["consumer"], outcome["attempts"], outcome["previous_consumer"]) == (
+            "greeter-1",
+            2,
+            "greeter-0",
+        )
+        missing = await client.get("/v1/events/0190d5b6-6a8b-7c3d-8e4f-0a1b2c3d4e5f/deliveries")
+        assert missing.status_code == 404
+        assert "archiving takes a moment" in missing.json()["error"]
+
+
 def _cursor(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
@@ -151,7 +191,9 @@ class TestQueryParameters:
         assert answer.status_code == 422, answer.text
         assert OUT_OF_RANGE[query] in answer.json()["error"]
 
-    @pytest.mark.parametrize("path", ["/v1/events/a%00b", "/v1/traces/a%00b"])
+    @pytest.mark.parametrize(
+        "path", ["/v1/events/a%00b", "/v1/traces/a%00b", "/v1/events/a%00b/deliveries"]
+    )
     async def test_an_id_with_a_nul_character_is_a_422(
         self, client: httpx.AsyncClient, path: str
     ) -> None:

@@ -278,6 +278,14 @@ class TestRender:
         api = "multibot_api_requests_total"
         assert value(found, api, method="GET", route="/v1/events/{event_id}", code="200") == 5
 
+    def test_missed_deliveries(self) -> None:
+        """Events that missed a group are a counter per group, 0 for a group with none yet
+        (so that its first shows as an increase)."""
+        found = samples(render(realistic(missed={GROUP: 2, "bot-group-quiet": 0})))
+        assert value(found, "multibot_deliveries_missed_total", group=GROUP) == 2
+        assert value(found, "multibot_deliveries_missed_total", group="bot-group-quiet") == 0
+        assert samples(render(realistic()))["multibot_deliveries_missed"] == []
+
     def test_nothing_to_report(self) -> None:
         """With nothing measured and no archive, every family is there, most empty."""
         empty = MetricsInput(
