@@ -76,19 +76,26 @@ local function route(type_)
   if type_ then cache[type_] = target end
   return target
 end
-local function dead_letter(id, f)
-  local out, named, entry_id = {}, nil, nil
+-- The fields of f but those named in skip, then 'group' set to the bot's group.
+local function stamped_copy(f, skip)
+  local out = {}
   for i = 1, #f, 2 do
-    local name = f[i]
-    if name ~= mark and name ~= 'source' and name ~= 'group' and name ~= 'origin' then
-      if name == 'stream' then named = f[i + 1] end
-      if name == 'entry_id' then entry_id = f[i + 1] end
-      out[#out + 1] = name
+    if not skip[f[i]] then
+      out[#out + 1] = f[i]
       out[#out + 1] = f[i + 1]
     end
   end
   out[#out + 1] = 'group'
   out[#out + 1] = group
+  return out
+end
+local letter_skip = {[mark] = true, source = true, group = true, origin = true}
+local function dead_letter(id, f)
+  local out, named, entry_id = stamped_copy(f, letter_skip), nil, nil
+  for i = 1, #f, 2 do
+    if f[i] == 'stream' then named = f[i + 1] end
+    if f[i] == 'entry_id' then entry_id = f[i + 1] end
+  end
   if plan then  -- the stream it names may be on another node: the caller looks
     emit(2, id, out, named or '', entry_id or '')
     return
@@ -102,18 +109,9 @@ local function dead_letter(id, f)
   end
   emit(2, id, out)
 end
+local records_skip = {[dmark] = true, group = true}
 local function records(id, f)
-  local out = {}
-  for i = 1, #f, 2 do
-    local name = f[i]
-    if name ~= dmark and name ~= 'group' then
-      out[#out + 1] = name
-      out[#out + 1] = f[i + 1]
-    end
-  end
-  out[#out + 1] = 'group'
-  out[#out + 1] = group
-  emit(3, id, out)
+  emit(3, id, stamped_copy(f, records_skip))
 end
 local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[3]))
 for _, row in ipairs(rows) do

@@ -188,6 +188,27 @@ class ChildProc:
                 f"{self.name} exited ({self.process.returncode})\n{self.log_tail()}"
             )
 
+    async def kill_while(
+        self,
+        holding: Callable[[], Awaitable[bool]],
+        what: str,
+        timeout: float = 10.0,  # noqa: ASYNC109 - a test deadline that fails with a message
+    ) -> None:
+        """SIGKILL it at a moment ``holding()`` is true. It is frozen (SIGSTOP) while
+        looked at, so what it holds cannot change between the look and the kill."""
+
+        async def frozen_holding() -> bool:
+            self.check_alive()
+            self.process.send_signal(signal.SIGSTOP)
+            if await holding():
+                return True
+            self.process.send_signal(signal.SIGCONT)
+            await asyncio.sleep(0.005)
+            return False
+
+        await wait_until(frozen_holding, timeout, what)
+        await self.kill()
+
     async def kill(self) -> None:
         """SIGKILL the process and reap it (idempotent)."""
         if self.process.returncode is None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from bus.archive.deliveries import GroupTrail
 from manager.api.context import view_of
 from manager.api.errors import ERRORS
-from manager.api.events import archive_of, check_text
+from manager.api.events import archive_of, archived_event
 from manager.api.models import EventOut
 from manager.api.security import Reader
 
@@ -80,15 +80,8 @@ async def deliveries(request: Request, _: Reader, event_id: str) -> EventDeliver
     """Every group that handled, skipped, retried or dead-lettered the event, and every
     group that should have received it (by the subscriptions declared when it was
     published) and has nothing recorded: status ``not handled``."""
-    check_text(event_id, "the event id")
     store = await archive_of(request)
-    event = await store.get(event_id)
-    if event is None:
-        raise HTTPException(
-            404,
-            f"no archived event has id {event_id!r} (archiving takes a moment; older than "
-            "the retention is gone)",
-        )
+    event = await archived_event(store, event_id)
     trails = await store.deliveries.trail(event.id, event.timestamp, event.type)
     keys = view_of(request).bus.keys
     stream = keys.stream_name(event.stream) if event.stream else None

@@ -219,8 +219,13 @@ async def query(
     "/v1/events/{event_id}", response_model=EventOut, responses=ERRORS, summary="One archived event"
 )
 async def get_event(request: Request, _: Reader, event_id: str) -> EventOut:
+    event = await archived_event(await archive_of(request), event_id)
+    return _out(event, view_of(request).bus.keys)
+
+
+async def archived_event(store: ArchiveStore, event_id: str) -> Event:
+    """The archived event with this id; 422 for an id no event can have, 404 for none."""
     check_text(event_id, "the event id")
-    store = await archive_of(request)
     event = await store.get(event_id)
     if event is None:
         raise HTTPException(
@@ -228,7 +233,7 @@ async def get_event(request: Request, _: Reader, event_id: str) -> EventOut:
             f"no archived event has id {event_id!r} (archiving takes "
             "a moment; older than the retention is gone)",
         )
-    return _out(event, view_of(request).bus.keys)
+    return event
 
 
 @router.get(

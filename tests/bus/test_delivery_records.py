@@ -4,8 +4,6 @@ consumer that took them over and the one they were taken from)."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -125,25 +123,15 @@ async def test_records_are_exact_when_a_consumer_is_killed_mid_batch(
 
 
 async def _kill_holding(redis: Redis, proc: ConsumerProc, consumer: str) -> list[str]:
-    """SIGKILL ``proc`` while its consumer holds entries read and not acked (frozen while
-    looked at, so none is acked between the look and the kill); their entry ids."""
+    """SIGKILL ``proc`` while its consumer holds entries read and not acked; their ids."""
+    held: list[str] = []
 
-    async def holding() -> list[str]:
+    async def holding() -> bool:
         rows: Any = await redis.xpending_range(KEYS.stream("bot"), GROUP, "-", "+", 1000, consumer)
-        return [row["message_id"] for row in rows]
+        held[:] = [row["message_id"] for row in rows]
+        return bool(held)
 
-    async def frozen_holding() -> bool:
-        proc.check_alive()
-        proc.process.send_signal(signal.SIGSTOP)
-        if await holding():
-            return True
-        proc.process.send_signal(signal.SIGCONT)
-        await asyncio.sleep(0.005)
-        return False
-
-    await wait_until(frozen_holding, 20, f"{consumer} holding entries")
-    held = await holding()
-    await proc.kill()
+    await proc.kill_while(holding, f"{consumer} holding entries", 20)
     return held
 
 

@@ -15,14 +15,15 @@ import pytest
 from tests.daemon.conftest import ManagerFactory
 
 try:
-    from playwright.async_api import ConsoleMessage, Page, Route, async_playwright, expect
+    from playwright.async_api import Page, Route, expect
 except ImportError:
     pytest.skip(
         "playwright is not installed: `.venv/bin/pip install -e '.[dev]'`",
         allow_module_level=True,
     )
 
-from tests.daemon.test_status_page import CHROMIUM, CHROMIUM_ARGS, artifacts
+from tests.daemon.browser import CHROMIUM, chromium, watched_page
+from tests.daemon.test_status_page import artifacts
 
 #: Long enough for Swagger UI to fetch and render the OpenAPI document.
 SEEN = 20_000
@@ -58,28 +59,16 @@ class TestDocsPage:
                 elsewhere.append(route.request.url)
                 await route.abort("internetdisconnected")
 
-        def console(message: ConsoleMessage) -> None:
-            if message.type == "error":
-                errors.append(f"console: {message.text}")
+        async with chromium() as browser:
+            page = await watched_page(browser, errors)
+            await page.route("**/*", closed_network)
+            answer = await page.goto(f"{url}/docs")
+            assert answer is not None and answer.ok
 
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                page = await browser.new_page(viewport={"width": 1100, "height": 800})
-                await page.route("**/*", closed_network)
-                page.on("console", console)
-                page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-                answer = await page.goto(f"{url}/docs")
-                assert answer is not None and answer.ok
-
-                await check_rendered(page)
-                await page.screenshot(path=str(artifacts() / "docs-page.png"), full_page=True)
-                # The anonymous call's 401 is logged by the browser; nothing else may be.
-                await check_try_it_out(page, admin)
-            finally:
-                await browser.close()
+            await check_rendered(page)
+            await page.screenshot(path=str(artifacts() / "docs-page.png"), full_page=True)
+            # The anonymous call's 401 is logged by the browser; nothing else may be.
+            await check_try_it_out(page, admin)
         assert elsewhere == [], f"the page reached beyond the manager: {elsewhere}"
         failed_fetch = "console: Failed to load resource: "
         assert [e for e in errors if not e.startswith(failed_fetch)] == [], "\n".join(errors)

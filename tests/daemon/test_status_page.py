@@ -24,19 +24,15 @@ from tests.daemon.manager_process import REPO, bot_toml
 from tests.support import wait_until
 
 try:
-    from playwright.async_api import ConsoleMessage, Page, Route, async_playwright, expect
+    from playwright.async_api import Page, Route, expect
 except ImportError:
     pytest.skip(
         "playwright is not installed: `.venv/bin/pip install -e '.[dev]'`",
         allow_module_level=True,
     )
 
-CHROMIUM = Path("/usr/bin/chromium")
-#: Flags for running as root on a closed network: no sandbox, no GPU, nothing phoning home.
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+from tests.daemon.browser import CHROMIUM, chromium, watched_page
+
 STEADY = "tests.daemon.sample_bots:steady"
 CRASHER = "tests.daemon.sample_bots:crasher"
 SCRIBE = "tests.daemon.trail_bots:scribe"
@@ -83,33 +79,20 @@ class TestStatusPage:
         manager = await manager_factory(bots, extra="[api]\nhistory_interval = 0.5\n")
         url, admin = await manager.api()
         errors: list[str] = []
+        async with chromium() as browser:
+            page = await watched_page(browser, errors)
+            answer = await page.goto(f"{url}/")
+            assert answer is not None and answer.ok
+            assert "innerHTML" not in await answer.text()  # data goes in as text only
 
-        def console(message: ConsoleMessage) -> None:
-            if message.type == "error":
-                errors.append(f"console: {message.text}")
-
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                page = await browser.new_page(viewport={"width": 1100, "height": 800})
-                page.on("console", console)
-                page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-                answer = await page.goto(f"{url}/")
-                assert answer is not None and answer.ok
-                assert "innerHTML" not in await answer.text()  # data goes in as text only
-
-                await check_fleet(page)
-                await check_live(page, url, admin)
-                await check_history(page)
-                await screenshot(page)
-                await check_narrow(page)
-                assert errors == [], "\n".join(errors)
-                await check_token_needed(page)
-                await check_connection_lost(page, manager.terminate)
-            finally:
-                await browser.close()
+            await check_fleet(page)
+            await check_live(page, url, admin)
+            await check_history(page)
+            await screenshot(page)
+            await check_narrow(page)
+            assert errors == [], "\n".join(errors)
+            await check_token_needed(page)
+            await check_connection_lost(page, manager.terminate)
         # The last two checks fail fetches on purpose and the browser logs each one; nothing
         # else may be logged.
         failed_fetch = "console: Failed to load resource: "
@@ -255,38 +238,23 @@ class TestEventView:
         url, admin = await manager.api()
         root, child = await recorded_trail(url, admin)
         errors: list[str] = []
-
-        def console(message: ConsoleMessage) -> None:
-            if message.type == "error":
-                errors.append(f"console: {message.text}")
-
-        async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-            )
-            try:
-                page = await browser.new_page(viewport={"width": 1100, "height": 800})
-                page.on("console", console)
-                page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-                answer = await page.goto(f"{url}/")
-                assert answer is not None and answer.ok
-                await page.locator("#event-token").fill(admin)
-                await page.locator("#event-query").fill(root["event"]["id"])
-                await page.locator("#event-query").press("Enter")
-                await check_event(page, root["event"])
-                await check_chain(page, root["event"]["id"], child["event"]["id"])
-                await check_deliveries(page, root)
-                await check_pick_in_chain(page, child)
-                await event_screenshot(page)
-                await check_narrow(page)
-                await check_by_correlation(page, root["event"]["id"])
-                link = await browser.new_page(viewport={"width": 1100, "height": 800})
-                link.on("console", console)
-                link.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-                await check_link(link, url, child["event"]["id"], admin)
-                await check_lookup_failures(page)
-            finally:
-                await browser.close()
+        async with chromium() as browser:
+            page = await watched_page(browser, errors)
+            answer = await page.goto(f"{url}/")
+            assert answer is not None and answer.ok
+            await page.locator("#event-token").fill(admin)
+            await page.locator("#event-query").fill(root["event"]["id"])
+            await page.locator("#event-query").press("Enter")
+            await check_event(page, root["event"])
+            await check_chain(page, root["event"]["id"], child["event"]["id"])
+            await check_deliveries(page, root)
+            await check_pick_in_chain(page, child)
+            await event_screenshot(page)
+            await check_narrow(page)
+            await check_by_correlation(page, root["event"]["id"])
+            link = await watched_page(browser, errors)
+            await check_link(link, url, child["event"]["id"], admin)
+            await check_lookup_failures(page)
         # The failures checked on purpose are logged as failed loads; nothing else may be.
         failed_fetch = "console: Failed to load resource: "
         assert [e for e in errors if not e.startswith(failed_fetch)] == [], "\n".join(errors)

@@ -47,18 +47,14 @@ class ArchiverProc(ChildProc):
         async def held() -> int:
             return await held_by(redis, consumer) if consumer else (await backlog(redis))[0]
 
-        async def frozen_holding() -> bool:
-            self.check_alive()
-            self.process.send_signal(signal.SIGSTOP)
-            if await held():
-                return True
-            self.process.send_signal(signal.SIGCONT)
-            await asyncio.sleep(0.005)
-            return False
+        entries = 0
 
-        await wait_until(frozen_holding, what=f"{consumer or 'the archiver'} holding a batch")
-        entries = await held()
-        await self.kill()
+        async def holding() -> bool:
+            nonlocal entries
+            entries = await held()
+            return entries > 0
+
+        await self.kill_while(holding, f"{consumer or 'the archiver'} holding a batch")
         return entries
 
     async def terminate(self) -> int:
