@@ -43,9 +43,11 @@ def bench_settings(
     streams_url: str | None = None,
     publish_replicas: int = 0,
     partitions: dict[str, int] | None = None,
+    delivery_records: bool = False,
 ) -> BusSettings:
     """Settings of every bench client: the bench namespace and routes, reads of ``read_count``.
-    As a bot run by the manager (``outbox``), its group is read in its inbox."""
+    As a bot run by the manager (``outbox``), its group is read in its inbox; with
+    ``delivery_records`` its consumers report each delivery's outcome with their acks."""
     return BusSettings(
         redis_url=url,
         streams_url=streams_url,
@@ -56,6 +58,7 @@ def bench_settings(
         outbox=outbox,
         publish_replicas=publish_replicas,
         partitions=partitions or {},
+        delivery_records=delivery_records,
     )
 
 
@@ -72,6 +75,7 @@ async def consumers(spec: WorkerSpec, recorder: Recorder) -> AsyncIterator[None]
         outbox=spec.outbox,
         streams_url=spec.streams_url,
         partitions=bench_partitions(spec.options),
+        delivery_records=spec.delivery_records,
     )
     record = recorder.record
 

@@ -85,6 +85,22 @@ from manager.logs import configure_cli_logging
     help="Run the bus clients as the URL's own user instead of a bot's ACL user (as the "
     "manager's bots run): compare both to see what the ACL checks cost.",
 )
+@click.option(
+    "--deliveries",
+    is_flag=True,
+    help="Run the bus phase twice, back to back: as above, then with delivery records on "
+    "(audit.deliveries: the consumers report each delivery with their acks, relayed and "
+    "copied into PostgreSQL from the bench process); report both, the copy's lag and "
+    "backlog, and the records' disk use.",
+)
+@click.option(
+    "--postgres-dsn",
+    metavar="DSN",
+    default=None,
+    help="PostgreSQL server for --deliveries [default: a private one started for the run]. "
+    "The records go to a database created for the run (the role needs CREATEDB), dropped "
+    "at the end.",
+)
 @json_flag("Print one JSON line instead of a table.")
 def bench(
     *,
@@ -102,13 +118,15 @@ def bench(
     publish_replicas: int,
     partitions: int,
     as_admin: bool,
+    deliveries: bool,
+    postgres_dsn: str | None,
     as_json: bool,
 ) -> None:
     """Benchmark the event bus: throughput, end-to-end latency, losses, duplicates, RSS.
 
-    Runs the producers and consumers as bus clients in worker processes for a fixed time,
-    then the same workload with bare XADD / XREADGROUP / XACK, and reports both. Exits 1
-    if events were lost.
+    Runs the producers and consumers as bus clients in worker processes for a fixed time
+    (with --deliveries, then again with delivery records on), then the same workload with
+    bare XADD / XREADGROUP / XACK, and reports all. Exits 1 if events were lost.
     """
     try:
         options = BenchOptions(
@@ -124,6 +142,8 @@ def bench(
             bot_user=not as_admin,
             publish_replicas=publish_replicas,
             partitions=partitions,
+            deliveries=deliveries,
+            postgres_dsn=postgres_dsn or None,
             warmup=warmup,
         )
     except BenchError as exc:
@@ -138,14 +158,28 @@ def bench(
     except asyncio.CancelledError:  # SIGTERM: cleaned up like a Ctrl-C
         raise click.Abort from None
     click.echo(json.dumps(report.to_json()) if as_json else report.table())
+    records = report.records
     if report.lost:
-        phases = f"bus {report.bus.lost}" + (
-            f", baseline {report.baseline.lost}" if report.baseline else ""
+        phases = (
+            f"bus {report.bus.lost}"
+            + (f", bus+records {records.phase.lost}" if records else "")
+            + (f", baseline {report.baseline.lost}" if report.baseline else "")
         )
         click.echo(f"error: events were lost ({phases}): published, never handled", err=True)
         sys.exit(1)
     if report.bus.duplicated:
         click.echo(f"warning: {report.bus.duplicated} events were handled twice", err=True)
+    if records and records.phase.duplicated:
+        click.echo(
+            f"warning: {records.phase.duplicated} events were handled twice with records on",
+            err=True,
+        )
+    if records and records.copy.copied != records.copy.handled:
+        click.echo(
+            f"warning: {records.copy.copied} delivery records copied for "
+            f"{records.copy.handled} deliveries handled ({records.copy.dropped} dropped)",
+            err=True,
+        )
 
 
 async def _run(options: BenchOptions) -> BenchReport:

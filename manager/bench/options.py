@@ -83,6 +83,11 @@ class BenchOptions:
     publish_replicas: int = 0
     #: Partition streams of the bench route (1: one stream, as before).
     partitions: int = 1
+    #: Also run the bus phase with delivery records on (copied into PostgreSQL), right
+    #: after the one with them off, and report both.
+    deliveries: bool = False
+    #: The PostgreSQL server of ``deliveries`` (None: a private one started for the run).
+    postgres_dsn: str | None = None
     warmup: float = 1.0
     #: After the producers stop, wait for the consumers to catch up until they make no
     #: progress for this many seconds (and never longer than ``DRAIN_CAP_FACTOR`` times it).
@@ -100,6 +105,11 @@ class BenchOptions:
             (self.publish_replicas >= 0, "--publish-replicas must be >= 0"),
             (1 <= self.partitions <= 256, "--partitions must be within 1..256"),
             (self.warmup >= 0, "--warmup must be >= 0"),
+            (
+                self.bot_user or not self.deliveries,
+                "--deliveries runs the bus as the manager's bots (outbox, relay): drop --as-admin",
+            ),
+            (self.deliveries or self.postgres_dsn is None, "--postgres-dsn needs --deliveries"),
             (self.drain > 0, "drain must be positive"),
         ]
         for ok, message in checks:
@@ -165,11 +175,15 @@ class WorkerSpec:
     producer_streams_url: str | None = None
     #: Whether the bus clients publish through their outbox (relayed by the parent).
     outbox: bool = False
+    #: Whether the consumers write delivery records (through their outbox).
+    delivery_records: bool = False
 
     @property
     def label(self) -> str:
-        """``bus #1 (10 consumers)``."""
+        """``bus #1 (10 consumers)``; ``bus+records #1 …`` with delivery records on."""
         side = "baseline" if self.mode == "raw" else "bus"
+        if self.delivery_records:
+            side += "+records"
         return f"{side} #{self.index} ({self.roles.label})"
 
 

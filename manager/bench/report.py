@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from manager.bench.options import BenchOptions
 from manager.bench.recording import Tally, WorkerResult
+
+if TYPE_CHECKING:
+    from manager.bench.copy_watch import CopyResult
 
 
 def percentile(ordered: Sequence[float], pct: float) -> float:
@@ -88,6 +91,10 @@ class PhaseResult:
     rss_mb: dict[str, float]
     #: Seconds the consumers took to catch up after the producers stopped.
     drain_s: float = 0.0
+    #: Deliveries handled in all (warmup, repeats and drain included).
+    handled: int = 0
+    #: Wall-clock time the last event published in the measured window was handled.
+    last_handled: float = 0.0
 
 
 def summarize(
@@ -109,11 +116,66 @@ def summarize(
         duplicated=duplicated,
         rss_mb={r.label: r.peak_rss_mb for r in sorted(results, key=lambda r: r.index)},
         drain_s=drain_s,
+        handled=sum(r.handled for r in results),
+        last_handled=last,
     )
 
 
 def _num(value: float, digits: int) -> float | None:
     return None if math.isnan(value) else round(value, digits)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsResult:
+    """The bus phase run again with delivery records on, and what became of the records."""
+
+    phase: PhaseResult
+    copy: CopyResult
+
+    def ratio(self, off: PhaseResult, value: Callable[[PhaseResult], float]) -> float | None:
+        """``value`` of this phase over that of ``off`` (records off); None if undefined."""
+        on, base = value(self.phase), value(off)
+        if math.isnan(on) or math.isnan(base) or not base:
+            return None
+        return on / base
+
+    def to_json(self, off: PhaseResult) -> dict[str, Any]:
+        """The ``records_`` fields of the ``--json`` line (``off``: the phase without)."""
+        throughput = self.ratio(off, lambda p: p.events_per_s)
+        p95 = self.ratio(off, lambda p: p.latency.p95_ms)
+        return {
+            **_phase_json(self.phase, "records_"),
+            "records_rss_mb_by_process": {k: round(v, 1) for k, v in self.phase.rss_mb.items()},
+            "records_vs_bus_events_per_s": None if throughput is None else round(throughput, 3),
+            "records_vs_bus_p95": None if p95 is None else round(p95, 3),
+            **{f"records_{key}": value for key, value in self.copy.to_json().items()},
+        }
+
+    def lines(self, private_postgres: bool) -> list[str]:
+        """The table's section on the records: copied, lag, backlog, disk."""
+        copy, mib = self.copy, 1024 * 1024
+        lag = "- (not all copied)" if copy.lag_s is None else f"{copy.lag_s:.3f}"
+        per = copy.bytes_per_delivery
+        disk = f"{copy.disk_bytes} bytes" + (
+            ""
+            if per is None
+            else f": {per:.1f} per delivery, {per * 1e6 / mib:.1f} MiB per million"
+        )
+        where = "a private PostgreSQL" if private_postgres else "the --postgres-dsn server"
+        return [
+            f"delivery records of the bus+records phase, copied into {where}:",
+            f"  {'records copied':34}{copy.copied} of {copy.handled} deliveries handled, "
+            f"{copy.dropped} dropped",
+            f"  {'copy lag s (4)':34}{lag}",
+            f"  {'largest backlog (5)':34}deliveries stream {copy.stream_backlog_max}, "
+            f"consumer outbox {copy.outbox_backlog_max}",
+            f"  {'left uncopied':34}deliveries stream {copy.left_in_stream}, "
+            f"consumer outbox {copy.left_in_outbox}",
+            f"  {'disk (deliveries partitions)':34}{disk}",
+            "(4) the phase's last event handled -> the copier's last batch stored, acked, deleted",
+            "(5) stream entries (one per consumer ack batch), sampled every 0.5 s during the "
+            "phase and its copy",
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +189,8 @@ class BenchReport:
     redis_version: str
     #: Whether the run started its own redis-server (without persistence).
     private_redis: bool = False
+    #: The bus phase again with delivery records on (``--deliveries``).
+    records: RecordsResult | None = None
 
     @property
     def offered_per_s(self) -> float:
@@ -145,8 +209,9 @@ class BenchReport:
 
     @property
     def lost(self) -> int:
-        """Events lost in either phase."""
-        return self.bus.lost + (self.baseline.lost if self.baseline else 0)
+        """Events lost in any phase."""
+        phases = (self.baseline, self.records.phase if self.records else None)
+        return self.bus.lost + sum(p.lost for p in phases if p)
 
     def to_json(self) -> dict[str, Any]:
         """The ``--json`` line's object (NaN, e.g. no events handled, becomes null)."""
@@ -160,6 +225,14 @@ class BenchReport:
             "rss_mb_by_process": {k: round(v, 1) for k, v in self.bus.rss_mb.items()},
             "idle_client_rss_mb": round(self.idle_client_rss_mb, 1),
             "bus_vs_baseline": None if ratio is None else round(ratio, 3),
+            **(
+                {
+                    **self.records.to_json(self.bus),
+                    "records_private_postgres": opts.postgres_dsn is None,
+                }
+                if self.records
+                else {}
+            ),
             **baseline,
             "producers": opts.producers,
             "consumers": opts.consumers,
@@ -178,8 +251,8 @@ class BenchReport:
         }
 
     def table(self) -> str:
-        """The human-readable report: bus and baseline side by side."""
-        opts, bus, base = self.options, self.bus, self.baseline
+        """The human-readable report: bus (and bus+records) and baseline side by side."""
+        opts, bus, base, rec = self.options, self.bus, self.baseline, self.records
         rate = "flat out" if opts.flat_out else f"{opts.rate:g} events/s offered"
         lines = [
             f"multibot bench: {opts.producers} producers -> {opts.consumers} consumers, "
@@ -195,18 +268,30 @@ class BenchReport:
                 else ""
             ),
             "",
-            f"{'':28}{'bus':>12}{'baseline':>12}",
+            f"{'':28}{'bus':>12}"
+            + (f"{'bus+records':>12}{'on/off':>8}" if rec else "")
+            + f"{'baseline':>12}",
         ]
 
-        def row(name: str, value: Any, fmt: str) -> None:
+        def row(name: str, value: Any, fmt: str, *, ratio: bool = False) -> None:
             cells = [format(value(p), fmt) if p else "-" for p in (bus, base)]
-            lines.append(f"{name:28}{cells[0]:>12}{cells[1]:>12}")
+            middle = ""
+            if rec:
+                on_off = rec.ratio(bus, value) if ratio else None
+                cells_on = format(value(rec.phase), fmt)
+                middle = f"{cells_on:>12}{'' if on_off is None else f'{on_off:.2f}':>8}"
+            lines.append(f"{name:28}{cells[0]:>12}{middle}{cells[1]:>12}")
 
         row("offered events/s", self._offered, ".1f")
         row("published events/s", lambda p: p.published_per_s, ".1f")
-        row("achieved events/s (1)", lambda p: p.events_per_s, ".1f")
+        row("achieved events/s (1)", lambda p: p.events_per_s, ".1f", ratio=True)
         for name, attr in (("p50", "p50_ms"), ("p95", "p95_ms"), ("p99", "p99_ms")):
-            row(f"latency {name} ms (2)", lambda p, a=attr: getattr(p.latency, a), ".3f")
+            row(
+                f"latency {name} ms (2)",
+                lambda p, a=attr: getattr(p.latency, a),
+                ".3f",
+                ratio=name == "p95",
+            )
         row("latency max ms (2)", lambda p: p.latency.max_ms, ".3f")
         row("publish call p50 ms", lambda p: p.publish.p50_ms, ".3f")
         row("publish call p95 ms", lambda p: p.publish.p95_ms, ".3f")
@@ -223,10 +308,16 @@ class BenchReport:
             "(3) after the producers stop the consumers catch up (drain) until done or stalled "
             f"for {opts.drain:g} s;",
             "    lost = confirmed events still unhandled then",
-            "",
-            "peak RSS per process:",
         ]
-        for phase in (bus, base):
+        if rec:
+            lines += [
+                "on/off: bus+records (delivery records on) / bus (off), same workload, run "
+                "back to back",
+                "",
+                *rec.lines(private_postgres=opts.postgres_dsn is None),
+            ]
+        lines += ["", "peak RSS per process:"]
+        for phase in (bus, rec.phase if rec else None, base):
             for label, mb in (phase.rss_mb if phase else {}).items():
                 lines.append(f"  {label:40}{mb:8.1f} MiB")
         lines.append(f"  {'idle bus client (1 subscription)':40}{self.idle_client_rss_mb:8.1f} MiB")

@@ -1,10 +1,11 @@
 """Runs a benchmark: a Redis to run against, the worker processes of each phase, the results.
 
-One run is: the idle-client probe, the bus phase, then (unless disabled) the bare redis-py
+One run is: the idle-client probe, the bus phase, with ``deliveries`` the bus phase again
+with delivery records on (copied into PostgreSQL), then (unless disabled) the bare redis-py
 baseline phase with the same layout, all in a fresh namespace ``bench-<random>`` that is
-deleted at the end. Each phase spawns its workers, waits until all are ready, gives them
-one wall-clock start time, waits for the producers to finish, lets the consumers drain
-(until done or stalled), then stops them and collects their results.
+emptied between phases and deleted at the end. Each phase spawns its workers, waits until
+all are ready, gives them one wall-clock start time, waits for the producers to finish, lets
+the consumers drain (until done or stalled), then stops them and collects their results.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ import asyncio
 import contextlib
 import mmap
 import secrets
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bus.archive.store import ArchiveStore
 from bus.connection import connect, redact
 from bus.fanout import Fanout
 from bus.groups import ensure_group
@@ -35,7 +33,9 @@ from bus.keys import Keys, group_name
 from bus.outbox import OutboxRelay
 from bus.routing import DEFAULT_STREAM, Router
 from bus.settings import BusSettings
-from manager.bench.child import ENTRY
+from manager.bench.children import SPAWN_TIMEOUT, STOP_TIMEOUT, Child, expect_all, spawn
+from manager.bench.copy_watch import CopyWatch
+from manager.bench.database import bench_archive
 from manager.bench.options import (
     CONSUMER_BOT,
     DRAIN_CAP_FACTOR,
@@ -50,8 +50,8 @@ from manager.bench.options import (
     bench_partitions,
     raw_stream,
 )
-from manager.bench.recording import Tally, WorkerResult, receive
-from manager.bench.report import BenchReport, PhaseResult, summarize
+from manager.bench.recording import Tally, WorkerResult
+from manager.bench.report import BenchReport, PhaseResult, RecordsResult, summarize
 from manager.daemon.redis_acl import (
     bot_redis_url,
     delete_bot_user,
@@ -65,8 +65,6 @@ from manager.embedded.redis_server import RedisServer
 log = structlog.get_logger("manager.bench")
 
 _START_LEAD = 0.1  # seconds between "go" and the producers' first send, so all start together
-_SPAWN_TIMEOUT = 60.0  # a spawned worker imports the bus and connects; 2 busy cores are slow
-_STOP_TIMEOUT = 30.0
 _DRAIN_POLL = 0.01
 
 
@@ -88,14 +86,16 @@ async def run_bench(options: BenchOptions) -> BenchReport:
                 "MULTIBOT_REDIS_URL, or leave both unset to run a private redis-server"
             ) from exc
         try:
-            idle_rss = await _idle_rss(url, namespace)
-            if options.bot_user:
-                durable = options.publish_replicas > 0
-                router = Router(ROUTES, DEFAULT_STREAM, bench_partitions(options))
-                async with _as_bots(admin, url, namespace, router, durable=durable) as urls:
-                    bus = await _phase("bus", options, urls, namespace)
-            else:
-                bus = await _phase("bus", options, _Urls(url, url), namespace)
+            records = None
+            async with contextlib.AsyncExitStack() as stack:
+                archive = None
+                if options.deliveries:  # ready before the first phase: they run back to back
+                    archive = await stack.enter_async_context(bench_archive(options.postgres_dsn))
+                idle_rss = await _idle_rss(url, namespace)
+                bus = await _bus_phase(admin, url, namespace, options)
+                if archive is not None:
+                    await _delete_namespace(admin, namespace)  # each phase on an empty Redis
+                    records = await _records_phase(admin, url, namespace, options, archive)
             await _delete_namespace(admin, namespace)  # the baseline starts on an empty Redis
             baseline = None
             if options.baseline:
@@ -108,10 +108,33 @@ async def run_bench(options: BenchOptions) -> BenchReport:
         options=options,
         bus=bus,
         baseline=baseline,
+        records=records,
         idle_client_rss_mb=idle_rss,
         redis_version=str(server.get("redis_version", "?")),
         private_redis=options.redis_url is None,
     )
+
+
+async def _bus_phase(admin: Redis, url: str, namespace: str, options: BenchOptions) -> PhaseResult:
+    """Run the bus phase: as the manager's bots, or (not ``bot_user``) as the URL's user."""
+    if not options.bot_user:
+        return await _phase("bus", options, _Urls(url, url), namespace)
+    async with _as_bots(admin, url, namespace, options) as urls:
+        return await _phase("bus", options, urls, namespace)
+
+
+async def _records_phase(
+    admin: Redis, url: str, namespace: str, options: BenchOptions, archive: ArchiveStore
+) -> RecordsResult:
+    """Run the bus phase with delivery records on, copied into ``archive`` from here; then
+    wait for the copy to finish (or stall) and measure it."""
+    async with (
+        _as_bots(admin, url, namespace, options, records=True) as urls,
+        CopyWatch(admin, Keys(namespace), archive).running() as watch,
+    ):
+        phase = await _phase("bus", options, urls, namespace)
+        copy = await watch.settle(phase.handled, phase.last_handled, options.drain)
+    return RecordsResult(phase, copy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,17 +148,22 @@ class _Urls:
     #: Their stream users' URLs (bots' second Redis users); None: the URLs above.
     consumers_streams: str | None = None
     producers_streams: str | None = None
+    #: Whether the consumers write delivery records (through their outbox).
+    delivery_records: bool = False
 
 
 @contextlib.asynccontextmanager
 async def _as_bots(
-    admin: Redis, url: str, namespace: str, router: Router, *, durable: bool = False
+    admin: Redis, url: str, namespace: str, options: BenchOptions, *, records: bool = False
 ) -> AsyncIterator[_Urls]:
     """Run the bus phase as the manager runs bots: the consumers and the producers each
     with a bot's ACL users, the consumers' group subscribed by the manager's side (a bot's
     user may not) and read in its inbox, the producers publishing through their outbox, and
-    a relay and a fanout moving the events, in this process as in the manager's."""
+    a relay and a fanout moving the events, in this process as in the manager's. With
+    ``records`` the consumers write delivery records to their outbox, relayed too."""
     keys = Keys(namespace)
+    durable = options.publish_replicas > 0
+    router = Router(ROUTES, DEFAULT_STREAM, bench_partitions(options))
     urls = []
     # As the manager does: the users on every node that may serve them (a replica, or
     # every node of a cluster), since Redis keeps ACL users per node.
@@ -151,10 +179,12 @@ async def _as_bots(
     fanout = Fanout(admin, keys, lambda: streams)
     for stream in streams:
         await fanout.subscribe(stream, group_name(CONSUMER_BOT), "$")
-    relay = OutboxRelay(admin, keys, router, lambda: [PRODUCER_BOT])
+    relayed = [PRODUCER_BOT, CONSUMER_BOT] if records else [PRODUCER_BOT]
+    relay = OutboxRelay(admin, keys, router, lambda: relayed)
     moving = [asyncio.create_task(relay.run()), asyncio.create_task(fanout.run())]
     try:
-        yield _Urls(urls[0], urls[2], True, consumers_streams=urls[1], producers_streams=urls[3])
+        yield _Urls(urls[0], urls[2], True, consumers_streams=urls[1], producers_streams=urls[3],
+                    delivery_records=records)  # fmt: skip
     finally:
         for task in moving:
             task.cancel()
@@ -195,95 +225,10 @@ async def _delete_namespace(redis: Redis, namespace: str) -> None:
     log.debug("bench namespace deleted", namespace=namespace, keys=deleted)
 
 
-@dataclass(slots=True)
-class _Child:
-    """A child process and the parent's end of its connection."""
-
-    label: str
-    process: asyncio.subprocess.Process
-    conn: Connection
-
-    async def expect(self, kind: str, timeout: float) -> Any:  # noqa: ASYNC109 - a deadline
-        """The payload of the child's next message, which must be ``kind``."""
-        try:
-            got, payload = await asyncio.wait_for(receive(self.conn), timeout)
-        except TimeoutError:
-            raise BenchError(f"{self.label} sent no {kind!r} within {timeout:.0f} s") from None
-        except (EOFError, OSError):
-            raise BenchError(
-                f"{self.label} closed its connection before sending {kind!r}: see its log on stderr"
-            ) from None
-        if got == "error":
-            raise BenchError(f"bench child failed: {payload}")
-        if got != kind:
-            raise BenchError(f"{self.label} sent {got!r} where {kind!r} was due")
-        return payload
-
-    def send(self, kind: str, payload: Any = None) -> None:
-        """Send the child a message; a child that is gone is an error of the run."""
-        try:
-            self.conn.send((kind, payload))
-        except OSError:
-            raise self._gone(kind) from None
-
-    def check_alive(self) -> None:
-        """Raise if the child exited: it only exits after sending its result."""
-        if self.process.returncode is not None:
-            raise self._gone("the drain")
-
-    def _gone(self, during: str) -> BenchError:
-        code = self.process.returncode
-        return BenchError(
-            f"{self.label} exited{'' if code is None else f' with code {code}'} before "
-            f"{during}: see its log on stderr"
-        )
-
-    async def close(self) -> None:
-        """Wait for the process to exit (bounded), then kill it."""
-        self.conn.close()
-        try:
-            await asyncio.wait_for(self.process.wait(), _STOP_TIMEOUT)
-        except TimeoutError:
-            log.warning("bench child did not exit; killing it", child=self.label)
-            self.process.kill()
-            await self.process.wait()
-
-
-async def _spawn(job: WorkerSpec | IdleSpec, progress_fd: int | None = None) -> _Child:
-    """Start a fresh interpreter running ``job`` (see :mod:`manager.bench.child`)."""
-    parent_sock, child_sock = socket.socketpair()
-    with parent_sock, child_sock:
-        fds = [child_sock.fileno()] + ([] if progress_fd is None else [progress_fd])
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", ENTRY, *map(str, fds),
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-            stdout=2,  # our stdout may carry the --json line: the child's goes to fd 2
-            # A Ctrl-C reaches only us; we close the connections and the children end.
-            start_new_session=True,
-        )  # fmt: skip
-        conn = Connection(parent_sock.detach())
-    child = _Child(job.label, process, conn)
-    child.send("job", job)
-    return child
-
-
-async def _all(children: list[_Child], kind: str, timeout: float) -> list[Any]:  # noqa: ASYNC109
-    """Every child's next message, which must be ``kind``; on the first failure, stop waiting
-    for the others (their readers must be gone before the connections are closed)."""
-    waits = [asyncio.ensure_future(c.expect(kind, timeout)) for c in children]
-    try:
-        return list(await asyncio.gather(*waits))
-    finally:
-        for wait in waits:
-            wait.cancel()
-        await asyncio.gather(*waits, return_exceptions=True)
-
-
 async def _phase(mode: Mode, options: BenchOptions, urls: _Urls, namespace: str) -> PhaseResult:
     """Run one phase (bus or baseline) and summarize it."""
     layout = options.layout()
-    children: list[_Child] = []
+    children: list[Child] = []
     with tempfile.TemporaryFile() as file:
         file.truncate(8 * len(layout))
         with mmap.mmap(file.fileno(), 0) as shared:
@@ -301,8 +246,9 @@ async def _phase(mode: Mode, options: BenchOptions, urls: _Urls, namespace: str)
                         outbox=urls.outbox,
                         streams_url=urls.consumers_streams,
                         producer_streams_url=urls.producers_streams,
+                        delivery_records=urls.delivery_records,
                     )
-                    children.append(await _spawn(spec, file.fileno()))
+                    children.append(await spawn(spec, file.fileno()))
                 results, drain_s = await _run_phase(children, options, progress)
             finally:
                 progress.release()
@@ -311,27 +257,27 @@ async def _phase(mode: Mode, options: BenchOptions, urls: _Urls, namespace: str)
 
 
 async def _run_phase(
-    children: list[_Child], options: BenchOptions, progress: Sequence[int]
+    children: list[Child], options: BenchOptions, progress: Sequence[int]
 ) -> tuple[list[WorkerResult], float]:
     """Drive the children through one phase; return their results and the drain time."""
-    await _all(children, "ready", _SPAWN_TIMEOUT)
+    await expect_all(children, "ready", SPAWN_TIMEOUT)
     t0 = time.time() + _START_LEAD
     for child in children:
         child.send("go", t0)
     run_time = _START_LEAD + options.warmup + options.duration
-    tallies: list[Tally] = await _all(children, "published", run_time + _SPAWN_TIMEOUT)
+    tallies: list[Tally] = await expect_all(children, "published", run_time + SPAWN_TIMEOUT)
     confirmed = sum(sum(t.attempted.values()) - len(t.failed) for t in tallies)
     drained, drain_s = await _drain(progress, confirmed, options.drain, children)
     if not drained:
         log.warning("bench drain gave up", expected=confirmed, seen=sum(progress))
     for child in children:
         child.send("stop")
-    results: list[WorkerResult] = await _all(children, "result", _STOP_TIMEOUT)
+    results: list[WorkerResult] = await expect_all(children, "result", STOP_TIMEOUT)
     return results, drain_s
 
 
 async def _drain(
-    progress: Sequence[int], expected: int, stall: float, children: Sequence[_Child] = ()
+    progress: Sequence[int], expected: int, stall: float, children: Sequence[Child] = ()
 ) -> tuple[bool, float]:
     """Wait until the consumers saw ``expected`` distinct events; return (done, seconds).
 
@@ -357,9 +303,9 @@ async def _drain(
 
 async def _idle_rss(url: str, namespace: str) -> float:
     """Peak RSS (MiB) of a process holding one connected, subscribed, idle bus client."""
-    child = await _spawn(IdleSpec(url, namespace))
+    child = await spawn(IdleSpec(url, namespace))
     try:
-        rss: float = await child.expect("result", _SPAWN_TIMEOUT)
+        rss: float = await child.expect("result", SPAWN_TIMEOUT)
     finally:
         await child.close()
     return rss

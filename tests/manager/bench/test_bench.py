@@ -10,7 +10,9 @@ import pytest
 import structlog
 from click.testing import CliRunner
 
+from bus.archive.store import ArchiveStore
 from manager.bench.command import bench
+from manager.bench.database import with_database
 from manager.bench.options import BenchError, BenchOptions, Roles
 from manager.bench.recording import Recorder, Tally
 from manager.bench.report import (
@@ -21,6 +23,7 @@ from manager.bench.report import (
     percentile,
 )
 from manager.bench.runner import _drain, run_bench
+from manager.embedded.postgres_server import PostgresServer
 from manager.embedded.redis_server import free_port
 from tests.support import redis_client
 
@@ -139,6 +142,23 @@ class TestOptions:
         with pytest.raises(BenchError, match="--duration"):
             BenchOptions(duration=0)
 
+    def test_deliveries_run_as_bots(self) -> None:
+        """Delivery records need the bots' outbox, so --deliveries refuses --as-admin; a
+        PostgreSQL DSN without --deliveries would be unused, so it is refused too."""
+        with pytest.raises(BenchError, match="--as-admin"):
+            BenchOptions(deliveries=True, bot_user=False)
+        with pytest.raises(BenchError, match="--postgres-dsn needs --deliveries"):
+            BenchOptions(postgres_dsn="postgresql://x@127.0.0.1/db")
+
+
+class TestDatabase:
+    def test_with_database_keeps_everything_but_the_database(self) -> None:
+        """The run's database replaces the DSN's, in the path and in the query alike."""
+        assert (
+            with_database("postgresql://u:p%40w@h:5433/prod?sslmode=disable&dbname=x", "b1")
+            == "postgresql://u:p%40w@h:5433/b1?sslmode=disable"
+        )
+
 
 class TestDrain:
     async def test_done_at_once_when_everything_was_seen(self) -> None:
@@ -193,6 +213,46 @@ class TestRunBench:
         out = (await run_bench(options)).to_json()
         assert (out["lost"], out["duplicated"], out["partitions"]) == (0, 0, 4)
         assert 150 <= out["events"] <= 250
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.one_redis
+class TestDeliveries:
+    async def test_records_phase_copies_a_record_per_delivery(
+        self, redis_url: str, postgres_server: PostgresServer
+    ) -> None:
+        """--deliveries runs the bus phase off and on; with records on, every handled
+        delivery has its record copied into PostgreSQL, and nothing is lost."""
+        options = BenchOptions(
+            redis_url=redis_url, producers=1, consumers=1, rate=200, duration=1.0,
+            warmup=0.2, baseline=False, deliveries=True, postgres_dsn=postgres_server.dsn,
+        )  # fmt: skip
+        report = await run_bench(options)
+        out = report.to_json()
+        assert (out["lost"], out["records_lost"]) == (0, 0)
+        assert out["events_per_s"] > 0
+        assert out["records_events_per_s"] > 0
+        assert out["records_vs_bus_events_per_s"] > 0
+        assert out["records_copied"] == out["records_handled"] >= out["records_events"]
+        assert out["records_dropped"] == 0
+        assert out["records_copy_lag_s"] is not None
+        assert (out["records_left_in_stream"], out["records_left_in_outbox"]) == (0, 0)
+        assert out["records_bytes_per_delivery"] > 0
+        table = report.table()
+        assert "bus+records" in table
+        assert "on/off" in table
+        async with redis_client(redis_url) as redis:
+            assert [k async for k in redis.scan_iter(match="bench-*")] == []
+        async with (
+            await ArchiveStore.connect(postgres_server.dsn) as store,
+            store.connection() as conn,
+        ):
+            left = await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'multibot_bench_%'"
+            )
+        assert left == []  # the run's database is dropped
 
 
 class TestUnreachable:
@@ -252,6 +312,12 @@ class TestCommand:
         assert "idle bus client" in result.stdout
         p95_row = next(line for line in result.stdout.splitlines() if "p95" in line)
         assert p95_row.split()[-2:] == ["2.000", "-"]
+
+    def test_postgres_dsn_needs_deliveries(self) -> None:
+        """--postgres-dsn alone is a usage error (exit 2), before anything starts."""
+        result = CliRunner().invoke(bench, ["--postgres-dsn", "postgresql://x@127.0.0.1/db"])
+        assert result.exit_code == 2
+        assert "--postgres-dsn needs --deliveries" in result.output
 
     def test_rejects_bad_counts(self) -> None:
         """--producers 0 is a usage error (exit 2), before anything starts."""
