@@ -1,6 +1,6 @@
 """A Redis stream copied into PostgreSQL in batches, acked and deleted after each commit.
 
-The audit log (:mod:`manager.audit`) and the delivery records (:mod:`manager.deliveries`)
+The audit log (:mod:`manager.audit`) and the delivery records (:mod:`manager.archive.deliveries`)
 reach PostgreSQL this way: the coordinating manager reads the stream with a group of its
 own, first what a previous run read and did not ack, then new entries; it decodes each
 entry (an entry that is not what it should be is dropped with a log line and holds nothing

@@ -1,7 +1,7 @@
 """Delivery records in PostgreSQL (``deliveries``): what each group did with each event.
 
 Consumers report their outcomes with their acks (:mod:`bus.delivery_records`); the
-coordinator copies them here with COPY (:mod:`manager.deliveries`). A row is one outcome
+coordinator copies them here with COPY (:mod:`manager.archive.deliveries`). A row is one outcome
 of one delivery: ``handled``, ``dead_lettered``, ``skipped`` (by ``where`` conditions) or
 ``retried`` (left pending, delivered again). The table is partitioned by the event's day,
 like ``events``, and dropped with it.

@@ -29,7 +29,7 @@ from bus.delivery_records import DeliveryOutcome
 from bus.keys import GROUP_PREFIX, Keys
 from manager.stream_copier import StreamCopier
 
-log = structlog.get_logger("manager.deliveries")
+log = structlog.get_logger("manager.archive.deliveries")
 
 #: The copier's group on the deliveries stream.
 DELIVERIES_GROUP = "deliveries-copier"

@@ -32,7 +32,7 @@ from bus.archive.errors import ArchiveUnavailableError
 from bus.archive.store import ArchiveStore
 from bus.periodic import Outage, every
 
-log = structlog.get_logger("manager.deliveries_watch")
+log = structlog.get_logger("manager.archive.missed")
 
 #: Seconds of events one round checks at most (a long outage is caught up in steps).
 MOST = 3600.0

@@ -180,7 +180,7 @@ def _branch(depth: int) -> str:
 )
 @dsn_option
 def trace(correlation_id: str, as_json: bool, deliveries: bool, postgres_dsn: str | None) -> None:
-    """A correlation chain from the archive, as a tree by causation.
+    """A correlation chain from the archive, as a tree by causation, with deliveries.
 
     Each event is printed under the event that caused it, depth-first; past 20 levels the
     indentation stops growing and each line shows its depth as [N]. With --json each event

@@ -38,7 +38,7 @@ async def _show(dsn: str, event_id: str) -> tuple[Event | None, list[GroupTrail]
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: the event and its groups.")
 @dsn_option
 def show(event_id: str, as_json: bool, postgres_dsn: str | None) -> None:
-    """An archived event and, per consumer group, what it did with it.
+    """An archived event and what each consumer group did with it.
 
     Each group that received it shows its outcomes (handled, dead_lettered, skipped by its
     where conditions, retried) with the consumer, Redis's delivery count, when it was read

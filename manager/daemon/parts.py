@@ -18,18 +18,18 @@ from bus.routing import Router
 from bus.settings import BusSettings
 from manager.announcer import Announcer
 from manager.archive.archiver import Archiver
+from manager.archive.caught_up import archive_caught_up
+from manager.archive.deliveries import DeliveriesCopier
 from manager.archive.link import ArchiveLink
+from manager.archive.missed import MissedDeliveries
 from manager.archive.pressure import PressureWatch
 from manager.archive.trimmer import Trimmer
-from manager.archive_caught_up import archive_caught_up
 from manager.audit import AuditCopier
 from manager.config import BotConfig, ManagerSettings
 from manager.daemon.isolation import BotUsers
 from manager.daemon.provision import Provisioner
 from manager.daemon.redis_acl import bots_base_url
 from manager.daemon.redis_repair import RedisRepair
-from manager.deliveries import DeliveriesCopier
-from manager.deliveries_watch import MissedDeliveries
 from manager.embedded.services import Services
 from manager.supervision.cgroups import CgroupLimiter
 from manager.supervision.coordinator import Coordinator

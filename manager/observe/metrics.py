@@ -117,7 +117,7 @@ class MetricsInput:
     api_requests: Mapping[tuple[str, str, str], int]
     #: :func:`bus.outbox.outbox_backlog`: entries each bot published, not relayed yet.
     outboxes: Mapping[str, int] = field(default_factory=dict)
-    #: :class:`manager.deliveries_watch.MissedDeliveries`' totals, per group (0 for each
+    #: :class:`manager.archive.missed.MissedDeliveries`' totals, per group (0 for each
     #: group known to have none yet, so that the first one shows as an increase).
     missed: Mapping[str, int] = field(default_factory=dict)
 

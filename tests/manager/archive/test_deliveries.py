@@ -22,8 +22,8 @@ from bus.outbox import OutboxRelay
 from bus.routing import Router
 from bus.settings import RetrySettings
 from bus.wire import decode
+from manager.archive.deliveries import DELIVERIES_GROUP, DeliveriesCopier
 from manager.archive.link import ArchiveLink
-from manager.deliveries import DELIVERIES_GROUP, DeliveriesCopier
 from manager.embedded.postgres_server import PostgresServer
 from tests.conftest import BusFactory
 from tests.manager.archive.archive_support import KEYS

@@ -18,9 +18,9 @@ from bus.archive import ArchiveStore
 from bus.archive.deliveries import DeliveryRow
 from bus.groups import ensure_group
 from bus.keys import ARCHIVER_GROUP
+from manager.archive.caught_up import archive_caught_up
 from manager.archive.link import ArchiveLink
-from manager.archive_caught_up import archive_caught_up
-from manager.deliveries_watch import MissedDeliveries
+from manager.archive.missed import MissedDeliveries
 from manager.embedded.postgres_server import PostgresServer
 from tests.manager.archive.archive_support import KEYS
 from tests.support import in_background, wait_until
