@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from bus.archive import partitions
@@ -32,16 +33,18 @@ Connect = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 FINAL = ("handled", "dead_lettered", "skipped")
 
 COLUMNS = (
-    "event_id", "created_at", "group_name", "consumer", "outcome", "attempts", "entry_id",
-    "read_at", "done_at", "handler_ms", "previous", "retry",
+    "created_at", "done_at", "event_id", "handler_ms", "held_ms", "attempts", "retry", "bot",
+    "outcome", "consumer", "entry_id", "previous",
 )  # fmt: skip
+#: The most a smallint ``attempts`` holds.
+MOST_ATTEMPTS = 32767
 
-# $1: event id, $2: its created_at. Returns its delivery rows, each once, in order.
+# $1: event id (uuid), $2: its created_at. Returns its delivery rows, each once, in order.
 _TRAIL = """
-SELECT DISTINCT group_name, consumer, outcome, attempts, entry_id, read_at, done_at,
-       handler_ms, previous, retry
+SELECT DISTINCT bot, consumer, outcome, attempts, entry_id, done_at, held_ms, handler_ms,
+       previous, retry
 FROM deliveries WHERE event_id = $1 AND created_at = $2
-ORDER BY group_name, done_at, outcome
+ORDER BY bot, done_at, outcome
 """
 # $1: '.' || event type, $2: created_at. Returns the subscribers whose declared patterns
 # (as they were at $2) match the type.
@@ -57,24 +60,28 @@ FROM dead_letters WHERE event_id = $1 ORDER BY id
 """
 # $1: since, $2: until (timestamptz). Returns the distinct types of events created then.
 _TYPES = "SELECT DISTINCT type FROM events WHERE created_at >= $1 AND created_at < $2"
-# $1: since, $2: until, $3: types (text[]), $4: group name, $5: its subscriber's declared
+# $1: since, $2: until, $3: types (text[]), $4: the subscriber (bot id), $5: its declared
 # patterns' regexes (text[]). Returns how many events of those types created in
-# [$1, $2), expected by the subscriber then, the group has no final outcome for.
+# [$1, $2), expected by the subscriber then, its group has no final outcome for. (An
+# archived id that is no UUID, which no record can name, is cast to NULL, not an error.)
 _MISSED = """
 SELECT count(*) FROM events e
 WHERE e.created_at >= $1 AND e.created_at < $2 AND e.type = ANY($3::text[])
   AND EXISTS (
     SELECT 1 FROM subscription_history s
-    WHERE s.subscriber = substr($4, length('{prefix}') + 1)
+    WHERE s.subscriber = $4
       AND s.valid_from <= e.created_at AND (s.valid_to IS NULL OR s.valid_to > e.created_at)
       AND '.' || e.type ~ s.type_regex AND s.type_regex = ANY($5::text[]))
   AND NOT EXISTS (
     SELECT 1 FROM deliveries d
-    WHERE d.event_id = e.id AND d.created_at = e.created_at AND d.group_name = $4
+    WHERE d.event_id = (CASE WHEN e.id ~* '{uuid}' THEN e.id::uuid END)
+      AND d.created_at = e.created_at AND d.bot = $4
       AND d.outcome IN ('handled', 'dead_lettered', 'skipped'))
   AND NOT EXISTS (
-    SELECT 1 FROM dead_letters l WHERE l.event_id = e.id AND l.group_name = $4)
-""".replace("{prefix}", GROUP_PREFIX)
+    SELECT 1 FROM dead_letters l WHERE l.event_id = e.id AND l.group_name = '{prefix}' || $4)
+""".replace("{prefix}", GROUP_PREFIX).replace(
+    "{uuid}", "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+)
 # $1: since, $2: until. Returns (subscriber, type_regex) of every declaration valid at
 # some moment in [$1, $2).
 _DECLARED = """
@@ -103,11 +110,16 @@ class DeliveryRow:
     retry: bool = False
 
     def as_tuple(self) -> tuple[Any, ...]:
-        """The row in :data:`COLUMNS` order (for COPY)."""
+        """The row in :data:`COLUMNS` order (for COPY); ValueError for an event id that is
+        no UUID or a group that is no bot's."""
+        if not self.group_name.startswith(GROUP_PREFIX):
+            raise ValueError(f"{self.group_name!r} is not a bot's group")
+        held = max(0.0, (self.done_at - self.read_at).total_seconds() * 1000)
         return (
-            self.event_id, self.created_at, self.group_name, self.consumer, self.outcome,
-            self.attempts, self.entry_id, self.read_at, self.done_at, self.handler_ms,
-            self.previous, self.retry,
+            self.created_at, self.done_at, uuid.UUID(self.event_id), self.handler_ms, held,
+            min(self.attempts, MOST_ATTEMPTS), self.retry,
+            self.group_name.removeprefix(GROUP_PREFIX), self.outcome, self.consumer,
+            self.entry_id, self.previous,
         )  # fmt: skip
 
     def as_json(self) -> dict[str, Any]:
@@ -183,8 +195,12 @@ class Deliveries:
     async def trail(self, event_id: str, created_at: datetime, event_type: str) -> list[GroupTrail]:
         """Each group that received or should have received the event, with what it did,
         by group name."""
+        try:
+            key: uuid.UUID | None = uuid.UUID(event_id)
+        except ValueError:  # archived under an id no consumer can report on
+            key = None
         async with self._connection() as conn:
-            rows = await conn.fetch(_TRAIL, event_id, created_at)
+            rows = [] if key is None else await conn.fetch(_TRAIL, key, created_at)
             expected = await conn.fetch(_EXPECTED, "." + event_type, created_at)
             letters = await conn.fetch(_LETTERS, event_id)
         groups: dict[str, GroupTrail] = {
@@ -194,10 +210,18 @@ class Deliveries:
             for row in expected
         }
         for row in rows:
-            trail = groups.setdefault(row["group_name"], GroupTrail(row["group_name"], False))
+            group = f"{GROUP_PREFIX}{row['bot']}"
+            trail = groups.setdefault(group, GroupTrail(group, False))
             trail.outcomes.append(
-                DeliveryRow(event_id=event_id, created_at=created_at, **dict(row.items()))
-            )
+                DeliveryRow(
+                    event_id=event_id, created_at=created_at, group_name=group,
+                    consumer=row["consumer"], outcome=row["outcome"], attempts=row["attempts"],
+                    entry_id=row["entry_id"],
+                    read_at=row["done_at"] - timedelta(milliseconds=row["held_ms"]),
+                    done_at=row["done_at"], handler_ms=row["handler_ms"],
+                    previous=row["previous"], retry=row["retry"],
+                )
+            )  # fmt: skip
         for row in letters:
             trail = groups.setdefault(row["group_name"], GroupTrail(row["group_name"], False))
             trail.dead_letters.append(
@@ -218,18 +242,16 @@ class Deliveries:
         async with self._connection() as conn:
             types = [row["type"] for row in await conn.fetch(_TYPES, since, until)]
             declared = await conn.fetch(_DECLARED, since, until)
-            by_group: dict[str, list[str]] = {}
+            by_bot: dict[str, list[str]] = {}
             for row in declared:
-                by_group.setdefault(f"{GROUP_PREFIX}{row['subscriber']}", []).append(
-                    row["type_regex"]
-                )
+                by_bot.setdefault(row["subscriber"], []).append(row["type_regex"])
             missed: dict[str, int] = {}
-            for group, regexes in sorted(by_group.items()):
+            for bot, regexes in sorted(by_bot.items()):
                 wanted = _matching(types, regexes)
                 if wanted:
-                    count = int(await conn.fetchval(_MISSED, since, until, wanted, group, regexes))
+                    count = int(await conn.fetchval(_MISSED, since, until, wanted, bot, regexes))
                     if count:
-                        missed[group] = count
+                        missed[f"{GROUP_PREFIX}{bot}"] = count
         return missed
 
     async def forget_history_before(self, day: date) -> int:

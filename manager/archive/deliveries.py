@@ -101,7 +101,7 @@ def _row(item: Any, group: str, consumer: str) -> DeliveryRow:
     event_id = str(uuid.UUID(event_id))
     if not isinstance(entry_id, str) or not _ENTRY_ID_RE.match(entry_id):
         raise ValueError(f"entry id {entry_id!r} is not a stream id")
-    if not _int(attempts) or not 0 < attempts < 2**31:
+    if not _int(attempts) or not 0 < attempts < 2**31:  # stored as at most MOST_ATTEMPTS
         raise ValueError(f"attempts {attempts!r} out of range")
     if not (_int(created_us) and _EARLIEST_MS * 1000 <= created_us <= _LATEST_MS * 1000):
         raise ValueError(f"created_at {created_us!r} out of range")

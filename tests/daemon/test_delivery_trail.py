@@ -131,9 +131,9 @@ async def test_records_stay_exact_across_a_manager_restart(
     async with await ArchiveStore.connect(postgres_server.dsn) as store, store.connection() as conn:
         rows = await conn.fetch(
             "SELECT DISTINCT event_id, outcome, consumer, attempts, entry_id, done_at "
-            "FROM deliveries WHERE group_name = 'bot-group-noter'"
+            "FROM deliveries WHERE bot = 'noter'"
         )
-    assert Counter(r["event_id"] for r in rows) == Counter(ids)
+    assert Counter(str(r["event_id"]) for r in rows) == Counter(ids)
     assert {r["outcome"] for r in rows} == {"handled"}
     assert any(r["attempts"] >= 2 for r in rows), "nothing was delivered again"
     assert await manager.terminate() == 0
@@ -143,7 +143,7 @@ async def _handled_count(postgres: PostgresServer, ids: list[str]) -> int:
     async with await ArchiveStore.connect(postgres.dsn) as store, store.connection() as conn:
         return int(await conn.fetchval(
             "SELECT count(DISTINCT event_id) FROM deliveries WHERE outcome = 'handled' "
-            "AND event_id = ANY($1::text[])", ids,
+            "AND event_id = ANY($1::uuid[])", ids,
         ))  # fmt: skip
 
 
