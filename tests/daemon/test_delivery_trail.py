@@ -39,6 +39,7 @@ def bot(
 
 BOTS = (
     bot("noter", "tests.daemon.delivery_bots:noter")
+    + bot("keeper", "tests.daemon.delivery_bots:noter")
     + bot("refuser", "tests.daemon.delivery_bots:refuser")
     + bot("down", "tests.daemon.sample_bots:crasher", CRASH_LOOP)
 )
@@ -70,29 +71,30 @@ async def publish(redis_url: str, count: int, key: str | None = None) -> list[st
 async def test_events_show_lists_handled_dead_lettered_and_not_handled_groups(
     manager_factory: ManagerFactory, redis_url: str
 ) -> None:
-    """One event, three bots declaring note.#: noter's group handled it (consumer, times),
-    refuser's dead-lettered it (its DLQ id, 2 attempts), and the down bot's group is
-    expected and shows "expected, not handled"."""
+    """One event, four bots declaring note.#: noter's and keeper's groups both handled it
+    (each with its consumer and times), refuser's dead-lettered it (its DLQ id, 2
+    attempts), and the down bot's group is expected and shows "expected, not handled"."""
     manager = await manager_factory(BOTS)
     (event_id,) = await publish(redis_url, 1)
 
     async def told() -> bool:
         groups = await groups_of(manager, event_id) or {}
-        return groups.get("bot-group-noter", {}).get("status") == "handled" and bool(
-            groups.get("bot-group-refuser", {}).get("dead_letters")
-        )
+        return (
+            all(groups.get(f"bot-group-{b}", {}).get("status") == "handled"
+                for b in ("noter", "keeper"))
+            and bool(groups.get("bot-group-refuser", {}).get("dead_letters"))
+        )  # fmt: skip
 
-    await wait_until(told, 40, "both outcomes archived")
+    await wait_until(told, 40, "every outcome archived")
     groups = await groups_of(manager, event_id)
     assert groups is not None
-    assert set(groups) == {"bot-group-noter", "bot-group-refuser", "bot-group-down"}
-    (handled,) = groups["bot-group-noter"]["outcomes"]
-    assert (handled["outcome"], handled["consumer"], handled["attempts"]) == (
-        "handled",
-        "noter-0",
-        1,
-    )
-    assert handled["handler_ms"] >= 15  # a 20 ms sleep; timers may fire a little early
+    assert set(groups) == {f"bot-group-{b}" for b in ("noter", "keeper", "refuser", "down")}
+    for name in ("noter", "keeper"):
+        (handled,) = groups[f"bot-group-{name}"]["outcomes"]
+        assert (handled["outcome"], handled["consumer"]) == ("handled", f"{name}-0")
+        assert handled["attempts"] == 1
+        assert handled["handler_ms"] >= 15  # a 20 ms sleep; timers may fire a little early
+        assert handled["read_at"] < handled["done_at"]
     refused = groups["bot-group-refuser"]
     assert refused["status"] == "dead_lettered"
     (letter,) = refused["dead_letters"]
@@ -103,8 +105,9 @@ async def test_events_show_lists_handled_dead_lettered_and_not_handled_groups(
     text = show(manager, event_id)
     lines = text.splitlines()
     assert "note.added" in lines[0] and event_id in lines[1]
-    noter = next(line for line in lines if line.startswith("bot-group-noter"))
-    assert "handled" in noter and "noter-0" in noter
+    for name in ("noter", "keeper"):
+        line = next(line for line in lines if line.startswith(f"bot-group-{name}"))
+        assert "handled" in line and f"{name}-0" in line
     dlq = next(line for line in lines if "DLQ" in line)
     assert dlq.startswith("bot-group-refuser") and "dead_lettered" in dlq
     assert f"DLQ {letter['dlq_id']}: handler_error after 2 attempts" in dlq
