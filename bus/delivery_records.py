@@ -11,7 +11,10 @@ only speak for its own group), and the coordinator copies it into PostgreSQL's
 The records go out before the acks: a consumer killed between the two has recorded an
 outcome for an entry still pending, which is delivered again and recorded again (it was
 handled twice). One killed before both leaves no record, and whoever takes the entry over
-records it with the consumer it took it from and the delivery count.
+records it with the consumer it took it from and the delivery count. Records Redis
+refuses (out of memory, a read-only replica) are dropped with an error in the bot's log,
+and the acks go on: the trail is worth less than handling every entry once (an ack is
+no write Redis refuses when full, and withholding it would deliver the entries again).
 
 Wire format of the ``records`` field: a JSON array of arrays, one per entry::
 
@@ -31,10 +34,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
     from bus.handling import Delivery
+
+log = structlog.get_logger("bus.delivery_records")
 
 #: Field of an outbox entry that holds delivery records (the relay moves it to the
 #: deliveries stream).
@@ -69,7 +76,7 @@ def micros(moment: datetime) -> int:
 class DeliveryRecords:
     """The records one consumer has not sent yet, and how to send them."""
 
-    __slots__ = ("_consumer", "_key", "_redis", "_waiting", "sent")
+    __slots__ = ("_consumer", "_key", "_redis", "_waiting", "dropped", "sent")
 
     def __init__(self, redis: Redis, outbox: str, consumer: str) -> None:
         """``redis`` may XADD to ``outbox`` (the bot's own user)."""
@@ -77,8 +84,9 @@ class DeliveryRecords:
         self._key = outbox
         self._consumer = consumer
         self._waiting: list[list[Any]] = []
-        #: Records written so far.
+        #: Records written so far, and records Redis refused (dropped).
         self.sent = 0
+        self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -107,8 +115,9 @@ class DeliveryRecords:
         )
 
     async def flush(self) -> None:
-        """Write what waits (one outbox entry per :data:`MOST_PER_ENTRY` records); on a
-        failure keep what was not written, in order, for the next flush, and raise."""
+        """Write what waits (one outbox entry per :data:`MOST_PER_ENTRY` records). Redis
+        unreachable: keep what was not written, in order, for the next flush, and raise;
+        Redis refusing it: drop it, saying so (see the module)."""
         waiting, self._waiting = self._waiting, []
         done = 0
         try:
@@ -122,6 +131,16 @@ class DeliveryRecords:
                 await self._redis.xadd(self._key, fields)
                 done += len(chunk)
                 self.sent += len(chunk)
+        except ResponseError as exc:
+            lost = waiting[done:]
+            self.dropped += len(lost)
+            log.error(
+                "Redis refused delivery records: they are lost, the entries are acked anyway",
+                error=str(exc),
+                records=len(lost),
+                event_ids=[record[1] for record in lost[:5]],
+                outbox=self._key,
+            )
         except BaseException:
             self._waiting[:0] = waiting[done:]
             raise

@@ -4,6 +4,7 @@ consumer that took them over and the one they were taken from)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from bus import Event
 from bus.keys import Keys
@@ -77,6 +79,50 @@ async def test_each_outcome_is_one_record_sent_with_the_acks(
     for record in found.values():
         assert (record["group"], record["consumer"], record["attempts"]) == (GROUP, "worker-0", 1)
         assert record["read"] <= record["done"] and record["previous"] == ""
+
+
+async def test_records_a_full_redis_refuses_are_dropped_and_the_entries_still_acked(
+    redis: Redis, bus_factory: BusFactory
+) -> None:
+    """Redis at its maxmemory (noeviction) refuses the records' XADD but not the acks: the
+    records are dropped with an error saying so, and every entry is acked once, not held
+    to be delivered again."""
+    worker = await bus_factory("worker", outbox=True, delivery_records=True)
+    handled: list[str] = []
+    full = asyncio.Event()
+
+    @worker.subscribe("test.#")
+    async def handle(event: Event) -> None:
+        await full.wait()  # Redis fills up while the entries are in hand
+        handled.append(event.id)
+
+    producer = await bus_factory("producer")
+    ids = [await producer.publish("test.job", {"n": n}) for n in range(5)]
+    try:
+        with capture_logs() as logs:
+            async with running(worker):
+
+                async def in_hand() -> bool:
+                    summary: Any = await redis.xpending(KEYS.stream("bot"), GROUP)
+                    return int(summary["pending"]) == 5
+
+                await wait_until(in_hand, what="the five entries read")
+                await redis.config_set("maxmemory-policy", "noeviction")
+                await redis.config_set("maxmemory", "1")
+                full.set()
+                await wait_until(lambda: len(handled) == 5, what="all handled")
+
+                async def acked() -> bool:
+                    summary: Any = await redis.xpending(KEYS.stream("bot"), GROUP)
+                    return int(summary["pending"]) == 0
+
+                await wait_until(acked, what="every entry acked")
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert sorted(handled) == sorted(ids)
+    refused = [e for e in logs if e["event"].startswith("Redis refused delivery records")]
+    assert refused and sum(e["records"] for e in refused) == 5
+    assert await redis.xlen(KEYS.outbox("worker")) == 0
 
 
 async def test_records_are_exact_when_a_consumer_is_killed_mid_batch(
