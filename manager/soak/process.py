@@ -31,6 +31,7 @@ import structlog
 
 from manager.bench.manager_bench import READY_TIMEOUT, ManagerExitedError, ManagerRun
 from manager.control import call
+from manager.embedded.child_process import child_setup
 from manager.errors import ManagerError
 
 log = structlog.get_logger("manager.soak")
@@ -58,6 +59,7 @@ class SoakManager(ManagerRun):
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "manager.cli", "start", "--config", str(self.config),
                 env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                preexec_fn=child_setup(),  # a soak killed takes its manager along
             )  # fmt: skip
         self.process = process
         async with asyncio.TaskGroup() as tg:

@@ -31,6 +31,7 @@ from bus.keys import Keys
 from bus.routing import DEFAULT_ROUTES, DEFAULT_STREAM, Router
 from bus.settings import BusSettings
 from manager.config import DEFAULT_CONFIG_PATH, load_config
+from manager.embedded.child_process import child_setup
 from manager.errors import ManagerError
 from manager.soak.bot import TICK
 from manager.soak.faults import INJECT, FaultContext
@@ -201,6 +202,7 @@ async def _start_load(
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=log_file,
+                    preexec_fn=child_setup(),  # they die with the soak
                 )
             )
     return loaders

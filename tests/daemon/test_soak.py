@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
+from tests.daemon.manager_process import REPO
 from tests.daemon.test_start import multibot
+from tests.support import wait_until
 
 FAULTS = "bot-kill,redis-kill,pg-diskfull,hung-handler,hostile"
 
@@ -42,3 +49,46 @@ def test_a_short_soak_with_faults_loses_nothing() -> None:
     memory = report["redis_memory"]
     assert memory["maxmemory_bytes"] > 0  # the embedded Redis is bounded
     assert memory["over_maxmemory_samples"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_a_killed_soak_takes_its_manager_and_loaders_along(tmp_path: Path) -> None:
+    """`multibot soak` SIGKILLed from outside (a CI timeout, an operator's kill -9): the
+    manager it started and its load processes die with it, and with the manager its bots
+    and embedded servers; nothing is left running."""
+    with (tmp_path / "soak.log").open("wb") as log:
+        soak = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "manager.cli", "soak", "--duration", "120",
+            "--faults", "bot-kill", cwd=REPO, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+    started: list[psutil.Process] = []
+    try:
+
+        def running_load() -> bool:
+            children = psutil.Process(soak.pid).children(recursive=True)
+            commands = []
+            for child in children:
+                with contextlib.suppress(psutil.Error):  # one that just ended
+                    commands.append(" ".join(child.cmdline()))
+            started[:] = children
+            return any("manager.cli start" in c for c in commands) and any(
+                "manager.soak.load" in c for c in commands
+            )
+
+        await wait_until(running_load, 120, "the soak's manager and load running")
+    finally:
+        soak.kill()
+        await soak.wait()
+
+    def alive(process: psutil.Process) -> bool:
+        try:
+            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def all_gone() -> bool:
+        return not [p for p in started if alive(p)]
+
+    await wait_until(all_gone, 30, f"every process of the soak gone: {started}")
