@@ -84,7 +84,7 @@ async def test_a_killed_soak_takes_its_manager_and_loaders_along(tmp_path: Path)
 
     def alive(process: psutil.Process) -> bool:
         try:
-            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+            return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
         except psutil.Error:
             return False
 
