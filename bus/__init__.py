@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bus.catalog import EventType, LoadBalanceRequired, SharedUserDetected, UserMessage
+    from bus.catalog import LoadBalanceRequired, SharedUserDetected, UserMessage
     from bus.client import BusClient
     from bus.conditions import Where
     from bus.dlq import DeadLetter, DeadLetterReason, DeadLetters
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         SubscriptionError,
     )
     from bus.event import Event
+    from bus.event_types import EventType
     from bus.schemas import SchemaRegistry
 
 #: Each exported name and the module that defines it.
@@ -45,7 +46,7 @@ _HOMES = {
     "DeadLetterReason": "bus.dlq",
     "DeadLetters": "bus.dlq",
     "Event": "bus.event",
-    "EventType": "bus.catalog",
+    "EventType": "bus.event_types",
     "EventValidationError": "bus.errors",
     "LoadBalanceRequired": "bus.catalog",
     "PublishError": "bus.errors",

@@ -1,48 +1,12 @@
-"""The standard event types (from the design seed) and the schema of each one's data."""
+"""The schema of each standard event type's data (the types are in :mod:`bus.event_types`)."""
 
 from __future__ import annotations
 
-import enum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class EventType(enum.StrEnum):
-    """Standard event types; members are plain strings (``EventType.BOT_STARTED``)."""
-
-    # Bot lifecycle (published by the manager on a bot's behalf)
-    BOT_STARTED = "bot.lifecycle.started"
-    BOT_STOPPED = "bot.lifecycle.stopped"
-    BOT_ERROR = "bot.lifecycle.error"
-    BOT_HEALTH_CHANGED = "bot.lifecycle.health_changed"
-    BOT_OVERLOAD = "bot.overload"
-    # User interactions
-    MESSAGE_RECEIVED = "user.message.received"
-    MESSAGE_SENT = "user.message.sent"
-    CONVERSATION_STARTED = "user.conversation.started"
-    CONVERSATION_ENDED = "user.conversation.ended"
-    # Profiles
-    PROFILE_CREATED = "profile.girl.created"
-    PROFILE_UPDATED = "profile.girl.updated"
-    PROFILE_DELETED = "profile.girl.deleted"
-    # Multi-bot coordination
-    SHARED_USER_DETECTED = "multibot.user.shared_detected"
-    RESOURCE_CONFLICT = "multibot.resource.conflict"
-    LOAD_BALANCE_REQUIRED = "multibot.load.balance_required"
-    FAILOVER_TRIGGERED = "multibot.failover.triggered"
-    # System
-    MAINTENANCE_STARTED = "system.maintenance.started"
-    MAINTENANCE_ENDED = "system.maintenance.ended"
-    BACKUP_COMPLETED = "system.backup.completed"
-    CONFIGURATION_UPDATED = "system.config.updated"
-    SYSTEM_SHUTDOWN = "system.shutdown"
-    MEMORY_PRESSURE = "system.memory.pressure"
-    GROUP_IDLE = "system.group.idle"
-    GROUP_REMOVED = "system.group.removed"
-    REDIS_RESTORED = "system.redis.restored"
-    ARCHIVE_STALLED = "system.archive.stalled"
-    ARCHIVE_RESUMED = "system.archive.resumed"
+from bus.event_types import EventType
 
 
 class _Schema(BaseModel):

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, TypeVar, Unpack, overload
 import structlog
 from redis.asyncio import Redis
 
-from bus.catch_up import catch_up
 from bus.cluster_relay import Durable
 from bus.connection import Connections
 from bus.consumer import Consumer
@@ -20,11 +19,9 @@ from bus.event import Event
 from bus.hooks import Fence, HandlerObserver
 from bus.keys import Keys, consumer_name, group_name
 from bus.metrics import BusMetrics
-from bus.publisher import Draft, Publisher
-from bus.replay import replay
+from bus.plain_settings import AnyBusSettings, PlainBusSettings
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
-from bus.settings import BusSettings
 from bus.subscription import (
     Allowed,
     AnyHandler,
@@ -35,6 +32,7 @@ from bus.subscription import (
 
 if TYPE_CHECKING:
     from bus.archive.store import ArchiveStore
+    from bus.publisher import Draft, Publisher
 
 log = structlog.get_logger("bus.client")
 H = TypeVar("H", bound=AnyHandler)
@@ -65,7 +63,7 @@ class BusClient:
         self,
         bot_id: str,
         *,
-        settings: BusSettings | None = None,
+        settings: AnyBusSettings | None = None,
         instance: int | str = 0,
         source: str | None = None,
         schemas: SchemaRegistry | None = None,
@@ -80,7 +78,7 @@ class BusClient:
         self._fence: Fence | None = None
         self._allowed = allowed
         self.instance = instance
-        self.settings = settings or BusSettings()
+        self.settings: AnyBusSettings = settings or PlainBusSettings()
         self.schemas = schemas or SchemaRegistry(strict=self.settings.strict_schemas)
         self.keys = Keys(self.settings.namespace)
         self.router = Router.of(self.settings)
@@ -99,6 +97,8 @@ class BusClient:
     @classmethod
     def from_url(cls, url: str, bot_id: str, **kwargs: Any) -> BusClient:
         """A client for ``url`` with default settings otherwise."""
+        from bus.settings import BusSettings  # noqa: PLC0415 - pydantic, for scripts only
+
         return cls(bot_id, settings=BusSettings(redis_url=url), **kwargs)
 
     # -- connection ----------------------------------------------------------------------
@@ -107,17 +107,7 @@ class BusClient:
         """Open the Redis connection pool (lazy: no round trip until the first command)."""
         if self._links is None:
             name = consumer_name(self.bot_id, self.instance)
-            self._links = links = Connections(self.settings, name, given=self._given_redis)
-            self._publisher = Publisher(
-                links.redis if self._outbox else links.replays,  # replays: direct publishing
-                self.settings,
-                self.schemas,
-                self._source,
-                self.metrics,
-                backpressure=self._backpressure,
-                outbox=self._outbox,
-                pressure=links.streams,
-            )
+            self._links = Connections(self.settings, name, given=self._given_redis)
         return self
 
     async def close(self) -> None:
@@ -182,8 +172,21 @@ class BusClient:
     # -- publishing ----------------------------------------------------------------------
 
     def _pub(self) -> Publisher:
+        """The publisher, made with the first publish (a bot that only consumes loads none)."""
         if self._publisher is None:
-            raise BusError("the bus client is not connected: use `async with BusClient(...)`")
+            from bus.publisher import Publisher  # noqa: PLC0415 - see above
+
+            links = self._connected()
+            self._publisher = Publisher(
+                links.redis if self._outbox else links.replays,  # replays: direct publishing
+                self.settings,
+                self.schemas,
+                self._source,
+                self.metrics,
+                backpressure=self._backpressure,
+                outbox=self._outbox,
+                pressure=links.streams,
+            )
         return self._publisher
 
     def event(self, type: str, data: Mapping[str, Any] | None = None, **kw: Any) -> Event:
@@ -361,6 +364,8 @@ class BusClient:
         """Events matching ``patterns`` since a stream id or time, in order: those still in
         Redis, and those already trimmed to PostgreSQL from ``archive`` (by default the
         client's own, when its settings name one)."""
+        from bus.replay import replay  # noqa: PLC0415 - loaded by the bots that replay
+
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
         store = archive or await self.archive()
         async for event in replay(
@@ -381,6 +386,8 @@ class BusClient:
         Call before :meth:`run`. The group is created at the streams' ends if it is new.
         Entries pending in the group may come again through :meth:`run` (at least once).
         """
+        from bus.catch_up import catch_up  # noqa: PLC0415 - loaded by the bots that catch up
+
         pats = [patterns] if isinstance(patterns, str) else list(patterns)
         return await catch_up(self, pats, handler, since)
 

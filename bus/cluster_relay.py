@@ -40,7 +40,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from bus.errors import BusDurabilityError
 from bus.keys import Keys
 from bus.lease import run_script, script_sha
-from bus.settings import BusSettings
+from bus.plain_settings import AnyBusSettings
 
 #: KEYS: the target stream, its relay cursor. ARGV: the bot id, then per entry its outbox
 #: id, its field count and its fields. Appends the entries whose outbox id is after the
@@ -114,7 +114,7 @@ class Durable:
     timeout_ms: int = 1000
 
     @classmethod
-    def of(cls, settings: BusSettings) -> Durable:
+    def of(cls, settings: AnyBusSettings) -> Durable:
         """What ``publish_replicas`` and its timeout ask of a move's steps."""
         timeout_ms = max(1, round(settings.publish_replicas_timeout * 1000))
         return cls(settings.publish_replicas, timeout_ms)

@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bus.deployment import RedisTarget, parse_redis_url, split_url
-from bus.settings import BusSettings
+from bus.plain_settings import AnyBusSettings
 
 try:
     from redis.connection import HiredisRespSerializer
@@ -123,7 +123,7 @@ _FAST: dict[type[Any], type[Any]] = {
 
 
 def connect(
-    settings: BusSettings, client_name: str | None = None, *, url: str | None = None
+    settings: AnyBusSettings, client_name: str | None = None, *, url: str | None = None
 ) -> Redis:
     """A client for ``url`` or ``settings.redis_url``: one node (``redis://``, ``rediss://``
     TLS, ``unix://``) or the primary a Sentinel set names (``redis+sentinel://``, see
@@ -264,7 +264,7 @@ class Connections:
     the one before. ``given``: one client for all three, which stays open at :meth:`aclose`.
     Lazy: no round trip until the first command."""
 
-    def __init__(self, settings: BusSettings, client_name: str, given: Redis | None = None):
+    def __init__(self, settings: AnyBusSettings, client_name: str, given: Redis | None = None):
         self._owned: list[Redis] = []
         self.redis = given or self._open(settings, client_name, settings.redis_url)
         self.streams = self.redis
@@ -276,7 +276,7 @@ class Connections:
             if settings.replay_url is not None:
                 self.replays = self._open(settings, client_name, settings.replay_url)
 
-    def _open(self, settings: BusSettings, client_name: str, url: str) -> Redis:
+    def _open(self, settings: AnyBusSettings, client_name: str, url: str) -> Redis:
         client = connect(settings, client_name, url=url)
         self._owned.append(client)
         return client

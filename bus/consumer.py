@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 from redis.asyncio import Redis
@@ -25,13 +26,15 @@ from bus.hooks import Fence, HandlerObserver
 from bus.inflight import InFlight
 from bus.keys import Keys, consumer_name, group_name
 from bus.metrics import BusMetrics
-from bus.partition_owner import PartitionOwner
 from bus.partitions import split_partition
+from bus.plain_settings import AnyConsumerSettings
 from bus.reader import GroupKeeper, Reader, Stopping
 from bus.reclaim import Reclaimer
 from bus.schemas import SchemaRegistry
-from bus.settings import ConsumerSettings
 from bus.subscription import Allowed, Subscription
+
+if TYPE_CHECKING:
+    from bus.partition_owner import PartitionOwner
 
 log = structlog.get_logger("bus.consumer")
 
@@ -57,7 +60,7 @@ class Consumer:
         *,
         redis: Redis,
         keys: Keys,
-        settings: ConsumerSettings,
+        settings: AnyConsumerSettings,
         bot_id: str,
         instance: int | str,
         subscriptions: Sequence[Subscription],
@@ -157,6 +160,8 @@ class Consumer:
                     only=[keys.stream(name)], stats=self.stats, records=records,
                 )  # fmt: skip
 
+            from bus.partition_owner import PartitionOwner  # noqa: PLC0415 - partitioned only
+
             self._owner = PartitionOwner(
                 redis=state or redis, streams=redis, keys=keys, bot_id=bot_id, member=self.name,
                 group=self.group, partitions=[keys.stream_name(k) for k in parted],
@@ -165,7 +170,7 @@ class Consumer:
             )  # fmt: skip
 
     def _reading(
-        self, redis: Redis, settings: ConsumerSettings, track_owners: bool
+        self, redis: Redis, settings: AnyConsumerSettings, track_owners: bool
     ) -> tuple[Reader, Reclaimer]:
         """The reader and the reclaimer: they take entries from Redis into the dispatcher."""
         reader = Reader(

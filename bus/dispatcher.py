@@ -28,9 +28,9 @@ from bus.hooks import Fence, HandlerObserver
 from bus.inflight import InFlight
 from bus.keys import Keys
 from bus.metrics import GroupMetrics
+from bus.plain_settings import AnyConsumerSettings as ConsumerSettings
 from bus.redis_errors import UNAVAILABLE
 from bus.schemas import SchemaRegistry
-from bus.settings import ConsumerSettings
 from bus.subscription import Allowed, Subscription
 from bus.wire import TARGET_FIELD, decode
 

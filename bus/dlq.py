@@ -19,7 +19,6 @@ from bus.connection import is_cluster
 from bus.errors import DeadLetterNotFoundError, DeadLetterRetryError, WireFormatError
 from bus.event import TYPE_RE, Event
 from bus.keys import Keys
-from bus.outbox import DEAD_LETTER_MARK
 from bus.routing import Router
 from bus.wire import (
     DLQ_LINK_FIELD,
@@ -31,6 +30,9 @@ from bus.wire import (
     readable,
 )
 
+#: Field of an outbox entry that is a dead letter, not an event (the relay, bus.outbox, takes
+#: it to the dead-letter stream and drops the field).
+DEAD_LETTER_MARK = "outbox.dead_letter"
 #: Dead-letter field with the original entry's exact bytes when they were not UTF-8: a
 #: JSON array ``[name, value, …]`` of base64 strings.
 RAW_FIELD = "raw"

@@ -7,7 +7,7 @@ the bot chose), with ``source`` set to the bot the outbox belongs to, then delet
 the outbox. So what consumers and the archive see as ``source`` is established by the
 system, and a bot cannot trim a stream, set entry ids or write to another bot's stream.
 
-Dead letters take the same path, marked by :data:`DEAD_LETTER_MARK`: the relay appends them
+Dead letters take the same path, marked by :data:`~bus.dlq.DEAD_LETTER_MARK`: the relay appends them
 to the dead-letter stream with ``group`` set to the bot's group. So do delivery records
 (:data:`~bus.delivery_records.DELIVERIES_MARK`), to the deliveries stream.
 
@@ -30,6 +30,7 @@ from redis.exceptions import ResponseError
 from bus.cluster_relay import NO_WAIT, Durable, relay_planned
 from bus.connection import is_cluster
 from bus.delivery_records import DELIVERIES_MARK
+from bus.dlq import DEAD_LETTER_MARK
 from bus.keys import Keys, group_name
 from bus.lease import run_script
 from bus.periodic import forever
@@ -39,8 +40,6 @@ from bus.stream_watch import StreamWatch
 
 log = structlog.get_logger("bus.outbox")
 
-#: Field of an outbox entry that is a dead letter, not an event (dropped by the relay).
-DEAD_LETTER_MARK = "outbox.dead_letter"
 #: Most fields an outbox entry may have; a bigger one (a hostile bot's) is dead-lettered
 #: without its content, since Lua cannot pass it on in one call.
 MAX_FIELDS = 2000

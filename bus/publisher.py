@@ -17,11 +17,10 @@ from bus.errors import BusConnectionError, BusDurabilityError, EventValidationEr
 from bus.event import Event, validate_data, validate_key, validate_source, validate_type
 from bus.keys import Keys
 from bus.metrics import BusMetrics
+from bus.plain_settings import AnyBusSettings
 from bus.redis_errors import UNAVAILABLE, is_oom
 from bus.routing import Router
 from bus.schemas import SchemaRegistry
-from bus.settings import BusSettings
-from bus.tls import REDIS_TLS, tls_problem
 from bus.wire import encode, encode_data
 
 log = structlog.get_logger("bus.publisher")
@@ -40,7 +39,7 @@ class Publisher:
     def __init__(
         self,
         redis: Redis,
-        settings: BusSettings,
+        settings: AnyBusSettings,
         schemas: SchemaRegistry,
         source: str,
         metrics: BusMetrics | None = None,
@@ -209,6 +208,8 @@ class Publisher:
         return [event for _, _, event in prepared]
 
     def _unavailable(self, exc: BaseException, count: int) -> BusConnectionError:
+        from bus.tls import REDIS_TLS, tls_problem  # noqa: PLC0415 - only once Redis is away
+
         if problem := tls_problem(exc, self._settings.redis_url, REDIS_TLS):
             return BusConnectionError(f"could not publish {count} event(s): {problem}")
         return BusConnectionError(

@@ -24,9 +24,9 @@ from bus.errors import GroupMissingError
 from bus.groups import ensure_group
 from bus.inflight import InFlight
 from bus.keys import Keys
+from bus.plain_settings import AnyConsumerSettings
 from bus.reclaim import Entry
 from bus.redis_errors import UNAVAILABLE, is_nogroup
-from bus.settings import ConsumerSettings
 
 
 class Stopping(Exception):
@@ -163,7 +163,7 @@ class Reader:
         group: str,
         consumer: str,
         streams: Sequence[str],
-        settings: ConsumerSettings,
+        settings: AnyConsumerSettings,
         keeper: GroupKeeper,
         dispatcher: Dispatcher,
         inflight: InFlight,

@@ -19,7 +19,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from bus.inflight import InFlight
-from bus.settings import ConsumerSettings
+from bus.plain_settings import AnyConsumerSettings
 
 #: A stream entry as XREADGROUP and XAUTOCLAIM return it: (id, fields), fields None if deleted.
 Entry = tuple[str, Mapping[str, str] | None]
@@ -41,7 +41,7 @@ class Reclaimer:
         group: str,
         consumer: str,
         streams: Sequence[str],
-        settings: ConsumerSettings,
+        settings: AnyConsumerSettings,
         inflight: InFlight,
         stats: dict[str, int],
         log: Any,

@@ -11,7 +11,7 @@ from bus.partitions import partition_name, partition_of
 from bus.patterns import Pattern
 
 if TYPE_CHECKING:
-    from bus.settings import BusSettings
+    from bus.plain_settings import AnyBusSettings
 
 #: The seed's streams: bot, user, system and error events; anything else goes to ``bot``.
 DEFAULT_ROUTES: dict[str, str] = {
@@ -86,6 +86,6 @@ class Router:
         return {s for name in out for s in self.expand(name)}
 
     @classmethod
-    def of(cls, settings: BusSettings) -> Router:
+    def of(cls, settings: AnyBusSettings) -> Router:
         """The router of bus settings (routes, default stream, partitions)."""
         return cls(settings.routes, settings.default_stream, settings.partitions)

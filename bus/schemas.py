@@ -1,14 +1,19 @@
-"""Registry of data schemas (pydantic models) by event type."""
+"""Registry of data schemas (pydantic models) by event type.
+
+pydantic loads with the first schema the registry needs: a model registered or parsed into,
+or a standard type published (:mod:`bus.catalog` holds their schemas). A bot that publishes
+and subscribes without schemas never loads it (it is about 9 MiB of an idle bot's memory).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
-
-from bus.catalog import STANDARD_SCHEMAS
 from bus.errors import SchemaError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
 
 
 def _describe(exc: ValidationError) -> str:
@@ -18,12 +23,17 @@ def _describe(exc: ValidationError) -> str:
 
 
 class SchemaRegistry:
-    """Maps event types to data models; ``strict`` refuses types with no schema."""
+    """Maps event types to data models; ``strict`` refuses types with no schema.
 
-    __slots__ = ("_models", "strict")
+    With ``standard`` the standard types' schemas are in it too, loaded on first use.
+    """
+
+    __slots__ = ("_models", "_standard_pending", "strict")
 
     def __init__(self, *, strict: bool = False, standard: bool = True) -> None:
-        self._models: dict[str, type[BaseModel]] = dict(STANDARD_SCHEMAS) if standard else {}
+        self._models: dict[str, type[BaseModel]] = {}
+        #: Whether the standard schemas are still to be loaded (with pydantic).
+        self._standard_pending = standard
         self.strict = strict
 
     def register(self, type_: str, model: type[BaseModel]) -> None:
@@ -32,11 +42,25 @@ class SchemaRegistry:
 
     def get(self, type_: str) -> type[BaseModel] | None:
         """The model registered for a type, if any."""
-        return self._models.get(type_)
+        model = self._models.get(type_)
+        if model is None and self._standard_pending:
+            from bus.event_types import STANDARD_TYPES  # noqa: PLC0415 - on the first publish
+
+            if type_ in STANDARD_TYPES:
+                self._load_standard()
+                model = self._models.get(type_)
+        return model
+
+    def _load_standard(self) -> None:
+        """Add the standard schemas under the ones registered (which win)."""
+        from bus.catalog import STANDARD_SCHEMAS  # noqa: PLC0415 - pydantic, on first need
+
+        self._models = {**STANDARD_SCHEMAS, **self._models}
+        self._standard_pending = False
 
     def check(self, type_: str, data: Mapping[str, Any]) -> None:
         """Validate data for publishing; raise :class:`SchemaError` naming the bad fields."""
-        model = self._models.get(type_)
+        model = self.get(type_)
         if model is None:
             if self.strict:
                 raise SchemaError(
@@ -45,6 +69,8 @@ class SchemaRegistry:
                     "register one with bus.schemas.register(type, Model) or turn strict off",
                 )
             return
+        from pydantic import ValidationError  # noqa: PLC0415 - loaded with the model
+
         try:
             model.model_validate(data)
         except ValidationError as exc:
@@ -54,6 +80,8 @@ class SchemaRegistry:
 
     def parse(self, model: type[BaseModel], type_: str, data: Mapping[str, Any]) -> BaseModel:
         """Parse received data into ``model``; raise :class:`SchemaError` if it does not fit."""
+        from pydantic import ValidationError  # noqa: PLC0415 - loaded with the model
+
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -62,4 +90,5 @@ class SchemaRegistry:
             ) from None
 
     def __repr__(self) -> str:
-        return f"<SchemaRegistry types={len(self._models)} strict={self.strict}>"
+        types = len(self._models) if not self._standard_pending else f"{len(self._models)}+standard"
+        return f"<SchemaRegistry types={types} strict={self.strict}>"

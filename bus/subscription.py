@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict, Unpack
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, Unpack
 
 from bus.backoff import Backoff
 from bus.breaker import CircuitBreaker
@@ -16,8 +14,16 @@ from bus.errors import SubscriptionError
 from bus.event import Event
 from bus.keys import Keys
 from bus.patterns import Pattern
+from bus.plain_settings import (
+    AnyBreakerSettings,
+    AnyConsumerSettings,
+    AnyRetrySettings,
+    PlainRetrySettings,
+)
 from bus.routing import Router
-from bus.settings import BreakerSettings, ConsumerSettings, RetrySettings
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 Handler = Callable[[Event], Awaitable[Any]]
 ModelHandler = Callable[[Event, Any], Awaitable[Any]]
@@ -36,7 +42,7 @@ class Subscription:
     where_spec: dict[str, Any] | None = None
     #: Parse ``data`` into this model and pass it as the handler's second argument.
     model: type[BaseModel] | None = None
-    retry: RetrySettings = field(default_factory=RetrySettings)
+    retry: AnyRetrySettings = field(default_factory=PlainRetrySettings)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     #: Hand the handler lists of up to this many events (None: one event at a time).
     batch_size: int | None = None
@@ -82,8 +88,8 @@ def build_subscription(
     where: Mapping[str, Any] | Predicate | None,
     name: str | None,
     model: type[BaseModel] | None,
-    retry: RetrySettings,
-    breaker: BreakerSettings,
+    retry: AnyRetrySettings,
+    breaker: AnyBreakerSettings,
     batch: int | None,
     batch_wait: float,
     idempotent_ttl: float | None,
@@ -123,8 +129,8 @@ class SubscribeOptions(TypedDict, total=False):
     where: Mapping[str, Any] | Predicate | None
     name: str | None
     model: type[BaseModel] | None
-    retry: RetrySettings | None
-    breaker: BreakerSettings | None
+    retry: AnyRetrySettings | None
+    breaker: AnyBreakerSettings | None
     batch: int | None
     batch_wait: float
     idempotent_ttl: float | None
@@ -135,7 +141,7 @@ class SubscriptionRegistry:
     """The subscriptions one client declared, in order: built with the consumer settings'
     defaults, unique by name, each with the streams its pattern is routed to."""
 
-    def __init__(self, settings: ConsumerSettings, router: Router, keys: Keys) -> None:
+    def __init__(self, settings: AnyConsumerSettings, router: Router, keys: Keys) -> None:
         self._settings = settings
         self._router = router
         self._keys = keys

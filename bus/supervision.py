@@ -1,8 +1,9 @@
 """What a supervised bot process and the manager tell each other.
 
 The manager starts ``python -m bots.runtime`` and writes a :class:`RuntimeSpec` as one JSON
-document to its stdin (credentials never travel in argv or the environment). The runtime
-reports back on an inherited pipe, one line per message (:class:`StatusLine`):
+document to its stdin (credentials never travel in argv or the environment); the runtime
+reads it back as a :class:`PlainRuntimeSpec` (:func:`read_spec`). The runtime reports back
+on an inherited pipe, one line per message (:class:`StatusLine`):
 
 ``hb``                       a heartbeat, sent from the bot's event loop
 ``ready``                    the bot's consumer is reading (or it has no subscriptions)
@@ -25,12 +26,28 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
 
-from bus.settings import BusSettings
+from bus.errors import BusError
+from bus.plain_settings import PlainBusSettings
+
+if TYPE_CHECKING:
+    from bus.runtime_spec import RuntimeSpec
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_LEASE_LOST",
+    "PlainRuntimeSpec",
+    "RuntimeSpec",
+    "SpecError",
+    "Status",
+    "StatusLine",
+    "describe",
+    "read_spec",
+    "spec_json",
+]
 
 #: Exit code of a runtime whose lease was lost: it stopped at once to never be a second active.
 EXIT_LEASE_LOST = 75
@@ -38,27 +55,50 @@ EXIT_LEASE_LOST = 75
 EXIT_CONFIG = 78
 
 
-class RuntimeSpec(BaseModel):
-    """Everything a bot process gets from the manager; the bot never sees the manager's config."""
+class SpecError(BusError, ValueError):
+    """The spec on a runtime's stdin is not one the manager wrote: start bots with multibot."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlainRuntimeSpec:
+    """A :class:`~bus.runtime_spec.RuntimeSpec` as the runtime reads it (:func:`read_spec`):
+    the same fields, trusted, in plain dataclasses, so a bot process loads no pydantic."""
 
     bot_id: str
-    instance: int = Field(ge=0)
-    entry: str = Field(description="'package.module:function' called with the bus client")
-    bus: BusSettings = Field(description="redis_url carries this bot's own ACL user")
-    status_fd: int | None = Field(None, description="write end of the status pipe")
-    heartbeat_interval: float = Field(1.0, gt=0)
-    metrics_interval: float = Field(2.0, gt=0, description="seconds between metrics lines")
-    stop_timeout: float = Field(10.0, gt=0)
-    lease_ttl: float | None = Field(None, gt=0, description="set: an active/standby replica")
+    instance: int
+    entry: str
+    bus: PlainBusSettings
+    status_fd: int | None = None
+    heartbeat_interval: float = 1.0
+    metrics_interval: float = 2.0
+    stop_timeout: float = 10.0
+    lease_ttl: float | None = None
     log_level: str = "info"
     log_json: bool = True
-    manager_pid: int | None = Field(None, description="exit if this process is gone")
-    subscriptions: list[tuple[str, dict[str, Any]]] = Field(
-        default_factory=list,
-        description="declared (pattern, conditions): only such events reach the handlers",
-    )
+    manager_pid: int | None = None
+    subscriptions: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def __repr__(self) -> str:  # the bus settings carry the bot's Redis password
+        return f"<PlainRuntimeSpec {self.bot_id}[{self.instance}] entry={self.entry}>"
+
+
+def read_spec(line: bytes) -> PlainRuntimeSpec:
+    """The spec from the JSON line :func:`spec_json` wrote; :class:`SpecError` for anything
+    else (not JSON, not an object, a field missing or unknown).
+
+    Values are not checked again: the manager validated them as a :class:`RuntimeSpec`.
+    """
+    try:
+        fields = orjson.loads(line)
+        if not isinstance(fields, dict):
+            raise TypeError(f"a JSON object expected, got {type(fields).__name__}")
+        fields["bus"] = PlainBusSettings.from_json(fields["bus"])
+        fields["subscriptions"] = tuple(
+            (pattern, where) for pattern, where in fields.get("subscriptions", ())
+        )
+        return PlainRuntimeSpec(**fields)
+    except (ValueError, TypeError, KeyError) as exc:  # orjson's JSONDecodeError is a ValueError
+        raise SpecError(f"{type(exc).__name__}: {exc}") from None
 
 
 class Status(enum.StrEnum):
@@ -147,3 +187,14 @@ def spec_json(spec: RuntimeSpec) -> bytes:
 def describe(spec: RuntimeSpec) -> dict[str, Any]:
     """Log-safe fields of a spec (no credentials)."""
     return {"bot_id": spec.bot_id, "instance": spec.instance, "entry": spec.entry}
+
+
+def __getattr__(name: str) -> Any:
+    # RuntimeSpec is a pydantic model: loaded for the manager, which builds specs, never for
+    # the runtime, which only reads them.
+    if name == "RuntimeSpec":
+        from bus.runtime_spec import RuntimeSpec  # noqa: PLC0415 - see above
+
+        globals()[name] = RuntimeSpec  # the next lookup is a plain one
+        return RuntimeSpec
+    raise AttributeError(f"module 'bus.supervision' has no attribute {name!r}")

@@ -8,15 +8,17 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from bots.runtime.status import StatusChannel
 from bus import BusClient
-from bus.lease import Lease
 from bus.subscription import Allowed
-from bus.supervision import EXIT_LEASE_LOST, RuntimeSpec, Status, StatusLine
+from bus.supervision import EXIT_LEASE_LOST, PlainRuntimeSpec, Status, StatusLine
+
+if TYPE_CHECKING:
+    from bus.lease import Lease
 
 log = structlog.get_logger("bots.runtime")
 #: Seconds after which a bot that has not subscribed counts as ready (it only publishes).
@@ -24,7 +26,9 @@ READY_GRACE = 1.0
 BotMain = Callable[[BusClient], Coroutine[Any, Any, None]]
 
 
-async def run_bot(spec: RuntimeSpec, bot_main: BotMain, *, commands: bytes | None = None) -> int:
+async def run_bot(
+    spec: PlainRuntimeSpec, bot_main: BotMain, *, commands: bytes | None = None
+) -> int:
     """Run the bot until it returns or a signal stops it; the process exit code.
 
     With ``commands`` (not None), stdin carries the manager's commands, one per line,
@@ -79,7 +83,7 @@ async def _read_commands(already: bytes, bus: BusClient, stop: asyncio.Event) ->
 
 
 async def _serve(
-    spec: RuntimeSpec,
+    spec: PlainRuntimeSpec,
     bus: BusClient,
     bot_main: BotMain,
     *,
@@ -90,6 +94,8 @@ async def _serve(
     keeper: asyncio.Task[None] | None = None
     lease: Lease | None = None
     if spec.lease_ttl is not None:
+        from bus.lease import Lease  # noqa: PLC0415 - only an active/standby bot holds one
+
         lease = Lease(bus.redis, bus.keys, spec.bot_id, str(spec.instance), spec.lease_ttl)
         status.send(StatusLine(Status.STANDBY))
         if not await _acquire(lease, stop, status):

@@ -217,6 +217,8 @@ def bench_manager(rounds: int, as_json: bool) -> None:
 
     Runs `multibot start` as a real process in a temporary data directory (embedded Redis
     and PostgreSQL, the example bots) and kills bots with SIGKILL to time their recovery.
+    An idle bot (one subscription, no models) runs too, weighed against a bare redis-py +
+    uvloop worker blocked on XREADGROUP in the same run.
     """
     from manager.bench.manager_bench import run_manager_bench  # noqa: PLC0415 - only here
 
@@ -237,6 +239,11 @@ def bench_manager(rounds: int, as_json: bool) -> None:
         f"idle RSS: manager {result['manager_rss_bytes'] / mib:.1f} MiB, one bot "
         f"{result['bot_rss_bytes_median'] / mib:.1f} MiB (median of {result['bots']}), "
         f"Redis used_memory {result['redis_used_memory_bytes'] / mib:.1f} MiB"
+    )
+    click.echo(
+        f"idle bot (1 subscription, no models) {result['idle_bot_rss_bytes'] / mib:.1f} MiB, "
+        f"bare redis-py + uvloop worker {result['bare_worker_rss_bytes'] / mib:.1f} MiB: "
+        f"{result['idle_bot_to_bare_ratio']:.3f} times"
     )
     for key, what in (
         ("restart_s", "kill -9 of a bot to its new process running"),

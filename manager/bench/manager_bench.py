@@ -1,11 +1,13 @@
 """``multibot bench-manager``: how fast the manager starts, restarts and fails over; its memory.
 
 It runs ``multibot start`` on the checkout's default config (embedded Redis and PostgreSQL,
-the example bots) in a temporary data directory, as a real process, listening as systemd
-would on a private ``NOTIFY_SOCKET``. It measures: start to READY=1 (first start, with
-initdb, and a second start on the same data), the RSS of the idle manager and bots, the
-time from SIGKILL of a bot to its replacement running, from SIGKILL of the active replica
-of an active/standby bot to the standby holding the lease, and SIGTERM to exit.
+the example bots) plus an idle bot, in a temporary data directory, as a real process,
+listening as systemd would on a private ``NOTIFY_SOCKET``. It measures: start to READY=1
+(first start, with initdb, and a second start on the same data), the RSS of the idle
+manager and bots, that of the idle bot next to a bare redis-py + uvloop worker's
+(:mod:`manager.bench.idle_memory`), the time from SIGKILL of a bot to its replacement
+running, from SIGKILL of the active replica of an active/standby bot to the standby
+holding the lease, and SIGTERM to exit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Self
 
+from manager.bench.idle_memory import IDLE_BOT, bare_worker, weigh, write_config
 from manager.config import DEFAULT_CONFIG_PATH
 from manager.control import ControlError, call
 from manager.errors import ManagerError
@@ -39,15 +42,18 @@ class ManagerExitedError(ManagerError):
 
 
 class ManagerRun:
-    """One ``multibot start`` process and its notify socket; ``env`` adds to its environment
-    (``MULTIBOT_...`` settings for the run).
+    """One ``multibot start`` process and its notify socket, on ``config``; ``env`` adds to
+    its environment (``MULTIBOT_...`` settings for the run).
 
     Use it as ``async with ManagerRun(work) as run:``: leaving the block, however it is
     left, SIGKILLs the process if it still runs and closes the socket.
     """
 
-    def __init__(self, work: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, work: Path, env: Mapping[str, str] | None = None, config: Path = DEFAULT_CONFIG_PATH
+    ) -> None:
         self.work = work
+        self.config = config
         # Its bots run as the tool's own user: it measures the manager, not the isolation,
         # and its bots write into the run's directory (the soak's records).
         self.env = {"MULTIBOT_SUPERVISOR__BOT_USER": "", **(env or {})}
@@ -100,7 +106,7 @@ class ManagerRun:
         started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "manager.cli", "start", "--config", str(DEFAULT_CONFIG_PATH),
+                sys.executable, "-m", "manager.cli", "start", "--config", str(self.config),
                 env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         # READY=1 or the exit, whichever comes first: a manager that fails to start exits.
@@ -128,9 +134,14 @@ class ManagerRun:
         while b"READY=1" not in await loop.sock_recv(sock, 4096):
             pass
 
+    @property
+    def control_socket(self) -> Path:
+        """Its control socket (``multibot status`` and the other commands)."""
+        return self.data_dir / "manager.sock"
+
     async def status(self) -> ManagerStatus:
         """The status document."""
-        answer = await call(self.data_dir / "manager.sock", "status", timeout=10)
+        answer = await call(self.control_socket, "status", timeout=10)
         return ManagerStatus.model_validate(answer)
 
     async def stop(self) -> float:
@@ -161,6 +172,14 @@ class ManagerRun:
 
 def _instances(status: ManagerStatus, bot_id: str) -> list[InstanceStatus]:
     return status.bot(bot_id).instances
+
+
+def _pid(status: ManagerStatus, bot_id: str) -> int:
+    """The process of the bot's first instance; ManagerError if it has none running."""
+    pid = _instances(status, bot_id)[0].pid
+    if pid is None:
+        raise ManagerError(f"{bot_id} has no process running")
+    return pid
 
 
 async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 60) -> float:  # noqa: ASYNC109
@@ -219,13 +238,18 @@ async def run_manager_bench(rounds: int, echo: Callable[[str], None]) -> dict[st
     os.chmod(work, 0o711)  # as root, the embedded PostgreSQL runs as another user
     keep = False
     try:
-        async with ManagerRun(work) as manager:
+        config = write_config(work)
+        async with ManagerRun(work, config=config) as manager:
             echo("starting the manager (first start: initdb) ...")
             cold = await manager.start()
-            echo(f"READY after {cold:.2f}s; idling 5 s before measuring memory")
-            await asyncio.sleep(5)
-            status = await manager.status()
-            bot_rss = [i.rss for b in status.bots for i in b.instances if i.rss]
+            echo(f"READY after {cold:.2f}s; idling 5 s (and a bare worker) before measuring memory")
+            found = await call(manager.control_socket, "connection", timeout=10)
+            async with bare_worker(found["redis_url"], found["namespace"]) as bare_pid:
+                await asyncio.sleep(5)
+                status = await manager.status()
+                idle = await weigh(_pid(status, IDLE_BOT), bare_pid)
+            examples = [b for b in status.bots if b.id != IDLE_BOT]
+            bot_rss = [i.rss for b in examples for i in b.instances if i.rss]
             restarts, failovers = [], []
             for n in range(rounds):
                 echo(f"round {n + 1}/{rounds}: kill -9 a bot, then the active replica")
@@ -233,7 +257,7 @@ async def run_manager_bench(rounds: int, echo: Callable[[str], None]) -> dict[st
                 failovers.append(await _failover_time(manager, "shared-users"))
             stop = await manager.stop()
         echo("second start on the same data ...")
-        async with ManagerRun(work) as manager:
+        async with ManagerRun(work, config=config) as manager:
             warm = await manager.start()
             await manager.stop()
     except (ManagerError, ControlError, TimeoutError) as exc:  # all of them the manager's
@@ -248,6 +272,7 @@ async def run_manager_bench(rounds: int, echo: Callable[[str], None]) -> dict[st
         "manager_rss_bytes": status.manager.rss,
         "bot_rss_bytes_median": int(statistics.median(bot_rss)),
         "bots": len(bot_rss),
+        **idle.as_json(),
         "redis_used_memory_bytes": status.memory.redis if status.memory else None,
         "restart_s": _summary(restarts),
         "failover_s": _summary(failovers),

@@ -103,3 +103,29 @@ def test_importing_bus_loads_neither_pydantic_nor_redis() -> None:
     assert "bus" in loaded
     assert not {m for m in loaded if m.split(".")[0] in {"pydantic", "redis"}}
     assert not {m for m in loaded if m.startswith("bus.")}
+
+
+def test_a_bot_process_s_modules_load_no_pydantic() -> None:
+    """The client, the runtime's protocol and the event types load without pydantic; the
+    manager's RuntimeSpec (a pydantic model) is still named by ``bus.supervision``."""
+    script = (
+        "import sys, bus.client, bus.supervision, bus.schemas\n"
+        "from bus import EventType, BusClient\n"
+        "BusClient('x').schemas.check('x.y', {})\n"
+        "print('pydantic' in sys.modules)\n"
+        "from bus.supervision import RuntimeSpec\n"
+        "print('pydantic' in sys.modules, RuntimeSpec.__module__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == ["False", "True", "bus.runtime_spec"]
+
+
+def test_standard_schemas_load_with_the_first_standard_type() -> None:
+    """A publish of a standard type still has its data checked: the schemas load then."""
+    registry = bus.SchemaRegistry()
+    registry.check("my.own.type", {"anything": 1})
+    with pytest.raises(bus.SchemaError, match="user_id"):
+        registry.check(bus.EventType.MESSAGE_RECEIVED, {"text": "hi"})
+    assert registry.get(bus.EventType.MESSAGE_RECEIVED) is bus.UserMessage

@@ -13,10 +13,10 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bus import BusClient, Event
-from bus.dlq import DeadLetterReason, DeadLetters
+from bus.dlq import DEAD_LETTER_MARK, DeadLetterReason, DeadLetters
 from bus.errors import DeadLetterRetryError
 from bus.keys import Keys, group_name
-from bus.outbox import DEAD_LETTER_MARK, MAX_FIELDS, OutboxRelay
+from bus.outbox import MAX_FIELDS, OutboxRelay
 from bus.routing import Router
 from manager.embedded.redis_server import RedisServer
 from tests.conftest import BusFactory

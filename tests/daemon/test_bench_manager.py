@@ -27,7 +27,10 @@ def test_reports_start_memory_restart_and_failover() -> None:
     assert result["ready_first_start_s"] > 0
     assert result["ready_second_start_s"] > 0
     assert result["manager_rss_bytes"] > 10 * 1024 * 1024
-    assert result["bots"] == 5
+    assert result["bots"] == 5  # the example bots' instances; the idle bot is apart
+    assert result["idle_bot_rss_bytes"] > result["bare_worker_rss_bytes"] > 10 * 1024 * 1024
+    ratio = result["idle_bot_rss_bytes"] / result["bare_worker_rss_bytes"]
+    assert result["idle_bot_to_bare_ratio"] == round(ratio, 3)
     assert result["restart_s"]["min"] <= result["restart_s"]["max"]
     assert result["failover_s"]["median"] > 0
 
