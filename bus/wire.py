@@ -103,6 +103,17 @@ def entry_time(entry_id: str) -> datetime:
 
 
 def _check_text(fields: Mapping[str, str]) -> None:
+    # One look at all of it first: almost every entry is ASCII, or else valid text, and a
+    # lone surrogate (a byte that was not UTF-8) stays one when joined to the others.
+    joined = "".join([*fields, *fields.values()])
+    if joined.isascii():
+        return
+    try:
+        joined.encode()
+    except UnicodeEncodeError:
+        pass
+    else:
+        return
     for name, value in fields.items():
         if not (is_text(name) and is_text(value)):
             raise WireFormatError(

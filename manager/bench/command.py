@@ -12,6 +12,7 @@ import structlog
 import uvloop
 
 from manager.bench.options import BenchError, BenchOptions
+from manager.bench.repeats import summary_json, summary_table
 from manager.bench.report import BenchReport
 from manager.bench.runner import run_bench
 from manager.cli.options import (
@@ -101,6 +102,14 @@ from manager.logs import configure_cli_logging
     "The records go to a database created for the run (the role needs CREATEDB), dropped "
     "at the end.",
 )
+@click.option(
+    "--repeat",
+    type=click.IntRange(1, 20),
+    default=1,
+    show_default=True,
+    help="Run it this many times and print each run's bus and baseline figures with the "
+    "medians (the full table of the last run first).",
+)
 @json_flag("Print one JSON line instead of a table.")
 def bench(
     *,
@@ -120,6 +129,7 @@ def bench(
     as_admin: bool,
     deliveries: bool,
     postgres_dsn: str | None,
+    repeat: int,
     as_json: bool,
 ) -> None:
     """Benchmark the event bus: throughput, end-to-end latency, losses, duplicates, RSS.
@@ -152,12 +162,21 @@ def bench(
         # Keep stdout for the report (and the --json line): warnings go to stderr.
         configure_cli_logging()
     try:
-        report = uvloop.run(_run(options))
+        reports = uvloop.run(_run(options, repeat))
     except ManagerError as exc:
         raise click.ClickException(str(exc)) from exc
     except asyncio.CancelledError:  # SIGTERM: cleaned up like a Ctrl-C
         raise click.Abort from None
-    click.echo(json.dumps(report.to_json()) if as_json else report.table())
+    report = reports[-1]
+    if repeat == 1:
+        click.echo(json.dumps(report.to_json()) if as_json else report.table())
+    elif as_json:
+        click.echo(json.dumps(summary_json(reports)))
+    else:
+        click.echo(report.table() + "\n\n" + summary_table(reports))
+    if sum(r.lost for r in reports) > report.lost:
+        click.echo("error: events were lost in an earlier run (see the lost column)", err=True)
+        sys.exit(1)
     records = report.records
     if report.lost:
         phases = (
@@ -182,9 +201,9 @@ def bench(
         )
 
 
-async def _run(options: BenchOptions) -> BenchReport:
-    """Run the benchmark; SIGTERM cancels it, so the workers, the private redis-server and
-    the bench keys are cleaned up as on Ctrl-C."""
+async def _run(options: BenchOptions, repeat: int = 1) -> list[BenchReport]:
+    """Run the benchmark ``repeat`` times; SIGTERM cancels it, so the workers, the private
+    redis-server and the bench keys are cleaned up as on Ctrl-C."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -195,7 +214,12 @@ async def _run(options: BenchOptions) -> BenchReport:
 
     loop.add_signal_handler(signal.SIGTERM, cancel_once)
     try:
-        return await run_bench(options)
+        reports = []
+        for n in range(repeat):
+            if repeat > 1:
+                click.echo(f"run {n + 1} of {repeat} ...", err=True)
+            reports.append(await run_bench(options))
+        return reports
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
 

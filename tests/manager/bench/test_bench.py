@@ -286,6 +286,58 @@ def fake_report(lost: int) -> BenchReport:
     return BenchReport(BenchOptions(), phase, None, 40.0, "7.0.15")
 
 
+def timed_report(p95: float, base_p95: float, lost: int = 0) -> BenchReport:
+    """A report whose bus and baseline p95 are as given (ms)."""
+
+    def phase(p: float, lost: int) -> PhaseResult:
+        return PhaseResult(
+            published_per_s=1000.0, events_per_s=1000.0,
+            latency=LatencyStats(p / 2, p, p * 2, p * 3), publish=LatencyStats(0.1, 0.2, 0.3, 0.4),
+            events=10_000, lost=lost, duplicated=0, rss_mb={"bus #0 (1 producer)": 40.0},
+        )  # fmt: skip
+
+    return BenchReport(BenchOptions(), phase(p95, lost), phase(base_p95, 0), 40.0, "7.0.15")
+
+
+class TestRepeat:
+    def test_each_run_and_the_medians(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """--repeat 3: the last run's full table, then a line per run with the bus's and
+        the baseline's p95 and their ratio, a median line and the worst ratio; --json has
+        every run and the medians."""
+        runs = iter([timed_report(3.0, 2.0), timed_report(8.0, 2.0), timed_report(4.0, 2.0)] * 2)
+
+        async def next_run(options: BenchOptions) -> BenchReport:
+            return next(runs)
+
+        monkeypatch.setattr("manager.bench.command.run_bench", next_run)
+        result = CliRunner().invoke(bench, ["--repeat", "3", "--redis-url", "redis://x:1/0"])
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert "latency p95 ms" in result.stdout
+        per_run = [line.split() for line in lines if line[:1] in ("1", "2", "3")]
+        assert [row[4] for row in per_run] == ["1.50", "4.00", "2.00"]
+        assert next(line for line in lines if line.startswith("med")).split()[4] == "2.00"
+        assert "worst run 4.00, median 2.00" in result.stdout
+        result = CliRunner().invoke(
+            bench, ["--repeat", "3", "--json", "--redis-url", "redis://x:1/0"]
+        )
+        answer = json.loads(result.stdout)
+        assert len(answer["runs"]) == 3 and answer["median"]["bus_p95_ms"] == 4.0
+        assert answer["worst_p95_bus_vs_baseline"] == 4.0
+
+    def test_a_loss_in_any_run_exits_1(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Events lost in the first of two runs: exit 1, saying so."""
+        runs = iter([timed_report(3.0, 2.0, lost=2), timed_report(3.0, 2.0)])
+
+        async def next_run(options: BenchOptions) -> BenchReport:
+            return next(runs)
+
+        monkeypatch.setattr("manager.bench.command.run_bench", next_run)
+        result = CliRunner().invoke(bench, ["--repeat", "2", "--redis-url", "redis://x:1/0"])
+        assert result.exit_code == 1
+        assert "lost in an earlier run" in result.stderr
+
+
 class TestCommand:
     def test_exits_1_when_events_were_lost(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Lost events make the command exit 1 with a message, after the report."""
