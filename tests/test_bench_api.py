@@ -32,25 +32,48 @@ def bench_tmp(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def test_reports_events_latency_and_rss() -> None:
-    """A 1 s run per batch size: events accepted, no answer but 202, every figure there."""
+def test_reports_events_latency_and_rss_beside_the_bus() -> None:
+    """A 1 s run per batch size, of the bus and of the API: events accepted, no failure,
+    every figure there, and the API's share of the bus's events/s with its targets."""
     done = CliRunner().invoke(
         main, ["bench-api", "--duration", "1", "--concurrency", "2", "--json"]
     )
     assert done.exit_code == 0, done.output
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rate_limit_raised_to"]["rate_limit"] >= 1_000_000
-    assert set(result["batches"]) == {"1", "100"}
-    for batch, run in result["batches"].items():
-        assert run["batch"] == int(batch)
-        assert run["events_accepted"] > 0
-        assert run["events_per_s"] > 0
-        assert run["requests_per_s"] > 0
-        assert run["errors"] == {}
-        lat = run["latency_ms"]
-        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert set(result["batches"]) == set(result["bus"]) == set(result["against_bus"]) == {
+        "1", "100"}  # fmt: skip
+    for batch in ("1", "100"):
+        for run in (result["batches"][batch], result["bus"][batch]):
+            assert run["batch"] == int(batch)
+            assert run["concurrency"] == 2
+            assert run["events_accepted"] > 0
+            assert run["events_per_s"] > 0
+            assert run["requests_per_s"] > 0
+            assert run["errors"] == {}
+            lat = run["latency_ms"]
+            assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        versus = result["against_bus"][batch]
+        api, bus = result["batches"][batch]["events_per_s"], result["bus"][batch]["events_per_s"]
+        assert versus["events_share"] == round(api / bus, 3)
+        assert versus["events_share_target"] == (0.5 if batch == "1" else 0.7)
+        assert versus["api_p99_over_p95"] >= 1
+        assert isinstance(versus["met"], bool)
+    assert "2 calls in flight" in result["fairness"]
     rss = result["manager_rss_bytes"]
     assert 10 * 1024 * 1024 < rss["idle"] <= rss["peak"]
+
+
+def test_the_text_report_compares_with_the_bus() -> None:
+    """Without --json: a line per batch size against the bus, with the fairness note."""
+    done = CliRunner().invoke(
+        main, ["bench-api", "--duration", "0.5", "--concurrency", "2", "--batch", "10"]
+    )
+    assert done.exit_code == 0, done.output
+    assert "the API against the bus itself, side by side:" in done.output
+    assert "batches of 10: API " in done.output
+    assert "(target >= 0.7)" in done.output
+    assert "2 calls in flight" in done.output
 
 
 def test_a_failing_load_process_leaves_nothing_open(bench_tmp: Path) -> None:
@@ -59,9 +82,10 @@ def test_a_failing_load_process_leaves_nothing_open(bench_tmp: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(
-            ManagerError, match=r"(?s)the load process failed \(exit 2\).*--concurrency"
+            ManagerError, match=r"(?s)the publishing process failed \(exit 2\).*--concurrency"
         ):
-            # 0 connections: the load process exits 2; run on the loop the command uses
+            # 0 calls in flight: the bus's publishing process (run first) exits 2; run on
+            # the loop the command uses
             uvloop.run(run_api_bench(0, 1.0, lambda _: None, batches=(1,)))
         gc.collect()
     assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -11,7 +11,7 @@ from fastapi import HTTPException, Request
 
 from bus.archive.audit_log import Outcome
 from manager.api.auth import Caller
-from manager.api.context import view_of
+from manager.api.context import ManagerView, view_of
 from manager.audit import record
 
 
@@ -27,6 +27,20 @@ async def audited(
     """Record ``action`` once the block ended: ``ok``, ``refused`` (an HTTP error the
     block raised, with its text) or ``failed``; the block may fill the yielded details.
     ``buffered`` (the publishes): written with others a moment later (see AuditBuffer)."""
+    async with audited_on(view_of(request), caller, action, target, buffered=buffered) as detail:
+        yield detail
+
+
+@contextlib.asynccontextmanager
+async def audited_on(
+    view: ManagerView,
+    caller: Caller,
+    action: str,
+    target: str | None = None,
+    *,
+    buffered: bool = False,
+) -> AsyncIterator[dict[str, Any]]:
+    """:func:`audited` for the manager ``view`` (a route served without a Request)."""
     detail: dict[str, Any] = {}
     outcome: Outcome = "ok"
     error: str | None = None
@@ -39,7 +53,6 @@ async def audited(
         outcome, error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        view = view_of(request)
         fields: dict[str, Any] = {
             "actor": f"token:{caller.name}", "channel": "api", "action": action,
             "target": target, "detail": detail, "outcome": outcome, "error": error,

@@ -21,18 +21,33 @@ def _route(request: Request) -> str:
     return f"{request.method} {getattr(route, 'path', request.url.path)}"
 
 
-def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Caller:
-    """The caller presenting a valid token; 401 saying why otherwise; 429 past its rate."""
-    tokens: Tokens = request.app.state.tokens
-    if credentials is None:
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization`` header's value, read as FastAPI's ``HTTPBearer``
+    reads it; None for no header, no token or another scheme."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if not (scheme and token) or scheme.lower() != "bearer":
+        return None
+    return token
+
+
+def authorize(
+    tokens: Tokens, limiter: RateLimiter, token: str | None, route: str, scope: str
+) -> Caller:
+    """The caller presenting ``token`` to ``route`` (``"POST /v1/events"``), holding
+    ``scope`` (admin holds every scope); 401 saying why otherwise, 429 past its rate, 403
+    without the scope."""
+    if token is None:
         raise HTTPException(
             401,
-            f"{_route(request)} needs a token: send 'Authorization: Bearer <token>'. The "
+            f"{route} needs a token: send 'Authorization: Bearer <token>'. The "
             f"admin token is in the manager's data directory ({ADMIN_TOKEN_FILE}); others "
             "are configured under [[api.tokens]]",
             headers={"WWW-Authenticate": _CHALLENGE},
         )
-    caller = tokens.caller(credentials.credentials)
+    caller = tokens.caller(token)
     if caller is None:
         raise HTTPException(
             401,
@@ -40,13 +55,19 @@ def authenticate(request: Request, credentials: HTTPAuthorizationCredentials | N
             "file, or the config's [[api.tokens]] (reloaded only at start)",
             headers={"WWW-Authenticate": f'{_CHALLENGE}, error="invalid_token"'},
         )
-    limiter: RateLimiter = request.app.state.limiter
     if wait := limiter.take(caller.name, rate=caller.rate, burst=caller.burst):
         raise HTTPException(
             429,
             f"token {caller.name!r} is over its rate limit (rate_limit requests/s): retry "
             f"after {wait:.2f} s",
             headers={"Retry-After": limiter.retry_after(wait)},
+        )
+    if not caller.may(scope):
+        held = ", ".join(sorted(caller.scopes))
+        raise HTTPException(
+            403,
+            f"token {caller.name!r} lacks the {scope!r} scope that {route} "
+            f"needs (it has: {held}); use a token with that scope",
         )
     return caller
 
@@ -55,15 +76,9 @@ def require(scope: str) -> Callable[..., Awaitable[Caller]]:
     """A dependency: the caller, who must hold ``scope`` (admin holds every scope)."""
 
     async def dependency(request: Request, credentials: Credentials) -> Caller:
-        caller = authenticate(request, credentials)
-        if not caller.may(scope):
-            held = ", ".join(sorted(caller.scopes))
-            raise HTTPException(
-                403,
-                f"token {caller.name!r} lacks the {scope!r} scope that {_route(request)} "
-                f"needs (it has: {held}); use a token with that scope",
-            )
-        return caller
+        state = request.app.state
+        token = None if credentials is None else credentials.credentials
+        return authorize(state.tokens, state.limiter, token, _route(request), scope)
 
     return dependency
 

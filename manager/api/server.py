@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from manager.errors import ManagerError
 
@@ -31,7 +31,7 @@ class ApiServer:
     """Binds at :meth:`start` (a port in use is a clear :class:`ManagerError`), serves
     until :meth:`stop`."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
         self._app = app
         self._host = host
         self._port = port
@@ -63,7 +63,9 @@ class ApiServer:
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         config = uvicorn.Config(
             self._app,
-            loop="none",
+            loop="none",  # the manager's own (uvloop)
+            http="httptools",  # uvicorn's fast parser, not the pure-Python h11
+            interface="asgi3",
             lifespan="off",
             log_config=None,
             access_log=False,

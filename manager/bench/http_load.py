@@ -25,8 +25,6 @@ import asyncio
 import json
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,34 +32,13 @@ from urllib.parse import urlsplit
 import psutil
 import uvloop
 
-from manager.bench.report import LatencyStats
+from manager.bench.load_window import Window
 
 EVENT_TYPE = "bench.api.sent"
 
 
 class HttpLoadError(Exception):
     """The server answered something this minimal client does not read (no Content-Length)."""
-
-
-@dataclass(slots=True)
-class _Window:
-    """The measured interval and what completed in it, shared by the workers."""
-
-    start: float
-    end: float
-    latencies: list[float] = field(default_factory=list)
-    accepted: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-
-    def note(self, sent: float, done: float, status: str) -> None:
-        """Record a request answered at ``done``, if that is inside the window."""
-        if not self.start <= done < self.end:
-            return
-        self.latencies.append(done - sent)
-        if status == "202":
-            self.accepted += 1
-        else:
-            self.errors[status] += 1
 
 
 def request_bytes(host: str, port: int, token: str, batch: int) -> bytes:
@@ -91,7 +68,7 @@ async def _answer(reader: asyncio.StreamReader) -> tuple[str, bool]:
     return status, headers.get("connection", "").lower() != "close"
 
 
-async def _worker(host: str, port: int, request: bytes, window: _Window) -> None:
+async def _worker(host: str, port: int, request: bytes, window: Window) -> None:
     """Send ``request`` back to back on one connection until the window closes."""
     clock = time.perf_counter
     stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -137,48 +114,15 @@ async def run_load(
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     request = request_bytes(host, port, token, batch)
-    start = time.perf_counter() + warmup
-    window = _Window(start=start, end=start + duration)
+    window = Window.after(warmup, duration)
     server = psutil.Process(pid) if pid is not None else None
-    cpu: dict[str, float] = {}
-
-    def cpu_now() -> tuple[float, float]:  # this process's CPU seconds, the server's
-        return time.process_time(), sum(server.cpu_times()[:2]) if server else 0.0
-
-    async def clock_cpu() -> None:
-        await asyncio.sleep(window.start - time.perf_counter())
-        load, served = cpu_now()
-        await asyncio.sleep(window.end - time.perf_counter())
-        load_end, served_end = cpu_now()
-        cpu["load"], cpu["server"] = load_end - load, served_end - served
-
     async with asyncio.TaskGroup() as group:
-        group.create_task(clock_cpu())
+        group.create_task(window.clock_cpu(server))
         for _ in range(concurrency):
             group.create_task(_worker(host, port, request, window))
-    lat = LatencyStats.of(window.latencies)
-    requests = len(window.latencies)
     return {
-        "batch": batch,
-        "concurrency": concurrency,
-        "duration_s": duration,
-        "warmup_s": warmup,
+        **window.summary(batch=batch, concurrency=concurrency, warmup=warmup),
         "request_bytes": len(request),
-        "requests": requests,
-        "requests_per_s": round(requests / duration, 1),
-        "events_accepted": window.accepted * batch,
-        "events_per_s": round(window.accepted * batch / duration, 1),
-        "latency_ms": {
-            "p50": round(lat.p50_ms, 2),
-            "p95": round(lat.p95_ms, 2),
-            "p99": round(lat.p99_ms, 2),
-            "max": round(lat.max_ms, 2),
-        }
-        if requests
-        else None,
-        "errors": dict(sorted(window.errors.items())),
-        "load_cpu_percent": round(100 * cpu["load"] / duration, 1),
-        "server_cpu_percent": round(100 * cpu["server"] / duration, 1) if server else None,
     }
 
 
