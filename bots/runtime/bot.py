@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -163,6 +164,7 @@ async def _report_ready(bus: BusClient, status: StatusChannel) -> None:
                 break
             except TimeoutError:
                 continue
+    gc.freeze()  # what start-up made lives as long as the bot: out of the full collections
     status.send(StatusLine(Status.READY))
 
 

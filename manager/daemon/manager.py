@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -379,6 +380,10 @@ class Manager:
         except TimeoutError:
             log.warning("not every bot started in time; reporting ready anyway")
         self._ready = True
+        # What start-up made (config, modules, the API's routes) lives as long as the
+        # manager: kept out of the collector's full passes, which walked it every time
+        # (1.3-1.6 s of pauses, up to 360 ms each, in a 10 s API benchmark).
+        gc.freeze()
         started = time.time() - self._started_at
         log.info("manager ready", startup_s=round(started, 2), bots=len(supervisor.bots))
         self._notifier.ready(f"{len(supervisor.bots)} bots running")
