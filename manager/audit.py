@@ -76,7 +76,7 @@ async def record(
         await redis.xadd(audit_key(keys), fields, maxlen=MAX_WAITING, approximate=True)
     except (RedisError, OSError) as exc:
         log.error("audit record not kept in Redis: it is only in this log",
-                  error=str(exc), **entry.as_json())  # fmt: skip
+                  redis_error=str(exc), **entry.as_json())  # fmt: skip
 
 
 class AuditBuffer:
@@ -121,7 +121,7 @@ class AuditBuffer:
         except (RedisError, OSError) as exc:
             for one in batch:
                 log.error("audit record not kept in Redis: it is only in this log",
-                          error=str(exc), **one)  # fmt: skip
+                          redis_error=str(exc), **one)  # fmt: skip
 
 
 def _encode(entry: AuditRecord) -> dict[str, str]:
@@ -208,4 +208,4 @@ class AuditCopier(StreamCopier[AuditRecord]):
             except ArchiveDataError as exc:
                 self.dropped += 1
                 log.error("PostgreSQL refused an audit record: it is only in this log",
-                          error=str(exc), **one.as_json())  # fmt: skip
+                          postgres_error=str(exc), **one.as_json())  # fmt: skip

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from bus.archive import ArchiveStore
 from manager.archive.link import ArchiveLink
@@ -76,6 +77,7 @@ async def test_hostile_entries_are_dropped_and_hold_nothing_up(
         {b"\xff\xfe": b"\x00\x01"},
         {"batch": "not json"},
         {"batch": '{"not": "a list"}'},
+        {**good, "id": "5d7c1e2b-7a4f-4e8f-9e1d-2c3b4a5f6071", "actor": b"user:\xff\xfe"},
     ]
     for fields in hostile:
         await admin.xadd(key, fields)
@@ -149,3 +151,30 @@ async def _length_is(admin: Redis, n: int) -> bool:
 
 async def _empty(admin: Redis) -> bool:
     return int(await admin.xlen(audit_key(KEYS))) == 0
+
+
+async def test_a_record_a_full_redis_refuses_goes_to_the_log_in_full(admin: Redis) -> None:
+    """Redis at its maxmemory refuses the audit records, one recorded alone and one of the
+    API's buffer: neither raises (the action itself went through), and the manager's log
+    keeps every field of each at error level, with Redis's refusal."""
+    buffer = AuditBuffer(admin, KEYS)
+    await admin.config_set("maxmemory-policy", "noeviction")
+    await admin.config_set("maxmemory", "1")
+    try:
+        with capture_logs() as logs:
+            await record(admin, KEYS, actor="user:ops", channel="socket", action="reload",
+                         outcome="failed", error="the config has an unknown key",
+                         detail={"why": "config changed"})  # fmt: skip
+            buffer.add(actor="token:crm", channel="api", action="events.publish")
+            await buffer.flush()
+    finally:
+        await admin.config_set("maxmemory", "0")
+    kept = [e for e in logs if e["event"].startswith("audit record not kept in Redis")]
+    assert [(e["actor"], e["action"]) for e in kept] == [
+        ("user:ops", "reload"),
+        ("token:crm", "events.publish"),
+    ]
+    assert all(e["log_level"] == "error" and "maxmemory" in e["redis_error"] for e in kept)
+    assert kept[0]["detail"] == {"why": "config changed"}
+    assert kept[0]["error"] == "the config has an unknown key"
+    assert await admin.xlen(audit_key(KEYS)) == 0
