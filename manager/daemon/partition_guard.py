@@ -54,7 +54,7 @@ async def check_partition_change(redis: Redis, keys: Keys, router: Router) -> di
         mapping: Any = now
         await redis.hset(layout_key(keys), mapping=mapping)
     if changed:
-        log.warning("partition counts changed (their old streams were drained)", **changed)
+        log.warning("partition counts changed (their old streams were drained)", streams=changed)
     return changed
 
 
