@@ -35,6 +35,8 @@ class AckBatcher:
         self._metered_types: list[str] = []
         self.wakeup = asyncio.Event()
         self.acked = 0
+        #: Flushes under way: their acks are neither waiting nor sent yet.
+        self._flushing = 0
 
     def add(self, stream: str, entry_id: str, event_type: str | None = None) -> None:
         """Queue an entry for the next flush; with ``event_type``, count it as handled."""
@@ -46,8 +48,9 @@ class AckBatcher:
 
     @property
     def pending(self) -> bool:
-        """Whether some acks (or delivery records) wait to be sent."""
-        return bool(self._acks) or bool(self._records)
+        """Whether some acks (or delivery records) wait to be sent, or are being sent: a
+        stop must not take a flush in flight for done, and cancel it."""
+        return bool(self._acks) or bool(self._records) or self._flushing > 0
 
     async def flush(self) -> None:
         """Send the delivery records, then the queued acks; on failure keep both (in
@@ -58,6 +61,7 @@ class AckBatcher:
         batch, self._acks = self._acks, defaultdict(list)
         metered_ids, metered_types = self._metered_ids, self._metered_types
         self._metered_ids, self._metered_types = [], []
+        self._flushing += 1
         try:
             if self._records:
                 await self._records.flush()  # first: an entry acked always has its record
@@ -75,6 +79,8 @@ class AckBatcher:
             self._metered_ids[:0] = metered_ids
             self._metered_types[:0] = metered_types
             raise
+        finally:
+            self._flushing -= 1
         self.acked += sum(len(ids) for ids in batch.values())
         if metered_ids and self._meter is not None:
             self._meter.acked(metered_types, metered_ids)

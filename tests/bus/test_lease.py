@@ -230,9 +230,6 @@ class TestHolder:
 
 
 class TestFencing:
-    # On a Sentinel set the handled entry's ack is missing after the stall in about one run
-    # in seven (two pending, not one); not understood yet, so this runs on one node only.
-    @pytest.mark.single_node
     async def test_a_stalled_active_runs_no_handler_once_its_lease_may_have_expired(
         self, redis: Redis, bus_factory: BusFactory
     ) -> None:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bus import BusClient, BusConnectionError, Event
+from bus.settings import RetrySettings
 from manager.embedded.redis_server import RedisServer
 from tests.bus.conftest import ConsumerProcs
 from tests.conftest import BusFactory
@@ -309,6 +310,45 @@ class TestGracefulStop:
         assert finished == [event_id]
         assert await pending(producer) == {}
 
+    async def test_a_stop_waits_for_the_acks_already_on_their_way(
+        self, redis: Redis, bus_factory: BusFactory
+    ) -> None:
+        """One entry's XACK is on its way (Redis holds writes for a moment, as a loaded
+        Redis can) when another entry is left pending (its replica lost its lease) and the
+        stop comes: the stop waits for the XACK instead of taking the flush for done and
+        cancelling it, which left the handled entry pending to be delivered again."""
+        consumer = await bus_factory("worker", consumer={"visibility_timeout": 60.0})
+        fence = [True]
+        consumer.set_fence(lambda: fence[0], lambda: None)
+        release = {"a": asyncio.Event(), "b": asyncio.Event()}
+        handled: list[str] = []
+
+        @consumer.subscribe("test.#", retry=RetrySettings(max_attempts=2, backoff_base=0.05))
+        async def handle(event: Event) -> None:
+            await release[event.data["k"]].wait()
+            if event.data["k"] == "b":
+                raise RuntimeError("try again")  # the second attempt meets the fence
+            handled.append(event.id)
+
+        producer = await bus_factory("producer")
+        async with running(consumer):
+            first = await producer.publish("test.job.work", {"k": "a"}, key="a")
+            await producer.publish("test.job.work", {"k": "b"}, key="b")
+            await wait_until(lambda: _taken(producer, 2), what="both entries taken")
+            await redis.client_pause(500, all=False)  # writes only
+            release["a"].set()  # handled: its XACK waits for Redis
+            await wait_until(lambda: handled == [first], what="the first handled")
+            fence[0] = False
+            release["b"].set()  # fails once, then the fence keeps it pending
+            await wait_until(
+                lambda: consumer.stats()["counters"].get("kept_pending") == 1, what="kept"
+            )
+            await consumer.stop(timeout=5)
+        left: Any = await redis.xpending_range(producer.keys.stream("bot"), GROUP, "-", "+", 10)
+        (kept,) = [row["message_id"] for row in left]  # only the entry the fence kept
+        entries: Any = await redis.xrange(producer.keys.stream("bot"), kept, kept)
+        assert '"b"' in entries[0][1]["data"]
+
     async def test_handler_outliving_the_stop_timeout_stays_pending_for_the_next_start(
         self, bus_factory: BusFactory
     ) -> None:
@@ -402,3 +442,7 @@ def _publishes(producer: BusClient) -> list[Callable[[], Awaitable[object]]]:
         lambda: producer.publish("test.job.work", {}),
         lambda: producer.publish_many([("test.job.work", {})]),
     ]
+
+
+async def _taken(client: BusClient, count: int) -> bool:
+    return sum((await pending(client)).values()) == count
