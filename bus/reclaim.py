@@ -106,12 +106,16 @@ class Reclaimer:
                     break
 
     async def _owners(self, stream: str, start: str, idle_ms: int) -> dict[str, str]:
-        """Who holds the entries the next XAUTOCLAIM from ``start`` may take (the same
-        idle bound and count): entry id → consumer. Empty unless owners are tracked."""
+        """Who holds the entries the next XAUTOCLAIM from ``start`` may take: entry id →
+        consumer. Empty unless owners are tracked.
+
+        Asked with half the idle bound and four times the count, so that an entry turning
+        idle enough between this look and the claim (a moment, longer on a loaded
+        machine) is among them; the ones not claimed are ignored."""
         if not self._track_owners:
             return {}
         rows: Any = await self._redis.xpending_range(
-            stream, self._group, start, "+", self._settings.read_count, idle=idle_ms
+            stream, self._group, start, "+", self._settings.read_count * 4, idle=idle_ms // 2
         )
         return {
             _text(row["message_id"]): _text(row["consumer"])
