@@ -32,6 +32,7 @@ from manager.api.auth import ADMIN_TOKEN_FILE
 from manager.bench.manager_bench import ManagerExitedError, ManagerRun
 from manager.control import ControlError
 from manager.control_client import call
+from manager.embedded.child_process import child_setup
 from manager.errors import ManagerError
 
 #: ``api.rate_limit`` (requests/s) and ``api.rate_burst`` of the measured manager.
@@ -245,7 +246,7 @@ async def _run_child(module: str, args: list[str], stdin: str, runs: float) -> d
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", f"manager.bench.{module}", *args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, preexec_fn=child_setup(),  # it dies with the bench
     )  # fmt: skip
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(stdin.encode()), runs + 60)

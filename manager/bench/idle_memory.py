@@ -28,7 +28,7 @@ from bus.groups import ensure_group
 from bus.settings import BusSettings
 from manager.config import DEFAULT_CONFIG_PATH, load_config
 from manager.daemon.provision import bot_environment
-from manager.embedded.child_process import OsUser
+from manager.embedded.child_process import OsUser, child_setup
 from manager.errors import ManagerError
 
 #: The idle bot's id in the measured config.
@@ -76,6 +76,7 @@ async def bare_worker(url: str, namespace: str) -> AsyncIterator[int]:
             sys.executable, "-m", "manager.bench.bare_worker", stream, BARE_GROUP,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             env=bot_environment(os.environ, OsUser.current(), {}),
+            preexec_fn=child_setup(),  # it dies with the bench
         )  # fmt: skip
         assert process.stdin is not None
         assert process.stdout is not None

@@ -30,6 +30,7 @@ from typing import Any, Self
 from manager.bench.idle_memory import IDLE_BOT, bare_worker, weigh, write_config
 from manager.config import DEFAULT_CONFIG_PATH
 from manager.control import ControlError, call
+from manager.embedded.child_process import child_setup
 from manager.errors import ManagerError
 from manager.status import InstanceState, InstanceStatus, ManagerStatus, Role
 
@@ -108,6 +109,7 @@ class ManagerRun:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "manager.cli", "start", "--config", str(self.config),
                 env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                preexec_fn=child_setup(),  # a bench killed takes its manager along
             )  # fmt: skip
         # READY=1 or the exit, whichever comes first: a manager that fails to start exits.
         ready = asyncio.ensure_future(self._ready(self._sock))
