@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 
-from bus.handling import Delivery
+from bus.delivery import Delivery
 from bus.subscription import Subscription
 
 RunBatch = Callable[[Subscription, Sequence[Delivery]], Awaitable[None]]

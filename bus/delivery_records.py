@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
-    from bus.handling import Delivery
+    from bus.delivery import Delivery
 
 log = structlog.get_logger("bus.delivery_records")
 

@@ -19,11 +19,12 @@ from redis.asyncio import Redis
 
 from bus.acks import AckBatcher
 from bus.batching import Batcher
+from bus.delivery import Delivery
 from bus.delivery_records import DeliveryOutcome, DeliveryRecords
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import WireFormatError
 from bus.event import Event
-from bus.handling import Delivery, Runner
+from bus.handling import Runner
 from bus.hooks import Fence, HandlerObserver
 from bus.inflight import InFlight
 from bus.keys import Keys

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -16,6 +15,7 @@ from bus.backoff import REDIS_RETRY
 from bus.breaker import BreakerState
 from bus.context import current_event
 from bus.deadlines import Deadlines
+from bus.delivery import Delivery
 from bus.dlq import DeadLetterReason, DeadLetters
 from bus.errors import FencedError, HandlerTimeoutError, SchemaError
 from bus.event import Event
@@ -27,34 +27,6 @@ from bus.run_once import RunOnce
 from bus.schemas import SchemaRegistry
 from bus.subscription import Subscription
 from bus.wire import readable
-
-
-@dataclass(eq=False, slots=True)
-class Delivery:
-    """One stream entry being handled; acked once every matching handler is done with it."""
-
-    stream: str
-    entry_id: str
-    fields: Mapping[str, str]
-    event: Event | None
-    remaining: int = 1
-    taken_at: float = field(default_factory=time.monotonic)
-    #: Whether a handler started on it (it is counted as consumed once).
-    consumed: bool = False
-    #: Whether some outcome could not be made final (a dead letter not stored, the run-once
-    #: marker unreadable, a bug): then it is not acked, and is delivered again later.
-    keep: bool = False
-    #: How many times Redis has delivered it to the group (1 for a new entry).
-    attempts: int = 1
-    #: The consumer it was taken over from ("" if none).
-    previous: str = ""
-    #: Seconds its handlers ran, in all.
-    handler_s: float = 0.0
-    #: Whether some handler's dead letter for it was stored.
-    dead_lettered: bool = False
-    #: Whether a dead-letter retry sent it to this group alone.
-    retry: bool = False
-
 
 #: Error replies to a dead-letter write tolerated (with backoff) before the entry is left
 #: pending instead.

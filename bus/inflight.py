@@ -1,6 +1,6 @@
 """The entries one consumer has taken and not yet finished, and the room it has for more.
 
-The dispatcher takes entries in (one :class:`~bus.handling.Delivery` each) and finishes them
+The dispatcher takes entries in (one :class:`~bus.delivery.Delivery` each) and finishes them
 when their last handler is done; the reader and the reclaimer wait for room before they take
 more from Redis, and the reclaimer asks which entries have been held long enough to claim
 again. It is the one place that state lives, so none of them shares a bare dict.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
+from bus.delivery import Delivery
 from bus.event import Event
-from bus.handling import Delivery
 
 
 class InFlight:
