@@ -44,60 +44,11 @@ from bus.entry_id import EntryId
 from bus.keys import FANOUT_CONSUMER, FANOUT_GROUP, Keys
 from bus.lease import run_script
 from bus.periodic import forever
+from bus.pump_script import MOST_VALUES, PUMP
 from bus.redis_errors import is_busygroup, is_nogroup
 from bus.stream_watch import StreamWatch
 
 log = structlog.get_logger("bus.fanout")
-
-#: Most values (fields and their values) of an entry the scripts copy; Lua's unpack takes
-#: at most about 8000.
-MOST_VALUES = 4000
-
-#: KEYS: the stream, its subscribers. ARGV: the fanout group, its consumer, the batch size,
-#: the inbox key prefix (``<ns>:inbox:``), the stream key's tail (``{user}``), MOST_VALUES.
-#: Returns {entries read, copied, too big to copy, inbox writes refused, last id or ''}.
-_PUMP = """
-local stream, subs = KEYS[1], KEYS[2]
-local group, consumer, count = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local base, tail, most = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local inboxes = {}
-for i, g in ipairs(redis.call('SMEMBERS', subs)) do inboxes[i] = base .. g .. ':' .. tail end
-local function take(from, n)
-  local rows = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n,
-    'STREAMS', stream, from)
-  if not rows then return {} end
-  return rows[1][2]
-end
-local entries = take('0', count)
-if #entries < count then
-  for _, e in ipairs(take('>', count - #entries)) do entries[#entries + 1] = e end
-end
-local copied, big, refused, last = 0, 0, 0, ''
-for _, e in ipairs(entries) do
-  local id, fields = e[1], e[2]
-  if type(fields) == 'table' and #fields > 0 then
-    if #fields > most then
-      big = big + 1
-    else
-      for _, inbox in ipairs(inboxes) do
-        local r = redis.pcall('XADD', inbox, id, unpack(fields))
-        if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller') then
-          if not string.find(r.err, 'WRONGTYPE') then
-            -- out of memory, say: stop before the ack; the entry stays pending and is
-            -- copied again (where it is not yet) next time
-            return redis.error_reply('fanout stopped at ' .. id .. ': ' .. r.err)
-          end
-          refused = refused + 1
-        end
-      end
-      copied = copied + 1
-    end
-  end
-  redis.call('XACK', stream, group, id)
-  last = id
-end
-return {#entries, copied, big, refused, last}
-"""
 
 #: KEYS: the stream, its subscribers, the group's inbox. ARGV: the group, where it starts
 #: after (an id, or '$'), the chunk size, the fanout group, '1' on the first chunk,
@@ -171,6 +122,12 @@ class Pumped:
     refused: int
     last: str
 
+    @classmethod
+    def of(cls, reply: Any) -> Pumped:
+        """From a pump's reply: read, copied, too big, refused, last id."""
+        read, copied, too_big, refused = (int(v) for v in reply[:4])
+        return cls(read, copied, too_big, refused, _text(reply[4]))
+
 
 class Fanout:
     """Copies the routed streams' entries into their subscribers' inboxes until cancelled,
@@ -196,6 +153,8 @@ class Fanout:
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         #: On a cluster: each stream's blocking XREAD, kept across rounds.
         self._watch = StreamWatch(redis, self._block_ms) if is_cluster(redis) else None
+        #: Routed stream keys found holding something else (logged once each).
+        self._not_streams: set[str] = set()
         #: Entries copied since this fanout was made, and those too big to copy.
         self.copied = 0
         self.too_big = 0
@@ -213,19 +172,47 @@ class Fanout:
                 log=log,
                 what="fanout",
                 waiting="events wait in their streams",
-                failed=self._positions.clear,  # a lost group, say: prepare again
+                failed=self.forget,
             )
         finally:
             if self._watch is not None:
                 self._watch.close()
 
     async def _round(self) -> None:
-        for stream in sorted(set(self._streams())):
-            if stream not in self._positions:
-                await self.prepare(stream)
-                await self.pump(stream)
+        await self.prepare_new()
         for stream in await self._wait():
             await self.pump(stream)
+
+    def forget(self) -> None:
+        """Forget the positions (after a failure: a lost group, say): prepare again."""
+        self._positions.clear()
+
+    async def prepare_new(self) -> None:
+        """Prepare and pump the routed streams not pumped yet (new routes, or all after
+        :meth:`forget`)."""
+        for stream in sorted(set(self._streams())):
+            if stream in self._positions:
+                continue
+            try:
+                await self.prepare(stream)
+            except ResponseError as exc:
+                if not str(exc).startswith("WRONGTYPE"):
+                    raise
+                if stream not in self._not_streams:  # tried again every round, logged once
+                    self._not_streams.add(stream)
+                    log.error(
+                        "a routed stream is not a stream: nothing reaches its subscribers "
+                        f"until the key is deleted (redis-cli DEL {stream})",
+                        key=stream,
+                    )
+                continue
+            self._not_streams.discard(stream)
+            await self.pump(stream)
+
+    def positions(self) -> dict[str, str]:
+        """Each prepared stream and the last entry id pumped there: where a wait for more
+        reads after (the outbox relay waits on them with its outboxes, in one read)."""
+        return dict(self._positions)
 
     async def prepare(self, stream: str) -> None:
         """Make sure the fanout group is on ``stream``, and learn its position. A new one
@@ -261,7 +248,7 @@ class Fanout:
             done = await self._pump_once(stream)
             moved += done.copied
             if done.last:
-                self._positions[stream] = done.last
+                self._advance(stream, done.last)
             if done.read < self._batch:
                 return moved
 
@@ -271,7 +258,7 @@ class Fanout:
         try:
             reply: Any = await run_script(
                 self._redis,
-                _PUMP,
+                PUMP,
                 [stream, self._keys.subscribers(stream)],
                 [*args, tail, MOST_VALUES],
             )
@@ -280,8 +267,32 @@ class Fanout:
                 raise
             await self.prepare(stream)  # the group was lost (Redis flushed, say)
             return Pumped(0, 0, 0, 0, "")
-        read, copied, too_big, refused = (int(v) for v in reply[:4])
-        done = Pumped(read, copied, too_big, refused, _text(reply[4]))
+        done = Pumped.of(reply)
+        self._count(stream, done)
+        return done
+
+    def relay_args(self) -> list[str]:
+        """What the outbox relay's script needs to pump for this fanout: the group, its
+        consumer, the inbox key prefix and the subscribers' key prefix."""
+        keys = self._keys
+        subscribers = keys.subscribers(keys.stream_prefix())  # the prefix of each set's key
+        return [FANOUT_GROUP, FANOUT_CONSUMER, f"{keys.namespace}:inbox:", subscribers]
+
+    def relayed(self, stream: str, done: Pumped) -> None:
+        """Take in what the outbox relay's script pumped of ``stream`` along with the events
+        it appended there (:mod:`bus.outbox`): the pump's position moves on, so the wait does
+        not wake for entries already in the inboxes."""
+        self._count(stream, done)
+        if done.last and stream in self._positions:
+            self._advance(stream, done.last)
+
+    def _advance(self, stream: str, last: str) -> None:
+        """Move the position of ``stream`` to ``last``, never back (the relay and the pump
+        answer on different connections, in either order)."""
+        if self.ahead(stream, last):
+            self._positions[stream] = last
+
+    def _count(self, stream: str, done: Pumped) -> None:
         self.copied += done.copied
         if done.too_big or done.refused:
             self.too_big += done.too_big
@@ -291,7 +302,6 @@ class Fanout:
                 too_big=done.too_big,
                 refused=done.refused,
             )
-        return done
 
     async def _wait(self) -> list[str]:
         """The streams with entries beyond the pump's position, waiting up to ``block``."""
@@ -309,8 +319,13 @@ class Fanout:
         rows: Any = await self._redis.execute_command(  # type: ignore[no-untyped-call]
             "XREAD", *args, **{NEVER_DECODE: True}
         )
-        ready = rows.keys() if isinstance(rows, dict) else [key for key, _ in rows or []]
-        return [_text(key) for key in ready]  # RESP3 answers a map
+        return [_text(key) for key, _ in read_reply(rows)]
+
+    def ahead(self, stream: str, entry_id: str) -> bool:
+        """Whether ``entry_id`` is beyond the pump's position on ``stream`` (not yet in the
+        inboxes: an XREAD woken by entries the relay's script has pumped since is not)."""
+        known = self._positions.get(stream)
+        return known is None or EntryId.parse(entry_id) > EntryId.parse(known)
 
     # -- subscriptions ---------------------------------------------------------------------
 
@@ -390,6 +405,11 @@ async def _acked_position(redis: Redis, stream: str, group: str, info: dict[str,
         if summary.get("min"):
             last = min(last, EntryId.parse(_text(summary["min"])).previous())
     return str(last)
+
+
+def read_reply(rows: Any) -> list[tuple[Any, Any]]:
+    """An XREAD reply as (key, entries) pairs (RESP3 answers a map, RESP2 a list)."""
+    return list(rows.items()) if isinstance(rows, dict) else list(rows or [])
 
 
 def _text(value: Any) -> str:

@@ -13,6 +13,12 @@ to the dead-letter stream with ``group`` set to the bot's group. So do delivery 
 
 An entry is moved exactly once: the append and the delete happen in one script, and an entry
 still in the outbox after a crash is simply moved by the next relay.
+
+Given the fanout (not on a cluster), the same script also pumps each stream it appended to
+into the subscribed inboxes (:mod:`bus.pump_script`), so a bot's event reaches the inboxes in
+one hop, not two (the relay's, then the fanout's wake-up and script). It pumps everything the
+stream holds beyond the fanout's position, other writers' entries too, so an inbox never gets
+a stream's entries out of order.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from bus.cluster_relay import NO_WAIT, Durable, relay_planned
 from bus.connection import is_cluster
 from bus.delivery_records import DELIVERIES_MARK
 from bus.dlq import DEAD_LETTER_MARK
+from bus.fanout import Fanout, Pumped, read_reply
 from bus.keys import Keys, group_name
 from bus.lease import run_script
 from bus.periodic import forever
@@ -69,8 +76,13 @@ class OutboxRelay:
         block: float = 1.0,
         departed_grace: float = 60.0,
         durable: Durable = NO_WAIT,
+        fanout: Fanout | None = None,
     ) -> None:
         self._redis = redis
+        #: The fanout the relay's script pumps for (one hop from outbox to inboxes); None:
+        #: the events wait in their streams for a fanout of their own. Never on a cluster,
+        #: where a stream's inboxes live in other slots than the outbox.
+        self._fanout = None if is_cluster(redis) else fanout
         #: On a cluster: the replicas a relayed entry must reach before it leaves its outbox.
         self._durable = durable
         self._keys = keys
@@ -115,9 +127,16 @@ class OutboxRelay:
                 log=log,
                 what="outbox relay",
                 waiting="bots' events wait in their outboxes",
+                failed=self._fanout.forget if self._fanout else None,
             )
         finally:
             self.close()
+
+    @property
+    def drives_fanout(self) -> bool:
+        """Whether :meth:`run` also runs the fanout's pumping (then its own run must not):
+        one wait for the outboxes and the streams, no wake-up for what the relay pumped."""
+        return self._fanout is not None
 
     async def _round(self) -> None:
         bots = frozenset(self._bots())
@@ -128,8 +147,16 @@ class OutboxRelay:
             self._departed.update((bot, now) for bot in self._known - bots)
         self._known = bots
         await self._drain_departed(bots)
-        for bot in await self._wait():
+        fanout = self._fanout
+        if fanout is not None:
+            await fanout.prepare_new()
+        ready, streams = await self._wait()
+        for bot in ready:
             await self.drain(bot)
+        if fanout is not None:
+            for stream, first in streams.items():
+                if fanout.ahead(stream, first):  # not pumped by the drains just now
+                    await fanout.pump(stream)
 
     async def drain_leftovers(self) -> int:
         """Move what waits in the outbox of a bot no longer configured (removed while the
@@ -173,7 +200,9 @@ class OutboxRelay:
         keys = [outbox] if self._cluster else targets
         args = [bot_id, group_name(bot_id), self._batch, self._route_args[0]]
         args += [DEAD_LETTER_MARK, MAX_FIELDS * 2, self._keys.stream_prefix()]
-        args += [self._route_args[1], DELIVERIES_MARK, *self._routes]
+        args += [self._route_args[1], DELIVERIES_MARK]
+        args += self._fanout.relay_args() if self._fanout else ["", "", "", ""]
+        args += self._routes
         moved = 0
         while True:
             try:
@@ -183,7 +212,10 @@ class OutboxRelay:
                         self._redis, self._keys, bot_id, targets, reply, durable=self._durable
                     )
                 else:
-                    count = int(reply)
+                    count = int(reply[0])
+                    if self._fanout is not None:
+                        for stream, *pumped in reply[1:]:
+                            self._fanout.relayed(_text(stream), Pumped.of(pumped))
             except ResponseError as exc:
                 if not str(exc).startswith("WRONGTYPE"):
                     raise
@@ -194,8 +226,10 @@ class OutboxRelay:
             if count < self._batch:
                 return moved
 
-    async def _wait(self) -> list[str]:
-        """The bots with entries in their outbox, waiting up to ``block`` for one."""
+    async def _wait(self) -> tuple[list[str], dict[str, str]]:
+        """The bots with entries in their outbox, waiting up to ``block`` for one; with the
+        fanout, in the same read, the streams with entries beyond its position (and the
+        first such entry's id)."""
         for key in list(self._broken):  # deleted since (or made a stream): relay it again
             if (await self._redis.type(key)) in _STREAM_OR_NONE:
                 self._broken.discard(key)
@@ -204,12 +238,15 @@ class OutboxRelay:
             for b in self._bots()
             if self._keys.outbox(b) not in self._broken
         }
-        if not outboxes:
+        watched = dict.fromkeys(outboxes, "0-0")
+        if self._fanout is not None:
+            watched |= {k: v for k, v in self._fanout.positions().items() if k not in self._broken}
+        if not watched:
             await asyncio.sleep(self._block_ms / 1000)
-            return []
+            return [], {}
         if self._cluster:
-            return await self._wait_each(outboxes)
-        args = ["COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *outboxes, *["0-0"] * len(outboxes)]
+            return await self._wait_each(watched, outboxes), {}
+        args = ["COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *watched, *watched.values()]
         try:
             # Never decoded: an entry a bot wrote need not be UTF-8.
             rows: Any = await self._redis.execute_command(  # type: ignore[no-untyped-call]
@@ -218,16 +255,36 @@ class OutboxRelay:
         except ResponseError as exc:
             if not str(exc).startswith("WRONGTYPE"):
                 raise
-            for key, bot in outboxes.items():
-                if (await self._redis.type(key)) not in _STREAM_OR_NONE:
-                    self._broken_outbox(bot, key)
-            return []
-        ready = rows.keys() if isinstance(rows, dict) else [key for key, _ in rows or []]
-        return [outboxes[_text(key)] for key in ready]  # RESP3 answers a map
+            await self._find_broken(watched, outboxes)
+            return [], {}
+        ready, streams = [], {}
+        for key, entries in read_reply(rows):
+            name = _text(key)
+            if name in outboxes:
+                ready.append(outboxes[name])
+            elif entries:
+                streams[name] = _text(entries[0][0])
+        return ready, streams
 
-    async def _wait_each(self, outboxes: dict[str, str]) -> list[str]:
+    async def _find_broken(self, watched: dict[str, str], outboxes: dict[str, str]) -> None:
+        """After a read refused with WRONGTYPE: set aside the keys that are not streams (a
+        bot's outbox a bot's code overwrote, or a stream an admin did) until they are."""
+        for key in watched:
+            if (await self._redis.type(key)) in _STREAM_OR_NONE:
+                continue
+            if key in outboxes:
+                self._broken_outbox(outboxes[key], key)
+            elif key not in self._broken:
+                self._broken.add(key)
+                log.error(
+                    "a routed stream is not a stream: nothing reaches its subscribers until "
+                    f"the key is deleted (redis-cli DEL {key})",
+                    key=key,
+                )
+
+    async def _wait_each(self, watched: dict[str, str], outboxes: dict[str, str]) -> list[str]:
         """:meth:`_wait` on a cluster, where one XREAD cannot span the outboxes' slots."""
-        ready, failed = await self._watch.ready(dict.fromkeys(outboxes, "0-0"))
+        ready, failed = await self._watch.ready(watched)
         for key, error in failed.items():
             if not (isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE")):
                 raise error

@@ -1,15 +1,26 @@
 """The outbox relay's script: one batch of a bot's outbox to the streams the manager's
 routing table names, stamped with the bot as source (see :mod:`bus.outbox`)."""
 
+from bus.pump_script import PUMP_FUNCTION
+
 #: KEYS: the outbox, the dead-letter stream, the deliveries stream, then every stream of
 #: the routing table.
 #: ARGV: the bot id (the source), its group, the batch size, the KEYS index of the default
 #: stream, the dead-letter mark, the field limit, the namespace's stream key prefix, the
-#: default's partition count, the delivery records' mark, then per route its prefix, KEYS
-#: index and partition count. A route of
+#: default's partition count, the delivery records' mark, the fanout group ('' for none),
+#: its consumer, the inbox key prefix, the subscribers' key prefix, then per route its
+#: prefix, KEYS index and partition count. A route of
 #: N > 1 partitions is N streams from its index on: an event goes to the one its key hashes
 #: to (:func:`bus.partitions.partition_of`), an unkeyed one by its outbox id's
-#: millisecond. Returns how many entries it moved.
+#: millisecond. Returns how many entries it moved, then per stream it appended to, the
+#: stream's key and what the fanout's pump did there: entries read, copied, too big,
+#: refused, the last id ('' if none).
+#:
+#: With a fanout group, each stream it appended to is pumped in the same script
+#: (:mod:`bus.pump_script`): what the stream holds beyond the fanout's position, the events
+#: just appended among them, is copied into the subscribed inboxes. A stream without the
+#: fanout group, or an inbox write refused, is left to the fanout: never an error here,
+#: since the events are appended already and the outbox must be trimmed of them.
 #:
 #: An entry of delivery records (:mod:`bus.delivery_records`) goes to the deliveries
 #: stream with ``group`` set to the bot's group, whatever the bot wrote there.
@@ -23,19 +34,22 @@ routing table names, stamped with the bot as source (see :mod:`bus.outbox`)."""
 #: slots) it writes nothing and plans: it returns ``{count, last id, {{KEYS index, outbox
 #: id, fields, named stream, named entry id}...}}``, a letter without its ``origin``, for
 #: :mod:`bus.cluster_relay` to append and look up.
-RELAY = """
+RELAY = (
+    PUMP_FUNCTION
+    + """
 local plan = #KEYS == 1
-local planned = {}
+local planned, touched = {}, {}
 local function emit(k, id, f, named, entry_id)
   if plan then
     planned[#planned + 1] = {k, id, f, named or '', entry_id or ''}
   else
     redis.call('XADD', KEYS[k], '*', unpack(f))
+    if k > 3 then touched[k] = true end
   end
 end
 local routes, parts = {}, {}
 parts[tonumber(ARGV[4])] = tonumber(ARGV[8])
-for i = 10, #ARGV, 3 do
+for i = 14, #ARGV, 3 do
   routes[ARGV[i]] = tonumber(ARGV[i + 1])
   parts[tonumber(ARGV[i + 1])] = tonumber(ARGV[i + 2])
 end
@@ -155,5 +169,16 @@ if #rows > 0 then  -- everything up to the last row moved: one trim, not a delet
   redis.call('XTRIM', KEYS[1], 'MINID', last)
   redis.call('XDEL', KEYS[1], last)
 end
-return #rows
+local reply = {#rows}
+local fanout, prefix_len = ARGV[10], #ARGV[7]
+if fanout ~= '' then
+  for k in pairs(touched) do
+    local tail = string.sub(KEYS[k], prefix_len + 1)
+    local read, copied, big, refused, last = pump(KEYS[k], ARGV[13] .. tail, fanout, ARGV[11],
+      2 * tonumber(ARGV[3]), ARGV[12], tail, tonumber(ARGV[6]))
+    reply[#reply + 1] = {KEYS[k], read, copied, big, refused, last}
+  end
+end
+return reply
 """
+)

@@ -180,8 +180,10 @@ async def _as_bots(
     for stream in streams:
         await fanout.subscribe(stream, group_name(CONSUMER_BOT), "$")
     relayed = [PRODUCER_BOT, CONSUMER_BOT] if records else [PRODUCER_BOT]
-    relay = OutboxRelay(admin, keys, router, lambda: relayed)
-    moving = [asyncio.create_task(relay.run()), asyncio.create_task(fanout.run())]
+    relay = OutboxRelay(admin, keys, router, lambda: relayed, fanout=fanout)
+    moving = [asyncio.create_task(relay.run())]
+    if not relay.drives_fanout:
+        moving.append(asyncio.create_task(fanout.run()))
     try:
         yield _Urls(urls[0], urls[2], True, consumers_streams=urls[1], producers_streams=urls[3],
                     delivery_records=records)  # fmt: skip

@@ -88,8 +88,8 @@ def coordinator_duties(
             parts.clients.admin, keys, parts.archive.get, settings.coordinator
         )
         duties: list[Coroutine[Any, Any, None]] = [
-            parts.relay.run(),
-            parts.fanout.run(),
+            parts.relay.run(),  # pumps the fanout too, where it can (not on a cluster)
+            *([] if parts.relay.drives_fanout else [parts.fanout.run()]),
             *([] if settings.archive.on_every_host else [parts.archiver.run()]),
             parts.trimmer.run(),
             positions,

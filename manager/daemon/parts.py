@@ -157,7 +157,7 @@ def build_parts(context: Context, clients: Clients, archive: ArchiveLink) -> Par
     )
     relay = OutboxRelay(
         admin, keys, context.router, lambda: [b.id for b in context.bots()],
-        durable=Durable.of(context.bus_settings),
+        durable=Durable.of(context.bus_settings), fanout=fanout,
     )  # fmt: skip
     missed = MissedDeliveries(
         archive.get,

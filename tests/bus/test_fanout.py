@@ -13,8 +13,9 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from bus.fanout import MOST_VALUES, Fanout, subscribers
+from bus.fanout import Fanout, subscribers
 from bus.keys import FANOUT_GROUP, Keys
+from bus.pump_script import MOST_VALUES
 from tests.support import config_set, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.deployments]

@@ -1,0 +1,79 @@
+"""The fanout's copy step in Lua, shared by the fanout's own script and the outbox relay's.
+
+The relay appends a bot's events to their streams and, in the same script, copies what the
+streams now hold beyond the fanout's position into the subscribed inboxes (see
+:mod:`bus.outbox`): one hop from a bot's outbox to the inboxes instead of two. Both scripts
+read with the fanout group, pending entries first, so every inbox gets a stream's entries in
+the stream's order whoever pumps: the relay, the fanout, or both in turn.
+"""
+
+#: Most values (fields and their values) of an entry the scripts copy; Lua's unpack takes
+#: at most about 8000.
+MOST_VALUES = 4000
+
+#: Defines ``pump(stream, subs, group, consumer, count, base, tail, most)``: reads up to
+#: ``count`` entries of ``stream`` with the fanout ``group`` (its pending ones first), adds
+#: each to the inbox ``base .. g .. ':' .. tail`` of every group ``g`` in the set ``subs``,
+#: and acks it. Returns read, copied, too big to copy, inbox writes refused, the last id
+#: acked (or ''), and an error (or nil): a missing group, or an inbox write refused for
+#: another reason than "already there" or "not a stream" (out of memory, say). On an error
+#: the entry is left pending, so the next pump copies it where it is not yet.
+PUMP_FUNCTION = """
+local function pump(stream, subs, group, consumer, count, base, tail, most)
+  local inboxes = {}
+  for i, g in ipairs(redis.call('SMEMBERS', subs)) do inboxes[i] = base .. g .. ':' .. tail end
+  local function take(from, n)
+    local rows = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n,
+      'STREAMS', stream, from)
+    if type(rows) == 'table' and rows.err then return nil, rows.err end
+    if not rows then return {} end
+    return rows[1][2]
+  end
+  local entries, err = take('0', count)
+  if not entries then return 0, 0, 0, 0, '', err end
+  if #entries < count then
+    local more
+    more, err = take('>', count - #entries)
+    if not more then return 0, 0, 0, 0, '', err end
+    for _, e in ipairs(more) do entries[#entries + 1] = e end
+  end
+  local read, copied, big, refused, last = 0, 0, 0, 0, ''
+  for _, e in ipairs(entries) do
+    local id, fields = e[1], e[2]
+    if type(fields) == 'table' and #fields > 0 then
+      if #fields > most then
+        big = big + 1
+      else
+        for _, inbox in ipairs(inboxes) do
+          local r = redis.pcall('XADD', inbox, id, unpack(fields))
+          if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller') then
+            if not string.find(r.err, 'WRONGTYPE') then
+              return read, copied, big, refused, last, 'fanout stopped at ' .. id .. ': ' .. r.err
+            end
+            refused = refused + 1
+          end
+        end
+        copied = copied + 1
+      end
+    end
+    redis.call('XACK', stream, group, id)
+    read = read + 1
+    last = id
+  end
+  return read, copied, big, refused, last, nil
+end
+"""
+
+#: The fanout's script. KEYS: the stream, its subscribers. ARGV: the fanout group, its
+#: consumer, the batch size, the inbox key prefix (``<ns>:inbox:``), the stream key's tail
+#: (``{user}``), MOST_VALUES. Returns {entries read, copied, too big to copy, inbox writes
+#: refused, last id or ''}, or the error that stopped it.
+PUMP = (
+    PUMP_FUNCTION
+    + """
+local read, copied, big, refused, last, err = pump(KEYS[1], KEYS[2], ARGV[1], ARGV[2],
+  tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]))
+if err then return redis.error_reply(err) end
+return {read, copied, big, refused, last}
+"""
+)
