@@ -85,8 +85,12 @@ _SHAS = {source: hashlib.sha1(source.encode()).hexdigest() for source in SCRIPTS
 
 
 def script_sha(source: str) -> str:
-    """The SHA1 Redis knows ``source`` by (what EVALSHA and the ACL rule name)."""
-    return _SHAS.get(source) or hashlib.sha1(source.encode()).hexdigest()
+    """The SHA1 Redis knows ``source`` by (what EVALSHA and the ACL rule name); computed
+    once per script (the relay's is kilobytes, and runs for every batch)."""
+    sha = _SHAS.get(source)
+    if sha is None:
+        sha = _SHAS[source] = hashlib.sha1(source.encode()).hexdigest()
+    return sha
 
 
 async def run_script(redis: Redis, source: str, keys: list[str], args: list[Any]) -> Any:

@@ -258,10 +258,15 @@ class Reader:
                 count=max(1, min(self._settings.read_count, inflight.free)),
                 block=self._settings.block_ms,
             )
-            for stream, entries in response or []:
+            if not response:
+                continue
+            for stream, entries in response:
                 for entry_id, fields in entries:
                     dispatcher.dispatch(stream, entry_id, fields)
             dispatcher.hand_out()
+            # Let the workers start the handlers before the next read is sent: sending it
+            # first put its cost (tens of µs) before every handler of the batch.
+            await asyncio.sleep(0)
 
     async def _drain_own_pending(self, conn: Redis, streams: Sequence[str]) -> None:
         """Re-take entries this consumer name had taken before a restart."""

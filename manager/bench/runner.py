@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import mmap
 import secrets
 import tempfile
@@ -181,6 +182,7 @@ async def _as_bots(
         await fanout.subscribe(stream, group_name(CONSUMER_BOT), "$")
     relayed = [PRODUCER_BOT, CONSUMER_BOT] if records else [PRODUCER_BOT]
     relay = OutboxRelay(admin, keys, router, lambda: relayed, fanout=fanout)
+    gc.freeze()  # as the manager does once ready
     moving = [asyncio.create_task(relay.run())]
     if not relay.drives_fanout:
         moving.append(asyncio.create_task(fanout.run()))
