@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from redis.client import NEVER_DECODE
 from redis.exceptions import ResponseError
 
-from bus.cluster_relay import NO_WAIT, Durable, relay_planned
+from bus.cluster_relay import NO_WAIT, Durable, TargetNotAStreamError, relay_planned
 from bus.connection import is_cluster
 from bus.delivery_records import DELIVERIES_MARK
 from bus.dlq import DEAD_LETTER_MARK
@@ -112,6 +112,9 @@ class OutboxRelay:
             self._routes += [prefix, *route(stream)]
         #: Outboxes whose key is not a stream (a bot wrote something else there), skipped.
         self._broken: set[str] = set()
+        #: Bots whose next entry is bound for a key that is not a stream → that key: their
+        #: outbox waits (not watched, which would wake the relay again and again).
+        self._held: dict[str, str] = {}
         #: Entries moved since the relay was made, for status and tests.
         self.moved = 0
         self._cluster = is_cluster(redis)
@@ -205,6 +208,7 @@ class OutboxRelay:
         args += self._routes
         moved = 0
         while True:
+            blocked = ""
             try:
                 reply = await run_script(self._redis, RELAY, keys, args)
                 if self._cluster:
@@ -212,10 +216,12 @@ class OutboxRelay:
                         self._redis, self._keys, bot_id, targets, reply, durable=self._durable
                     )
                 else:
-                    count = int(reply[0])
+                    count, blocked = int(reply[0]), _text(reply[1])
                     if self._fanout is not None:
-                        for stream, *pumped in reply[1:]:
+                        for stream, *pumped in reply[2:]:
                             self._fanout.relayed(_text(stream), Pumped.of(pumped))
+            except TargetNotAStreamError as exc:
+                count, blocked = 0, exc.key
             except ResponseError as exc:
                 if not str(exc).startswith("WRONGTYPE"):
                     raise
@@ -223,8 +229,23 @@ class OutboxRelay:
                 return moved
             moved += count
             self.moved += count
+            if blocked:
+                self._hold(bot_id, blocked)
+                return moved
             if count < self._batch:
                 return moved
+
+    def _hold(self, bot_id: str, target: str) -> None:
+        """Leave ``bot_id``'s outbox alone while ``target`` is not a stream: its entries up
+        to the one bound there moved, that one and the rest wait (in order) until it is."""
+        if bot_id not in self._held:
+            log.error(
+                f"{target} is not a stream: the bot's events wait in its outbox from the "
+                f"first one bound there until the key is deleted (redis-cli DEL {target})",
+                bot_id=bot_id,
+                key=target,
+            )
+        self._held[bot_id] = target
 
     async def _wait(self) -> tuple[list[str], dict[str, str]]:
         """The bots with entries in their outbox, waiting up to ``block`` for one; with the
@@ -233,10 +254,14 @@ class OutboxRelay:
         for key in list(self._broken):  # deleted since (or made a stream): relay it again
             if (await self._redis.type(key)) in _STREAM_OR_NONE:
                 self._broken.discard(key)
+        for bot, target in list(self._held.items()):
+            if (await self._redis.type(target)) in _STREAM_OR_NONE:
+                del self._held[bot]
+                log.info("relaying the bot's outbox again", bot_id=bot, key=target)
         outboxes = {
             self._keys.outbox(b): b
             for b in self._bots()
-            if self._keys.outbox(b) not in self._broken
+            if self._keys.outbox(b) not in self._broken and b not in self._held
         }
         watched = dict.fromkeys(outboxes, "0-0")
         if self._fanout is not None:

@@ -12,9 +12,14 @@ from bus.pump_script import PUMP_FUNCTION
 #: prefix, KEYS index and partition count. A route of
 #: N > 1 partitions is N streams from its index on: an event goes to the one its key hashes
 #: to (:func:`bus.partitions.partition_of`), an unkeyed one by its outbox id's
-#: millisecond. Returns how many entries it moved, then per stream it appended to, the
-#: stream's key and what the fanout's pump did there: entries read, copied, too big,
-#: refused, the last id ('' if none).
+#: millisecond. Returns how many entries it moved, the target key it stopped at ('' if
+#: none), then per stream it appended to, the stream's key and what the fanout's pump did
+#: there: entries read, copied, too big, refused, the last id ('' if none).
+#:
+#: A target holding something else than a stream (an admin overwrote it) stops the batch
+#: before the first entry bound for it: the entries before it are moved, that one and the
+#: rest stay in the outbox. A failing XADD would not do: what the script appended before it
+#: stays, the outbox is not trimmed, and the next batch would append it all again.
 #:
 #: With a fanout group, each stream it appended to is pumped in the same script
 #: (:mod:`bus.pump_script`): what the stream holds beyond the fanout's position, the events
@@ -38,14 +43,27 @@ RELAY = (
     PUMP_FUNCTION
     + """
 local plan = #KEYS == 1
-local planned, touched = {}, {}
+local planned, touched, kinds = {}, {}, {}
+-- The first target found holding something else than a stream: the batch stops before
+-- the entry bound for it (a script's writes stay when it fails: never fail after one).
+local blocked = nil
 local function emit(k, id, f, named, entry_id)
   if plan then
     planned[#planned + 1] = {k, id, f, named or '', entry_id or ''}
-  else
-    redis.call('XADD', KEYS[k], '*', unpack(f))
-    if k > 3 then touched[k] = true end
+    return
   end
+  local kind = kinds[k]
+  if not kind then
+    kind = redis.call('TYPE', KEYS[k])['ok']
+    kinds[k] = kind
+  end
+  if kind ~= 'stream' and kind ~= 'none' then
+    blocked = KEYS[k]
+    return
+  end
+  kinds[k] = 'stream'
+  redis.call('XADD', KEYS[k], '*', unpack(f))
+  if k > 3 then touched[k] = true end
 end
 local routes, parts = {}, {}
 parts[tonumber(ARGV[4])] = tonumber(ARGV[8])
@@ -128,7 +146,8 @@ local function records(id, f)
   emit(3, id, stamped_copy(f, records_skip))
 end
 local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[3]))
-for _, row in ipairs(rows) do
+local moved, stop = #rows, nil
+for i, row in ipairs(rows) do
   local id, f = row[1], row[2]
   if #f > tonumber(ARGV[6]) then
     emit(2, id, {'reason', 'malformed', 'group', group,
@@ -160,16 +179,22 @@ for _, row in ipairs(rows) do
       emit(partition(route(type_), key, id), id, f)
     end
   end
+  if blocked then
+    moved, stop = i - 1, id
+    break
+  end
 end
 if plan then
   return {#rows, #rows > 0 and rows[#rows][1] or '', planned}
 end
-if #rows > 0 then  -- everything up to the last row moved: one trim, not a delete per entry
+if stop then  -- the rows before the blocked one moved
+  redis.call('XTRIM', KEYS[1], 'MINID', stop)
+elseif #rows > 0 then  -- everything up to the last row moved: one trim, not a delete each
   local last = rows[#rows][1]
   redis.call('XTRIM', KEYS[1], 'MINID', last)
   redis.call('XDEL', KEYS[1], last)
 end
-local reply = {#rows}
+local reply = {moved, blocked or ''}
 local fanout, prefix_len = ARGV[10], #ARGV[7]
 if fanout ~= '' then
   for k in pairs(touched) do

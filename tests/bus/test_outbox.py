@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bus import BusClient, Event
+from bus.connection import is_cluster
 from bus.dlq import DEAD_LETTER_MARK, DeadLetterReason, DeadLetters
 from bus.errors import DeadLetterRetryError
 from bus.keys import Keys, group_name
@@ -278,6 +279,51 @@ class TestRelay:
         alice = await bus_factory("alice", outbox=True)
         await alice.publish("user.login.done", {})
         await wait_until(lambda: _count(redis, "user", 2), what="alice's event relayed")
+
+    async def test_a_target_that_is_no_stream_holds_its_entries_and_repeats_none(
+        self, redis: Redis, bus_factory: BusFactory
+    ) -> None:
+        """An admin overwrote the dead-letter stream with a string: the bot's events reach
+        their stream at most once however many rounds pass, the letter waits in the outbox
+        (which is not taken for broken), and everything moves once the key is deleted. On
+        one node the batch stops at the letter, so the event after it waits too; a cluster
+        appends per target, each in order and once (its cursors)."""
+        await redis.set(KEYS.dead_letters(), "not a stream")
+        alice = await bus_factory("alice", outbox=True)
+        first = await alice.publish("user.login.done", {"n": 1})
+        await alice.dlq.add(
+            fields={"id": "e1", "type": "user.login.done"},
+            reason=DeadLetterReason.HANDLER_ERROR,
+            error="boom",
+            stream=KEYS.stream("user"),
+            entry_id="1-1",
+            group=group_name("alice"),
+            consumer="alice-0",
+        )
+        second = await alice.publish("user.login.done", {"n": 2})
+        relay = relay_for(redis, "alice")
+        with capture_logs() as logs:
+            task = asyncio.create_task(relay.run())
+            try:
+                await wait_until(lambda: _logged(logs, "alice"), what="the key reported")
+                for _ in range(3):  # rounds pass: nothing moves twice
+                    assert int(await relay.drain("alice")) == 0
+                moved = [e["id"] for e in await entries(redis, "user")]
+                if is_cluster(redis):
+                    assert moved == [first, second]
+                else:  # nothing jumps the letter's place in the queue
+                    assert moved == [first]
+                    assert int(await redis.xlen(KEYS.outbox("alice"))) == 2
+                errors = [e for e in logs if e["log_level"] == "error"]
+                assert f"redis-cli DEL {KEYS.dead_letters()}" in errors[0]["event"]
+                assert not any("outbox is not a stream" in e["event"] for e in errors)
+                await redis.delete(KEYS.dead_letters())
+                await wait_until(lambda: empty(redis, "alice"), what="the rest moved")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert [e["id"] for e in await entries(redis, "user")] == [first, second]
+        assert len(await DeadLetters(redis, KEYS, ROUTER).list()) == 1
 
     async def test_redis_restart_loses_nothing(
         self, redis_server: RedisServer, redis: Redis, bus_factory: BusFactory
