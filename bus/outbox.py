@@ -154,8 +154,12 @@ class OutboxRelay:
         if fanout is not None:
             await fanout.prepare_new()
         ready, streams = await self._wait()
-        for bot in ready:
-            await self.drain(bot)
+        if len(ready) == 1:
+            await self.drain(ready[0])
+        elif ready:  # one round trip for them all: the last bot's events wait for none
+            async with asyncio.TaskGroup() as tg:
+                for bot in ready:
+                    tg.create_task(self.drain(bot))
         if fanout is not None:
             for stream, first in streams.items():
                 if fanout.ahead(stream, first):  # not pumped by the drains just now
@@ -196,16 +200,25 @@ class OutboxRelay:
             for target in [self._keys.dead_letters(), self._keys.deliveries(), *self._stream_keys]:
                 await self._redis.hdel(self._keys.relay_cursor(target), bot_id)
 
-    async def drain(self, bot_id: str) -> int:
-        """Move everything waiting in ``bot_id``'s outbox; how many entries that was."""
+    def script_call(self, bot_id: str) -> tuple[list[str], list[str | int]]:
+        """The KEYS and ARGV of the relay's script (:data:`~bus.relay_script.RELAY`) for
+        one batch of ``bot_id``'s outbox."""
         outbox = self._keys.outbox(bot_id)
-        targets = [outbox, self._keys.dead_letters(), self._keys.deliveries(), *self._stream_keys]
-        keys = [outbox] if self._cluster else targets
-        args = [bot_id, group_name(bot_id), self._batch, self._route_args[0]]
+        keys = [outbox]
+        if not self._cluster:
+            keys += [self._keys.dead_letters(), self._keys.deliveries(), *self._stream_keys]
+        args: list[str | int] = [bot_id, group_name(bot_id), self._batch, self._route_args[0]]
         args += [DEAD_LETTER_MARK, MAX_FIELDS * 2, self._keys.stream_prefix()]
         args += [self._route_args[1], DELIVERIES_MARK]
         args += self._fanout.relay_args() if self._fanout else ["", "", "", ""]
         args += self._routes
+        return keys, args
+
+    async def drain(self, bot_id: str) -> int:
+        """Move everything waiting in ``bot_id``'s outbox; how many entries that was."""
+        outbox = self._keys.outbox(bot_id)
+        targets = [outbox, self._keys.dead_letters(), self._keys.deliveries(), *self._stream_keys]
+        keys, args = self.script_call(bot_id)
         moved = 0
         while True:
             blocked = ""

@@ -67,13 +67,25 @@ end
 #: The fanout's script. KEYS: the stream, its subscribers. ARGV: the fanout group, its
 #: consumer, the batch size, the inbox key prefix (``<ns>:inbox:``), the stream key's tail
 #: (``{user}``), MOST_VALUES. Returns {entries read, copied, too big to copy, inbox writes
-#: refused, last id or ''}, or the error that stopped it.
+#: refused, last id}, or the error that stopped it. With nothing read, the last id is the
+#: group's last delivered one: a caller whose idea of the position fell behind (a relay's
+#: reply it never got) catches up instead of waking for those entries again and again.
 PUMP = (
     PUMP_FUNCTION
     + """
 local read, copied, big, refused, last, err = pump(KEYS[1], KEYS[2], ARGV[1], ARGV[2],
   tonumber(ARGV[3]), ARGV[4], ARGV[5], tonumber(ARGV[6]))
 if err then return redis.error_reply(err) end
+if read == 0 then
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local name, delivered
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] end
+      if g[i] == 'last-delivered-id' then delivered = g[i + 1] end
+    end
+    if name == ARGV[1] then last = delivered end
+  end
+end
 return {read, copied, big, refused, last}
 """
 )

@@ -14,7 +14,9 @@ from structlog.testing import capture_logs
 
 from bus.fanout import Fanout
 from bus.keys import FANOUT_CONSUMER, FANOUT_GROUP, Keys
+from bus.lease import run_script
 from bus.outbox import OutboxRelay
+from bus.relay_script import RELAY
 from bus.routing import Router
 from tests.support import wait_until
 
@@ -114,6 +116,24 @@ class TestOneHop:
         assert len(await ids(redis, BOT)) == 2
         assert await redis.xlen(KEYS.outbox("alice")) == 0
         assert fanout.copied == 0
+
+    async def test_a_relay_reply_never_received_leaves_no_stale_position(
+        self, redis: Redis, fanout: Fanout
+    ) -> None:
+        """The relay's script ran but its reply was lost (a connection cut, a cancel): the
+        fanout's position is behind the group's. Its next pump reads nothing and catches
+        up, instead of waking for those entries again and again."""
+        relay = relay_of(redis, fanout)
+        await outbox(redis, "user.login.done", 2)
+        before = fanout.positions()[USER]
+        await run_script(redis, RELAY, *relay.script_call("alice"))  # not through the relay
+        relayed = await ids(redis, USER)
+        assert await ids(redis, KEYS.inbox(A, USER)) == relayed
+        assert fanout.positions()[USER] == before
+        assert fanout.ahead(USER, relayed[0])
+        assert await fanout.pump(USER) == 0
+        assert fanout.positions()[USER] == relayed[-1]
+        assert not fanout.ahead(USER, relayed[-1])
 
 
 class TestRunning:
