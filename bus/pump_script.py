@@ -13,15 +13,16 @@ MOST_VALUES = 4000
 
 #: Defines ``pump(stream, subs, group, consumer, count, base, tail, most)``: reads up to
 #: ``count`` entries of ``stream`` with the fanout ``group`` (its pending ones first), adds
-#: each to the inbox ``base .. g .. ':' .. tail`` of every group ``g`` in the set ``subs``,
-#: and acks it. Returns read, copied, too big to copy, inbox writes refused, the last id
+#: each to the inbox ``base .. g .. ':' .. tail`` of every group ``g`` in the set ``subs``
+#: (an entry with a ``target`` field, a dead letter retried for one group, only to that
+#: group's), and acks it. Returns read, copied, too big to copy, inbox writes refused, the last id
 #: acked (or ''), and an error (or nil): a missing group, or an inbox write refused for
 #: another reason than "already there" or "not a stream" (out of memory, say). On an error
 #: the entry is left pending, so the next pump copies it where it is not yet.
 PUMP_FUNCTION = """
 local function pump(stream, subs, group, consumer, count, base, tail, most)
-  local inboxes = {}
-  for i, g in ipairs(redis.call('SMEMBERS', subs)) do inboxes[i] = base .. g .. ':' .. tail end
+  local groups, inboxes = redis.call('SMEMBERS', subs), {}
+  for i, g in ipairs(groups) do inboxes[i] = base .. g .. ':' .. tail end
   local function take(from, n)
     local rows = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n,
       'STREAMS', stream, from)
@@ -44,13 +45,21 @@ local function pump(stream, subs, group, consumer, count, base, tail, most)
       if #fields > most then
         big = big + 1
       else
-        for _, inbox in ipairs(inboxes) do
-          local r = redis.pcall('XADD', inbox, id, unpack(fields))
-          if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller') then
-            if not string.find(r.err, 'WRONGTYPE') then
-              return read, copied, big, refused, last, 'fanout stopped at ' .. id .. ': ' .. r.err
+        -- a dead letter retried for one group (its 'target'): that group's inbox alone
+        local only = nil
+        for i = 1, #fields, 2 do
+          if fields[i] == 'target' then only = string.match(fields[i + 1], '^[^/]*') end
+        end
+        for i, inbox in ipairs(inboxes) do
+          if not only or groups[i] == only then
+            local r = redis.pcall('XADD', inbox, id, unpack(fields))
+            if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller') then
+              if not string.find(r.err, 'WRONGTYPE') then
+                return read, copied, big, refused, last,
+                  'fanout stopped at ' .. id .. ': ' .. r.err
+              end
+              refused = refused + 1
             end
-            refused = refused + 1
           end
         end
         copied = copied + 1

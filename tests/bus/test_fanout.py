@@ -16,6 +16,7 @@ from redis.exceptions import ResponseError
 from bus.fanout import Fanout, subscribers
 from bus.keys import FANOUT_GROUP, Keys
 from bus.pump_script import MOST_VALUES
+from bus.wire import TARGET_FIELD
 from tests.support import config_set, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.deployments]
@@ -60,6 +61,21 @@ class TestPump:
         assert rows[0][1] == {"n": "0"}
         assert await redis.exists(KEYS.inbox("bot-group-c", STREAM)) == 0
         assert await subscribers(redis, KEYS, STREAM) == [A, B]
+
+    async def test_a_retry_for_one_group_reaches_that_groups_inbox_alone(
+        self, redis: Redis, fanout: Fanout
+    ) -> None:
+        """A dead letter retried for group B (``target``) is copied to B's inbox only: A's
+        consumers would only have skipped it."""
+        await fanout.subscribe(STREAM, A)
+        await fanout.subscribe(STREAM, B)
+        retried = str(await redis.xadd(STREAM, {"n": "0", TARGET_FIELD: f"{B}/handle"}))
+        (both,) = await add(redis, 1, start=1)
+        inbox_a, inbox_b = KEYS.inbox(A, STREAM), KEYS.inbox(B, STREAM)
+        await wait_until(lambda: _len_is(redis, inbox_b, 2), what="both copied to B")
+        await wait_until(lambda: _len_is(redis, inbox_a, 1), what="the plain one copied to A")
+        assert await ids(redis, inbox_b) == [retried, both]
+        assert await ids(redis, inbox_a) == [both]
 
     async def test_only_its_group_is_on_an_inbox(self, redis: Redis, fanout: Fanout) -> None:
         """The inbox holds the subscriber's group alone; the stream holds the fanout's."""
