@@ -13,6 +13,7 @@ from __future__ import annotations
 import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from manager import __version__ as VERSION
@@ -66,8 +67,8 @@ def _response(answer: ErrorAnswer) -> Response:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    async def answered(_: Request, exc: Exception) -> Response:
-        return _response(answer_for(exc) or bug(exc))
+    async def answered(request: Request, exc: Exception) -> Response:
+        return _response(_unrouted(request, exc) or answer_for(exc) or bug(exc))
 
     for kind in ANSWERED:
         app.add_exception_handler(kind, answered)
@@ -89,6 +90,25 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("HTTP API request failed", method=request.method, path=request.url.path)
         return _response(bug(exc))
+
+
+def _unrouted(request: Request, exc: Exception) -> ErrorAnswer | None:
+    """The answer to a request no route takes (Starlette's bare 404 and 405), saying what
+    to do, in the API's error shape rather than ``{"detail": "Not Found"}``."""
+    if not isinstance(exc, StarletteHTTPException) or exc.detail not in _UNROUTED:
+        return None
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return ErrorAnswer(404, f"no such endpoint: {where}; the API is listed at /docs")
+    allowed = dict(exc.headers or {}).get("Allow", "")
+    return ErrorAnswer(
+        405, f"{where} is not allowed: this path takes {allowed or 'other methods'}",
+        None, dict(exc.headers or {}),
+    )  # fmt: skip
+
+
+#: What Starlette's router raises for a path or method no route takes.
+_UNROUTED = ("Not Found", "Method Not Allowed")
 
 
 class _Guard:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from fastapi import HTTPException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException
 
 from bus.archive import ArchiveUnavailableError
 from bus.errors import BusBackpressureError, BusConnectionError, EventValidationError

@@ -212,3 +212,20 @@ class TestQueryParameters:
             assert answer.status_code == 200, (query, answer.text)
         answer = await client.get("/v1/events?since=36500d")
         assert len(answer.json()["events"]) == 4
+
+
+class TestUnrouted:
+    async def test_an_unknown_path_and_a_wrong_method_answer_in_the_api_s_shape(
+        self, client: httpx.AsyncClient
+    ) -> None:
+        """Not FastAPI's bare ``{"detail": "Not Found"}``: the API's error shape, saying
+        what was asked and where the API is listed."""
+        missing = await client.get("/v1/no-such-thing")
+        assert missing.status_code == 404
+        assert missing.json() == {
+            "error": "no such endpoint: GET /v1/no-such-thing; the API is listed at /docs"
+        }
+        wrong = await client.delete("/v1/traces/abc")
+        assert wrong.status_code == 405
+        assert wrong.json()["error"].startswith("DELETE /v1/traces/abc is not allowed")
+        assert "GET" in wrong.json()["error"] and wrong.headers["allow"] == "GET"
