@@ -149,6 +149,7 @@ class Archiver:
                     await self._ack([(s, [(i, []) for i in ids]) for s, ids in gone], set())
                     if claimed:
                         await batches.put(decode_batch(claimed, self._keys, self._max_data_bytes))
+                    await self._reader.prune(2 * self._settings.claim_idle)
 
     async def _write_loop(self, batches: asyncio.Queue[Batch]) -> None:
         while True:

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from bus.connection import is_cluster, separate_client
 from bus.groups import ensure_group
 from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
+from bus.lease import run_script
 from bus.redis_errors import UNAVAILABLE, is_nogroup
 from manager.archive.batch import Entries
 from manager.config import ArchiveSettings
@@ -185,6 +186,27 @@ class GroupReader:
             )
         return found, gone
 
+    async def prune(self, idle: float) -> list[str]:
+        """Delete from the group the other consumers that hold nothing and did not read for
+        ``idle`` seconds (archivers of managers that died, their entries claimed since);
+        their names, once each. One script per stream looks and deletes at once, so a
+        consumer that reads meanwhile is never deleted with entries it holds; a live one
+        deleted while idle is made again by its next read."""
+        gone: set[str] = set()
+        for stream in self.streams:
+            try:
+                names: Any = await run_script(
+                    self._redis, _PRUNE, [stream], [ARCHIVER_GROUP, self.consumer, int(idle * 1000)]
+                )
+            except Exception as exc:
+                if is_nogroup(exc):
+                    continue
+                raise
+            gone |= {_text(name) for name in names or []}
+        if gone:
+            log.info("archivers that left removed from the group", consumers=sorted(gone))
+        return sorted(gone)
+
     async def leave(self) -> None:
         """Delete this consumer from the group on each stream where it holds nothing (a
         clean stop of one of several archivers); where it still has pending entries it
@@ -198,6 +220,27 @@ class GroupReader:
             except Exception as exc:
                 log.warning("cannot leave the archiver group", stream=stream, error=str(exc))
                 return
+
+
+#: KEYS: a stream. ARGV: the group, the consumer that keeps its place (ours), the idle
+#: time in ms. Deletes each other consumer of the group that holds no entry and was idle
+#: that long; returns their names.
+_PRUNE = """
+local gone = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local name, pending, idle
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then pending = c[i + 1]
+    elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name ~= ARGV[2] and pending == 0 and idle >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    gone[#gone + 1] = name
+  end
+end
+return gone
+"""
 
 
 def _text(value: Any) -> str:

@@ -52,7 +52,8 @@ class TestSeveralArchivers:
     ) -> None:
         """Another consumer read every entry and died: after ``claim_idle`` this archiver
         claims them, stores each once and acks them; one trimmed meanwhile is only acked.
-        Stopped, it leaves the group (it holds nothing)."""
+        The dead one, holding nothing now, is removed from the group; stopped, this one
+        leaves it too (it holds nothing)."""
         producer = await bus_factory("producer")
         events = await publish(producer, 120)
         where = await positions(admin)
@@ -72,6 +73,9 @@ class TestSeveralArchivers:
                 lambda: archived(archive, 119, running(task)), what="the claimed entries stored"
             )
             await wait_until(lambda: caught_up(admin), what="every claimed entry acked")
+            await wait_until(
+                lambda: _left(admin, "archiver-gone"), what="the dead one removed from the group"
+            )
         counts = await id_counts(postgres_server.dsn)
         assert counts.keys() == {e.id for e in events[1:]}
         assert set(counts.values()) == {1}
@@ -87,7 +91,8 @@ class TestSeveralArchivers:
     ) -> None:
         """Two archivers under a steady load both take batches; one SIGKILLed with a batch
         in flight, the other claims it: every event stored exactly once, nothing pending;
-        the survivor, stopped cleanly, leaves the group."""
+        the killed one is removed from the group, and the survivor, stopped cleanly,
+        leaves it."""
         producer = await bus_factory("producer")
         published = [e.id for e in await publish(producer, 30)]  # every stream exists
         async with producing(producer, published):
@@ -110,8 +115,13 @@ class TestSeveralArchivers:
         await wait_until(lambda: caught_up(admin), what="every entry acked, a's claimed too")
         assert held > 0
         assert await held_by(admin, "archiver-a") == 0
+        await wait_until(lambda: _left(admin, "archiver-a"), what="the killed one removed")
         assert await b.terminate() == 0
         assert "archiver-b" not in await consumers(admin)
         counts = await id_counts(postgres_server.dsn)
         assert [i for i, n in counts.items() if n > 1] == []
         assert counts.keys() == set(published)
+
+
+async def _left(redis: Redis, consumer: str) -> bool:
+    return consumer not in await consumers(redis)
