@@ -2,7 +2,7 @@
 
 Every manager writes its entry in ``<ns>:hosts`` (a hash, host → JSON) each interval: its
 pid, version, the bots it runs and the Redis server's time of the write. An entry not
-rewritten for three intervals is a manager that is gone. ``multibot status`` and the API
+rewritten for three intervals is a manager that is gone; one gone for a day is deleted. ``multibot status`` and the API
 show the list from any host, with the coordinator lease's holder; a manager refuses to
 start a bot placed on its host alone that another live host already runs (two managers
 given one host name). The live managers count in the spread of the bots' replicas
@@ -22,12 +22,25 @@ import structlog
 from redis.asyncio import Redis
 
 from bus.keys import Keys
+from bus.lease import run_script
 from manager import __version__
 
 log = structlog.get_logger("manager")
 
 #: Intervals without a write after which a manager counts as gone.
 GONE_AFTER = 3
+#: Seconds after which a gone manager's entry is deleted (it died, and nobody started it
+#: again): listed as gone for a day, then no more.
+FORGET_AFTER = 24 * 3600.0
+
+#: KEYS: the hosts hash. ARGV: a host, the entry read. Deletes the entry if it is still
+#: that one (its manager did not come back meanwhile); 1 if deleted.
+_FORGET = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
 
 
 def hosts_key(keys: Keys) -> str:
@@ -65,8 +78,11 @@ class HostRegistry:
         host: str,
         interval: float,
         bots: Callable[[], Mapping[str, Sequence[int]]],
+        *,
+        forget_after: float = FORGET_AFTER,
     ) -> None:
         self._redis = redis
+        self._forget_after = forget_after
         self._keys = keys
         self.host = host
         self._interval = interval
@@ -107,6 +123,9 @@ class HostRegistry:
             try:
                 entry = orjson.loads(value)
                 age = max(0.0, (now - int(entry["at"])) / 1000)
+                if age >= self._forget_after:
+                    await self._forget(host, value, age)
+                    continue
                 found.append(
                     HostEntry(
                         host=host.decode() if isinstance(host, bytes) else str(host),
@@ -124,6 +143,12 @@ class HostRegistry:
             except (ValueError, KeyError, TypeError):  # not ours: a hand-written value
                 continue
         return sorted(found, key=lambda e: (e.host != self.host, e.host))
+
+    async def _forget(self, host: Any, value: Any, age: float) -> None:
+        """Delete a manager's entry gone for ``forget_after``, unless it was just rewritten."""
+        if await run_script(self._redis, _FORGET, [hosts_key(self._keys)], [host, value]):
+            name = host.decode() if isinstance(host, bytes) else str(host)
+            log.info("forgot a manager gone for long", host=name, gone_s=round(age))
 
     async def live_hosts(self) -> set[str]:
         """The hosts of the managers heard from lately (this one's among them)."""
