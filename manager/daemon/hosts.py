@@ -2,11 +2,11 @@
 
 Every manager writes its entry in ``<ns>:hosts`` (a hash, host → JSON) each interval: its
 pid, version, the bots it runs and the Redis server's time of the write. An entry not
-rewritten for three intervals is a manager that is gone; one gone for a day is deleted. ``multibot status`` and the API
-show the list from any host, with the coordinator lease's holder; a manager refuses to
-start a bot placed on its host alone that another live host already runs (two managers
-given one host name). The live managers count in the spread of the bots' replicas
-(:mod:`.placement`).
+rewritten for three intervals is a manager that is gone; one gone for a day is deleted.
+``multibot status`` and the API show the list from any host, with the coordinator lease's
+holder; a manager refuses to start a bot placed on its host alone that another live host
+already runs (two managers given one host name). The live managers count in the spread
+of the bots' replicas (:mod:`.placement`).
 """
 
 from __future__ import annotations

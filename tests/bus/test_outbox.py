@@ -57,6 +57,20 @@ async def entries(redis: Redis, name: str) -> list[dict[str, Any]]:
     return [fields for _, fields in rows]
 
 
+async def dead_letter(bot: BusClient, claimed_group: str | None = None) -> str:
+    """A dead letter of event ``e1`` ("boom"), written by ``bot`` to its outbox, naming
+    ``claimed_group`` (default: its own) as the group that failed."""
+    return await bot.dlq.add(
+        fields={"id": "e1", "type": "user.login.done"},
+        reason=DeadLetterReason.HANDLER_ERROR,
+        error="boom",
+        stream=KEYS.stream("user"),
+        entry_id="1-1",
+        group=claimed_group or group_name(bot.bot_id),
+        consumer=f"{bot.bot_id}-0",
+    )
+
+
 async def empty(redis: Redis, bot: str) -> bool:
     return int(await redis.xlen(KEYS.outbox(bot))) == 0
 
@@ -128,15 +142,7 @@ class TestRelay:
     ) -> None:
         """A bot's dead letter goes to the DLQ under its own group, whatever it claims."""
         bob = await bus_factory("bob", outbox=True)
-        letter_id = await bob.dlq.add(
-            fields={"id": "e1", "type": "user.login.done"},
-            reason=DeadLetterReason.HANDLER_ERROR,
-            error="boom",
-            stream=KEYS.stream("user"),
-            entry_id="1-1",
-            group=group_name("alice"),
-            consumer="bob-0",
-        )
+        letter_id = await dead_letter(bob, claimed_group=group_name("alice"))
         assert letter_id  # the outbox entry's id
         await wait_until(lambda: empty(redis, "bob"), what="the letter relayed")
         (letter,) = await DeadLetters(redis, KEYS, ROUTER).list()
@@ -291,15 +297,7 @@ class TestRelay:
         await redis.set(KEYS.dead_letters(), "not a stream")
         alice = await bus_factory("alice", outbox=True)
         first = await alice.publish("user.login.done", {"n": 1})
-        await alice.dlq.add(
-            fields={"id": "e1", "type": "user.login.done"},
-            reason=DeadLetterReason.HANDLER_ERROR,
-            error="boom",
-            stream=KEYS.stream("user"),
-            entry_id="1-1",
-            group=group_name("alice"),
-            consumer="alice-0",
-        )
+        await dead_letter(alice)
         second = await alice.publish("user.login.done", {"n": 2})
         relay = relay_for(redis, "alice")
         with capture_logs() as logs:
