@@ -180,8 +180,11 @@ class Fanout:
 
     async def _round(self) -> None:
         await self.prepare_new()
-        for stream in await self._wait():
+        ready = await self._wait()
+        for stream in ready:
             await self.pump(stream)
+        if not ready:  # a quiet wait: check the positions against the groups
+            await self.refresh()
 
     def forget(self) -> None:
         """Forget the positions (after a failure: a lost group, say): prepare again."""
@@ -208,6 +211,18 @@ class Fanout:
                 continue
             self._not_streams.discard(stream)
             await self.pump(stream)
+
+    async def refresh(self) -> None:
+        """Read each prepared stream's position from its group again. The group is the
+        truth: a restore moves it (back, even), and a relay's reply may report a position
+        from before that; a position held higher than the group's would leave the entries
+        between uncopied until the next write to the stream wakes a pump."""
+        for stream in list(self._positions):
+            group = (await _groups(self._redis, stream)).get(FANOUT_GROUP)
+            if group is None:
+                del self._positions[stream]  # gone: prepared again next round
+            else:
+                self._positions[stream] = _text(group["last-delivered-id"])
 
     def positions(self) -> dict[str, str]:
         """Each prepared stream and the last entry id pumped there: where a wait for more

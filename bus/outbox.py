@@ -164,6 +164,8 @@ class OutboxRelay:
             for stream, first in streams.items():
                 if fanout.ahead(stream, first):  # not pumped by the drains just now
                     await fanout.pump(stream)
+            if not ready and not streams:  # a quiet wait: check the positions (see refresh)
+                await fanout.refresh()
 
     async def drain_leftovers(self) -> int:
         """Move what waits in the outbox of a bot no longer configured (removed while the

@@ -150,6 +150,18 @@ class TestRunning:
         assert (await ids(redis, inbox))[0] == direct
         assert await ids(redis, inbox) == await ids(redis, USER)
 
+    async def test_a_group_moved_back_is_pumped_again_once_all_is_quiet(
+        self, redis: Redis, running: OutboxRelay, fanout: Fanout
+    ) -> None:
+        """A restore moved the fanout group back (XGROUP SETID) while the relay held a
+        later position, and nothing is written after: the relay's first quiet wait reads
+        the group's position again and pumps what lies beyond it."""
+        direct = [str(await redis.xadd(USER, {"type": "user.x", "n": str(i)})) for i in range(5)]
+        await wait_until(lambda: _delivered(redis, direct[-1]), what="all five pumped")
+        await redis.xgroup_setid(USER, FANOUT_GROUP, direct[1])
+        await wait_until(lambda: _delivered(redis, direct[-1]), what="pumped again")
+        assert await ids(redis, KEYS.inbox(A, USER)) == direct
+
     @pytest.mark.parametrize("fresh", [False, True], ids=["prepared", "fresh"])
     async def test_a_routed_stream_overwritten_stops_only_its_pumping(
         self, redis: Redis, fanout: Fanout, fresh: bool
@@ -179,3 +191,9 @@ class TestRunning:
 
 async def _has(redis: Redis, key: str, n: int) -> bool:
     return bool(await redis.exists(key)) and int(await redis.xlen(key)) == n
+
+
+async def _delivered(redis: Redis, entry_id: str) -> bool:
+    """Whether the fanout group's last delivered entry is ``entry_id``."""
+    groups: Any = await redis.xinfo_groups(USER)
+    return any(g["name"] == FANOUT_GROUP and g["last-delivered-id"] == entry_id for g in groups)
