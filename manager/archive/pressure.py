@@ -12,7 +12,8 @@ writes instead. The watch checks ``INFO memory`` every second and acts well befo
    the backpressure flag (:mod:`bus.backpressure`): publishers wait, then get
    ``BusBackpressureError``; and it announces ``system.memory.pressure`` (scope "redis")
    naming the groups that hold the trim, and logs them;
-3. below ``pressure_low`` it lowers the flag and announces the all-clear.
+3. while the flag is up, each round trims at once again (what held the trim may have
+   caught up); below ``pressure_low`` it lowers the flag and announces the all-clear.
 
 The flag is a key with a short expiry, refreshed every round, so a manager that dies does
 not leave publishers waiting for ever. The manager's own events are published past it, and
@@ -115,7 +116,9 @@ class PressureWatch:
             return
         state, settings = self.state, self._settings
         ratio = state.used / state.maxmemory
-        if ratio >= settings.pressure_high:
+        # While the flag is up, every round trims at once too: what held the trim (the
+        # archive, a slow group) may have caught up since, and publishers wait on it.
+        if ratio >= settings.pressure_high or state.backpressure:
             self._trimmer.urgent = True
             await self._trimmer.trim_all()
             await self._measure()
