@@ -91,11 +91,7 @@ class LocalCluster:
         if cli is None:
             raise RuntimeError("redis-cli not found: it creates the test cluster")
         for n in range(self.primaries * 2):
-            node = ClusterNode(free_port(), free_port(), self.directory / f"node-{n}")
-            self.nodes.append(node)
-            self._spawn(node)
-        for node in self.nodes:
-            _wait(lambda node=node: _pings(node), f"cluster node {node.port} to answer")
+            self.nodes.append(self._started(self.directory / f"node-{n}"))
         subprocess.run(
             [
                 str(cli), "--cluster", "create",
@@ -105,6 +101,22 @@ class LocalCluster:
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         self.wait_healthy()
+
+    def _started(self, directory: Path) -> ClusterNode:
+        """A node on free ports, answering. A port is free when picked, but another test's
+        server (another xdist worker's) may bind it before this node does, which then
+        exits: it is started again on other ports."""
+        for _ in range(_PORT_TRIES):
+            node = ClusterNode(free_port(), free_port(), directory)
+            (directory / "nodes.conf").unlink(missing_ok=True)
+            self._spawn(node)
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline and node.running:
+                if _pings(node):
+                    return node
+                time.sleep(0.02)
+            node.kill()
+        raise AssertionError(f"no cluster node answered in {directory} after {_PORT_TRIES} tries")
 
     def _spawn(self, node: ClusterNode) -> None:
         node.directory.mkdir(parents=True, exist_ok=True)
@@ -198,6 +210,10 @@ class LocalCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+#: How many pairs of free ports a node is started on before giving up.
+_PORT_TRIES = 5
 
 
 def _pings(node: ClusterNode) -> bool:
