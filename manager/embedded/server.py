@@ -43,6 +43,12 @@ class Binary(Protocol):
 B = TypeVar("B", bound=Binary)
 
 
+#: How many ports a start picks before giving up when each was taken meanwhile, and what
+#: the servers (redis-server, postgres) log then.
+_BIND_TRIES = 3
+_PORT_TAKEN = "Address already in use"
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -181,15 +187,26 @@ class EmbeddedServer(ABC, Generic[B]):
         if self._binary is None:
             self._binary = await asyncio.to_thread(self._find_binary)
         binary = self._binary
-        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        await self._prepare(binary, started_at + timeout, log_offset)
-        with self.log_path.open("ab") as logfile:
-            self._process = await self._spawn(self._command(binary), logfile)
-        try:
-            await self._wait_ready(self._process, started_at + timeout, log_offset)
-        except BaseException:
-            await self._abandon_start()
-            raise
+        picking = self._port is None  # a port this start picks may be taken meanwhile
+        for attempt in range(1, _BIND_TRIES + 1):
+            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+            await self._prepare(binary, started_at + timeout, log_offset)
+            with self.log_path.open("ab") as logfile:
+                self._process = await self._spawn(self._command(binary), logfile)
+            try:
+                await self._wait_ready(self._process, started_at + timeout, log_offset)
+                break
+            except EmbeddedServiceError as exc:
+                await self._abandon_start()
+                if not picking or attempt == _BIND_TRIES or _PORT_TAKEN not in str(exc):
+                    raise
+                # Free when picked, bound by another process since: pick another.
+                log.warning(f"{self._event}.port_taken", port=self._port, attempt=attempt)
+                self._port = None
+            except BaseException:
+                await self._abandon_start()
+                raise
+        assert self._process is not None  # the loop ends ready, or raises
         log.info(
             f"{self._event}.started",
             port=self._port,

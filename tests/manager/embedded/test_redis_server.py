@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError
 from structlog.testing import capture_logs
 
+from manager.embedded import server as server_module
 from manager.embedded.redis_server import (
     RedisBinary,
     RedisServer,
@@ -117,6 +118,29 @@ class TestStart:
             assert await ping(server.url)
         assert not server.running
         assert server.pid is None
+
+    async def test_a_port_taken_after_it_was_picked_gives_way_to_another(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The port picked was free, and another process bound it before the server did
+        (tests in parallel, another service starting): the start picks another, once it
+        has seen the server say so, and warns; a port that was given is never changed."""
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = held.getsockname()[1]
+            picks = iter([taken])
+            real = server_module.free_port
+            monkeypatch.setattr(server_module, "free_port", lambda: next(picks, None) or real())
+            server = RedisServer(tmp_path / "picked")
+            with capture_logs() as logs:
+                async with server:
+                    assert server.port != taken
+                    assert await ping(server.url)
+            assert [e["port"] for e in logs if e["event"] == "redis_server.port_taken"] == [taken]
+            given = RedisServer(tmp_path / "given", port=taken)
+            with pytest.raises(EmbeddedServiceError, match="Address already in use"):
+                await given.start()
 
     async def test_start_when_running_raises(self, redis_server: RedisServer) -> None:
         """Starting a running server is refused with a pointer to restart()."""
