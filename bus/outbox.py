@@ -157,9 +157,10 @@ class OutboxRelay:
         if len(ready) == 1:
             await self.drain(ready[0])
         elif ready:  # one round trip for them all: the last bot's events wait for none
-            async with asyncio.TaskGroup() as tg:
-                for bot in ready:
-                    tg.create_task(self.drain(bot))
+            done = await asyncio.gather(*map(self.drain, ready), return_exceptions=True)
+            for result in done:  # each finished; the first failure as itself (Redis away:
+                if isinstance(result, BaseException):  # a warning, not a traceback)
+                    raise result
         if fanout is not None:
             for stream, first in streams.items():
                 if fanout.ahead(stream, first):  # not pumped by the drains just now
