@@ -44,70 +44,11 @@ from bus.entry_id import EntryId
 from bus.keys import FANOUT_CONSUMER, FANOUT_GROUP, Keys
 from bus.lease import run_script
 from bus.periodic import forever
-from bus.pump_script import MOST_VALUES, PUMP
+from bus.pump_script import MOST_VALUES, PUMP, SUBSCRIBE, UNSUBSCRIBE
 from bus.redis_errors import is_busygroup, is_nogroup
 from bus.stream_watch import StreamWatch
 
 log = structlog.get_logger("bus.fanout")
-
-#: KEYS: the stream, its subscribers, the group's inbox. ARGV: the group, where it starts
-#: after (an id, or '$'), the chunk size, the fanout group, '1' on the first chunk,
-#: MOST_VALUES. Returns {1 when subscribed (0: call again), the id copied up to, copied}.
-_SUBSCRIBE = """
-local stream, subs, inbox = KEYS[1], KEYS[2], KEYS[3]
-local group, after, count, fanout = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local first, most = ARGV[5] == '1', tonumber(ARGV[6])
-if redis.call('SISMEMBER', subs, group) == 1 then
-  redis.pcall('XGROUP', 'CREATE', inbox, group, '0', 'MKSTREAM')
-  return {1, after, 0}
-end
-local position = '0-0'
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
-if ok then
-  for _, g in ipairs(groups) do
-    local name, last
-    for i = 1, #g, 2 do
-      if g[i] == 'name' then name = g[i + 1] end
-      if g[i] == 'last-delivered-id' then last = g[i + 1] end
-    end
-    if name == fanout then position = last end
-  end
-end
-if after == '$' then after = position end
-if first then
-  redis.call('DEL', inbox)
-  redis.call('XGROUP', 'CREATE', inbox, group, '0', 'MKSTREAM')
-  if after ~= '0' and after ~= '0-0' then
-    -- the group's position reads where it starts (catch_up replays up to it)
-    redis.call('XSETID', inbox, after)
-    redis.call('XGROUP', 'SETID', inbox, group, after)
-  end
-end
-local copied, done = 0, true
-if position ~= '0-0' then
-  local rows = redis.call('XRANGE', stream, '(' .. after, position, 'COUNT', count)
-  for _, e in ipairs(rows) do
-    if type(e[2]) == 'table' and #e[2] > 0 and #e[2] <= most then
-      local r = redis.pcall('XADD', inbox, e[1], unpack(e[2]))
-      if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller') then
-        return redis.error_reply('subscribing stopped at ' .. e[1] .. ': ' .. r.err)
-      end
-      copied = copied + 1
-    end
-    after = e[1]
-  end
-  done = #rows < count
-end
-if done then redis.call('SADD', subs, group) end
-return {done and 1 or 0, after, copied}
-"""
-
-#: KEYS: the subscribers, the inbox. ARGV: the group. Returns 1 if it was subscribed.
-_UNSUBSCRIBE = """
-local n = redis.call('SREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
-return n
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,7 +320,7 @@ class Fanout:
     ) -> tuple[bool, str]:
         keys = [stream, self._keys.subscribers(stream), self._keys.inbox(group, stream)]
         args = [group, after, chunk, FANOUT_GROUP, "1" if first else "0", MOST_VALUES]
-        reply: Any = await run_script(self._redis, _SUBSCRIBE, keys, args)
+        reply: Any = await run_script(self._redis, SUBSCRIBE, keys, args)
         return bool(int(reply[0])), _text(reply[1])
 
     async def unsubscribe(self, stream: str, group: str) -> bool:
@@ -395,7 +336,7 @@ async def unsubscribe(redis: Redis, keys: Keys, stream: str, group: str) -> bool
     """Stop filling ``group``'s inbox of ``stream`` and delete it, at once; whether it was
     subscribed."""
     targets = [keys.subscribers(stream), keys.inbox(group, stream)]
-    return bool(await run_script(redis, _UNSUBSCRIBE, targets, [group]))
+    return bool(await run_script(redis, UNSUBSCRIBE, targets, [group]))
 
 
 async def subscribers(redis: Redis, keys: Keys, stream: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""The fanout's copy step in Lua, shared by the fanout's own script and the outbox relay's.
+"""The fanout's scripts: its copy step in Lua, shared by the fanout's own script and the
+outbox relay's, and subscribing and unsubscribing a group (see :mod:`bus.fanout`).
 
 The relay appends a bot's events to their streams and, in the same script, copies what the
 streams now hold beyond the fanout's position into the subscribed inboxes (see
@@ -98,3 +99,62 @@ end
 return {read, copied, big, refused, last}
 """
 )
+
+#: KEYS: the stream, its subscribers, the group's inbox. ARGV: the group, where it starts
+#: after (an id, or '$'), the chunk size, the fanout group, '1' on the first chunk,
+#: MOST_VALUES. Returns {1 when subscribed (0: call again), the id copied up to, copied}.
+SUBSCRIBE = """
+local stream, subs, inbox = KEYS[1], KEYS[2], KEYS[3]
+local group, after, count, fanout = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local first, most = ARGV[5] == '1', tonumber(ARGV[6])
+if redis.call('SISMEMBER', subs, group) == 1 then
+  redis.pcall('XGROUP', 'CREATE', inbox, group, '0', 'MKSTREAM')
+  return {1, after, 0}
+end
+local position = '0-0'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+if ok then
+  for _, g in ipairs(groups) do
+    local name, last
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] end
+      if g[i] == 'last-delivered-id' then last = g[i + 1] end
+    end
+    if name == fanout then position = last end
+  end
+end
+if after == '$' then after = position end
+if first then
+  redis.call('DEL', inbox)
+  redis.call('XGROUP', 'CREATE', inbox, group, '0', 'MKSTREAM')
+  if after ~= '0' and after ~= '0-0' then
+    -- the group's position reads where it starts (catch_up replays up to it)
+    redis.call('XSETID', inbox, after)
+    redis.call('XGROUP', 'SETID', inbox, group, after)
+  end
+end
+local copied, done = 0, true
+if position ~= '0-0' then
+  local rows = redis.call('XRANGE', stream, '(' .. after, position, 'COUNT', count)
+  for _, e in ipairs(rows) do
+    if type(e[2]) == 'table' and #e[2] > 0 and #e[2] <= most then
+      local r = redis.pcall('XADD', inbox, e[1], unpack(e[2]))
+      if type(r) == 'table' and r.err and not string.find(r.err, 'equal or smaller') then
+        return redis.error_reply('subscribing stopped at ' .. e[1] .. ': ' .. r.err)
+      end
+      copied = copied + 1
+    end
+    after = e[1]
+  end
+  done = #rows < count
+end
+if done then redis.call('SADD', subs, group) end
+return {done and 1 or 0, after, copied}
+"""
+
+#: KEYS: the subscribers, the inbox. ARGV: the group. Returns 1 if it was subscribed.
+UNSUBSCRIBE = """
+local n = redis.call('SREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return n
+"""
