@@ -44,6 +44,11 @@ class Pattern:
         )
 
     @property
+    def exact(self) -> bool:
+        """Whether the pattern is a type itself (no wildcard)."""
+        return self._exact
+
+    @property
     def regex(self) -> str:
         """The regular expression ``"." + type`` must match (also valid in PostgreSQL)."""
         return self._regex.pattern

@@ -59,13 +59,13 @@ SELECT id, group_name, attempts, reason, error, failed_at, consumer, handler
 FROM dead_letters WHERE event_id = $1 ORDER BY id
 """
 # $1: since, $2: until (timestamptz). Returns the distinct types of events created then.
-_TYPES = "SELECT DISTINCT type FROM events WHERE created_at >= $1 AND created_at < $2"
+_TYPES = "SELECT DISTINCT type FROM event_index WHERE created_at >= $1 AND created_at < $2"
 # $1: since, $2: until, $3: types (text[]), $4: the subscriber (bot id), $5: its declared
 # patterns' regexes (text[]). Returns how many events of those types created in
 # [$1, $2), expected by the subscriber then, its group has no final outcome for. (An
 # archived id that is no UUID, which no record can name, is cast to NULL, not an error.)
 _MISSED = """
-SELECT count(*) FROM events e
+SELECT count(*) FROM event_index e
 WHERE e.created_at >= $1 AND e.created_at < $2 AND e.type = ANY($3::text[])
   AND EXISTS (
     SELECT 1 FROM subscription_history s
@@ -185,7 +185,7 @@ class Deliveries:
         days = {partitions.day_of(row.created_at) for row in rows}
         async with self._connection() as conn:
             if missing := days - self._days:
-                await partitions.create_partitions(conn, missing, "deliveries")
+                await partitions.create_partitions(conn, missing, ("deliveries",))
                 self._days |= missing
             await conn.copy_records_to_table(
                 "deliveries", records=[row.as_tuple() for row in rows], columns=COLUMNS

@@ -70,11 +70,19 @@ def stream_heads(records: Sequence[tuple[Any, ...]]) -> dict[str, tuple[int, int
     return heads
 
 
+def advance_state(records: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
+    """The statement moving ``archive_state`` to the highest entry of each stream among
+    event rows, with its arguments."""
+    heads = stream_heads(records)
+    return (_ADVANCE_STATE, list(heads), [f"{ms}-{seq}" for ms, seq in heads.values()])
+
+
 async def write_events(
     conn: Any, records: Sequence[tuple[Any, ...]], heads: Mapping[str, tuple[int, int]]
 ) -> int:
-    """Store event rows and move ``archive_state`` to ``heads`` in one transaction; return
-    how many rows were new.
+    """Store event rows in the old layout (``events``, before schema 6; the archive bench
+    compares against it) and move ``archive_state`` to ``heads`` in one transaction;
+    return how many rows were new.
 
     COPY straight into ``events`` (one write per row); only when some rows are there
     already (a batch retried after a crash) go through a temporary table and

@@ -166,20 +166,24 @@ def entry_record(
     )  # fmt: skip
 
 
-def row_event(row: Mapping[str, Any], keys: Keys) -> Event:
-    """The event of a row selected with :data:`SELECT_COLUMNS`, as it was read from Redis."""
+def record_event(record: tuple[Any, ...], keys: Keys) -> Event:
+    """The event of an archive record (:data:`EVENT_COLUMNS` order, stream by name), as it
+    was read from Redis."""
+    id_, type_, source, data, correlation, causation, version, key, created, stream, ms, seq = (
+        record
+    )
     return Event(
-        type=row["type"],
-        data=orjson.loads(row["data"]),
-        source=row["source"],
-        id=row["id"],
-        correlation_id=row["correlation_id"],
-        causation_id=row["causation_id"],
-        timestamp=row["created_at"],
-        version=row["version"],
-        key=row["key"],
-        stream=keys.stream(row["stream"]),
-        entry_id=f"{row['entry_ms']}-{row['entry_seq']}",
+        type=type_,
+        data=orjson.loads(data),
+        source=source,
+        id=id_,
+        correlation_id=correlation,
+        causation_id=causation,
+        timestamp=created,
+        version=version,
+        key=key,
+        stream=keys.stream(stream),
+        entry_id=f"{ms}-{seq}",
     )
 
 

@@ -20,19 +20,22 @@ import structlog
 
 from bus.archive import partitions
 from bus.archive.audit_log import AuditLog
+from bus.archive.block_writes import write_blocks
 from bus.archive.deliveries import Deliveries
+from bus.archive.dictionaries import Dictionaries
 from bus.archive.errors import ArchiveDataError, describe_dsn, unavailable_on_failure
+from bus.archive.event_reads import EventReads
 from bus.archive.group_positions import GroupPositions
-from bus.archive.inserts import stream_heads, write_dead_letters, write_events
+from bus.archive.inserts import advance_state, write_dead_letters
 from bus.archive.migrations import migrate
-from bus.archive.queries import ENTRY_ORDER, TIME_ORDER, EventSelect
+from bus.archive.names import Kinds
 from bus.archive.rows import (
     EVENT_COLUMNS,
-    SELECT_COLUMNS,
+    as_utc,
     decode_cursor,
     encode_cursor,
     event_record,
-    row_event,
+    record_event,
 )
 from bus.archive.subscriptions import load_subscriptions, replace_subscriptions
 from bus.conditions import Where
@@ -46,27 +49,33 @@ _CLOSE_GRACE = 10.0  # seconds close() waits for borrowed connections before ter
 _CHECK_VIOLATION = "23514"  # a row fits no partition
 _CREATED_AT = EVENT_COLUMNS.index("created_at")
 
-# $1: stream name. Returns the last entry id archived from it, or no row.
-_LAST_ARCHIVED = "SELECT last_entry_id FROM archive_state WHERE stream = $1"
+# $1: stream name. Returns the last entry id archived from it, or no row. ('0-0': a row
+# a writer made to lock, for a stream of which nothing new was stored.)
+_LAST_ARCHIVED = (
+    "SELECT last_entry_id FROM archive_state WHERE stream = $1 AND last_entry_id <> '0-0'"
+)
 # Every subscriber with stored subscriptions. Returns (subscriber) rows.
 _SUBSCRIBERS = "SELECT DISTINCT subscriber FROM event_subscriptions ORDER BY subscriber"
 # Every stream's last archived entry. Returns (stream name, last_entry_id) rows.
-_POSITIONS = "SELECT stream, last_entry_id FROM archive_state"
-# $1: event id. Returns the event's row, or no row.
-_GET = f"SELECT {SELECT_COLUMNS} FROM events WHERE id = $1 ORDER BY created_at LIMIT 1"
-# $1: correlation id, $2: row limit. Returns the root event (id = $1) and every event
-# correlated with it, by created_at.
-_TRACE = f"""
-SELECT {SELECT_COLUMNS} FROM events WHERE correlation_id = $1 OR id = $1
-ORDER BY created_at, id LIMIT $2
-"""
-# No parameters. Returns the number of archived events.
-_COUNT = "SELECT count(*) FROM events"
-# No parameters. Returns the bytes of every partition with its indexes and TOAST.
+_POSITIONS = "SELECT stream, last_entry_id FROM archive_state WHERE last_entry_id <> '0-0'"
+# No parameters. Returns the bytes of every table of events (partitions with their
+# indexes and TOAST, both layouts, and the numbered names).
 _SIZE = """
-SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::bigint
-FROM pg_inherits WHERE inhparent = 'events'::regclass
+SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint
+    + pg_total_relation_size('event_kinds') + pg_total_relation_size('event_dictionaries')
+FROM pg_inherits i
+WHERE i.inhparent IN ('events'::regclass, 'event_heads'::regclass,
+                      'event_blocks'::regclass, 'event_odd_ids'::regclass)
 """
+
+
+async def _reset(conn: Any) -> None:
+    """What a connection needs on its way back to the pool. The store leaves no session
+    state behind (no LISTEN, session locks or SET; transactions are context managers), so
+    asyncpg's own reset (four statements, a round trip on every read) is not needed; a
+    transaction still open (a cancelled read) is rolled back."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")  # no parameters; returns nothing
 
 
 class ArchiveStore:
@@ -84,6 +93,9 @@ class ArchiveStore:
         self._keys = keys or Keys()
         self._where = where
         self._days: set[date] = set()  # days known to have a partition
+        self._kinds = Kinds()
+        self._dicts = Dictionaries()
+        self._reads = EventReads(self._kinds, self._dicts)
         self._delivery_days: set[date] = set()  # the same, of deliveries
 
     @classmethod
@@ -104,7 +116,13 @@ class ArchiveStore:
                 min_size=min_size,
                 max_size=max_size,
                 timeout=connect_timeout,
-                server_settings={"application_name": "multibot-archive"},
+                reset=_reset,
+                # Plans are made once per statement: re-planning over every day's partition
+                # costs more than most reads (statements are written for generic plans).
+                server_settings={
+                    "application_name": "multibot-archive",
+                    "plan_cache_mode": "force_generic_plan",
+                },
             )
         return cls(pool, keys=keys, where=where)
 
@@ -164,19 +182,21 @@ class ArchiveStore:
         return await self.ensure_partitions(today + timedelta(days=n) for n in range(days + 1))
 
     async def drop_partitions_before(self, day: date) -> list[str]:
-        """DROP the partitions of every day before ``day`` (events, and the deliveries of
-        those events); return their names, events' first, oldest first."""
+        """DROP the partitions of every day before ``day`` (events in both layouts, and
+        the deliveries of those events); return their names, table by table, oldest first."""
+        dropped: list[str] = []
         async with self._connection() as conn:
-            dropped = await partitions.drop_partitions_before(conn, day)
-            dropped += await partitions.drop_partitions_before(conn, day, "deliveries")
+            for table in partitions.TABLES:
+                dropped += await partitions.drop_partitions_before(conn, day, table)
         self._days = {d for d in self._days if d >= day}
         self._delivery_days -= {d for d in self._delivery_days if d < day}
         return dropped
 
     async def partitions(self) -> list[date]:
-        """The days that have a partition, oldest first."""
+        """The days that have a partition (in either layout), oldest first."""
         async with self._connection() as conn:
-            return sorted(await partitions.existing_days(conn))
+            days = await partitions.existing_days(conn)
+            return sorted(days | await partitions.existing_days(conn, "events"))
 
     # -- writing --------------------------------------------------------------------------
 
@@ -199,13 +219,19 @@ class ArchiveStore:
         or :func:`~bus.archive.rows.entry_record`, streams by name)."""
         if not records:
             return 0
-        heads = stream_heads(records)
+        state = advance_state(records)
         days = {partitions.day_of(record[_CREATED_AT]) for record in records}
         for attempt in (1, 2):
             await self.ensure_partitions(days)
             try:
                 async with self._connection() as conn:
-                    return await write_events(conn, records, heads)
+                    return await write_blocks(
+                        conn,
+                        records,
+                        advance_state=state,
+                        kinds=self._kinds,
+                        dicts=self._dicts,
+                    )
             except ArchiveDataError as exc:
                 if exc.sqlstate != _CHECK_VIOLATION or attempt == 2:
                     raise
@@ -295,40 +321,44 @@ class ArchiveStore:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         matches = Where(where).matches if where else None
-        select = EventSelect().types(types).equals("source", source).time_range(since, until)
+        patterns = [types] if isinstance(types, str) else list(types)  # a str is one pattern
         position = decode_cursor(after) if after is not None else None
-        chunk = limit + 1 if matches is None else max(limit + 1, 500)
+        # limit + 1 to know a next page exists, + 1 for the cursor's own event, + 1 for the
+        # last instant a chunk holds back (bus.archive.block_reads.scan): one round trip.
+        chunk = limit + 3 if matches is None else max(limit + 3, 500)
         found: list[Event] = []
         scanned = 0
+        since, until = (None if t is None else as_utc(t) for t in (since, until))
         async with self._connection() as conn:
-            while True:
-                sql, args = select.sql(TIME_ORDER, chunk, position)
-                rows = await conn.fetch(sql, *args)
-                for row in rows:
-                    event = row_event(row, self._keys)
-                    if matches is None or matches(event.data):
-                        if len(found) == limit:  # one more exists: the next page starts here
-                            return found, encode_cursor(found[-1].timestamp, found[-1].id)
-                        found.append(event)
-                    position = (row["created_at"], row["id"])
-                scanned += len(rows)
-                if len(rows) < chunk:
-                    return found, None
-                if scanned >= self.max_scan and position is not None:
-                    return found, encode_cursor(*position)
+            records = self._reads.query(
+                conn, types=patterns, source=source, since=since, until=until,
+                after=position, chunk=chunk,
+            )  # fmt: skip
+            async with contextlib.aclosing(records):
+                async for batch in records:
+                    for record in batch:
+                        event = record_event(record, self._keys)
+                        if matches is None or matches(event.data):
+                            if len(found) == limit:  # one more exists: the next page starts here
+                                return found, encode_cursor(found[-1].timestamp, found[-1].id)
+                            found.append(event)
+                        scanned += 1
+                        if scanned >= self.max_scan:
+                            return found, encode_cursor(event.timestamp, event.id)
+        return found, None
 
     async def get(self, event_id: str) -> Event | None:
         """The archived event with this id, or None."""
         async with self._connection() as conn:
-            row = await conn.fetchrow(_GET, event_id)
-        return None if row is None else row_event(row, self._keys)
+            record = await self._reads.get(conn, event_id)
+        return None if record is None else record_event(record, self._keys)
 
     async def trace(self, correlation_id: str, *, limit: int = 10_000) -> list[Event]:
         """A whole correlation chain: the root event (id = correlation_id) and every event
         carrying that correlation id, by publisher time."""
         async with self._connection() as conn:
-            rows = await conn.fetch(_TRACE, correlation_id, limit)
-        return [row_event(row, self._keys) for row in rows]
+            records = await self._reads.trace(conn, correlation_id, limit)
+        return [record_event(record, self._keys) for record in records]
 
     async def entries(
         self,
@@ -345,20 +375,20 @@ class ArchiveStore:
         whole millisecond); events come back with ``stream`` (the key) and ``entry_id`` as
         they were read from Redis.
         """
-        select = EventSelect().equals("stream", self._name(stream))
-        select.entry_range(after, before).types(types)
-        sql, args = select.sql(ENTRY_ORDER, limit)
+        patterns = [types] if isinstance(types, str) else list(types)
         async with self._connection() as conn:
-            rows = await conn.fetch(sql, *args)
-        return [row_event(row, self._keys) for row in rows]
+            records = await self._reads.entries(
+                conn, self._name(stream), after=after, before=before, types=patterns, limit=limit
+            )
+        return [record_event(record, self._keys) for record in records]
 
     async def count(self) -> int:
-        """How many events are archived (counts every row: slow on a large archive)."""
+        """How many events are archived (sums every block: slow on a large archive)."""
         async with self._connection() as conn:
-            return int(await conn.fetchval(_COUNT))
+            return await self._reads.count(conn)
 
     async def size_bytes(self) -> int:
-        """Bytes the event partitions take on disk, indexes and TOAST included."""
+        """Bytes the events take on disk (both layouts), indexes and TOAST included."""
         async with self._connection() as conn:
             return int(await conn.fetchval(_SIZE))
 

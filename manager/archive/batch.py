@@ -89,6 +89,9 @@ def decode_batch(entries: Entries, keys: Keys, max_data_bytes: int | None = None
             if not fields:
                 continue  # deleted while pending
             source = Source(stream, entry_id, fields)
+            if _retried_for_another_group(source):
+                # Archived at its first delivery, under its first entry id: only acked.
+                continue
             record = entry_record(name, entry_id, fields, max_data_bytes)
             if record is None:
                 try:
@@ -97,8 +100,6 @@ def decode_batch(entries: Entries, keys: Keys, max_data_bytes: int | None = None
                     )
                     record = event_record(event, name)
                 except (WireFormatError, ValueError) as exc:
-                    if _retried_for_another_group(source):
-                        continue  # its first delivery was dead-lettered by the archiver too
                     reason = exc.reason if isinstance(exc, WireFormatError) else str(exc)
                     batch.rejects.append(Reject(source, DeadLetterReason.MALFORMED, reason))
                     continue

@@ -67,10 +67,16 @@ class ArchiveLink:
 # The role bots read the archive as. Statements take no parameters ($n): DDL cannot; the
 # password is a generated URL-safe token, so it is safe to inline as a literal.
 READER_ROLE = "multibot_reader"
+#: What a bot's replay reads: both layouts of events (bus.archive.event_reads).
+EVENT_TABLES = (
+    "events", "event_heads", "event_blocks", "event_odd_ids", "event_kinds",
+    "event_dictionaries", "event_index",
+)  # fmt: skip
 
 
 async def ensure_reader(store: ArchiveStore, dsn: str, password: str) -> str:
-    """A read-only role for bots (SELECT on events only); its DSN, based on ``dsn``."""
+    """A read-only role for bots (SELECT on the tables of events only); its DSN, based on
+    ``dsn``."""
     if not password.replace("-", "").replace("_", "").isalnum():
         raise ValueError("the reader password must be URL-safe")
     statements = [
@@ -80,7 +86,7 @@ async def ensure_reader(store: ArchiveStore, dsn: str, password: str) -> str:
               END IF;
             END $$""",
         f"ALTER ROLE {READER_ROLE} LOGIN PASSWORD '{password}'",
-        f"GRANT SELECT ON events TO {READER_ROLE}",
+        f"GRANT SELECT ON {', '.join(EVENT_TABLES)} TO {READER_ROLE}",
     ]
     async with store.connection() as conn:
         for statement in statements:

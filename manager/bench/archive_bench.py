@@ -37,7 +37,8 @@ from manager.embedded.redis_server import RedisServer
 
 _DELAYS = """
 SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY d) AS p, max(d) AS max
-FROM (SELECT extract(epoch FROM stored_at - created_at)::float8 AS d FROM events WHERE type = $1) t
+FROM (SELECT extract(epoch FROM stored_at - created_at)::float8 AS d
+      FROM event_index WHERE type = $1) t
 """  # $1: the event type of the lag phase. Returns the percentiles and the max, in seconds.
 _PAYLOAD = {"user_id": 12345, "bot_id": "greeter", "text": "hello there, how are you today?"}
 
@@ -93,7 +94,8 @@ async def _lag(bus: BusClient, store: ArchiveStore, rate: float, duration: float
 
         async def stored() -> bool:
             count = await conn.fetchval(
-                "SELECT count(*) FROM events WHERE type = 'bench.lag.measured'"
+                "SELECT count(*) FROM event_heads h JOIN event_kinds k ON k.id = h.kind_id "
+                "WHERE k.type = 'bench.lag.measured'"
             )
             return bool(count >= total)
 

@@ -101,7 +101,7 @@ async def read_archived(dsn: str, types: Iterable[str]) -> dict[str, float]:
     try:
         rows = await conn.fetch(
             # $1: the event types; returns (id, stored_at as epoch seconds).
-            "SELECT id, extract(epoch FROM stored_at)::float8 AS stored FROM events "
+            "SELECT id, extract(epoch FROM stored_at)::float8 AS stored FROM event_index "
             "WHERE type = ANY($1::text[])",
             list(types),
         )

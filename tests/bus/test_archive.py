@@ -237,15 +237,23 @@ class TestPartitions:
         assert await store.partitions() == [date(2026, 3, 9), date(2026, 3, 10), date(2026, 3, 11)]
         conn = await connect(postgres_server.dsn)
         try:
-            rows = await conn.fetch(
-                "SELECT tableoid::regclass::text AS p, count(*) AS n FROM events GROUP BY 1"
+            heads = await conn.fetch(
+                "SELECT tableoid::regclass::text AS p, count(*) AS n FROM event_heads GROUP BY 1"
+            )
+            blocks = await conn.fetch(
+                "SELECT tableoid::regclass::text AS p, sum(n) AS n FROM event_blocks GROUP BY 1"
             )
         finally:
             await conn.close()
-        assert {r["p"]: r["n"] for r in rows} == {
-            "events_20260309": 1,
-            "events_20260310": 2,
-            "events_20260311": 1,
+        assert {r["p"]: r["n"] for r in heads} == {
+            "event_heads_20260309": 1,
+            "event_heads_20260310": 2,
+            "event_heads_20260311": 1,
+        }
+        assert {r["p"]: r["n"] for r in blocks} == {
+            "event_blocks_20260309": 1,
+            "event_blocks_20260310": 2,
+            "event_blocks_20260311": 1,
         }
         assert await store.size_bytes() > 0
 
@@ -255,12 +263,11 @@ class TestPartitions:
         """Partitions for today and the next days are created once; again creates none."""
         today = date(2026, 5, 30)
         created = await store.create_partitions_ahead(today, 3)
+        days = ["20260530", "20260531", "20260601", "20260602"]
         assert created == [
-            "events_20260530",
-            "events_20260531",
-            "events_20260601",
-            "events_20260602",
-        ]
+            f"{table}_{day}" for table in ("event_heads", "event_blocks", "event_odd_ids")
+            for day in days
+        ]  # fmt: skip
         assert await store.create_partitions_ahead(today, 3) == []
         async with await ArchiveStore.connect(postgres_server.dsn) as fresh:  # no cache
             assert await fresh.create_partitions_ahead(today, 3) == []
@@ -276,7 +283,9 @@ class TestPartitions:
                 """
                 CREATE FUNCTION no_delete() RETURNS trigger LANGUAGE plpgsql AS
                 $$ BEGIN RAISE EXCEPTION 'DELETE on %', TG_TABLE_NAME; END $$;
-                CREATE TRIGGER no_delete AFTER DELETE ON events
+                CREATE TRIGGER no_delete AFTER DELETE ON event_heads
+                    FOR EACH ROW EXECUTE FUNCTION no_delete();
+                CREATE TRIGGER no_delete AFTER DELETE ON event_blocks
                     FOR EACH ROW EXECUTE FUNCTION no_delete();
                 """
             )
@@ -285,7 +294,10 @@ class TestPartitions:
         days = [DAY - timedelta(days=2), DAY - timedelta(days=1), DAY]
         await store.insert_events([delivered(at=t) for t in days for _ in range(3)])
         dropped = await store.drop_partitions_before(DAY.date())
-        assert dropped == ["events_20260308", "events_20260309"]
+        assert dropped == [
+            f"{table}_{day}" for table in ("event_heads", "event_blocks", "event_odd_ids")
+            for day in ("20260308", "20260309")
+        ]  # fmt: skip
         assert await store.partitions() == [DAY.date()]
         events, cursor = await store.query(since=days[0], until=DAY.replace(hour=0))
         assert (events, cursor) == ([], None)

@@ -102,7 +102,7 @@ async def id_counts(dsn: str) -> collections.Counter[str]:
     """How many rows each event id has in ``events``."""
     conn = await asyncpg.connect(dsn, timeout=5)
     try:
-        rows = await conn.fetch("SELECT id FROM events")
+        rows = await conn.fetch("SELECT id FROM event_index")
     finally:
         await conn.close()
     return collections.Counter(str(row["id"]) for row in rows)

@@ -50,7 +50,7 @@ END $$;
 
 async def ids_stored(conn: Any) -> dict[str, int]:
     """How many rows each event id has in ``events``."""
-    rows = await conn.fetch("SELECT id, count(*) AS n FROM events GROUP BY id")
+    rows = await conn.fetch("SELECT id, count(*) AS n FROM event_index GROUP BY id")
     return {row["id"]: row["n"] for row in rows}
 
 
@@ -152,7 +152,7 @@ class TestServerTrouble:
         archive = await link.get()  # migrated: the table to put a trigger on exists
         await superuser.execute(_REFUSE)
         await superuser.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW "
+            "CREATE TRIGGER refuse BEFORE INSERT ON event_heads FOR EACH ROW "
             f"EXECUTE FUNCTION refuse_rows('{sqlstate}')"
         )
         archiver = make_archiver(admin, link)
@@ -164,7 +164,7 @@ class TestServerTrouble:
             assert not await caught_up(admin)
             assert await DeadLetters(admin, KEYS).count() == 0
             assert archiver.stats["unarchivable"] == archiver.stats["archived"] == 0
-            await superuser.execute("DROP TRIGGER refuse ON events")
+            await superuser.execute("DROP TRIGGER refuse ON event_heads")
             await wait_until(lambda: archived(archive, len(good), running(task)), what="stored")
             await wait_until(lambda: caught_up(admin), what="every entry acked")
         assert await ids_stored(superuser) == {e.id: 1 for e in good}

@@ -179,8 +179,8 @@ class TestTooOld:
 _NO_PARTITION = """
 CREATE FUNCTION refuse_source() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF NEW.source = TG_ARGV[0] THEN
-        RAISE EXCEPTION 'no partition of relation "events" found for row'
+    IF (SELECT source FROM event_kinds WHERE id = NEW.kind_id) = TG_ARGV[0] THEN
+        RAISE EXCEPTION 'no partition of relation "event_heads" found for row'
             USING ERRCODE = '23514';
     END IF;
     RETURN NEW;
@@ -203,7 +203,7 @@ class TestNoPartition:
         archive = await link.get()  # migrated: the table to put a trigger on exists
         await superuser.execute(_NO_PARTITION)
         await superuser.execute(
-            "CREATE TRIGGER no_partition BEFORE INSERT ON events FOR EACH ROW "
+            "CREATE TRIGGER no_partition BEFORE INSERT ON event_heads FOR EACH ROW "
             "EXECUTE FUNCTION refuse_source('skewed-clock')"
         )
         good = await publish(producer, 3)

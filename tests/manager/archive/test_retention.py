@@ -59,12 +59,12 @@ async def event_ids(store: ArchiveStore, since: date, until: date) -> set[str]:
 
 
 async def partition_oids(dsn: str) -> dict[str, int]:
-    """Each partition of ``events`` by name, with its table's oid."""
+    """Each partition of the event tables by name, with its table's oid."""
     conn = await asyncpg.connect(dsn, timeout=5)
     try:
         rows = await conn.fetch(
             "SELECT c.relname, c.oid FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = 'events'::regclass"
+            " WHERE i.inhparent IN ('event_heads'::regclass, 'event_blocks'::regclass)"
         )
     finally:
         await conn.close()
@@ -103,13 +103,17 @@ class TestMaintain:
         recent = await store_events(store, today - timedelta(days=1), 2)
 
         dropped = await maintain(store, settings, today)
-        assert dropped == ["events_20260310", "events_20260311"]
+        assert dropped == [
+            f"{table}_{day}" for table in ("event_heads", "event_blocks", "event_odd_ids")
+            for day in ("20260310", "20260311")
+        ]  # fmt: skip
         assert await store.partitions() == [
             DAY + timedelta(days=2),
             today - timedelta(days=1),
             *days(today, 3),
         ]
-        assert "events_20260310" not in await partition_oids(postgres_server.dsn)
+        assert "event_heads_20260310" not in await partition_oids(postgres_server.dsn)
+        assert "event_blocks_20260310" not in await partition_oids(postgres_server.dsn)
         assert await event_ids(store, DAY, DAY + timedelta(days=2)) == set()
         assert await event_ids(store, DAY + timedelta(days=2), today) == {
             *old[DAY + timedelta(days=2)],
