@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 import struct
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _NONE16 = 0xFFFF
 _NO_ID = bytes(16)
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NO_CAUSE, _SAME_CAUSE, _UUID_CAUSE, _TEXT_CAUSE = range(4)
 _INT32 = (-(2**31), 2**31 - 1)  # the version's range (PostgreSQL integer, as before)
 # Record fields (bus.archive.rows.EVENT_COLUMNS order).
@@ -60,20 +62,19 @@ class EncodedBlock:
     """What a block row stores besides its stream, positions and times."""
 
     ids: bytes  # 16 bytes per row: the id when a canonical UUID, else zeros (in the body)
-    correlations: list[uuid.UUID]  # the canonical correlation ids, each once
+    correlations: list[str]  # the canonical correlation ids, each once
     body: bytes  # u8 segments, u32[segments] where each starts after this header, segments
 
 
-def canonical_uuid(text: str | None) -> uuid.UUID | None:
-    """The UUID ``text`` spells in its canonical form (lowercase, hyphenated), else None:
-    only then does storing it as a ``uuid`` give back the same text."""
-    if text is None or len(text) != 36:
-        return None
-    try:
-        value = uuid.UUID(text)
-    except ValueError:
-        return None
-    return value if str(value) == text else None
+def is_canonical(text: str | None) -> bool:
+    """Whether ``text`` is a UUID in its canonical form (lowercase, hyphenated): only then
+    does storing it as 16 bytes (or a ``uuid``) give back the same text."""
+    return text is not None and len(text) == 36 and _CANONICAL.fullmatch(text) is not None
+
+
+def uuid_bytes(text: str | None) -> bytes | None:
+    """The 16 bytes of a canonical UUID's text, else None."""
+    return bytes.fromhex(text.replace("-", "")) if text and is_canonical(text) else None
 
 
 def micros(moment: datetime) -> int:
@@ -91,7 +92,7 @@ def _deltas(values: Sequence[int]) -> list[int]:
 
 
 def _references(
-    rows: Sequence[Sequence[Any]], refs: dict[uuid.UUID, int]
+    rows: Sequence[Sequence[Any]], refs: dict[str, int]
 ) -> tuple[list[int], bytearray, list[bytes], list[list[str | None]]]:
     """Per row: the correlation reference, the causation kind, and the causation UUIDs'
     bytes and the texts (id, correlation, causation, key, data) the body must hold."""
@@ -101,12 +102,11 @@ def _references(
     texts: list[list[str | None]] = [[], [], [], [], []]  # id, corr, cause, key, data
     for row in rows:
         corr, cause = row[_CORR], row[_CAUSE]
-        corr_uuid = canonical_uuid(corr)
         corr_text = None
         if corr is None:
             corr_refs.append(0)
-        elif corr_uuid is not None:
-            corr_refs.append(refs[corr_uuid] + 1)
+        elif corr in refs:
+            corr_refs.append(refs[corr] + 1)
         else:
             corr_refs.append(_NONE16)
             corr_text = corr
@@ -115,20 +115,20 @@ def _references(
             causes.append(_NO_CAUSE)
         elif cause == corr:
             causes.append(_SAME_CAUSE)
-        elif (cause_uuid := canonical_uuid(cause)) is not None:
+        elif (raw_cause := uuid_bytes(cause)) is not None:
             causes.append(_UUID_CAUSE)
-            cause_bytes.append(cause_uuid.bytes)
+            cause_bytes.append(raw_cause)
         else:
             causes.append(_TEXT_CAUSE)
             cause_text = cause
-        id_text = None if canonical_uuid(row[_ID]) is not None else row[_ID]
+        id_text = None if is_canonical(row[_ID]) else row[_ID]
         values = (id_text, corr_text, cause_text, row[_KEY], row[_DATA])
         for column, value in zip(texts, values, strict=True):
             column.append(value)
     return corr_refs, causes, cause_bytes, texts
 
 
-def _raw_segment(rows: Sequence[Sequence[Any]], refs: dict[uuid.UUID, int]) -> bytes:
+def _raw_segment(rows: Sequence[Sequence[Any]], refs: dict[str, int]) -> bytes:
     """The uncompressed segment of ``rows``; ``refs`` numbers the block's correlations."""
     names: dict[str, int] = {}
     for row in rows:
@@ -163,11 +163,11 @@ def _raw_segment(rows: Sequence[Sequence[Any]], refs: dict[uuid.UUID, int]) -> b
     return b"".join(parts)
 
 
-def correlations_of(rows: Sequence[Sequence[Any]]) -> list[uuid.UUID]:
+def correlations_of(rows: Sequence[Sequence[Any]]) -> list[str]:
     """The distinct canonical correlation ids of ``rows``, in order of first use."""
-    found: dict[uuid.UUID, None] = {}
+    found: dict[str, None] = {}
     for row in rows:
-        if (value := canonical_uuid(row[_CORR])) is not None:
+        if is_canonical(value := row[_CORR]):
             found.setdefault(value)
     return list(found)
 
@@ -185,9 +185,7 @@ def encode_block(rows: Sequence[Sequence[Any]], compress: Pack) -> EncodedBlock:
         offs.append(at)
         segments.append(segment)
         at += len(segment)
-    ids = b"".join(
-        _NO_ID if (value := canonical_uuid(row[_ID])) is None else value.bytes for row in rows
-    )
+    ids = b"".join(_NO_ID if (value := uuid_bytes(row[_ID])) is None else value for row in rows)
     header = bytes((len(offs),)) + _pack("I", offs)
     return EncodedBlock(ids=ids, correlations=correlations, body=header + b"".join(segments))
 
@@ -218,7 +216,7 @@ def _hex_uuid(raw: bytes) -> str:
 def _decode_segment(
     raw: bytes,
     ids: bytes,
-    correlations: Sequence[uuid.UUID],
+    correlations: Sequence[uuid.UUID | str],
     wanted: Iterable[int] | None,
     correlation: int | None,
 ) -> dict[int, tuple[Any, ...]]:
@@ -247,8 +245,13 @@ def _decode_segment(
     if correlation is not None:
         wanted = [i for i in range(c) if refs[i] == correlation]
     wanted = range(c) if wanted is None else list(wanted)
-    # Where each text starts: summed as needed for a row or two, all at once for more.
-    starts = list(itertools.accumulate(lengths, initial=texts_at)) if len(wanted) > 2 else None
+    # Where each text starts, and the deltas summed: as needed for a row or two, all at
+    # once for more.
+    many = len(wanted) > 2
+    starts = list(itertools.accumulate(lengths, initial=texts_at)) if many else None
+    stamps = list(itertools.accumulate(created)) if many else None
+    entry_ms = list(itertools.accumulate(ms)) if many else None
+    names = [raw[start:end].decode() for start, end in name_at] if many else None
 
     def text(column: int, i: int) -> str | None:
         if absent[i] >> column & 1:
@@ -258,6 +261,8 @@ def _decode_segment(
         return raw[start : start + lengths[k]].decode()
 
     def name(n: int) -> str:
+        if names is not None:
+            return names[n]
         start, end = name_at[n]
         return raw[start:end].decode()
 
@@ -275,8 +280,9 @@ def _decode_segment(
         event_id = text(0, i) if not absent[i] & 1 else _hex_uuid(ids[16 * i : 16 * i + 16])
         rows[i] = (
             event_id, name(v[i]), name(v[c + i]), text(4, i), corr, cause, v[5 * c + i],
-            text(3, i), _EPOCH + sum(created[: i + 1]) * _MICROSECOND, None,
-            sum(ms[: i + 1]), seqs[i],
+            text(3, i),
+            _EPOCH + (stamps[i] if stamps else sum(created[: i + 1])) * _MICROSECOND, None,
+            entry_ms[i] if entry_ms else sum(ms[: i + 1]), seqs[i],
         )  # fmt: skip
     return rows
 
@@ -288,12 +294,12 @@ def block_rows(ids: bytes) -> int:
 
 def decode_block(
     ids: bytes,
-    correlations: Sequence[uuid.UUID],
+    correlations: Sequence[uuid.UUID | str],
     body: bytes,
     decompress: Pack,
     *,
     positions: Iterable[int] | None = None,
-    correlation: uuid.UUID | None = None,
+    correlation: str | None = None,
 ) -> dict[int, tuple[Any, ...]]:
     """Rows of a block by position: all, those of ``positions``, or those correlated by
     ``correlation``, in ``EVENT_COLUMNS`` order with the stream left None for the caller.
@@ -307,9 +313,10 @@ def decode_block(
     bounds.append(len(body))
     ref = None
     if correlation is not None:
-        if correlation not in correlations:
+        texts = [str(value) for value in correlations]  # UUIDs as PostgreSQL gives them
+        if correlation not in texts:
             return {}
-        ref = correlations.index(correlation) + 1
+        ref = texts.index(correlation) + 1
     by_segment: dict[int, list[int] | None] = {}
     if positions is None:
         by_segment = dict.fromkeys(range((count + ROWS_PER_SEGMENT - 1) // ROWS_PER_SEGMENT))

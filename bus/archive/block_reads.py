@@ -8,13 +8,18 @@ the 16-row segments that hold them.
 
 from __future__ import annotations
 
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from bus.archive.block_codec import ROWS_PER_BLOCK, BlockDataError, canonical_uuid, decode_block
+from bus.archive.block_codec import (
+    ROWS_PER_BLOCK,
+    BlockDataError,
+    decode_block,
+    is_canonical,
+    uuid_bytes,
+)
 from bus.archive.block_writes import SPAN_MS, v7_window_ms
 from bus.archive.dictionaries import Dictionaries
 from bus.archive.errors import ArchiveDataError
@@ -97,7 +102,7 @@ def _decode(
     dicts: Dictionaries,
     block: Any,
     positions: Iterable[int] | None = None,
-    correlation: uuid.UUID | None = None,
+    correlation: str | None = None,
 ) -> dict[int, tuple[Any, ...]]:
     try:
         rows = decode_block(
@@ -136,9 +141,8 @@ async def get(conn: Any, dicts: Dictionaries, event_id: str) -> tuple[Any, ...] 
     ms = v7_window_ms(event_id)
     if ms is not None:
         low, high = _EPOCH + (ms - 1) * _MS, _EPOCH + (ms + 2) * _MS
-        wanted = canonical_uuid(event_id)
-        assert wanted is not None  # a v7 id is canonical
-        found = await _fetch(conn, dicts, _GET, wanted.bytes, low, high, *day_bounds(low, high))
+        wanted = uuid_bytes(event_id)  # a v7 id is canonical
+        found = await _fetch(conn, dicts, _GET, wanted, low, high, *day_bounds(low, high))
         if found:
             return _decode(dicts, found[0], [found[0]["pos"]])[found[0]["pos"]]
     odd = [(r["created_at"], r["loc"]) for r in await conn.fetch(_ODD, event_id, b"i")]
@@ -149,10 +153,9 @@ async def get(conn: Any, dicts: Dictionaries, event_id: str) -> tuple[Any, ...] 
 async def trace(conn: Any, dicts: Dictionaries, correlation_id: str) -> list[tuple[Any, ...]]:
     """The root event (id = correlation_id) and every event correlated with it, unordered."""
     found: dict[tuple[str, int, int], tuple[Any, ...]] = {}
-    corr = canonical_uuid(correlation_id)
-    if corr is not None:
-        for block in await _fetch(conn, dicts, _CORRELATED, corr):
-            for row in _decode(dicts, block, correlation=corr).values():
+    if is_canonical(correlation_id):
+        for block in await _fetch(conn, dicts, _CORRELATED, correlation_id):
+            for row in _decode(dicts, block, correlation=correlation_id).values():
                 if row[_CORR] == correlation_id:
                     found[row[_STREAM], row[_ENTRY_MS], row[_ENTRY_SEQ]] = row
     else:

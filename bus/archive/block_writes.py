@@ -25,9 +25,9 @@ from bus.archive.block_codec import (
     ROWS_PER_BLOCK,
     BlockDataError,
     Pack,
-    canonical_uuid,
     decode_block,
     encode_block,
+    is_canonical,
     micros,
 )
 from bus.archive.dictionaries import Dictionaries
@@ -86,10 +86,9 @@ def parse_entry(text: str) -> tuple[int, int]:
 
 def v7_window_ms(event_id: str) -> int | None:
     """The millisecond a UUIDv7 id names, or None for any other id."""
-    value = canonical_uuid(event_id)
-    if value is None or value.version != 7:
+    if not is_canonical(event_id) or event_id[14] != "7":
         return None
-    return value.int >> 80
+    return int(event_id[:8] + event_id[9:13], 16)
 
 
 def found_by_time(event_id: str, created_us: int) -> bool:
@@ -182,7 +181,7 @@ def _encode(
             heads.append((row[_CREATED], loc, kinds[row[_TYPE], row[_SOURCE]]))
             if not found_by_time(row[_ID], micros(row[_CREATED])):
                 odd.append((row[_CREATED], loc, b"i", row[_ID]))
-            if row[_CORR] is not None and canonical_uuid(row[_CORR]) is None:
+            if row[_CORR] is not None and not is_canonical(row[_CORR]):
                 odd.append((row[_CREATED], loc, b"c", row[_CORR]))
     return block_rows, heads, odd
 

@@ -371,7 +371,11 @@ def _print_archive(result: dict[str, Any]) -> None:
         f"archive delay at {lag['rate']:g}/s: p50 {lag['p50_ms']} ms, p95 {lag['p95_ms']} "
         f"ms, p99 {lag['p99_ms']} ms, max {lag['max_ms']} ms"
     )
-    click.echo(f"disk: {result['disk_bytes_per_million'] / 1024**2:.0f} MiB per million events")
+    per_million = result["disk_bytes_per_million"]
+    click.echo(
+        f"disk: {per_million / 1e6:.1f} bytes per event ({per_million / 1024**2:.0f} MiB per "
+        f"million events; a day at 1,000 events/s: {per_million * 86.4 / 1e9:.1f} GB)"
+    )
     click.echo(
         f"replay: {result['replay_from_redis']['events_per_s']} events/s from Redis, "
         f"{result['replay_from_postgres']['events_per_s']} events/s from PostgreSQL"

@@ -84,7 +84,7 @@ class TestCodec:
         block = encode_block(rows, PLAIN_COMPRESS)
         assert block.body[0] == 2  # 32 rows: two segments of 16
         assert block.ids[:32] == bytes(32)  # not canonical: in the body
-        assert block.correlations == [uuid.UUID(root)]
+        assert block.correlations == [root]
         back = decode_block(block.ids, block.correlations, block.body, PLAIN_DECOMPRESS)
         assert [back[n] for n in range(32)] == [(*r[:9], None, *r[10:]) for r in rows]
         some = decode_block(
@@ -92,7 +92,7 @@ class TestCodec:
         )
         assert some == {3: back[3], 20: back[20]}
         chain = decode_block(
-            block.ids, block.correlations, block.body, PLAIN_DECOMPRESS, correlation=uuid.UUID(root)
+            block.ids, block.correlations, block.body, PLAIN_DECOMPRESS, correlation=root
         )
         assert chain == {1: back[1], 2: back[2]}
 
