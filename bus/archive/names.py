@@ -39,16 +39,19 @@ ON CONFLICT DO NOTHING
 # No parameters. Returns every kind.
 _ALL = "SELECT id, type, source FROM event_kinds"
 _ROOM = 65_535  # smallint numbers from -32767 to 32767
+_MATCHES_KEPT = 1024  # matching() results kept until the kinds are read again
 
 
 class Kinds:
     """The numbering of (type, source) pairs, cached for writing."""
 
-    __slots__ = ("_ids", "_known")
+    __slots__ = ("_ids", "_known", "_matched")
 
     def __init__(self) -> None:
         self._ids: dict[Kind, int] = {}
         self._known: list[tuple[int, str, str]] = []
+        # (patterns, source): what matching() found among the known kinds
+        self._matched: dict[tuple[tuple[str, ...], str | None], tuple[list[int], bool]] = {}
 
     async def number(self, conn: Any, kinds: Iterable[Kind]) -> dict[Kind, int]:
         """The number of each pair, numbering those never seen (outside any transaction
@@ -71,12 +74,16 @@ class Kinds:
     async def refresh(self, conn: Any) -> None:
         """Read every kind afresh (other writers number kinds too)."""
         self._known = [(row["id"], row["type"], row["source"]) for row in await conn.fetch(_ALL)]
+        self._matched = {}
 
     def matching(self, patterns: Iterable[Pattern], source: str | None) -> tuple[list[int], bool]:
         """The numbers of the known kinds whose type matches one of ``patterns`` (none:
         any) and whose source is ``source`` (None: any); and whether :data:`OTHER` is
         among them (the numbering is full: then records need checking)."""
         patterns = list(patterns)
+        key = (tuple(p.text for p in patterns), source)
+        if (cached := self._matched.get(key)) is not None:
+            return list(cached[0]), cached[1]
         found = [
             kind
             for kind, type_, kind_source in self._known
@@ -84,7 +91,11 @@ class Kinds:
             and (not patterns or any(p.matches(type_) for p in patterns))
         ]
         full = len(self._known) >= _ROOM
-        return sorted(found) + ([OTHER] if full else []), full
+        result = sorted(found) + ([OTHER] if full else []), full
+        if len(self._matched) >= _MATCHES_KEPT:
+            self._matched.clear()  # many distinct queries: start over rather than grow
+        self._matched[key] = result
+        return list(result[0]), full
 
     async def _load(self, conn: Any, kinds: list[Kind]) -> None:
         types, sources = zip(*kinds, strict=True)

@@ -211,6 +211,22 @@ class TestStore:
         big, _ = await store.query(where={"total": {"gte": 50}})
         assert [e.id for e in big] == [rows[1][0], rows[2][0]]
 
+    async def test_a_reader_finds_kinds_another_writer_numbered_after_its_first_query(
+        self, store: ArchiveStore, postgres_server: PostgresServer
+    ) -> None:
+        """A reader that already asked for a type and a source (and found nothing) finds
+        their events once another archiver has stored them: what it matched is not kept
+        past a change of the kinds."""
+        async with await ArchiveStore.connect(postgres_server.dsn) as reader:
+            for _ in range(2):  # asked twice: the answer would be kept if anything is
+                assert await reader.query(types=["orders.refund.#"]) == ([], None)
+                assert await reader.query(source="refunder") == ([], None)
+            rows = [record(type="orders.refund.issued", source="refunder")]
+            await store.insert_records(rows)
+            by_type, _ = await reader.query(types=["orders.refund.#"])
+            by_source, _ = await reader.query(source="refunder")
+        assert [e.id for e in by_type] == [e.id for e in by_source] == [rows[0][0]]
+
     async def test_kinds_beyond_the_numbering_are_still_stored_and_found(
         self, store: ArchiveStore, postgres_server: PostgresServer
     ) -> None:
