@@ -143,6 +143,13 @@ class ArchiveSettings(ConfigModel):
 
     batch_size: int = Field(2000, ge=1, le=100_000, description="events per insert")
     batch_wait: float = Field(0.2, gt=0, description="seconds a partial batch waits")
+    fill_wait: float = Field(
+        1.0,
+        ge=0,
+        description="seconds the last events of a stream, short of a full archive block (32), "
+        "may wait for more before they are stored: full blocks take a fraction of the disk "
+        "of small ones; 0 stores every read at once",
+    )
     retention_days: int = Field(7, ge=1, description="days of events kept in PostgreSQL")
     partitions_ahead: int = Field(3, ge=1, description="daily partitions created in advance")
     hot_window: float = Field(

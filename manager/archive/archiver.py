@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bus import EventType
+from bus.archive.block_codec import ROWS_PER_BLOCK
 from bus.archive.errors import ArchiveDataError, ArchiveError, ArchiveUnavailableError
 from bus.archive.store import ArchiveStore
 from bus.backoff import REDIS_RETRY, Backoff
@@ -43,6 +44,7 @@ from manager.archive.batch import (
     refusal,
     set_aside_too_old,
 )
+from manager.archive.filling import Filling
 from manager.archive.group_reader import GroupReader
 from manager.archive.retention import cutoff_day
 from manager.config import ArchiveSettings
@@ -135,12 +137,24 @@ class Archiver:
         """
         await self._drain_pending()
         batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=_AHEAD)
+        # Anything held from a run before is pending, and the drain above stored it.
+        filling = Filling(
+            ROWS_PER_BLOCK,
+            self._settings.fill_wait,
+            exempt=frozenset({self._keys.dead_letters()}),
+        )
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._write_loop(batches))
             while True:
                 raise_swallowed_cancel()  # redis-py on 3.11 can drop a cancel mid-command
                 await self._reader.discover()
-                entries = await self._reader.read()
+                due = filling.next_due()
+                wait = (
+                    self._settings.batch_wait
+                    if due is None
+                    else min(due, self._settings.batch_wait)
+                )
+                entries = filling.take(await self._reader.read(wait=wait))
                 if entries:
                     await batches.put(decode_batch(entries, self._keys, self._max_data_bytes))
                 if time.monotonic() - self._claimed_at >= self._settings.claim_idle / 2:

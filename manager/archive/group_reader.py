@@ -87,23 +87,27 @@ class GroupReader:
         if await ensure_group(self._redis, stream, ARCHIVER_GROUP, "0"):
             log.info("archiving a new stream", stream=stream)
 
-    async def read(self, ids: dict[str, str] | None = None) -> Entries:
-        """One batch: new entries (up to batch_size, waiting at most batch_wait for the
-        first), or with ``ids`` our pending ones after those ids, per stream."""
+    async def read(
+        self, ids: dict[str, str] | None = None, *, wait: float | None = None
+    ) -> Entries:
+        """One batch: new entries (up to batch_size, waiting at most ``wait`` seconds,
+        batch_wait by default, for the first), or with ``ids`` our pending ones after those
+        ids, per stream."""
+        wait = self._settings.batch_wait if wait is None else wait
         if not self.streams:
             await self.discover(force=True)
         positions: Any = ids if ids is not None else dict.fromkeys(self.streams, ">")
         response: Any
         try:
             if self._cluster:
-                response = await self._read_each(positions, waiting=ids is None)
+                response = await self._read_each(positions, wait=None if ids is not None else wait)
             else:
                 response = await self._client.xreadgroup(
                     ARCHIVER_GROUP,
                     self.consumer,
                     positions,
                     count=self._settings.batch_size,
-                    block=None if ids is not None else int(self._settings.batch_wait * 1000),
+                    block=None if ids is not None else max(1, int(wait * 1000)),
                 )
         except Exception as exc:
             if is_nogroup(exc):  # Redis lost a stream or our group: join again
@@ -121,10 +125,10 @@ class GroupReader:
             if rows
         ]
 
-    async def _read_each(self, positions: dict[str, str], *, waiting: bool) -> list[Any]:
+    async def _read_each(self, positions: dict[str, str], *, wait: float | None) -> list[Any]:
         """:meth:`read` on a cluster, where one XREADGROUP cannot span the streams' slots:
         one per stream, all at once, none blocking (a blocked one would hold the batch back
-        from the others); when all come back empty, it waits ``batch_wait`` before the
+        from the others); when all come back empty, it waits ``wait`` (if any) before the
         next round, as a blocking read would."""
         count = max(1, self._settings.batch_size // max(1, len(positions)))
         replies = await asyncio.gather(
@@ -142,8 +146,8 @@ class GroupReader:
                 raise reply
             streams: Any = reply.items() if isinstance(reply, dict) else reply or []
             found += [(stream, rows) for stream, rows in streams if rows]
-        if not found and waiting:
-            await asyncio.sleep(self._settings.batch_wait)
+        if not found and wait is not None:
+            await asyncio.sleep(wait)
         return found
 
     async def claim(self, min_idle: float) -> tuple[Entries, list[tuple[str, list[str]]]]:
