@@ -371,10 +371,11 @@ def _print_archive(result: dict[str, Any]) -> None:
         f"archive delay at {lag['rate']:g}/s: p50 {lag['p50_ms']} ms, p95 {lag['p95_ms']} "
         f"ms, p99 {lag['p99_ms']} ms, max {lag['max_ms']} ms"
     )
-    per_million = result["disk_bytes_per_million"]
+    per_million, at_rate = result["disk_bytes_per_million"], result["disk_bytes_per_event_at_rate"]
     click.echo(
-        f"disk: {per_million / 1e6:.1f} bytes per event ({per_million / 1024**2:.0f} MiB per "
-        f"million events; a day at 1,000 events/s: {per_million * 86.4 / 1e9:.1f} GB)"
+        f"disk: {per_million / 1e6:.1f} bytes per event over all ({per_million / 1024**2:.0f} "
+        f"MiB per million events); {at_rate:.1f} bytes per event of those published at "
+        f"{lag['rate']:g}/s (a day at 1,000 events/s: {at_rate * 86_400_000 / 1e9:.1f} GB)"
     )
     click.echo(
         f"replay: {result['replay_from_redis']['events_per_s']} events/s from Redis, "

@@ -11,6 +11,7 @@ import structlog
 from click.testing import CliRunner
 
 from bus.archive.store import ArchiveStore
+from manager.bench.archive_bench import run_archive_bench
 from manager.bench.command import bench
 from manager.bench.database import with_database
 from manager.bench.options import BenchError, BenchOptions, Roles
@@ -391,3 +392,22 @@ class TestCommand:
         assert set(out) >= PROMISED_KEYS
         assert (out["lost"], out["duplicated"]) == (0, 0)
         assert out["baseline_events_per_s"] is None
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.one_redis
+class TestArchiveBench:
+    async def test_short_run_reports_throughput_delay_disk_and_replay(self) -> None:
+        """bench-archive on its own private servers: every figure the README quotes is
+        there, the disk per event of the steady-rate events included, and replay from
+        PostgreSQL gives back every event once Redis is trimmed."""
+        out = await run_archive_bench(2000, rate=500, duration=2.0, echo=lambda _: None)
+        assert out["archiver"]["events_per_s"] > 0
+        lag = out["archive_delay_at_rate"]
+        assert lag["events"] == 1000
+        assert 0 < lag["p50_ms"] <= lag["p95_ms"] <= lag["p99_ms"] <= lag["max_ms"]
+        assert 0 < out["disk_bytes_per_event_at_rate"] < 2000
+        assert 0 < out["disk_bytes_per_million"] < 2000 * 1_000_000
+        assert out["replay_from_postgres"]["events"] == 3000
