@@ -179,6 +179,7 @@ def heads_sql(
     until: datetime | None,
     bound: tuple[str, datetime] | None,
     limit: int,
+    by_time: bool = False,
 ) -> tuple[str, list[Any]]:
     """The statement selecting heads (``created_at, loc``) by created_at, and its
     arguments: kinds among ``kind_ids`` (None: any), ``since`` inclusive, ``until``
@@ -186,7 +187,9 @@ def heads_sql(
 
     One kind is an ordered scan of (kind_id, created_at); a few are one such scan each,
     merged (``UNION ALL`` under ``ORDER BY``: a Merge Append reading each only as far as
-    needed); PostgreSQL 15 scans no index in order for ``kind_id = ANY(...)``.
+    needed); PostgreSQL 15 scans no index in order for ``kind_id = ANY(...)``. Many kinds,
+    or ``by_time`` (they are common: bus.archive.kind_shares), are one scan by time that
+    keeps the heads of those kinds.
     """
     args: list[Any] = []
 
@@ -202,7 +205,7 @@ def heads_sql(
     if bound is not None:
         times.append(f"created_at {bound[0]} {param(bound[1])}")
     end = f" ORDER BY created_at LIMIT {param(limit)}"  # the last parameter: the limit
-    if kind_ids is not None and 1 < len(kind_ids) <= MERGED_KINDS:
+    if kind_ids is not None and 1 < len(kind_ids) <= MERGED_KINDS and not by_time:
         each = [
             f"(SELECT created_at, loc FROM event_heads"
             f" WHERE {' AND '.join([f'kind_id = {param(kind)}', *times])}{end})"

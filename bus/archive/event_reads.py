@@ -16,6 +16,7 @@ from typing import Any
 from bus.archive import block_reads, legacy_reads, partitions
 from bus.archive.block_reads import heads_sql
 from bus.archive.dictionaries import Dictionaries
+from bus.archive.kind_shares import KindShares
 from bus.archive.names import Kinds
 from bus.archive.queries import EventSelect
 from bus.patterns import Pattern
@@ -69,6 +70,7 @@ class EventReads:
     def __init__(self, kinds: Kinds, dicts: Dictionaries) -> None:
         self._dicts = dicts
         self._kinds = kinds
+        self._shares = KindShares()
         self._legacy = True
         self._legacy_checked = -_LEGACY_CHECK_S
 
@@ -136,6 +138,8 @@ class EventReads:
         if patterns or source is not None:
             kind_ids, approximate = self._kinds.matching(patterns, source)
             kinds = self._kinds.known
+            if len(kind_ids) > 1:
+                await self._shares.refresh(conn, kinds)
 
         # The heads find exactly the kinds asked for, unless some were given OTHER (no
         # number left): then each record is checked.
@@ -148,7 +152,10 @@ class EventReads:
 
         def select(bound: tuple[str, datetime] | None, limit: int) -> tuple[str, list[Any]]:
             # No kind matches: an empty choice still runs, to learn the count of kinds.
-            return heads_sql(kind_ids, since=since, until=until, bound=bound, limit=limit)
+            by_time = kind_ids is not None and self._shares.by_time(kind_ids, limit)
+            return heads_sql(
+                kind_ids, since=since, until=until, bound=bound, limit=limit, by_time=by_time
+            )
 
         start = after[0] if after is not None else None
         blocks = block_reads.scan(

@@ -22,6 +22,7 @@ from bus.archive.block_codec import BlockDataError, decode_block, encode_block
 from bus.archive.dictionaries import PLAIN_COMPRESS, PLAIN_DECOMPRESS, TRAIN_SEGMENTS
 from bus.archive.errors import ArchiveDataError
 from bus.archive.inserts import stream_heads, write_events
+from bus.archive.kind_shares import KindShares
 from bus.archive.partitions import create_partitions
 from bus.archive.rows import event_record
 from bus.event import Event, new_event_id
@@ -226,6 +227,50 @@ class TestStore:
             by_type, _ = await reader.query(types=["orders.refund.#"])
             by_source, _ = await reader.query(source="refunder")
         assert [e.id for e in by_type] == [e.id for e in by_source] == [rows[0][0]]
+
+    async def test_common_kinds_read_by_time_and_rare_ones_merged_give_the_same_pages(
+        self, store: ArchiveStore, postgres_server: PostgresServer
+    ) -> None:
+        """Once ANALYZE has counted the kinds, a pattern over six common kinds is read by
+        time (every head, keeping its kinds) and one over two rare kinds by merging each
+        kind's heads: both give exactly the matching events, in order, page after page."""
+        rows = [
+            record(
+                at=DAY + timedelta(milliseconds=n // 2),  # pairs of equal timestamps
+                type=("orders.order.placed", "orders.order.paid", "orders.order.sent")[n % 3],
+                source=("shop", "till")[n // 3 % 2],
+            )
+            for n in range(600)
+        ]
+        rows += [
+            record(at=DAY + timedelta(milliseconds=n * 100), type="users.user.gone", source=s)
+            for n, s in enumerate(("shop", "till"))
+        ]
+        await store.insert_records(rows)
+        conn = await asyncpg.connect(postgres_server.dsn)
+        try:
+            await conn.execute("ANALYZE event_heads")
+            kinds = {
+                (r["type"], r["source"]): r["id"]
+                for r in await conn.fetch("SELECT id, type, source FROM event_kinds")
+            }
+            shares = KindShares()
+            await shares.refresh(conn, len(kinds))
+        finally:
+            await conn.close()
+        orders = [i for (t, _), i in kinds.items() if t.startswith("orders.")]
+        gone = [i for (t, _), i in kinds.items() if t == "users.user.gone"]
+        assert (len(orders), len(gone)) == (6, 2)
+        assert shares.by_time(orders, 103) and not shares.by_time(gone, 103)
+        for pattern in ("orders.#", "users.#"):
+            expected = sorted(
+                (r for r in rows if r[1].startswith(pattern[:-1])), key=lambda r: (r[8], r[0])
+            )
+            found, cursor = await store.query(types=[pattern], limit=100)
+            while cursor is not None:
+                more, cursor = await store.query(types=[pattern], limit=100, after=cursor)
+                found += more
+            assert [e.id for e in found] == [r[0] for r in expected]
 
     async def test_kinds_beyond_the_numbering_are_still_stored_and_found(
         self, store: ArchiveStore, postgres_server: PostgresServer
