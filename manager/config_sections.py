@@ -188,6 +188,15 @@ class ArchiveSettings(ConfigModel):
         "takes it over (that archiver died)",
     )
 
+    @model_validator(mode="after")
+    def _fill_before_claim(self) -> ArchiveSettings:
+        if self.fill_wait * 2 > self.claim_idle:
+            raise ValueError(
+                "fill_wait must be at most half of claim_idle: events held for a full block "
+                "would be taken over by another archiver as if this one had died"
+            )
+        return self
+
 
 class AuditSettings(ConfigModel):
     """The record of operator actions (``multibot audit``) and of what each group did with

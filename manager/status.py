@@ -149,6 +149,9 @@ class ArchiveStatus(_Status):
     skipped: int = Field(0, description="entries that are not events (set aside)")
     unarchivable: int = Field(0, description="events the archive refused (set aside)")
     too_old: int = Field(0, description="of the unarchivable: older than retention_days")
+    held: int = Field(
+        0, description="events read and held back for a full block (archive.fill_wait)"
+    )
 
 
 class ManagerInfo(_Status):

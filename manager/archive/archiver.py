@@ -87,6 +87,8 @@ class Archiver:
         self._backoff = Backoff(0.2, 30.0)
         self._failing_since = 0.0
         self._announced = False
+        #: The entries held back for full blocks (of the current run).
+        self._filling: Filling | None = None
         #: Entries whose dead letter Redis refused: not acked, tried again each batch.
         self._unsettled: list[Reject] = []
         #: Whether the last write to PostgreSQL worked (for health checks).
@@ -138,7 +140,7 @@ class Archiver:
         await self._drain_pending()
         batches: asyncio.Queue[Batch] = asyncio.Queue(maxsize=_AHEAD)
         # Anything held from a run before is pending, and the drain above stored it.
-        filling = Filling(
+        filling = self._filling = Filling(
             ROWS_PER_BLOCK,
             self._settings.fill_wait,
             exempt=frozenset({self._keys.dead_letters()}),
@@ -363,7 +365,12 @@ class Archiver:
 
     def status(self) -> ArchiveStatus:
         """Health and counters, for status and /healthz."""
-        return ArchiveStatus(healthy=self.healthy, last_error=self.last_error, **self.stats)
+        return ArchiveStatus(
+            healthy=self.healthy,
+            last_error=self.last_error,
+            held=self._filling.held if self._filling is not None else 0,
+            **self.stats,
+        )
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else f"failing ({self.last_error})"

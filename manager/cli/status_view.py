@@ -189,6 +189,8 @@ class _View:
             line.append(f"failing: {archive.last_error}", self.style("red"))
         line.append(f"  {archive.archived} events, "
                     f"{archive.dead_letters} dead letters archived this run")  # fmt: skip
+        if archive.held:
+            line.append(f", {archive.held} held for a full block")
         return line
 
     def bots_table(self, bots: Sequence[BotStatus], stale_after: float) -> Table:

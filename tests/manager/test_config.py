@@ -203,6 +203,16 @@ class TestErrors:
         assert "  shape: unknown setting" in message
         assert "`multibot config check`" in message
 
+    def test_a_fill_wait_another_archiver_would_take_for_death_is_refused(
+        self, tmp_path: Path
+    ) -> None:
+        """Events held for a full block longer than half of claim_idle would be taken
+        over by another archiver: the config says so instead of starting."""
+        path = write(tmp_path, "[archive]\nfill_wait = 40.0\nclaim_idle = 60.0\n")
+        (error,) = errors_of(path)
+        assert "fill_wait must be at most half of claim_idle" in error
+        assert load_config(write(tmp_path, "[archive]\nfill_wait = 30.0\n")).archive.fill_wait == 30
+
     def test_one_error_is_singular(self, tmp_path: Path) -> None:
         """A single problem is counted as "1 error"."""
         with pytest.raises(ConfigError, match=r"is invalid \(1 error\):"):

@@ -282,6 +282,7 @@ class TestArchiveLine:
         for archive, expected in (
             ({"healthy": True, "archived": 12, "dead_letters": 1}, "archive ok  12 events"),
             ({"healthy": False, "last_error": "OSError: refused"}, "failing: OSError: refused"),
+            ({"healthy": True, "archived": 40, "held": 8}, "archived this run, 8 held for a full"),
         ):
             out = io.StringIO()
             status = ManagerStatus.model_validate(make_status() | {"archive": archive})
