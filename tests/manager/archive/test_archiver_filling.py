@@ -7,6 +7,8 @@ promises (blocks of 32, not a block per read of a few), and no held entry is eve
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg  # type: ignore[import-untyped]  # ships no type hints
 import pytest
 from redis.asyncio import Redis
@@ -112,7 +114,7 @@ class TestArchiverFillsBlocks:
         """An archiver stopped while it holds 8 entries back (read, not stored, not acked)
         loses none: the next one stores them, each once."""
         producer = await bus_factory("producer")
-        first = make_archiver(admin, link, fill_wait=3600.0)
+        first = make_archiver(admin, link, fill_wait=1800.0, claim_idle=3600.0)
         async with archiving(first) as task:
             for n in range(40):
                 await producer.publish("user.note.added", {"n": n})
@@ -139,11 +141,11 @@ async def _pending(redis: Redis, n: int) -> bool:
 async def _all_read(redis: Redis) -> bool:
     """Whether the archiver group has read the user stream's last entry."""
     stream = KEYS.stream("user")
-    last = await redis.xrevrange(stream, count=1)
-    groups = await redis.xinfo_groups(stream) if last else []
+    last: Any = await redis.xrevrange(stream, count=1)
+    groups: Any = await redis.xinfo_groups(stream) if last else []
     read = [
         g["last-delivered-id"]
         for g in groups
         if g["name"] in (ARCHIVER_GROUP, ARCHIVER_GROUP.encode())
     ]
-    return bool(read) and read[0] in (last[0][0],)
+    return bool(read) and read[0] == last[0][0]
