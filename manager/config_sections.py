@@ -190,12 +190,18 @@ class ArchiveSettings(ConfigModel):
 
     @model_validator(mode="after")
     def _fill_before_claim(self) -> ArchiveSettings:
-        if self.fill_wait * 2 > self.claim_idle:
+        if "fill_wait" in self.model_fields_set and self.fill_wait * 2 > self.claim_idle:
             raise ValueError(
                 "fill_wait must be at most half of claim_idle: events held for a full block "
                 "would be taken over by another archiver as if this one had died"
             )
         return self
+
+    @property
+    def held_for_blocks(self) -> float:
+        """How long the archiver holds events for a full block: ``fill_wait``, but never
+        more than half of ``claim_idle`` (a default fill_wait under a short claim_idle)."""
+        return min(self.fill_wait, self.claim_idle / 2)
 
 
 class AuditSettings(ConfigModel):

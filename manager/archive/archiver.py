@@ -142,7 +142,7 @@ class Archiver:
         # Anything held from a run before is pending, and the drain above stored it.
         filling = self._filling = Filling(
             ROWS_PER_BLOCK,
-            self._settings.fill_wait,
+            self._settings.held_for_blocks,
             exempt=frozenset({self._keys.dead_letters()}),
         )
         async with asyncio.TaskGroup() as tg:

@@ -212,6 +212,8 @@ class TestErrors:
         (error,) = errors_of(path)
         assert "fill_wait must be at most half of claim_idle" in error
         assert load_config(write(tmp_path, "[archive]\nfill_wait = 30.0\n")).archive.fill_wait == 30
+        short = load_config(write(tmp_path, "[archive]\nclaim_idle = 1.0\n")).archive
+        assert short.held_for_blocks == 0.5  # the default fill_wait gives way
 
     def test_one_error_is_singular(self, tmp_path: Path) -> None:
         """A single problem is counted as "1 error"."""
