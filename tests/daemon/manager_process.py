@@ -101,6 +101,9 @@ class ManagerProcess:
             **os.environ,
             "MULTIBOT_API__PORT": "0",
             "MULTIBOT_SUPERVISOR__BOT_USER": "",
+            # Events reach the archive without the hold for full blocks (a second each
+            # time a test waits for them); the hold has tests of its own.
+            "MULTIBOT_ARCHIVE__FILL_WAIT": "0.05",
             **(environ or {}),
         }
         #: The manager's working directory, where its bots start.

@@ -38,8 +38,15 @@ TYPES = (
 )
 
 
+#: How long the tests' archivers hold a stream's last events for a full block: the hold
+#: itself is tested in test_archiver_filling; elsewhere a second per wait adds up.
+TEST_FILL_WAIT = 0.05
+
+
 def make_archiver(admin: Redis, link: ArchiveLink, **settings: Any) -> Archiver:
-    """An archiver of the default namespace, with default settings but ``settings``."""
+    """An archiver of the default namespace, with default settings but ``settings`` (and
+    a short ``fill_wait`` unless given)."""
+    settings.setdefault("fill_wait", TEST_FILL_WAIT)
     return Archiver(admin, KEYS, ArchiveSettings(**settings), link.get)
 
 

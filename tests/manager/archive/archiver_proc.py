@@ -29,10 +29,12 @@ async def _archive(redis_url: str, dsn: str, batch_size: int, consumer: list[str
     keys = Keys()
     redis = connect(BusSettings(redis_url=redis_url), client_name="archiver-proc")
     link = ArchiveLink(dsn, keys)
-    settings = ArchiveSettings(batch_size=batch_size)
+    settings = ArchiveSettings(batch_size=batch_size, fill_wait=0.05)
     named: dict[str, Any] = {}
     if consumer:
-        settings = ArchiveSettings(batch_size=batch_size, claim_idle=float(consumer[1]))
+        settings = ArchiveSettings(
+            batch_size=batch_size, claim_idle=float(consumer[1]), fill_wait=0.05
+        )
         named = {"consumer": consumer[0], "leave_on_stop": True}
     archiver = Archiver(redis, keys, settings, link.get, **named)
     try:

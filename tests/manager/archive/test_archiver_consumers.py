@@ -65,7 +65,7 @@ class TestSeveralArchivers:
         await admin.xdel(stream, entry_id)  # trimmed while it was pending
 
         archiver = Archiver(
-            admin, KEYS, ArchiveSettings(claim_idle=0.3), link.get,
+            admin, KEYS, ArchiveSettings(claim_idle=0.3, fill_wait=0.05), link.get,
             consumer="archiver-b", leave_on_stop=True,
         )  # fmt: skip
         async with archiving(archiver) as task:

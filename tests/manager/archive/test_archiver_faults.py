@@ -106,7 +106,8 @@ class TestHostileBytes:
         fields = {"type": "user.note.added", "source": "cli", "data": huge}
         hostile_id = await admin.xadd(KEYS.stream("user"), fields)  # type: ignore[arg-type]
         good += await publish(producer, 3, start=3)
-        archiver = Archiver(admin, KEYS, ArchiveSettings(), link.get, max_data_bytes=limit)
+        settings = ArchiveSettings(fill_wait=0.05)
+        archiver = Archiver(admin, KEYS, settings, link.get, max_data_bytes=limit)
         archive = await link.get()
         async with archiving(archiver) as task:
             await wait_until(lambda: archived(archive, len(good), running(task)), what="events")

@@ -21,7 +21,9 @@ from manager.embedded.postgres_server import PostgresServer
 from tests.support import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
-FAST = ArchiveSettings(batch_wait=0.02, hot_window=0, trim_interval=0.02, batch_size=50)
+FAST = ArchiveSettings(
+    batch_wait=0.02, hot_window=0, trim_interval=0.02, batch_size=50, fill_wait=0.05
+)
 
 
 @contextlib.asynccontextmanager
