@@ -98,23 +98,43 @@ def found_by_time(event_id: str, created_us: int) -> bool:
     return ms is not None and ms - 1 <= created_us // 1000 <= ms + 1
 
 
-def cut(stream: str, rows: list[tuple[Any, ...]]) -> list[Cut]:
-    """A stream's rows (entry order) in blocks: at most 32 rows, one day, SPAN_MS."""
-    blocks: list[Cut] = []
+def _windows(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """A stream's rows (entry order) in runs of one UTC day spanning at most SPAN_MS."""
+    windows: list[list[tuple[Any, ...]]] = []
     current: list[tuple[Any, ...]] = []
     day: date | None = None
     for row in rows:
         row_day = day_of(row[_CREATED])
-        if current and (
-            len(current) == ROWS_PER_BLOCK or row_day != day or row[_MS] - current[0][_MS] > SPAN_MS
-        ):
-            blocks.append(Cut(stream, current))
+        if current and (row_day != day or row[_MS] - current[0][_MS] > SPAN_MS):
+            windows.append(current)
             current = []
         if not current:
             day = row_day
         current.append(row)
     if current:
-        blocks.append(Cut(stream, current))
+        windows.append(current)
+    return windows
+
+
+def _entry(row: tuple[Any, ...]) -> tuple[int, int]:
+    return row[_MS], row[_SEQ]
+
+
+def cut(stream: str, rows: list[tuple[Any, ...]]) -> list[Cut]:
+    """A stream's rows (entry order) in blocks of at most 32 rows, one day and SPAN_MS.
+
+    Within each such run the rows are grouped by source and type before they are cut, so
+    the events of one source (and of one type) share blocks: a query by source or type
+    then inflates a few blocks, not one per event. Each block keeps its rows in entry
+    order; blocks of one run interleave in entry order, which replay reads (by each
+    block's first entry) as it reads the batches of two archivers.
+    """
+    blocks: list[Cut] = []
+    for window in _windows(rows):
+        grouped = sorted(window, key=lambda row: (row[_SOURCE], row[_TYPE]))  # stable
+        for start in range(0, len(grouped), ROWS_PER_BLOCK):
+            part = sorted(grouped[start : start + ROWS_PER_BLOCK], key=_entry)
+            blocks.append(Cut(stream, part))
     return blocks
 
 
