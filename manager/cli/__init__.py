@@ -36,8 +36,8 @@ COMMANDS = {
               "latency, losses, duplicates, RSS."),
     "bench-manager": ("manager.bench.command:bench_manager", "Measure the manager on the default "
                       "config: start to READY, memory, restart, failover."),
-    "bench-archive": ("manager.bench.command:bench_archive", "Measure the PostgreSQL archive: "
-                      "throughput, delay at a rate, disk use, replay speed."),
+    "bench-archive": ("manager.bench.archive_command:bench_archive", "Measure the PostgreSQL "
+                      "archive: throughput, delay at a rate, disk use, replay speed."),
     "bench-api": ("manager.bench.command:bench_api", "Measure the HTTP API: events/s accepted by "
                   "POST /v1/events, latency, manager RSS."),
     "soak": ("manager.soak.command:soak", "Soak a real manager under load and faults; reconcile "

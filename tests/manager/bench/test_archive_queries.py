@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from bus.event import Event
+from manager.bench.archive_command import bench_archive
 from manager.bench.archive_queries import (
     QUERIES,
     Args,
@@ -19,7 +20,6 @@ from manager.bench.archive_queries import (
     compare_layouts,
     comparison_lines,
 )
-from manager.bench.command import bench_archive
 from manager.embedded.postgres_server import PostgresServer
 
 NAMES = {"get", "trace", "type_hour", "rare_type_day", "pattern_hour", "source_hour",
