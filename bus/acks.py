@@ -1,5 +1,5 @@
 """Acks of one consumer, collected and sent in batches (one XACK per stream per flush),
-each flush preceded by the delivery records that wait (:mod:`bus.delivery_records`)."""
+each flush with the delivery records that wait (:mod:`bus.delivery_records`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import asyncio
 from collections import defaultdict
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from bus.connection import is_cluster
 from bus.delivery_records import DeliveryRecords
 from bus.metrics import GroupMetrics
 
@@ -37,6 +39,9 @@ class AckBatcher:
         self.acked = 0
         #: Flushes under way: their acks are neither waiting nor sent yet.
         self._flushing = 0
+        # Records and acks go in one transaction when they can: on the same Redis, and not
+        # a cluster (the outbox and the streams sit in different hash slots).
+        self._together = records is not None and records.redis is redis and not is_cluster(redis)
 
     def add(self, stream: str, entry_id: str, event_type: str | None = None) -> None:
         """Queue an entry for the next flush; with ``event_type``, count it as handled."""
@@ -53,26 +58,22 @@ class AckBatcher:
         return bool(self._acks) or bool(self._records) or self._flushing > 0
 
     async def flush(self) -> None:
-        """Send the delivery records, then the queued acks; on failure keep both (in
-        order) for the next flush."""
+        """Send the delivery records with the queued acks; on failure keep both (in order)
+        for the next flush."""
         self.wakeup.clear()
-        # Taken before the records are written: every ack taken has its record among the
-        # ones waiting now (a record is kept before its entry's ack is queued).
+        # Taken before the records are: every ack taken has its record among the ones
+        # waiting now (a record is kept before its entry's ack is queued).
         batch, self._acks = self._acks, defaultdict(list)
         metered_ids, metered_types = self._metered_ids, self._metered_types
         self._metered_ids, self._metered_types = [], []
         self._flushing += 1
         try:
-            if self._records:
-                await self._records.flush()  # first: an entry acked always has its record
-            if len(batch) == 1:  # the common case: one XACK, no pipeline overhead
-                ((stream, ids),) = batch.items()
-                await self._redis.xack(stream, self._group, *ids)
-            elif batch:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for stream, ids in batch.items():
-                        pipe.xack(stream, self._group, *ids)
-                    await pipe.execute()
+            if self._records and self._together:
+                await self._send_together(self._records, batch)
+            else:
+                if self._records:
+                    await self._records.flush()  # first: an entry acked always has its record
+                await self._send_acks(batch)
         except BaseException:
             for stream, ids in batch.items():
                 self._acks[stream][:0] = ids
@@ -84,6 +85,45 @@ class AckBatcher:
         self.acked += sum(len(ids) for ids in batch.values())
         if metered_ids and self._meter is not None:
             self._meter.acked(metered_types, metered_ids)
+
+    async def _send_together(self, records: DeliveryRecords, batch: dict[str, list[str]]) -> None:
+        """The records and the acks in one MULTI/EXEC: a consumer killed mid-flush leaves
+        both or neither, never an outcome recorded for an entry still pending (which would
+        be handled and recorded again). A transaction Redis refuses outright (out of memory
+        refuses the XADD, so the whole of it) drops the records and sends the acks alone."""
+        chunks = records.take()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for chunk in chunks:
+                    records.queue(pipe, chunk)
+                for stream, ids in batch.items():
+                    pipe.xack(stream, self._group, *ids)
+                results = await pipe.execute(raise_on_error=False)
+        except ResponseError as exc:
+            records.refused(chunks, exc)
+            await self._send_acks(batch)
+            return
+        except BaseException:
+            records.put_back(chunks)
+            raise
+        for chunk, result in zip(chunks, results, strict=False):
+            if isinstance(result, ResponseError):
+                records.refused([chunk], result)
+            else:
+                records.written(chunk)
+        for result in results[len(chunks) :]:
+            if isinstance(result, Exception):
+                raise result
+
+    async def _send_acks(self, batch: dict[str, list[str]]) -> None:
+        if len(batch) == 1:  # the common case: one XACK, no pipeline overhead
+            ((stream, ids),) = batch.items()
+            await self._redis.xack(stream, self._group, *ids)
+        elif batch:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for stream, ids in batch.items():
+                    pipe.xack(stream, self._group, *ids)
+                await pipe.execute()
 
     def __repr__(self) -> str:
         return f"<AckBatcher group={self._group} pending={sum(map(len, self._acks.values()))}>"

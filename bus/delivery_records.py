@@ -3,15 +3,18 @@
 For each entry whose outcome is final (handled, dead-lettered, skipped by its ``where``
 conditions) or that it leaves pending for another try (retried), a consumer keeps one
 record, and the :class:`~bus.acks.AckBatcher` writes all it holds as **one** outbox entry
-(marked :data:`DELIVERIES_MARK`) just before each XACK: never a write per event. The
+(marked :data:`DELIVERIES_MARK`) with each XACK: never a write per event. The
 manager's relay moves it to ``<ns>:deliveries`` stamped with the bot's group (a bot can
 only speak for its own group), and the coordinator copies it into PostgreSQL's
 ``deliveries`` table (:mod:`bus.archive.deliveries`).
 
-The records go out before the acks: a consumer killed between the two has recorded an
-outcome for an entry still pending, which is delivered again and recorded again (it was
-handled twice). One killed before both leaves no record, and whoever takes the entry over
-records it with the consumer it took it from and the delivery count. Records Redis
+The records and the acks go in one MULTI/EXEC when the outbox is on the streams' Redis
+(not a cluster): a consumer killed mid-flush leaves both or neither. One killed before
+both leaves no record, and whoever takes the entry over records it with the consumer it
+took it from and the delivery count. Where they cannot share a transaction (the outbox on
+a state Redis of its own, a cluster), the records go out first: a consumer killed between
+the two has recorded an outcome for an entry still pending, which is delivered again and
+recorded again (it was handled twice). Records Redis
 refuses (out of memory, a read-only replica) are dropped with an error in the bot's log,
 and the acks go on: the trail is worth less than handling every entry once (an ack is
 no write Redis refuses when full, and withholding it would deliver the entries again).
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 if TYPE_CHECKING:
@@ -48,6 +52,8 @@ log = structlog.get_logger("bus.delivery_records")
 DELIVERIES_MARK = "outbox.deliveries"
 #: Most records one outbox entry carries; a bigger flush is split.
 MOST_PER_ENTRY = 2000
+#: Records that go out in one outbox entry.
+Chunk = list[list[Any]]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = datetime.resolution
@@ -114,36 +120,63 @@ class DeliveryRecords:
             ]
         )
 
-    async def flush(self) -> None:
-        """Write what waits (one outbox entry per :data:`MOST_PER_ENTRY` records). Redis
-        unreachable: keep what was not written, in order, for the next flush, and raise;
-        Redis refusing it: drop it, saying so (see the module)."""
+    @property
+    def redis(self) -> Redis:
+        """The client the records are written with."""
+        return self._redis
+
+    def take(self) -> list[Chunk]:
+        """The waiting records in chunks of at most :data:`MOST_PER_ENTRY` (an outbox entry
+        each), no longer waiting: :meth:`written`, :meth:`refused` or :meth:`put_back`
+        settles each chunk."""
         waiting, self._waiting = self._waiting, []
+        return [waiting[at : at + MOST_PER_ENTRY] for at in range(0, len(waiting), MOST_PER_ENTRY)]
+
+    def queue(self, pipe: Pipeline, chunk: Chunk) -> None:
+        """Queue the XADD of ``chunk``'s outbox entry on ``pipe``."""
+        pipe.xadd(self._key, self._fields(chunk))
+
+    def written(self, chunk: Chunk) -> None:
+        """``chunk`` is in the outbox."""
+        self.sent += len(chunk)
+
+    def refused(self, chunks: list[Chunk], exc: ResponseError) -> None:
+        """Redis refused ``chunks`` (out of memory, read-only): they are dropped, saying so
+        (see the module)."""
+        lost = [record for chunk in chunks for record in chunk]
+        self.dropped += len(lost)
+        log.error(
+            "Redis refused delivery records: they are lost, the entries are acked anyway",
+            error=str(exc),
+            records=len(lost),
+            event_ids=[record[1] for record in lost[:5]],
+            outbox=self._key,
+        )
+
+    def put_back(self, chunks: list[Chunk]) -> None:
+        """``chunks`` may not have been written (Redis unreachable): they wait again, in
+        order, before any kept since."""
+        self._waiting[:0] = [record for chunk in chunks for record in chunk]
+
+    async def flush(self) -> None:
+        """Write what waits, an XADD per chunk. Redis unreachable: keep what was not
+        written, in order, for the next flush, and raise; Redis refusing it: drop it, saying
+        so (see the module)."""
+        chunks = self.take()
         done = 0
         try:
-            while done < len(waiting):
-                chunk = waiting[done : done + MOST_PER_ENTRY]
-                fields: dict[Any, Any] = {
-                    DELIVERIES_MARK: "1",
-                    "consumer": self._consumer,
-                    "records": orjson.dumps(chunk),
-                }
-                await self._redis.xadd(self._key, fields)
-                done += len(chunk)
-                self.sent += len(chunk)
+            while done < len(chunks):
+                await self._redis.xadd(self._key, self._fields(chunks[done]))
+                self.written(chunks[done])
+                done += 1
         except ResponseError as exc:
-            lost = waiting[done:]
-            self.dropped += len(lost)
-            log.error(
-                "Redis refused delivery records: they are lost, the entries are acked anyway",
-                error=str(exc),
-                records=len(lost),
-                event_ids=[record[1] for record in lost[:5]],
-                outbox=self._key,
-            )
+            self.refused(chunks[done:], exc)
         except BaseException:
-            self._waiting[:0] = waiting[done:]
+            self.put_back(chunks[done:])
             raise
+
+    def _fields(self, chunk: Chunk) -> dict[Any, Any]:
+        return {DELIVERIES_MARK: "1", "consumer": self._consumer, "records": orjson.dumps(chunk)}
 
     def __repr__(self) -> str:
         return f"<DeliveryRecords {self._key} waiting={len(self._waiting)} sent={self.sent}>"
