@@ -74,6 +74,14 @@ def _label(binary: RedisBinary) -> str:
     return f"redis{binary.version[0]}.{binary.version[1]}"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` first (each keeps its place among its kind): with
+    ``--dist load --maxschedchunk 2`` (the Makefile's) each worker takes the next ones as it
+    gets free, and the quick ones fill the gaps at the end, instead of one long test
+    starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run every test using ``redis_server`` (or ``redis_url``) once per selected binary."""
     if "redis_binary" in metafunc.fixturenames:

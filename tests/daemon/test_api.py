@@ -207,6 +207,7 @@ async def check_rate_limit(client: httpx.AsyncClient, url: str) -> None:
     assert (await client.get(f"{url}/v1/bots", headers=bearer(READER))).status_code == 200
 
 
+@pytest.mark.slow
 class TestHappyPaths:
     async def test_publish_query_trace_fleet_and_dead_letters(
         self,

@@ -201,6 +201,7 @@ class TestServerTrouble:
         assert await ids_stored(superuser) == {e.id: 1 for e in first + later}
 
 
+@pytest.mark.slow
 class TestRedisAway:
     async def test_redis_down_longer_than_its_retries_does_not_end_the_archiver(
         self,

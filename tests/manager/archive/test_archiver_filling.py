@@ -79,6 +79,8 @@ async def blocks_of(dsn: str) -> list[int]:
 
 @pytest.mark.redis
 @pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.one_redis  # how entries are held does not differ between Redis versions
 class TestArchiverFillsBlocks:
     async def test_events_published_one_by_one_are_stored_in_full_blocks(
         self,

@@ -20,7 +20,8 @@ from manager.config import ArchiveSettings
 from manager.embedded.postgres_server import PostgresServer
 from tests.support import wait_until
 
-pytestmark = [pytest.mark.redis, pytest.mark.postgres]
+# Replay reads with XRANGE and the trimmer trims with XTRIM MINID, alike on every Redis.
+pytestmark = [pytest.mark.redis, pytest.mark.postgres, pytest.mark.slow, pytest.mark.one_redis]
 FAST = ArchiveSettings(
     batch_wait=0.02, hot_window=0, trim_interval=0.02, batch_size=50, fill_wait=0.05
 )
