@@ -64,6 +64,13 @@ from manager.logs import configure_cli_logging
 )
 @click.option("--no-baseline", is_flag=True, help="Skip the bare redis-py baseline phase.")
 @click.option(
+    "--relay-baseline",
+    is_flag=True,
+    help="Then run the baseline again through a bare relay: its producers write to an "
+    "outbox that one blocking XREAD and one script per read move to the stream, as the "
+    "bus's bots publish through theirs. The floor of that path of two hops on this machine.",
+)
+@click.option(
     "--publish-replicas",
     type=click.IntRange(min=0),
     default=0,
@@ -124,6 +131,7 @@ def bench(
     processes: int,
     warmup: float,
     no_baseline: bool,
+    relay_baseline: bool,
     publish_replicas: int,
     partitions: int,
     as_admin: bool,
@@ -149,6 +157,7 @@ def bench(
             read_count=read_count,
             processes=processes,
             baseline=not no_baseline,
+            relay_baseline=relay_baseline,
             bot_user=not as_admin,
             publish_replicas=publish_replicas,
             partitions=partitions,

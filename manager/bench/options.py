@@ -32,6 +32,11 @@ def raw_stream(namespace: str) -> str:
     return f"{namespace}:stream:{{bench-raw}}"
 
 
+def raw_outbox(namespace: str) -> str:
+    """The relayed baseline's outbox, where its producers write (shaped like a bot's)."""
+    return f"{namespace}:outbox:{{bench-raw}}"
+
+
 class BenchError(ManagerError):
     """The benchmark could not run (bad options, a worker process failed)."""
 
@@ -76,6 +81,9 @@ class BenchOptions:
     read_count: int | None = None
     processes: int = 2
     baseline: bool = True
+    #: Also run the baseline through a bare relay (outbox, one script per read, stream), as
+    #: the bus's bots publish: the floor of a path of two hops on this machine.
+    relay_baseline: bool = False
     #: Whether the bus clients log in as a bot's Redis ACL user, as bots run by the manager
     #: do (False: the admin URL as given, to measure what the ACL checks cost).
     bot_user: bool = True
@@ -110,6 +118,7 @@ class BenchOptions:
                 "--deliveries runs the bus as the manager's bots (outbox, relay): drop --as-admin",
             ),
             (self.deliveries or self.postgres_dsn is None, "--postgres-dsn needs --deliveries"),
+            (self.baseline or not self.relay_baseline, "--relay-baseline needs the baseline"),
             (self.drain > 0, "drain must be positive"),
         ]
         for ok, message in checks:
@@ -182,6 +191,8 @@ class WorkerSpec:
     def label(self) -> str:
         """``bus #1 (10 consumers)``; ``bus+records #1 …`` with delivery records on."""
         side = "baseline" if self.mode == "raw" else "bus"
+        if self.mode == "raw" and self.outbox:
+            side += "+relay"
         if self.delivery_records:
             side += "+records"
         return f"{side} #{self.index} ({self.roles.label})"

@@ -3,7 +3,12 @@
 Same layout as the bus phase (one stream, one group, M consumers, same batch and pacing),
 one connection per producer and per consumer. Entries are flat ``seq``/``producer``/``t``
 fields; a consumer reads up to ``read_size`` entries (XREADGROUP COUNT BLOCK), "handles" them
-(records the latency) and XACKs them in one command. This module must not import ``bus``.
+(records the latency) and XACKs them in one command.
+
+Relayed (``--relay-baseline``), the producers write to an outbox instead, and :func:`relay`
+(in the parent, as the bus's relay runs in the manager) moves its entries to the stream the
+least a relay can: a blocking XREAD, then one script that appends them and trims them off.
+That is the floor of the bus's own path (outbox, relay, stream) on the machine.
 """
 
 from __future__ import annotations
@@ -20,13 +25,24 @@ from redis.exceptions import RedisError
 
 from bus.connection import sentinel_primary
 from bus.deployment import parse_redis_url
-from manager.bench.options import CONSUMER_BOT, RAW_GROUP, WorkerSpec, raw_stream
+from manager.bench.options import CONSUMER_BOT, RAW_GROUP, WorkerSpec, raw_outbox, raw_stream
 from manager.bench.recording import Recorder
 from manager.bench.workers import Send
 
 #: What a failed XADD raises.
 SEND_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 _BLOCK_MS = 100  # BLOCK returns as soon as an entry arrives; this only bounds the stop time
+#: KEYS: the outbox, the stream. Moves up to 500 entries; returns how many.
+_MOVE = """
+local rows = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 500)
+for _, row in ipairs(rows) do redis.call('XADD', KEYS[2], '*', unpack(row[2])) end
+if #rows > 0 then
+  local last = rows[#rows][1]
+  redis.call('XTRIM', KEYS[1], 'MINID', last)
+  redis.call('XDEL', KEYS[1], last)
+end
+return #rows
+"""
 
 
 def _client(url: str) -> Redis:
@@ -81,9 +97,32 @@ async def _consume(
 
 
 @contextlib.asynccontextmanager
+async def relay(url: str, namespace: str) -> AsyncIterator[None]:
+    """Move the relayed baseline's outbox to its stream until the block exits."""
+    outbox, stream = raw_outbox(namespace), raw_stream(namespace)
+
+    async def run(redis: Redis) -> None:
+        sha = await redis.script_load(_MOVE)
+        while True:
+            if await redis.xread({outbox: "0-0"}, count=1, block=_BLOCK_MS):
+                await redis.evalsha(sha, 2, outbox, stream)
+
+    async with _client(url) as redis:
+        task = asyncio.create_task(run(redis))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@contextlib.asynccontextmanager
 async def producers(spec: WorkerSpec) -> AsyncIterator[list[tuple[int, Send]]]:
-    """Bare redis-py clients of this worker's producers, as send functions."""
-    stream, batch = raw_stream(spec.namespace), spec.options.batch_size
+    """Bare redis-py clients of this worker's producers, as send functions (writing to the
+    outbox when the baseline is relayed)."""
+    stream = raw_outbox(spec.namespace) if spec.outbox else raw_stream(spec.namespace)
+    batch = spec.options.batch_size
     async with contextlib.AsyncExitStack() as stack:
         sends: list[tuple[int, Send]] = []
         for index in spec.roles.producers:

@@ -20,8 +20,14 @@ _COLUMNS: tuple[tuple[str, int, Callable[[BenchReport], float | None], str], ...
     ("base p95 ms", 12, lambda r: r.baseline.latency.p95_ms if r.baseline else None, ".3f"),
     ("p95 bus/base", 13, lambda r: _ratio(r.bus.latency.p95_ms, r.baseline), ".2f"),
     ("bus p99 ms", 11, lambda r: r.bus.latency.p99_ms, ".3f"),
+    ("relay p95 ms", 13, lambda r: _p95(r.relayed_baseline), ".3f"),
+    ("p95 bus/relay", 14, lambda r: _ratio(r.bus.latency.p95_ms, r.relayed_baseline), ".2f"),
     ("lost", 5, lambda r: r.lost, ".0f"),
 )
+
+
+def _p95(phase: Any) -> float | None:
+    return None if phase is None else float(phase.latency.p95_ms)
 
 
 def _ratio(bus_p95: float, baseline: Any) -> float | None:
@@ -37,17 +43,19 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 def summary_table(reports: Sequence[BenchReport]) -> str:
     """One line per run and one of medians (the lost column: the sum)."""
-    head = "run " + "".join(title.rjust(width) for title, width, _, _ in _COLUMNS)
+    relayed = any(r.relayed_baseline for r in reports)
+    columns = [c for c in _COLUMNS if relayed or not c[0].startswith(("relay", "p95 bus/relay"))]
+    head = "run " + "".join(title.rjust(width) for title, width, _, _ in columns)
     lines = [head]
 
     def line(label: str, values: Sequence[float | None]) -> str:
         cells = [
             ("-" if v is None else format(v, fmt)).rjust(width)
-            for v, (_, width, _, fmt) in zip(values, _COLUMNS, strict=True)
+            for v, (_, width, _, fmt) in zip(values, columns, strict=True)
         ]
         return label.ljust(4) + "".join(cells)
 
-    rows = [[figure(r) for _, _, figure, _ in _COLUMNS] for r in reports]
+    rows = [[figure(r) for _, _, figure, _ in columns] for r in reports]
     lines += [line(str(n), row) for n, row in enumerate(rows, 1)]
     medians = [_median(column) for column in zip(*rows, strict=True)]
     medians[-1] = float(sum(r.lost for r in reports))
@@ -55,6 +63,12 @@ def summary_table(reports: Sequence[BenchReport]) -> str:
     worst = max((v for v in (row[3] for row in rows) if v is not None), default=None)
     if worst is not None:
         lines.append(f"p95 bus/baseline: worst run {worst:.2f}, median {medians[3]:.2f}")
+    if relayed:
+        worst_relay = max((v for v in (row[6] for row in rows) if v is not None), default=None)
+        if worst_relay is not None:
+            lines.append(
+                f"p95 bus/relayed baseline: worst run {worst_relay:.2f}, median {medians[6]:.2f}"
+            )
     return "\n".join(lines)
 
 
@@ -62,16 +76,18 @@ def summary_json(reports: Sequence[BenchReport]) -> dict[str, Any]:
     """Every run's ``--json`` object under ``runs``, and the medians of the main figures."""
     rows = [[figure(r) for _, _, figure, _ in _COLUMNS] for r in reports]
     keys = ("bus_events_per_s", "bus_p95_ms", "baseline_p95_ms", "p95_bus_vs_baseline",
-            "bus_p99_ms")  # fmt: skip
+            "bus_p99_ms", "relayed_baseline_p95_ms", "p95_bus_vs_relayed_baseline")  # fmt: skip
     medians = {
         key: None if (m := _median(column)) is None else round(m, 3)
         for key, column in zip(keys, zip(*rows, strict=True), strict=False)
     }
     ratios = [row[3] for row in rows if row[3] is not None]
+    relayed = [row[6] for row in rows if row[6] is not None]
     return {
         "repeat": len(reports),
         "runs": [r.to_json() for r in reports],
         "median": medians,
         "worst_p95_bus_vs_baseline": round(max(ratios), 3) if ratios else None,
+        "worst_p95_bus_vs_relayed_baseline": round(max(relayed), 3) if relayed else None,
         "lost": sum(r.lost for r in reports),
     }

@@ -191,6 +191,8 @@ class BenchReport:
     private_redis: bool = False
     #: The bus phase again with delivery records on (``--deliveries``).
     records: RecordsResult | None = None
+    #: The baseline through a bare relay (``--relay-baseline``): the floor of two hops.
+    relayed_baseline: PhaseResult | None = None
 
     @property
     def offered_per_s(self) -> float:
@@ -210,7 +212,11 @@ class BenchReport:
     @property
     def lost(self) -> int:
         """Events lost in any phase."""
-        phases = (self.baseline, self.records.phase if self.records else None)
+        phases = (
+            self.baseline,
+            self.records.phase if self.records else None,
+            self.relayed_baseline,
+        )
         return self.bus.lost + sum(p.lost for p in phases if p)
 
     def to_json(self) -> dict[str, Any]:
@@ -234,6 +240,11 @@ class BenchReport:
                 else {}
             ),
             **baseline,
+            **(
+                _phase_json(self.relayed_baseline, "relayed_baseline_")
+                if self.relayed_baseline
+                else {}
+            ),
             "producers": opts.producers,
             "consumers": opts.consumers,
             "processes": len(opts.layout()),
@@ -253,6 +264,7 @@ class BenchReport:
     def table(self) -> str:
         """The human-readable report: bus (and bus+records) and baseline side by side."""
         opts, bus, base, rec = self.options, self.bus, self.baseline, self.records
+        relayed = self.relayed_baseline
         rate = "flat out" if opts.flat_out else f"{opts.rate:g} events/s offered"
         lines = [
             f"multibot bench: {opts.producers} producers -> {opts.consumers} consumers, "
@@ -270,17 +282,19 @@ class BenchReport:
             "",
             f"{'':28}{'bus':>12}"
             + (f"{'bus+records':>12}{'on/off':>8}" if rec else "")
-            + f"{'baseline':>12}",
+            + f"{'baseline':>12}"
+            + (f"{'+relay':>12}" if relayed else ""),
         ]
 
         def row(name: str, value: Any, fmt: str, *, ratio: bool = False) -> None:
-            cells = [format(value(p), fmt) if p else "-" for p in (bus, base)]
+            cells = [format(value(p), fmt) if p else "-" for p in (bus, base, relayed)]
             middle = ""
             if rec:
                 on_off = rec.ratio(bus, value) if ratio else None
                 cells_on = format(value(rec.phase), fmt)
                 middle = f"{cells_on:>12}{'' if on_off is None else f'{on_off:.2f}':>8}"
-            lines.append(f"{name:28}{cells[0]:>12}{middle}{cells[1]:>12}")
+            last = f"{cells[2]:>12}" if relayed else ""
+            lines.append(f"{name:28}{cells[0]:>12}{middle}{cells[1]:>12}{last}")
 
         row("offered events/s", self._offered, ".1f")
         row("published events/s", lambda p: p.published_per_s, ".1f")
@@ -309,6 +323,11 @@ class BenchReport:
             f"for {opts.drain:g} s;",
             "    lost = confirmed events still unhandled then",
         ]
+        if relayed:
+            lines += [
+                "+relay: the baseline, its producers writing to an outbox that a bare relay in",
+                "    this process moves to the stream (one XREAD, one script), as bots publish",
+            ]
         if rec:
             lines += [
                 "on/off: bus+records (delivery records on) / bus (off), same workload, run "
@@ -317,7 +336,7 @@ class BenchReport:
                 *rec.lines(private_postgres=opts.postgres_dsn is None),
             ]
         lines += ["", "peak RSS per process:"]
-        for phase in (bus, rec.phase if rec else None, base):
+        for phase in (bus, rec.phase if rec else None, base, relayed):
             for label, mb in (phase.rss_mb if phase else {}).items():
                 lines.append(f"  {label:40}{mb:8.1f} MiB")
         lines.append(f"  {'idle bus client (1 subscription)':40}{self.idle_client_rss_mb:8.1f} MiB")

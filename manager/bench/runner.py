@@ -34,6 +34,7 @@ from bus.keys import Keys, group_name
 from bus.outbox import OutboxRelay
 from bus.routing import DEFAULT_STREAM, Router
 from bus.settings import BusSettings
+from manager.bench import raw_roles
 from manager.bench.children import SPAWN_TIMEOUT, STOP_TIMEOUT, Child, expect_all, spawn
 from manager.bench.copy_watch import CopyWatch
 from manager.bench.database import bench_archive
@@ -98,10 +99,15 @@ async def run_bench(options: BenchOptions) -> BenchReport:
                     await _delete_namespace(admin, namespace)  # each phase on an empty Redis
                     records = await _records_phase(admin, url, namespace, options, archive)
             await _delete_namespace(admin, namespace)  # the baseline starts on an empty Redis
-            baseline = None
+            baseline = relayed = None
             if options.baseline:
                 await ensure_group(admin, raw_stream(namespace), RAW_GROUP, "$")
                 baseline = await _phase("raw", options, _Urls(url, url), namespace)
+            if options.relay_baseline:
+                await _delete_namespace(admin, namespace)
+                await ensure_group(admin, raw_stream(namespace), RAW_GROUP, "$")
+                async with raw_roles.relay(url, namespace):
+                    relayed = await _phase("raw", options, _Urls(url, url, True), namespace)
         finally:
             await _delete_namespace(admin, namespace)
             await admin.aclose()
@@ -109,6 +115,7 @@ async def run_bench(options: BenchOptions) -> BenchReport:
         options=options,
         bus=bus,
         baseline=baseline,
+        relayed_baseline=relayed,
         records=records,
         idle_client_rss_mb=idle_rss,
         redis_version=str(server.get("redis_version", "?")),

@@ -16,6 +16,7 @@ from manager.bench.command import bench
 from manager.bench.database import with_database
 from manager.bench.options import BenchError, BenchOptions, Roles
 from manager.bench.recording import Recorder, Tally
+from manager.bench.repeats import summary_json, summary_table
 from manager.bench.report import (
     BenchReport,
     LatencyStats,
@@ -203,6 +204,36 @@ class TestRunBench:
         assert "bus" in report.table()
         async with redis_client(redis_url) as redis:
             assert [k async for k in redis.scan_iter(match="bench-*")] == []
+
+    async def test_relayed_baseline_moves_every_event_through_an_outbox(
+        self, redis_url: str
+    ) -> None:
+        """--relay-baseline: the baseline runs again with its producers writing to an outbox
+        that a bare relay moves to the stream; every event arrives once (none is left in
+        the outbox), and the table and the repeat summary set it beside the bus."""
+        options = BenchOptions(
+            redis_url=redis_url, producers=2, consumers=2, rate=200, duration=1.0,
+            warmup=0.2, relay_baseline=True,
+        )  # fmt: skip
+        report = await run_bench(options)
+        out = report.to_json()
+        assert (out["relayed_baseline_lost"], out["relayed_baseline_duplicated"]) == (0, 0)
+        assert 150 <= out["relayed_baseline_events"] <= 250
+        assert 0 < out["relayed_baseline_p50_ms"] <= out["relayed_baseline_p95_ms"]
+        assert "+relay" in report.table().splitlines()[2]
+        assert "baseline+relay #1 (2 consumers)" in report.table()
+        summary = summary_table([report, report])
+        assert "p95 bus/relay" in summary.splitlines()[0]
+        assert "p95 bus/relayed baseline: worst run" in summary
+        assert summary_json([report])["median"]["relayed_baseline_p95_ms"] == round(
+            out["relayed_baseline_p95_ms"], 3
+        )
+        async with redis_client(redis_url) as redis:
+            assert [k async for k in redis.scan_iter(match="bench-*")] == []
+
+    def test_relayed_baseline_needs_the_baseline(self) -> None:
+        with pytest.raises(BenchError, match="--relay-baseline needs the baseline"):
+            BenchOptions(baseline=False, relay_baseline=True)
 
     async def test_partitions_split_the_route_and_lose_nothing(self, redis_url: str) -> None:
         """--partitions 4: the bus phase publishes keyed events to 4 partition streams,
