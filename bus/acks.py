@@ -39,8 +39,11 @@ class AckBatcher:
         self.acked = 0
         #: Flushes under way: their acks are neither waiting nor sent yet.
         self._flushing = 0
-        # Records and acks go in one transaction when they can: on the same Redis, and not
-        # a cluster (the outbox and the streams sit in different hash slots).
+        # One flush at a time: a stop's last flush waits for the one on its way.
+        self._one_at_a_time = asyncio.Lock()
+        # Records and acks go in one transaction when they can: one client (one Redis user
+        # may write the outbox and ack the group), and not a cluster (the outbox and the
+        # streams sit in different hash slots).
         self._together = records is not None and records.redis is redis and not is_cluster(redis)
 
     def add(self, stream: str, entry_id: str, event_type: str | None = None) -> None:
@@ -59,14 +62,22 @@ class AckBatcher:
 
     async def flush(self) -> None:
         """Send the delivery records with the queued acks; on failure keep both (in order)
-        for the next flush."""
+        for the next flush. Flushes run one at a time, so one that returns has seen every
+        flush before it finish (or fail, its acks waiting again)."""
+        self._flushing += 1
+        try:
+            async with self._one_at_a_time:
+                await self._flush()
+        finally:
+            self._flushing -= 1
+
+    async def _flush(self) -> None:
         self.wakeup.clear()
         # Taken before the records are: every ack taken has its record among the ones
         # waiting now (a record is kept before its entry's ack is queued).
         batch, self._acks = self._acks, defaultdict(list)
         metered_ids, metered_types = self._metered_ids, self._metered_types
         self._metered_ids, self._metered_types = [], []
-        self._flushing += 1
         try:
             if self._records and self._together:
                 await self._send_together(self._records, batch)
@@ -80,8 +91,6 @@ class AckBatcher:
             self._metered_ids[:0] = metered_ids
             self._metered_types[:0] = metered_types
             raise
-        finally:
-            self._flushing -= 1
         self.acked += sum(len(ids) for ids in batch.values())
         if metered_ids and self._meter is not None:
             self._meter.acked(metered_types, metered_ids)

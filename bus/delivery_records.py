@@ -8,16 +8,18 @@ manager's relay moves it to ``<ns>:deliveries`` stamped with the bot's group (a 
 only speak for its own group), and the coordinator copies it into PostgreSQL's
 ``deliveries`` table (:mod:`bus.archive.deliveries`).
 
-The records and the acks go in one MULTI/EXEC when the outbox is on the streams' Redis
-(not a cluster): a consumer killed mid-flush leaves both or neither. One killed before
-both leaves no record, and whoever takes the entry over records it with the consumer it
-took it from and the delivery count. Where they cannot share a transaction (the outbox on
-a state Redis of its own, a cluster), the records go out first: a consumer killed between
-the two has recorded an outcome for an entry still pending, which is delivered again and
-recorded again (it was handled twice). Records Redis
-refuses (out of memory, a read-only replica) are dropped with an error in the bot's log,
-and the acks go on: the trail is worth less than handling every entry once (an ack is
-no write Redis refuses when full, and withholding it would deliver the entries again).
+The records and the acks go in one MULTI/EXEC when one client writes both (one Redis
+user for the bot's keys and its group, not a cluster): a consumer killed mid-flush leaves
+both or neither. One killed before both leaves no record, and whoever takes the entry over
+records it with the consumer it took it from and the delivery count. Where they cannot
+share a transaction (a bot's own user writes its outbox and its streams user acks, or a
+cluster), the records go out first: a consumer killed between the two has recorded an
+outcome for an entry still pending, which is delivered again and recorded again (it was
+handled twice). A stop never cuts a flush short (:meth:`bus.dispatcher.Dispatcher.finish`).
+Records Redis refuses (out of memory, a read-only replica) are dropped with an error in
+the bot's log, and the acks go on: the trail is worth less than handling every entry
+once (an ack is no write Redis refuses when full, and withholding it would deliver the
+entries again).
 
 Wire format of the ``records`` field: a JSON array of arrays, one per entry::
 

@@ -110,6 +110,8 @@ class Dispatcher:
             sub: Batcher(sub, self._runner.run_batch) for sub in subscriptions if sub.batch_size
         }
         self._acks = AckBatcher(redis, group, meter, records)
+        #: The workers' and batchers' tasks: a stop ends them before its last flush.
+        self._handling: list[asyncio.Task[None]] = []
         # Set when nothing is in flight and no ack waits: a stop may end.
         self._idle = asyncio.Event()
         self._idle.set()
@@ -118,14 +120,15 @@ class Dispatcher:
 
     def start(self, tg: asyncio.TaskGroup) -> list[asyncio.Task[None]]:
         """Start the workers, the batchers and the ack loop in ``tg``; return their tasks."""
-        tasks = [tg.create_task(self._work(q)) for q in self._queues]
-        tasks += [tg.create_task(b.run()) for b in self._batchers.values()]
-        tasks.append(tg.create_task(self._ack_loop()))
-        return tasks
+        self._handling = [tg.create_task(self._work(q)) for q in self._queues]
+        self._handling += [tg.create_task(b.run()) for b in self._batchers.values()]
+        return [*self._handling, tg.create_task(self._ack_loop())]
 
     async def finish(self, timeout: float) -> None:  # noqa: ASYNC109 - a grace period
         """Run what the batchers hold, wait up to ``timeout`` for the entries in flight,
-        then send the acks; what is unfinished or unacked stays pending."""
+        end the handlers still running, then send the acks (after a flush already on its
+        way, never cancelling it between the records and the acks); what is unfinished or
+        unacked stays pending."""
         for batcher in self._batchers.values():
             batcher.flush_now()
         try:
@@ -135,6 +138,10 @@ class Dispatcher:
                 "stop timeout: unfinished events stay pending for the next start",
                 unfinished=len(self._inflight),
             )
+        # No outcome may come in after the last flush: its ack would never be sent.
+        for task in self._handling:
+            task.cancel()
+        await asyncio.gather(*self._handling, return_exceptions=True)
         try:
             await self._flush_acks()
         except UNAVAILABLE as exc:

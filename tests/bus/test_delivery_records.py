@@ -125,6 +125,48 @@ async def test_records_a_full_redis_refuses_are_dropped_and_the_entries_still_ac
     assert await redis.xlen(KEYS.outbox("worker")) == 0
 
 
+async def test_a_stop_while_an_ack_flush_waits_on_redis_acks_and_records_each_once(
+    redis: Redis, bus_factory: BusFactory, relaying: OutboxRelay
+) -> None:
+    """Five handled events whose records and acks are on their way while Redis holds
+    writes (CLIENT PAUSE WRITE), and the worker stopped then: the stop waits for that flush
+    instead of cancelling it between the records and the acks, so every entry is acked
+    and recorded once (a cancelled flush left them pending, to be handled again)."""
+    worker = await bus_factory("worker", outbox=True, delivery_records=True)
+    go = asyncio.Event()
+    handled: list[str] = []
+
+    @worker.subscribe("test.#")
+    async def handle(event: Event) -> None:
+        await go.wait()
+        handled.append(event.id)
+
+    producer = await bus_factory("producer")
+    ids = [await producer.publish("test.job", {"n": n}) for n in range(5)]
+    async with running(worker):
+
+        async def in_hand() -> bool:
+            summary: Any = await redis.xpending(KEYS.stream("bot"), GROUP)
+            return int(summary["pending"]) == 5
+
+        await wait_until(in_hand, what="the five entries read")
+        await redis.client_pause(700, all=False)
+        go.set()
+        acks = worker._consumer._dispatcher._acks  # type: ignore[union-attr]
+        await wait_until(lambda: len(handled) == 5 and acks._flushing > 0,
+                         what="the acks' flush waiting on Redis")  # fmt: skip
+        await worker.stop(timeout=0.05)
+
+    async def acked() -> bool:
+        summary: Any = await redis.xpending(KEYS.stream("bot"), GROUP)
+        return int(summary["pending"]) == 0
+
+    await wait_until(acked, 5, "every entry acked once Redis takes writes again")
+    await wait_until(lambda: _count(redis, 5), what="the records relayed")
+    found = await records(redis)
+    assert Counter(r["event_id"] for r in found if r["outcome"] == "handled") == Counter(ids)
+
+
 async def test_records_are_exact_when_a_consumer_is_killed_mid_batch(
     redis: Redis,
     bus_factory: BusFactory,
