@@ -8,7 +8,10 @@ A writer trains one from the first few thousand events it archives (until then b
 compressed without one), stores it, and trains a new one each day, so a dictionary follows
 what the fleet publishes. A block names its dictionary; dictionaries are never changed
 and are kept (32 KiB a day), so every block stays readable. Several archivers share the
-newest one stored; two training at once each store their own, which is harmless.
+newest one stored; two training at once each store their own, which is harmless. A writer
+that has none of its own yet (a restarted archiver) takes the newest stored, however old,
+until it trains one: on the bench's synthetic day, one trained on its first events still
+made the segments at its end 19 % smaller than none.
 """
 
 from __future__ import annotations
@@ -97,12 +100,16 @@ class Dictionaries:
         self, conn: Any, records: Sequence[tuple[Any, ...]]
     ) -> tuple[int | None, Pack]:
         """The dictionary id (None: none yet) and compressor for a batch of ``records``:
-        the newest stored if less than a day old, else one trained on recent batches."""
+        the newest stored if less than a day old, else one trained on recent batches (the
+        newest, however old, until then)."""
         if self._writer is not None and time.monotonic() < self._writer_until:
             return self._writer
         newest = await conn.fetchrow(_NEWEST)
         if newest is not None and newest["age"] < DICTIONARY_AGE:
             return self._adopt(newest["id"], newest["dict"], newest["age"])
+        if newest is not None and newest["id"] != (self._writer or (None,))[0]:
+            # Old, but it beats none (and an older one of ours): used until one is trained.
+            self._adopt(newest["id"], newest["dict"], newest["age"])
         # A row the archive refuses (the batch is then stored one by one): not sampled.
         with contextlib.suppress(BlockDataError):
             self._samples += raw_segments(records)[: self._wanted - len(self._samples)]

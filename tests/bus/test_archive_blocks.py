@@ -19,10 +19,16 @@ import pytest
 
 from bus.archive import ArchiveStore
 from bus.archive.block_codec import BlockDataError, decode_block, encode_block
-from bus.archive.dictionaries import PLAIN_COMPRESS, PLAIN_DECOMPRESS, TRAIN_SEGMENTS
+from bus.archive.dictionaries import (
+    PLAIN_COMPRESS,
+    PLAIN_DECOMPRESS,
+    TRAIN_SEGMENTS,
+    Dictionaries,
+)
 from bus.archive.errors import ArchiveDataError
 from bus.archive.inserts import stream_heads, write_events
 from bus.archive.kind_shares import KindShares
+from bus.archive.migrations import migrate
 from bus.archive.partitions import create_partitions
 from bus.archive.rows import event_record
 from bus.event import Event, new_event_id
@@ -393,5 +399,28 @@ class TestDictionaries:
         conn = await asyncpg.connect(postgres_server.dsn)
         try:
             assert await conn.fetchval("SELECT count(*) FROM event_dictionaries") == 2
+        finally:
+            await conn.close()
+
+    async def test_a_writer_takes_the_newest_stored_over_an_older_one(
+        self, postgres_server: PostgresServer
+    ) -> None:
+        """A writer with no dictionary of its own takes the newest stored, even a week old,
+        over none; holding one, it takes a newer one another writer stored."""
+        conn = await asyncpg.connect(postgres_server.dsn)
+        try:
+            await migrate(conn)
+            store_dict = (
+                "INSERT INTO event_dictionaries (created_at, dict) VALUES ($1, $2) RETURNING id"
+            )
+            week_ago = datetime.now(UTC) - timedelta(days=7)
+            first = await conn.fetchval(store_dict, week_ago, b"first dictionary " * 64)
+            dicts = Dictionaries()
+            assert (await dicts.for_writing(conn, []))[0] == first
+            second = await conn.fetchval(store_dict, week_ago, b"second dictionary " * 64)
+            dict_id, compress = await dicts.for_writing(conn, [])
+            assert dict_id == second
+            await dicts.load(conn, [second])
+            assert dicts.reader(second)(compress(b"some segment")) == b"some segment"
         finally:
             await conn.close()
