@@ -62,8 +62,8 @@ class AckBatcher:
 
     async def flush(self) -> None:
         """Send the delivery records with the queued acks; on failure keep both (in order)
-        for the next flush. Flushes run one at a time, so one that returns has seen every
-        flush before it finish (or fail, its acks waiting again)."""
+        for the next flush. Flushes run one at a time: when one returns, every flush begun
+        before it has ended (sent, or failed with its acks waiting again)."""
         self._flushing += 1
         try:
             async with self._one_at_a_time:
