@@ -150,12 +150,18 @@ async def test_a_stop_while_an_ack_flush_waits_on_redis_acks_and_records_each_on
             return int(summary["pending"]) == 5
 
         await wait_until(in_hand, what="the five entries read")
-        await redis.client_pause(700, all=False)
-        go.set()
-        acks = worker._consumer._dispatcher._acks  # type: ignore[union-attr]
-        await wait_until(lambda: len(handled) == 5 and acks._flushing > 0,
-                         what="the acks' flush waiting on Redis")  # fmt: skip
-        await worker.stop(timeout=0.05)
+        await redis.client_pause(30_000, all=False)  # ended below, once the stop waits
+        try:
+            go.set()
+            acks = worker._consumer._dispatcher._acks  # type: ignore[union-attr]
+            await wait_until(lambda: len(handled) == 5 and acks._flushing == 1,
+                             what="the acks' flush waiting on Redis")  # fmt: skip
+            stopping = asyncio.create_task(worker.stop(timeout=0.05))
+            await wait_until(lambda: acks._flushing == 2 or stopping.done(),
+                             what="the stop's last flush")  # fmt: skip
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+        await stopping
 
     async def acked() -> bool:
         summary: Any = await redis.xpending(KEYS.stream("bot"), GROUP)
