@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import unquote, urlunsplit
@@ -61,16 +62,69 @@ def _surrogate_bytes(arg: Any) -> Any:
     return arg.encode(errors="surrogateescape") if isinstance(arg, str) else arg
 
 
-class _FastConnection(_HiredisPacking, Connection):
-    pass
+#: Whether ``asyncio.wait_for`` runs what it waits for in a Task of its own (before 3.12).
+_WAIT_FOR_MAKES_A_TASK = sys.version_info < (3, 12)
 
 
-class _FastUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
-    pass
+class _WritesWithoutATask:
+    """Bounds a command's write with ``asyncio.timeout`` instead of ``asyncio.wait_for``.
+
+    redis-py bounds every write with ``wait_for``, which on Python 3.11 wraps the write in
+    a Task of its own: two more turns of the event loop and a Task per command, on every
+    XADD, XREADGROUP and XACK of the bus. This is the same write under the same timeout,
+    with the same errors (and the connection dropped after any of them). A connection not
+    yet open, or without a timeout, takes redis-py's own path, which opens it (through the
+    sentinels, for a Sentinel set).
+    """
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        conn: Any = self
+        if not (conn.is_connected and conn.socket_timeout):
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            return
+        if check_health:
+            await conn.check_health()
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                await conn._send_packed_command(command)  # redis-py's own write
+        except TimeoutError as exc:  # ours, or the OS's (ETIMEDOUT: then it has an errno)
+            await conn.disconnect(nowait=True)
+            if exc.errno is not None:
+                raise RedisConnectionError(
+                    f"Error {exc.errno} while writing to socket. {exc.strerror}."
+                ) from exc
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await conn.disconnect(nowait=True)
+            errno, message = ("UNKNOWN", exc.args[0]) if len(exc.args) == 1 else exc.args[:2]
+            raise RedisConnectionError(
+                f"Error {errno} while writing to socket. {message}."
+            ) from exc
+        except BaseException:  # a cancel mid-write: what was sent of it is unknown
+            await conn.disconnect(nowait=True)
+            raise
 
 
-class _FastSSLConnection(_HiredisPacking, SSLConnection):
-    pass
+#: What the bus's connections mix in: the hiredis packer, and (where ``wait_for`` makes a
+#: Task and redis-py writes through ``_send_packed_command``) the lean write.
+_LEAN: tuple[type[Any], ...] = (
+    (_HiredisPacking, _WritesWithoutATask)
+    if _WAIT_FOR_MAKES_A_TASK and hasattr(Connection, "_send_packed_command")
+    else (_HiredisPacking,)
+)
+
+
+def _lean(base: type[Any]) -> type[Any]:
+    return type(f"_Lean{base.__name__.lstrip('_')}", (*_LEAN, base), {})
+
+
+_FastConnection = _lean(Connection)
+_FastUnixConnection = _lean(UnixDomainSocketConnection)
+_FastSSLConnection = _lean(SSLConnection)
 
 
 class _SentinelPool(SentinelConnectionPool):
@@ -105,12 +159,8 @@ class _SentinelSSLConnection(_AsksTheSentinels, SentinelManagedSSLConnection):
     pass
 
 
-class _FastSentinelConnection(_HiredisPacking, _SentinelConnection):
-    pass
-
-
-class _FastSentinelSSLConnection(_HiredisPacking, _SentinelSSLConnection):
-    pass
+_FastSentinelConnection = _lean(_SentinelConnection)
+_FastSentinelSSLConnection = _lean(_SentinelSSLConnection)
 
 
 _FAST: dict[type[Any], type[Any]] = {
