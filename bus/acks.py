@@ -11,6 +11,7 @@ from redis.exceptions import ResponseError
 
 from bus.connection import is_cluster
 from bus.delivery_records import DeliveryRecords
+from bus.held_connection import HeldConnection
 from bus.metrics import GroupMetrics
 
 
@@ -28,6 +29,8 @@ class AckBatcher:
         records: DeliveryRecords | None = None,
     ) -> None:
         self._redis = redis
+        #: The connection a lone XACK goes on (see :mod:`bus.held_connection`).
+        self._held = HeldConnection(redis)
         self._records = records
         self._group = group
         self._meter = meter
@@ -127,12 +130,16 @@ class AckBatcher:
     async def _send_acks(self, batch: dict[str, list[str]]) -> None:
         if len(batch) == 1:  # the common case: one XACK, no pipeline overhead
             ((stream, ids),) = batch.items()
-            await self._redis.xack(stream, self._group, *ids)
+            await self._held.execute_command("XACK", stream, self._group, *ids)
         elif batch:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for stream, ids in batch.items():
                     pipe.xack(stream, self._group, *ids)
                 await pipe.execute()
+
+    async def close(self) -> None:
+        """Give back the connection acks were sent on."""
+        await self._held.release()
 
     def __repr__(self) -> str:
         return f"<AckBatcher group={self._group} pending={sum(map(len, self._acks.values()))}>"

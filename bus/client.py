@@ -117,6 +117,8 @@ class BusClient:
         if self._archive is not None:
             await self._archive.close()
             self._archive = None
+        if self._publisher is not None:
+            await self._publisher.close()
         if self._links is not None:
             await self._links.aclose()
         self._links = self._publisher = None

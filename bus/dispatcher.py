@@ -146,6 +146,7 @@ class Dispatcher:
             await self._flush_acks()
         except UNAVAILABLE as exc:
             self._log.warning("final acks failed; those entries stay pending", error=str(exc))
+        await self._acks.close()
 
     # -- routing -------------------------------------------------------------------------
 

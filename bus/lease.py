@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from bus.connection import is_cluster
+from bus.held_connection import HeldConnection
 from bus.keys import Keys
 
 # KEYS[1] lease, KEYS[2] fence counter; ARGV[1] instance, ARGV[2] ttl in ms.
@@ -93,7 +94,9 @@ def script_sha(source: str) -> str:
     return sha
 
 
-async def run_script(redis: Redis, source: str, keys: list[str], args: list[Any]) -> Any:
+async def run_script(
+    redis: Redis | HeldConnection, source: str, keys: list[str], args: list[Any]
+) -> Any:
     """EVALSHA ``source``, loading it first when Redis does not have it (after a restart).
 
     Never EVAL: a bot's user may run only the project's scripts, named by their SHA1.

@@ -38,6 +38,7 @@ from bus.connection import is_cluster
 from bus.delivery_records import DELIVERIES_MARK
 from bus.dlq import DEAD_LETTER_MARK
 from bus.fanout import Fanout, Pumped, read_reply
+from bus.held_connection import HeldConnection
 from bus.keys import Keys, group_name
 from bus.lease import run_script
 from bus.periodic import forever
@@ -79,6 +80,8 @@ class OutboxRelay:
         fanout: Fanout | None = None,
     ) -> None:
         self._redis = redis
+        #: The connection the relay's wait and scripts go on (see :mod:`bus.held_connection`).
+        self._own = HeldConnection(redis)
         #: The fanout the relay's script pumps for (one hop from outbox to inboxes); None:
         #: the events wait in their streams for a fanout of their own. Never on a cluster,
         #: where a stream's inboxes live in other slots than the outbox.
@@ -134,6 +137,7 @@ class OutboxRelay:
             )
         finally:
             self.close()
+            await self._own.release()
 
     @property
     def drives_fanout(self) -> bool:
@@ -226,7 +230,7 @@ class OutboxRelay:
         while True:
             blocked = ""
             try:
-                reply = await run_script(self._redis, RELAY, keys, args)
+                reply = await run_script(self._own, RELAY, keys, args)
                 if self._cluster:
                     count = await relay_planned(
                         self._redis, self._keys, bot_id, targets, reply, durable=self._durable
@@ -290,9 +294,7 @@ class OutboxRelay:
         args = ["COUNT", 1, "BLOCK", self._block_ms, "STREAMS", *watched, *watched.values()]
         try:
             # Never decoded: an entry a bot wrote need not be UTF-8.
-            rows: Any = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                "XREAD", *args, **{NEVER_DECODE: True}
-            )
+            rows: Any = await self._own.execute_command("XREAD", *args, **{NEVER_DECODE: True})
         except ResponseError as exc:
             if not str(exc).startswith("WRONGTYPE"):
                 raise

@@ -15,6 +15,7 @@ from bus.connection import is_cluster, raise_swallowed_cancel, redact
 from bus.context import correlation_for
 from bus.errors import BusConnectionError, BusDurabilityError, EventValidationError
 from bus.event import Event, validate_data, validate_key, validate_source, validate_type
+from bus.held_connection import HeldConnection
 from bus.keys import Keys
 from bus.metrics import BusMetrics
 from bus.plain_settings import AnyBusSettings
@@ -49,6 +50,8 @@ class Publisher:
         pressure: Redis | None = None,
     ) -> None:
         self._redis = redis
+        #: The connection single publishes go on (see :mod:`bus.held_connection`).
+        self._held = HeldConnection(redis)
         self._metrics = metrics or BusMetrics()
         self._settings = settings
         self._keys = Keys(settings.namespace)
@@ -126,7 +129,7 @@ class Publisher:
                     pipe.xadd(stream, fields)  # type: ignore[arg-type]
                     entry_id, acknowledged = await self._wait(pipe, [stream])
             else:
-                entry_id = await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
+                entry_id = await self._held.execute_command("XADD", stream, "*", *_flat(fields))
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, 1) from exc
         except ResponseError as exc:
@@ -207,6 +210,10 @@ class Publisher:
             self._check_replicas(acknowledged, len(prepared))
         return [event for _, _, event in prepared]
 
+    async def close(self) -> None:
+        """Give back the connection publishes were sent on (before the pool closes)."""
+        await self._held.release()
+
     def _unavailable(self, exc: BaseException, count: int) -> BusConnectionError:
         from bus.tls import REDIS_TLS, tls_problem  # noqa: PLC0415 - only once Redis is away
 
@@ -217,3 +224,11 @@ class Publisher:
             f"did not answer after {self._settings.connect_retries} retries ({exc}). "
             "Check that Redis is running and reachable; unconfirmed events may need republishing."
         )
+
+
+def _flat(fields: Mapping[str, str | bytes]) -> list[str | bytes]:
+    """An entry's fields as XADD takes them: name, value, name, value …"""
+    flat: list[str | bytes] = []
+    for name, value in fields.items():
+        flat += (name, value)
+    return flat

@@ -1,0 +1,94 @@
+"""The connection the bus's hot loops keep (bus.held_connection): every command gets its
+own reply, whatever happens to the one before it, on a real private Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from bus.connection import connect
+from bus.held_connection import HeldConnection
+from bus.settings import BusSettings
+from manager.embedded.redis_server import RedisServer
+from tests.support import wait_until
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    redis = connect(BusSettings(redis_url=redis_server.url))
+    try:
+        yield redis
+    finally:
+        await redis.aclose()
+
+
+async def test_concurrent_commands_each_get_their_own_reply(client: Redis) -> None:
+    held = HeldConnection(client)
+    replies = await asyncio.gather(*(held.execute_command("INCR", "n") for _ in range(50)))
+    assert sorted(replies) == list(range(1, 51))
+    # Mixed commands, concurrently: none reads another's reply.
+    await client.set("word", "hello")
+    mixed = await asyncio.gather(
+        *(held.execute_command("GET", "word") if i % 2 else held.execute_command("PING")
+          for i in range(20))
+    )  # fmt: skip
+    assert mixed == [True if i % 2 == 0 else "hello" for i in range(20)]
+
+
+async def test_a_cancelled_blocking_read_leaves_no_reply_for_the_next_command(
+    client: Redis,
+) -> None:
+    held = HeldConnection(client)
+    await client.xadd("s", {"n": "0"})
+    reading = asyncio.ensure_future(
+        held.execute_command("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
+    )
+
+    # Cancel once Redis has the read blocked; the entry then added would be its reply.
+    async def blocked() -> bool:
+        info: dict[str, int] = await client.info("clients")
+        return int(info["blocked_clients"]) >= 1
+
+    await wait_until(blocked, what="the XREAD blocked in Redis")
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    await client.xadd("s", {"n": "1"})
+    await client.set("k", "mine")
+    assert await held.execute_command("GET", "k") == "mine"
+
+
+async def test_an_error_reply_keeps_the_connection_in_step(client: Redis) -> None:
+    held = HeldConnection(client)
+    first = await held.execute_command("CLIENT", "ID")
+    await client.set("text", "x")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await held.execute_command("XADD", "text", "*", "a", "b")
+    assert await held.execute_command("CLIENT", "ID") == first  # not reconnected
+    assert await held.execute_command("GET", "text") == "x"
+
+
+async def test_commands_go_on_after_redis_restarts(
+    client: Redis, redis_server: RedisServer
+) -> None:
+    held = HeldConnection(client)
+    assert await held.execute_command("PING")
+    await redis_server.kill()
+    await redis_server.start()
+    # The held connection is dead: the retry policy opens a new one.
+    assert await held.execute_command("SET", "after", "1")
+    assert await held.execute_command("GET", "after") == "1"
+
+
+async def test_release_gives_the_connection_back_to_the_pool(client: Redis) -> None:
+    held = HeldConnection(client)
+    held_id = await held.execute_command("CLIENT", "ID")
+    await held.release()
+    # The pool has one connection: the one given back is the one the client uses now.
+    assert await client.execute_command("CLIENT", "ID") == held_id  # type: ignore[no-untyped-call]
