@@ -56,6 +56,11 @@ class HeldConnection:
         finally:
             self._busy = False
 
+    async def connect(self) -> None:
+        """Take the connection from the pool now, connected (as the first command would)."""
+        if self._conn is None and self._pool is not None:
+            self._conn = await self._pool.get_connection()
+
     async def _send(self, conn: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
         await conn.send_command(*args)
         return await self._redis.parse_response(conn, args[0], **options)

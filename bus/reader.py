@@ -22,6 +22,7 @@ from bus.dispatcher import Dispatcher
 from bus.dlq import DeadLetterReason
 from bus.errors import GroupMissingError
 from bus.groups import ensure_group
+from bus.held_connection import HeldConnection
 from bus.inflight import InFlight
 from bus.keys import Keys
 from bus.plain_settings import AnyConsumerSettings
@@ -180,7 +181,8 @@ class Reader:
         self._inflight = inflight
         self._stopping = stopping
         self._stats = stats
-        self._conn: Redis | None = None
+        #: The connection the blocking reads hold (None on a cluster: see :meth:`connect`).
+        self._held: HeldConnection | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -194,28 +196,25 @@ class Reader:
         the cluster client gives each blocking read a connection to the stream's node.
         """
         if is_cluster(self._redis):
-            self._conn = self._redis
             initialize: Any = getattr(self._redis, "initialize")  # noqa: B009 - RedisCluster's
         else:
-            self._conn = self._redis.client()
-            initialize = self._conn.initialize
+            self._held = HeldConnection(self._redis)
+            initialize = self._held.connect
         with suppress(Stopping):
             await self._keeper.call(initialize)
         return not self._stopping.is_set()
 
     async def close(self) -> None:
-        """Close the reader's connection."""
-        if self._conn is not None and self._conn is not self._redis:
-            await self._conn.aclose()
+        """Give the reader's connection back to the pool."""
+        if self._held is not None:
+            await self._held.release()
 
     def start(self, tg: asyncio.TaskGroup) -> asyncio.Task[None]:
         """Start the read loop in ``tg`` (after :meth:`connect`); it ends at :meth:`stop`.
         On a cluster, one loop per stream; the task returned is the first."""
-        assert self._conn is not None
-        conn = self._conn
-        groups = [[s] for s in self._streams] if conn is self._redis else [list(self._streams)]
+        groups = [list(self._streams)] if self._held else [[s] for s in self._streams]
         for streams in groups:
-            task = tg.create_task(self._read_loop(conn, streams))
+            task = tg.create_task(self._read_loop(streams))
             self._keeper.quit_on_stop(task)
             self._tasks.append(task)
         return self._tasks[0]
@@ -238,26 +237,24 @@ class Reader:
 
     # -- reading -------------------------------------------------------------------------
 
-    async def _read_loop(self, conn: Redis, streams: Sequence[str]) -> None:
+    async def _read_loop(self, streams: Sequence[str]) -> None:
         with suppress(Stopping):
-            await self._read_entries(conn, streams)
+            await self._read_entries(streams)
 
-    async def _read_entries(self, conn: Redis, read: Sequence[str]) -> None:
+    async def _read_entries(self, read: Sequence[str]) -> None:
         keeper, inflight, dispatcher = self._keeper, self._inflight, self._dispatcher
-        await keeper.call(self._drain_own_pending, conn, read)
-        streams = dict.fromkeys(read, ">")
+        await keeper.call(self._drain_own_pending, read)
+        # XREADGROUP GROUP <group> <consumer> COUNT <n> BLOCK <ms> STREAMS <keys> <ids>
+        head = ["XREADGROUP", "GROUP", self._group, self._consumer]
+        tail = ["BLOCK", self._settings.block_ms, "STREAMS", *read, *[">"] * len(read)]
+        # On a cluster, the client routes the read to the node of its (one) stream.
+        send = self._held.execute_command if self._held else self._redis.execute_command
         while not self._stopping.is_set():
             await inflight.wait_for_room()
             if self._stopping.is_set():
                 break
-            response = await keeper.call(
-                conn.xreadgroup,
-                self._group,
-                self._consumer,
-                streams,
-                count=max(1, min(self._settings.read_count, inflight.free)),
-                block=self._settings.block_ms,
-            )
+            count = max(1, min(self._settings.read_count, inflight.free))
+            response = await keeper.call(send, *head, "COUNT", count, *tail)
             if not response:
                 continue
             for stream, entries in response:
@@ -268,13 +265,13 @@ class Reader:
             # first put its cost (tens of µs) before every handler of the batch.
             await asyncio.sleep(0)
 
-    async def _drain_own_pending(self, conn: Redis, streams: Sequence[str]) -> None:
+    async def _drain_own_pending(self, streams: Sequence[str]) -> None:
         """Re-take entries this consumer name had taken before a restart."""
         for stream in streams:
             last = "0"
             while not self._stopping.is_set():
                 await self._inflight.wait_for_room()
-                response = await conn.xreadgroup(
+                response = await self._redis.xreadgroup(
                     self._group, self._consumer, {stream: last}, count=self._settings.read_count
                 )
                 got: Any = response
