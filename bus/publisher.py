@@ -186,7 +186,7 @@ class Publisher:
             acknowledged = 0
             if len(prepared) == 1 and not self._replicas:  # one XADD: no pipeline to build
                 stream, fields, _ = prepared[0]
-                await self._redis.xadd(stream, fields)  # type: ignore[arg-type]
+                await self._held.execute_command("XADD", stream, "*", *_flat(fields))
             else:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for stream, fields, _ in prepared:
