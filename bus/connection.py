@@ -33,6 +33,7 @@ from bus.deployment import RedisTarget, parse_redis_url, split_url
 from bus.plain_settings import AnyBusSettings
 
 try:
+    from hiredis import pack_command as _pack
     from redis.connection import HiredisRespSerializer
 except ImportError:  # pragma: no cover - hiredis is a dependency
     HiredisRespSerializer = None  # type: ignore[assignment, misc]
@@ -51,6 +52,17 @@ class _HiredisPacking:
     _packer: Any = _new_packer() if _new_packer is not None else None
 
     def pack_command(self, *args: Any) -> list[bytes]:
+        # hiredis itself, without redis-py's pass over every argument: the common case.
+        first = args[0]
+        if isinstance(first, str):
+            if " " in first:  # "CLIENT SETNAME" and the like: a word each
+                args = (*first.split(), *args[1:])
+        elif isinstance(first, bytes) and b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [_pack(args)]
+        except (TypeError, UnicodeEncodeError):  # a bytearray, or not UTF-8: see below
+            pass
         try:
             packed: list[bytes] = self._packer.pack(*args)
         except UnicodeEncodeError:  # a name read from Redis that was not UTF-8: its bytes

@@ -7,6 +7,7 @@ and subscribes without schemas never loads it (it is about 9 MiB of an idle bot'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,14 @@ from bus.errors import SchemaError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel, ValidationError
+
+
+@functools.cache
+def _standard_types() -> frozenset[str]:
+    """The standard types' names, imported on the first publish (not on every one)."""
+    from bus.event_types import STANDARD_TYPES  # noqa: PLC0415 - a bot that only consumes
+
+    return STANDARD_TYPES
 
 
 def _describe(exc: ValidationError) -> str:
@@ -43,12 +52,9 @@ class SchemaRegistry:
     def get(self, type_: str) -> type[BaseModel] | None:
         """The model registered for a type, if any."""
         model = self._models.get(type_)
-        if model is None and self._standard_pending:
-            from bus.event_types import STANDARD_TYPES  # noqa: PLC0415 - on the first publish
-
-            if type_ in STANDARD_TYPES:
-                self._load_standard()
-                model = self._models.get(type_)
+        if model is None and self._standard_pending and type_ in _standard_types():
+            self._load_standard()
+            model = self._models.get(type_)
         return model
 
     def _load_standard(self) -> None:
