@@ -75,9 +75,12 @@ class HeldConnection:
         return sha
 
     async def release(self) -> None:
-        """Give the connection back to the pool (the next command takes one again)."""
+        """Give the connection back to the pool (the next command takes one again); one a
+        command is still on is dropped first, so its reply can reach no one else."""
         conn, self._conn = self._conn, None
         if conn is not None and self._pool is not None:
+            if self._busy:
+                await conn.disconnect(nowait=True)
             await self._pool.release(conn)
 
     def __repr__(self) -> str:

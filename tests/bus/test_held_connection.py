@@ -4,6 +4,7 @@ own reply, whatever happens to the one before it, on a real private Redis."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -92,3 +93,26 @@ async def test_release_gives_the_connection_back_to_the_pool(client: Redis) -> N
     await held.release()
     # The pool has one connection: the one given back is the one the client uses now.
     assert await client.execute_command("CLIENT", "ID") == held_id  # type: ignore[no-untyped-call]
+
+
+async def test_a_connection_released_under_a_blocked_read_is_not_lent_out_with_its_reply(
+    client: Redis,
+) -> None:
+    held = HeldConnection(client)
+    await client.xadd("s", {"n": "0"})
+    reading = asyncio.ensure_future(
+        held.execute_command("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
+    )
+
+    async def blocked() -> bool:
+        info: dict[str, int] = await client.info("clients")
+        return int(info["blocked_clients"]) >= 1
+
+    await wait_until(blocked, what="the XREAD blocked in Redis")
+    await held.release()  # a stop that gave up waiting for the read
+    await client.xadd("s", {"n": "1"})  # what the blocked read would have answered
+    await client.set("k", "mine")
+    assert await client.get("k") == "mine"
+    reading.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await reading
