@@ -65,7 +65,8 @@ async def test_a_write_redis_does_not_take_times_out_and_the_next_command_gets_i
             assert time.monotonic() - started < 2 * TIMEOUT + 2.0
         assert await client.set("small", "1")
         assert await client.get("small") == "1"
-        assert await client.exists("big") == 0  # the half-written SET never ran
+        # Whether the SET ran is unknown, as for any command cut short (a closing socket
+        # still sends what it holds): what must hold is that no reply goes astray.
     finally:
         await client.aclose()
 
@@ -86,7 +87,6 @@ async def test_a_write_cancelled_midway_drops_its_connection(redis_server: Redis
                 await writing
         assert await client.set("after", "2")
         assert await client.get("after") == "2"
-        assert await client.exists("big") == 0
     finally:
         await client.aclose()
 
