@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -29,6 +30,21 @@ async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
         await redis.aclose()
 
 
+async def blocked_read(client: Redis, held: HeldConnection) -> asyncio.Future[Any]:
+    """An XREAD on ``held`` of stream ``s``'s next entry, once Redis holds it blocked."""
+    await client.xadd("s", {"n": "0"})
+    reading = asyncio.ensure_future(
+        held.execute_command("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
+    )
+
+    async def blocked() -> bool:
+        info: dict[str, int] = await client.info("clients")
+        return int(info["blocked_clients"]) >= 1
+
+    await wait_until(blocked, what="the XREAD blocked in Redis")
+    return reading
+
+
 async def test_concurrent_commands_each_get_their_own_reply(client: Redis) -> None:
     held = HeldConnection(client)
     replies = await asyncio.gather(*(held.execute_command("INCR", "n") for _ in range(50)))
@@ -46,17 +62,8 @@ async def test_a_cancelled_blocking_read_leaves_no_reply_for_the_next_command(
     client: Redis,
 ) -> None:
     held = HeldConnection(client)
-    await client.xadd("s", {"n": "0"})
-    reading = asyncio.ensure_future(
-        held.execute_command("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
-    )
-
     # Cancel once Redis has the read blocked; the entry then added would be its reply.
-    async def blocked() -> bool:
-        info: dict[str, int] = await client.info("clients")
-        return int(info["blocked_clients"]) >= 1
-
-    await wait_until(blocked, what="the XREAD blocked in Redis")
+    reading = await blocked_read(client, held)
     reading.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reading
@@ -99,16 +106,7 @@ async def test_a_connection_released_under_a_blocked_read_is_not_lent_out_with_i
     client: Redis,
 ) -> None:
     held = HeldConnection(client)
-    await client.xadd("s", {"n": "0"})
-    reading = asyncio.ensure_future(
-        held.execute_command("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
-    )
-
-    async def blocked() -> bool:
-        info: dict[str, int] = await client.info("clients")
-        return int(info["blocked_clients"]) >= 1
-
-    await wait_until(blocked, what="the XREAD blocked in Redis")
+    reading = await blocked_read(client, held)
     await held.release()  # a stop that gave up waiting for the read
     await client.xadd("s", {"n": "1"})  # what the blocked read would have answered
     await client.set("k", "mine")
