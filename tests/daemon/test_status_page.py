@@ -403,7 +403,9 @@ async def check_link(page: Page, url: str, event_id: str, admin: str) -> None:
     await expect(message).to_contain_text("needs a token with the read scope")
     await page.locator("#event-token").fill(admin)
     await page.locator("#event-form button").click()
-    await expect(page.locator('#event-fields [data-field="id"]')).to_have_text(event_id)
+    await expect(page.locator('#event-fields [data-field="id"]')).to_have_text(
+        event_id, timeout=SEEN
+    )
     await expect(message).to_be_empty()
 
 
