@@ -12,9 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from bus.connection import is_cluster
+
+
+class ConnectionReleasedError(RedisError):
+    """A command's next try after :meth:`HeldConnection.release` gave its connection up
+    (not a connection error, which the retry policy would try again)."""
 
 
 class HeldConnection:
@@ -34,16 +39,16 @@ class HeldConnection:
         self._pool: Any = None if is_cluster(redis) else redis.connection_pool
         self._conn: Any = None
         self._busy = False
+        self._releases = 0  # release() calls so far (one during a connect voids it)
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         """Send one command and return its reply, parsed as ``redis`` parses it."""
         if self._pool is None or self._busy:
             return await self._redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
         self._busy = True
+        conn = None
         try:
-            conn = self._conn
-            if conn is None:
-                conn = self._conn = await self._pool.get_connection()
+            conn = self._conn or await self._take()
             try:
                 return await conn.retry.call_with_retry(
                     lambda: self._send(conn, args, options), lambda _error: conn.disconnect()
@@ -55,13 +60,27 @@ class HeldConnection:
                 raise
         finally:
             self._busy = False
+            if conn is not None and conn is not self._conn:  # released under this command
+                await self._pool.release(conn)
 
     async def connect(self) -> None:
         """Take the connection from the pool now, connected (as the first command would)."""
         if self._conn is None and self._pool is not None:
-            self._conn = await self._pool.get_connection()
+            conn = await self._take()
+            if conn is not self._conn:  # released while it connected
+                await self._pool.release(conn)
+
+    async def _take(self) -> Any:
+        """A connection from the pool, held unless :meth:`release` ran while it came."""
+        releases = self._releases
+        conn = await self._pool.get_connection()
+        if releases == self._releases:
+            self._conn = conn
+        return conn
 
     async def _send(self, conn: Any, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        if conn is not self._conn:  # released between two tries: not ours to send on
+            raise ConnectionReleasedError(f"{args[0]} not retried: the connection was released")
         await conn.send_command(*args)
         return await self._redis.parse_response(conn, args[0], **options)
 
@@ -75,13 +94,18 @@ class HeldConnection:
         return sha
 
     async def release(self) -> None:
-        """Give the connection back to the pool (the next command takes one again); one a
-        command is still on is dropped first, so its reply can reach no one else."""
+        """Give the connection back to the pool (the next command takes one again).
+
+        One a command is still on is dropped instead, and goes back when that command
+        ends (which it then does at once, without another try), so the pool never lends
+        it while a reply or a retry of that command may still come on it."""
         conn, self._conn = self._conn, None
+        self._releases += 1
         if conn is not None and self._pool is not None:
             if self._busy:
                 await conn.disconnect(nowait=True)
-            await self._pool.release(conn)
+            else:
+                await self._pool.release(conn)
 
     def __repr__(self) -> str:
         state = "cluster" if self._pool is None else "held" if self._conn else "none"

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from bus.connection import connect
-from bus.held_connection import HeldConnection
+from bus.held_connection import ConnectionReleasedError, HeldConnection
 from bus.settings import BusSettings
 from manager.embedded.redis_server import RedisServer
 from tests.support import wait_until
@@ -114,3 +114,15 @@ async def test_a_connection_released_under_a_blocked_read_is_not_lent_out_with_i
     reading.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await reading
+
+
+async def test_a_command_released_under_ends_without_another_try(client: Redis) -> None:
+    """Its dropped connection is not tried again (the pool may lend that connection out
+    once the command ends): the command fails at once, and Redis holds no read of it."""
+    held = HeldConnection(client)
+    reading = await blocked_read(client, held)
+    await held.release()
+    with pytest.raises(ConnectionReleasedError):
+        await asyncio.wait_for(reading, 5)  # a retry would block again, for 10 s
+    info: dict[str, int] = await client.info("clients")
+    assert int(info["blocked_clients"]) == 0
