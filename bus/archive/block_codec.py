@@ -48,6 +48,7 @@ _NONE16 = 0xFFFF
 _NO_ID = bytes(16)
 _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _NO_CAUSE, _SAME_CAUSE, _UUID_CAUSE, _TEXT_CAUSE = range(4)
+_U32 = struct.Struct("<I")
 _INT32 = (-(2**31), 2**31 - 1)  # the version's range (PostgreSQL integer, as before)
 # Record fields (bus.archive.rows.EVENT_COLUMNS order).
 _ID, _TYPE, _SOURCE, _DATA, _CORR, _CAUSE, _VERSION, _KEY, _CREATED, _STREAM, _MS, _SEQ = range(12)
@@ -213,12 +214,13 @@ def _hex_uuid(raw: bytes) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-def _decode_segment(
+def _decode_segment(  # noqa: PLR0917 - one segment's parts, passed on by decode_block
     raw: bytes,
     ids: bytes,
     correlations: Sequence[uuid.UUID | str],
     wanted: Iterable[int] | None,
     correlation: int | None,
+    stream: str | None,
 ) -> dict[int, tuple[Any, ...]]:
     """The rows at ``wanted`` (positions in the segment; None: all), or with correlation
     reference ``correlation``: every column in one unpack, texts only of those rows."""
@@ -226,63 +228,55 @@ def _decode_segment(
         raise BlockDataError("segment too short")
     c, n_names = raw[0], raw[1]
     at = 2
-    name_at = []
+    names = []
     for _ in range(n_names):
-        (size,) = struct.unpack_from("<I", raw, at)
-        name_at.append((at + 4, at + 4 + size))
+        (size,) = _U32.unpack_from(raw, at)
+        names.append(raw[at + 4 : at + 4 + size].decode())
         at += 4 + size
     layout = _columns(c)
     if at + layout.size > len(raw) or len(ids) != 16 * c:
         raise BlockDataError("segment ends inside its columns")
     v = layout.unpack_from(raw, at)
-    created, ms, seqs = v[2 * c : 3 * c], v[3 * c : 4 * c], v[4 * c : 5 * c]
-    refs, causes, absent, lengths = v[6 * c : 7 * c], v[7 * c : 8 * c], v[8 * c : 9 * c], v[9 * c :]
+    refs, causes, absent = v[6 * c : 7 * c], v[7 * c : 8 * c], v[8 * c : 9 * c]
     uuid_at = at + layout.size
+    # Where each text starts (text k = column * c + row), the texts' end last.
     texts_at = uuid_at + 16 * causes.count(_UUID_CAUSE)
-    if texts_at + sum(lengths) != len(raw):
+    starts = list(itertools.accumulate(v[9 * c :], initial=texts_at))
+    if starts[-1] != len(raw):
         raise BlockDataError("segment length does not match its columns")
-
     if correlation is not None:
         wanted = [i for i in range(c) if refs[i] == correlation]
-    wanted = range(c) if wanted is None else list(wanted)
-    # Where each text starts, and the deltas summed: as needed for a row or two, all at
-    # once for more.
-    many = len(wanted) > 2
-    starts = list(itertools.accumulate(lengths, initial=texts_at)) if many else None
-    stamps = list(itertools.accumulate(created)) if many else None
-    entry_ms = list(itertools.accumulate(ms)) if many else None
-    names = [raw[start:end].decode() for start, end in name_at] if many else None
+    elif wanted is None:
+        wanted = range(c)
+    stamps = list(itertools.accumulate(v[2 * c : 3 * c]))
+    entry_ms = list(itertools.accumulate(v[3 * c : 4 * c]))
 
-    def text(column: int, i: int) -> str | None:
-        if absent[i] >> column & 1:
-            return None
-        k = column * c + i
-        start = starts[k] if starts is not None else texts_at + sum(lengths[:k])
-        return raw[start : start + lengths[k]].decode()
-
-    def name(n: int) -> str:
-        if names is not None:
-            return names[n]
-        start, end = name_at[n]
-        return raw[start:end].decode()
+    def text(k: int) -> str:
+        return raw[starts[k] : starts[k + 1]].decode()
 
     rows: dict[int, tuple[Any, ...]] = {}
     for i in wanted:
-        ref = refs[i]
-        corr = None if ref == 0 else text(1, i) if ref == _NONE16 else str(correlations[ref - 1])
-        kind = causes[i]
+        gone, ref, kind = absent[i], refs[i], causes[i]
+        corr = (
+            None if ref == 0 or (ref == _NONE16 and gone & 2)
+            else text(c + i) if ref == _NONE16
+            else str(correlations[ref - 1])
+        )  # fmt: skip
         cause: str | None
-        if kind == _UUID_CAUSE:
+        if kind == _NO_CAUSE:
+            cause = None
+        elif kind == _SAME_CAUSE:
+            cause = corr
+        elif kind == _UUID_CAUSE:
             start = uuid_at + 16 * causes[:i].count(_UUID_CAUSE)
             cause = _hex_uuid(raw[start : start + 16])
         else:
-            cause = None if kind == _NO_CAUSE else corr if kind == _SAME_CAUSE else text(2, i)
-        event_id = text(0, i) if not absent[i] & 1 else _hex_uuid(ids[16 * i : 16 * i + 16])
+            cause = None if gone & 4 else text(2 * c + i)
         rows[i] = (
-            event_id, name(v[i]), name(v[c + i]), text(4, i), corr, cause, v[5 * c + i],
-            text(3, i),
-            _EPOCH + (stamps[i] if stamps else sum(created[: i + 1])) * _MICROSECOND, None,
-            entry_ms[i] if entry_ms else sum(ms[: i + 1]), seqs[i],
+            _hex_uuid(ids[16 * i : 16 * i + 16]) if gone & 1 else text(i),
+            names[v[i]], names[v[c + i]], None if gone & 16 else text(4 * c + i), corr, cause,
+            v[5 * c + i], None if gone & 8 else text(3 * c + i),
+            _EPOCH + stamps[i] * _MICROSECOND, stream, entry_ms[i], v[4 * c + i],
         )  # fmt: skip
     return rows
 
@@ -300,11 +294,12 @@ def decode_block(
     *,
     positions: Iterable[int] | None = None,
     correlation: str | None = None,
+    stream: str | None = None,
 ) -> dict[int, tuple[Any, ...]]:
     """Rows of a block by position: all, those of ``positions``, or those correlated by
-    ``correlation``, in ``EVENT_COLUMNS`` order with the stream left None for the caller.
-    Inflates only the segments needed. :class:`BlockDataError` for a body that does not
-    decode."""
+    ``correlation``, in ``EVENT_COLUMNS`` order with the stream ``stream`` (the block row
+    holds it). Inflates only the segments needed. :class:`BlockDataError` for a body that
+    does not decode."""
     count = block_rows(ids)
     if not body or len(body) < 1 + 4 * body[0]:
         raise BlockDataError("block body too short for its segment table")
@@ -333,8 +328,9 @@ def decode_block(
         raw = decompress(body[bounds[segment] : bounds[segment + 1]])
         try:
             rows = _decode_segment(
-                raw, ids[16 * first : 16 * (first + ROWS_PER_SEGMENT)], correlations, wanted, ref
-            )
+                raw, ids[16 * first : 16 * (first + ROWS_PER_SEGMENT)], correlations, wanted, ref,
+                stream,
+            )  # fmt: skip
         except (IndexError, UnicodeDecodeError, ValueError, struct.error) as exc:
             raise BlockDataError(f"segment {segment} does not decode: {exc}") from None
         for n, row in rows.items():

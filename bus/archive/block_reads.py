@@ -112,11 +112,11 @@ def _decode(
             dicts.reader(block["dict_id"]),
             positions=positions,
             correlation=correlation,
+            stream=block["stream"],
         )
     except BlockDataError as exc:
         raise ArchiveDataError(f"block {block['block']} is damaged: {exc}") from None
-    stream = block["stream"]
-    return {p: (*row[:_STREAM], stream, *row[_STREAM + 1 :]) for p, row in rows.items()}
+    return rows
 
 
 async def rows_at(
