@@ -79,13 +79,16 @@ _WAIT_FOR_MAKES_A_TASK = sys.version_info < (3, 12)
 
 
 class _WritesWithoutATask:
-    """Bounds a command's write with ``asyncio.timeout`` instead of ``asyncio.wait_for``.
+    """Bounds a command's write with ``asyncio.timeout`` instead of ``asyncio.wait_for``,
+    and only where it can wait.
 
     redis-py bounds every write with ``wait_for``, which on Python 3.11 wraps the write in
     a Task of its own: two more turns of the event loop and a Task per command, on every
-    XADD, XREADGROUP and XACK of the bus. This is the same write under the same timeout,
-    with the same errors (and the connection dropped after any of them). A connection not
-    yet open, or without a timeout, takes redis-py's own path, which opens it (through the
+    XADD, XREADGROUP and XACK of the bus. A write the socket takes whole (the usual case:
+    the transport keeps nothing back) cannot wait, so it needs no timer either; one that
+    leaves bytes in the transport's buffer waits for them under the same timeout, with
+    the same errors (and the connection dropped after any of them). A connection not yet
+    open, or without a timeout, takes redis-py's own path, which opens it (through the
     sentinels, for a Sentinel set).
     """
 
@@ -101,8 +104,15 @@ class _WritesWithoutATask:
         if isinstance(command, bytes):
             command = [command]
         try:
-            async with asyncio.timeout(conn.socket_timeout):
-                await conn._send_packed_command(command)  # redis-py's own write
+            writer = conn._writer
+            if writer is None or writer.transport.is_closing():  # as redis-py's own write
+                raise RedisConnectionError("Connection closed by the server before write")
+            writer.writelines(command)
+            if writer.transport.get_write_buffer_size():  # the socket took only part of it
+                async with asyncio.timeout(conn.socket_timeout):
+                    await writer.drain()
+            elif writer.transport.is_closing():  # the write failed (the transport closed)
+                raise RedisConnectionError("Connection closed by the server while writing")
         except TimeoutError as exc:  # ours, or the OS's (ETIMEDOUT: then it has an errno)
             await conn.disconnect(nowait=True)
             if exc.errno is not None:
