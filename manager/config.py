@@ -98,6 +98,12 @@ class ManagerSettings(BaseSettings):
         "hosts = [...] name it); default: the machine's host name",
     )
     redis_url: str | None = Field(None, description="unset: run an embedded redis-server")
+    redis_appendfsync: Literal["always", "everysec"] | None = Field(
+        None,
+        description="the embedded redis-server's AOF fsync policy (unset: everysec): 'always' "
+        "writes and syncs the AOF before Redis answers, so a killed redis-server or a power "
+        "cut loses no confirmed event, at the cost of a sync per round of commands",
+    )
     postgres_dsn: str | None = Field(None, description="unset: run an embedded PostgreSQL")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     bus: BusOptions = BusOptions()
@@ -132,6 +138,16 @@ class ManagerSettings(BaseSettings):
         if value:
             parse_redis_url(value)  # RedisUrlError (a ValueError) says what is wrong
         return value or None
+
+    @field_validator("redis_appendfsync")
+    @classmethod
+    def _appendfsync(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("redis_url") is not None:
+            raise ValueError(
+                "sets the embedded redis-server's AOF, which does not run when redis_url is "
+                "set: set appendfsync in that Redis's own configuration instead"
+            )
+        return value
 
     @field_validator("postgres_dsn")
     @classmethod

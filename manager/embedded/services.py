@@ -86,6 +86,7 @@ async def start_services(settings: ManagerSettings, *, bots_by_tcp: bool = False
                 password=secret(redis_dir / "password"),
                 unix_socket=tls is None,
                 tls=tls,
+                appendfsync=settings.redis_appendfsync or "everysec",
                 # Streams are the bus's data: never evicted. Full, Redis refuses writes, and
                 # the pressure watch holds publishers back well before that.
                 extra_config={"maxmemory": str(maxmemory), "maxmemory-policy": "noeviction"},

@@ -7,7 +7,8 @@ low ``maxmemory``, a read-only or "full" database). They act from outside, as an
 accident would: signals to the processes, admin commands to Redis and PostgreSQL.
 
 - ``redis-kill``: SIGKILL the embedded redis-server (its pid from ``INFO server``); the
-  manager restarts it, and it replays its AOF.
+  manager restarts it, and it replays its AOF. Whether Redis was holding AOF writes back
+  (an fsync still running under ``appendfsync everysec``) is read just before.
 - ``redis-pause``: ``CLIENT PAUSE <hold> ALL``.
 - ``redis-oom``: ``CONFIG SET maxmemory`` to 1 MiB above ``used_memory``, then back.
 - ``pg-stop``: SIGINT to the postmaster (a fast shutdown); the manager starts it again.
@@ -43,7 +44,7 @@ from manager.soak.bot import HANG
 from manager.soak.hostile import HostileEntry, write_hostile
 from manager.soak.observe import MemorySampler
 from manager.soak.process import ManagerKeeper
-from manager.soak.reconcile import Kill
+from manager.soak.reconcile import Kill, RedisKill
 from manager.status import InstanceState
 
 log = structlog.get_logger("manager.soak")
@@ -71,6 +72,7 @@ class FaultContext:
     sampler: MemorySampler
     soak_bots: tuple[str, ...]
     kills: list[Kill] = field(default_factory=list)
+    redis_kills: list[RedisKill] = field(default_factory=list)
     hostile: list[HostileEntry] = field(default_factory=list)
     hangs: list[str] = field(default_factory=list)
 
@@ -87,10 +89,17 @@ Inject = Callable[[FaultContext, float], Awaitable[float]]
 
 
 async def redis_kill(ctx: FaultContext, hold: float) -> float:
-    """SIGKILL the embedded redis-server."""
+    """SIGKILL the embedded redis-server, noting whether it held AOF writes back."""
     info: Any = await ctx.redis.info("server")
+    fsync: Any = await ctx.redis.config_get("appendfsync")
+    persistence: Any = await ctx.redis.info("persistence")
     os.kill(int(info["process_id"]), signal.SIGKILL)
-    return time.time()
+    at = time.time()
+    # Under everysec Redis postpones its AOF writes while a background fsync runs, and
+    # answers meanwhile; under always it writes and syncs before it answers.
+    held = fsync.get("appendfsync") == "everysec" and persistence.get("aof_pending_bio_fsync")
+    ctx.redis_kills.append(RedisKill(at, bool(held)))
+    return at
 
 
 async def redis_pause(ctx: FaultContext, hold: float) -> float:

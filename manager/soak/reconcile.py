@@ -2,7 +2,11 @@
 
 Per group, an event Redis confirmed is *lost* when the group neither handled it nor
 dead-lettered it; for the archive, when PostgreSQL has no row for it and the archiver did
-not dead-letter it as ``unarchivable``. An event a group handled more than once is a
+not dead-letter it as ``unarchivable``. A lost event confirmed in the seconds before a
+``redis-kill`` that found Redis holding its AOF writes back (``appendfsync everysec`` with a
+background fsync still running: Redis answers, and writes the AOF once the fsync is done,
+up to two seconds of its clock later) went with the server, not with the bus: it is counted
+apart, as *lost with the AOF*. An event a group handled more than once is a
 *duplicate*; it is *explained* when the process that handled it first was SIGKILLed by the
 soak after that handling (a kill mid-flight: the handler ran, the ack never reached Redis),
 and is put down to a Redis restart when the first handling fell in a ``redis-kill`` window
@@ -25,6 +29,10 @@ SAMPLE = 20
 #: Seconds a handling may precede its process's kill and still count as killed mid-flight
 #: (the ack of a handled entry goes out within milliseconds; this is generous).
 KILL_SPAN = 5.0
+#: Seconds before a redis-kill whose confirmed writes Redis may still have held back from
+#: its AOF: it postpones them while a background fsync runs, for under two seconds of its
+#: clock (whole seconds: up to three of ours).
+AOF_HOLD_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,26 @@ class Kill:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisKill:
+    """A redis-kill: when, and whether Redis was holding AOF writes back then (an fsync of
+    its AOF still running under ``appendfsync everysec``)."""
+
+    at: float
+    aof_held: bool
+
+
+def with_the_aof(
+    lost: Sequence[str], confirmed: Mapping[str, float], kills: Sequence[RedisKill]
+) -> tuple[list[str], list[str]]:
+    """``lost`` split into those confirmed within :data:`AOF_HOLD_S` before a redis-kill
+    that found AOF writes held back (gone with the server), and the rest."""
+    held = [k.at for k in kills if k.aof_held]
+    gone = [i for i in lost if any(at - AOF_HOLD_S <= confirmed[i] <= at for at in held)]
+    taken = set(gone)
+    return gone, [i for i in lost if i not in taken]
+
+
+@dataclass(frozen=True, slots=True)
 class Window:
     """One fault injection: its class, start and end (wall times)."""
 
@@ -73,6 +101,8 @@ class GroupResult:
     handled: int = 0
     dead_lettered: dict[str, int] = field(default_factory=dict)
     lost: list[str] = field(default_factory=list)
+    #: Lost with Redis's AOF at a redis-kill (see :func:`with_the_aof`), not in ``lost``.
+    lost_with_aof: list[str] = field(default_factory=list)
     duplicates: int = 0
     #: Duplicates by explanation: a fault class (``bot-kill``, ``manager-kill``,
     #: ``redis-kill``) or ``unexplained``.
@@ -95,6 +125,7 @@ def reconcile_group(
     *,
     kills: Sequence[Kill] = (),
     windows: Sequence[Window] = (),
+    redis_kills: Sequence[RedisKill] = (),
 ) -> GroupResult:
     """Compare what ``group`` handled and dead-lettered with the ``confirmed`` events."""
     result = GroupResult(group)
@@ -109,7 +140,8 @@ def reconcile_group(
     dead_ids = {d.event_id for d in mine}
     result.handled = sum(1 for i in counts if i in confirmed)
     result.unconfirmed_handled = sum(1 for i in counts if i not in confirmed)
-    result.lost = sorted(i for i in confirmed if i not in counts and i not in dead_ids)
+    lost = sorted(i for i in confirmed if i not in counts and i not in dead_ids)
+    result.lost_with_aof, result.lost = with_the_aof(lost, confirmed, redis_kills)
     killed = {k.pid: k for k in kills}
     redis_windows = [w for w in windows if w.fault == "redis-kill"]
     causes: Counter[str] = Counter()
@@ -141,11 +173,16 @@ class ArchiveResult:
 
     archived: int = 0
     lost: list[str] = field(default_factory=list)
+    #: Lost with Redis's AOF at a redis-kill (see :func:`with_the_aof`), not in ``lost``.
+    lost_with_aof: list[str] = field(default_factory=list)
     unarchivable: int = 0
 
 
 def reconcile_archive(
-    confirmed: Mapping[str, float], archived: Mapping[str, float], dead: Sequence[DeadLetterRow]
+    confirmed: Mapping[str, float],
+    archived: Mapping[str, float],
+    dead: Sequence[DeadLetterRow],
+    redis_kills: Sequence[RedisKill] = (),
 ) -> ArchiveResult:
     """Compare the ``archived`` ids with the ``confirmed`` ones."""
     unarchivable = {
@@ -153,9 +190,12 @@ def reconcile_archive(
         for d in dead
         if d.group == ARCHIVER_GROUP or d.reason == DeadLetterReason.UNARCHIVABLE
     }
+    lost = sorted(i for i in confirmed if i not in archived and i not in unarchivable)
+    with_aof, lost = with_the_aof(lost, confirmed, redis_kills)
     return ArchiveResult(
         archived=sum(1 for i in confirmed if i in archived),
-        lost=sorted(i for i in confirmed if i not in archived and i not in unarchivable),
+        lost=lost,
+        lost_with_aof=with_aof,
         unarchivable=sum(1 for i in confirmed if i in unarchivable),
     )
 
@@ -168,6 +208,8 @@ class FaultResult:
     injections: int = 0
     confirmed: int = 0
     lost: int = 0
+    #: Lost with Redis's AOF (see :func:`with_the_aof`), apart from ``lost``.
+    lost_with_aof: int = 0
     duplicates: int = 0
     #: Seconds from each injection's end until publishing and every group and the archive
     #: had caught up with what was confirmed before it.
@@ -218,6 +260,8 @@ def per_fault(
     handled in that span, recovery times."""
     confirm_times = sorted(confirmed.values())
     lost_at = [confirmed[i] for g in groups for i in g.lost] + [confirmed[i] for i in archive.lost]
+    aof_at = [confirmed[i] for g in groups for i in g.lost_with_aof]
+    aof_at += [confirmed[i] for i in archive.lost_with_aof]
     dup_at = [g.first_handled[i] for g in groups for i in g.duplicate_causes]
     results: dict[str, FaultResult] = defaultdict(lambda: FaultResult(""))
     for w in windows:
@@ -227,6 +271,7 @@ def per_fault(
         recovery = recovery_time(w.end, confirm_times, catchups)
         r.confirmed += _count_in(confirm_times, w.start, w.end + recovery)
         r.lost += sum(1 for t in lost_at if w.start <= t <= w.end + grace)
+        r.lost_with_aof += sum(1 for t in aof_at if w.start - AOF_HOLD_S <= t <= w.end)
         r.duplicates += sum(1 for t in dup_at if w.start <= t <= w.end + grace)
         r.recovery.append(round(recovery, 3))
     return sorted(results.values(), key=lambda r: r.fault)

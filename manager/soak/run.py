@@ -153,7 +153,8 @@ async def _run(
             evidence = Evidence(
                 started=started, ended=time.time(), work=work, redis=redis,
                 dsn=(await keeper.connection()).get("postgres_dsn"), dlq=keys.dead_letters(),
-                windows=windows, kills=ctx.kills, hangs=ctx.hangs, hostile=ctx.hostile,
+                windows=windows, kills=ctx.kills, redis_kills=ctx.redis_kills, hangs=ctx.hangs,
+                hostile=ctx.hostile,
                 sampler=sampler, keeper=keeper, backlog=backlog, fault_errors=errors,
             )  # fmt: skip
             report = await summarize(options.duration, options.rate, evidence)

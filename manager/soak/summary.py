@@ -29,6 +29,7 @@ from manager.soak.reconcile import (
     GroupResult,
     Handling,
     Kill,
+    RedisKill,
     Window,
     per_fault,
     reconcile_archive,
@@ -50,6 +51,7 @@ class Evidence:
     dlq: str
     windows: list[Window]
     kills: list[Kill]
+    redis_kills: list[RedisKill]
     hangs: list[str]
     hostile: list[HostileEntry]
     sampler: MemorySampler
@@ -75,15 +77,24 @@ async def summarize(duration: float, rate: float, ev: Evidence) -> SoakReport:
     dead = await read_dead_letters(ev.redis, ev.dlq, ev.dsn)
     archived = await read_archived(ev.dsn, [TICK]) if ev.dsn else {}
     groups = [
-        reconcile_group(g, confirmed, handled.get(g, []), dead, kills=ev.kills, windows=ev.windows)
+        reconcile_group(
+            g,
+            confirmed,
+            handled.get(g, []),
+            dead,
+            kills=ev.kills,
+            windows=ev.windows,
+            redis_kills=ev.redis_kills,
+        )
         for g in soak_groups()
     ]
-    archive = reconcile_archive(confirmed, archived, dead)
+    archive = reconcile_archive(confirmed, archived, dead, ev.redis_kills)
     catchups = [Catchup(confirmed, g.first_handled) for g in groups]
     catchups.append(Catchup(confirmed, archived))
     faults = per_fault(ev.windows, confirmed, groups, archive, catchups)
     load = _load_summaries(ev.work / "load")
     lost_ids = {i for g in groups for i in g.lost} | set(archive.lost)
+    with_aof = sorted({i for g in groups for i in g.lost_with_aof} | set(archive.lost_with_aof))
     ticks = set(confirmed)
     return SoakReport(
         duration_s=duration,
@@ -96,6 +107,9 @@ async def summarize(duration: float, rate: float, ev: Evidence) -> SoakReport:
         dead_lettered_by_reason=dict(Counter(d.reason for d in dead if d.event_id in ticks)),
         archived=archive.archived,
         lost=len(lost_ids),
+        lost_with_aof=len(with_aof),
+        lost_with_aof_sample=with_aof[:SAMPLE],
+        redis_kills_aof_held=sum(1 for k in ev.redis_kills if k.aof_held),
         lost_archive=len(archive.lost),
         lost_archive_sample=archive.lost[:SAMPLE],
         duplicates={g.group: g.duplicates for g in groups},
@@ -111,6 +125,7 @@ async def summarize(duration: float, rate: float, ev: Evidence) -> SoakReport:
                 injections=f.injections,
                 confirmed=f.confirmed,
                 lost=f.lost,
+                lost_with_aof=f.lost_with_aof,
                 duplicates=f.duplicates,
                 recovery_s=f.recovery,
                 redis_peak_bytes=_peak_in(
@@ -134,6 +149,7 @@ def _group_report(g: GroupResult) -> GroupReport:
         dead_lettered=g.dead_lettered,
         lost=len(g.lost),
         lost_sample=g.lost[:SAMPLE],
+        lost_with_aof=len(g.lost_with_aof),
         duplicates=g.duplicates,
         duplicates_by_cause=g.duplicates_by_cause,
         unexplained_duplicates=g.duplicates_by_cause.get("unexplained", 0),

@@ -304,6 +304,16 @@ class TestErrors:
         path = write(tmp_path, MINIMAL + "restart = { backoff_base = 5.0, backoff_cap = 1.0 }\n")
         assert errors_of(path) == ["bots[0].restart: backoff_cap must be >= backoff_base"]
 
+    def test_redis_appendfsync_with_a_redis_url_is_refused(self, tmp_path: Path) -> None:
+        """The AOF setting is the embedded redis-server's: with redis_url there is none."""
+        path = write(tmp_path, 'redis_url = "redis://h:1/0"\nredis_appendfsync = "always"\n')
+        (error,) = errors_of(path)
+        assert error.startswith("redis_appendfsync: sets the embedded redis-server")
+        assert "appendfsync in that Redis's own configuration" in error
+        assert load_config(write(tmp_path, 'redis_appendfsync = "always"\n')).redis_appendfsync
+        (error,) = errors_of(write(tmp_path, 'redis_appendfsync = "no"\n'))
+        assert error.startswith("redis_appendfsync: Input should be 'always' or 'everysec'")
+
     def test_bad_redis_url_is_refused(self, tmp_path: Path) -> None:
         """redis_url must be a URL the bus reads (redis://, rediss://, unix://, Sentinel)."""
         (error,) = errors_of(write(tmp_path, 'redis_url = "http://localhost"\n'))

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError
 from structlog.testing import capture_logs
 
+from manager.config import ManagerSettings
 from manager.embedded import server as server_module
 from manager.embedded.redis_server import (
     RedisBinary,
@@ -21,6 +22,7 @@ from manager.embedded.redis_server import (
     find_redis_server,
     free_port,
 )
+from manager.embedded.services import start_services
 from manager.errors import EmbeddedServiceError, ManagerError
 from tests.conftest import RedisFactory
 
@@ -289,3 +291,22 @@ class TestStartFailure:
         with pytest.raises(EmbeddedServiceError, match="no-such-directive"):
             await server.start(timeout=5)
         assert not server.running
+
+
+@pytest.mark.redis
+async def test_the_managers_embedded_redis_syncs_its_aof_as_configured(tmp_path: Path) -> None:
+    """``redis_appendfsync = "always"``: the embedded redis-server writes and syncs its AOF
+    before it answers; unset, it syncs every second."""
+    tmp_path.chmod(0o711)
+    unused = "postgresql://unused@127.0.0.1:1/unused"  # not started, not reached
+    for setting, expected in (("always", "always"), (None, "everysec")):
+        settings = ManagerSettings(
+            data_dir=tmp_path / str(setting), redis_appendfsync=setting, postgres_dsn=unused
+        )
+        services = await start_services(settings)
+        try:
+            async with Redis.from_url(services.redis_url) as redis:
+                config: dict[str, str] = await redis.config_get("appendfsync")
+            assert config == {"appendfsync": expected}
+        finally:
+            await services.stop()

@@ -8,6 +8,7 @@ from manager.soak.reconcile import (
     DeadLetterRow,
     Handling,
     Kill,
+    RedisKill,
     Window,
     per_fault,
     reconcile_archive,
@@ -72,6 +73,37 @@ class TestGroup:
         handled = [Handling(i, 100, t) for i, t in CONFIRMED.items()] + [Handling("x", 100, 1.0)]
         result = reconcile_group(GROUP, CONFIRMED, handled, [])
         assert (result.handled, result.unconfirmed_handled, result.lost) == (3, 1, [])
+
+
+class TestLostWithTheAof:
+    """A redis-kill while Redis held AOF writes back (an fsync running under everysec)
+    takes the events confirmed in the seconds before it: counted apart, not as lost."""
+
+    def test_events_confirmed_just_before_a_kill_that_held_aof_writes_go_with_it(self) -> None:
+        kill = RedisKill(13.5, aof_held=True)
+        result = reconcile_group(GROUP, CONFIRMED, [], [], redis_kills=[kill])
+        assert result.lost == ["e1"]  # 3.5 s before the kill: longer than Redis holds writes
+        assert result.lost_with_aof == ["e2", "e3"]
+        archive = reconcile_archive(CONFIRMED, {"e3": 13.0}, [], [kill])
+        assert (archive.lost, archive.lost_with_aof) == (["e1"], ["e2"])
+
+    def test_a_kill_that_held_nothing_explains_no_loss(self) -> None:
+        """No fsync was running (or the AOF syncs on every write): every loss is a loss."""
+        kill = RedisKill(12.5, aof_held=False)
+        result = reconcile_group(GROUP, CONFIRMED, [], [], redis_kills=[kill])
+        assert (result.lost, result.lost_with_aof) == (["e1", "e2", "e3"], [])
+
+    def test_events_confirmed_after_the_kill_or_long_before_are_lost(self) -> None:
+        confirmed = {"before": 5.0, "held": 9.0, "after": 10.5}
+        result = reconcile_group(GROUP, confirmed, [], [], redis_kills=[RedisKill(10.0, True)])
+        assert (result.lost, result.lost_with_aof) == (["after", "before"], ["held"])
+
+    def test_the_fault_table_counts_them_apart(self) -> None:
+        kill = RedisKill(13.5, aof_held=True)
+        group = reconcile_group(GROUP, CONFIRMED, [], [], redis_kills=[kill])
+        archive = reconcile_archive(CONFIRMED, dict(CONFIRMED), [], [kill])
+        (fault,) = per_fault([Window("redis-kill", 13.4, 13.5)], CONFIRMED, [group], archive, [])
+        assert (fault.lost, fault.lost_with_aof) == (0, 2)
 
 
 class TestArchive:
