@@ -6,7 +6,8 @@ group's pending list only after the transaction that stored it committed. Batche
 bounded by size and by time. While PostgreSQL is away it holds its batch and retries with
 backoff; nothing more is read, so events wait in Redis (and the stream is not trimmed below
 them). A restarted archiver (the same consumer name) re-reads its pending batch first; the
-insert is idempotent on the event id, so nothing is stored twice.
+insert is idempotent on the stream's entry id, so no entry is stored twice (the same event
+published twice, as two entries, is stored twice).
 
 With ``archive.on_every_host`` every manager runs one, each its own consumer of the group
 (``archiver-<host>``), and Redis shares the entries out among them. Each also takes over,
