@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,15 +55,19 @@ def test_a_short_soak_with_faults_loses_nothing() -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-async def test_a_killed_soak_takes_its_manager_and_loaders_along(tmp_path: Path) -> None:
+async def test_a_killed_soak_takes_its_manager_and_loaders_along(
+    tmp_path: Path, reachable_dir: Path
+) -> None:
     """`multibot soak` SIGKILLed from outside (a CI timeout, an operator's kill -9): the
     manager it started and its load processes die with it, and with the manager its bots
-    and embedded servers; nothing is left running."""
+    and embedded servers; nothing is left running. (Its directory, which a killed soak
+    cannot remove, is made under ``reachable_dir``, which the fixture removes.)"""
+    env = {**os.environ, "TMPDIR": str(reachable_dir)}
     with (tmp_path / "soak.log").open("wb") as log:
         soak = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "manager.cli", "soak", "--duration", "120",
             "--faults", "bot-kill", cwd=REPO, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=log,
+            stdout=asyncio.subprocess.DEVNULL, stderr=log, env=env,
         )  # fmt: skip
     started: list[psutil.Process] = []
     try:
