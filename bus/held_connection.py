@@ -48,7 +48,7 @@ class HeldConnection:
         self._busy = True
         conn = None
         try:
-            conn = self._conn or await self._take()
+            conn = self._conn if self._conn is not None else await self._take()
             try:
                 return await conn.retry.call_with_retry(
                     lambda: self._send(conn, args, options), lambda _error: conn.disconnect()
