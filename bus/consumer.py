@@ -184,6 +184,7 @@ class Consumer:
             inflight=self._inflight,
             stopping=self._stopping,
             stats=self.stats,
+            log=self._log,
         )
         reclaimer = Reclaimer(
             redis=redis,

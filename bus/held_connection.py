@@ -41,8 +41,9 @@ class HeldConnection:
         self._busy = False
         self._releases = 0  # release() calls so far (one during a connect voids it)
 
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        """Send one command and return its reply, parsed as ``redis`` parses it."""
+    async def execute_command(self, *args: Any, retry: bool = True, **options: Any) -> Any:
+        """Send one command and return its reply, parsed as ``redis`` parses it; ``retry``
+        False: see :meth:`execute_once`."""
         if self._pool is None or self._busy:
             return await self._redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
         self._busy = True
@@ -50,6 +51,8 @@ class HeldConnection:
         try:
             conn = self._conn if self._conn is not None else await self._take()
             try:
+                if not retry:
+                    return await self._send(conn, args, options)
                 return await conn.retry.call_with_retry(
                     lambda: self._send(conn, args, options), lambda _error: conn.disconnect()
                 )
@@ -62,6 +65,14 @@ class HeldConnection:
             self._busy = False
             if conn is not None and conn is not self._conn:  # released under this command
                 await self._pool.release(conn)
+
+    async def execute_once(self, *args: Any, **options: Any) -> Any:
+        """:meth:`execute_command` without the retry policy: a lost connection raises at
+        once, so the caller learns that a reply may have been lost with it (a blocking
+        XREADGROUP's: Redis made its entries pending, and only the caller knows to take
+        them again before it reads anew). While the held connection is busy, or on a
+        cluster, the command goes through ``redis``, retried as it retries."""
+        return await self.execute_command(*args, retry=False, **options)
 
     async def connect(self) -> None:
         """Take the connection from the pool now, connected (as the first command would)."""

@@ -2,8 +2,10 @@
 
 It drains its own pending entries first (a restarted bot finishes what it had taken), then
 reads new ones with a blocking XREADGROUP on a connection of its own, never taking more than
-the :class:`~bus.inflight.InFlight` has room for. Its :class:`GroupKeeper` makes every Redis
-call of the consumer outlast an outage (backing off) and a lost group (recreating it).
+the :class:`~bus.inflight.InFlight` has room for. After a read that failed it first takes
+again the entries that read's lost reply may have held (pending under its name since). Its
+:class:`GroupKeeper` makes every Redis call of the consumer outlast an outage (backing off)
+and a lost group (recreating it).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from bus.backoff import REDIS_RETRY
 from bus.connection import is_cluster, raise_swallowed_cancel
 from bus.dispatcher import Dispatcher
 from bus.dlq import DeadLetterReason
+from bus.entry_id import EntryId
 from bus.errors import GroupMissingError
 from bus.groups import ensure_group
 from bus.held_connection import HeldConnection
@@ -170,10 +173,12 @@ class Reader:
         inflight: InFlight,
         stopping: asyncio.Event,
         stats: dict[str, int],
+        log: Any,
     ) -> None:
         self._redis = redis
         self._group = group
         self._consumer = consumer
+        self._log = log
         self._streams = streams
         self._settings = settings
         self._keeper = keeper
@@ -184,6 +189,10 @@ class Reader:
         #: The connection the blocking reads hold (None on a cluster: see :meth:`connect`).
         self._held: HeldConnection | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: Per stream, the newest entry id this consumer took (read, drained or claimed).
+        self._last_taken: dict[str, str] = {}
+        #: A read failed: its reply may have been lost with entries in it.
+        self._unsure = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -242,33 +251,60 @@ class Reader:
             await self._read_entries(streams)
 
     async def _read_entries(self, read: Sequence[str]) -> None:
-        keeper, inflight, dispatcher = self._keeper, self._inflight, self._dispatcher
+        keeper, inflight, dispatcher, last = (
+            self._keeper, self._inflight, self._dispatcher, self._last_taken
+        )  # fmt: skip
         await keeper.call(self._drain_own_pending, read)
         # XREADGROUP GROUP <group> <consumer> COUNT <n> BLOCK <ms> STREAMS <keys> <ids>
         head = ["XREADGROUP", "GROUP", self._group, self._consumer]
         tail = ["BLOCK", self._settings.block_ms, "STREAMS", *read, *[">"] * len(read)]
-        # On a cluster, the client routes the read to the node of its (one) stream.
-        send = self._held.execute_command if self._held else self._redis.execute_command
         while not self._stopping.is_set():
             await inflight.wait_for_room()
             if self._stopping.is_set():
                 break
             count = max(1, min(self._settings.read_count, inflight.free))
-            response = await keeper.call(send, *head, "COUNT", count, *tail)
+            response = await keeper.call(self._read_new, read, *head, "COUNT", count, *tail)
             if not response:
                 continue
             for stream, entries in response:
                 for entry_id, fields in entries:
                     dispatcher.dispatch(stream, entry_id, fields)
+                last[stream] = entries[-1][0]  # ">" hands out ever newer entries
             dispatcher.hand_out()
             # Let the workers start the handlers before the next read is sent: sending it
             # first put its cost (tens of µs) before every handler of the batch.
             await asyncio.sleep(0)
 
-    async def _drain_own_pending(self, streams: Sequence[str]) -> None:
-        """Re-take entries this consumer name had taken before a restart."""
+    async def _read_new(self, streams: Sequence[str], *command: Any) -> Any:
+        """Send one read of new entries (``command``), first taking again what a failed
+        read may have left: Redis makes a read's entries pending as it sends the reply, so
+        a reply lost with its connection left them pending under this consumer's name,
+        where nothing would take them before the visibility timeout. They are the only
+        ones it holds past the newest entry it took, which is where they are read from."""
+        if self._unsure:
+            if retaken := await self._drain_own_pending(streams, self._last_taken):
+                self._stats["retaken"] += retaken
+                self._log.info("took again the entries a lost read reply held", entries=retaken)
+            self._unsure = False
+        try:
+            # Tried once (no retry policy under it): a failure must reach this method. On a
+            # cluster, the client routes the read to the node of its (one) stream, and its
+            # own retries may hide a lost reply (the reclaimer takes those entries later).
+            if self._held is not None:
+                return await self._held.execute_once(*command)
+            return await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        except Exception:
+            self._unsure = True
+            raise
+
+    async def _drain_own_pending(
+        self, streams: Sequence[str], after: Mapping[str, str] | None = None
+    ) -> int:
+        """Re-take entries this consumer name holds pending: all (a restart), or those
+        past ``after``'s entry id of each stream; return how many."""
+        taken = 0
         for stream in streams:
-            last = "0"
+            last = (after or {}).get(stream, "0")
             while not self._stopping.is_set():
                 await self._inflight.wait_for_room()
                 response = await self._redis.xreadgroup(
@@ -279,14 +315,17 @@ class Reader:
                 if not entries:
                     break
                 self._stats["drained"] += len(entries)
+                taken += len(entries)
                 await self.take_pending(stream, entries)
                 last = entries[-1][0]
+        return taken
 
     async def take_pending(
         self, stream: str, entries: Sequence[Entry], previous: Mapping[str, str] | None = None
     ) -> None:
         """Dispatch re-delivered entries, dead-lettering those delivered too many times.
         ``previous``: entry id → the consumer it was taken over from."""
+        self._note_taken(stream, entries)
         entries = [e for e in entries if (stream, e[0]) not in self._inflight]
         if not entries:
             return
@@ -313,6 +352,16 @@ class Reader:
                     stream, entry_id, fields, delivered, before.get(entry_id, "")
                 )
         self._dispatcher.hand_out()
+
+    def _note_taken(self, stream: str, entries: Sequence[Entry]) -> None:
+        """Move the newest entry taken on ``stream`` up to the newest of ``entries`` (claimed
+        ones may be newer than any read: another replica read them)."""
+        if not entries:
+            return
+        newest = max(EntryId.parse(entry_id) for entry_id, _ in entries)
+        known = self._last_taken.get(stream)
+        if known is None or newest > EntryId.parse(known):
+            self._last_taken[stream] = f"{newest.ms}-{newest.seq}"
 
     def __repr__(self) -> str:
         return (

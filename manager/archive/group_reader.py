@@ -22,7 +22,9 @@ import structlog
 from redis.asyncio import Redis
 
 from bus.connection import is_cluster, separate_client
+from bus.entry_id import EntryId
 from bus.groups import ensure_group
+from bus.held_connection import HeldConnection
 from bus.keys import ARCHIVER_CONSUMER, ARCHIVER_GROUP, Keys
 from bus.lease import run_script
 from bus.redis_errors import UNAVAILABLE, is_nogroup
@@ -51,6 +53,12 @@ class GroupReader:
         self._client.set_response_callback("XREADGROUP", _as_sent)
         self._client.set_response_callback("XAUTOCLAIM", _as_sent)
         self._cluster = is_cluster(redis)
+        #: The connection the blocking reads hold, tried once each (None on a cluster).
+        self._held = None if self._cluster else HeldConnection(self._client)
+        #: Per stream, the newest entry id this archiver took (read or claimed).
+        self._last_taken: dict[str, str] = {}
+        #: A read failed: its reply may have been lost with entries in it.
+        self._unsure = False
         self._keys = keys
         self._settings = settings
         #: The streams read (the dead-letter stream among them).
@@ -65,7 +73,9 @@ class GroupReader:
         self.streams = []
 
     async def close(self) -> None:
-        """Close the reader's own client."""
+        """Give the held connection back, close the reader's own client."""
+        if self._held is not None:
+            await self._held.release()
         if self._owns_client:
             await self._client.aclose()
 
@@ -92,38 +102,76 @@ class GroupReader:
     ) -> Entries:
         """One batch: new entries (up to batch_size, waiting at most ``wait`` seconds,
         batch_wait by default, for the first), or with ``ids`` our pending ones after those
-        ids, per stream."""
+        ids, per stream.
+
+        After a read that failed, new entries wait until the entries its lost reply may
+        have held are read again: Redis makes a read's entries pending as it sends the
+        reply, so they wait under this archiver's name, past the newest entry it took,
+        where nothing else would take them before ``claim_idle``."""
         wait = self._settings.batch_wait if wait is None else wait
         if not self.streams:
             await self.discover(force=True)
+        if ids is None and self._unsure:
+            self._unsure = False  # set again if this read fails, or finds some
+            after = {stream: self._last_taken.get(stream, "0") for stream in self.streams}
+            if retaken := await self.read(after):
+                self._unsure = True  # until a read after them finds none
+                log.info(
+                    "took again the entries a lost read reply held",
+                    consumer=self.consumer,
+                    entries=sum(len(rows) for _, rows in retaken),
+                )
+                return retaken
+            if self._unsure:  # that read failed
+                return []
         positions: Any = ids if ids is not None else dict.fromkeys(self.streams, ">")
         response: Any
         try:
             if self._cluster:
                 response = await self._read_each(positions, wait=None if ids is not None else wait)
-            else:
+            elif ids is not None:
                 response = await self._client.xreadgroup(
-                    ARCHIVER_GROUP,
-                    self.consumer,
-                    positions,
-                    count=self._settings.batch_size,
-                    block=None if ids is not None else max(1, int(wait * 1000)),
+                    ARCHIVER_GROUP, self.consumer, positions, count=self._settings.batch_size
                 )
+            else:
+                response = await self._read_new(positions, wait)
         except Exception as exc:
             if is_nogroup(exc):  # Redis lost a stream or our group: join again
                 self.streams = []
+                self._last_taken.clear()  # a group made anew hands out older ids again
                 return []
+            self._unsure = True
             if isinstance(exc, UNAVAILABLE):
                 log.warning("redis unavailable; the archiver waits", error=str(exc))
                 await asyncio.sleep(1.0)
                 return []
             raise
         streams = response.items() if isinstance(response, dict) else response or []  # RESP3/2
-        return [
+        found = [
             (stream, [(entry_id, fields or []) for entry_id, fields in rows])
             for stream, rows in streams
             if rows
         ]
+        for stream, rows in found:
+            self._note_taken(_text(stream), _text(rows[-1][0]))  # rows come in entry order
+        return found
+
+    async def _read_new(self, positions: dict[str, str], wait: float) -> Any:
+        """A blocking XREADGROUP of new entries on the held connection, tried once: a
+        failure must reach :meth:`read` (the retry policy would read anew past a lost
+        reply's entries)."""
+        assert self._held is not None
+        return await self._held.execute_once(
+            "XREADGROUP", "GROUP", ARCHIVER_GROUP, self.consumer,
+            "COUNT", self._settings.batch_size, "BLOCK", max(1, int(wait * 1000)),
+            "STREAMS", *positions, *positions.values(),
+        )  # fmt: skip
+
+    def _note_taken(self, stream: str, entry_id: str) -> None:
+        """Move the newest entry taken on ``stream`` up to ``entry_id`` if it is newer."""
+        known = self._last_taken.get(stream)
+        if known is None or EntryId.parse(entry_id) > EntryId.parse(known):
+            self._last_taken[stream] = entry_id
 
     async def _read_each(self, positions: dict[str, str], *, wait: float | None) -> list[Any]:
         """:meth:`read` on a cluster, where one XREADGROUP cannot span the streams' slots:
@@ -176,6 +224,7 @@ class GroupReader:
                 dropped += [_text(i) for i in (reply[2] if len(reply) > 2 else None) or []]
                 if live:
                     found.append((stream, live))
+                    self._note_taken(stream, live[-1][0])  # claimed in entry order
                 if dropped:
                     gone.append((stream, dropped))
                 budget -= len(rows)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from bus.connection import connect
@@ -92,6 +93,40 @@ async def test_commands_go_on_after_redis_restarts(
     # The held connection is dead: the retry policy opens a new one.
     assert await held.execute_command("SET", "after", "1")
     assert await held.execute_command("GET", "after") == "1"
+
+
+async def test_a_command_sent_once_raises_where_the_policy_would_try_again(
+    client: Redis,
+) -> None:
+    """``execute_once``: a connection Redis closed under a blocked read fails the read (the
+    caller must learn a reply may be gone), and the next command opens a new one."""
+    held = HeldConnection(client)
+    held_id = await held.execute_command("CLIENT", "ID")
+    await client.xadd("s", {"n": "0"})
+    reading = asyncio.ensure_future(
+        held.execute_once("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
+    )
+
+    async def blocked() -> bool:
+        info: dict[str, int] = await client.info("clients")
+        return int(info["blocked_clients"]) >= 1
+
+    await wait_until(blocked, what="the XREAD blocked in Redis")
+    await client.client_kill_filter(_id=held_id)
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(reading, timeout=5)
+    second_id = await held.execute_command("CLIENT", "ID")
+    assert second_id != held_id
+    # Sent the usual way, the same read on a killed connection is tried again.
+    reading = asyncio.ensure_future(
+        held.execute_command("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
+    )
+    await wait_until(blocked, what="the XREAD blocked in Redis")
+    await client.client_kill_filter(_id=second_id)
+    await wait_until(blocked, what="the XREAD tried again, blocked in Redis")
+    await client.xadd("s", {"n": "1"})
+    reply = await asyncio.wait_for(reading, timeout=5)
+    assert reply[0][1][0][1] == {"n": "1"}
 
 
 async def test_release_gives_the_connection_back_to_the_pool(client: Redis) -> None:

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
@@ -25,6 +26,7 @@ from manager.embedded.redis_server import RedisServer
 from tests.bus.conftest import ConsumerProcs
 from tests.conftest import BusFactory
 from tests.support import running, wait_until
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
 
@@ -180,6 +182,79 @@ class TestRedisLoss:
         events = [e["event"] for e in logs if e.get("consumer", "").startswith("worker-")]
         assert "redis unavailable; backing off" in events
         assert "redis reachable again; resuming" in events
+
+
+class TestLostReply:
+    async def test_entries_a_lost_read_reply_held_are_handled_at_once(
+        self, redis_server: RedisServer, bus_factory: BusFactory
+    ) -> None:
+        """Entries Redis handed a consumer in a reply the connection lost (pending under its
+        name, never received) are handled as soon as it reads again, once, not a visibility
+        timeout later."""
+        url = urlsplit(redis_server.url)
+        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
+        proxied = await proxy.start()
+        try:
+            worker = await bus_factory(
+                "worker", redis_url=proxied, consumer={"visibility_timeout": 60.0}
+            )
+            handled = recorder(worker)
+            producer = await bus_factory("producer")
+            async with running(worker):
+                first = await producer.publish("test.job.first", {})
+                await wait_until(lambda: first in handled, timeout=10, what="the first event")
+                proxy.lose_next_reply(b"XREADGROUP")
+                lost = await producer.publish("test.job.lost", {})
+                await asyncio.wait_for(proxy.lost.wait(), timeout=10)
+                await wait_until(lambda: lost in handled, timeout=10, what="the lost reply's event")
+                later = await producer.publish("test.job.later", {})
+                await wait_until(lambda: later in handled, timeout=10, what="the next event")
+                await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
+                assert worker.stats()["counters"]["retaken"] == 1
+            assert handled == [first, lost, later]
+        finally:
+            await proxy.close()
+
+    async def test_a_failed_read_hands_out_nothing_taken_before_it(
+        self, redis_server: RedisServer, bus_factory: BusFactory
+    ) -> None:
+        """What the consumer had taken before a read failed (an entry still in its handler,
+        one handled and acked) is not handed out again by the retaking after it."""
+        url = urlsplit(redis_server.url)
+        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
+        proxied = await proxy.start()
+        try:
+            worker = await bus_factory(
+                "worker", redis_url=proxied, consumer={"visibility_timeout": 60.0}
+            )
+            gate = asyncio.Event()
+            handled: list[str] = []
+
+            @worker.subscribe("test.#")
+            async def record(event: Event) -> None:
+                if event.type == "test.job.slow":
+                    await gate.wait()
+                handled.append(event.id)
+
+            producer = await bus_factory("producer")
+            async with running(worker):
+                done = await producer.publish("test.job.done", {})
+                await wait_until(lambda: done in handled, timeout=10, what="the first event")
+                slow = await producer.publish("test.job.slow", {})
+                await wait_until(
+                    lambda: _pending_ids(producer, {slow}), timeout=10, what="the slow event"
+                )
+                proxy.lose_next_reply(b"XREADGROUP")
+                lost = await producer.publish("test.job.lost", {})
+                await asyncio.wait_for(proxy.lost.wait(), timeout=10)
+                await wait_until(lambda: lost in handled, timeout=10, what="the lost reply's event")
+                gate.set()
+                await wait_until(lambda: slow in handled, timeout=10, what="the slow event")
+                await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
+                assert worker.stats()["counters"]["retaken"] == 1
+            assert handled == [done, lost, slow]
+        finally:
+            await proxy.close()
 
 
 class TestRedisWipe:
@@ -418,6 +493,15 @@ def recorder(client: BusClient, pattern: str = "test.#") -> list[str]:
         handled.append(event.id)
 
     return handled
+
+
+async def _pending_ids(client: BusClient, ids: set[str]) -> bool:
+    """Whether the worker group holds pending exactly the entries of these event ids."""
+    stream = client.keys.stream("bot")
+    rows: Any = await client.redis.xpending_range(stream, GROUP, "-", "+", 100)
+    pending = {row["message_id"] for row in rows}
+    entries: Any = await client.redis.xrange(stream)
+    return {fields["id"] for entry_id, fields in entries if entry_id in pending} == ids
 
 
 async def _no_pending(client: BusClient) -> bool:

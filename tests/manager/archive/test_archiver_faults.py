@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bus.archive import ArchiveStore
+from bus.connection import connect
 from bus.dlq import DeadLetters
 from bus.keys import ARCHIVER_GROUP
+from bus.settings import BusSettings
 from manager.archive.archiver import Archiver
 from manager.archive.link import ArchiveLink
 from manager.config import ArchiveSettings
@@ -36,6 +39,7 @@ from tests.manager.archive.archive_support import (
     running,
 )
 from tests.support import redis_client, wait_until
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -199,6 +203,44 @@ class TestServerTrouble:
             await wait_until(lambda: archived(archive, 10, running(task)), what="all stored")
             await wait_until(lambda: caught_up(admin), what="every entry acked")
         assert await ids_stored(superuser) == {e.id: 1 for e in first + later}
+
+
+class TestLostReply:
+    async def test_entries_a_lost_read_reply_held_are_archived_at_once(
+        self,
+        admin: Redis,
+        link: ArchiveLink,
+        bus_factory: BusFactory,
+        redis_server: RedisServer,
+        postgres_server: PostgresServer,
+    ) -> None:
+        """Entries Redis handed the archiver in a reply its connection lost (pending under
+        its name, never received) are archived as soon as it reads again, once each, not
+        after ``claim_idle``."""
+        url = urlsplit(redis_server.url)
+        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
+        proxied = connect(BusSettings(redis_url=await proxy.start()))
+        try:
+            producer = await bus_factory("producer")
+            first = await publish(producer, 3)
+            archiver, archive = make_archiver(proxied, link, claim_idle=60.0), await link.get()
+            with capture_logs() as logs:
+                async with archiving(archiver) as task:
+                    await wait_until(lambda: archived(archive, 3, running(task)), what="first")
+                    proxy.lose_next_reply(b"XREADGROUP")
+                    later = await publish(producer, 3, start=3)
+                    await asyncio.wait_for(proxy.lost.wait(), timeout=10)
+                    await wait_until(
+                        lambda: archived(archive, 6, running(task)),
+                        timeout=10,
+                        what="the lost reply's events",
+                    )
+                    await wait_until(lambda: caught_up(admin), what="every entry acked")
+            assert await id_counts(postgres_server.dsn) == {e.id: 1 for e in first + later}
+            assert "took again the entries a lost read reply held" in [e["event"] for e in logs]
+        finally:
+            await proxied.aclose()
+            await proxy.close()
 
 
 @pytest.mark.slow

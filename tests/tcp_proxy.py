@@ -1,0 +1,105 @@
+"""A TCP proxy in front of a test's Redis that can lose a reply on its way to the client.
+
+A connection that drops after Redis sent a reply but before the client read it (a network
+reset, a NAT timeout, a load balancer closing idle-looking sockets) is a fault no Redis
+command can make: Redis has done the work (an XREADGROUP has made its entries pending), the
+client never learns of it. :meth:`TcpProxy.lose_next_reply` makes exactly that happen once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+
+
+class TcpProxy:
+    """Forwards each client connection to ``host:port``; :meth:`lose_next_reply` arms it to
+    drop the next reply to a request holding ``marker`` and close that connection.
+
+    Only replies that carry something are lost (a RESP null, such as an XREADGROUP's
+    "nothing arrived within BLOCK", is forwarded), so an armed proxy waits for the reply
+    that matters. ``lost`` is set once a reply was dropped.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._server: asyncio.Server | None = None
+        self._marker: bytes | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.lost = asyncio.Event()
+        self.port = 0
+
+    async def start(self) -> str:
+        """Listen on a free port of 127.0.0.1; return the ``redis://`` URL to connect to."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def close(self) -> None:
+        """Stop listening and cut every connection."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def lose_next_reply(self, marker: bytes) -> None:
+        """Drop the next non-null reply on a connection whose last request held ``marker``
+        (a command name, as sent: ``b"XREADGROUP"``), then close that connection."""
+        self.lost.clear()
+        self._marker = marker
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            server_r, server_w = await asyncio.open_connection(*self._target)
+        except OSError:
+            client_w.close()
+            self._tasks.discard(task)
+            return
+        last_request = [b""]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._upstream(client_r, server_w, last_request))
+                tg.create_task(self._downstream(server_r, client_w, last_request))
+        except* (ConnectionError, _Cut):
+            pass
+        finally:
+            for writer in (client_w, server_w):
+                writer.close()
+                with suppress(Exception):
+                    await writer.wait_closed()
+            self._tasks.discard(task)
+
+    @staticmethod
+    async def _upstream(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, last_request: list[bytes]
+    ) -> None:
+        while data := await reader.read(65536):
+            last_request[0] = data
+            writer.write(data)
+            await writer.drain()
+        raise _Cut
+
+    async def _downstream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, last_request: list[bytes]
+    ) -> None:
+        while data := await reader.read(65536):
+            marker = self._marker
+            if (
+                marker is not None
+                and marker in last_request[0]
+                and not data.startswith((b"*-1", b"_", b"$-1"))
+            ):
+                self._marker = None
+                self.lost.set()
+                raise _Cut  # the reply never reaches the client
+            writer.write(data)
+            await writer.drain()
+        raise _Cut
+
+
+class _Cut(Exception):
+    """One side of a proxied connection ended (or a reply was dropped): close both."""
