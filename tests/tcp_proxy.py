@@ -3,12 +3,14 @@
 A connection that drops after Redis sent a reply but before the client read it (a network
 reset, a NAT timeout, a load balancer closing idle-looking sockets) is a fault no Redis
 command can make: Redis has done the work (an XREADGROUP has made its entries pending), the
-client never learns of it. :meth:`TcpProxy.lose_next_reply` makes exactly that happen once.
+client never learns of it. :meth:`TcpProxy.lose_next_reply` makes exactly that happen once;
+:meth:`TcpProxy.cut_next_request` makes Redis unreachable for one client's next command.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import suppress
 
 
@@ -25,6 +27,8 @@ class TcpProxy:
         self._target = (host, port)
         self._server: asyncio.Server | None = None
         self._marker: bytes | None = None
+        self._cut: tuple[bytes, float] | None = None  # (marker, seconds refused after)
+        self._refuse_until = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self.lost = asyncio.Event()
         self.port = 0
@@ -49,7 +53,17 @@ class TcpProxy:
         self.lost.clear()
         self._marker = marker
 
+    def cut_next_request(self, marker: bytes, *, refuse_for: float) -> None:
+        """Drop the next request holding ``marker`` unsent, close its connection, and close
+        every new connection for ``refuse_for`` seconds after (Redis away for the client
+        that sent it, longer than its own retries, while other connections go on)."""
+        self.lost.clear()
+        self._cut = (marker, refuse_for)
+
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if time.monotonic() < self._refuse_until:
+            client_w.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -73,11 +87,16 @@ class TcpProxy:
                     await writer.wait_closed()
             self._tasks.discard(task)
 
-    @staticmethod
     async def _upstream(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, last_request: list[bytes]
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, last_request: list[bytes]
     ) -> None:
         while data := await reader.read(65536):
+            cut = self._cut
+            if cut is not None and cut[0] in data:
+                self._cut = None
+                self._refuse_until = time.monotonic() + cut[1]
+                self.lost.set()
+                raise _Cut  # the request never reaches Redis
             last_request[0] = data
             writer.write(data)
             await writer.drain()

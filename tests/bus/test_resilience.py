@@ -257,6 +257,40 @@ class TestLostReply:
             await proxy.close()
 
 
+class TestRunOnceOutage:
+    async def test_a_run_once_handler_waits_out_redis_instead_of_the_visibility_timeout(
+        self, redis_server: RedisServer, bus_factory: BusFactory
+    ) -> None:
+        """Redis away for the consumer's marker write (longer than the connection's own
+        retries): the handler runs once Redis answers again, once, not a visibility timeout
+        later."""
+        url = urlsplit(redis_server.url)
+        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
+        proxied = await proxy.start()
+        try:
+            worker = await bus_factory(
+                "worker", redis_url=proxied, consumer={"visibility_timeout": 60.0}, **FAST_FAIL
+            )
+            handled: list[str] = []
+
+            @worker.subscribe("test.#", idempotent_ttl=60)
+            async def record(event: Event) -> None:
+                handled.append(event.id)
+
+            producer = await bus_factory("producer")
+            async with running(worker):
+                first = await producer.publish("test.job.first", {})
+                await wait_until(lambda: first in handled, timeout=10, what="the first event")
+                proxy.cut_next_request(b"running:", refuse_for=2.0)
+                cut = await producer.publish("test.job.cut", {})
+                await asyncio.wait_for(proxy.lost.wait(), timeout=10)
+                await wait_until(lambda: cut in handled, timeout=10, what="the cut marker's event")
+                await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
+            assert handled == [first, cut]
+        finally:
+            await proxy.close()
+
+
 class TestRedisWipe:
     @pytest.mark.parametrize("wipe", ["flushall", "restart_empty"])
     async def test_consumer_recreates_its_lost_group_without_spinning(
