@@ -188,6 +188,7 @@ class BusClient:
                 backpressure=self._backpressure,
                 outbox=self._outbox,
                 pressure=links.streams,
+                lookup=links.replays,  # reads the streams (a lost reply's events)
             )
         return self._publisher
 

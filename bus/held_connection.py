@@ -9,6 +9,7 @@ publisher's XADD, the relay's XREAD and script, a consumer's XACK) go through a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -44,8 +45,12 @@ class HeldConnection:
     async def execute_command(self, *args: Any, retry: bool = True, **options: Any) -> Any:
         """Send one command and return its reply, parsed as ``redis`` parses it; ``retry``
         False: see :meth:`execute_once`."""
-        if self._pool is None or self._busy:
+        if self._pool is None:
             return await self._redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        if self._busy:
+            if retry:
+                return await self._redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+            return await self._once_pooled(args, options)
         self._busy = True
         conn = None
         try:
@@ -69,10 +74,43 @@ class HeldConnection:
     async def execute_once(self, *args: Any, **options: Any) -> Any:
         """:meth:`execute_command` without the retry policy: a lost connection raises at
         once, so the caller learns that a reply may have been lost with it (a blocking
-        XREADGROUP's: Redis made its entries pending, and only the caller knows to take
-        them again before it reads anew). While the held connection is busy, or on a
-        cluster, the command goes through ``redis``, retried as it retries."""
+        XREADGROUP's: Redis made its entries pending; an XADD's: the entry may be there)
+        and decides what to send again. While the held connection is busy it goes on
+        another of the pool, sent once too; on a cluster it goes through ``redis``,
+        retried as it retries."""
         return await self.execute_command(*args, retry=False, **options)
+
+    async def execute_many_once(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` at once on one connection (a pipeline, no transaction), tried
+        once; their replies, an error reply as its exception (the first one is raised once
+        all were read, as a pipeline raises). On a cluster: a pipeline of ``redis``."""
+        if self._pool is None:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for command in commands:
+                    pipe.execute_command(*command)
+                return list(await pipe.execute())
+        conn = await self._pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for command in commands:
+                try:
+                    replies.append(await self._redis.parse_response(conn, command[0]))
+                except ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:  # lost, cancelled, or a bug: no reply may stay on it
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await self._pool.release(conn)
+        for reply in replies:
+            if isinstance(reply, ResponseError):
+                raise reply
+        return replies
+
+    async def _once_pooled(self, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
+        """One command on a connection of the pool, tried once (the held one is busy)."""
+        return await execute_once(self._redis, *args, **options)
 
     async def connect(self) -> None:
         """Take the connection from the pool now, connected (as the first command would)."""
@@ -121,3 +159,22 @@ class HeldConnection:
     def __repr__(self) -> str:
         state = "cluster" if self._pool is None else "held" if self._conn else "none"
         return f"<HeldConnection {state}{' busy' if self._busy else ''}>"
+
+
+async def execute_once(redis: Redis, *args: Any, **options: Any) -> Any:
+    """One command on a connection of ``redis``'s pool, tried once (no retry policy), its
+    reply parsed as ``redis`` parses it; on a cluster, through ``redis`` (retried)."""
+    if is_cluster(redis):
+        return await redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+    pool: Any = redis.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_command(*args)
+        return await redis.parse_response(conn, args[0], **options)
+    except ResponseError:  # Redis answered: the connection is in step
+        raise
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)

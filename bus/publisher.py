@@ -1,4 +1,5 @@
-"""Publishing: validate, route, encode and XADD (one, or many in one pipeline)."""
+"""Publishing: validate, route, encode and XADD (one, or many in one pipeline), once each
+(:mod:`bus.appends`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from bus.appends import Appender
 from bus.backpressure import Backpressure, refused
 from bus.connection import is_cluster, raise_swallowed_cancel, redact
 from bus.context import correlation_for
@@ -35,7 +37,8 @@ class Publisher:
     confirmed. With ``backpressure`` (the default) a publish first waits while the manager
     says Redis is nearly full (see :mod:`bus.backpressure`); the manager's own events skip
     that wait. With ``outbox`` every entry goes to that key instead of its stream.
-    ``pressure``: the client that reads the flag, when not ``redis`` (a bot's stream user)."""
+    ``pressure``: the client that reads the flag, when not ``redis`` (a bot's stream user);
+    ``lookup``: the one that reads the streams, when not ``redis`` (a bot's replay user)."""
 
     def __init__(
         self,
@@ -48,6 +51,7 @@ class Publisher:
         backpressure: bool = True,
         outbox: str | None = None,
         pressure: Redis | None = None,
+        lookup: Redis | None = None,
     ) -> None:
         self._redis = redis
         #: The connection single publishes go on (see :mod:`bus.held_connection`).
@@ -65,6 +69,14 @@ class Publisher:
             Backpressure(pressure or redis, self._keys, settings.backpressure_wait)
             if backpressure
             else None
+        )
+        #: Appends each event once, also across lost replies (see :mod:`bus.appends`).
+        self._appender = Appender(
+            self._held,
+            redis,
+            settings,
+            lookup=lookup,
+            routed=(lambda e: self.stream_key(e.type, e.key)) if outbox else None,
         )
         #: Replicas that must confirm each publish (WAIT), and how long to wait for them.
         self._replicas = settings.publish_replicas
@@ -119,7 +131,8 @@ class Publisher:
 
     async def publish(self, event: Event) -> str:
         """XADD one event; return the entry id once Redis confirmed it (of the outbox entry,
-        when publishing through the outbox)."""
+        when publishing through the outbox: or of the stream's, when a try whose reply was
+        lost had written it and the relay had moved it on; see :mod:`bus.appends`)."""
         stream, fields, _ = self.prepare(event)
         try:
             if self._pressure is not None:
@@ -129,7 +142,7 @@ class Publisher:
                     pipe.xadd(stream, fields)  # type: ignore[arg-type]
                     entry_id, acknowledged = await self._wait(pipe, [stream])
             else:
-                entry_id = await self._held.execute_command("XADD", stream, "*", *_flat(fields))
+                (entry_id,) = await self._appender.append([(stream, fields, event)])
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, 1) from exc
         except ResponseError as exc:
@@ -184,18 +197,14 @@ class Publisher:
             if self._pressure is not None:
                 await self._pressure.admit(len(prepared))
             acknowledged = 0
-            if len(prepared) == 1 and not self._replicas:  # one XADD: no pipeline to build
-                stream, fields, _ = prepared[0]
-                await self._held.execute_command("XADD", stream, "*", *_flat(fields))
-            else:
+            if not self._replicas:
+                await self._appender.append(prepared)
+            else:  # the WAIT must follow the XADDs on their connection: a pipeline
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for stream, fields, _ in prepared:
                         pipe.xadd(stream, fields)  # type: ignore[arg-type]
-                    if self._replicas:
-                        streams = [stream for stream, _, _ in prepared]
-                        _, acknowledged = await self._wait(pipe, streams)
-                    else:
-                        await pipe.execute()
+                    streams = [stream for stream, _, _ in prepared]
+                    _, acknowledged = await self._wait(pipe, streams)
         except UNAVAILABLE as exc:
             raise self._unavailable(exc, len(prepared)) from exc
         except ResponseError as exc:
@@ -224,11 +233,3 @@ class Publisher:
             f"did not answer after {self._settings.connect_retries} retries ({exc}). "
             "Check that Redis is running and reachable; unconfirmed events may need republishing."
         )
-
-
-def _flat(fields: Mapping[str, str | bytes]) -> list[str | bytes]:
-    """An entry's fields as XADD takes them: name, value, name, value …"""
-    flat: list[str | bytes] = []
-    for name, value in fields.items():
-        flat += (name, value)
-    return flat

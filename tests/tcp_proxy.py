@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import suppress
 
 
 class TcpProxy:
@@ -32,20 +31,25 @@ class TcpProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self.lost = asyncio.Event()
         self.port = 0
+        self.url = ""
 
     async def start(self) -> str:
         """Listen on a free port of 127.0.0.1; return the ``redis://`` URL to connect to."""
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{self.port}/0"
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        return self.url
 
     async def close(self) -> None:
         """Stop listening and cut every connection."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     def lose_next_reply(self, marker: bytes) -> None:
         """Drop the next non-null reply on a connection whose last request held ``marker``
@@ -67,24 +71,21 @@ class TcpProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        writers = [client_w]
         try:
             server_r, server_w = await asyncio.open_connection(*self._target)
-        except OSError:
-            client_w.close()
-            self._tasks.discard(task)
-            return
-        last_request = [b""]
-        try:
+            writers.append(server_w)
+            last_request = [b""]
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._upstream(client_r, server_w, last_request))
                 tg.create_task(self._downstream(server_r, client_w, last_request))
-        except* (ConnectionError, _Cut):
+        except* (OSError, _Cut):
             pass
+        except* asyncio.CancelledError:
+            pass  # closed by close(): end quietly (the server logs a handler that raised)
         finally:
-            for writer in (client_w, server_w):
+            for writer in writers:
                 writer.close()
-                with suppress(Exception):
-                    await writer.wait_closed()
             self._tasks.discard(task)
 
     async def _upstream(

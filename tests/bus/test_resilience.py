@@ -12,7 +12,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,16 +21,22 @@ from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from bus import BusClient, BusConnectionError, Event
-from bus.settings import RetrySettings
+from bus.connection import connect
+from bus.keys import Keys
+from bus.outbox import OutboxRelay
+from bus.routing import Router
+from bus.settings import BusSettings, RetrySettings
 from manager.embedded.redis_server import RedisServer
 from tests.bus.conftest import ConsumerProcs
 from tests.conftest import BusFactory
-from tests.support import running, wait_until
+from tests.support import in_background, running, wait_until
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.redis
 
 GROUP = "bot-group-worker"
+#: The stream events of type test.* go to.
+KEY_BOT = Keys().stream("bot")
 #: Fail fast while Redis is down (the defaults retry for a few seconds).
 FAST_FAIL: dict[str, Any] = {"connect_retries": 2, "retry_cap": 0.2, "connect_timeout": 1.0}
 
@@ -255,6 +261,67 @@ class TestLostReply:
             assert handled == [done, lost, slow]
         finally:
             await proxy.close()
+
+
+class TestLostPublishReply:
+    """A publish whose XADD reply the connection lost (a proxy drops it, then closes the
+    connection): the client sends it again only if it is not there already."""
+
+    @pytest.fixture
+    async def proxy(self, redis_server: RedisServer) -> AsyncIterator[TcpProxy]:
+        url = urlsplit(redis_server.url)
+        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
+        await proxy.start()
+        yield proxy
+        await proxy.close()
+
+    async def test_an_event_whose_reply_was_lost_is_on_its_stream_once(
+        self, proxy: TcpProxy, bus_factory: BusFactory
+    ) -> None:
+        producer = await bus_factory("producer", redis_url=proxy.url)
+        await producer.publish("test.job.first", {})
+        proxy.lose_next_reply(b"XADD")
+        lost = await producer.publish("test.job.lost", {})
+        assert proxy.lost.is_set()
+        proxy.lose_next_reply(b"XADD")
+        many = await producer.publish_many([("test.job.many", {"n": n}) for n in range(3)])
+        assert proxy.lost.is_set()
+        rows: Any = await producer.redis.xrange(KEY_BOT)
+        assert [fields["id"] for _, fields in rows][1:] == [lost, *many]
+
+    async def test_a_request_that_never_reached_redis_is_sent_again(
+        self, proxy: TcpProxy, bus_factory: BusFactory
+    ) -> None:
+        producer = await bus_factory("producer", redis_url=proxy.url)
+        proxy.cut_next_request(b"XADD", refuse_for=0.3)
+        cut = await producer.publish("test.job.cut", {})
+        assert proxy.lost.is_set()
+        rows: Any = await producer.redis.xrange(KEY_BOT)
+        assert [fields["id"] for _, fields in rows] == [cut]
+
+    async def test_a_relayed_event_whose_outbox_reply_was_lost_is_not_sent_again(
+        self, proxy: TcpProxy, redis_server: RedisServer, bus_factory: BusFactory
+    ) -> None:
+        """The relay moved the outbox entry before the client looked: it finds it in the
+        stream the event is routed to."""
+        admin = connect(BusSettings(redis_url=redis_server.url))
+        relay = OutboxRelay(admin, Keys(), Router.of(BusSettings()), lambda: ["alice"], block=0.1)
+        try:
+            async with in_background(relay.run()):
+                alice = await bus_factory("alice", redis_url=proxy.url, outbox=True)
+                await alice.publish("test.job.first", {})
+                proxy.lose_next_reply(b"XADD")
+                lost = await alice.publish("test.job.lost", {})
+                assert proxy.lost.is_set()
+
+                async def relayed() -> bool:
+                    return int(await admin.xlen(Keys().outbox("alice"))) == 0
+
+                await wait_until(relayed, what="the outbox relayed")
+                rows: Any = await admin.xrange(KEY_BOT)
+                assert [f["id"] for _, f in rows].count(lost) == 1
+        finally:
+            await admin.aclose()
 
 
 class TestRunOnceOutage:
