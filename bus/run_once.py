@@ -84,15 +84,12 @@ class RunOnce:
             except UNAVAILABLE as exc:
                 if not waiting:
                     waiting = True
-                    self._log.warning(
-                        "run-once marker waits for Redis",
-                        step=step,
-                        handler=handler,
-                        entry_id=entry_id,
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
+                    self._report(self._log.warning, "run-once marker waits for Redis",
+                                 step, handler, entry_id, exc)  # fmt: skip
             except RedisError as exc:
-                self._failed(step, handler, entry_id, exc)
+                self._report(
+                    self._log.error, "run-once marker failed", step, handler, entry_id, exc
+                )
                 return None
             else:
                 if waiting:
@@ -100,9 +97,13 @@ class RunOnce:
                 return result
             await asyncio.sleep(next(waits))
 
-    def _failed(self, step: str, handler: str, entry_id: str, exc: BaseException) -> None:
-        self._log.error(
-            "run-once marker failed",
+    @staticmethod
+    def _report(  # noqa: PLR0917 - a log line's parts
+        log: Callable[..., None], event: str, step: str, handler: str, entry_id: str,
+        exc: BaseException,
+    ) -> None:  # fmt: skip
+        log(
+            event,
             step=step,
             handler=handler,
             entry_id=entry_id,

@@ -38,12 +38,14 @@ async def blocked_read(client: Redis, held: HeldConnection) -> asyncio.Future[An
         held.execute_command("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
     )
 
-    async def blocked() -> bool:
-        info: dict[str, int] = await client.info("clients")
-        return int(info["blocked_clients"]) >= 1
-
-    await wait_until(blocked, what="the XREAD blocked in Redis")
+    await wait_until(lambda: blocked(client), what="the XREAD blocked in Redis")
     return reading
+
+
+async def blocked(client: Redis) -> bool:
+    """Whether Redis holds a client blocked (in a read)."""
+    info: dict[str, int] = await client.info("clients")
+    return int(info["blocked_clients"]) >= 1
 
 
 async def test_concurrent_commands_each_get_their_own_reply(client: Redis) -> None:
@@ -106,12 +108,7 @@ async def test_a_command_sent_once_raises_where_the_policy_would_try_again(
     reading = asyncio.ensure_future(
         held.execute_once("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
     )
-
-    async def blocked() -> bool:
-        info: dict[str, int] = await client.info("clients")
-        return int(info["blocked_clients"]) >= 1
-
-    await wait_until(blocked, what="the XREAD blocked in Redis")
+    await wait_until(lambda: blocked(client), what="the XREAD blocked in Redis")
     await client.client_kill_filter(_id=held_id)
     with pytest.raises(RedisConnectionError):
         await asyncio.wait_for(reading, timeout=5)
@@ -121,9 +118,9 @@ async def test_a_command_sent_once_raises_where_the_policy_would_try_again(
     reading = asyncio.ensure_future(
         held.execute_command("XREAD", "BLOCK", 10_000, "STREAMS", "s", "$")
     )
-    await wait_until(blocked, what="the XREAD blocked in Redis")
+    await wait_until(lambda: blocked(client), what="the XREAD blocked in Redis")
     await client.client_kill_filter(_id=second_id)
-    await wait_until(blocked, what="the XREAD tried again, blocked in Redis")
+    await wait_until(lambda: blocked(client), what="the XREAD tried again, blocked in Redis")
     await client.xadd("s", {"n": "1"})
     reply = await asyncio.wait_for(reading, timeout=5)
     assert reply[0][1][0][1] == {"n": "1"}

@@ -41,6 +41,16 @@ KEY_BOT = Keys().stream("bot")
 FAST_FAIL: dict[str, Any] = {"connect_retries": 2, "retry_cap": 0.2, "connect_timeout": 1.0}
 
 
+@pytest.fixture
+async def proxy(redis_server: RedisServer) -> AsyncIterator[TcpProxy]:
+    """A proxy in front of the test's Redis (see tests/tcp_proxy.py)."""
+    url = urlsplit(redis_server.url)
+    proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.close()
+
+
 class TestConsumerCrash:
     async def test_entry_of_a_killed_consumer_is_reclaimed_by_another_instance(
         self, bus_factory: BusFactory, consumer_procs: ConsumerProcs
@@ -192,88 +202,68 @@ class TestRedisLoss:
 
 class TestLostReply:
     async def test_entries_a_lost_read_reply_held_are_handled_at_once(
-        self, redis_server: RedisServer, bus_factory: BusFactory
+        self, proxy: TcpProxy, bus_factory: BusFactory
     ) -> None:
         """Entries Redis handed a consumer in a reply the connection lost (pending under its
         name, never received) are handled as soon as it reads again, once, not a visibility
         timeout later."""
-        url = urlsplit(redis_server.url)
-        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
-        proxied = await proxy.start()
-        try:
-            worker = await bus_factory(
-                "worker", redis_url=proxied, consumer={"visibility_timeout": 60.0}
-            )
-            handled = recorder(worker)
-            producer = await bus_factory("producer")
-            async with running(worker):
-                first = await producer.publish("test.job.first", {})
-                await wait_until(lambda: first in handled, timeout=10, what="the first event")
-                proxy.lose_next_reply(b"XREADGROUP")
-                lost = await producer.publish("test.job.lost", {})
-                await asyncio.wait_for(proxy.lost.wait(), timeout=10)
-                await wait_until(lambda: lost in handled, timeout=10, what="the lost reply's event")
-                later = await producer.publish("test.job.later", {})
-                await wait_until(lambda: later in handled, timeout=10, what="the next event")
-                await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
-                assert worker.stats()["counters"]["retaken"] == 1
-            assert handled == [first, lost, later]
-        finally:
-            await proxy.close()
+        worker = await bus_factory(
+            "worker", redis_url=proxy.url, consumer={"visibility_timeout": 60.0}
+        )
+        handled = recorder(worker)
+        producer = await bus_factory("producer")
+        async with running(worker):
+            first = await producer.publish("test.job.first", {})
+            await wait_until(lambda: first in handled, timeout=10, what="the first event")
+            proxy.lose_next_reply(b"XREADGROUP")
+            lost = await producer.publish("test.job.lost", {})
+            await asyncio.wait_for(proxy.lost.wait(), timeout=10)
+            await wait_until(lambda: lost in handled, timeout=10, what="the lost reply's event")
+            later = await producer.publish("test.job.later", {})
+            await wait_until(lambda: later in handled, timeout=10, what="the next event")
+            await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
+            assert worker.stats()["counters"]["retaken"] == 1
+        assert handled == [first, lost, later]
 
     async def test_a_failed_read_hands_out_nothing_taken_before_it(
-        self, redis_server: RedisServer, bus_factory: BusFactory
+        self, proxy: TcpProxy, bus_factory: BusFactory
     ) -> None:
         """What the consumer had taken before a read failed (an entry still in its handler,
         one handled and acked) is not handed out again by the retaking after it."""
-        url = urlsplit(redis_server.url)
-        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
-        proxied = await proxy.start()
-        try:
-            worker = await bus_factory(
-                "worker", redis_url=proxied, consumer={"visibility_timeout": 60.0}
+        worker = await bus_factory(
+            "worker", redis_url=proxy.url, consumer={"visibility_timeout": 60.0}
+        )
+        gate = asyncio.Event()
+        handled: list[str] = []
+
+        @worker.subscribe("test.#")
+        async def record(event: Event) -> None:
+            if event.type == "test.job.slow":
+                await gate.wait()
+            handled.append(event.id)
+
+        producer = await bus_factory("producer")
+        async with running(worker):
+            done = await producer.publish("test.job.done", {})
+            await wait_until(lambda: done in handled, timeout=10, what="the first event")
+            slow = await producer.publish("test.job.slow", {})
+            await wait_until(
+                lambda: _pending_ids(producer, {slow}), timeout=10, what="the slow event"
             )
-            gate = asyncio.Event()
-            handled: list[str] = []
-
-            @worker.subscribe("test.#")
-            async def record(event: Event) -> None:
-                if event.type == "test.job.slow":
-                    await gate.wait()
-                handled.append(event.id)
-
-            producer = await bus_factory("producer")
-            async with running(worker):
-                done = await producer.publish("test.job.done", {})
-                await wait_until(lambda: done in handled, timeout=10, what="the first event")
-                slow = await producer.publish("test.job.slow", {})
-                await wait_until(
-                    lambda: _pending_ids(producer, {slow}), timeout=10, what="the slow event"
-                )
-                proxy.lose_next_reply(b"XREADGROUP")
-                lost = await producer.publish("test.job.lost", {})
-                await asyncio.wait_for(proxy.lost.wait(), timeout=10)
-                await wait_until(lambda: lost in handled, timeout=10, what="the lost reply's event")
-                gate.set()
-                await wait_until(lambda: slow in handled, timeout=10, what="the slow event")
-                await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
-                assert worker.stats()["counters"]["retaken"] == 1
-            assert handled == [done, lost, slow]
-        finally:
-            await proxy.close()
+            proxy.lose_next_reply(b"XREADGROUP")
+            lost = await producer.publish("test.job.lost", {})
+            await asyncio.wait_for(proxy.lost.wait(), timeout=10)
+            await wait_until(lambda: lost in handled, timeout=10, what="the lost reply's event")
+            gate.set()
+            await wait_until(lambda: slow in handled, timeout=10, what="the slow event")
+            await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
+            assert worker.stats()["counters"]["retaken"] == 1
+        assert handled == [done, lost, slow]
 
 
 class TestLostPublishReply:
     """A publish whose XADD reply the connection lost (a proxy drops it, then closes the
     connection): the client sends it again only if it is not there already."""
-
-    @pytest.fixture
-    async def proxy(self, redis_server: RedisServer) -> AsyncIterator[TcpProxy]:
-        url = urlsplit(redis_server.url)
-        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
-        await proxy.start()
-        yield proxy
-        await proxy.close()
 
     async def test_an_event_whose_reply_was_lost_is_on_its_stream_once(
         self, proxy: TcpProxy, bus_factory: BusFactory
@@ -326,36 +316,30 @@ class TestLostPublishReply:
 
 class TestRunOnceOutage:
     async def test_a_run_once_handler_waits_out_redis_instead_of_the_visibility_timeout(
-        self, redis_server: RedisServer, bus_factory: BusFactory
+        self, proxy: TcpProxy, bus_factory: BusFactory
     ) -> None:
         """Redis away for the consumer's marker write (longer than the connection's own
         retries): the handler runs once Redis answers again, once, not a visibility timeout
         later."""
-        url = urlsplit(redis_server.url)
-        proxy = TcpProxy(url.hostname or "127.0.0.1", url.port or 6379)
-        proxied = await proxy.start()
-        try:
-            worker = await bus_factory(
-                "worker", redis_url=proxied, consumer={"visibility_timeout": 60.0}, **FAST_FAIL
-            )
-            handled: list[str] = []
+        worker = await bus_factory(
+            "worker", redis_url=proxy.url, consumer={"visibility_timeout": 60.0}, **FAST_FAIL
+        )
+        handled: list[str] = []
 
-            @worker.subscribe("test.#", idempotent_ttl=60)
-            async def record(event: Event) -> None:
-                handled.append(event.id)
+        @worker.subscribe("test.#", idempotent_ttl=60)
+        async def record(event: Event) -> None:
+            handled.append(event.id)
 
-            producer = await bus_factory("producer")
-            async with running(worker):
-                first = await producer.publish("test.job.first", {})
-                await wait_until(lambda: first in handled, timeout=10, what="the first event")
-                proxy.cut_next_request(b"running:", refuse_for=2.0)
-                cut = await producer.publish("test.job.cut", {})
-                await asyncio.wait_for(proxy.lost.wait(), timeout=10)
-                await wait_until(lambda: cut in handled, timeout=10, what="the cut marker's event")
-                await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
-            assert handled == [first, cut]
-        finally:
-            await proxy.close()
+        producer = await bus_factory("producer")
+        async with running(worker):
+            first = await producer.publish("test.job.first", {})
+            await wait_until(lambda: first in handled, timeout=10, what="the first event")
+            proxy.cut_next_request(b"running:", refuse_for=2.0)
+            cut = await producer.publish("test.job.cut", {})
+            await asyncio.wait_for(proxy.lost.wait(), timeout=10)
+            await wait_until(lambda: cut in handled, timeout=10, what="the cut marker's event")
+            await wait_until(lambda: _no_pending(producer), timeout=5, what="acks")
+        assert handled == [first, cut]
 
 
 class TestRedisWipe:
