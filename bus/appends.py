@@ -28,7 +28,7 @@ from redis.exceptions import ResponseError
 
 from bus.backoff import Backoff
 from bus.event import Event
-from bus.held_connection import HeldConnection, execute_once
+from bus.held_connection import HeldConnection, execute_many_once, execute_once
 from bus.plain_settings import AnyBusSettings
 from bus.redis_errors import UNAVAILABLE
 
@@ -83,8 +83,8 @@ class Appender:
         if len(appends) == 1:
             key, fields, _ = appends[0]
             return [str(await self._held.execute_once("XADD", key, "*", *_flat(fields)))]
-        replies = await self._held.execute_many_once(
-            [("XADD", key, "*", *_flat(fields)) for key, fields, _ in appends]
+        replies = await execute_many_once(
+            self._redis, [("XADD", key, "*", *_flat(fields)) for key, fields, _ in appends]
         )
         return [str(reply) for reply in replies]
 

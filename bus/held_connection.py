@@ -9,7 +9,8 @@ publisher's XADD, the relay's XREAD and script, a consumer's XACK) go through a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from redis.asyncio import Redis
@@ -50,7 +51,7 @@ class HeldConnection:
         if self._busy:
             if retry:
                 return await self._redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
-            return await self._once_pooled(args, options)
+            return await execute_once(self._redis, *args, **options)
         self._busy = True
         conn = None
         try:
@@ -76,41 +77,9 @@ class HeldConnection:
         once, so the caller learns that a reply may have been lost with it (a blocking
         XREADGROUP's: Redis made its entries pending; an XADD's: the entry may be there)
         and decides what to send again. While the held connection is busy it goes on
-        another of the pool, sent once too; on a cluster it goes through ``redis``,
+        another of the pool (:func:`execute_once`); on a cluster it goes through ``redis``,
         retried as it retries."""
         return await self.execute_command(*args, retry=False, **options)
-
-    async def execute_many_once(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` at once on one connection (a pipeline, no transaction), tried
-        once; their replies, an error reply as its exception (the first one is raised once
-        all were read, as a pipeline raises). On a cluster: a pipeline of ``redis``."""
-        if self._pool is None:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                return list(await pipe.execute())
-        conn = await self._pool.get_connection()
-        try:
-            await conn.send_packed_command(conn.pack_commands(commands))
-            replies: list[Any] = []
-            for command in commands:
-                try:
-                    replies.append(await self._redis.parse_response(conn, command[0]))
-                except ResponseError as exc:
-                    replies.append(exc)
-        except BaseException:  # lost, cancelled, or a bug: no reply may stay on it
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await self._pool.release(conn)
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise reply
-        return replies
-
-    async def _once_pooled(self, args: tuple[Any, ...], options: dict[str, Any]) -> Any:
-        """One command on a connection of the pool, tried once (the held one is busy)."""
-        return await execute_once(self._redis, *args, **options)
 
     async def connect(self) -> None:
         """Take the connection from the pool now, connected (as the first command would)."""
@@ -166,11 +135,42 @@ async def execute_once(redis: Redis, *args: Any, **options: Any) -> Any:
     reply parsed as ``redis`` parses it; on a cluster, through ``redis`` (retried)."""
     if is_cluster(redis):
         return await redis.execute_command(*args, **options)  # type: ignore[no-untyped-call]
+    async with _pooled(redis) as conn:
+        await conn.send_command(*args)
+        return await redis.parse_response(conn, args[0], **options)
+
+
+async def execute_many_once(redis: Redis, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """``commands`` sent at once on one connection of ``redis``'s pool (a pipeline, no
+    transaction), tried once; their replies. An error reply is raised once all were read,
+    the first one, as a pipeline raises. On a cluster: a pipeline of ``redis`` (retried)."""
+    if is_cluster(redis):
+        async with redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(await pipe.execute())
+    replies: list[Any] = []
+    async with _pooled(redis) as conn:
+        await conn.send_packed_command(conn.pack_commands(commands))
+        for command in commands:
+            try:
+                replies.append(await redis.parse_response(conn, command[0]))
+            except ResponseError as exc:
+                replies.append(exc)
+    for reply in replies:
+        if isinstance(reply, ResponseError):
+            raise reply
+    return replies
+
+
+@asynccontextmanager
+async def _pooled(redis: Redis) -> AsyncIterator[Any]:
+    """A connection of ``redis``'s pool for one try: dropped if the try ends in anything
+    but an answer (lost, cancelled, a bug), so no reply stays on it; given back after."""
     pool: Any = redis.connection_pool
     conn = await pool.get_connection()
     try:
-        await conn.send_command(*args)
-        return await redis.parse_response(conn, args[0], **options)
+        yield conn
     except ResponseError:  # Redis answered: the connection is in step
         raise
     except BaseException:
